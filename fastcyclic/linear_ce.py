@@ -1,0 +1,295 @@
+"""Fused linear + cross-entropy: ``loss = CE(h @ weight.T + bias, target)`` without the logits.
+
+Public entry points: :func:`linear_cross_entropy`, :func:`linear_cross_entropy_stats` and the
+:class:`LinearCrossEntropy` module.  Both backends ("triton": ``fastcyclic.kernels.linear_ce``;
+"torch": ``fastcyclic.kernels.linear_ce_chunked``) compute per-row LSE and target logit; this module
+turns them into losses, reductions and gradients.  The two halves are registered as
+``torch.library`` custom ops so ``torch.compile`` treats them as single nodes.
+
+Per row n (non-ignored), with eps = label_smoothing and z = h @ weight.T + bias:
+    loss_n = lse_n - (1 - eps) * z[n, y_n] - eps * mean_k z[n, k] + z_loss * lse_n**2
+which is ``F.cross_entropy(z, y, label_smoothing=eps)`` plus PaLM's z-loss.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastcyclic.kernels import linear_ce as triton_impl
+from fastcyclic.kernels import linear_ce_chunked as torch_impl
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+
+# Overrides for tests and benchmarks: a kernels.linear_ce.LCEConfig for "triton", chunk sizes for
+# "torch".  Set through ``tuning()``; never needed for normal use.
+_tuning: dict = {}
+
+
+@contextlib.contextmanager
+def tuning(*, config: Optional[triton_impl.LCEConfig] = None, chunk_rows: Optional[int] = None,
+           chunk_classes: Optional[int] = None):
+    """Temporarily force the Triton tile configuration or the torch backend's chunk sizes."""
+    saved = dict(_tuning)
+    _tuning.update(config=config, chunk_rows=chunk_rows, chunk_classes=chunk_classes)
+    try:
+        yield
+    finally:
+        _tuning.clear()
+        _tuning.update(saved)
+
+
+def _backend_kwargs(backend: str) -> dict:
+    if backend == "triton":
+        return {"config": _tuning.get("config")}
+    return {"chunk_rows": _tuning.get("chunk_rows"), "chunk_classes": _tuning.get("chunk_classes")}
+
+
+def _impl(backend: str):
+    return triton_impl if backend == "triton" else torch_impl
+
+
+def _result_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks: all before anything is launched
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, backend) -> str:
+    """Shape, dtype, device and option checks (no device sync).  Returns the concrete backend."""
+    for name, t in (("h", h), ("weight", weight), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if h.dim() != 2:
+        raise ValueError(f"h must be 2-D (N, D), got shape {tuple(h.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (K, D), got shape {tuple(weight.shape)}")
+    if target.dim() != 1 or target.shape[0] != h.shape[0]:
+        raise ValueError(f"target must be 1-D of length N={h.shape[0]}, got shape {tuple(target.shape)}")
+    if h.shape[1] != weight.shape[1]:
+        raise ValueError(f"D mismatch: h has D={h.shape[1]} but weight has D={weight.shape[1]}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has K=0 classes; cross-entropy needs at least one class")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be 1-D of length K={weight.shape[0]}, got shape {tuple(bias.shape)}")
+    if not h.dtype.is_floating_point or h.dtype not in triton_impl.SUPPORTED_DTYPES + (torch.float64,):
+        raise TypeError(f"h must be float32, float16, bfloat16 or float64, got {h.dtype}")
+    if weight.dtype != h.dtype:
+        raise TypeError(f"dtype mismatch: h is {h.dtype} but weight is {weight.dtype}")
+    if bias is not None and bias.dtype != h.dtype:
+        raise TypeError(f"dtype mismatch: h is {h.dtype} but bias is {bias.dtype}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold class indices (int64 or int32), got {target.dtype}")
+    devices = {t.device for t in (h, weight, target) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not 0.0 <= float(z_loss) < float("inf"):
+        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if h.is_cuda and h.dtype != torch.float64 else "torch"
+    if backend == "triton":
+        if not (h.is_cuda or triton_impl.INTERPRETER):
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {h.device}), or TRITON_INTERPRET=1 "
+                             "set before fastcyclic is imported to run the kernels on CPU")
+        if h.dtype not in triton_impl.SUPPORTED_DTYPES:
+            raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {h.dtype}; "
+                            "use backend='torch' for float64")
+    return backend
+
+
+def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every target in [0, K) or equal to ignore_index.  Costs one device sync."""
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target[{row}] = {int(target[row])} is outside [0, {num_classes}) and is not "
+                         f"ignore_index={ignore_index}")
+
+
+# --------------------------------------------------------------------------------------------
+# The custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastcyclic::linear_ce", mutates_args=())
+def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+               label_smoothing: float, z_loss: float, backend: str, deterministic: bool, want_argmax: bool,
+               validate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, argmax, nll); argmax is empty unless asked for; nll = lse - z_y is kept
+    for the backward."""
+    num_classes = weight.shape[0]
+    if validate:
+        _check_targets(target, num_classes, ignore_index)
+    row_max, rest, target_logit, logit_sum, argmax = _impl(backend).forward(
+        h, weight, bias, target, want_logit_sum=label_smoothing > 0, want_argmax=want_argmax,
+        **_backend_kwargs(backend))
+    log_sumexp = torch.log1p(rest)
+    lse = row_max + log_sumexp
+    # -log p_y: (max - z_y) is exactly 0 when the target is predicted, and log1p(rest) keeps the
+    # ~1e-7 loss of a confident row accurate (lse - z_y would cancel to ulp(lse) ~ 2e-6)
+    nll = (row_max - target_logit) + log_sumexp
+    loss = nll
+    if label_smoothing > 0:
+        loss = loss + label_smoothing * (target_logit - logit_sum / num_classes)
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(target != ignore_index, loss, 0.0)
+    dtype = _result_dtype(h.dtype)
+    argmax = argmax if want_argmax else torch.empty(0, dtype=torch.int64, device=h.device)
+    return loss.to(dtype), lse.to(dtype), argmax, nll.to(dtype)
+
+
+@_linear_ce.register_fake
+def _(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, deterministic, want_argmax,
+      validate):
+    n = h.shape[0]
+    dtype = _result_dtype(h.dtype)
+    return (h.new_empty(n, dtype=dtype), h.new_empty(n, dtype=dtype),
+            h.new_empty(n if want_argmax else 0, dtype=torch.int64), h.new_empty(n, dtype=dtype))
+
+
+@torch.library.custom_op("fastcyclic::linear_ce_backward", mutates_args=())
+def _linear_ce_backward(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor,
+                        p_coef: Tensor, t_coef: Tensor, target_pm1: Tensor, label_smoothing: float,
+                        backend: str, deterministic: bool, need_dh: bool,
+                        need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dh, dweight, dbias); a gradient not asked for (or a missing bias) is an empty tensor."""
+    dh, dw, db = _impl(backend).backward(
+        h, weight, bias, target, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(),
+        target_pm1.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw,
+        deterministic=deterministic, **_backend_kwargs(backend))
+    empty = h.new_empty(0)
+    return (dh if dh is not None else empty, dw if dw is not None else empty,
+            db if db is not None else empty)
+
+
+@_linear_ce_backward.register_fake
+def _(h, weight, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothing, backend, deterministic,
+      need_dh, need_dw):
+    return (h.new_empty(h.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
+            bias.new_empty(bias.shape) if bias is not None else h.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, deterministic, _, _ = inputs
+    _, lse, _, nll = output
+    ctx.save_for_backward(h, weight, bias, target, lse, nll)
+    ctx.options = (ignore_index, label_smoothing, z_loss, backend, deterministic)
+
+
+def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_nll):
+    h, weight, bias, target, lse, nll = ctx.saved_tensors
+    ignore_index, label_smoothing, z_loss, backend, deterministic = ctx.options
+    need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+    if not (need_dh or need_dw or need_db):
+        return (None,) * 11
+    # d loss_n / d z = t_coef_n * (softmax(z) * (1 + 2 z_loss lse_n) - (1-eps) onehot - eps/K)
+    # and d lse_n / d z = softmax(z): both fold into g = p_coef * softmax - t_coef * (...)
+    valid = target != ignore_index
+    t_coef = torch.where(valid, grad_loss, 0.0) if grad_loss is not None else torch.zeros_like(lse)
+    p_coef = t_coef * (1.0 + 2.0 * z_loss * lse) if z_loss > 0 else t_coef
+    if grad_lse is not None:
+        p_coef = p_coef + grad_lse
+    dh, dw, db = _linear_ce_backward(h, weight, bias, target, lse, p_coef.to(lse.dtype), t_coef.to(lse.dtype),
+                                     torch.expm1(-nll), label_smoothing, backend, deterministic, need_dh, need_dw)
+    return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + (None,) * 8
+
+
+torch.library.register_autograd("fastcyclic::linear_ce", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare(h, weight, target, bias, reduction, label_smoothing, z_loss, backend):
+    backend = _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, backend)
+    return backend, target.long()
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
+                         reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, backend: str = "auto", deterministic: bool = False,
+                         validate: bool = True) -> Tensor:
+    """Cross-entropy of ``h @ weight.T + bias`` against ``target`` without materialising the logits.
+
+    Args:
+        h: (N, D) features; float32, float16, bfloat16 (float64 with backend="torch").
+        weight: (K, D) classifier, same dtype as h.  target: (N,) int64 class indices.
+        bias: optional (K,) bias, same dtype.
+        reduction: "mean" (over non-ignored rows; NaN when there are none, like PyTorch), "sum", "none".
+        ignore_index: rows with this target contribute neither loss nor gradient.
+        label_smoothing: eps in [0, 1], as in ``F.cross_entropy``.
+        z_loss: adds z_loss * lse**2 per non-ignored row (PaLM).
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked PyTorch), or
+            "auto" (triton on CUDA, torch otherwise).
+        deterministic: bitwise-reproducible gradients.  The default kernels are deterministic
+            already; this forbids any atomic variant a tuning config may select.
+        validate: check that targets are in [0, K) or ignore_index (one device sync).  Turn it off
+            in loops that generate their own labels or run under CUDA graphs; an out-of-range target
+            then contributes lse (its target logit is taken as 0) and never reads out of bounds.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs): a scalar, or (N,) for reduction="none".
+    """
+    backend, target = _prepare(h, weight, target, bias, reduction, label_smoothing, z_loss, backend)
+    loss_rows, _, _, _ = _linear_ce(h, weight, bias, target, int(ignore_index), float(label_smoothing),
+                                 float(z_loss), backend, bool(deterministic), False, bool(validate))
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / (target != ignore_index).sum()
+
+
+def linear_cross_entropy_stats(h: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
+                               ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                               backend: str = "auto", deterministic: bool = False,
+                               validate: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(loss, lse, argmax)`` in one pass, still without logits.
+
+    ``loss`` is ``linear_cross_entropy(..., reduction="none")``; ``lse`` is the log-sum-exp of
+    every row's logits (ignored rows too); ``argmax`` is the predicted class (first maximum), so
+    accuracy is ``(argmax == target).float().mean()``.  ``loss`` and ``lse`` are differentiable."""
+    backend, target = _prepare(h, weight, target, bias, "none", label_smoothing, z_loss, backend)
+    loss_rows, lse, argmax, _ = _linear_ce(h, weight, bias, target, int(ignore_index), float(label_smoothing),
+                                           float(z_loss), backend, bool(deterministic), True, bool(validate))
+    return loss_rows, lse, argmax
+
+
+class LinearCrossEntropy(nn.Module):
+    """``nn.Module`` form of :func:`linear_cross_entropy`, holding its options (like
+    ``nn.CrossEntropyLoss``).  Call it as ``module(h, weight, target, bias=None)``."""
+
+    def __init__(self, *, reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, backend: str = "auto", deterministic: bool = False,
+                 validate: bool = True):
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                            z_loss=z_loss, backend=backend, deterministic=deterministic, validate=validate)
+
+    def forward(self, h: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return linear_cross_entropy(h, weight, target, bias=bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,115 @@
+"""The same fused linear + cross-entropy in plain PyTorch, for CPUs (and float64).
+
+Same interface as ``kernels.linear_ce.forward`` / ``backward``.  The logits are computed one
+(row chunk x class chunk) block at a time with an online max / sum-exp, so memory is
+O(chunk_rows * chunk_classes) and never N x K.  The backward recomputes each block.  Arithmetic is
+fp32 for fp32/fp16/bf16 inputs (float64 for float64 inputs); dW accumulates in that precision and is
+cast once at the end.
+"""
+from __future__ import annotations
+
+import torch
+
+# ~4M logits per block (16 MiB in fp32): large enough for efficient GEMMs, small next to N x K
+BLOCK_ELEMENTS = 1 << 22
+CHUNK_ROWS = 1024
+
+
+def _chunks(n: int, k: int, chunk_rows: int | None, chunk_classes: int | None) -> tuple[int, int]:
+    rows = max(1, min(n, chunk_rows or CHUNK_ROWS))
+    classes = max(1, min(k, chunk_classes or BLOCK_ELEMENTS // rows))
+    return rows, classes
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits_block(h_rows, w, bias, k0, k1):
+    z = h_rows @ w[k0:k1].to(h_rows.dtype).T
+    if bias is not None:
+        z += bias[k0:k1].to(z.dtype)
+    return z
+
+
+def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
+            chunk_rows=None, chunk_classes=None):
+    """Per row: (max logit M, rest, target logit, logit sum or None, argmax or None), where rest is
+    the sum of exp(z - M) over all classes but one maximal one (lse = M + log1p(rest)); see
+    kernels.linear_ce._forward_kernel for why the leading 1 is kept out."""
+    n, _ = h.shape
+    k = w.shape[0]
+    acc = _compute_dtype(h.dtype)
+    rows, classes = _chunks(n, k, chunk_rows, chunk_classes)
+    row_max = torch.empty(n, dtype=acc, device=h.device)
+    row_rest = torch.empty(n, dtype=acc, device=h.device)
+    target_logit = torch.zeros(n, dtype=acc, device=h.device)
+    logit_sum = torch.zeros(n, dtype=acc, device=h.device) if want_logit_sum else None
+    argmax = torch.zeros(n, dtype=torch.int64, device=h.device) if want_argmax else None
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        h_rows = h[r0:r1].to(acc)
+        y = target[r0:r1]
+        running_max = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=h.device)
+        rest = torch.zeros(r1 - r0, dtype=acc, device=h.device)
+        for k0 in range(0, k, classes):
+            k1 = min(k, k0 + classes)
+            z = _logits_block(h_rows, w, bias, k0, k1)
+            tile_max, tile_arg = z.max(dim=1)
+            is_max = z == tile_max[:, None]
+            tile_rest = torch.exp(z - tile_max[:, None]).masked_fill_(is_max, 0).sum(dim=1) + (is_max.sum(dim=1) - 1)
+            scale = torch.exp(-(running_max - tile_max).abs())
+            takes_over = tile_max > running_max
+            rest = torch.where(takes_over, (rest + 1) * scale + tile_rest, rest + (tile_rest + 1) * scale)
+            if want_argmax:
+                argmax[r0:r1] = torch.where(takes_over, tile_arg + k0, argmax[r0:r1])
+            running_max = torch.maximum(running_max, tile_max)
+            in_block = (y >= k0) & (y < k1)
+            picked = z.gather(1, torch.where(in_block, y - k0, 0)[:, None]).squeeze(1)
+            target_logit[r0:r1] += torch.where(in_block, picked, 0)
+            if want_logit_sum:
+                logit_sum[r0:r1] += z.sum(dim=1)
+        row_max[r0:r1] = running_max
+        row_rest[r0:r1] = rest
+    return row_max, row_rest, target_logit, logit_sum, argmax
+
+
+def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothing, *,
+             need_dh=True, need_dw=True, chunk_rows=None, chunk_classes=None, **_unused):
+    n, d = h.shape
+    k = w.shape[0]
+    acc = _compute_dtype(h.dtype)
+    rows, classes = _chunks(n, k, chunk_rows, chunk_classes)
+    keep, uniform = 1.0 - label_smoothing, label_smoothing / k
+    dh = torch.zeros(n, d, dtype=acc, device=h.device) if need_dh else None
+    dw = torch.zeros(k, d, dtype=acc, device=h.device) if need_dw else None
+    db = torch.zeros(k, dtype=acc, device=h.device) if bias is not None else None
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        h_rows = h[r0:r1].to(acc)
+        y = target[r0:r1]
+        lse_rows = lse[r0:r1].to(acc)[:, None]
+        p_rows = p_coef[r0:r1].to(acc)[:, None]
+        t_rows = t_coef[r0:r1].to(acc)
+        # the target column without the cancellation of p_y - 1 (see kernels.linear_ce._logit_grad)
+        g_target = p_rows[:, 0] * target_pm1[r0:r1].to(acc) + (p_rows[:, 0] - t_rows * (keep + uniform))
+        for k0 in range(0, k, classes):
+            k1 = min(k, k0 + classes)
+            # g = p_coef * softmax - t_coef * ((1 - eps) * onehot + eps / K), built in place
+            g = _logits_block(h_rows, w, bias, k0, k1)
+            g.sub_(lse_rows).exp_().mul_(p_rows)
+            if uniform:
+                g.sub_((t_rows * uniform)[:, None])
+            in_block = ((y >= k0) & (y < k1)).nonzero().squeeze(1)
+            g[in_block, y[in_block] - k0] = g_target[in_block]
+            if need_dh:
+                dh[r0:r1] += g @ w[k0:k1].to(acc)
+            if need_dw:
+                dw[k0:k1] += g.T @ h_rows
+            if db is not None:
+                db[k0:k1] += g.sum(dim=0)
+    return (
+        dh.to(h.dtype) if need_dh else None,
+        dw.to(w.dtype) if need_dw else None,
+        db.to(bias.dtype) if db is not None else None,
+    )

@@ -1,0 +1,36 @@
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+# The same tests run the real Triton kernels natively on a GPU and under the interpreter on CPU.
+# triton.jit reads the variable when a kernel is defined, so it is set before any kernel import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Fresh random inputs every run, reproducible on failure: FASTCYCLIC_TEST_SEED=<seed> pytest ...
+# (set in the environment so that pytest-xdist workers share it)
+os.environ.setdefault("FASTCYCLIC_TEST_SEED", str(random.randrange(2**31)))
+SEED = int(os.environ["FASTCYCLIC_TEST_SEED"])
+
+
+def pytest_report_header(config):
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (TRITON_INTERPRET=1)"
+    return f"fastcyclic: test seed {SEED} (set FASTCYCLIC_TEST_SEED to repeat), device {device}"
+
+
+@pytest.fixture
+def gen(request):
+    """A CPU torch.Generator seeded from the session seed and the test's id."""
+    return torch.Generator().manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run by bench/gpu_check.sh)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,469 @@
+"""fastcyclic.linear_cross_entropy against a float64 eager reference, for both backends.
+
+Tolerance rule (from CCE): the fused result's error against float64 must be no worse than eager
+PyTorch's own error in the same input dtype (``F.cross_entropy((h @ W.T).float())``), plus a small
+slack.  Errors are relative Frobenius norms.  On CPU the "triton" backend runs the real kernels
+under TRITON_INTERPRET=1 (see conftest.py); on a GPU the same tests run natively.
+"""
+import math
+
+import pytest
+import torch
+
+from fastcyclic import LinearCrossEntropy, linear_cross_entropy, linear_cross_entropy_stats
+from fastcyclic.kernels import linear_ce as triton_impl
+from fastcyclic.kernels.linear_ce import LCEConfig, TileConfig, with_splits
+from fastcyclic.kernels.reference import eager_loss, reference_loss
+from fastcyclic.linear_ce import tuning
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = ["triton", "torch"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# one ulp of the output dtype (the interpreter truncates fp32 -> bf16/fp16 stores); fp32 allows for
+# a different summation order
+SLACK = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+# Tiles smaller than the problem in every axis: several row/class blocks, a D loop (non-resident
+# operands), several D slices, ragged edges everywhere.
+SMALL_TILES = LCEConfig(
+    forward=TileConfig(16, 32, 16, 16),
+    backward_dw=TileConfig(32, 16, 16, 32),
+    backward_dh=TileConfig(16, 32, 16, 32),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def make_problem(gen, n, d, k, dtype=torch.float32, *, scale=1.0, bias=True, ignore_frac=0.0,
+                 ignore_index=-100):
+    """Logits z = h @ w.T + b of standard deviation ~scale; a fraction of rows ignored."""
+    h = torch.randn(n, d, generator=gen)
+    w = torch.randn(k, d, generator=gen) * (scale / max(d, 1) ** 0.5)
+    b = torch.randn(k, generator=gen) * 0.5 * scale if bias else None
+    y = torch.randint(0, k, (n,), generator=gen)
+    if ignore_frac:
+        y[torch.rand(n, generator=gen) < ignore_frac] = ignore_index
+    cast = lambda t: t.to(DEVICE, dtype) if t is not None else None  # noqa: E731
+    return cast(h), cast(w), y.to(DEVICE), cast(b)
+
+
+def rel_err(x, ref):
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(x).all():
+        return math.inf
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _grad_out(gen, reduction, n):
+    if reduction == "none":
+        return torch.randn(n, generator=gen, dtype=torch.float64)
+    return torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+
+
+def _loss_and_grads(fn, h, w, y, b, grad_out, dtype=None):
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() if t is not None else None for t in (h, w, b)]
+    loss = fn(leaves[0], leaves[1], y, leaves[2])
+    loss.backward(grad_out.to(loss.device, loss.dtype))
+    return [loss] + [t.grad if t is not None else None for t in leaves]
+
+
+def check(backend, gen, h, w, y, b=None, *, reduction="mean", **opts):
+    """Loss and every gradient vs float64, within eager's own error + slack.  Returns the errors."""
+    grad_out = _grad_out(gen, reduction, h.shape[0])
+    ours = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, reduction=reduction,
+                                                                   backend=backend, **opts), h, w, y, b, grad_out)
+    ref_fn = lambda h, w, y, b: reference_loss(h, w, y, b, reduction=reduction, **opts)[0]  # noqa: E731
+    ref = _loss_and_grads(ref_fn, h, w, y, b, grad_out, dtype=torch.float64)
+    eager = _loss_and_grads(lambda h, w, y, b: eager_loss(h, w, y, b, reduction=reduction, **opts)[0],
+                            h, w, y, b, grad_out)
+    errors = {}
+    for name, o, r, e in zip(("loss", "dh", "dw", "db"), ours, ref, eager):
+        if r is None:
+            continue
+        assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+        err, eager_err = rel_err(o, r), rel_err(e, r)
+        assert err <= eager_err + SLACK[h.dtype], \
+            f"{name}: error {err:.3g} vs float64, eager {h.dtype} has {eager_err:.3g}"
+        errors[name] = err
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# correctness on random problems
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,k", [(1, 1, 2), (7, 17, 97), (67, 48, 1031)])
+def test_random_problems(backend, dtype, n, d, k, gen):
+    h, w, y, b = make_problem(gen, n, d, k, dtype, ignore_frac=0.2)
+    check(backend, gen, h, w, y, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-2),
+    dict(label_smoothing=0.3, z_loss=1e-3, ignore_index=5),
+], ids=["plain", "smoothing", "zloss", "all"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_options(backend, reduction, options, bias, gen):
+    h, w, y, b = make_problem(gen, 33, 24, 211, scale=3.0, bias=bias, ignore_frac=0.25,
+                              ignore_index=options.get("ignore_index", -100))
+    check(backend, gen, h, w, y, b, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dh_mode", ["kernel", "atomic"])
+def test_triton_tile_paths(dtype, splits, dh_mode, gen):
+    """Small tiles: D loops, several D slices, split loops merged on the host, atomic dh."""
+    h, w, y, b = make_problem(gen, 37, 40, 100, dtype, scale=2.0, ignore_frac=0.1)
+    config = with_splits(LCEConfig(SMALL_TILES.forward, SMALL_TILES.backward_dw, SMALL_TILES.backward_dh,
+                                   dh_mode=dh_mode), splits)
+    with tuning(config=config):
+        check("triton", gen, h, w, y, b, label_smoothing=0.05, z_loss=1e-3)
+
+
+def test_torch_backend_small_chunks(gen):
+    h, w, y, b = make_problem(gen, 23, 9, 50, ignore_frac=0.2)
+    with tuning(chunk_rows=5, chunk_classes=7):
+        check("torch", gen, h, w, y, b, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs(backend, gen):
+    h, w, y, b = make_problem(gen, 40, 24, 150, ignore_frac=0.1)
+    h_strided = torch.zeros(40, 48, device=DEVICE).copy_(torch.repeat_interleave(h, 2, dim=1))[:, ::2]
+    w_colmajor = w.T.contiguous().T
+    b_strided = torch.stack([b, b], dim=1)[:, 0]
+    y_strided = torch.stack([y, y], dim=1)[:, 1]
+    assert not (h_strided.is_contiguous() or w_colmajor.is_contiguous() or b_strided.is_contiguous())
+    check(backend, gen, h_strided, w_colmajor, y_strided, b_strided)
+
+
+# --------------------------------------------------------------------------------------------
+# hard cases
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,k", [("triton", 16411), ("torch", 65521)])
+def test_near_uniform_logits_large_k(backend, k, gen):
+    """Every class gets ~1/K of the probability mass: no gradient may be dropped."""
+    h, w, y, b = make_problem(gen, 24, 16, k, scale=1e-3)
+    errors = check(backend, gen, h, w, y, b)
+    loss = linear_cross_entropy(h, w, y, bias=b, backend=backend)
+    assert abs(loss.item() - math.log(k)) < 1e-2
+    assert errors["dw"] < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_confident_logits(backend, dtype, gen):
+    """p_y > 0.999 (after grokking): loss ~ 1e-7 and p_y - 1 must not cancel."""
+    n, d, k = 32, 48, 97
+    h = torch.randn(n, d, generator=gen)
+    w = torch.randn(k, d, generator=gen) * 0.01
+    y = torch.randperm(k, generator=gen)[:n]
+    w[y] = 3.0 * h / h.norm(dim=1, keepdim=True)  # z[n, y_n] = 3 |h_n| ~ 21, others ~ N(0, 9)
+    h, w, y = h.to(DEVICE, dtype), w.to(DEVICE, dtype), y.to(DEVICE)
+    ref_rows, ref_lse = reference_loss(h, w, y, reduction="none")
+    p_target = torch.exp(-ref_rows)
+    assert p_target.min() > 0.999
+    check(backend, gen, h, w, y)
+    rows = linear_cross_entropy(h, w, y, reduction="none", backend=backend)
+    # the per-row loss itself is accurate to fp32 relative precision, not to ulp(lse) ~ 2e-6
+    assert rel_err(rows, ref_rows) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits(backend, gen):
+    """|z| ~ 1e4: the online max keeps exp in range."""
+    h, w, y, b = make_problem(gen, 20, 16, 300, scale=1e4, bias=False)
+    errors = check(backend, gen, h, w, y, b)
+    assert all(math.isfinite(e) for e in errors.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(backend, reduction, gen):
+    h, w, _, b = make_problem(gen, 9, 8, 31)
+    y = torch.full((9,), -100, device=DEVICE)
+    loss, dh, dw, db = _loss_and_grads(
+        lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=backend),
+        h, w, y, b, _grad_out(gen, reduction, 9))
+    expected = torch.nn.functional.cross_entropy(torch.zeros(9, 31), torch.full((9,), -100), reduction=reduction)
+    assert torch.equal(loss.cpu().isnan(), expected.isnan())
+    if reduction != "mean":
+        assert torch.all(loss == 0)
+    for g in (dh, dw, db):
+        assert torch.all(g == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(backend, reduction):
+    """N = 0 behaves like PyTorch: mean is NaN, sum is 0, gradients are zero."""
+    h = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(13, 8, device=DEVICE, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    loss = linear_cross_entropy(h, w, y, reduction=reduction, backend=backend)
+    expected = torch.nn.functional.cross_entropy(torch.zeros(0, 13), torch.zeros(0, dtype=torch.long),
+                                                 reduction=reduction)
+    assert loss.shape == expected.shape
+    assert torch.equal(loss.detach().cpu().isnan(), expected.isnan())
+    loss.sum().backward()
+    assert h.grad.shape == (0, 8) and torch.all(w.grad == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# stats, determinism, module, compile
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_lse_argmax_and_lse_gradient(backend, gen):
+    h, w, y, b = make_problem(gen, 45, 20, 260, scale=2.0, ignore_frac=0.2)
+    w[7] = w[200]  # a duplicated class: ties resolve to the first index, like torch.argmax
+    b[7] = b[200]
+    logits = h.double() @ w.double().T + b.double()
+    logits_ties = logits.clone()
+    rows, lse, argmax = linear_cross_entropy_stats(h, w, y, bias=b, backend=backend)
+    ref_rows, ref_lse = reference_loss(h, w, y, b, reduction="none")
+    assert rel_err(rows, ref_rows) < 1e-5 and rel_err(lse, ref_lse) < 1e-6
+    # where the float64 top-2 are separated, the argmax must agree exactly
+    top2 = logits_ties.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert torch.equal(argmax[clear], logits.argmax(dim=1)[clear])
+    # gradients through both outputs: d/d(h,w,b) of sum(rows * a) + sum(lse * c)
+    a, c = torch.randn(45, generator=gen).to(DEVICE), torch.randn(45, generator=gen).to(DEVICE)
+
+    def objective(fn):
+        leaves = [t.detach().clone().double().requires_grad_() if fn is reference_loss else
+                  t.detach().clone().requires_grad_() for t in (h, w, b)]
+        if fn is reference_loss:
+            r, l_ = reference_loss(leaves[0], leaves[1], y, leaves[2], reduction="none")
+        else:
+            r, l_, _ = fn(leaves[0], leaves[1], y, bias=leaves[2], backend=backend)
+        ((r * a.to(r.dtype)).sum() + (l_ * c.to(l_.dtype)).sum()).backward()
+        return [t.grad for t in leaves]
+
+    for ours, ref in zip(objective(linear_cross_entropy_stats), objective(reference_loss)):
+        assert rel_err(ours, ref) < 1e-5
+
+
+def test_argmax_ties_pick_first_index():
+    h = torch.ones(3, 4, device=DEVICE)
+    w = torch.zeros(300, 4, device=DEVICE)
+    w[[5, 17, 290]] = 1.0  # three equal maxima, two of them in other tiles
+    for backend in BACKENDS:
+        _, _, argmax = linear_cross_entropy_stats(h, w, torch.zeros(3, dtype=torch.long, device=DEVICE),
+                                                  backend=backend)
+        assert argmax.tolist() == [5, 5, 5]
+
+
+@pytest.mark.parametrize("config", [None, "atomic"])
+def test_deterministic_mode_is_bitwise_repeatable(config, gen):
+    h, w, y, b = make_problem(gen, 70, 32, 400, torch.bfloat16, ignore_frac=0.1)
+    cfg = None if config is None else LCEConfig(SMALL_TILES.forward, SMALL_TILES.backward_dw,
+                                                SMALL_TILES.backward_dh, dh_mode="atomic")
+    grad_out = _grad_out(gen, "mean", 70)
+    runs = []
+    with tuning(config=cfg):
+        for _ in range(2):
+            runs.append(_loss_and_grads(
+                lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend="triton", deterministic=True),
+                h, w, y, b, grad_out))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_module_matches_function(gen):
+    h, w, y, b = make_problem(gen, 10, 8, 40, ignore_frac=0.2)
+    module = LinearCrossEntropy(reduction="sum", label_smoothing=0.1, z_loss=1e-3, backend="torch")
+    assert "label_smoothing=0.1" in repr(module)
+    expected = linear_cross_entropy(h, w, y, bias=b, reduction="sum", label_smoothing=0.1, z_loss=1e-3,
+                                    backend="torch")
+    assert torch.equal(module(h, w, y, b), expected)
+
+
+def test_gradcheck_float64_torch_backend(gen):
+    """The backward formulas (smoothing, z-loss, ignore, lse gradient) against finite differences."""
+    h, w, y, b = make_problem(gen, 6, 5, 11, torch.float64, ignore_frac=0.3, scale=2.0)
+    h, w, b = (t.requires_grad_() for t in (h, w, b))
+
+    def f(h, w, b):
+        rows, lse, _ = linear_cross_entropy_stats(h, w, y, bias=b, label_smoothing=0.2, z_loss=0.05,
+                                                  backend="torch")
+        return rows, lse
+
+    with tuning(chunk_rows=4, chunk_classes=3):
+        assert torch.autograd.gradcheck(f, (h, w, b))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_keeps_the_op_in_one_graph(compile_backend, gen):
+    torch._dynamo.reset()
+    h, w, y, b = make_problem(gen, 16, 8, 50)
+    h.requires_grad_()
+    backend = "triton" if DEVICE.type == "cuda" else "torch"
+
+    def step(h, w, y, b):
+        return linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.1, backend=backend) * 2.0
+
+    compiled = torch.compile(step, backend=compile_backend, fullgraph=True)
+    loss = compiled(h, w, y, b)
+    (grad,) = torch.autograd.grad(loss, h)
+    expected = step(h, w, y, b)
+    (expected_grad,) = torch.autograd.grad(expected, h)
+    assert torch.allclose(loss, expected) and torch.allclose(grad, expected_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: a clear exception naming the value, before any kernel launches
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Makes any backend launch fail the test."""
+    from fastcyclic.kernels import linear_ce_chunked
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a kernel was launched for bad input")
+
+    for module in (triton_impl, linear_ce_chunked):
+        monkeypatch.setattr(module, "forward", boom)
+        monkeypatch.setattr(module, "backward", boom)
+
+
+def _good():
+    return (torch.randn(4, 3, device=DEVICE), torch.randn(5, 3, device=DEVICE),
+            torch.tensor([0, 1, 4, 2], device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["auto"] + BACKENDS)
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda h, w, y: (h, w, torch.tensor([0, 1, 5, 2], device=DEVICE)), ValueError, r"target\[2\] = 5"),
+    (lambda h, w, y: (h, w, torch.tensor([0, -3, 1, 2], device=DEVICE)), ValueError, r"target\[1\] = -3"),
+    (lambda h, w, y: (h[0], w, y), ValueError, "h must be 2-D"),
+    (lambda h, w, y: (h, w[0], y), ValueError, "weight must be 2-D"),
+    (lambda h, w, y: (h, w, y[:3]), ValueError, "length N=4"),
+    (lambda h, w, y: (h, w[:, :2], y), ValueError, "D mismatch: h has D=3 but weight has D=2"),
+    (lambda h, w, y: (h, w[:0], y), ValueError, "K=0"),
+    (lambda h, w, y: (h, w.half(), y), TypeError, "dtype mismatch"),
+    (lambda h, w, y: (h, w, y.float()), TypeError, "class indices"),
+    (lambda h, w, y: (h.int(), w.int(), y), TypeError, "must be float32"),
+    (lambda h, w, y: ([[1.0]], w, y), TypeError, "h must be a torch.Tensor"),
+], ids=["target-high", "target-negative", "h-rank", "w-rank", "target-len", "d-mismatch", "k-zero",
+        "dtype-mismatch", "float-target", "int-h", "not-tensor"])
+def test_bad_input(backend, mutate, error, match, no_launch):
+    h, w, y = mutate(*_good())
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(h, w, y, backend=backend)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
+    (dict(z_loss=-1.0), ValueError, "z_loss must be finite"),
+    (dict(bias=torch.zeros(4)), ValueError, "bias must be 1-D of length K=5"),
+])
+def test_bad_options(kwargs, error, match, no_launch):
+    h, w, y = _good()
+    if "bias" in kwargs:
+        kwargs["bias"] = kwargs["bias"].to(DEVICE)
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(h, w, y, **kwargs)
+
+
+def test_float64_needs_the_torch_backend(no_launch):
+    h, w, y = _good()
+    with pytest.raises(TypeError, match="use backend='torch' for float64"):
+        linear_cross_entropy(h.double(), w.double(), y, backend="triton")
+
+
+def test_triton_without_cuda_or_interpreter_is_refused(monkeypatch, no_launch):
+    if DEVICE.type == "cuda":
+        pytest.skip("the refusal is for CPU tensors without the interpreter")
+    monkeypatch.setattr(triton_impl, "INTERPRETER", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        linear_cross_entropy(*_good(), backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_call_leaves_things_usable_and_validate_false_is_safe(backend, gen):
+    h, w, y = _good()
+    with pytest.raises(ValueError):
+        linear_cross_entropy(h, w, torch.tensor([0, 9, 1, 2], device=DEVICE), backend=backend)
+    good = linear_cross_entropy(h, w, y, backend=backend)
+    assert torch.isfinite(good)
+    # without validation an out-of-range target reads nothing out of bounds: its target logit is 0
+    rows = linear_cross_entropy(h, w, torch.tensor([0, 9, 1, 2], device=DEVICE), reduction="none",
+                                backend=backend, validate=False)
+    lse = torch.logsumexp(h.double() @ w.double().T, dim=1)
+    assert abs(rows[1].item() - lse[1].item()) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: large shapes, N*K > 2^31, K*D > 2^31 (run by bench/gpu_check.sh)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,d,k", [(8192, 256, 65536), (4099, 512, 32771), (16384, 128, 262144)])
+def test_cuda_large_shapes_bf16(n, d, k, gen):
+    h, w, y, b = make_problem(gen, n, d, k, torch.bfloat16, bias=False, ignore_frac=0.05)
+    check("triton", gen, h, w, y, b, label_smoothing=0.1)
+
+
+@pytest.mark.cuda
+def test_cuda_uniform_logits_at_k_2_18(gen):
+    h, w, y, b = make_problem(gen, 256, 64, 262144, torch.bfloat16, scale=1e-3)
+    errors = check("triton", gen, h, w, y, b)
+    assert errors["dw"] < 1e-2
+
+
+def _chunked_float64(h, w, y, reduction="sum"):
+    """Float64 reference without an N x K tensor: the torch backend in float64 (itself checked
+    against the materialised reference above)."""
+    leaves = [t.detach().double().requires_grad_() for t in (h, w)]
+    loss = linear_cross_entropy(leaves[0], leaves[1], y, reduction=reduction, backend="torch")
+    loss.backward()
+    return loss, leaves[0].grad, leaves[1].grad
+
+
+@pytest.mark.cuda
+def test_cuda_n_times_k_over_2_31(gen):
+    n, d, k = 32768, 32, 65600  # N*K = 2.15e9 > 2^31
+    assert n * k > 2**31
+    h, w, y, _ = make_problem(gen, n, d, k, torch.bfloat16, bias=False)
+    ours = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, reduction="sum"), h, w, y, None,
+                           torch.tensor(1.0, dtype=torch.float64))
+    ref = _chunked_float64(h, w, y)
+    for o, r in zip(ours, ref):
+        assert rel_err(o, r) < 1e-2
+
+
+@pytest.mark.cuda
+def test_cuda_k_times_d_over_2_31(gen):
+    n, d, k = 64, 257, (2**31) // 257 + 1000  # K*D > 2^31: int64 offsets into weight
+    assert k * d > 2**31
+    h = torch.randn(n, d, device=DEVICE, dtype=torch.bfloat16)
+    w = (torch.randn(k, d, device=DEVICE, dtype=torch.bfloat16) * 0.05)
+    y = torch.randint(0, k, (n,), device=DEVICE)
+    y[:4] = torch.tensor([k - 1, k - 2, 0, k // 2], device=DEVICE)  # targets at the far end of weight
+    ours = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, reduction="sum"), h, w, y, None,
+                           torch.tensor(1.0, dtype=torch.float64))
+    ref = _chunked_float64(h, w, y)
+    for o, r in zip(ours, ref):
+        assert rel_err(o, r) < 1e-2
+    # the last rows of dW (beyond 2^31 elements) received their gradient
+    assert ours[2][-2:].float().abs().sum() > 0
