@@ -1,5 +1,25 @@
-"""fastcyclic: fused Triton kernels and tooling for training modular arithmetic at very many classes."""
-from fastcyclic.linear_ce import LinearCrossEntropy, linear_cross_entropy, linear_cross_entropy_stats
+"""fastcyclic: fused Triton kernels and tooling for training modular arithmetic at very many classes.
+
+The public names are imported on first use (PEP 562): importing the package must not yet define the
+Triton kernels, so that ``fastcyclic bench --interpret`` can set TRITON_INTERPRET=1 first.
+"""
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["LinearCrossEntropy", "linear_cross_entropy", "linear_cross_entropy_stats", "__version__"]
+
+_PUBLIC = {
+    "linear_cross_entropy": "fastcyclic.linear_ce",
+    "linear_cross_entropy_stats": "fastcyclic.linear_ce",
+    "LinearCrossEntropy": "fastcyclic.linear_ce",
+}
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'fastcyclic' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

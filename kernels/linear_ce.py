@@ -358,13 +358,19 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
+# fp32 partial results of a split loop (merged on the host) may take at most this much memory
+PARTIAL_BUDGET_BYTES = 32 << 20
+
+
 def _split(owner_blocks: int, loop_len: int, block_loop: int, splits: int | None, device: torch.device,
-           max_splits: int = 8) -> tuple[int, int]:
+           partial_bytes: int) -> tuple[int, int]:
     """How many programs share the loop axis, and how long each one's (block-aligned) range is.
-    By default enough to give the GPU two waves of programs; every split gets at least one block."""
+    By default enough for two waves of programs on the GPU, as far as the partials (partial_bytes
+    per split) fit in PARTIAL_BUDGET_BYTES; every split gets at least one block."""
     loop_blocks = max(1, triton.cdiv(loop_len, block_loop))
     if splits is None:
-        splits = min(max_splits, triton.cdiv(2 * _num_sms(device), max(owner_blocks, 1)))
+        wanted = triton.cdiv(2 * _num_sms(device), max(owner_blocks, 1))
+        splits = min(wanted, max(1, PARTIAL_BUDGET_BYTES // max(partial_bytes, 1)))
     splits = max(1, min(int(splits), loop_blocks))
     blocks_per_split = triton.cdiv(loop_blocks, splits)
     splits = triton.cdiv(loop_blocks, blocks_per_split)
@@ -392,7 +398,8 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False, conf
     config = config or default_config(n, d, k, h.dtype, h.device)
     tc = config.forward
     resident = d <= tc.block_d
-    splits, cols_per_split = _split(triton.cdiv(n, tc.block_owner), k, tc.block_loop, tc.splits, h.device)
+    splits, cols_per_split = _split(triton.cdiv(n, tc.block_owner), k, tc.block_loop, tc.splits, h.device,
+                                    partial_bytes=5 * 4 * n)
     f32 = dict(dtype=torch.float32, device=h.device)
     running_max = torch.empty(splits, n, **f32)
     rest = torch.empty(splits, n, **f32)
@@ -455,7 +462,8 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothin
         k_blocks = triton.cdiv(k, tc.block_owner)
         d_blocks = triton.cdiv(d, tc.block_ds)
         # split over rows only when the class blocks alone cannot fill the GPU; partials are fp32
-        splits, rows_per_split = _split(k_blocks * d_blocks, n, tc.block_loop, tc.splits, h.device)
+        splits, rows_per_split = _split(k_blocks * d_blocks, n, tc.block_loop, tc.splits, h.device,
+                                        partial_bytes=4 * k * (d + 1))
         if atomic_dh:
             splits, rows_per_split = 1, max(n, 1)
         dw_out = torch.empty(k, d, dtype=w.dtype, device=w.device) if splits == 1 else \
@@ -496,7 +504,8 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothin
         resident = d <= tc.block_ds
         n_blocks = triton.cdiv(n, tc.block_owner)
         d_blocks = triton.cdiv(d, tc.block_ds)
-        splits, cols_per_split = _split(n_blocks * d_blocks, k, tc.block_loop, tc.splits, h.device)
+        splits, cols_per_split = _split(n_blocks * d_blocks, k, tc.block_loop, tc.splits, h.device,
+                                        partial_bytes=4 * n * d)
         dh_out = torch.empty(n, d, dtype=h.dtype, device=h.device) if splits == 1 else \
             torch.empty(splits, n, d, dtype=torch.float32, device=h.device)
         dh3 = dh_out if splits > 1 else dh_out.unsqueeze(0)

@@ -55,20 +55,21 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
         for k0 in range(0, k, classes):
             k1 = min(k, k0 + classes)
             z = _logits_block(h_rows, w, bias, k0, k1)
+            in_block = (y >= k0) & (y < k1)
+            picked = z.gather(1, torch.where(in_block, y - k0, 0)[:, None]).squeeze(1)
+            target_logit[r0:r1] += torch.where(in_block, picked, 0)
+            if want_logit_sum:
+                logit_sum[r0:r1] += z.sum(dim=1)
+            # same merge as the Triton kernel; z is overwritten in place by exp(z - tile max)
             tile_max, tile_arg = z.max(dim=1)
             is_max = z == tile_max[:, None]
-            tile_rest = torch.exp(z - tile_max[:, None]).masked_fill_(is_max, 0).sum(dim=1) + (is_max.sum(dim=1) - 1)
+            tile_rest = z.sub_(tile_max[:, None]).exp_().masked_fill_(is_max, 0).sum(dim=1) + (is_max.sum(dim=1) - 1)
             scale = torch.exp(-(running_max - tile_max).abs())
             takes_over = tile_max > running_max
             rest = torch.where(takes_over, (rest + 1) * scale + tile_rest, rest + (tile_rest + 1) * scale)
             if want_argmax:
                 argmax[r0:r1] = torch.where(takes_over, tile_arg + k0, argmax[r0:r1])
             running_max = torch.maximum(running_max, tile_max)
-            in_block = (y >= k0) & (y < k1)
-            picked = z.gather(1, torch.where(in_block, y - k0, 0)[:, None]).squeeze(1)
-            target_logit[r0:r1] += torch.where(in_block, picked, 0)
-            if want_logit_sum:
-                logit_sum[r0:r1] += z.sum(dim=1)
         row_max[r0:r1] = running_max
         row_rest[r0:r1] = rest
     return row_max, row_rest, target_logit, logit_sum, argmax
