@@ -132,27 +132,35 @@ def run_case(method: str, fn, h, w, y, ref, *, quick: bool) -> dict:
     return record
 
 
-def run(shapes, dtype, device, methods, *, quick=False, interpret=False, configs=None, log=print,
-        after_shape=None) -> list[dict]:
-    """All methods on all shapes; after_shape(records) is called whenever a shape is done."""
-    records = []
+def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=False, log=print,
+        after_shape=None) -> tuple[list[dict], list[dict]]:
+    """All methods on all shapes; after_shape(records, tuning) is called whenever a shape is done.
+    With tune (CUDA), each kernel's tiles are tuned first and fastcyclic runs both with the tuned
+    and the default tiles."""
+    records, tunings = [], []
     for n, d, k in shapes:
         h, w, y = make_inputs(n, d, k, dtype, device)
         ref = reference(h, w, y)
         case = dict(bench="ce", N=n, D=d, K=k, dtype=str(dtype).replace("torch.", ""), device=device.type,
                     flops=6 * n * d * k, target_ms=TARGET_MS.get((n, d, k)) if device.type == "cuda" else None)
+        tuned = None
+        if tune:
+            from fastcyclic.bench import tune as tuner
+
+            tuned, timings = tuner.tune_shape(h, w, y, log=log)
+            tunings.append(dict(N=n, D=d, K=k, dtype=case["dtype"], tuned=dataclasses.asdict(tuned), timings=timings))
         for method in methods:
             variants = [(method, None)]
-            if method == "fastcyclic" and configs:
-                variants = [(f"fastcyclic[{name}]", cfg) for name, cfg in configs(n, d, k, dtype).items()]
+            if method == "fastcyclic" and tuned is not None:
+                variants = [("fastcyclic[default]", None), ("fastcyclic[tuned]", tuned)]
             for label, cfg in variants:
                 record = dict(case, method=label, config=dataclasses.asdict(cfg) if cfg else None)
                 try:
                     fn = make_method(method, device, interpret)
                     if cfg is not None:
-                        from fastcyclic.linear_ce import tuning
+                        from fastcyclic.linear_ce import tuning as kernel_tuning
 
-                        with tuning(config=cfg):
+                        with kernel_tuning(config=cfg):
                             record.update(run_case(label, fn, h, w, y, ref, quick=quick))
                     else:
                         record.update(run_case(label, fn, h, w, y, ref, quick=quick))
@@ -171,8 +179,8 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, configs
                 log(format_row(record))
         del h, w, y, ref
         if after_shape:
-            after_shape(records)
-    return records
+            after_shape(records, tunings)
+    return records, tunings
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +205,7 @@ def header() -> str:
     return f"{'N x D x K':>20} {'method':<24} {'median':>13} {'rate':>13} {'extra mem':>12}  errors vs float64"
 
 
-def write_results(out: Path, machine: dict, records: list[dict]) -> list[Path]:
+def write_results(out: Path, machine: dict, records: list[dict], tuning: list[dict] = ()) -> list[Path]:
     """ce.json and ce.csv, each written to a temporary name and renamed: never half a file."""
     out.mkdir(parents=True, exist_ok=True)
     csv_text = io.StringIO()
@@ -207,7 +215,10 @@ def write_results(out: Path, machine: dict, records: list[dict]) -> list[Path]:
     for r in records:
         writer.writerow(r)
     paths = []
-    for name, text in (("ce.json", json.dumps({"machine": machine, "records": records}, indent=1)),
+    results = {"machine": machine, "records": records}
+    if tuning:
+        results["tuning"] = list(tuning)
+    for name, text in (("ce.json", json.dumps(results, indent=1)),
                        ("ce.csv", csv_text.getvalue())):
         path = out / name
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -233,8 +244,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes and short timing: a self-check")
     parser.add_argument("--interpret", action="store_true",
                         help="CPU: run the Triton kernels under TRITON_INTERPRET=1 (small shapes only)")
-    parser.add_argument("--sweep-configs", action="store_true",
-                        help="CUDA: time every candidate tile configuration of the fused kernels")
+    parser.add_argument("--tune", action="store_true",
+                        help="CUDA: tune each fused kernel's tiles first, then time tuned and default tiles")
     parser.add_argument("--out", type=Path, default=None, help="directory for ce.json and ce.csv")
 
 
@@ -256,7 +267,9 @@ def main(args: argparse.Namespace) -> int:
     if args.interpret and not args.shapes:
         shapes = ((256, 64, 2048),)
     methods = args.methods or [m for m in METHODS if not (m == "compile" and args.quick and device.type == "cpu")]
-    configs = candidate_configs if (args.sweep_configs and device.type == "cuda") else None
+    if args.tune and device.type != "cuda":
+        print("error: --tune needs CUDA", file=sys.stderr)
+        return 2
 
     machine = measure.machine_facts(device)
     print(f"fastcyclic bench ce: {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
@@ -264,9 +277,9 @@ def main(args: argparse.Namespace) -> int:
     print(header())
     # results are rewritten (whole files, atomically) after every shape, so a run stopped by a time
     # limit keeps what it measured
-    save = (lambda records: write_results(args.out, machine, records)) if args.out else None
-    records = run(shapes, dtype, device, methods, quick=args.quick, interpret=args.interpret, configs=configs,
-                  after_shape=save)
+    save = (lambda records, tuning: write_results(args.out, machine, records, tuning)) if args.out else None
+    records, _ = run(shapes, dtype, device, methods, quick=args.quick, interpret=args.interpret, tune=args.tune,
+                     after_shape=save)
     wrong = [r for r in records if r["status"] == "ok" and r["method"].startswith("fastcyclic") and not r["correct"]]
     if args.out:
         print(f"wrote {args.out / 'ce.json'} and {args.out / 'ce.csv'}")
@@ -274,34 +287,3 @@ def main(args: argparse.Namespace) -> int:
         print(f"FAILED: fastcyclic exceeded the error tolerance in {len(wrong)} case(s)", file=sys.stderr)
         return 1
     return 0
-
-
-# (block_owner, block_loop, num_warps, num_stages) for forward, dW and dh kernels; the backward
-# kernels accumulate a slice of D per program: all of it when D <= max_slice (one logits recompute),
-# else max_slice-wide slices (one recompute each)
-CANDIDATES = {
-    "a": ((128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 2), 256),
-    "b": ((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2), 256),
-    "c": ((128, 128, 8, 3), (128, 32, 8, 3), (128, 32, 8, 3), 256),
-    "d": ((64, 128, 4, 3), (64, 32, 4, 3), (64, 32, 4, 3), 256),
-    "e": ((128, 256, 8, 2), (64, 64, 8, 2), (64, 64, 8, 2), 256),
-    "f": ((128, 128, 8, 3), (64, 32, 8, 2), (64, 32, 8, 2), 512),
-}
-
-
-def candidate_configs(n, d, k, dtype):
-    """Tile configurations worth timing on a GPU for this problem (--sweep-configs)."""
-    from fastcyclic.kernels.linear_ce import LCEConfig, TileConfig, default_config
-
-    dp = max(16, 1 << (d - 1).bit_length())
-    configs = {"default": default_config(n, d, k, dtype, torch.device("cuda"))}
-    for name, (fwd, dw, dh, max_slice) in CANDIDATES.items():
-        if max_slice > 256 and dp <= 256:
-            continue  # same as another candidate for small D
-        fwd_d = dp if dp <= 256 else 64  # the forward keeps the row block resident up to D = 256
-        bwd_d, bwd_ds = (dp, dp) if dp <= max_slice else (64, max_slice)
-        configs[name] = LCEConfig(
-            TileConfig(fwd[0], fwd[1], fwd_d, fwd_d, num_warps=fwd[2], num_stages=fwd[3]),
-            *(TileConfig(o, lp, bwd_d, bwd_ds, num_warps=wp, num_stages=st) for o, lp, wp, st in (dw, dh)))
-    configs["a-atomic"] = dataclasses.replace(configs["a"], dh_mode="atomic")
-    return configs

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, the whole test suite natively (the GPU-only tests included),
-# then `fastcyclic bench ce` against eager and torch.compile, everything under one directory:
+# then `fastcyclic bench ce --tune` against eager and torch.compile, everything under one directory:
 #   machine.txt  check.log  tests.log  bench.log  ce.json  ce.csv
 # Usage: bench/gpu_check.sh [OUT_DIR]     (default: $OUT, else ./bench-out)
 # Each stage has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT seconds) so that one stage hanging
@@ -35,8 +35,8 @@ timeout "${TEST_TIMEOUT:-220}" python3 -m pytest tests -q -rfEs -p no:cacheprovi
 log "tests exit code $?: $(tail -n 1 "$out/tests.log")"
 
 log "bench ce (limit ${BENCH_TIMEOUT:-300}s)"
-# BENCH_ARGS replaces the default arguments (e.g. "--sweep-configs --methods fastcyclic eager")
+# BENCH_ARGS replaces the default arguments (e.g. "--tune --methods fastcyclic eager")
 timeout "${BENCH_TIMEOUT:-300}" python3 -m fastcyclic.cli bench ce --device cuda \
-    ${BENCH_ARGS:---methods fastcyclic eager torch_lce compile} --out "$out" > "$out/bench.log" 2>&1
+    ${BENCH_ARGS:---tune --methods fastcyclic eager torch_lce compile} --out "$out" > "$out/bench.log" 2>&1
 log "bench exit code $?"
 cat "$out/bench.log"

@@ -5,23 +5,23 @@ Shapes: h (N, D), w (K, D), optional bias (K,), target (N,).  z = h @ w.T + bias
 Three kernels, each one a program that *owns* an output tile and loops over the other axis, so
 every output is written once, in a fixed order, with no atomics (bitwise deterministic):
 
-* ``_forward_kernel``   owns a block of rows, loops over classes: online max / sum-exp (the LSE),
-                        the target logit, optionally the row sum of logits (label smoothing) and the
-                        argmax.  The class axis can be split across programs; the per-split
-                        partials (O(splits * N)) are merged on the host.
+* ``_forward_kernel``     owns a block of rows, loops over classes: online max and sum-exp, the
+                          target logit, optionally the row sum of logits (label smoothing) and the
+                          argmax.  The class axis can be split across programs; the per-split
+                          partials (O(splits * N)) are merged on the host.
 * ``_backward_dw_kernel`` owns a block of classes (dW and dbias rows), loops over rows: recomputes
-                        the logits tile, forms g = d loss / d z, accumulates dW += g^T h in fp32.
+                          the logits tile (transposed, as FlashAttention's dK/dV kernel does, so
+                          g^T feeds the tensor cores straight from registers), accumulates dW += g^T h.
 * ``_backward_dh_kernel`` owns a block of rows (dh), loops over classes: recomputes the logits tile,
-                        forms g, accumulates dh += g w in fp32.
+                          accumulates dh += g w.
 
 The gradient of the logits is
     g[n, k] = p_coef[n] * softmax(z)[n, k] - t_coef[n] * ((1 - eps) * [k == y_n] + eps / K)
 with per-row coefficients computed on the host from the upstream gradients (see
 ``fastcyclic.linear_ce``), so reductions, ignore_index, z-loss and gradients flowing into the LSE
-all reach the kernels as two vectors.  Nothing is filtered or approximated.
-
-``dh_mode="atomic"`` makes the dW kernel also add its g @ w contribution to an fp32 dh buffer with
-atomics (one fewer logits recompute, but order-dependent sums); it exists to be measured.
+all reach the kernels as per-row vectors.  Nothing is filtered or approximated.  (An option that
+accumulated dh with atomics from the dW kernel, saving one logits recompute, measured 1.8-3.5x
+slower on an H200 and was removed: bench/results/2026-11-28-h200-run1.)
 
 Under ``TRITON_INTERPRET=1`` (CPU) the kernels upcast to fp32 before ``tl.dot``: the interpreter's
 bf16 dot is silently wrong.  All pointer offsets are int64, so N*D and K*D may exceed 2^31.
@@ -29,6 +29,7 @@ bf16 dot is silently wrong.  All pointer offsets are int64, so N*D and K*D may e
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ import triton.language as tl
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # triton.jit reads the variable when the kernels below are defined, so this is fixed at import
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = math.log2(math.e)
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,48 +49,53 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _load_tile(ptr, idx0, idx1, stride0, stride1, size0, size1, UPCAST: tl.constexpr):
-    """A masked (len(idx0), len(idx1)) tile of a strided 2-D tensor; out-of-range reads give 0."""
+def _load_tile(ptr, idx0, idx1, stride0, stride1, size0, size1,
+               MASK0: tl.constexpr, MASK1: tl.constexpr, UPCAST: tl.constexpr):
+    """A (len(idx0), len(idx1)) tile of a strided 2-D tensor; out-of-range reads give 0.  An axis
+    known to be in range is not masked, so loads along the contiguous axis stay 16 bytes wide."""
     offsets = idx0.to(tl.int64)[:, None] * stride0 + idx1.to(tl.int64)[None, :] * stride1
-    mask = (idx0[:, None] < size0) & (idx1[None, :] < size1)
-    tile = tl.load(ptr + offsets, mask=mask, other=0.0)
+    if MASK0 and MASK1:
+        tile = tl.load(ptr + offsets, mask=(idx0[:, None] < size0) & (idx1[None, :] < size1), other=0.0)
+    elif MASK0:
+        tile = tl.load(ptr + offsets, mask=idx0[:, None] < size0, other=0.0)
+    elif MASK1:
+        tile = tl.load(ptr + offsets, mask=idx1[None, :] < size1, other=0.0)
+    else:
+        tile = tl.load(ptr + offsets)
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, rows, cols, N, K, D, stride_hn, stride_hd, stride_wk, stride_wd,
-                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """z[rows, cols] = h[rows] @ w[cols].T in fp32, looping over D in BLOCK_D chunks."""
-    z = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+def _logits(a_ptr, b_ptr, a_idx, b_idx, A, B, D, stride_a0, stride_a1, stride_b0, stride_b1,
+            EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """a[a_idx] @ b[b_idx].T in fp32, looping over D in BLOCK_D chunks (h and w, either way round)."""
+    acc = tl.zeros((a_idx.shape[0], b_idx.shape[0]), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        h = _load_tile(h_ptr, rows, d, stride_hn, stride_hd, N, D, UPCAST)
-        w_t = _load_tile(w_ptr, d, cols, stride_wd, stride_wk, D, K, UPCAST)
-        z = tl.dot(h, w_t, z, input_precision=PRECISION)
-    return z
+        a = _load_tile(a_ptr, a_idx, d, stride_a0, stride_a1, A, D, True, not EVEN_D, UPCAST)
+        b_t = _load_tile(b_ptr, d, b_idx, stride_b1, stride_b0, D, B, not EVEN_D, True, UPCAST)
+        acc = tl.dot(a, b_t, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
-def _logit_grad(z, lse, p_coef, t_coef, target_pm1, target, cols, keep, uniform):
-    """g = p_coef * softmax(z) - t_coef * ((1 - eps) * onehot + eps / K), rows on axis 0.
+def _logit_grad(z, lse2, p_coef, t_uniform, g_target, onehot):
+    """g = p_coef * softmax(z) - t_uniform off the target, g_target on it (all already broadcast).
 
-    In the target column p_y - 1 cancels when predictions are confident (p_y = 1 - 1e-7 after
-    grokking), so there it is rebuilt from target_pm1 = expm1(z_y - lse), computed accurately from
-    the forward's loss:  g_y = p_coef * target_pm1 + (p_coef - t_coef * (1 - eps + eps / K))."""
-    p = tl.exp2((z - lse[:, None]) * 1.4426950408889634)
-    onehot = cols[None, :] == target[:, None]
-    g_target = p_coef * target_pm1 + (p_coef - t_coef * (keep + uniform))
-    return tl.where(onehot, g_target[:, None], p_coef[:, None] * p - t_coef[:, None] * uniform)
+    lse2 = lse * log2(e), so the softmax is one FMA and one exp2.  g_target is computed on the
+    host without the cancellation of p_y - 1 for confident rows (see fastcyclic.linear_ce)."""
+    p = tl.exp2(z * 1.4426950408889634 - lse2)
+    return tl.where(onehot, g_target, p_coef * p - t_uniform)
 
 
 # --------------------------------------------------------------------------------------------
-# Forward: LSE, target logit, (row sum of logits), (argmax)
+# Forward: max, sum-exp without the max, target logit, (row sum of logits), (argmax)
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["N", "K", "D", "cols_per_split"])
+@triton.jit(do_not_specialize=["N", "K", "cols_per_split"])
 def _forward_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr,
     max_ptr, rest_ptr, target_logit_ptr, logit_sum_ptr, argmax_ptr,
@@ -96,7 +103,7 @@ def _forward_kernel(
     stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_y,
     cols_per_split,
     HAS_BIAS: tl.constexpr, WANT_LOGIT_SUM: tl.constexpr, WANT_ARGMAX: tl.constexpr,
-    H_RESIDENT: tl.constexpr,
+    RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -107,50 +114,59 @@ def _forward_kernel(
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=row_mask, other=-1)
+    target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=row_mask, other=-1).to(tl.int32)
 
-    if H_RESIDENT:  # the whole (BLOCK_N, D) row block is loaded once and reused for every class tile
-        h_rows = _load_tile(h_ptr, rows, tl.arange(0, BLOCK_D), stride_hn, stride_hd, N, D, UPCAST)
+    if RESIDENT:  # the whole (BLOCK_N, D) row block is loaded once and reused for every class tile
+        h_rows = _load_tile(h_ptr, rows, tl.arange(0, BLOCK_D), stride_hn, stride_hd, N, D,
+                            True, not EVEN_D, UPCAST)
 
     running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     rest = tl.zeros((BLOCK_N,), tl.float32)
     target_logit = tl.zeros((BLOCK_N,), tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), tl.float32)
-    argmax = tl.zeros((BLOCK_N,), tl.int64)
+    argmax = tl.zeros((BLOCK_N,), tl.int32)
 
     k_start = split * cols_per_split
     k_end = tl.minimum(K, k_start + cols_per_split)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        if H_RESIDENT:
-            w_t = _load_tile(w_ptr, tl.arange(0, BLOCK_D), cols, stride_wd, stride_wk, D, K, UPCAST)
+        if RESIDENT:
+            w_t = _load_tile(w_ptr, tl.arange(0, BLOCK_D), cols, stride_wd, stride_wk, D, K,
+                             not EVEN_D, True, UPCAST)
             z = tl.dot(h_rows, w_t, input_precision=PRECISION)
         else:
-            z = _logits_tile(h_ptr, w_ptr, rows, cols, N, K, D, stride_hn, stride_hd, stride_wk,
-                             stride_wd, BLOCK_D, UPCAST, PRECISION)
+            z = _logits(h_ptr, w_ptr, rows, cols, N, K, D, stride_hn, stride_hd, stride_wk, stride_wd,
+                        EVEN_D, BLOCK_D, UPCAST, PRECISION)
         if HAS_BIAS:
-            z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(col_mask[None, :], z, float("-inf"))
+            z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        if not EVEN_K:
+            z = tl.where((cols < K)[None, :], z, float("-inf"))
 
         # the tile on its own: max t, and sum of exp(z - t) without one of its maxima
         tile_max = tl.max(z, axis=1)
         is_max = z == tile_max[:, None]
-        e = tl.exp2((z - tile_max[:, None]) * 1.4426950408889634)
+        e = tl.exp2(z * 1.4426950408889634 - (tile_max * 1.4426950408889634)[:, None])
         tile_rest = tl.sum(tl.where(is_max, 0.0, e), axis=1) + (tl.sum(is_max.to(tl.float32), axis=1) - 1.0)
         # merge: a strictly larger tile max takes over (the old max joins the rest); else the whole
         # tile, its max included, joins the rest
         scale = tl.exp2(-tl.abs(running_max - tile_max) * 1.4426950408889634)
-        rest = tl.where(tile_max > running_max, (rest + 1.0) * scale + tile_rest, rest + (tile_rest + 1.0) * scale)
+        takes_over = tile_max > running_max
+        rest = tl.where(takes_over, (rest + 1.0) * scale + tile_rest, rest + (tile_rest + 1.0) * scale)
         if WANT_ARGMAX:  # first index of the maximum, like torch.argmax
-            tile_arg = tl.min(tl.where(is_max, cols[None, :], K), axis=1).to(tl.int64)
-            argmax = tl.where(tile_max > running_max, tile_arg, argmax)
+            argmax = tl.where(takes_over, tl.min(tl.where(is_max, cols[None, :], K), axis=1), argmax)
         running_max = tl.maximum(running_max, tile_max)
         # the target logit comes from the same tile arithmetic as the max, so (max - z_y) is exactly
-        # 0 when the target is predicted
-        target_logit += tl.sum(tl.where((cols[None, :] == target[:, None]) & col_mask[None, :], z, 0.0), axis=1)
+        # 0 when the target is predicted (a target >= K, possible with validate=False, picks -inf
+        # only where EVEN_K is false: masked it would read 0, so mask it)
+        is_target = cols[None, :] == target[:, None]
+        if not EVEN_K:
+            is_target = is_target & (cols < K)[None, :]
+        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         if WANT_LOGIT_SUM:
-            logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+            if EVEN_K:
+                logit_sum += tl.sum(z, axis=1)
+            else:
+                logit_sum += tl.sum(tl.where((cols < K)[None, :], z, 0.0), axis=1)
 
     out = split.to(tl.int64) * N + rows
     tl.store(max_ptr + out, running_max, mask=row_mask)
@@ -159,36 +175,50 @@ def _forward_kernel(
     if WANT_LOGIT_SUM:
         tl.store(logit_sum_ptr + out, logit_sum, mask=row_mask)
     if WANT_ARGMAX:
-        tl.store(argmax_ptr + out, argmax, mask=row_mask)
+        tl.store(argmax_ptr + out, argmax.to(tl.int64), mask=row_mask)
 
 
 # --------------------------------------------------------------------------------------------
-# Backward, dW (and dbias): one program owns BLOCK_K classes x BLOCK_DS columns of dW
+# Backward.  Per-row terms, a (4, N) fp32 tensor: lse * log2(e) (+inf beyond N, so rows past the
+# end get g = 0 exactly and need no mask), p_coef, t_coef * eps / K, and g on the target column.
+# Columns past K need no mask either: their w rows read as 0, so they add nothing to dh, and their
+# dW / dbias rows are not stored.
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["N", "K", "D", "rows_per_split"])
+@triton.jit
+def _row_terms(terms_ptr, rows, N):
+    mask = rows < N
+    lse2 = tl.load(terms_ptr + rows, mask=mask, other=float("inf"))
+    p_coef = tl.load(terms_ptr + N + rows, mask=mask, other=0.0)
+    t_uniform = tl.load(terms_ptr + 2 * N + rows, mask=mask, other=0.0)
+    g_target = tl.load(terms_ptr + 3 * N + rows, mask=mask, other=0.0)
+    return lse2, p_coef, t_uniform, g_target
+
+
+@triton.jit(do_not_specialize=["N", "K", "rows_per_split"])
 def _backward_dw_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, p_coef_ptr, t_coef_ptr, pm1_ptr,
-    dw_ptr, db_ptr, dh_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, terms_ptr,
+    dw_ptr, db_ptr,
     N, K, D,
     stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_y,
-    stride_dw_split, stride_dwk, stride_dwd, stride_db_split, stride_dhn, stride_dhd,
-    rows_per_split, keep, uniform,
-    HAS_BIAS: tl.constexpr, ATOMIC_DH: tl.constexpr, RESIDENT: tl.constexpr,
+    stride_dw_split, stride_dwk, stride_dwd, stride_db_split,
+    rows_per_split,
+    HAS_BIAS: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One program owns dW[cols, dcols] (and dbias[cols]); logits are held transposed (classes on
+    axis 0, rows on axis 1)."""
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     split = tl.program_id(2)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_mask = cols < K
     dcols = pid_d * BLOCK_DS + tl.arange(0, BLOCK_DS)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=col_mask, other=0.0).to(tl.float32)
-    # this program's slice of w: used for the logits when it covers all of D (RESIDENT), and for dh
-    w_slice = _load_tile(w_ptr, cols, dcols, stride_wk, stride_wd, K, D, UPCAST)
+        bias = tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)
+    # this program's slice of w; when it covers all of D (RESIDENT) it also gives the logits
+    w_slice = _load_tile(w_ptr, cols, dcols, stride_wk, stride_wd, K, D, True, not EVEN_DS, UPCAST)
 
     dw = tl.zeros((BLOCK_K, BLOCK_DS), tl.float32)
     db = tl.zeros((BLOCK_K,), tl.float32)
@@ -196,93 +226,75 @@ def _backward_dw_kernel(
     n_end = tl.minimum(N, n_start + rows_per_split)
     for n0 in range(n_start, n_end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        h_slice = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, UPCAST)
+        h_slice = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, UPCAST)
         if RESIDENT:
-            z = tl.dot(h_slice, tl.trans(w_slice), input_precision=PRECISION)
+            z_t = tl.dot(w_slice, tl.trans(h_slice), input_precision=PRECISION)
         else:
-            z = _logits_tile(h_ptr, w_ptr, rows, cols, N, K, D, stride_hn, stride_hd, stride_wk,
-                             stride_wd, BLOCK_D, UPCAST, PRECISION)
+            z_t = _logits(w_ptr, h_ptr, cols, rows, K, N, D, stride_wk, stride_wd, stride_hn, stride_hd,
+                          EVEN_D, BLOCK_D, UPCAST, PRECISION)
         if HAS_BIAS:
-            z += bias[None, :]
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        p_coef = tl.load(p_coef_ptr + rows, mask=row_mask, other=0.0)
-        t_coef = tl.load(t_coef_ptr + rows, mask=row_mask, other=0.0)
-        target_pm1 = tl.load(pm1_ptr + rows, mask=row_mask, other=0.0)
-        target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=row_mask, other=-1)
-        g = _logit_grad(z, lse, p_coef, t_coef, target_pm1, target, cols, keep, uniform)
-        g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
-
-        g_in = g.to(h_slice.dtype)  # bf16/fp16 operands for the tensor cores, fp32 accumulation
-        dw = tl.dot(tl.trans(g_in), h_slice, dw, input_precision=PRECISION)
+            z_t += bias[:, None]
+        lse2, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
+        target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=rows < N, other=-1).to(tl.int32)
+        g_t = _logit_grad(z_t, lse2[None, :], p_coef[None, :], t_uniform[None, :], g_target[None, :],
+                          cols[:, None] == target[None, :])
+        # bf16/fp16 operands for the tensor cores, fp32 accumulation
+        dw = tl.dot(g_t.to(h_slice.dtype), h_slice, dw, input_precision=PRECISION)
         if HAS_BIAS:
-            db += tl.sum(g, axis=0)
-        if ATOMIC_DH:
-            dh = tl.dot(g_in, w_slice, input_precision=PRECISION)
-            dh_offsets = rows.to(tl.int64)[:, None] * stride_dhn + dcols.to(tl.int64)[None, :] * stride_dhd
-            tl.atomic_add(dh_ptr + dh_offsets, dh, mask=row_mask[:, None] & (dcols[None, :] < D))
+            db += tl.sum(g_t, axis=1)
 
     out = dw_ptr + split.to(tl.int64) * stride_dw_split \
         + cols.to(tl.int64)[:, None] * stride_dwk + dcols.to(tl.int64)[None, :] * stride_dwd
-    tl.store(out, dw.to(dw_ptr.dtype.element_ty), mask=col_mask[:, None] & (dcols[None, :] < D))
+    tl.store(out, dw.to(dw_ptr.dtype.element_ty), mask=(cols < K)[:, None] & (dcols < D)[None, :])
     if HAS_BIAS:
         if pid_d == 0:
             tl.store(db_ptr + split.to(tl.int64) * stride_db_split + cols, db.to(db_ptr.dtype.element_ty),
-                     mask=col_mask)
+                     mask=cols < K)
 
 
-# --------------------------------------------------------------------------------------------
-# Backward, dh: one program owns BLOCK_N rows x BLOCK_DS columns of dh
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit(do_not_specialize=["N", "K", "D", "cols_per_split"])
+@triton.jit(do_not_specialize=["N", "K", "cols_per_split"])
 def _backward_dh_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, p_coef_ptr, t_coef_ptr, pm1_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, terms_ptr,
     dh_ptr,
     N, K, D,
     stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_y,
     stride_dh_split, stride_dhn, stride_dhd,
-    cols_per_split, keep, uniform,
-    HAS_BIAS: tl.constexpr, RESIDENT: tl.constexpr,
+    cols_per_split,
+    HAS_BIAS: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One program owns dh[rows, dcols]."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     split = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
     dcols = pid_d * BLOCK_DS + tl.arange(0, BLOCK_DS)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    p_coef = tl.load(p_coef_ptr + rows, mask=row_mask, other=0.0)
-    t_coef = tl.load(t_coef_ptr + rows, mask=row_mask, other=0.0)
-    target_pm1 = tl.load(pm1_ptr + rows, mask=row_mask, other=0.0)
-    target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=row_mask, other=-1)
+    lse2, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
+    target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=rows < N, other=-1).to(tl.int32)
     if RESIDENT:
-        h_rows = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, UPCAST)
+        h_rows = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, UPCAST)
 
     dh = tl.zeros((BLOCK_N, BLOCK_DS), tl.float32)
     k_start = split * cols_per_split
     k_end = tl.minimum(K, k_start + cols_per_split)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        w_slice = _load_tile(w_ptr, cols, dcols, stride_wk, stride_wd, K, D, UPCAST)
+        w_slice = _load_tile(w_ptr, cols, dcols, stride_wk, stride_wd, K, D, True, not EVEN_DS, UPCAST)
         if RESIDENT:
             z = tl.dot(h_rows, tl.trans(w_slice), input_precision=PRECISION)
         else:
-            z = _logits_tile(h_ptr, w_ptr, rows, cols, N, K, D, stride_hn, stride_hd, stride_wk,
-                             stride_wd, BLOCK_D, UPCAST, PRECISION)
+            z = _logits(h_ptr, w_ptr, rows, cols, N, K, D, stride_hn, stride_hd, stride_wk, stride_wd,
+                        EVEN_D, BLOCK_D, UPCAST, PRECISION)
         if HAS_BIAS:
-            z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        g = _logit_grad(z, lse, p_coef, t_coef, target_pm1, target, cols, keep, uniform)
-        g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+            z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        g = _logit_grad(z, lse2[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
+                        cols[None, :] == target[:, None])
         dh = tl.dot(g.to(w_slice.dtype), w_slice, dh, input_precision=PRECISION)
 
     out = dh_ptr + split.to(tl.int64) * stride_dh_split \
         + rows.to(tl.int64)[:, None] * stride_dhn + dcols.to(tl.int64)[None, :] * stride_dhd
-    tl.store(out, dh.to(dh_ptr.dtype.element_ty), mask=row_mask[:, None] & (dcols[None, :] < D))
+    tl.store(out, dh.to(dh_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (dcols < D)[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,10 +306,11 @@ def _backward_dh_kernel(
 class TileConfig:
     """Tiles of one kernel.  ``block_owner`` is the block of the axis the program owns (rows for the
     forward and dh kernels, classes for dW), ``block_loop`` the block of the axis it loops over.
-    ``block_d`` is the D chunk of the logits dot; ``block_ds`` the slice of D one program
-    accumulates (dW, dh).  When ``block_ds >= D`` the operand slice loaded for the gradient is reused
-    for the logits ("resident"); otherwise the logits loop over D and each D slice recomputes them.
-    ``splits`` divides the loop axis across programs (None: enough programs to fill the GPU)."""
+    ``block_d`` is the D chunk of the logits dot; ``block_ds`` the slice of D one backward program
+    accumulates.  An operand covering all of D (forward: ``block_d >= D``; backward:
+    ``block_ds >= D``) is "resident": loaded once per program, or reused for the logits; otherwise
+    the logits loop over D, once per D slice.  ``splits`` divides the loop axis across programs
+    (None: enough programs to fill the GPU)."""
 
     block_owner: int
     block_loop: int
@@ -313,7 +326,6 @@ class LCEConfig:
     forward: TileConfig
     backward_dw: TileConfig
     backward_dh: TileConfig
-    dh_mode: str = "kernel"  # "kernel" (deterministic) or "atomic" (dh accumulated by the dW kernel)
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -323,32 +335,22 @@ def _pow2(x: int, lo: int = 16) -> int:
 def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device) -> LCEConfig:
     """Tiles for a problem.  Under the interpreter every (program x loop step) costs ~5 ms, so the
     tiles are as large as numpy handles comfortably; on GPU they are the measured winners
-    (bench/results/), with the whole of D resident up to 256."""
+    (bench/results/), with all of D resident up to 256."""
+    dp = _pow2(d)
     if device.type != "cuda":
-        bd = min(_pow2(d), 128)
-        ds = _pow2(d) if d <= 128 else 128
+        bd = min(dp, 128)
+        ds = dp if d <= 128 else 128
+        return LCEConfig(TileConfig(64, 256, bd, bd), TileConfig(128, 64, bd, ds), TileConfig(64, 256, bd, ds))
+    if dp <= 256:
         return LCEConfig(
-            forward=TileConfig(64, 256, bd, bd),
-            backward_dw=TileConfig(128, 64, bd, ds),
-            backward_dh=TileConfig(64, 256, bd, ds),
-        )
-    small = dtype != torch.float32
-    if d <= 128:
-        return LCEConfig(
-            forward=TileConfig(128, 128, _pow2(d), _pow2(d), num_warps=8, num_stages=3),
-            backward_dw=TileConfig(128, 64, _pow2(d), _pow2(d), num_warps=8, num_stages=2),
-            backward_dh=TileConfig(128, 64, _pow2(d), _pow2(d), num_warps=8, num_stages=2),
-        )
-    if d <= 256 and small:
-        return LCEConfig(
-            forward=TileConfig(128, 128, 256, 256, num_warps=8, num_stages=2),
-            backward_dw=TileConfig(64, 64, 256, 256, num_warps=8, num_stages=2),
-            backward_dh=TileConfig(64, 64, 256, 256, num_warps=8, num_stages=2),
+            forward=TileConfig(128, 128, dp, dp, num_warps=8, num_stages=2 if dp > 128 else 3),
+            backward_dw=TileConfig(128, 64, dp, dp, num_warps=8, num_stages=2),
+            backward_dh=TileConfig(128, 64, dp, dp, num_warps=8, num_stages=2),
         )
     return LCEConfig(
         forward=TileConfig(128, 128, 64, 64, num_warps=8, num_stages=3),
-        backward_dw=TileConfig(128, 64, 64, 128, num_warps=8, num_stages=2),
-        backward_dh=TileConfig(128, 64, 64, 128, num_warps=8, num_stages=2),
+        backward_dw=TileConfig(64, 32, 64, 512 if dp == 512 else 256, num_warps=8, num_stages=2),
+        backward_dh=TileConfig(64, 32, 64, 512 if dp == 512 else 256, num_warps=8, num_stages=2),
     )
 
 
@@ -384,6 +386,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _common(h, d, tc, resident_width):
+    return dict(UPCAST=INTERPRETER, PRECISION=_precision(h.dtype), EVEN_D=d % tc.block_d == 0,
+                RESIDENT=d <= resident_width, num_warps=tc.num_warps, num_stages=tc.num_stages)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -397,7 +404,6 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False, conf
     k = w.shape[0]
     config = config or default_config(n, d, k, h.dtype, h.device)
     tc = config.forward
-    resident = d <= tc.block_d
     splits, cols_per_split = _split(triton.cdiv(n, tc.block_owner), k, tc.block_loop, tc.splits, h.device,
                                     partial_bytes=5 * 4 * n)
     f32 = dict(dtype=torch.float32, device=h.device)
@@ -416,10 +422,9 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False, conf
             b.stride(0) if bias is not None else 0, target.stride(0),
             cols_per_split,
             HAS_BIAS=bias is not None, WANT_LOGIT_SUM=want_logit_sum, WANT_ARGMAX=want_argmax,
-            H_RESIDENT=resident,
+            EVEN_K=k % tc.block_loop == 0,
             BLOCK_N=tc.block_owner, BLOCK_K=tc.block_loop, BLOCK_D=tc.block_d,
-            UPCAST=INTERPRETER, PRECISION=_precision(h.dtype),
-            num_warps=tc.num_warps, num_stages=tc.num_stages,
+            **_common(h, d, tc, tc.block_d),
         )
     top, rest = merge_splits(running_max, rest)
     best_split = running_max.argmax(dim=0, keepdim=True)  # first split holding the max
@@ -442,52 +447,46 @@ def merge_splits(split_max, split_rest):
 
 
 def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothing, *, config=None,
-             deterministic=False, need_dh=True, need_dw=True):
+             need_dh=True, need_dw=True, **_unused):
     """Gradients (dh, dw, dbias) for the logit gradient described in the module docstring.
-    lse, p_coef, t_coef and target_pm1 (= expm1(z_y - lse)) are contiguous fp32 (N,) vectors;
-    gradients not asked for are returned as None."""
+    lse, p_coef, t_coef and target_pm1 (= expm1(z_y - lse)) are fp32 (N,) vectors; gradients not
+    asked for are returned as None."""
     n, d = h.shape
     k = w.shape[0]
     config = config or default_config(n, d, k, h.dtype, h.device)
-    atomic_dh = need_dh and config.dh_mode == "atomic" and not deterministic
-    keep, uniform = 1.0 - label_smoothing, label_smoothing / k
-    common = dict(UPCAST=INTERPRETER, PRECISION=_precision(h.dtype))
+    uniform = label_smoothing / k
+    # g on the target column without cancellation: p_coef * (p_y - 1) + (p_coef - t_coef * (1 - eps + eps/K))
+    terms = torch.stack([lse * LOG2E, p_coef, t_coef * uniform,
+                         p_coef * target_pm1 + (p_coef - t_coef * (1.0 - label_smoothing + uniform))]).float()
     b = bias if bias is not None else h
-    stride_b = b.stride(0) if bias is not None else 0
+    args = (h, w, b, target, terms)
+    strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0) if bias is not None else 0,
+               target.stride(0))
     dh = dw = db = None
 
-    if need_dw or atomic_dh or (bias is not None):
+    if need_dw or bias is not None:
         tc = config.backward_dw
-        resident = d <= tc.block_ds
-        k_blocks = triton.cdiv(k, tc.block_owner)
-        d_blocks = triton.cdiv(d, tc.block_ds)
+        k_blocks, d_blocks = triton.cdiv(k, tc.block_owner), triton.cdiv(d, tc.block_ds)
         # split over rows only when the class blocks alone cannot fill the GPU; partials are fp32
         splits, rows_per_split = _split(k_blocks * d_blocks, n, tc.block_loop, tc.splits, h.device,
                                         partial_bytes=4 * k * (d + 1))
-        if atomic_dh:
-            splits, rows_per_split = 1, max(n, 1)
         dw_out = torch.empty(k, d, dtype=w.dtype, device=w.device) if splits == 1 else \
             torch.empty(splits, k, d, dtype=torch.float32, device=w.device)
         db_out = None
         if bias is not None:
             db_out = torch.empty(k, dtype=bias.dtype, device=w.device) if splits == 1 else \
                 torch.empty(splits, k, dtype=torch.float32, device=w.device)
-        dh_acc = torch.zeros(n, d, dtype=torch.float32, device=h.device) if atomic_dh else None
         dw3 = dw_out if splits > 1 else dw_out.unsqueeze(0)
-        dh_dummy = dh_acc if atomic_dh else dw3[0]
         if n > 0:
             _backward_dw_kernel[(k_blocks, d_blocks, splits)](
-                h, w, b, target, lse, p_coef, t_coef, target_pm1,
-                dw3, db_out if db_out is not None else dw3, dh_dummy,
-                n, k, d,
-                h.stride(0), h.stride(1), w.stride(0), w.stride(1), stride_b, target.stride(0),
+                *args, dw3, db_out if db_out is not None else dw3,
+                n, k, d, *strides,
                 dw3.stride(0), dw3.stride(1), dw3.stride(2),
                 db_out.stride(0) if (db_out is not None and splits > 1) else 0,
-                dh_dummy.stride(0), dh_dummy.stride(1),
-                rows_per_split, keep, uniform,
-                HAS_BIAS=bias is not None, ATOMIC_DH=atomic_dh, RESIDENT=resident,
+                rows_per_split,
+                HAS_BIAS=bias is not None, EVEN_DS=d % tc.block_ds == 0,
                 BLOCK_K=tc.block_owner, BLOCK_N=tc.block_loop, BLOCK_D=tc.block_d, BLOCK_DS=tc.block_ds,
-                num_warps=tc.num_warps, num_stages=tc.num_stages, **common,
+                **_common(h, d, tc, tc.block_ds),
             )
         else:
             dw3.zero_()
@@ -496,14 +495,10 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothin
         dw = dw_out if splits == 1 else dw_out.sum(dim=0).to(w.dtype)
         if bias is not None:
             db = db_out if splits == 1 else db_out.sum(dim=0).to(bias.dtype)
-        if atomic_dh:
-            dh = dh_acc.to(h.dtype)
 
-    if need_dh and not atomic_dh:
+    if need_dh:
         tc = config.backward_dh
-        resident = d <= tc.block_ds
-        n_blocks = triton.cdiv(n, tc.block_owner)
-        d_blocks = triton.cdiv(d, tc.block_ds)
+        n_blocks, d_blocks = triton.cdiv(n, tc.block_owner), triton.cdiv(d, tc.block_ds)
         splits, cols_per_split = _split(n_blocks * d_blocks, k, tc.block_loop, tc.splits, h.device,
                                         partial_bytes=4 * n * d)
         dh_out = torch.empty(n, d, dtype=h.dtype, device=h.device) if splits == 1 else \
@@ -511,15 +506,13 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothin
         dh3 = dh_out if splits > 1 else dh_out.unsqueeze(0)
         if n > 0:
             _backward_dh_kernel[(n_blocks, d_blocks, splits)](
-                h, w, b, target, lse, p_coef, t_coef, target_pm1,
-                dh3,
-                n, k, d,
-                h.stride(0), h.stride(1), w.stride(0), w.stride(1), stride_b, target.stride(0),
+                *args, dh3,
+                n, k, d, *strides,
                 dh3.stride(0), dh3.stride(1), dh3.stride(2),
-                cols_per_split, keep, uniform,
-                HAS_BIAS=bias is not None, RESIDENT=resident,
+                cols_per_split,
+                HAS_BIAS=bias is not None, EVEN_DS=d % tc.block_ds == 0,
                 BLOCK_N=tc.block_owner, BLOCK_K=tc.block_loop, BLOCK_D=tc.block_d, BLOCK_DS=tc.block_ds,
-                num_warps=tc.num_warps, num_stages=tc.num_stages, **common,
+                **_common(h, d, tc, tc.block_ds),
             )
         dh = dh_out if splits == 1 else dh_out.sum(dim=0).to(h.dtype)
 
@@ -530,9 +523,8 @@ def with_splits(config: LCEConfig, splits: int | None) -> LCEConfig:
     """The same tiles with a fixed number of splits in every kernel (tests use it to reach the
     partial-merge paths on CPU, where the default is one split)."""
     return LCEConfig(*(dataclasses.replace(t, splits=splits)
-                       for t in (config.forward, config.backward_dw, config.backward_dh)),
-                     dh_mode=config.dh_mode)
+                       for t in (config.forward, config.backward_dw, config.backward_dh)))
 
 
-__all__ = ["LCEConfig", "TileConfig", "default_config", "forward", "backward", "with_splits",
+__all__ = ["LCEConfig", "TileConfig", "default_config", "forward", "backward", "merge_splits", "with_splits",
            "SUPPORTED_DTYPES", "INTERPRETER"]

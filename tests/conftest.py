@@ -34,3 +34,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if exitstatus != 0:
+        terminalreporter.write_line(f"fastcyclic: test seed {SEED}; repeat with FASTCYCLIC_TEST_SEED={SEED}")

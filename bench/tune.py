@@ -1,0 +1,76 @@
+"""Tile tuning for the fused linear cross-entropy (``fastcyclic bench ce --tune``, CUDA only).
+
+Each of the three kernels (forward, dW, dh) is timed on its own over its candidate tiles, on the
+problem's real shapes; the fastest of each make the tuned configuration.  The winners measured on
+an H200 are what ``kernels.linear_ce.default_config`` returns (bench/results/ has the runs).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fastcyclic.kernels import linear_ce as kernels
+from fastcyclic.kernels.linear_ce import LCEConfig, TileConfig
+
+KERNELS = ("forward", "backward_dw", "backward_dh")
+
+
+def candidates(d: int) -> dict[str, list[TileConfig]]:
+    """(block_owner, block_loop, num_warps, num_stages) grids; all of D resident up to 256, and for
+    larger D both a resident D (one logits recompute, big accumulators) and 256-wide slices."""
+    dp = max(16, 1 << (d - 1).bit_length())
+    if dp <= 256:
+        fwd = [TileConfig(o, lp, dp, dp, num_warps=wp, num_stages=st) for o, lp, wp, st in (
+            (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
+            (256, 64, 8, 2), (64, 256, 8, 2), (128, 128, 4, 2))]
+        bwd = [TileConfig(o, lp, dp, dp, num_warps=wp, num_stages=st) for o, lp, wp, st in (
+            (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+            (64, 32, 4, 3), (128, 64, 4, 2), (64, 64, 8, 2))]
+    else:
+        fwd = [TileConfig(o, lp, bd, bd, num_warps=wp, num_stages=st) for o, lp, bd, wp, st in (
+            (128, 128, 64, 8, 3), (128, 128, 128, 8, 2), (128, 64, 128, 8, 3), (64, 128, 64, 4, 3),
+            (64, 64, dp, 8, 2), (64, 128, dp, 8, 2))]
+        bwd = [TileConfig(o, lp, 64, ds, num_warps=wp, num_stages=st) for o, lp, ds, wp, st in (
+            (64, 32, dp, 8, 2), (64, 64, dp, 8, 2), (64, 32, dp, 4, 2), (128, 64, 256, 8, 2),
+            (128, 32, 256, 8, 3), (64, 64, 256, 4, 3))]
+    return {"forward": fwd, "backward_dw": bwd, "backward_dh": bwd}
+
+
+def tune_shape(h, w, y, *, rep_ms: float = 60.0, log=print) -> tuple[LCEConfig, dict]:
+    """Time every candidate of every kernel on (h, w, y); returns the tuned config and the timings."""
+    import triton.testing
+
+    n, d = h.shape
+    k = w.shape[0]
+    base = kernels.default_config(n, d, k, h.dtype, h.device)
+    row_max, rest, target_logit, _, _ = kernels.forward(h, w, None, y)
+    lse = row_max + torch.log1p(rest)
+    p_coef = torch.full_like(lse, 1.0 / n)
+    pm1 = torch.expm1(-((row_max - target_logit) + torch.log1p(rest)))
+
+    def launch(kernel: str, tile: TileConfig):
+        config = dataclasses.replace(base, **{kernel: tile})
+        if kernel == "forward":
+            return lambda: kernels.forward(h, w, None, y, config=config)
+        need_dh = kernel == "backward_dh"
+        return lambda: kernels.backward(h, w, None, y, lse, p_coef, p_coef, pm1, 0.0, config=config,
+                                        need_dh=need_dh, need_dw=not need_dh)
+
+    timings, best = {}, {}
+    for kernel, tiles in candidates(d).items():
+        timings[kernel] = []
+        for tile in tiles:
+            entry = {"tile": dataclasses.asdict(tile)}
+            try:
+                fn = launch(kernel, tile)
+                fn()
+                entry["ms"] = triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+            except Exception as exc:  # e.g. a tile that needs more shared memory than the GPU has
+                entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            timings[kernel].append(entry)
+            log(f"  {n}x{d}x{k} {kernel:<12} {tile.block_owner:>4} {tile.block_loop:>4} d{tile.block_d}/{tile.block_ds} "
+                f"w{tile.num_warps} s{tile.num_stages}: " + (f"{entry['ms']:.3f} ms" if "ms" in entry else entry["error"]))
+        ok = [e for e in timings[kernel] if "ms" in e]
+        best[kernel] = TileConfig(**min(ok, key=lambda e: e["ms"])["tile"]) if ok else getattr(base, kernel)
+    return LCEConfig(**best), timings
