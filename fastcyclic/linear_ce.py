@@ -138,11 +138,13 @@ def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     row_max, rest, target_logit, logit_sum, argmax = _impl(backend).forward(
         h, weight, bias, target, want_logit_sum=label_smoothing > 0, want_argmax=want_argmax,
         **_backend_kwargs(backend))
-    log_sumexp = torch.log1p(rest)
-    lse = row_max + log_sumexp
-    # -log p_y: (max - z_y) is exactly 0 when the target is predicted, and log1p(rest) keeps the
-    # ~1e-7 loss of a confident row accurate (lse - z_y would cancel to ulp(lse) ~ 2e-6)
-    nll = (row_max - target_logit) + log_sumexp
+    # rest sums exp(z - max) over all classes but the target: -log p_y = (max - z_y) + log1p(rest +
+    # expm1(z_y - max)) keeps the ~1e-7 loss of a confident row accurate (there z_y == max exactly,
+    # while lse - z_y would cancel to ulp(lse) ~ 2e-6)
+    has_target = (target >= 0) & (target < num_classes)
+    shift = torch.where(has_target, target_logit - row_max, float("-inf"))
+    nll = (row_max - target_logit) + torch.log1p(rest + torch.expm1(shift))
+    lse = row_max + torch.log(rest + torch.exp(shift))
     loss = nll
     if label_smoothing > 0:
         loss = loss + label_smoothing * (target_logit - logit_sum / num_classes)

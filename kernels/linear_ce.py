@@ -29,7 +29,6 @@ bf16 dot is silently wrong.  All pointer offsets are int64, so N*D and K*D may e
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 
@@ -40,7 +39,6 @@ import triton.language as tl
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # triton.jit reads the variable when the kernels below are defined, so this is fixed at import
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = math.log2(math.e)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,12 +79,13 @@ def _logits(a_ptr, b_ptr, a_idx, b_idx, A, B, D, stride_a0, stride_a1, stride_b0
 
 
 @triton.jit
-def _logit_grad(z, lse2, p_coef, t_uniform, g_target, onehot):
+def _logit_grad(z, lse, p_coef, t_uniform, g_target, onehot):
     """g = p_coef * softmax(z) - t_uniform off the target, g_target on it (all already broadcast).
 
-    lse2 = lse * log2(e), so the softmax is one FMA and one exp2.  g_target is computed on the
-    host without the cancellation of p_y - 1 for confident rows (see fastcyclic.linear_ce)."""
-    p = tl.exp2(z * 1.4426950408889634 - lse2)
+    (z - lse) is formed before scaling by log2(e): pre-scaling lse would round it to ulp(lse), 1e-3
+    at |z| ~ 1e4.  g_target is computed on the host without the cancellation of p_y - 1 for
+    confident rows (see fastcyclic.linear_ce)."""
+    p = tl.exp2((z - lse) * 1.4426950408889634)
     return tl.where(onehot, g_target, p_coef * p - t_uniform)
 
 
@@ -107,9 +106,10 @@ def _forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Per row: the max logit m and rest = sum of exp(z - m) over every class but one maximal one,
-    so lse = m + log1p(rest).  Keeping the leading 1 out of the sum keeps log1p(rest) -- the loss of
-    a confident row, ~1e-7 after grokking -- accurate to fp32 relative precision."""
+    """Per row: the max logit m, the target logit z_y and rest = sum of exp(z - m) over every class
+    but the target, so lse = m + log(rest + exp(z_y - m)).  Keeping the target out of the sum keeps
+    -log p_y = (m - z_y) + log1p(rest + expm1(z_y - m)) -- the loss of a confident row, ~1e-7 after
+    grokking, where z_y = m -- accurate to fp32 relative precision instead of to ulp(1)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -139,34 +139,28 @@ def _forward_kernel(
                         EVEN_D, BLOCK_D, UPCAST, PRECISION)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        if not EVEN_K:
-            z = tl.where((cols < K)[None, :], z, float("-inf"))
-
-        # the tile on its own: max t, and sum of exp(z - t) without one of its maxima
-        tile_max = tl.max(z, axis=1)
-        is_max = z == tile_max[:, None]
-        e = tl.exp2(z * 1.4426950408889634 - (tile_max * 1.4426950408889634)[:, None])
-        tile_rest = tl.sum(tl.where(is_max, 0.0, e), axis=1) + (tl.sum(is_max.to(tl.float32), axis=1) - 1.0)
-        # merge: a strictly larger tile max takes over (the old max joins the rest); else the whole
-        # tile, its max included, joins the rest
-        scale = tl.exp2(-tl.abs(running_max - tile_max) * 1.4426950408889634)
-        takes_over = tile_max > running_max
-        rest = tl.where(takes_over, (rest + 1.0) * scale + tile_rest, rest + (tile_rest + 1.0) * scale)
-        if WANT_ARGMAX:  # first index of the maximum, like torch.argmax
-            argmax = tl.where(takes_over, tl.min(tl.where(is_max, cols[None, :], K), axis=1), argmax)
-        running_max = tl.maximum(running_max, tile_max)
-        # the target logit comes from the same tile arithmetic as the max, so (max - z_y) is exactly
-        # 0 when the target is predicted (a target >= K, possible with validate=False, picks -inf
-        # only where EVEN_K is false: masked it would read 0, so mask it)
+        # a target >= K (possible with validate=False) must not pick a padding column
         is_target = cols[None, :] == target[:, None]
         if not EVEN_K:
+            z = tl.where((cols < K)[None, :], z, float("-inf"))
             is_target = is_target & (cols < K)[None, :]
+
+        tile_max = tl.max(z, axis=1)
+        new_max = tl.maximum(running_max, tile_max)
+        e = tl.exp2((z - new_max[:, None]) * 1.4426950408889634)
+        rest = rest * tl.exp2((running_max - new_max) * 1.4426950408889634) \
+            + tl.sum(tl.where(is_target, 0.0, e), axis=1)
+        # from the same tile arithmetic as the max: m - z_y is exactly 0 when the target is predicted
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        if WANT_ARGMAX:  # first index of the maximum, like torch.argmax
+            tile_arg = tl.min(tl.where(z == tile_max[:, None], cols[None, :], K), axis=1)
+            argmax = tl.where(tile_max > running_max, tile_arg, argmax)
         if WANT_LOGIT_SUM:
             if EVEN_K:
                 logit_sum += tl.sum(z, axis=1)
             else:
                 logit_sum += tl.sum(tl.where((cols < K)[None, :], z, 0.0), axis=1)
+        running_max = new_max
 
     out = split.to(tl.int64) * N + rows
     tl.store(max_ptr + out, running_max, mask=row_mask)
@@ -179,8 +173,8 @@ def _forward_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward.  Per-row terms, a (4, N) fp32 tensor: lse * log2(e) (+inf beyond N, so rows past the
-# end get g = 0 exactly and need no mask), p_coef, t_coef * eps / K, and g on the target column.
+# Backward.  Per-row terms, a (4, N) fp32 tensor: lse (+inf beyond N, so rows past the end get
+# g = 0 exactly and need no mask), p_coef, t_coef * eps / K, and g on the target column.
 # Columns past K need no mask either: their w rows read as 0, so they add nothing to dh, and their
 # dW / dbias rows are not stored.
 # --------------------------------------------------------------------------------------------
@@ -189,11 +183,11 @@ def _forward_kernel(
 @triton.jit
 def _row_terms(terms_ptr, rows, N):
     mask = rows < N
-    lse2 = tl.load(terms_ptr + rows, mask=mask, other=float("inf"))
+    lse = tl.load(terms_ptr + rows, mask=mask, other=float("inf"))
     p_coef = tl.load(terms_ptr + N + rows, mask=mask, other=0.0)
     t_uniform = tl.load(terms_ptr + 2 * N + rows, mask=mask, other=0.0)
     g_target = tl.load(terms_ptr + 3 * N + rows, mask=mask, other=0.0)
-    return lse2, p_coef, t_uniform, g_target
+    return lse, p_coef, t_uniform, g_target
 
 
 @triton.jit(do_not_specialize=["N", "K", "rows_per_split"])
@@ -217,8 +211,8 @@ def _backward_dw_kernel(
     dcols = pid_d * BLOCK_DS + tl.arange(0, BLOCK_DS)
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)
-    # this program's slice of w; when it covers all of D (RESIDENT) it also gives the logits
-    w_slice = _load_tile(w_ptr, cols, dcols, stride_wk, stride_wd, K, D, True, not EVEN_DS, UPCAST)
+    if RESIDENT:  # this program's w rows cover all of D: load them once, for every logits tile
+        w_rows = _load_tile(w_ptr, cols, dcols, stride_wk, stride_wd, K, D, True, not EVEN_DS, UPCAST)
 
     dw = tl.zeros((BLOCK_K, BLOCK_DS), tl.float32)
     db = tl.zeros((BLOCK_K,), tl.float32)
@@ -228,15 +222,15 @@ def _backward_dw_kernel(
         rows = n0 + tl.arange(0, BLOCK_N)
         h_slice = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, UPCAST)
         if RESIDENT:
-            z_t = tl.dot(w_slice, tl.trans(h_slice), input_precision=PRECISION)
+            z_t = tl.dot(w_rows, tl.trans(h_slice), input_precision=PRECISION)
         else:
             z_t = _logits(w_ptr, h_ptr, cols, rows, K, N, D, stride_wk, stride_wd, stride_hn, stride_hd,
                           EVEN_D, BLOCK_D, UPCAST, PRECISION)
         if HAS_BIAS:
             z_t += bias[:, None]
-        lse2, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
+        lse, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
         target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=rows < N, other=-1).to(tl.int32)
-        g_t = _logit_grad(z_t, lse2[None, :], p_coef[None, :], t_uniform[None, :], g_target[None, :],
+        g_t = _logit_grad(z_t, lse[None, :], p_coef[None, :], t_uniform[None, :], g_target[None, :],
                           cols[:, None] == target[None, :])
         # bf16/fp16 operands for the tensor cores, fp32 accumulation
         dw = tl.dot(g_t.to(h_slice.dtype), h_slice, dw, input_precision=PRECISION)
@@ -270,7 +264,7 @@ def _backward_dh_kernel(
     split = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dcols = pid_d * BLOCK_DS + tl.arange(0, BLOCK_DS)
-    lse2, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
+    lse, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
     target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=rows < N, other=-1).to(tl.int32)
     if RESIDENT:
         h_rows = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, UPCAST)
@@ -288,7 +282,7 @@ def _backward_dh_kernel(
                         EVEN_D, BLOCK_D, UPCAST, PRECISION)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        g = _logit_grad(z, lse2[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
+        g = _logit_grad(z, lse[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
                         cols[None, :] == target[:, None])
         dh = tl.dot(g.to(w_slice.dtype), w_slice, dh, input_precision=PRECISION)
 
@@ -334,23 +328,28 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device) -> LCEConfig:
     """Tiles for a problem.  Under the interpreter every (program x loop step) costs ~5 ms, so the
-    tiles are as large as numpy handles comfortably; on GPU they are the measured winners
-    (bench/results/), with all of D resident up to 256."""
+    tiles are as large as numpy handles comfortably.  On GPU they are the winners of
+    ``fastcyclic bench ce --tune`` on an H200 (bench/results/2026-11-28-h200), chosen by the bytes
+    of one row of h (fp32 at D = 128 takes the tiles of bf16 at D = 256, and so on)."""
     dp = _pow2(d)
     if device.type != "cuda":
         bd = min(dp, 128)
         ds = dp if d <= 128 else 128
         return LCEConfig(TileConfig(64, 256, bd, bd), TileConfig(128, 64, bd, ds), TileConfig(64, 256, bd, ds))
-    if dp <= 256:
+    row_bytes = dp * torch.tensor([], dtype=dtype).element_size()
+    if row_bytes <= 512:  # all of D resident in every kernel (measured at D = 128 and 256, bf16)
         return LCEConfig(
-            forward=TileConfig(128, 128, dp, dp, num_warps=8, num_stages=2 if dp > 128 else 3),
-            backward_dw=TileConfig(128, 64, dp, dp, num_warps=8, num_stages=2),
-            backward_dh=TileConfig(128, 64, dp, dp, num_warps=8, num_stages=2),
+            forward=TileConfig(128, 128, dp, dp, num_warps=4, num_stages=2),
+            backward_dw=TileConfig(64, 128, dp, dp, num_warps=4, num_stages=2),
+            backward_dh=TileConfig(128, 32, dp, dp, num_warps=8, num_stages=3),
         )
+    # wider rows: the forward loops over D in 64-wide chunks; each backward program accumulates up
+    # to 1 KiB of a row (D = 512 in bf16: one logits recompute; measured at D = 512, bf16)
+    slice_width = min(dp, 1024 // (row_bytes // dp))
     return LCEConfig(
-        forward=TileConfig(128, 128, 64, 64, num_warps=8, num_stages=3),
-        backward_dw=TileConfig(64, 32, 64, 512 if dp == 512 else 256, num_warps=8, num_stages=2),
-        backward_dh=TileConfig(64, 32, 64, 512 if dp == 512 else 256, num_warps=8, num_stages=2),
+        forward=TileConfig(64, 128, 64, 64, num_warps=4, num_stages=3),
+        backward_dw=TileConfig(64, 64, 64, slice_width, num_warps=8, num_stages=2),
+        backward_dh=TileConfig(64, 64, 64, slice_width, num_warps=8, num_stages=2),
     )
 
 
@@ -397,9 +396,8 @@ def _common(h, d, tc, resident_width):
 
 
 def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False, config=None):
-    """Per row: (max logit M, rest, target logit, sum of logits or None, argmax or None) as fp32 /
-    int64 vectors of length N, where rest = sum of exp(z - M) over all classes but one maximal one:
-    lse = M + log1p(rest)."""
+    """Per row: (max logit M, rest, target logit z_y, sum of logits or None, argmax or None) as fp32
+    / int64 vectors of length N, where rest = sum of exp(z - M) over all classes but the target."""
     n, d = h.shape
     k = w.shape[0]
     config = config or default_config(n, d, k, h.dtype, h.device)
@@ -438,12 +436,9 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False, conf
 
 
 def merge_splits(split_max, split_rest):
-    """Merge per-split (max, rest) pairs of shape (S, N) into one (max, rest) per row.  The split
-    holding the first maximum keeps its rest; every other split joins with its own max included."""
-    top, best = split_max.max(dim=0)
-    joined = (split_rest + 1.0) * torch.exp(split_max - top)
-    joined.scatter_(0, best[None], split_rest.gather(0, best[None]))
-    return top, joined.sum(dim=0)
+    """Merge per-split (max, rest) pairs of shape (S, N) into one (max, rest) per row."""
+    top = split_max.max(dim=0).values
+    return top, (split_rest * torch.exp(split_max - top)).sum(dim=0)
 
 
 def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothing, *, config=None,
@@ -456,7 +451,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothin
     config = config or default_config(n, d, k, h.dtype, h.device)
     uniform = label_smoothing / k
     # g on the target column without cancellation: p_coef * (p_y - 1) + (p_coef - t_coef * (1 - eps + eps/K))
-    terms = torch.stack([lse * LOG2E, p_coef, t_coef * uniform,
+    terms = torch.stack([lse, p_coef, t_coef * uniform,
                          p_coef * target_pm1 + (p_coef - t_coef * (1.0 - label_smoothing + uniform))]).float()
     b = bias if bias is not None else h
     args = (h, w, b, target, terms)

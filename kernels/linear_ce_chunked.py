@@ -34,9 +34,9 @@ def _logits_block(h_rows, w, bias, k0, k1):
 
 def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
             chunk_rows=None, chunk_classes=None):
-    """Per row: (max logit M, rest, target logit, logit sum or None, argmax or None), where rest is
-    the sum of exp(z - M) over all classes but one maximal one (lse = M + log1p(rest)); see
-    kernels.linear_ce._forward_kernel for why the leading 1 is kept out."""
+    """Per row: (max logit M, rest, target logit z_y, logit sum or None, argmax or None), where rest
+    is the sum of exp(z - M) over all classes but the target; see kernels.linear_ce._forward_kernel
+    for why the target is kept out."""
     n, _ = h.shape
     k = w.shape[0]
     acc = _compute_dtype(h.dtype)
@@ -56,20 +56,19 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
             k1 = min(k, k0 + classes)
             z = _logits_block(h_rows, w, bias, k0, k1)
             in_block = (y >= k0) & (y < k1)
-            picked = z.gather(1, torch.where(in_block, y - k0, 0)[:, None]).squeeze(1)
-            target_logit[r0:r1] += torch.where(in_block, picked, 0)
+            local_target = torch.where(in_block, y - k0, 0)[:, None]
+            target_logit[r0:r1] += torch.where(in_block, z.gather(1, local_target).squeeze(1), 0)
             if want_logit_sum:
                 logit_sum[r0:r1] += z.sum(dim=1)
-            # same merge as the Triton kernel; z is overwritten in place by exp(z - tile max)
             tile_max, tile_arg = z.max(dim=1)
-            is_max = z == tile_max[:, None]
-            tile_rest = z.sub_(tile_max[:, None]).exp_().masked_fill_(is_max, 0).sum(dim=1) + (is_max.sum(dim=1) - 1)
-            scale = torch.exp(-(running_max - tile_max).abs())
-            takes_over = tile_max > running_max
-            rest = torch.where(takes_over, (rest + 1) * scale + tile_rest, rest + (tile_rest + 1) * scale)
             if want_argmax:
-                argmax[r0:r1] = torch.where(takes_over, tile_arg + k0, argmax[r0:r1])
-            running_max = torch.maximum(running_max, tile_max)
+                argmax[r0:r1] = torch.where(tile_max > running_max, tile_arg + k0, argmax[r0:r1])
+            # same merge as the Triton kernel (the target left out of the sum); z is overwritten
+            new_max = torch.maximum(running_max, tile_max)
+            e = z.sub_(new_max[:, None]).exp_()
+            e.scatter_(1, local_target, torch.where(in_block[:, None], 0.0, e.gather(1, local_target)))
+            rest = rest * torch.exp(running_max - new_max) + e.sum(dim=1)
+            running_max = new_max
         row_max[r0:r1] = running_max
         row_rest[r0:r1] = rest
     return row_max, row_rest, target_logit, logit_sum, argmax

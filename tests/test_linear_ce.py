@@ -423,6 +423,15 @@ def test_cuda_large_shapes_bf16(n, d, k, gen):
     check("triton", gen, h, w, y, b, label_smoothing=0.1)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 128), (torch.float32, 256), (torch.float16, 512),
+                                     (torch.bfloat16, 1024), (torch.bfloat16, 200)], ids=str)
+def test_cuda_default_tiles_for_wide_rows(dtype, d, gen):
+    """The GPU default tiles change with the bytes per row (resident D, 1 KiB slices, D loops)."""
+    h, w, y, b = make_problem(gen, 300, d, 1000, dtype, ignore_frac=0.1)
+    check("triton", gen, h, w, y, b, label_smoothing=0.1)
+
+
 def _chunked_float64(h, w, y, reduction="sum"):
     """Float64 reference without an N x K tensor: the torch backend in float64 (itself checked
     against the materialised reference above).  Where eager cannot be afforded either, the fused
