@@ -69,8 +69,9 @@ def tune_shape(h, w, y, *, rep_ms: float = 60.0, log=print) -> tuple[LCEConfig, 
             except Exception as exc:  # e.g. a tile that needs more shared memory than the GPU has
                 entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             timings[kernel].append(entry)
-            log(f"  {n}x{d}x{k} {kernel:<12} {tile.block_owner:>4} {tile.block_loop:>4} d{tile.block_d}/{tile.block_ds} "
-                f"w{tile.num_warps} s{tile.num_stages}: " + (f"{entry['ms']:.3f} ms" if "ms" in entry else entry["error"]))
+            result = f"{entry['ms']:.3f} ms" if "ms" in entry else entry["error"]
+            log(f"  {n}x{d}x{k} {kernel:<12} {tile.block_owner:>4} {tile.block_loop:>4} "
+                f"d{tile.block_d}/{tile.block_ds} w{tile.num_warps} s{tile.num_stages}: {result}")
         ok = [e for e in timings[kernel] if "ms" in e]
         best[kernel] = TileConfig(**min(ok, key=lambda e: e["ms"])["tile"]) if ok else getattr(base, kernel)
     return LCEConfig(**best), timings

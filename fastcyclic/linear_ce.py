@@ -128,7 +128,7 @@ def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
 
 @torch.library.custom_op("fastcyclic::linear_ce", mutates_args=())
 def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
-               label_smoothing: float, z_loss: float, backend: str, deterministic: bool, want_argmax: bool,
+               label_smoothing: float, z_loss: float, backend: str, want_argmax: bool,
                validate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, argmax, nll); argmax is empty unless asked for; nll = lse - z_y is kept
     for the backward."""
@@ -157,8 +157,7 @@ def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
 
 
 @_linear_ce.register_fake
-def _(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, deterministic, want_argmax,
-      validate):
+def _(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, want_argmax, validate):
     n = h.shape[0]
     dtype = _result_dtype(h.dtype)
     return (h.new_empty(n, dtype=dtype), h.new_empty(n, dtype=dtype),
@@ -168,38 +167,35 @@ def _(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, d
 @torch.library.custom_op("fastcyclic::linear_ce_backward", mutates_args=())
 def _linear_ce_backward(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor,
                         p_coef: Tensor, t_coef: Tensor, target_pm1: Tensor, label_smoothing: float,
-                        backend: str, deterministic: bool, need_dh: bool,
-                        need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+                        backend: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dh, dweight, dbias); a gradient not asked for (or a missing bias) is an empty tensor."""
     dh, dw, db = _impl(backend).backward(
         h, weight, bias, target, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(),
-        target_pm1.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw,
-        deterministic=deterministic, **_backend_kwargs(backend))
+        target_pm1.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw, **_backend_kwargs(backend))
     empty = h.new_empty(0)
     return (dh if dh is not None else empty, dw if dw is not None else empty,
             db if db is not None else empty)
 
 
 @_linear_ce_backward.register_fake
-def _(h, weight, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothing, backend, deterministic,
-      need_dh, need_dw):
+def _(h, weight, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothing, backend, need_dh, need_dw):
     return (h.new_empty(h.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
             bias.new_empty(bias.shape) if bias is not None else h.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, deterministic, _, _ = inputs
+    h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, _, _ = inputs
     _, lse, _, nll = output
     ctx.save_for_backward(h, weight, bias, target, lse, nll)
-    ctx.options = (ignore_index, label_smoothing, z_loss, backend, deterministic)
+    ctx.options = (ignore_index, label_smoothing, z_loss, backend)
 
 
 def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_nll):
     h, weight, bias, target, lse, nll = ctx.saved_tensors
-    ignore_index, label_smoothing, z_loss, backend, deterministic = ctx.options
+    ignore_index, label_smoothing, z_loss, backend = ctx.options
     need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
     if not (need_dh or need_dw or need_db):
-        return (None,) * 11
+        return (None,) * 10
     # d loss_n / d z = t_coef_n * (softmax(z) * (1 + 2 z_loss lse_n) - (1-eps) onehot - eps/K)
     # and d lse_n / d z = softmax(z): both fold into g = p_coef * softmax - t_coef * (...)
     valid = target != ignore_index
@@ -208,8 +204,8 @@ def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_nll):
     if grad_lse is not None:
         p_coef = p_coef + grad_lse
     dh, dw, db = _linear_ce_backward(h, weight, bias, target, lse, p_coef.to(lse.dtype), t_coef.to(lse.dtype),
-                                     torch.expm1(-nll), label_smoothing, backend, deterministic, need_dh, need_dw)
-    return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + (None,) * 8
+                                     torch.expm1(-nll), label_smoothing, backend, need_dh, need_dw)
+    return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + (None,) * 7
 
 
 torch.library.register_autograd("fastcyclic::linear_ce", _backward, setup_context=_setup_context)
@@ -241,8 +237,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
         z_loss: adds z_loss * lse**2 per non-ignored row (PaLM).
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked PyTorch), or
             "auto" (triton on CUDA, torch otherwise).
-        deterministic: bitwise-reproducible gradients.  The default kernels are deterministic
-            already; this forbids any atomic variant a tuning config may select.
+        deterministic: bitwise-reproducible results.  Both backends always are (every output tile
+            has one owner, no atomics); the flag is accepted so callers can state the requirement.
         validate: check that targets are in [0, K) or ignore_index (one device sync).  Turn it off
             in loops that generate their own labels or run under CUDA graphs; an out-of-range target
             then contributes lse (its target logit is taken as 0) and never reads out of bounds.
@@ -252,7 +248,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     """
     backend, target = _prepare(h, weight, target, bias, reduction, label_smoothing, z_loss, backend)
     loss_rows, _, _, _ = _linear_ce(h, weight, bias, target, int(ignore_index), float(label_smoothing),
-                                 float(z_loss), backend, bool(deterministic), False, bool(validate))
+                                    float(z_loss), backend, False, bool(validate))
     if reduction == "none":
         return loss_rows
     if reduction == "sum":
@@ -271,7 +267,7 @@ def linear_cross_entropy_stats(h: Tensor, weight: Tensor, target: Tensor, *, bia
     accuracy is ``(argmax == target).float().mean()``.  ``loss`` and ``lse`` are differentiable."""
     backend, target = _prepare(h, weight, target, bias, "none", label_smoothing, z_loss, backend)
     loss_rows, lse, argmax, _ = _linear_ce(h, weight, bias, target, int(ignore_index), float(label_smoothing),
-                                           float(z_loss), backend, bool(deterministic), True, bool(validate))
+                                           float(z_loss), backend, True, bool(validate))
     return loss_rows, lse, argmax
 
 

@@ -21,7 +21,7 @@ with per-row coefficients computed on the host from the upstream gradients (see
 ``fastcyclic.linear_ce``), so reductions, ignore_index, z-loss and gradients flowing into the LSE
 all reach the kernels as per-row vectors.  Nothing is filtered or approximated.  (An option that
 accumulated dh with atomics from the dW kernel, saving one logits recompute, measured 1.8-3.5x
-slower on an H200 and was removed: bench/results/2026-11-28-h200-run1.)
+slower on an H200 and was removed: bench/results/2026-11-28-h200/run1.)
 
 Under ``TRITON_INTERPRET=1`` (CPU) the kernels upcast to fp32 before ``tl.dot``: the interpreter's
 bf16 dot is silently wrong.  All pointer offsets are int64, so N*D and K*D may exceed 2^31.
@@ -328,26 +328,31 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device) -> LCEConfig:
     """Tiles for a problem.  Under the interpreter every (program x loop step) costs ~5 ms, so the
-    tiles are as large as numpy handles comfortably.  On GPU they are the winners of
-    ``fastcyclic bench ce --tune`` on an H200 (bench/results/2026-11-28-h200), chosen by the bytes
-    of one row of h (fp32 at D = 128 takes the tiles of bf16 at D = 256, and so on)."""
+    tiles are as large as numpy handles comfortably.  On GPU they are the per-kernel winners of
+    ``fastcyclic bench ce --tune`` on an H200 (bench/results/2026-11-28-h200/run3), chosen by the
+    bytes of one row of h (fp32 at D = 128 takes the tiles of bf16 at D = 256, and so on)."""
     dp = _pow2(d)
     if device.type != "cuda":
         bd = min(dp, 128)
         ds = dp if d <= 128 else 128
         return LCEConfig(TileConfig(64, 256, bd, bd), TileConfig(128, 64, bd, ds), TileConfig(64, 256, bd, ds))
-    row_bytes = dp * torch.tensor([], dtype=dtype).element_size()
+    element_bytes = torch.tensor([], dtype=dtype).element_size()
+    row_bytes = dp * element_bytes
     if row_bytes <= 512:  # all of D resident in every kernel (measured at D = 128 and 256, bf16)
         return LCEConfig(
-            forward=TileConfig(128, 128, dp, dp, num_warps=4, num_stages=2),
+            forward=TileConfig(128, 64, dp, dp, num_warps=8, num_stages=3),
             backward_dw=TileConfig(64, 128, dp, dp, num_warps=4, num_stages=2),
-            backward_dh=TileConfig(128, 32, dp, dp, num_warps=8, num_stages=3),
+            backward_dh=TileConfig(128, 32, dp, dp, num_warps=8, num_stages=3) if row_bytes > 256 else
+            TileConfig(64, 128, dp, dp, num_warps=4, num_stages=2),
         )
     # wider rows: the forward loops over D in 64-wide chunks; each backward program accumulates up
-    # to 1 KiB of a row (D = 512 in bf16: one logits recompute; measured at D = 512, bf16)
-    slice_width = min(dp, 1024 // (row_bytes // dp))
+    # to 1 KiB of a row (D = 512 in bf16: one logits recompute; measured at D = 512, bf16).  The
+    # fp32 forward keeps the smaller tile checked on the GPU (the bf16 one needs 2x the shared memory).
+    forward = TileConfig(128, 128, 64, 64, num_warps=8, num_stages=3) if element_bytes == 2 else \
+        TileConfig(64, 128, 64, 64, num_warps=4, num_stages=3)
+    slice_width = min(dp, 1024 // element_bytes)
     return LCEConfig(
-        forward=TileConfig(64, 128, 64, 64, num_warps=4, num_stages=3),
+        forward=forward,
         backward_dw=TileConfig(64, 64, 64, slice_width, num_warps=8, num_stages=2),
         backward_dh=TileConfig(64, 64, 64, slice_width, num_warps=8, num_stages=2),
     )
@@ -442,7 +447,7 @@ def merge_splits(split_max, split_rest):
 
 
 def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothing, *, config=None,
-             need_dh=True, need_dw=True, **_unused):
+             need_dh=True, need_dw=True):
     """Gradients (dh, dw, dbias) for the logit gradient described in the module docstring.
     lse, p_coef, t_coef and target_pm1 (= expm1(z_y - lse)) are fp32 (N,) vectors; gradients not
     asked for are returned as None."""

@@ -75,7 +75,7 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
 
 
 def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothing, *,
-             need_dh=True, need_dw=True, chunk_rows=None, chunk_classes=None, **_unused):
+             need_dh=True, need_dw=True, chunk_rows=None, chunk_classes=None):
     n, d = h.shape
     k = w.shape[0]
     acc = _compute_dtype(h.dtype)

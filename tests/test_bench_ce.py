@@ -1,0 +1,51 @@
+"""The `fastcyclic bench ce` command on CPU: records, files, and refusals of bad input."""
+import json
+
+import pytest
+
+from fastcyclic.cli import main
+
+
+def test_quick_cpu_run_writes_complete_records(tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
+               "torch_lce", "--quick", "--out", str(out)])
+    assert rc == 0
+    results = json.loads((out / "ce.json").read_text())
+    assert results["machine"]["torch"] and results["machine"]["nvml"]  # "unavailable: ..." without a GPU
+    records = {r["method"]: r for r in results["records"]}
+    assert set(records) == {"fastcyclic", "eager", "torch_lce"}
+    for name in ("fastcyclic", "eager"):
+        r = records[name]
+        assert r["status"] == "ok" and r["correct"] is True
+        assert (r["N"], r["D"], r["K"]) == (48, 16, 301)
+        assert r["median_ms"] > 0 and r["q25_ms"] <= r["median_ms"] <= r["q75_ms"]
+        assert max(r["err_loss"], r["err_dh"], r["err_dw"]) < 1e-5
+    assert records["torch_lce"]["status"] in ("ok", "unavailable")
+    assert (out / "ce.csv").read_text().count("\n") == 4
+    assert "48x16x301" in capsys.readouterr().out
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "ce", "--shapes", "8x16"],
+    ["bench", "ce", "--shapes", "0x16x10"],
+    ["bench", "nope"],
+    ["bench", "ce", "--dtype", "fp8"],
+])
+def test_malformed_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cuda_without_cuda_is_refused_and_writes_nothing(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cuda", "--out", str(out)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()
