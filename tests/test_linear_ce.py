@@ -129,6 +129,17 @@ def test_triton_tile_paths(dtype, splits, d, gen):
         check("triton", gen, h, w, y, b, label_smoothing=0.05, z_loss=1e-3)
 
 
+@pytest.mark.parametrize("k", [256, 512])
+def test_triton_class_count_a_multiple_of_the_tile(k, gen):
+    """K a multiple of the class tile: the kernels drop the class mask (EVEN_K)."""
+    h, w, y, b = make_problem(gen, 40, 24, k, ignore_frac=0.1)
+    check("triton", gen, h, w, y, b, label_smoothing=0.1, z_loss=1e-3)
+    rows, lse, argmax = linear_cross_entropy_stats(h, w, y, bias=b, backend="triton")
+    logits = h.double() @ w.double().T + b.double()
+    assert rel_err(lse, logits.logsumexp(dim=1)) < 1e-6
+    assert torch.equal(argmax.cpu(), logits.argmax(dim=1).cpu())
+
+
 def test_torch_backend_small_chunks(gen):
     h, w, y, b = make_problem(gen, 23, 9, 50, ignore_frac=0.2)
     with tuning(chunk_rows=5, chunk_classes=7):
