@@ -45,16 +45,16 @@ def tune_shape(h, w, y, *, rep_ms: float = 60.0, log=print) -> tuple[LCEConfig, 
     k = w.shape[0]
     base = kernels.default_config(n, d, k, h.dtype, h.device)
     row_max, rest, target_logit, _, _ = kernels.forward(h, w, None, y)
-    lse = row_max + torch.log1p(rest)
+    lse = row_max + torch.log(rest + torch.exp(target_logit - row_max))  # rest excludes the target
     p_coef = torch.full_like(lse, 1.0 / n)
-    pm1 = torch.expm1(-((row_max - target_logit) + torch.log1p(rest)))
+    g_target = p_coef * torch.expm1(target_logit - lse)  # eps = 0: p_coef * (p_y - 1)
 
     def launch(kernel: str, tile: TileConfig):
         config = dataclasses.replace(base, **{kernel: tile})
         if kernel == "forward":
             return lambda: kernels.forward(h, w, None, y, config=config)
         need_dh = kernel == "backward_dh"
-        return lambda: kernels.backward(h, w, None, y, lse, p_coef, p_coef, pm1, 0.0, config=config,
+        return lambda: kernels.backward(h, w, None, y, lse, p_coef, p_coef, g_target, 0.0, config=config,
                                         need_dh=need_dh, need_dw=not need_dh)
 
     timings, best = {}, {}

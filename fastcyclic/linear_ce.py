@@ -166,19 +166,19 @@ def _(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, w
 
 @torch.library.custom_op("fastcyclic::linear_ce_backward", mutates_args=())
 def _linear_ce_backward(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor,
-                        p_coef: Tensor, t_coef: Tensor, target_pm1: Tensor, label_smoothing: float,
+                        p_coef: Tensor, t_coef: Tensor, g_target: Tensor, label_smoothing: float,
                         backend: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dh, dweight, dbias); a gradient not asked for (or a missing bias) is an empty tensor."""
     dh, dw, db = _impl(backend).backward(
         h, weight, bias, target, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(),
-        target_pm1.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw, **_backend_kwargs(backend))
+        g_target.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw, **_backend_kwargs(backend))
     empty = h.new_empty(0)
     return (dh if dh is not None else empty, dw if dw is not None else empty,
             db if db is not None else empty)
 
 
 @_linear_ce_backward.register_fake
-def _(h, weight, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothing, backend, need_dh, need_dw):
+def _(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, backend, need_dh, need_dw):
     return (h.new_empty(h.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
             bias.new_empty(bias.shape) if bias is not None else h.new_empty(0))
 
@@ -203,8 +203,12 @@ def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_nll):
     p_coef = t_coef * (1.0 + 2.0 * z_loss * lse) if z_loss > 0 else t_coef
     if grad_lse is not None:
         p_coef = p_coef + grad_lse
+    # g in the target column, p_coef * p_y - t_coef * (1 - eps + eps/K), written without the
+    # cancellation of p_y - 1 for confident rows: p_y - 1 = expm1(-nll), with nll accurate
+    keep_target = 1.0 - label_smoothing + label_smoothing / weight.shape[0]
+    g_target = p_coef * torch.expm1(-nll) + (p_coef - t_coef * keep_target)
     dh, dw, db = _linear_ce_backward(h, weight, bias, target, lse, p_coef.to(lse.dtype), t_coef.to(lse.dtype),
-                                     torch.expm1(-nll), label_smoothing, backend, need_dh, need_dw)
+                                     g_target.to(lse.dtype), label_smoothing, backend, need_dh, need_dw)
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + (None,) * 7
 
 

@@ -74,13 +74,13 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
     return row_max, row_rest, target_logit, logit_sum, argmax
 
 
-def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothing, *,
+def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, *,
              need_dh=True, need_dw=True, chunk_rows=None, chunk_classes=None):
     n, d = h.shape
     k = w.shape[0]
     acc = _compute_dtype(h.dtype)
     rows, classes = _chunks(n, k, chunk_rows, chunk_classes)
-    keep, uniform = 1.0 - label_smoothing, label_smoothing / k
+    uniform = label_smoothing / k
     dh = torch.zeros(n, d, dtype=acc, device=h.device) if need_dh else None
     dw = torch.zeros(k, d, dtype=acc, device=h.device) if need_dw else None
     db = torch.zeros(k, dtype=acc, device=h.device) if bias is not None else None
@@ -91,8 +91,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothin
         lse_rows = lse[r0:r1].to(acc)[:, None]
         p_rows = p_coef[r0:r1].to(acc)[:, None]
         t_rows = t_coef[r0:r1].to(acc)
-        # the target column without the cancellation of p_y - 1 (see kernels.linear_ce._logit_grad)
-        g_target = p_rows[:, 0] * target_pm1[r0:r1].to(acc) + (p_rows[:, 0] - t_rows * (keep + uniform))
+        g_target_rows = g_target[r0:r1].to(acc)
         for k0 in range(0, k, classes):
             k1 = min(k, k0 + classes)
             # g = p_coef * softmax - t_coef * ((1 - eps) * onehot + eps / K), built in place
@@ -101,7 +100,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, target_pm1, label_smoothin
             if uniform:
                 g.sub_((t_rows * uniform)[:, None])
             in_block = ((y >= k0) & (y < k1)).nonzero().squeeze(1)
-            g[in_block, y[in_block] - k0] = g_target[in_block]
+            g[in_block, y[in_block] - k0] = g_target_rows[in_block]
             if need_dh:
                 dh[r0:r1] += g @ w[k0:k1].to(acc)
             if need_dw:

@@ -242,12 +242,11 @@ def test_stats_lse_argmax_and_lse_gradient(backend, gen):
     w[7] = w[200]  # a duplicated class: ties resolve to the first index, like torch.argmax
     b[7] = b[200]
     logits = h.double() @ w.double().T + b.double()
-    logits_ties = logits.clone()
     rows, lse, argmax = linear_cross_entropy_stats(h, w, y, bias=b, backend=backend)
     ref_rows, ref_lse = reference_loss(h, w, y, b, reduction="none")
     assert rel_err(rows, ref_rows) < 1e-5 and rel_err(lse, ref_lse) < 1e-6
     # where the float64 top-2 are separated, the argmax must agree exactly
-    top2 = logits_ties.topk(2, dim=1).values
+    top2 = logits.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-4
     assert torch.equal(argmax[clear], logits.argmax(dim=1)[clear])
     # gradients through both outputs: d/d(h,w,b) of sum(rows * a) + sum(lse * c)
@@ -325,8 +324,11 @@ def test_torch_compile_keeps_the_op_in_one_graph(compile_backend, gen):
         return linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.1, backend=backend) * 2.0
 
     compiled = torch.compile(step, backend=compile_backend, fullgraph=True)
-    loss = compiled(h, w, y, b)
-    (grad,) = torch.autograd.grad(loss, h)
+    # compile caches on disk do not key on a custom op's autograd formula: a graph cached by an
+    # older checkout would replay the old backward, so this test compiles afresh
+    with torch._inductor.config.patch(force_disable_caches=True):
+        loss = compiled(h, w, y, b)
+        (grad,) = torch.autograd.grad(loss, h)
     expected = step(h, w, y, b)
     (expected_grad,) = torch.autograd.grad(expected, h)
     assert torch.allclose(loss, expected) and torch.allclose(grad, expected_grad)
