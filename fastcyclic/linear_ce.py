@@ -190,12 +190,9 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (ignore_index, label_smoothing, z_loss, backend)
 
 
-def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_nll):
-    h, weight, bias, target, lse, nll = ctx.saved_tensors
-    ignore_index, label_smoothing, z_loss, backend = ctx.options
-    need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-    if not (need_dh or need_dw or need_db):
-        return (None,) * 10
+def _logit_grad_terms(grad_loss, grad_lse, target, lse, nll, ignore_index, label_smoothing, z_loss, num_classes):
+    """Per-row (p_coef, t_coef, g_target) of g = dL/dz = p_coef * softmax(z) - t_coef * ((1-eps) onehot + eps/K),
+    with g_target its value in the target column."""
     # d loss_n / d z = t_coef_n * (softmax(z) * (1 + 2 z_loss lse_n) - (1-eps) onehot - eps/K)
     # and d lse_n / d z = softmax(z): both fold into g = p_coef * softmax - t_coef * (...)
     valid = target != ignore_index
@@ -205,14 +202,61 @@ def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_nll):
         p_coef = p_coef + grad_lse
     # g in the target column, p_coef * p_y - t_coef * (1 - eps + eps/K), written without the
     # cancellation of p_y - 1 for confident rows: p_y - 1 = expm1(-nll), with nll accurate
-    keep_target = 1.0 - label_smoothing + label_smoothing / weight.shape[0]
+    keep_target = 1.0 - label_smoothing + label_smoothing / num_classes
     g_target = p_coef * torch.expm1(-nll) + (p_coef - t_coef * keep_target)
-    dh, dw, db = _linear_ce_backward(h, weight, bias, target, lse, p_coef.to(lse.dtype), t_coef.to(lse.dtype),
-                                     g_target.to(lse.dtype), label_smoothing, backend, need_dh, need_dw)
+    return p_coef.to(lse.dtype), t_coef.to(lse.dtype), g_target.to(lse.dtype)
+
+
+def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_nll):
+    h, weight, bias, target, lse, nll = ctx.saved_tensors
+    ignore_index, label_smoothing, z_loss, backend = ctx.options
+    need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+    if not (need_dh or need_dw or need_db):
+        return (None,) * 10
+    p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, grad_lse, target, lse, nll, ignore_index,
+                                                 label_smoothing, z_loss, weight.shape[0])
+    dh, dw, db = _linear_ce_backward(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
+                                     backend, need_dh, need_dw)
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + (None,) * 7
 
 
 torch.library.register_autograd("fastcyclic::linear_ce", _backward, setup_context=_setup_context)
+
+
+class _FusedUpdateLinearCE(torch.autograd.Function):
+    """The per-row loss whose backward hands the classifier's step to a ``fastcyclic.optim.FusedUpdate``:
+    it returns dh (and no dW); the weight's gradient hook then runs the dW kernel with the optimizer
+    update in its epilogue, once autograd has shown that no other use of the weight sent a gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, validate, handle):
+        loss, lse, _, nll = _linear_ce(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend,
+                                       False, validate)
+        ctx.save_for_backward(h, weight, bias, target, lse, nll)
+        ctx.options = (ignore_index, label_smoothing, z_loss, backend, handle)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        h, weight, bias, target, lse, nll = ctx.saved_tensors
+        ignore_index, label_smoothing, z_loss, backend, handle = ctx.options
+        p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, None, target, lse, nll, ignore_index,
+                                                     label_smoothing, z_loss, weight.shape[0])
+        need_dh = ctx.needs_input_grad[0]
+        if backend == "triton":  # dh now, from the weight as it is; dW and the update in the hook
+            dh, _, _ = triton_impl.backward(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
+                                            need_dh=need_dh, need_dw=False, need_db=False,
+                                            **_backend_kwargs(backend))
+            torch_grads = None
+        else:  # the chunked backend makes dh, dW and dbias in one pass; the hook steps on dW
+            dh, dw, db = torch_impl.backward(h, weight, bias, target, lse, p_coef, t_coef, g_target,
+                                             label_smoothing, need_dh=need_dh, need_dw=True,
+                                             **_backend_kwargs(backend))
+            torch_grads = (dw, db)
+        handle.defer(dict(h=h, weight=weight, bias=bias, target=target, lse=lse, p_coef=p_coef, t_coef=t_coef,
+                          g_target=g_target, label_smoothing=label_smoothing, backend=backend,
+                          torch_grads=torch_grads))
+        return (dh if need_dh else None,) + (None,) * 9
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +272,7 @@ def _prepare(h, weight, target, bias, reduction, label_smoothing, z_loss, backen
 def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
                          reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
                          z_loss: float = 0.0, backend: str = "auto", deterministic: bool = False,
-                         validate: bool = True) -> Tensor:
+                         validate: bool = True, fused_update=None) -> Tensor:
     """Cross-entropy of ``h @ weight.T + bias`` against ``target`` without materialising the logits.
 
     Args:
@@ -246,13 +290,21 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
         validate: check that targets are in [0, K) or ignore_index (one device sync).  Turn it off
             in loops that generate their own labels or run under CUDA graphs; an out-of-range target
             then contributes lse (its target logit is taken as 0) and never reads out of bounds.
+        fused_update: a ``fastcyclic.optim.fused_update(optimizer, weight)`` handle: backward then
+            applies the optimizer's step to ``weight`` tile by tile instead of producing its
+            gradient (``optimizer.step()`` still updates everything else).  Without grad mode, or
+            when weight does not require grad, it is ignored.
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or (N,) for reduction="none".
     """
     backend, target = _prepare(h, weight, target, bias, reduction, label_smoothing, z_loss, backend)
-    loss_rows, _, _, _ = _linear_ce(h, weight, bias, target, int(ignore_index), float(label_smoothing),
-                                    float(z_loss), backend, False, bool(validate))
+    options = (int(ignore_index), float(label_smoothing), float(z_loss), backend)
+    if fused_update is not None and torch.is_grad_enabled() and weight.requires_grad:
+        fused_update.check_forward(weight)
+        loss_rows = _FusedUpdateLinearCE.apply(h, weight, bias, target, *options, bool(validate), fused_update)
+    else:
+        loss_rows, _, _, _ = _linear_ce(h, weight, bias, target, *options, False, bool(validate))
     if reduction == "none":
         return loss_rows
     if reduction == "sum":

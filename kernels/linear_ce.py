@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcyclic.kernels.optim import adam_constants, adamw_math, round_for_store, sgdw_math
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # triton.jit reads the variable when the kernels below are defined, so this is fixed at import
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -194,16 +196,25 @@ def _row_terms(terms_ptr, rows, N):
 def _backward_dw_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, terms_ptr,
     dw_ptr, db_ptr,
+    lr_ptr, weight_decay_ptr, step_ptr, state0_ptr, state1_ptr,
+    hyper0, hyper1, hyper2, hyper3, hyper4, hyper5,
     N, K, D,
     stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_y,
     stride_dw_split, stride_dwk, stride_dwd, stride_db_split,
     rows_per_split,
-    HAS_BIAS: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_DS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPDATE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
+    NESTEROV: tl.constexpr,
 ):
     """One program owns dW[cols, dcols] (and dbias[cols]); logits are held transposed (classes on
-    axis 0, rows on axis 1)."""
+    axis 0, rows on axis 1).
+
+    UPDATE = 0 stores dW.  UPDATE = 1 (AdamW: hyper = kernels.optim.adam_constants) or 2 (SGDW:
+    hyper = momentum, dampening, ...) applies the optimizer step to w[cols, dcols] instead, with the fp32 dW
+    still in registers: dW never touches memory.  The launcher then gives every program all of D
+    (one program per class block), so no program reads w rows another one is rewriting."""
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     split = tl.program_id(2)
@@ -234,13 +245,37 @@ def _backward_dw_kernel(
                           cols[:, None] == target[None, :])
         # bf16/fp16 operands for the tensor cores, fp32 accumulation
         dw = tl.dot(g_t.to(h_slice.dtype), h_slice, dw, input_precision=PRECISION)
-        if HAS_BIAS:
+        if WANT_DB:
             db += tl.sum(g_t, axis=1)
 
-    out = dw_ptr + split.to(tl.int64) * stride_dw_split \
-        + cols.to(tl.int64)[:, None] * stride_dwk + dcols.to(tl.int64)[None, :] * stride_dwd
-    tl.store(out, dw.to(dw_ptr.dtype.element_ty), mask=(cols < K)[:, None] & (dcols < D)[None, :])
-    if HAS_BIAS:
+    tile_mask = (cols < K)[:, None] & (dcols < D)[None, :]
+    if UPDATE == 0:
+        out = dw_ptr + split.to(tl.int64) * stride_dw_split \
+            + cols.to(tl.int64)[:, None] * stride_dwk + dcols.to(tl.int64)[None, :] * stride_dwd
+        tl.store(out, dw.to(dw_ptr.dtype.element_ty), mask=tile_mask)
+    else:
+        w_tile = w_ptr + cols.to(tl.int64)[:, None] * stride_wk + dcols.to(tl.int64)[None, :] * stride_wd
+        state_offsets = cols.to(tl.int64)[:, None] * D + dcols.to(tl.int64)[None, :]  # contiguous fp32
+        p = tl.load(w_tile, mask=tile_mask, other=0.0).to(tl.float32)
+        lr = tl.load(lr_ptr)
+        weight_decay = tl.load(weight_decay_ptr)
+        if UPDATE == 1:
+            m = tl.load(state0_ptr + state_offsets, mask=tile_mask, other=0.0)
+            v = tl.load(state1_ptr + state_offsets, mask=tile_mask, other=0.0)
+            p, m, v = adamw_math(p, dw, m, v, lr, weight_decay, tl.load(step_ptr),
+                                 hyper0, hyper1, hyper2, hyper3, hyper4, hyper5, DECOUPLED)
+            tl.store(state0_ptr + state_offsets, m, mask=tile_mask)
+            tl.store(state1_ptr + state_offsets, v, mask=tile_mask)
+        else:
+            buf = dw
+            if HAS_MOMENTUM and not FIRST_STEP:
+                buf = tl.load(state0_ptr + state_offsets, mask=tile_mask, other=0.0)
+            p, buf = sgdw_math(p, dw, buf, lr, weight_decay, hyper0, hyper1,
+                               DECOUPLED, HAS_MOMENTUM, FIRST_STEP, NESTEROV)
+            if HAS_MOMENTUM:
+                tl.store(state0_ptr + state_offsets, buf, mask=tile_mask)
+        tl.store(w_tile, round_for_store(p, w_ptr.dtype.element_ty, UPCAST), mask=tile_mask)
+    if WANT_DB:
         if pid_d == 0:
             tl.store(db_ptr + split.to(tl.int64) * stride_db_split + cols, db.to(db_ptr.dtype.element_ty),
                      mask=cols < K)
@@ -446,11 +481,49 @@ def merge_splits(split_max, split_rest):
     return top, (split_rest * torch.exp(split_max - top)).sum(dim=0)
 
 
+@dataclass
+class ClassifierUpdate:
+    """An optimizer step the dW kernel applies to w in its epilogue instead of writing dW
+    (``fastcyclic.optim.fused_update`` builds it).  lr, weight_decay and step are fp32 device
+    scalars (step already counts this step); state0/state1 are contiguous fp32 (K, D) tensors:
+    exp_avg/exp_avg_sq for "adamw", the momentum buffer (or None) for "sgdw".  hyper is
+    (beta1, beta2, eps) or (momentum, dampening)."""
+
+    kind: str
+    lr: torch.Tensor
+    weight_decay: torch.Tensor
+    step: torch.Tensor | None
+    state0: torch.Tensor | None
+    state1: torch.Tensor | None
+    hyper: tuple[float, ...]
+    decoupled: bool
+    first_step: bool = False
+    nesterov: bool = False
+
+    # the largest D the fused update supports: one program holds a (BLOCK_K, D) fp32 tile of dW
+    MAX_D = 2048
+
+    def kernel_args(self):
+        placeholder = self.lr
+        pointers = (self.lr, self.weight_decay, self.step if self.step is not None else placeholder,
+                    self.state0 if self.state0 is not None else placeholder,
+                    self.state1 if self.state1 is not None else placeholder)
+        flags = dict(UPDATE=1 if self.kind == "adamw" else 2, DECOUPLED=self.decoupled,
+                     HAS_MOMENTUM=self.kind == "sgdw" and self.state0 is not None, FIRST_STEP=self.first_step,
+                     NESTEROV=self.nesterov)
+        hyper = adam_constants(*self.hyper) if self.kind == "adamw" else tuple(self.hyper) + (0.0,) * 4
+        return pointers + tuple(float(x) for x in hyper), flags
+
+
+_NO_UPDATE = dict(UPDATE=0, DECOUPLED=False, HAS_MOMENTUM=False, FIRST_STEP=False, NESTEROV=False)
+
+
 def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, *, config=None,
-             need_dh=True, need_dw=True):
+             need_dh=True, need_dw=True, need_db=True, update: ClassifierUpdate | None = None):
     """Gradients (dh, dw, dbias) for the logit gradient described in the module docstring.
     lse, p_coef, t_coef and g_target (g in the target column) are fp32 (N,) vectors; gradients not
-    asked for are returned as None."""
+    asked for are returned as None (dbias also when need_db is False).  With ``update``, w is
+    updated in place and dw is None; dh is computed first, from the old w."""
     n, d = h.shape
     k = w.shape[0]
     config = config or default_config(n, d, k, h.dtype, h.device)
@@ -460,38 +533,6 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
     strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0) if bias is not None else 0,
                target.stride(0))
     dh = dw = db = None
-
-    if need_dw or bias is not None:
-        tc = config.backward_dw
-        k_blocks, d_blocks = triton.cdiv(k, tc.block_owner), triton.cdiv(d, tc.block_ds)
-        # split over rows only when the class blocks alone cannot fill the GPU; partials are fp32
-        splits, rows_per_split = _split(k_blocks * d_blocks, n, tc.block_loop, tc.splits, h.device,
-                                        partial_bytes=4 * k * (d + 1))
-        dw_out = torch.empty(k, d, dtype=w.dtype, device=w.device) if splits == 1 else \
-            torch.empty(splits, k, d, dtype=torch.float32, device=w.device)
-        db_out = None
-        if bias is not None:
-            db_out = torch.empty(k, dtype=bias.dtype, device=w.device) if splits == 1 else \
-                torch.empty(splits, k, dtype=torch.float32, device=w.device)
-        dw3 = dw_out if splits > 1 else dw_out.unsqueeze(0)
-        if n > 0:
-            _backward_dw_kernel[(k_blocks, d_blocks, splits)](
-                *args, dw3, db_out if db_out is not None else dw3,
-                n, k, d, *strides,
-                dw3.stride(0), dw3.stride(1), dw3.stride(2),
-                db_out.stride(0) if (db_out is not None and splits > 1) else 0,
-                rows_per_split,
-                HAS_BIAS=bias is not None, EVEN_DS=d % tc.block_ds == 0,
-                BLOCK_K=tc.block_owner, BLOCK_N=tc.block_loop, BLOCK_D=tc.block_d, BLOCK_DS=tc.block_ds,
-                **_common(h, d, tc, tc.block_ds),
-            )
-        else:
-            dw3.zero_()
-            if db_out is not None:
-                db_out.zero_()
-        dw = dw_out if splits == 1 else dw_out.sum(dim=0).to(w.dtype)
-        if bias is not None:
-            db = db_out if splits == 1 else db_out.sum(dim=0).to(bias.dtype)
 
     if need_dh:
         tc = config.backward_dh
@@ -513,6 +554,53 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
             )
         dh = dh_out if splits == 1 else dh_out.sum(dim=0).to(h.dtype)
 
+    need_db = bias is not None and need_db
+    if need_dw or need_db or update is not None:
+        tc = config.backward_dw
+        if update is not None:
+            # one program per class block, all of D, one split: it alone reads and rewrites its w rows
+            if d > ClassifierUpdate.MAX_D:
+                raise ValueError(f"the fused optimizer update supports D <= {ClassifierUpdate.MAX_D}, got D={d}")
+            dp = _pow2(d)
+            tc = dataclasses.replace(tc, block_ds=dp, block_owner=min(tc.block_owner, max(16, 16384 // dp)),
+                                     splits=1)
+        k_blocks, d_blocks = triton.cdiv(k, tc.block_owner), triton.cdiv(d, tc.block_ds)
+        # split over rows only when the class blocks alone cannot fill the GPU; partials are fp32
+        splits, rows_per_split = _split(k_blocks * d_blocks, n, tc.block_loop, tc.splits, h.device,
+                                        partial_bytes=4 * k * (d + 1))
+        if update is not None:
+            dw_out = torch.empty(0, 0, dtype=w.dtype, device=w.device)
+        else:
+            dw_out = torch.empty(k, d, dtype=w.dtype, device=w.device) if splits == 1 else \
+                torch.empty(splits, k, d, dtype=torch.float32, device=w.device)
+        db_out = None
+        if need_db:
+            db_out = torch.empty(k, dtype=bias.dtype, device=w.device) if splits == 1 else \
+                torch.empty(splits, k, dtype=torch.float32, device=w.device)
+        dw3 = dw_out if splits > 1 else dw_out.unsqueeze(0)
+        update_pointers, update_flags = update.kernel_args() if update is not None else \
+            ((terms,) * 5 + (0.0,) * 6, _NO_UPDATE)
+        if n > 0 or update is not None:  # (with no rows the update still applies weight decay)
+            _backward_dw_kernel[(k_blocks, d_blocks, splits)](
+                *args, dw3, db_out if db_out is not None else dw3,
+                *update_pointers,
+                n, k, d, *strides,
+                dw3.stride(0), dw3.stride(1), dw3.stride(2),
+                db_out.stride(0) if (db_out is not None and splits > 1) else 0,
+                rows_per_split,
+                HAS_BIAS=bias is not None, WANT_DB=need_db, EVEN_DS=d % tc.block_ds == 0,
+                BLOCK_K=tc.block_owner, BLOCK_N=tc.block_loop, BLOCK_D=tc.block_d, BLOCK_DS=tc.block_ds,
+                **_common(h, d, tc, tc.block_ds), **update_flags,
+            )
+        else:
+            dw3.zero_()
+            if db_out is not None:
+                db_out.zero_()
+        if update is None:
+            dw = dw_out if splits == 1 else dw_out.sum(dim=0).to(w.dtype)
+        if need_db:
+            db = db_out if splits == 1 else db_out.sum(dim=0).to(bias.dtype)
+
     return dh, (dw if need_dw else None), db
 
 
@@ -523,5 +611,5 @@ def with_splits(config: LCEConfig, splits: int | None) -> LCEConfig:
                        for t in (config.forward, config.backward_dw, config.backward_dh)))
 
 
-__all__ = ["LCEConfig", "TileConfig", "default_config", "forward", "backward", "merge_splits", "with_splits",
-           "SUPPORTED_DTYPES", "INTERPRETER"]
+__all__ = ["ClassifierUpdate", "LCEConfig", "TileConfig", "default_config", "forward", "backward", "merge_splits",
+           "with_splits", "SUPPORTED_DTYPES", "INTERPRETER"]

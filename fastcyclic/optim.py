@@ -1,0 +1,544 @@
+"""Weight-decay optimizers: :class:`AdamW` and :class:`SGDW`, each with decoupled or L2 decay.
+
+Both follow ``torch.optim.Optimizer``'s contract (param groups, ``zero_grad``, ``state_dict`` /
+``load_state_dict``, step hooks) and its state layout, so an AdamW state dict loads into
+``torch.optim.AdamW`` and back.  What they add:
+
+* ``weight_decay_mode``: "decoupled" (default; the decay acts on the parameter, not through the
+  moments: torch.optim.AdamW, SGDW) or "l2" (wd * p joins the gradient, the penalty wd/2 * |p|^2 in
+  the loss: torch.optim.Adam(weight_decay=wd), torch.optim.SGD(weight_decay=wd)).  The theory's
+  surrogate is the explicit penalty, and small runs only find few-frequency solutions with it.
+* backend "triton": one launch updates every tensor of a param group (``kernels.optim``), fp32 math
+  and fp32 state for bf16/fp16 parameters; backend "torch": the same math in PyTorch ops (CPU, and
+  the reference the kernels are tested against); "auto": triton for CUDA parameters.
+* Steps are CUDA-graph capturable: the step counts live on the device and lr / weight_decay may be
+  0-dim device tensors (update them in place between replays; a float is read when it changes).
+* ``skip_nonfinite=True``: a step whose gradients hold NaN or Inf is skipped on the device (no host
+  sync) and counted in ``nonfinite_steps``.  The default propagates NaN/Inf into the parameters, as
+  torch.optim does.
+* The classifier's update can run inside the fused cross-entropy backward: :func:`fused_update`.
+
+The decoupled SGDW rule with momentum (torch's SGD couples the decay into the gradient):
+    buf = momentum * buf + (1 - dampening) * g          (buf = g on the first step)
+    d   = g + momentum * buf if nesterov else buf
+    p   = p * (1 - lr * wd) - lr * d
+With momentum 0 this is torch.optim.SGD(weight_decay=wd) up to rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+WEIGHT_DECAY_MODES = ("decoupled", "l2")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _number(value) -> float:
+    return float(value.detach().cpu()) if isinstance(value, Tensor) else float(value)
+
+
+def _check_common(lr, weight_decay, weight_decay_mode, backend) -> None:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"a tensor lr must hold one value, got shape {tuple(lr.shape)}")
+    if not _number(lr) >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {_number(lr)}")
+    if isinstance(weight_decay, Tensor) and weight_decay.numel() != 1:
+        raise ValueError(f"a tensor weight_decay must hold one value, got shape {tuple(weight_decay.shape)}")
+    if not _number(weight_decay) >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {_number(weight_decay)}")
+    if weight_decay_mode not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class _WeightDecayOptimizer(torch.optim.Optimizer):
+    """What AdamW and SGDW share: group checks, device scalars, buckets, non-finite skipping and a
+    state dict whose state stays fp32."""
+
+    _STATE_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict, skip_nonfinite: bool):
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._scalars: dict = {}  # (group index, device) -> fp32 device tensor [lr, weight_decay]
+        self._tables: dict = {}  # bucket -> kernels.optim.TensorTable
+        self._nonfinite_steps: dict = {}  # device -> 0-dim count
+        self._fused_weights: dict = {}  # id(weight) -> FusedUpdate handle, see fused_update()
+        super().__init__(params, defaults)
+
+    # -- param groups ---------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def _check_group(self, group: dict) -> None:
+        _check_common(group["lr"], group["weight_decay"], group["weight_decay_mode"], group["backend"])
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key == "weight_decay_mode" and "decoupled_weight_decay" in group:
+                    # a torch.optim.Adam/AdamW state dict says which rule it used
+                    value = "decoupled" if group["decoupled_weight_decay"] else "l2"
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this class or of the matching torch.optim class.  torch casts state
+        to the parameter's dtype; here state stays fp32 (bf16 moments lose the update), and the step
+        count moves to the parameter's device (graph-capturable)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            state = self.state[p]
+            for key in self._STATE_KEYS:
+                if saved.get(key) is not None:
+                    state[key] = saved[key].detach().to(device=p.device, dtype=torch.float32).clone()
+            if "step" in saved:
+                state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to(p.device).clone()
+        self._tables.clear()
+
+    # -- per-step helpers -----------------------------------------------------------------------
+    def _backend(self, group: dict, device: torch.device) -> str:
+        backend = group["backend"]
+        if backend == "auto":
+            return "triton" if device.type == "cuda" else "torch"
+        if backend == "triton" and device.type != "cuda":
+            from fastcyclic.kernels import optim as kernels
+            if not kernels.INTERPRETER:
+                raise ValueError(f"backend='triton' needs CUDA parameters (got {device}), or TRITON_INTERPRET=1 "
+                                 "set before fastcyclic is imported")
+        return backend
+
+    def _device_scalars(self, index: int, group: dict, device: torch.device) -> tuple[Tensor, Tensor]:
+        """lr and weight_decay as fp32 device scalars.  Tensors are copied on the device (capturable);
+        floats are written only when they change, so a captured graph reads the latest value."""
+        entry = self._scalars.get((index, device))
+        if entry is None:
+            entry = self._scalars[(index, device)] = [torch.full((2,), float("nan"), device=device), [None, None]]
+        buffer, host = entry
+        for slot, key in enumerate(("lr", "weight_decay")):
+            value = group[key]
+            if isinstance(value, Tensor):
+                buffer[slot].copy_(value.reshape(()))
+            elif host[slot] != float(value):
+                buffer[slot].fill_(float(value))
+                host[slot] = float(value)
+        return buffer[0], buffer[1]
+
+    def _grads_with_params(self, group: dict) -> list[tuple[Tensor, Tensor]]:
+        pairs = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue  # no gradient (unused, or updated inside the fused cross-entropy backward)
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                   f"(parameter of shape {tuple(p.shape)})")
+            pairs.append((p, p.grad))
+        return pairs
+
+    def _skip_flags(self) -> dict:
+        """device -> 0-dim fp32 1.0 if any gradient on that device holds NaN/Inf (no host sync)."""
+        if not self.skip_nonfinite:
+            return {}
+        grads: dict = {}
+        for group in self.param_groups:
+            for _, g in self._grads_with_params(group):
+                grads.setdefault(g.device, []).append(g)
+        flags = {}
+        for device, gs in grads.items():
+            # max |g| is NaN or Inf exactly when some element is (one foreach launch, no big temporaries)
+            norms = torch.stack(torch._foreach_norm(gs, float("inf"))).float()
+            flags[device] = (~norms.isfinite().all()).float()
+            count = self._nonfinite_steps.setdefault(device, torch.zeros((), device=device))
+            count.add_(flags[device])
+        return flags
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped because of NaN/Inf gradients (``skip_nonfinite=True``); reading it syncs."""
+        return int(sum(int(c.item()) for c in self._nonfinite_steps.values()))
+
+    @staticmethod
+    def _advance(steps: list[Tensor], skip: Optional[Tensor]) -> None:
+        torch._foreach_add_(steps, 1.0 - skip if skip is not None else 1.0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        skips = self._skip_flags()
+        for index, group in enumerate(self.param_groups):
+            buckets: dict = {}
+            for p, g in self._grads_with_params(group):
+                buckets.setdefault((p.device, p.dtype, g.dtype) + self._bucket_extra(p), []).append((p, g))
+            for key, pairs in buckets.items():
+                device, dtype = key[0], key[1]
+                backend = self._backend(group, device)
+                if backend == "triton" and dtype != torch.float64:
+                    lr, weight_decay = self._device_scalars(index, group, device)
+                else:  # PyTorch ops take floats or tensors as they are, like torch.optim
+                    backend, lr, weight_decay = "torch", group["lr"], group["weight_decay"]
+                self._update(index, key, group, pairs, lr, weight_decay, backend, skips.get(device))
+        for handle in self._fused_weights.values():
+            handle._after_step()
+        return loss
+
+    def _bucket_extra(self, p: Tensor) -> tuple:
+        return ()
+
+    def _update(self, index, key, group, pairs, lr, weight_decay, backend, skip) -> None:
+        raise NotImplementedError
+
+    def _table(self, index: int, key: tuple):
+        from fastcyclic.kernels import optim as kernels
+        return self._tables.setdefault((index,) + key, kernels.TensorTable())
+
+
+def _checked_low_precision(p: Tensor) -> None:
+    if p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"parameters must be floating point, got {p.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW
+# --------------------------------------------------------------------------------------------
+
+
+def adamw_reference_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr, weight_decay,
+                     beta1: float, beta2: float, eps: float, decoupled: bool, skip: Optional[Tensor] = None) -> None:
+    """One Adam step in PyTorch ops (fp32 math, fp64 for float64), in place; ``step`` already counts
+    this step.  The torch backend, and the reference the kernels are tested against."""
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    param = p.to(compute)
+    grad = g.to(compute)
+    if decoupled:
+        param = param * (1.0 - lr * weight_decay)
+    else:
+        grad = grad + weight_decay * param
+    m = exp_avg.lerp(grad, 1.0 - beta1)
+    v = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
+    t = step.double()
+    bias_correction1 = (1.0 - beta1 ** t).to(compute)
+    bias_correction2_sqrt = (1.0 - beta2 ** t).sqrt().to(compute)
+    param = param - (lr / bias_correction1) * (m / (v.sqrt() / bias_correction2_sqrt + eps))
+    if skip is not None:
+        keep = skip > 0
+        param, m, v = torch.where(keep, p.to(compute), param), torch.where(keep, exp_avg, m), \
+            torch.where(keep, exp_avg_sq, v)
+    p.copy_(param)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+class AdamW(_WeightDecayOptimizer):
+    """Adam with decoupled weight decay (``weight_decay_mode="decoupled"``, = torch.optim.AdamW) or
+    with the L2 penalty in the gradient (``"l2"``, = torch.optim.Adam(weight_decay=...)).
+
+    State per parameter, as torch's: ``step`` (fp32 0-dim, on the parameter's device),
+    ``exp_avg`` and ``exp_avg_sq`` (fp32, whatever the parameter's dtype)."""
+
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *,
+                 weight_decay_mode: str = "decoupled", backend: str = "auto", skip_nonfinite: bool = False):
+        _check_common(lr, weight_decay, weight_decay_mode, backend)
+        _check_betas(betas)
+        if not eps > 0.0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=float(eps), weight_decay=weight_decay,
+                        weight_decay_mode=weight_decay_mode, backend=backend)
+        super().__init__(params, defaults, skip_nonfinite)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        _check_betas(group["betas"])
+        if not group["eps"] > 0.0:
+            raise ValueError(f"eps must be > 0, got {group['eps']}")
+
+    def _init_state(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            _checked_low_precision(p)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+        return state
+
+    def _update(self, index, key, group, pairs, lr, weight_decay, backend, skip) -> None:
+        beta1, beta2 = group["betas"]
+        decoupled = group["weight_decay_mode"] == "decoupled"
+        states = [self._init_state(p) for p, _ in pairs]
+        self._advance([s["step"] for s in states], skip)
+        if backend == "torch":
+            for (p, g), s in zip(pairs, states):
+                adamw_reference_(p, g, s["exp_avg"], s["exp_avg_sq"], s["step"], lr, weight_decay, beta1, beta2,
+                                 group["eps"], decoupled, skip)
+            return
+        from fastcyclic.kernels import optim as kernels
+        rows = [(_contiguous(p), _contiguous(g), s["exp_avg"], s["exp_avg_sq"], s["step"])
+                for (p, g), s in zip(pairs, states)]
+        kernels.adamw_step(self._table(index, key), rows, lr, weight_decay, beta1, beta2, group["eps"],
+                           decoupled, skip)
+
+
+def _check_betas(betas) -> None:
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
+
+
+def _contiguous(t: Tensor) -> Tensor:
+    if not t.is_contiguous():
+        raise ValueError(f"backend='triton' updates contiguous tensors only, got one of shape {tuple(t.shape)} "
+                         f"and strides {t.stride()}; use backend='torch' for it")
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# SGDW
+# --------------------------------------------------------------------------------------------
+
+
+def sgdw_reference_(p: Tensor, g: Tensor, momentum_buffer: Optional[Tensor], lr, weight_decay, momentum: float,
+                    dampening: float, nesterov: bool, decoupled: bool, first_step: bool,
+                    skip: Optional[Tensor] = None) -> None:
+    """One SGD step in PyTorch ops (module docstring has the rule), in place."""
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    param = p.to(compute)
+    grad = g.to(compute)
+    if not decoupled:
+        grad = grad + weight_decay * param
+    buf = None
+    if momentum != 0:
+        buf = grad if first_step else momentum * momentum_buffer + (1.0 - dampening) * grad
+        grad = grad + momentum * buf if nesterov else buf
+    if decoupled:
+        param = param * (1.0 - lr * weight_decay)
+    param = param - lr * grad
+    if skip is not None:
+        keep = skip > 0
+        param = torch.where(keep, p.to(compute), param)
+        if buf is not None:  # (a skipped first step leaves the zero buffer, as the kernel does)
+            buf = torch.where(keep, momentum_buffer, buf)
+    p.copy_(param)
+    if buf is not None:
+        momentum_buffer.copy_(buf)
+
+
+class SGDW(_WeightDecayOptimizer):
+    """SGD with decoupled weight decay (default) or the L2 penalty (``"l2"``, = torch.optim.SGD);
+    the decoupled rule with momentum is in the module docstring.  State, as torch's:
+    ``momentum_buffer`` (fp32) when momentum != 0."""
+
+    _STATE_KEYS = ("momentum_buffer",)
+
+    def __init__(self, params, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, *,
+                 weight_decay_mode: str = "decoupled", backend: str = "auto", skip_nonfinite: bool = False):
+        _check_common(lr, weight_decay, weight_decay_mode, backend)
+        _check_momentum(momentum, dampening, nesterov)
+        defaults = dict(lr=lr, momentum=float(momentum), dampening=float(dampening), nesterov=bool(nesterov),
+                        weight_decay=weight_decay, weight_decay_mode=weight_decay_mode, backend=backend)
+        super().__init__(params, defaults, skip_nonfinite)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        _check_momentum(group["momentum"], group["dampening"], group["nesterov"])
+
+    def _bucket_extra(self, p: Tensor) -> tuple:
+        # the first step sets buf = g; tensors on their first step go in a launch of their own
+        return ("momentum_buffer" not in self.state[p],)
+
+    def _update(self, index, key, group, pairs, lr, weight_decay, backend, skip) -> None:
+        momentum = group["momentum"]
+        first_step = key[-1]
+        buffers = [None] * len(pairs)
+        if momentum != 0:
+            for i, (p, _) in enumerate(pairs):
+                _checked_low_precision(p)
+                state = self.state[p]
+                if first_step:
+                    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+                buffers[i] = state["momentum_buffer"]
+        decoupled = group["weight_decay_mode"] == "decoupled"
+        args = (momentum, group["dampening"], group["nesterov"], decoupled)
+        if backend == "torch":
+            for (p, g), buf in zip(pairs, buffers):
+                sgdw_reference_(p, g, buf, lr, weight_decay, *args, first_step, skip)
+            return
+        from fastcyclic.kernels import optim as kernels
+        rows = [(_contiguous(p), _contiguous(g), buf, None, None) for (p, g), buf in zip(pairs, buffers)]
+        kernels.sgdw_step(self._table(index, key), rows, lr, weight_decay, *args, first_step, skip)
+
+
+def _check_momentum(momentum, dampening, nesterov) -> None:
+    if not float(momentum) >= 0.0:
+        raise ValueError(f"momentum must be >= 0, got {momentum}")
+    if not 0.0 <= float(dampening) <= 1.0:
+        raise ValueError(f"dampening must be in [0, 1], got {dampening}")
+    if nesterov and (float(momentum) <= 0.0 or float(dampening) != 0.0):
+        raise ValueError(f"nesterov needs momentum > 0 and dampening 0, got momentum={momentum}, "
+                         f"dampening={dampening}")
+
+
+# --------------------------------------------------------------------------------------------
+# The classifier's update fused into the cross-entropy backward
+# --------------------------------------------------------------------------------------------
+
+
+class FusedUpdate:
+    """Applies ``optimizer``'s step for the classifier ``weight`` inside the backward of
+    ``fastcyclic.linear_cross_entropy(h, weight, target, fused_update=handle)``: the dW kernel
+    updates weight (and its optimizer state) tile by tile, so dW is never written to memory.
+    ``optimizer.step()`` then updates every other parameter (weight has no .grad and is skipped).
+
+    How it stays equal to "backward, then optimizer.step()":
+    * The update waits for weight's gradient hook, which autograd runs once every use of weight in
+      the graph has reported.  If any other use sent a gradient (tied weights, a regulariser), the
+      hook raises before anything is updated: that gradient cannot join a dW that never exists.
+    * A second fused backward before ``optimizer.step()`` (gradient accumulation across
+      micro-batches), or a weight that already holds a .grad, raises before any kernel runs.
+    * The bias, if any, gets its gradient as usual (set in the same hook) and is stepped by
+      ``optimizer.step()`` with its own group's settings.
+    Gradient clipping by global norm cannot be honoured (the update happens before the norm is
+    known); ``max_grad_norm`` and ``grad_accumulation_steps`` are accepted only to refuse them
+    clearly, as a configuration error, and ``skip_nonfinite`` optimizers are refused likewise.
+    Create it with :func:`fused_update`."""
+
+    def __init__(self, optimizer: _WeightDecayOptimizer, weight: Tensor):
+        self.optimizer = optimizer
+        self.weight = weight
+        self.group_index = next(i for i, g in enumerate(optimizer.param_groups)
+                                if any(p is weight for p in g["params"]))
+        self._pending = None  # what the dW pass needs, from the loss's backward to weight's hook
+        self._stepped = True  # False between a fused update and the next optimizer.step()
+        self._hook = weight.register_hook(self._on_weight_gradient)
+        optimizer._fused_weights[id(weight)] = self
+
+    def remove(self) -> None:
+        """Stop fusing: weight gets ordinary gradients again."""
+        self._hook.remove()
+        self.optimizer._fused_weights.pop(id(self.weight), None)
+
+    # called by linear_cross_entropy before anything is launched
+    def check_forward(self, weight: Tensor) -> None:
+        if weight is not self.weight:
+            raise ValueError("fused_update was created for another weight tensor")
+        if self.optimizer._fused_weights.get(id(weight)) is not self:
+            raise ValueError("this fused_update handle was removed")
+        self._check_can_update()
+
+    def _check_can_update(self) -> None:
+        if not self._stepped:
+            raise RuntimeError(
+                "the classifier was already updated by a fused backward since the last optimizer.step(): "
+                "gradient accumulation across micro-batches cannot be fused; call optimizer.step() after "
+                "every backward, or do not use fused_update")
+        if self.weight.grad is not None:
+            raise RuntimeError(
+                "the classifier weight already holds a gradient (accumulated, or from another loss): the fused "
+                "update would ignore it; call optimizer.zero_grad(set_to_none=True) first")
+
+    # called by the loss's backward (kernels.* tensors and coefficients), then by autograd's hook
+    def defer(self, pending: dict) -> None:
+        self._check_can_update()
+        self._pending = pending
+
+    def _on_weight_gradient(self, grad: Optional[Tensor]) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            if grad is not None and not self._stepped:
+                raise RuntimeError("the classifier weight received a gradient after its fused update")
+            return  # a backward without the fused loss: an ordinary gradient
+        if grad is not None:
+            raise RuntimeError(
+                "the classifier weight is also used elsewhere in the graph (tied weights, a penalty, another "
+                "loss): its gradient from there cannot be fused into the cross-entropy's update; nothing was "
+                "updated. Use the ordinary path (no fused_update) for this model")
+        self._check_can_update()
+        with torch.no_grad():
+            self._apply(**pending)
+        self._stepped = False
+
+    def _after_step(self) -> None:
+        if self._pending is not None:
+            raise RuntimeError("a fused classifier update is still pending: backward did not reach the weight")
+        self._stepped = True
+
+    def _apply(self, h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, backend,
+               torch_grads) -> None:
+        optimizer, group = self.optimizer, self.optimizer.param_groups[self.group_index]
+        decoupled = group["weight_decay_mode"] == "decoupled"
+        if backend == "torch":
+            # the chunked PyTorch backend already computed dW (O(K x D) on the CPU path): step on it
+            dw, db = torch_grads
+            key = (weight.device, weight.dtype, dw.dtype) + optimizer._bucket_extra(weight)
+            optimizer._update(self.group_index, key, group, [(weight, dw)], group["lr"], group["weight_decay"],
+                              "torch", None)
+        else:
+            from fastcyclic.kernels import linear_ce as kernels
+            lr, weight_decay = optimizer._device_scalars(self.group_index, group, weight.device)
+            if isinstance(optimizer, AdamW):
+                state = optimizer._init_state(weight)
+                optimizer._advance([state["step"]], None)
+                beta1, beta2 = group["betas"]
+                update = kernels.ClassifierUpdate("adamw", lr, weight_decay, state["step"], state["exp_avg"],
+                                                  state["exp_avg_sq"], (beta1, beta2, group["eps"]), decoupled)
+            else:
+                state = optimizer.state[weight]
+                first_step = group["momentum"] != 0 and "momentum_buffer" not in state
+                if first_step:
+                    state["momentum_buffer"] = torch.zeros_like(weight, dtype=torch.float32)
+                update = kernels.ClassifierUpdate("sgdw", lr, weight_decay, None, state.get("momentum_buffer"),
+                                                  None, (group["momentum"], group["dampening"]), decoupled,
+                                                  first_step=first_step, nesterov=group["nesterov"])
+            _, _, db = kernels.backward(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
+                                        need_dh=False, need_dw=False, need_db=bias is not None and bias.requires_grad,
+                                        update=update)
+        torch.autograd.graph.increment_version(weight)  # stale saved copies of weight now fail loudly
+        if bias is not None and bias.requires_grad and db is not None:
+            bias.grad = db.detach() if bias.grad is None else bias.grad + db
+
+
+def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accumulation_steps: int = 1,
+                 max_grad_norm: Optional[float] = None) -> FusedUpdate:
+    """Fuse ``optimizer``'s update of the classifier ``weight`` into the cross-entropy backward; pass
+    the handle as ``linear_cross_entropy(..., fused_update=handle)``.  See :class:`FusedUpdate`.
+
+    Refused with ValueError: gradient accumulation (``grad_accumulation_steps > 1``), clipping by
+    global norm (``max_grad_norm``), an optimizer with ``skip_nonfinite``, a weight that is not a
+    contiguous 2-D leaf parameter of this optimizer, D > 2048 on the Triton path."""
+    if not isinstance(optimizer, _WeightDecayOptimizer):
+        raise TypeError(f"fused_update needs a fastcyclic.optim.AdamW or SGDW optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if int(grad_accumulation_steps) != 1:
+        raise ValueError(f"the fused update steps inside every backward, so it cannot accumulate gradients over "
+                         f"micro-batches (grad_accumulation_steps={grad_accumulation_steps})")
+    if max_grad_norm is not None:
+        raise ValueError(f"the fused update steps before the global gradient norm is known, so it cannot clip by "
+                         f"it (max_grad_norm={max_grad_norm})")
+    if optimizer.skip_nonfinite:
+        raise ValueError("the fused update cannot skip a step for non-finite gradients it has not seen yet "
+                         "(optimizer has skip_nonfinite=True)")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_leaf or not weight.requires_grad:
+        raise ValueError("the fused update needs the classifier weight as a 2-D leaf tensor that requires grad")
+    if not weight.is_contiguous():
+        raise ValueError(f"the fused update needs a contiguous weight, got strides {weight.stride()}")
+    if not any(p is weight for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(f"the weight of shape {tuple(weight.shape)} is not a parameter of this optimizer")
+    if id(weight) in optimizer._fused_weights:
+        raise ValueError("this weight already has a fused_update handle")
+    return FusedUpdate(optimizer, weight)
+
+
+__all__ = ["AdamW", "SGDW", "FusedUpdate", "fused_update", "adamw_reference_", "sgdw_reference_",
+           "WEIGHT_DECAY_MODES"]

@@ -1,0 +1,264 @@
+"""Weight-decay optimizer updates in Triton: AdamW / Adam+L2 and SGDW / SGD+L2.
+
+One launch updates many tensors.  A table on the device holds, per tensor, the addresses of the
+parameter, its gradient, its state (fp32 whatever the parameter's dtype) and its step counter, and
+a second table maps every program to (tensor, first element): programs never straddle tensors, so
+the update is one elementwise pass, memory-bound (AdamW moves 28 bytes per fp32 parameter).
+
+lr and weight decay are read from device scalars and the step count from device tensors, so a step
+can be replayed by a CUDA graph with new values and no host sync.  The per-element math lives in
+``adamw_math`` and ``sgdw_math``, shared with the classifier update fused into the cross-entropy
+backward (``kernels.linear_ce``).  Eager references: ``fastcyclic.optim`` (backend "torch").
+
+Under ``TRITON_INTERPRET=1`` a float32 -> bfloat16 store truncates; the interpreter path rounds to
+nearest-even by hand first, so CPU tests see the GPU's rounding.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+# elements per program: a large block makes the interpreter fast; on the GPU 4096 fp32 elements
+# keep eight 16-byte loads in flight per thread of 8 warps
+BLOCK = 1 << 16 if INTERPRETER else 4096
+NUM_WARPS = 8
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SUPPORTED_DTYPES = tuple(_TRITON_DTYPES)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-element math (fp32 in, fp32 out), as torch.optim writes it
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _one_minus_power(step, log_beta):
+    """1 - beta**step = -expm1(step * ln beta), without the cancellation of 1 - exp(x) in fp32 (at
+    beta2 = 0.999, step 1 that loses 5 digits): Taylor series for |x| < 1/2, else 1 - exp(x)."""
+    x = step * log_beta
+    series = x * (1.0 + x / 2 * (1.0 + x / 3 * (1.0 + x / 4 * (1.0 + x / 5 * (1.0 + x / 6 * (
+        1.0 + x / 7 * (1.0 + x / 8)))))))
+    return tl.where(x > -0.5, -series, 1.0 - tl.exp(x))
+
+
+@triton.jit
+def adamw_math(p, g, m, v, lr, weight_decay, step,
+               beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps, DECOUPLED: tl.constexpr):
+    """One Adam step.  DECOUPLED: p *= 1 - lr * wd before the step (torch.optim.AdamW); otherwise
+    wd * p joins the gradient (torch.optim.Adam(weight_decay=wd), the L2 penalty).  1 - beta and
+    ln(beta) come from the host in float64 (``adam_constants``): 1 - 0.999 in fp32 is off by 1e-5."""
+    if DECOUPLED:
+        p = p * (1.0 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+    m = m + one_minus_beta1 * (g - m)  # lerp, like torch
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    bias_correction1 = _one_minus_power(step, log_beta1)
+    bias_correction2_sqrt = tl.sqrt(_one_minus_power(step, log_beta2))
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    p = p - (lr / bias_correction1) * (m / denom)
+    return p, m, v
+
+
+def adam_constants(beta1: float, beta2: float, eps: float) -> tuple[float, ...]:
+    """The scalar arguments of ``adamw_math`` after the step: (beta2, 1 - beta1, 1 - beta2,
+    ln beta1, ln beta2, eps), computed in float64.  ln 0 is passed as -1e30 (beta**step = 0)."""
+    log = lambda beta: math.log(beta) if beta > 0 else -1e30  # noqa: E731
+    return (float(beta2), 1.0 - float(beta1), 1.0 - float(beta2), log(float(beta1)), log(float(beta2)), float(eps))
+
+
+@triton.jit
+def sgdw_math(p, g, buf, lr, weight_decay, momentum, dampening,
+              DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
+              NESTEROV: tl.constexpr):
+    """One SGD step.  L2 (DECOUPLED=False) is torch.optim.SGD(weight_decay=wd) exactly: wd * p joins
+    the gradient before the momentum buffer.  Decoupled (SGDW): the momentum buffer sees the plain
+    gradient and p *= 1 - lr * wd is applied beside the step, p = p * (1 - lr*wd) - lr * d; with
+    momentum 0 the two agree, as torch.optim.SGD.  The first step sets buf = g, like torch."""
+    if not DECOUPLED:
+        g = g + weight_decay * p
+    if HAS_MOMENTUM:
+        if FIRST_STEP:
+            buf = g
+        else:
+            buf = momentum * buf + (1.0 - dampening) * g
+        if NESTEROV:
+            g = g + momentum * buf
+        else:
+            g = buf
+    if DECOUPLED:
+        p = p * (1.0 - lr * weight_decay)
+    p = p - lr * g
+    return p, buf
+
+
+@triton.jit
+def round_for_store(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """x (fp32) ready to be stored as DTYPE: under the interpreter, bfloat16 is rounded to
+    nearest-even here because the interpreter's own conversion truncates."""
+    if INTERPRET and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-tensor kernels.  Table rows: [param, grad, state0, state1, step] addresses (int64).
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _locate(table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK: tl.constexpr):
+    """This program's tensor (its table row) and the element offsets it updates."""
+    pid = tl.program_id(0)
+    tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
+    offsets = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
+    mask = offsets < tl.load(numel_ptr + tensor)
+    return table_ptr + tensor * 5, offsets, mask
+
+
+@triton.jit
+def _multi_tensor_adamw_kernel(
+    table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, lr_ptr, weight_decay_ptr, skip_ptr,
+    beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_SKIP: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    if HAS_SKIP:  # a non-finite gradient somewhere: the whole step is skipped
+        if tl.load(skip_ptr) != 0:
+            return
+    row, offsets, mask = _locate(table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
+    p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offsets, mask=mask)
+    v = tl.load(v_ptr + offsets, mask=mask)
+    p, m, v = adamw_math(p, g, m, v, tl.load(lr_ptr), tl.load(weight_decay_ptr), step,
+                         beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps, DECOUPLED)
+    tl.store(p_ptr + offsets, round_for_store(p, P_DTYPE, INTERPRET), mask=mask)
+    tl.store(m_ptr + offsets, m, mask=mask)
+    tl.store(v_ptr + offsets, v, mask=mask)
+
+
+@triton.jit
+def _multi_tensor_sgdw_kernel(
+    table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, lr_ptr, weight_decay_ptr, skip_ptr,
+    momentum, dampening,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_SKIP: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    if HAS_SKIP:
+        if tl.load(skip_ptr) != 0:
+            return
+    row, offsets, mask = _locate(table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
+    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
+    p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+    buf = g
+    if HAS_MOMENTUM:
+        buf_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        if not FIRST_STEP:
+            buf = tl.load(buf_ptr + offsets, mask=mask)
+    p, buf = sgdw_math(p, g, buf, tl.load(lr_ptr), tl.load(weight_decay_ptr), momentum, dampening,
+                       DECOUPLED, HAS_MOMENTUM, FIRST_STEP, NESTEROV)
+    tl.store(p_ptr + offsets, round_for_store(p, P_DTYPE, INTERPRET), mask=mask)
+    if HAS_MOMENTUM:
+        tl.store(buf_ptr + offsets, buf, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch plans: the tables, built once per set of tensors and reused while their addresses hold
+# --------------------------------------------------------------------------------------------
+
+
+class TensorTable:
+    """Device tables for one launch over ``rows`` = [(param, grad, state0, state1, step), ...]
+    (None where a slot is unused).  Rebuilding uploads the tables (a host-to-device copy), which is
+    not allowed while a CUDA graph is being captured: capture after a warm-up step, with gradients
+    that stay allocated (``zero_grad(set_to_none=False)``), so the cached tables are reused."""
+
+    def __init__(self):
+        self.key = None
+
+    def update(self, rows: list[tuple], device: torch.device) -> None:
+        key = tuple((t.data_ptr() if t is not None else 0) for row in rows for t in row) + \
+            tuple(row[0].numel() for row in rows)
+        if key == self.key:
+            return
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "the optimizer's tensors changed address during CUDA graph capture (new gradients or "
+                "state?): run one step before capturing and keep gradients allocated "
+                "(zero_grad(set_to_none=False))")
+        addresses = torch.tensor(key[:5 * len(rows)], dtype=torch.int64).view(len(rows), 5)
+        numels = torch.tensor([row[0].numel() for row in rows], dtype=torch.int64)
+        blocks = [triton.cdiv(n, BLOCK) for n in numels.tolist()]
+        block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
+        first_block = torch.tensor([0] + blocks[:-1]).cumsum(0)
+        block_start = (torch.arange(sum(blocks)) - first_block.repeat_interleave(torch.tensor(blocks))) * BLOCK
+        self.addresses = addresses.to(device)
+        self.numels = numels.to(device)
+        self.block_tensor = block_tensor.to(device)
+        self.block_start = block_start.to(device)
+        self.num_blocks = sum(blocks)
+        self.key = key
+        # the tables refer to these tensors by address: keep them alive as long as the tables
+        self._tensors = rows
+
+    def args(self):
+        return self.addresses, self.numels, self.block_tensor, self.block_start
+
+
+def _dtypes(rows):
+    return _TRITON_DTYPES[rows[0][0].dtype], _TRITON_DTYPES[rows[0][1].dtype]
+
+
+def adamw_step(table: TensorTable, rows: list[tuple], lr: torch.Tensor, weight_decay: torch.Tensor,
+               beta1: float, beta2: float, eps: float, decoupled: bool, skip: torch.Tensor | None) -> None:
+    """Update every (param, grad, exp_avg, exp_avg_sq, step) row in one launch.  All params share a
+    dtype, all grads share a dtype; lr and weight_decay are fp32 device scalars; the steps have
+    already been incremented."""
+    if not rows:
+        return
+    table.update(rows, rows[0][0].device)
+    p_dtype, g_dtype = _dtypes(rows)
+    _multi_tensor_adamw_kernel[(table.num_blocks,)](
+        *table.args(), lr, weight_decay, skip if skip is not None else lr,
+        *adam_constants(beta1, beta2, eps),
+        P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=skip is not None,
+        BLOCK=BLOCK, INTERPRET=INTERPRETER, num_warps=NUM_WARPS,
+    )
+
+
+def sgdw_step(table: TensorTable, rows: list[tuple], lr: torch.Tensor, weight_decay: torch.Tensor,
+              momentum: float, dampening: float, nesterov: bool, decoupled: bool, first_step: bool,
+              skip: torch.Tensor | None) -> None:
+    """Update every (param, grad, momentum_buffer or None, None, None) row in one launch."""
+    if not rows:
+        return
+    table.update(rows, rows[0][0].device)
+    p_dtype, g_dtype = _dtypes(rows)
+    _multi_tensor_sgdw_kernel[(table.num_blocks,)](
+        *table.args(), lr, weight_decay, skip if skip is not None else lr,
+        float(momentum), float(dampening),
+        P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=skip is not None,
+        HAS_MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
+        BLOCK=BLOCK, INTERPRET=INTERPRETER, num_warps=NUM_WARPS,
+    )
+
+
+__all__ = ["adam_constants", "adamw_math", "sgdw_math", "round_for_store", "TensorTable", "adamw_step", "sgdw_step",
+           "SUPPORTED_DTYPES", "BLOCK"]

@@ -1,0 +1,503 @@
+"""fastcyclic.optim against torch.optim and eager references written out here, for both backends.
+
+On CPU the "triton" backend runs the real multi-tensor kernels under TRITON_INTERPRET=1.  fp32
+results must agree with torch.optim to fp32 rounding over many steps; bf16 parameters (fp32 state)
+to one bf16 ulp.
+"""
+import pytest
+import torch
+
+from fastcyclic import linear_cross_entropy
+from fastcyclic.optim import SGDW, AdamW, fused_update
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = ["triton", "torch"]
+STEPS = 12
+SIZES = [(1,), (17,), (5, 3), (1 << 20) + 3]
+FP32 = dict(rtol=2e-6, atol=2e-6)
+
+
+def make_params(gen, sizes, dtype=torch.float32):
+    return [torch.randn(*(s if isinstance(s, tuple) else (s,)), generator=gen).to(DEVICE, dtype) for s in sizes]
+
+
+def clones(params):
+    return [p.clone().requires_grad_() for p in params]
+
+
+def run_pair(gen, ours, theirs, sizes=SIZES, steps=STEPS, dtype=torch.float32, grad_scale=1.0):
+    """Step two optimizers on identical parameters and gradients; return both parameter lists."""
+    start = make_params(gen, sizes, dtype)
+    a, b = clones(start), clones(start)
+    opt_a, opt_b = ours(a), theirs(b)
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=gen).to(DEVICE, dtype) * grad_scale for p in start]
+        for pa, pb, g in zip(a, b, grads):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    return a, b
+
+
+def assert_params_close(a, b, **tol):
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa.detach(), pb.detach(), **(tol or FP32))
+
+
+# --------------------------------------------------------------------------------------------
+# against torch.optim
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_matches_torch_adamw(backend, weight_decay, gen):
+    kw = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
+    a, b = run_pair(gen, lambda p: AdamW(p, **kw, backend=backend), lambda p: torch.optim.AdamW(p, **kw))
+    assert_params_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adam_l2_matches_torch_adam(backend, gen):
+    kw = dict(lr=1e-2, weight_decay=0.3)
+    a, b = run_pair(gen, lambda p: AdamW(p, **kw, weight_decay_mode="l2", backend=backend),
+                    lambda p: torch.optim.Adam(p, **kw))
+    assert_params_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.2])
+def test_sgdw_without_momentum_matches_torch_sgd(backend, weight_decay, gen):
+    a, b = run_pair(gen, lambda p: SGDW(p, lr=0.05, weight_decay=weight_decay, backend=backend),
+                    lambda p: torch.optim.SGD(p, lr=0.05, weight_decay=weight_decay))
+    assert_params_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum,dampening,nesterov", [(0.9, 0.0, False), (0.9, 0.0, True), (0.5, 0.3, False)])
+def test_sgd_l2_matches_torch_sgd_with_momentum(backend, momentum, dampening, nesterov, gen):
+    kw = dict(lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=0.2)
+    a, b = run_pair(gen, lambda p: SGDW(p, **kw, weight_decay_mode="l2", backend=backend),
+                    lambda p: torch.optim.SGD(p, **kw))
+    assert_params_close(a, b)
+
+
+class EagerSGDW:
+    """The decoupled SGDW rule written out (fastcyclic.optim's docstring), in float64."""
+
+    def __init__(self, params, lr, momentum, dampening, nesterov, weight_decay):
+        self.params, self.lr, self.mu, self.damp, self.nesterov, self.wd = params, lr, momentum, dampening, \
+            nesterov, weight_decay
+        self.buffers = [None] * len(params)
+
+    @torch.no_grad()
+    def step(self):
+        for i, p in enumerate(self.params):
+            g = p.grad.double()
+            buf = g.clone() if self.buffers[i] is None else self.mu * self.buffers[i] + (1 - self.damp) * g
+            self.buffers[i] = buf
+            direction = g + self.mu * buf if self.nesterov else buf
+            p.copy_(p.double() * (1 - self.lr * self.wd) - self.lr * direction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_decoupled_sgdw_with_momentum_matches_eager_rule(backend, nesterov, gen):
+    kw = dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=nesterov, weight_decay=0.3)
+    a, b = run_pair(gen, lambda p: SGDW(p, **kw, backend=backend), lambda p: EagerSGDW(p, **kw))
+    assert_params_close(a, b, rtol=1e-5, atol=1e-5)
+    # and it is not torch's coupled rule
+    c, _ = run_pair(torch.Generator().manual_seed(0), lambda p: SGDW(p, **kw, backend=backend),
+                    lambda p: torch.optim.SGD(p, **kw), sizes=[(50,)])
+    d, _ = run_pair(torch.Generator().manual_seed(0), lambda p: torch.optim.SGD(p, **kw),
+                    lambda p: torch.optim.SGD(p, **kw), sizes=[(50,)])
+    assert (c[0] - d[0]).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# low precision, groups, dtypes
+# --------------------------------------------------------------------------------------------
+
+
+class EagerAdamWMasterFp32:
+    """AdamW on bf16/fp16 parameters with fp32 state and fp32 math, rounded to the parameter's
+    dtype after every step (what the kernels promise)."""
+
+    def __init__(self, params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.lr, self.wd, self.betas, self.eps = params, lr, weight_decay, betas, eps
+        self.m = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.v = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.m, self.v):
+            g, x = p.grad.float(), p.float() * (1 - self.lr * self.wd)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v / (1 - b2 ** self.t)).sqrt() + self.eps
+            p.copy_(x - self.lr / (1 - b1 ** self.t) * m / denom)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_keep_fp32_state(backend, dtype, gen):
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    a, b = run_pair(gen, lambda p: AdamW(p, **kw, backend=backend), lambda p: EagerAdamWMasterFp32(p, **kw),
+                    sizes=[(17,), (300, 7)], dtype=dtype)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert_params_close(a, b, rtol=ulp, atol=1e-3 * ulp)
+    assert all(p.dtype == dtype for p in a)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_param_groups_with_their_own_lr_and_decay_and_mixed_dtypes(backend, gen):
+    w32 = torch.randn(33, 5, generator=gen).to(DEVICE)
+    w16 = torch.randn(40, generator=gen).to(DEVICE, torch.bfloat16)
+    bias = torch.randn(33, generator=gen).to(DEVICE)
+    ours = [t.clone().requires_grad_() for t in (w32, w16, bias)]
+    theirs = [t.clone().requires_grad_() for t in (w32, w16, bias)]
+    groups = lambda ps: [{"params": ps[:2], "lr": 2e-2, "weight_decay": 0.5},  # noqa: E731
+                         {"params": ps[2:], "weight_decay": 0.0}]
+    opt_a = AdamW(groups(ours), lr=1e-2, backend=backend)
+    opt_b = EagerAdamWMasterFp32(theirs[:2], lr=2e-2, weight_decay=0.5)
+    opt_c = torch.optim.AdamW(theirs[2:], lr=1e-2, weight_decay=0.0)
+    for _ in range(STEPS):
+        for p, q in zip(ours, theirs):
+            g = torch.randn(p.shape, generator=gen).to(DEVICE)
+            p.grad, q.grad = g.to(p.dtype), g.to(p.dtype)
+        opt_a.step()
+        opt_b.step()
+        opt_c.step()
+    torch.testing.assert_close(ours[0].detach(), theirs[0].detach(), **FP32)
+    torch.testing.assert_close(ours[1].detach(), theirs[1].detach(), rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(ours[2].detach(), theirs[2].detach(), **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_params_without_grad_are_skipped(backend, gen):
+    a, b = make_params(gen, [(7,), (9,)])
+    a, b = a.requires_grad_(), b.requires_grad_()
+    b_before = b.detach().clone()
+    opt = AdamW([a, b], lr=0.1, backend=backend)
+    a.grad = torch.ones_like(a)
+    opt.step()
+    assert torch.equal(b.detach(), b_before) and not opt.state[b]
+    assert int(opt.state[a]["step"]) == 1
+
+
+def test_sparse_gradients_are_refused():
+    p = torch.zeros(4, 3, requires_grad=True)
+    p.grad = torch.eye(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        AdamW([p], backend="torch").step()
+
+
+def test_tensor_lr_and_weight_decay_follow_in_place_updates(gen):
+    """lr and weight decay as 0-dim tensors (what a CUDA graph needs) behave like floats."""
+    lr, wd = torch.tensor(1e-2, device=DEVICE), torch.tensor(0.0, device=DEVICE)
+    start = make_params(gen, [(100,)])
+    a, b = clones(start), clones(start)
+    opt_a = AdamW(a, lr=lr, weight_decay=wd)
+    opt_b = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.0)
+    for step in range(STEPS):
+        g = torch.randn(100, generator=gen).to(DEVICE)
+        a[0].grad, b[0].grad = g.clone(), g.clone()
+        lr.fill_(1e-2 / (1 + step))  # a schedule and a decay warm-up, set in place
+        wd.fill_(0.1 * min(1.0, step / 5))
+        opt_b.param_groups[0].update(lr=1e-2 / (1 + step), weight_decay=0.1 * min(1.0, step / 5))
+        opt_a.step()
+        opt_b.step()
+    assert_params_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# state_dict interchange with torch
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["ours_to_torch", "torch_to_ours"])
+def test_adamw_state_dict_is_interchangeable_with_torch(backend, direction, gen):
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    make_ours = lambda p: AdamW(p, **kw, backend=backend)  # noqa: E731
+    make_torch = lambda p: torch.optim.AdamW(p, **kw)  # noqa: E731
+    first, second = (make_ours, make_torch) if direction == "ours_to_torch" else (make_torch, make_ours)
+    start = make_params(gen, [(17,), (4, 6)])
+    grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in start] for _ in range(10)]
+
+    def train(params, opt, steps):
+        for gs in steps:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    straight = clones(start)
+    opt = first(straight)
+    train(straight, opt, grads)
+    switched = clones(start)
+    opt = first(switched)
+    train(switched, opt, grads[:5])
+    resumed = second(switched)
+    resumed.load_state_dict(opt.state_dict())
+    train(switched, resumed, grads[5:])
+    assert_params_close(switched, straight)
+
+
+def test_state_dict_keeps_fp32_state_for_bf16_params(gen):
+    p = torch.randn(10, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    opt = AdamW([p], backend="torch")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    again = AdamW([p], backend="torch")
+    again.load_state_dict(opt.state_dict())
+    assert again.state[p]["exp_avg"].dtype == torch.float32
+    assert again.state[p]["step"].device == p.device and float(again.state[p]["step"]) == 1
+    assert again.param_groups[0]["weight_decay_mode"] == "decoupled"
+
+
+def test_torch_adam_state_dict_loads_as_l2_mode(gen):
+    p = torch.randn(10, generator=gen).requires_grad_()
+    opt = AdamW([p], backend="torch")
+    opt.load_state_dict(torch.optim.Adam([p], weight_decay=0.1).state_dict())
+    assert opt.param_groups[0]["weight_decay_mode"] == "l2"
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite gradients
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_gradient_propagates_by_default_like_torch(backend, gen):
+    start = make_params(gen, [(8,)])
+    a, b = clones(start), clones(start)
+    opt_a, opt_b = AdamW(a, backend=backend), torch.optim.AdamW(b)
+    g = torch.randn(8, generator=gen).to(DEVICE)
+    g[3] = float("nan")
+    a[0].grad, b[0].grad = g.clone(), g.clone()
+    opt_a.step()
+    opt_b.step()
+    assert torch.equal(a[0].isnan(), b[0].isnan()) and a[0].isnan().sum() == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgdw"])
+def test_skip_nonfinite_skips_the_whole_step_and_counts_it(backend, optimizer, gen):
+    """A step with an Inf in any gradient changes no parameter or state; the run continues as if
+    that step had not been taken."""
+    make = (lambda p: AdamW(p, lr=0.1, backend=backend, skip_nonfinite=True)) if optimizer == "adamw" else \
+        (lambda p: SGDW(p, lr=0.1, momentum=0.9, backend=backend, skip_nonfinite=True))
+    make_ref = (lambda p: torch.optim.AdamW(p, lr=0.1)) if optimizer == "adamw" else \
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    start = make_params(gen, [(8,), (3, 3)])
+    a, b = clones(start), clones(start)
+    opt_a, opt_b = make(a), make_ref(b)
+    for step in range(6):
+        grads = [torch.randn(p.shape, generator=gen).to(DEVICE) for p in start]
+        if step in (0, 3):
+            bad = [g.clone() for g in grads]
+            bad[1].view(-1)[4] = float("inf")
+            for p, g in zip(a, bad):
+                p.grad = g
+            opt_a.step()
+        for pa, pb, g in zip(a, b, grads):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert opt_a.nonfinite_steps == 2
+    assert_params_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: AdamW(p, lr=-1.0), "lr must be >= 0, got -1.0"),
+    (lambda p: AdamW(p, betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
+    (lambda p: AdamW(p, betas=(-0.1, 0.9)), "betas must be"),
+    (lambda p: AdamW(p, eps=0.0), "eps must be > 0, got 0.0"),
+    (lambda p: AdamW(p, weight_decay=-0.01), "weight_decay must be >= 0, got -0.01"),
+    (lambda p: AdamW(p, weight_decay_mode="coupled"), "weight_decay_mode must be one of"),
+    (lambda p: AdamW(p, backend="cuda"), "backend must be one of"),
+    (lambda p: AdamW(p, lr=float("nan")), "lr must be >= 0, got nan"),
+    (lambda p: SGDW(p, lr=-0.1), "lr must be >= 0"),
+    (lambda p: SGDW(p, lr=0.1, momentum=-0.5), "momentum must be >= 0, got -0.5"),
+    (lambda p: SGDW(p, lr=0.1, nesterov=True), "nesterov needs momentum > 0"),
+    (lambda p: SGDW(p, lr=0.1, weight_decay_mode="L2"), "weight_decay_mode must be one of"),
+    (lambda p: AdamW([{"params": p, "lr": -3.0}]), "lr must be >= 0, got -3.0"),
+])
+def test_bad_hyperparameters_raise_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make([torch.zeros(3, requires_grad=True)])
+
+
+# --------------------------------------------------------------------------------------------
+# the update fused into the cross-entropy backward
+# --------------------------------------------------------------------------------------------
+
+
+def _classifier_problem(gen, dtype=torch.float32, n=37, d=20, k=53):
+    w = (torch.randn(k, d, generator=gen) / d ** 0.5).to(DEVICE, dtype)
+    b = (torch.randn(k, generator=gen) * 0.1).to(DEVICE, dtype)
+    u = (torch.randn(d, d, generator=gen) / d ** 0.5).to(DEVICE, dtype)
+    batches = [(torch.randn(n, d, generator=gen).to(DEVICE, dtype), torch.randint(0, k, (n,), generator=gen)
+                .to(DEVICE)) for _ in range(6)]
+    return (w, b, u), batches
+
+
+def _train(start, batches, make_opt, backend, fused, bias=True):
+    w, b, u = (t.clone().requires_grad_() for t in start)
+    opt = make_opt([w, b, u] if bias else [w, u])
+    handle = fused_update(opt, w) if fused else None
+    for x, y in batches:
+        loss = linear_cross_entropy(torch.tanh(x @ u), w, y, bias=b if bias else None, backend=backend,
+                                    fused_update=handle)
+        loss.backward()
+        assert w.grad is None if fused else w.grad is not None
+        opt.step()
+        opt.zero_grad()
+    return w.detach(), b.detach(), u.detach(), opt
+
+
+OPTIMIZERS = {
+    "adamw": lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "adam-l2": lambda ps: AdamW([{"params": ps[:1]}, {"params": ps[1:], "weight_decay": 0.0}], lr=1e-2,
+                                weight_decay=0.5, weight_decay_mode="l2"),
+    "sgdw-momentum": lambda ps: SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+    "sgd-l2-nesterov": lambda ps: SGDW(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1,
+                                       weight_decay_mode="l2"),
+    "sgdw-plain": lambda ps: SGDW(ps, lr=0.1, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_fused_update_equals_backward_then_step(backend, optimizer, gen):
+    start, batches = _classifier_problem(gen)
+    two_step = _train(start, batches, OPTIMIZERS[optimizer], backend, fused=False)
+    fused = _train(start, batches, OPTIMIZERS[optimizer], backend, fused=True)
+    for a, b in zip(fused[:3], two_step[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (fused[0] - start[0]).abs().max() > 1e-2  # the classifier did move
+    # the optimizer state matches too (step counts, moments / momentum buffers)
+    w_state = next(iter(fused[3].state.values()))
+    w_state_ref = next(iter(two_step[3].state.values()))
+    for key in w_state:
+        torch.testing.assert_close(w_state[key].float(), w_state_ref[key].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_update_bf16_matches_two_step_within_rounding(gen):
+    """bf16: the fused path steps on the fp32 dW, the two-step path on dW rounded to bf16."""
+    start, batches = _classifier_problem(gen, torch.bfloat16)
+    two_step = _train(start, batches, OPTIMIZERS["adamw"], "triton", fused=False, bias=False)
+    fused = _train(start, batches, OPTIMIZERS["adamw"], "triton", fused=True, bias=False)
+    change = (two_step[0].float() - start[0].float()).norm()
+    assert (fused[0].float() - two_step[0].float()).norm() < 0.05 * change
+
+
+def _fused_setup(gen):
+    w = torch.randn(7, 4, generator=gen).to(DEVICE).requires_grad_()
+    opt = AdamW([w], lr=0.1)
+    x, y = torch.randn(8, 4, generator=gen).to(DEVICE), torch.randint(0, 7, (8,), generator=gen).to(DEVICE)
+    return w, opt, fused_update(opt, w), x, y
+
+
+@pytest.mark.parametrize("case", ["penalty", "tied", "accumulation", "grad_present"])
+def test_fused_update_refuses_what_it_cannot_honour(case, gen):
+    w, opt, handle, x, y = _fused_setup(gen)
+    before = w.detach().clone()
+    if case == "penalty":  # another use of W: refused in W's gradient hook, before any update
+        with pytest.raises(RuntimeError, match="also used elsewhere in the graph.*nothing was updated"):
+            (linear_cross_entropy(x, w, y, fused_update=handle) + (w ** 2).sum()).backward()
+    elif case == "tied":
+        with pytest.raises(RuntimeError, match="also used elsewhere"):
+            linear_cross_entropy(torch.tanh(x + w[0]), w, y, fused_update=handle).backward()
+    elif case == "accumulation":  # the first micro-batch steps; the second is refused before any kernel
+        linear_cross_entropy(x, w, y, fused_update=handle).backward()
+        before = w.detach().clone()
+        with pytest.raises(RuntimeError, match="gradient accumulation across micro-batches cannot be fused"):
+            linear_cross_entropy(x, w, y, fused_update=handle)
+    else:
+        w.grad = torch.zeros_like(w)
+        with pytest.raises(RuntimeError, match="already holds a gradient"):
+            linear_cross_entropy(x, w, y, fused_update=handle)
+    assert torch.equal(w.detach(), before)
+
+
+def test_fused_update_refuses_bad_configurations(gen):
+    w = torch.randn(7, 4, generator=gen).requires_grad_()
+    opt = AdamW([w])
+    with pytest.raises(ValueError, match="grad_accumulation_steps=4"):
+        fused_update(opt, w, grad_accumulation_steps=4)
+    with pytest.raises(ValueError, match="max_grad_norm=1.0"):
+        fused_update(opt, w, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="skip_nonfinite"):
+        fused_update(AdamW([w], skip_nonfinite=True), w)
+    with pytest.raises(ValueError, match="not a parameter of this optimizer"):
+        fused_update(AdamW([torch.zeros(2, requires_grad=True)]), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        wt = torch.randn(4, 7).T.requires_grad_()
+        fused_update(AdamW([wt]), wt)
+    with pytest.raises(TypeError, match="AdamW or SGDW"):
+        fused_update(torch.optim.AdamW([w]), w)
+
+
+def test_fused_update_is_inert_without_grad_mode(gen):
+    w, opt, handle, x, y = _fused_setup(gen)
+    before = w.detach().clone()
+    with torch.no_grad():
+        loss = linear_cross_entropy(x, w, y, fused_update=handle)
+    torch.testing.assert_close(loss, linear_cross_entropy(x, w.detach(), y))
+    assert torch.equal(w.detach(), before)
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA only: torch's fused AdamW and CUDA graph capture
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_cuda_adamw_matches_torch_fused_at_size(gen):
+    kw = dict(lr=1e-3, weight_decay=0.01)
+    a, b = run_pair(gen, lambda p: AdamW(p, **kw), lambda p: torch.optim.AdamW(p, **kw, fused=True),
+                    sizes=[((1 << 24) + 5,), (4097, 129)], steps=5)
+    assert_params_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("optimizer", ["adamw", "sgdw-momentum"])
+def test_cuda_graph_replay_equals_eager_steps(optimizer, gen):
+    """Step count, lr and weight decay live on the device: a captured step replays correctly."""
+    start = make_params(gen, [(1000,), (33, 17)])
+    grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in start] for _ in range(8)]
+    lr = torch.tensor(1e-2, device=DEVICE)
+    make = (lambda p: AdamW(p, lr=lr, weight_decay=0.1)) if optimizer == "adamw" else \
+        (lambda p: SGDW(p, lr=lr, momentum=0.9, weight_decay=0.1))
+    eager, graphed = clones(start), clones(start)
+    opt_e, opt_g = make(eager), make(graphed)
+    lr_e = lr.clone()
+    opt_e.param_groups[0]["lr"] = lr_e
+    for p, g in zip(eager, grads[0]):
+        p.grad = g.clone()
+    for p, g in zip(graphed, grads[0]):
+        p.grad = g.clone()
+    opt_e.step()
+    opt_g.step()  # warm-up outside the graph: state and tables exist
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step()
+    for i, gs in enumerate(grads[1:]):
+        lr_e.fill_(1e-2 / (2 + i))
+        lr.fill_(1e-2 / (2 + i))
+        for p, q, g in zip(eager, graphed, gs):
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        opt_e.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    assert_params_close(graphed, eager, rtol=1e-6, atol=1e-6)
