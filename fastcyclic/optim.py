@@ -213,30 +213,37 @@ def _checked_low_precision(p: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _compute_view(t: Tensor) -> tuple[Tensor, torch.dtype]:
+    """t itself when it already has the compute dtype (updated in place), else an fp32 copy."""
+    compute = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return (t if t.dtype == compute else t.to(compute)), compute
+
+
 def adamw_reference_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr, weight_decay,
                      beta1: float, beta2: float, eps: float, decoupled: bool, skip: Optional[Tensor] = None) -> None:
-    """One Adam step in PyTorch ops (fp32 math, fp64 for float64), in place; ``step`` already counts
-    this step.  The torch backend, and the reference the kernels are tested against."""
-    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
-    param = p.to(compute)
+    """One Adam step in PyTorch ops, in place, written as torch.optim's single-tensor Adam (fp32 math
+    for low-precision parameters); ``step`` already counts this step.  The torch backend, and the
+    reference the kernels are tested against."""
+    before = (p.clone(), exp_avg.clone(), exp_avg_sq.clone()) if skip is not None else None
+    param, compute = _compute_view(p)
     grad = g.to(compute)
     if decoupled:
-        param = param * (1.0 - lr * weight_decay)
+        param.mul_(1.0 - lr * weight_decay)
     else:
         grad = grad + weight_decay * param
-    m = exp_avg.lerp(grad, 1.0 - beta1)
-    v = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     t = step.double()
-    bias_correction1 = (1.0 - beta1 ** t).to(compute)
+    step_size = (lr / (1.0 - beta1 ** t)).to(compute)
     bias_correction2_sqrt = (1.0 - beta2 ** t).sqrt().to(compute)
-    param = param - (lr / bias_correction1) * (m / (v.sqrt() / bias_correction2_sqrt + eps))
-    if skip is not None:
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.sub_(exp_avg.div(denom).mul_(step_size))
+    if param is not p:
+        p.copy_(param)
+    if before is not None:  # a skipped step puts everything back
         keep = skip > 0
-        param, m, v = torch.where(keep, p.to(compute), param), torch.where(keep, exp_avg, m), \
-            torch.where(keep, exp_avg_sq, v)
-    p.copy_(param)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
+        for tensor, old in zip((p, exp_avg, exp_avg_sq), before):
+            tensor.copy_(torch.where(keep, old, tensor))
 
 
 class AdamW(_WeightDecayOptimizer):
@@ -311,27 +318,28 @@ def _contiguous(t: Tensor) -> Tensor:
 def sgdw_reference_(p: Tensor, g: Tensor, momentum_buffer: Optional[Tensor], lr, weight_decay, momentum: float,
                     dampening: float, nesterov: bool, decoupled: bool, first_step: bool,
                     skip: Optional[Tensor] = None) -> None:
-    """One SGD step in PyTorch ops (module docstring has the rule), in place."""
-    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
-    param = p.to(compute)
+    """One SGD step in PyTorch ops (the rule is in the module docstring), in place."""
+    before = (p.clone(), None if momentum_buffer is None else momentum_buffer.clone()) if skip is not None else None
+    param, compute = _compute_view(p)
     grad = g.to(compute)
     if not decoupled:
         grad = grad + weight_decay * param
-    buf = None
     if momentum != 0:
-        buf = grad if first_step else momentum * momentum_buffer + (1.0 - dampening) * grad
-        grad = grad + momentum * buf if nesterov else buf
+        if first_step:
+            momentum_buffer.copy_(grad)
+        else:
+            momentum_buffer.mul_(momentum).add_(grad, alpha=1.0 - dampening)
+        grad = grad + momentum * momentum_buffer if nesterov else momentum_buffer
     if decoupled:
-        param = param * (1.0 - lr * weight_decay)
-    param = param - lr * grad
-    if skip is not None:
+        param.mul_(1.0 - lr * weight_decay)
+    param.sub_(grad * lr)
+    if param is not p:
+        p.copy_(param)
+    if before is not None:  # (a skipped first step leaves the zero buffer, as the kernel does)
         keep = skip > 0
-        param = torch.where(keep, p.to(compute), param)
-        if buf is not None:  # (a skipped first step leaves the zero buffer, as the kernel does)
-            buf = torch.where(keep, momentum_buffer, buf)
-    p.copy_(param)
-    if buf is not None:
-        momentum_buffer.copy_(buf)
+        for tensor, old in zip((p, momentum_buffer), before):
+            if tensor is not None:
+                tensor.copy_(torch.where(keep, old, tensor))
 
 
 class SGDW(_WeightDecayOptimizer):

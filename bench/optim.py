@@ -1,0 +1,517 @@
+"""``fastcyclic bench optim``: the weight-decay optimizers' step, and the classifier update fused into
+the cross-entropy backward, against torch.optim.
+
+Optimizer step.  The parameters look like a model's: one big tensor holding most of the elements
+plus a few small ones of odd sizes (``split_sizes``), random values and gradients, never zeros.
+Each method first runs 3 steps from the same start as the reference (the gradients are scaled by
+-0.5 between steps, exactly, so the moments see sign changes); the error is
+max|p - p_ref| / max|p_ref| against torch.optim's foreach result (for bf16 parameters: foreach run
+on fp32 copies of the same start and gradients, the exact rule every bf16 method rounds).  Then
+its step is timed.
+
+Methods:
+  fastcyclic_adamw     fastcyclic.optim.AdamW (triton on CUDA; backend "torch" on CPU, or the Triton
+                       kernel under the interpreter with --interpret)
+  torch_adamw_foreach  torch.optim.AdamW(foreach=True), the reference of the AdamW methods
+  torch_adamw_fused    torch.optim.AdamW(fused=True), "unavailable" where this torch refuses it
+  fastcyclic_sgdw      fastcyclic.optim.SGDW(momentum=0.9, weight_decay_mode="l2"): torch.optim.SGD's
+                       rule, so the results compare (the decoupled mode is the same single pass)
+  torch_sgd_foreach    torch.optim.SGD(momentum=0.9, foreach=True), the reference of the SGD methods
+  torch_sgd_fused      torch.optim.SGD(momentum=0.9, fused=True)
+  ce_update            forward + backward of fastcyclic.linear_cross_entropy then AdamW.step()
+                       ("ce+step"), against the same with fastcyclic.optim.fused_update, the update
+                       inside the backward so dW is never written ("ce+fused_update"); h requires
+                       grad in both.  On CPU the torch backend still forms dW (the fused path only
+                       skips .grad), so the saving there says nothing about the Triton epilogue
+
+Bytes per parameter are the least a step must move, counted from the dtypes each optimizer really
+holds: AdamW fp32 28 (read p, g, m, v; write p, m, v), SGD with momentum 20 (read p, g, buf; write
+p, buf).  bf16 parameters: 22 and 14 with fastcyclic's fp32 state, 14 and 10 with torch's bf16
+state.  GB/s = bytes / median time (1 GB = 1e9 bytes), also given as a fraction of the copy
+bandwidth measured in the same run (``dst.copy_(src)`` of a large tensor, 2 x its bytes).  On CUDA
+the L2 cache is flushed before every repetition.  On CPU the --quick sizes fit in cache, and a core
+streaming several arrays at once can beat its own copy rate, so fractions above 1 happen there.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fastcyclic.bench import ce as ce_bench
+from fastcyclic.bench import measure
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# max|p - p_ref| / max|p_ref| after CHECK_STEPS steps that counts as correct.  fp32 differs by rounding
+# only; bf16 parameters are rounded at every step (half an ulp, up to 2^-8 of max|p|, each time)
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# |W_step - W_fused| / |W_step| (2-norms) after CHECK_STEPS steps: the unfused path steps on a dW
+# rounded to the input dtype, the fused one on the fp32 tile, and Adam turns a gradient near
+# rounding level into a full +-lr step, so a few elements may differ by 2 lr even in fp32
+CE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+CHECK_STEPS = 3
+LR, WEIGHT_DECAY, MOMENTUM = 1e-2, 0.1, 0.9  # large enough that a wrong decay or moment shows above 1e-5
+
+CUDA_SIZES = (2**25, 2**27)
+CPU_SIZES = (2**22,)
+QUICK_SIZES = {"cuda": (2**25,), "cpu": (2**18,)}
+INTERPRET_SIZES = (2**18,)
+COPY_NUMEL = {"cuda": 2**28, "cpu": 2**24, "quick": 2**22}  # fp32 elements: far beyond every cache
+CE_SHAPE = {"cuda": (8192, 256, 65536), "cpu": (1024, 64, 8192), "quick": (256, 32, 2048),
+            "interpret": (256, 64, 2048)}
+# the issue's targets on the H200
+TARGET_GBPS = {("fastcyclic_adamw", torch.float32): 3900.0}
+TARGET_SAVING_PCT = {(8192, 256, 65536): 10.0}
+
+
+class Unavailable(Exception):
+    """The method cannot run here (this torch does not support it)."""
+
+
+def parse_size(text: str) -> int:
+    """A parameter count: an integer, or a power written 2^25 / 2**25."""
+    spelled = text.strip().lower().replace("**", "^")
+    try:
+        if "^" in spelled:
+            base, exponent = (int(part) for part in spelled.split("^"))
+            if base < 1 or exponent < 0:
+                raise ValueError
+            value = base**exponent
+        else:
+            value = int(spelled)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be a positive integer or a power like 2^25, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def split_sizes(total: int) -> list[int]:
+    """A model-like split of total elements: one big tensor, a few fractions of it (embeddings,
+    other layers) and odd small ones (biases, norms), so a multi-tensor step meets ragged ends."""
+    small = [total // 16, total // 64, total // 256] + ([4099, 257, 17, 1] if total >= 2**16 else [])
+    small = [n for n in small if n > 0]
+    return [total - sum(small)] + small
+
+
+# --------------------------------------------------------------------------------------------
+# methods: each builds an optimizer over params
+# --------------------------------------------------------------------------------------------
+
+
+def _fastcyclic_backend(device: torch.device, interpret: bool) -> str:
+    return "triton" if device.type == "cuda" or interpret else "torch"
+
+
+def _fastcyclic_adamw(params, device, interpret):
+    from fastcyclic.optim import AdamW
+
+    return AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, backend=_fastcyclic_backend(device, interpret))
+
+
+def _fastcyclic_sgdw(params, device, interpret):
+    from fastcyclic.optim import SGDW
+
+    return SGDW(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, weight_decay_mode="l2",
+                backend=_fastcyclic_backend(device, interpret))
+
+
+def _torch_adamw(**flags):
+    def factory(params, device, interpret):
+        return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, **flags)
+    return factory
+
+
+def _torch_sgd(**flags):
+    def factory(params, device, interpret):
+        return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **flags)
+    return factory
+
+
+# name -> (family, factory(params, device, interpret), optional: a failure means "unavailable")
+STEP_METHODS = {
+    "fastcyclic_adamw": ("adamw", _fastcyclic_adamw, False),
+    "torch_adamw_foreach": ("adamw", _torch_adamw(foreach=True), False),
+    "torch_adamw_fused": ("adamw", _torch_adamw(fused=True), True),
+    "fastcyclic_sgdw": ("sgd", _fastcyclic_sgdw, False),
+    "torch_sgd_foreach": ("sgd", _torch_sgd(foreach=True), False),
+    "torch_sgd_fused": ("sgd", _torch_sgd(fused=True), True),
+}
+REFERENCE = {"adamw": "torch_adamw_foreach", "sgd": "torch_sgd_foreach"}
+METHODS = tuple(STEP_METHODS) + ("ce_update",)
+
+
+# --------------------------------------------------------------------------------------------
+# optimizer step
+# --------------------------------------------------------------------------------------------
+
+
+def make_params(numel: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Start values and gradients, split like a model's parameters (separate tensors, not views)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sizes = split_sizes(numel)
+    start = [t.clone() for t in torch.randn(numel, generator=g, device=device).to(dtype).split(sizes)]
+    grads = [t.clone() for t in torch.randn(numel, generator=g, device=device).to(dtype).split(sizes)]
+    return start, grads
+
+
+def stepped(method: str, start, grads, device, interpret):
+    """The optimizer over copies of start, after CHECK_STEPS steps, and its parameters."""
+    _, factory, optional = STEP_METHODS[method]
+    params = [p.clone().requires_grad_() for p in start]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    try:
+        optimizer = factory(params, device, interpret)
+        optimizer.step()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        if optional:  # e.g. fused=True on a device or dtype this torch has no kernel for
+            raise Unavailable(_error(exc)) from None
+        raise
+    for _ in range(CHECK_STEPS - 1):
+        torch._foreach_mul_([p.grad for p in params], -0.5)
+        optimizer.step()
+    return optimizer, params
+
+
+def step_bytes(params, optimizer) -> int:
+    """The least a step moves: read and write p, read g, read and write each state tensor."""
+    total = 0
+    for p in params:
+        total += 2 * p.nbytes + p.grad.nbytes
+        for value in optimizer.state[p].values():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:  # not the step counter
+                total += 2 * value.nbytes
+    return total
+
+
+def max_diff(params, ref) -> tuple[float, float]:
+    """max|p - ref| and that over max|ref|."""
+    diff = max((p.detach().float() - r.float()).abs().max().item() for p, r in zip(params, ref))
+    scale = max(r.float().abs().max().item() for r in ref)
+    if not math.isfinite(diff):
+        return math.inf, math.inf
+    return diff, diff / max(scale, 1e-30)
+
+
+def run_step_case(method: str, start, grads, ref, device, interpret, *, quick: bool) -> dict:
+    """Correctness, time, bandwidth and memory of one optimizer on one set of parameters."""
+    optimizer, params = stepped(method, start, grads, device, interpret)  # also the warm-up
+    record = {}
+    if ref is not None:
+        diff, rel = max_diff(params, ref)
+        tolerance = TOLERANCE[start[0].dtype]
+        record.update(max_abs_diff=diff, rel_diff=rel, tolerance=tolerance, correct=rel <= tolerance)
+    moved = step_bytes(params, optimizer)
+    record.update(bytes=moved, bytes_per_param=moved / sum(p.numel() for p in params))
+    record.update(measure.time_ms(optimizer.step, device, budget_ms=100.0 if quick else 400.0))
+    extra = measure.peak_extra_bytes(optimizer.step, device)
+    record["peak_extra_gib"] = extra / 2**30 if extra is not None else None
+    record["gbps"] = moved / (record["median_ms"] * 1e6)
+    return record
+
+
+def measure_copy(device: torch.device, numel: int, *, quick: bool) -> dict:
+    """The ceiling: bandwidth of dst.copy_(src), which reads and writes every byte once."""
+    record = dict(bench="optim", kind="ceiling", optimizer=None, method="copy", numel=numel, dtype="float32",
+                  device=device.type)
+    try:
+        src = torch.randn(numel, device=device)
+        dst = torch.empty_like(src)
+        copy = dst.copy_
+        copy(src)  # warm-up, and the first touch of dst's pages
+        record.update(measure.time_ms(lambda: copy(src), device, budget_ms=100.0 if quick else 400.0))
+        record.update(status="ok", bytes=2 * src.nbytes, bytes_per_param=8.0)
+        record["gbps"] = record["bytes"] / (record["median_ms"] * 1e6)
+        record["frac_copy"] = 1.0
+    except torch.OutOfMemoryError as exc:
+        record.update(status="oom", error=_error(exc))
+    except Exception as exc:
+        record.update(status="failed", error=_error(exc))
+    return record
+
+
+def run_steps(sizes, dtype, device, methods, *, copy_gbps, quick=False, interpret=False, log=print) -> list[dict]:
+    """Every optimizer method on every size; a failure is recorded and the run goes on."""
+    records = []
+    families = [f for f in ("adamw", "sgd") if any(STEP_METHODS[m][0] == f for m in methods if m in STEP_METHODS)]
+    for numel in sizes:
+        case = dict(bench="optim", kind="step", numel=numel, tensors=len(split_sizes(numel)),
+                    dtype=str(dtype).replace("torch.", ""), device=device.type)
+        setup_error = None
+        try:
+            start, grads = make_params(numel, dtype, device)
+        except Exception as exc:  # e.g. out of memory for the inputs themselves
+            status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed"
+            setup_error = (status, f"inputs: {_error(exc)}")
+        for family in families:
+            ref, ref_error = None, None
+            if setup_error is None:
+                try:  # the reference keeps only its parameters
+                    ref_start, ref_grads = start, grads
+                    if dtype != torch.float32:
+                        ref_start, ref_grads = [p.float() for p in start], [g.float() for g in grads]
+                    ref_optimizer, ref = stepped(REFERENCE[family], ref_start, ref_grads, device, interpret)
+                    ref = [p.detach() for p in ref]  # frees the gradients and, below, the state
+                    del ref_optimizer, ref_start, ref_grads
+                except Exception as exc:
+                    ref_error = _error(exc)
+                _release(device)
+            for method in (m for m in methods if STEP_METHODS.get(m, (None,))[0] == family):
+                reference = REFERENCE[family] + ("" if dtype == torch.float32 else "[fp32]")
+                backend = _fastcyclic_backend(device, interpret) if method.startswith("fastcyclic") else None
+                record = dict(case, optimizer=family, method=method, backend=backend, reference=reference,
+                              target_gbps=TARGET_GBPS.get((method, dtype)) if device.type == "cuda" else None)
+                if setup_error is not None:
+                    record.update(status=setup_error[0], error=setup_error[1])
+                else:
+                    try:
+                        record.update(run_step_case(method, start, grads, ref, device, interpret, quick=quick))
+                        record["status"] = "ok"
+                        record["frac_copy"] = record["gbps"] / copy_gbps if copy_gbps else None
+                        if ref is None:
+                            record.update(correct=None, error=f"no reference: {ref_error}")
+                    except Unavailable as exc:
+                        record.update(status="unavailable", error=str(exc))
+                    except torch.OutOfMemoryError as exc:
+                        record.update(status="oom", error=_error(exc))
+                    except Exception as exc:  # a failing method must not stop the run
+                        record.update(status="failed", error=_error(exc))
+                    _release(device)
+                if device.type == "cuda":
+                    record["telemetry"] = measure.gpu_telemetry()
+                records.append(record)
+                log(format_row(record))
+            del ref
+        if setup_error is None:
+            del start, grads
+        _release(device)
+    return records
+
+
+def _error(exc: BaseException) -> str:
+    """The exception's type and first line, short enough for a table and a CSV cell."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy + update step
+# --------------------------------------------------------------------------------------------
+
+
+def run_ce_update(shape, dtype, device, *, quick=False, interpret=False, log=print) -> list[dict]:
+    """Forward + backward + AdamW step of the classifier, with dW in memory and with the update
+    fused into the backward: correctness (same W after CHECK_STEPS steps) and time of each."""
+    from fastcyclic import linear_cross_entropy
+    from fastcyclic.optim import AdamW, fused_update
+
+    n, d, k = shape
+    backend = _fastcyclic_backend(device, interpret)
+    case = dict(bench="optim", kind="ce_update", optimizer="adamw", N=n, D=d, K=k, numel=k * d,
+                dtype=str(dtype).replace("torch.", ""), device=device.type, ce_backend=backend)
+    records = [dict(case, method="ce+step"), dict(case, method="ce+fused_update")]
+    try:
+        # h requires grad, as a model's features do: both paths compute dh
+        h, w0, y = ce_bench.make_inputs(n, d, k, dtype, device)
+
+        def build(fused: bool):
+            w = w0.detach().clone().requires_grad_()
+            optimizer = AdamW([w], lr=LR, weight_decay=WEIGHT_DECAY, backend=backend)
+            handle = fused_update(optimizer, w) if fused else None
+
+            def step():
+                loss = linear_cross_entropy(h, w, y, backend=backend, validate=False, fused_update=handle)
+                loss.backward()
+                optimizer.step()
+                # the fused handle refuses a second backward before step() and a W holding a .grad
+                optimizer.zero_grad(set_to_none=True)
+                h.grad = None
+
+            for _ in range(CHECK_STEPS):  # also the warm-up
+                step()
+            return w, step
+
+        w_step, step_plain = build(fused=False)
+        w_fused, step_fused = build(fused=True)
+        diff = (w_fused.detach().float() - w_step.detach().float())
+        rel = (diff.norm() / w_step.detach().float().norm().clamp_min(1e-30)).item()
+        moved = (w_step.detach().float() - w0.detach().float()).norm().clamp_min(1e-30)
+        check = dict(max_abs_diff=diff.abs().max().item(), rel_diff=rel if math.isfinite(rel) else math.inf,
+                     update_rel_diff=(diff.norm() / moved).item(), tolerance=CE_TOLERANCE[dtype])
+        check["correct"] = check["rel_diff"] <= check["tolerance"]
+        del diff, moved
+        for record, step in zip(records, (step_plain, step_fused)):
+            record.update(check)
+            try:
+                record.update(measure.time_ms(step, device, budget_ms=100.0 if quick else 400.0))
+                extra = measure.peak_extra_bytes(step, device)
+                record.update(status="ok", peak_extra_gib=extra / 2**30 if extra is not None else None)
+            except torch.OutOfMemoryError as exc:
+                record.update(status="oom", error=_error(exc))
+            except Exception as exc:
+                record.update(status="failed", error=_error(exc))
+    except torch.OutOfMemoryError as exc:
+        for record in records:
+            record.update(status="oom", error=_error(exc))
+    except Exception as exc:  # e.g. the fused handle refusing: recorded, the run goes on
+        for record in records:
+            record.update(status="failed", error=_error(exc))
+    plain, fused = records
+    if plain["status"] == fused["status"] == "ok":
+        fused["saving_pct"] = 100.0 * (1.0 - fused["median_ms"] / plain["median_ms"])
+        fused["target_saving_pct"] = TARGET_SAVING_PCT.get(shape) if device.type == "cuda" else None
+    for record in records:
+        if device.type == "cuda":
+            record["telemetry"] = measure.gpu_telemetry()
+        log(format_row(record))
+    _release(device)
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+
+CSV_FIELDS = ("kind", "optimizer", "method", "status", "numel", "N", "D", "K", "dtype", "device", "median_ms",
+              "q25_ms", "q75_ms", "bytes_per_param", "gbps", "frac_copy", "target_gbps", "peak_extra_gib",
+              "max_abs_diff", "rel_diff", "correct", "saving_pct", "target_saving_pct", "error")
+
+
+def header() -> str:
+    return (f"{'opt':<6} {'method':<20} {'size':>17} {'dtype':>8} {'median':>13} {'GB/s':>9} {'of copy':>8} "
+            f"{'B/param':>7} {'extra mem':>10}  max|p - p_ref| / max|p_ref|")
+
+
+def format_row(r: dict) -> str:
+    size = f"{r['N']}x{r['D']}x{r['K']}" if r["kind"] == "ce_update" else str(r["numel"])
+    head = f"{r['optimizer'] or '':<6} {r['method']:<20} {size:>17} {r['dtype']:>8}"
+    if r["status"] != "ok":
+        return f"{head} {r['status']}: {r.get('error', '')[:80]}"
+    line = f"{head} {r['median_ms']:10.3f} ms"
+    if r["kind"] == "ce_update":
+        saving = f"saving {r['saving_pct']:5.1f} %" if r.get("saving_pct") is not None else ""
+        mem = f"{r['peak_extra_gib']:.3f}" if r.get("peak_extra_gib") is not None else "n/a"
+        line += f" {saving:>26} {mem:>14} GiB  |W - W_ref| / |W_ref| {r['rel_diff']:.1e}"
+    else:
+        frac = f"{r['frac_copy']:.0%}" if r.get("frac_copy") is not None else "n/a"
+        line += f" {r['gbps']:9.1f} {frac:>8} {r['bytes_per_param']:7.1f}"
+        if r["kind"] == "ceiling":
+            return line + "  (ceiling)"
+        mem = f"{r['peak_extra_gib']:.3f}" if r.get("peak_extra_gib") is not None else "n/a"
+        line += f" {mem:>6} GiB"
+        if r.get("correct") is None:
+            return line + "  no reference"
+        line += f"  {r['rel_diff']:.1e}"
+    return line + f" {'ok' if r['correct'] else 'WRONG'}"
+
+
+def write_results(out: Path, machine: dict, records: list[dict]) -> list[Path]:
+    """optim.json and optim.csv, each written to a temporary name and renamed: never half a file."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_text = io.StringIO()
+    writer = csv.DictWriter(csv_text, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
+    writer.writeheader()
+    for r in records:
+        writer.writerow(r)
+    paths = []
+    for name, text in (("optim.json", json.dumps({"machine": machine, "records": records}, indent=1)),
+                       ("optim.csv", csv_text.getvalue())):
+        path = out / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=parse_size, nargs="+", metavar="N",
+                        help="parameter counts, e.g. 2^25 or 33554432 (default: 2^25 2^27 on CUDA, 2^22 on CPU)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="parameter dtype (default: fp32 for the optimizer step; for ce_update bf16 on CUDA, "
+                             "fp32 on CPU)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="methods to run (default: all)")
+    parser.add_argument("--ce-shape", type=ce_bench.parse_shape, default=None, metavar="NxDxK",
+                        help="ce_update problem (default 8192x256x65536 on CUDA, 1024x64x8192 on CPU)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and short timing: a self-check")
+    parser.add_argument("--interpret", action="store_true",
+                        help="CPU: run fastcyclic's Triton kernels under TRITON_INTERPRET=1 (small sizes only)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for optim.json and optim.csv")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if args.interpret and device.type == "cuda":
+        print("error: --interpret runs the Triton kernels on CPU; use it with --device cpu", file=sys.stderr)
+        return 2
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported
+    dtype = DTYPES[args.dtype] if args.dtype else torch.float32
+    ce_dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cuda" and torch.bfloat16 in (dtype, ce_dtype) and not torch.cuda.is_bf16_supported():
+        print("error: this GPU does not support bfloat16; use --dtype fp32", file=sys.stderr)
+        return 2
+    sizes = args.sizes or (INTERPRET_SIZES if args.interpret else QUICK_SIZES[device.type] if args.quick else
+                           CUDA_SIZES if device.type == "cuda" else CPU_SIZES)
+    # on a GPU the target shape takes a few ms, so --quick keeps it
+    ce_shape = args.ce_shape or CE_SHAPE["cuda" if device.type == "cuda" else "interpret" if args.interpret else
+                                         "quick" if args.quick else "cpu"]
+    methods = args.methods or list(METHODS)
+
+    machine = measure.machine_facts(device)
+    print(f"fastcyclic bench optim: {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
+          f"triton {machine['triton']}, lr {LR}, weight decay {WEIGHT_DECAY}, SGD momentum {MOMENTUM}")
+    print(header())
+    # results are rewritten (whole files, atomically) after every part, so a run stopped by a time
+    # limit keeps what it measured
+    records = []
+    save = (lambda: write_results(args.out, machine, records)) if args.out else (lambda: None)
+    copy = measure_copy(device, COPY_NUMEL["quick" if args.quick or args.interpret else device.type], quick=args.quick)
+    records.append(copy)
+    print(format_row(copy))
+    copy_gbps = copy.get("gbps")
+    save()
+    if any(m in STEP_METHODS for m in methods):
+        records += run_steps(sizes, dtype, device, methods, copy_gbps=copy_gbps, quick=args.quick,
+                             interpret=args.interpret)
+        save()
+    if "ce_update" in methods:
+        records += run_ce_update(ce_shape, ce_dtype, device, quick=args.quick, interpret=args.interpret)
+        save()
+    if args.out:
+        print(f"wrote {args.out / 'optim.json'} and {args.out / 'optim.csv'}")
+    ours = [r for r in records if r["method"].startswith(("fastcyclic", "ce+"))]
+    # the two ce_update records share one comparison: count it once
+    wrong = [r for r in ours if r["status"] == "ok" and r.get("correct") is False and r["method"] != "ce+step"]
+    failed = [r for r in ours if r["status"] == "failed"]
+    if wrong or failed:
+        print(f"FAILED: fastcyclic was wrong in {len(wrong)} case(s) and failed in {len(failed)}", file=sys.stderr)
+        return 1
+    return 0

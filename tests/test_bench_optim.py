@@ -1,0 +1,168 @@
+"""The `fastcyclic bench optim` suite on CPU: records, files, correctness detection, refusals of bad input."""
+import argparse
+import csv
+import json
+
+import pytest
+import torch
+
+from fastcyclic.bench import optim
+
+STEP_METHODS = ["fastcyclic_adamw", "torch_adamw_foreach", "torch_adamw_fused", "fastcyclic_sgdw",
+                "torch_sgd_foreach", "torch_sgd_fused"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On a small, shared CI machine two OpenMP threads wait on each other's time slices and a
+    0.1 ms step takes 50 ms; one thread keeps these tests fast (timing values are not checked)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(argv):
+    """What `fastcyclic bench optim ARGV` does."""
+    parser = argparse.ArgumentParser(prog="fastcyclic bench optim")
+    optim.add_arguments(parser)
+    return optim.main(parser.parse_args(argv))
+
+
+def records_by_method(out):
+    return {r["method"]: r for r in json.loads((out / "optim.json").read_text())["records"]}
+
+
+def test_quick_cpu_run_writes_complete_records(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--sizes", "70000", "--ce-shape", "64x16x301", "--out", str(out)]) == 0
+    results = json.loads((out / "optim.json").read_text())
+    assert results["machine"]["torch"] and results["machine"]["nvml"]  # "unavailable: ..." without a GPU
+    records = {r["method"]: r for r in results["records"]}
+    assert set(records) == {"copy", *STEP_METHODS, "ce+step", "ce+fused_update"}
+
+    copy = records["copy"]
+    assert copy["kind"] == "ceiling" and copy["status"] == "ok" and copy["gbps"] > 0
+    for name in STEP_METHODS:
+        r = records[name]
+        if name.endswith("_fused") and r["status"] == "unavailable":
+            continue  # a torch without the fused CPU kernel: reported, not crashed
+        assert r["status"] == "ok", r
+        assert r["numel"] == 70000 and r["tensors"] == 8 and r["dtype"] == "float32"
+        assert r["bytes_per_param"] == (28.0 if r["optimizer"] == "adamw" else 20.0)
+        assert r["gbps"] > 0 and r["frac_copy"] > 0
+        assert 0 < r["q25_ms"] <= r["median_ms"] <= r["q75_ms"]
+        assert r["correct"] is True and r["rel_diff"] <= 1e-5
+    for name in ("fastcyclic_adamw", "fastcyclic_sgdw"):
+        assert records[name]["backend"] == "torch"
+
+    plain, fused = records["ce+step"], records["ce+fused_update"]
+    assert plain["status"] == fused["status"] == "ok"
+    assert (fused["N"], fused["D"], fused["K"]) == (64, 16, 301)
+    assert fused["correct"] is True and fused["rel_diff"] <= 1e-4
+    assert fused["saving_pct"] == pytest.approx(100 * (1 - fused["median_ms"] / plain["median_ms"]))
+
+    rows = list(csv.DictReader((out / "optim.csv").open()))
+    assert [row["method"] for row in rows] == [r["method"] for r in results["records"]]
+    assert {"gbps", "frac_copy", "rel_diff", "correct", "saving_pct"} <= set(rows[0])
+    assert not list(out.glob("*.tmp"))
+    table = capsys.readouterr().out
+    assert "fastcyclic_adamw" in table and "ce+fused_update" in table
+
+
+def test_bf16_counts_the_state_each_optimizer_keeps(tmp_path):
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--dtype", "bf16", "--sizes", "5000", "--methods", "fastcyclic_adamw",
+                "torch_adamw_foreach", "fastcyclic_sgdw", "--out", str(out)]) == 0
+    records = records_by_method(out)
+    # fastcyclic keeps fp32 state for bf16 parameters, torch keeps bf16 state
+    assert records["fastcyclic_adamw"]["bytes_per_param"] == 22.0
+    assert records["torch_adamw_foreach"]["bytes_per_param"] == 14.0
+    assert records["fastcyclic_sgdw"]["bytes_per_param"] == 14.0
+    for name in ("fastcyclic_adamw", "fastcyclic_sgdw"):
+        assert records[name]["correct"] is True and records[name]["reference"].endswith("[fp32]")
+    assert "ce+step" not in records
+
+
+def test_a_wrong_optimizer_is_reported_as_failing(tmp_path, monkeypatch, capsys):
+    from fastcyclic.optim import AdamW
+
+    def no_decay(params, device, interpret):  # forgets the weight decay: off by lr * wd * p per step
+        return AdamW(params, lr=optim.LR, weight_decay=0.0, backend="torch")
+
+    monkeypatch.setitem(optim.STEP_METHODS, "fastcyclic_adamw", ("adamw", no_decay, False))
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--sizes", "3000", "--methods", "fastcyclic_adamw",
+                "--out", str(out)]) == 1
+    r = records_by_method(out)["fastcyclic_adamw"]
+    assert r["status"] == "ok" and r["correct"] is False and r["rel_diff"] > 1e-4
+    captured = capsys.readouterr()
+    assert "WRONG" in captured.out and "FAILED" in captured.err
+
+
+def test_a_refused_or_failing_method_gets_a_record_and_the_run_goes_on(tmp_path, monkeypatch):
+    def refuses(params, device, interpret):
+        raise RuntimeError("fused=True is not supported here")
+
+    def breaks(params, device, interpret):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(optim.STEP_METHODS, "torch_adamw_fused", ("adamw", refuses, True))
+    monkeypatch.setitem(optim.STEP_METHODS, "fastcyclic_sgdw", ("sgd", breaks, False))
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--sizes", "3000", "--methods", "torch_adamw_fused",
+                "fastcyclic_sgdw", "torch_sgd_foreach", "--out", str(out)]) == 1  # fastcyclic failed
+    records = records_by_method(out)
+    assert records["torch_adamw_fused"]["status"] == "unavailable"
+    assert "not supported" in records["torch_adamw_fused"]["error"]
+    assert records["fastcyclic_sgdw"]["status"] == "failed" and "exploded" in records["fastcyclic_sgdw"]["error"]
+    assert records["torch_sgd_foreach"]["status"] == "ok"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--interpret is the CPU path")
+def test_interpret_runs_the_triton_kernels(tmp_path):
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--interpret", "--sizes", "70000", "--methods", "fastcyclic_adamw",
+                "fastcyclic_sgdw", "--out", str(out)]) == 0
+    for r in records_by_method(out).values():
+        if r["kind"] == "step":
+            assert r["backend"] == "triton" and r["status"] == "ok" and r["correct"] is True
+
+
+@pytest.mark.parametrize("total", [1, 17, 4096, 2**16, 70000, 2**25])
+def test_split_sizes_is_model_like_and_sums_to_the_total(total):
+    sizes = optim.split_sizes(total)
+    assert sum(sizes) == total and min(sizes) >= 1
+    assert sizes[0] == max(sizes)
+
+
+@pytest.mark.parametrize("text, value", [("2^25", 2**25), ("2**10", 1024), ("33554432", 2**25), ("1", 1)])
+def test_parse_size(text, value):
+    assert optim.parse_size(text) == value
+
+
+@pytest.mark.parametrize("argv", [
+    ["--sizes", "-5"],
+    ["--sizes", "0"],
+    ["--sizes", "2^x"],
+    ["--sizes", "2^-3"],
+    ["--dtype", "fp8"],
+    ["--methods", "nope"],
+    ["--ce-shape", "8x16"],
+])
+def test_malformed_arguments_exit_2_and_write_nothing(argv, tmp_path, capsys):
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit) as exc:
+        run(argv + ["--out", str(out)])
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cuda_without_cuda_is_refused_and_writes_nothing(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "res"
+    assert run(["--device", "cuda", "--out", str(out)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()
