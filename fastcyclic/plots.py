@@ -1,0 +1,222 @@
+"""Figures of the geometry diagnostics and of training, as PNG files.
+
+One function per figure; each takes data and a path, writes the PNG atomically (a temporary file in the same
+folder, then os.replace, so a reader never sees half a file) and returns the path. Figures are drawn on
+matplotlib.figure.Figure with the Agg canvas: no pyplot, so the user's backend and open windows are untouched, and
+matplotlib is imported only when a figure is drawn (importing fastcyclic.geometry never imports it).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+
+from fastcyclic import geometry
+
+__all__ = ["plot_circles", "plot_fourier", "plot_geometry_history", "plot_training_curves"]
+
+_COLOR = {"W": "tab:blue", "E": "tab:orange", "locking": "tab:green"}
+_DPI = 120
+
+
+def _figure(ncols: int, nrows: int = 1, size: tuple[float, float] = (6.0, 5.0)):
+    """A pyplot-free figure with an Agg canvas and a (nrows × ncols) grid of axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _frequencies(count: int) -> str:
+    return f"{count} frequency" if count == 1 else f"{count} frequencies"
+
+
+def _save(fig, path) -> str:
+    """Write fig as a PNG at path atomically; return path."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=_DPI)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a figure is for reading
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# (1) the circles: W's and E's rows in their top-2 planes
+# --------------------------------------------------------------------------------------------
+
+
+def plot_circles(W, E, path, *, max_points: int = 20000, title: str | None = None) -> str:
+    """Rows of W (K×d) and E (P×d), centred and projected on each matrix's own top-2 plane, coloured by row index.
+
+    A rank-2 cyclic layout shows a ring whose colour runs ω times around it (cyclic colour map: index k and k + 1
+    mod n get close colours). At most max_points rows are drawn per panel (every ⌈n/max_points⌉-th row)."""
+    fig, axes = _figure(2)
+    for ax, name, X in zip(axes[0], ("W", "E"), (W, E)):
+        layout = geometry.describe(X)
+        u, sp, fs = layout.coords, layout.spectrum, layout.fourier
+        n = u.shape[0]
+        stride = max(1, math.ceil(n / max_points))
+        k = list(range(0, n, stride))
+        points = ax.scatter(u[k, 0].numpy(), u[k, 1].numpy(), c=k, cmap="twilight", s=max(2.0, 4000 / len(k)),
+                            vmin=0, vmax=n - 1, linewidths=0)
+        label = "class c" if name == "W" else "token"
+        fig.colorbar(points, ax=ax, label=f"row index ({label})", shrink=0.8)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_xlabel("top singular direction 1")
+        ax.set_ylabel("top singular direction 2")
+        what = "classifier" if name == "W" else "embedding"
+        ax.set_title(f"{name} ({what}, {n}×{X.shape[1]}): ρ₂ = {sp.rho2:.3f}, ω = {fs.omega}, "
+                     f"{_frequencies(fs.count)}", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "Rows in their top-2 plane (a circle = rank-2 cyclic)")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# (2) the Fourier power spectrum over the row index
+# --------------------------------------------------------------------------------------------
+
+
+def plot_fourier(W, E, path, *, mass: float = geometry.FREQ_MASS, log: bool = False, title: str | None = None) -> str:
+    """Share of each frequency f = 1 … ⌊n/2⌋ in the non-constant energy of W's and of E's rows (one panel each),
+    with the dominant ω marked and the number of frequencies holding `mass` of the energy in the title."""
+    fig, axes = _figure(1, nrows=2, size=(9.0, 3.2))
+    for ax, name, X in zip(axes[:, 0], ("W", "E"), (W, E)):
+        fs = geometry.fourier_spectrum(X, mass=mass)
+        ac = fs.power[1:]
+        total = float(ac.sum())
+        share = (ac / total if total > 0 else ac).numpy()
+        f = range(1, len(share) + 1)
+        if len(share) <= 200:
+            ax.vlines(f, 0, share, color=_COLOR[name], lw=1.5)
+        else:
+            ax.plot(f, share, color=_COLOR[name], lw=0.7)
+        if fs.omega:
+            ax.plot([fs.omega], [share[fs.omega - 1]], "v", color="black", ms=7,
+                    label=f"ω = {fs.omega} ({100 * fs.share:.3g} % of the energy)")
+            ax.legend(loc="upper right", fontsize=9)
+        if log and total > 0:
+            ax.set_yscale("log")
+        ax.set_xlim(0, len(share) + 1)
+        ax.set_xlabel("frequency f (over the row index; f and n − f are one circle)")
+        ax.set_ylabel("share of energy")
+        verb = "holds" if fs.count == 1 else "hold"
+        ax.set_title(f"{name}: {_frequencies(fs.count)} {verb} {100 * mass:.3g} % of the energy", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "Fourier power spectrum of the rows")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# (3) geometry over training
+# --------------------------------------------------------------------------------------------
+
+
+def _as_record(entry) -> dict:
+    """One history entry as a dict with 'step': a dict with 'step', or (step, GeometrySummary or dict)."""
+    if isinstance(entry, Mapping):
+        return dict(entry)
+    step, s = entry
+    if isinstance(s, geometry.GeometrySummary):
+        s = s.to_dict()
+    return {**s, "step": step}
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the records that have a finite value for key."""
+    steps, values = [], []
+    for r in records:
+        v = r.get(key)
+        if v is not None and "step" in r and math.isfinite(float(v)):
+            steps.append(r["step"])
+            values.append(float(v))
+    return steps, values
+
+
+def plot_geometry_history(history: Iterable, path, *, threshold: float = geometry.LAYER_ORDER_THRESHOLD,
+                          title: str | None = None) -> str:
+    """ρ₂(W), ρ₂(E) and subspace locking against the training step, with t_W and t_E (first step each ρ₂ reaches
+    threshold) marked; a second panel shows the frequency counts when the history has them.
+
+    history: (step, GeometrySummary), (step, dict) or dicts with 'step' and any of rho2_W, rho2_E, locking,
+    freq_count_W, freq_count_E."""
+    records = sorted((_as_record(e) for e in history), key=lambda r: r.get("step", 0))
+    has_counts = any(r.get("freq_count_W") is not None or r.get("freq_count_E") is not None for r in records)
+    fig, axes = _figure(1, nrows=2 if has_counts else 1, size=(8.0, 4.0))
+    ax = axes[0, 0]
+    for key, label, color in (("rho2_W", "ρ₂(W) classifier", _COLOR["W"]), ("rho2_E", "ρ₂(E) embedding", _COLOR["E"]),
+                              ("locking", "locking (E's energy in W's plane)", _COLOR["locking"])):
+        steps, values = _series(records, key)
+        if steps:
+            ax.plot(steps, values, "-o", ms=3, color=color, label=label)
+    ax.axhline(threshold, color="grey", ls=":", lw=1, label=f"threshold {threshold:g}")
+    t_w, t_e = geometry.layer_order([r for r in records if "step" in r], threshold)
+    for t, name in ((t_w, "W"), (t_e, "E")):
+        if t is not None:
+            ax.axvline(t, color=_COLOR[name], ls="--", lw=1.2, label=f"t_{name} = {t}")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share of energy")
+    order = "t_W < t_E (classifier first)" if t_w is not None and t_e is not None and t_w < t_e else ""
+    ax.set_title(f"Rank-2 energy share over training {order}".strip(), fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    if has_counts:
+        ax = axes[1, 0]
+        for key, name in (("freq_count_W", "W"), ("freq_count_E", "E")):
+            steps, values = _series(records, key)
+            if steps:
+                ax.plot(steps, values, "-o", ms=3, color=_COLOR[name], label=f"frequencies in {name}")
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("frequency count")
+        ax.set_title("Frequencies holding most of the energy (1 = one circle)", fontsize=10)
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "Geometry over training")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# (4) loss and accuracy curves
+# --------------------------------------------------------------------------------------------
+
+
+def plot_training_curves(history: Iterable[Mapping], path, *, title: str | None = None) -> str:
+    """Train/test loss (log scale when positive) and accuracy against the step. history: dicts with 'step' and any
+    of train_loss, test_loss, train_acc, test_acc; missing keys and None values are skipped."""
+    records = sorted((dict(r) for r in history if "step" in r), key=lambda r: r["step"])
+    fig, axes = _figure(2, size=(6.0, 4.0))
+    for ax, kind in zip(axes[0], ("loss", "acc")):
+        drawn = []
+        for split, style in (("train", "-"), ("test", "--")):
+            steps, values = _series(records, f"{split}_{kind}")
+            if steps:
+                ax.plot(steps, values, style, lw=1.5, label=split)
+                drawn.extend(values)
+        if kind == "loss" and drawn and min(drawn) > 0:
+            ax.set_yscale("log")
+        if kind == "acc":
+            ax.set_ylim(-0.02, 1.02)
+        if drawn:
+            ax.legend(loc="best")
+        else:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("cross-entropy loss" if kind == "loss" else "accuracy")
+        ax.set_title("Loss" if kind == "loss" else "Accuracy", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "Training curves")
+    return _save(fig, path)

@@ -1,0 +1,498 @@
+"""fastcyclic.geometry and fastcyclic.plots on matrices whose geometry is known exactly.
+
+Facts used (DESIGN.md §1): an ideal cyclic W (rows r·(cos 2πωk/K, sin 2πωk/K), rotated into d dimensions) has two
+singular values r√(K/2), so ρ₂ = 1; an ideal simplex ETF has K − 1 singular values r√(K/(K − 1)), so ρ₂ = 2/(K − 1).
+The neural-collapse distances are checked against the K×K Gram matrices, formed here only, at small K.
+"""
+import json
+import math
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastcyclic import geometry as g
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# constructed layouts
+# --------------------------------------------------------------------------------------------
+
+
+def rotation(d, gen):
+    """A random d×d orthogonal matrix."""
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=F64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def sinusoids(n, freqs, amps=None, phases=None):
+    """n × 2m matrix of columns amp·cos(2πfk/n + phase), amp·sin(…) for each frequency f."""
+    k = torch.arange(n, dtype=F64)
+    cols = []
+    for i, f in enumerate(freqs):
+        a = 1.0 if amps is None else amps[i]
+        p = 0.0 if phases is None else phases[i]
+        angle = 2 * math.pi * f * k / n + p
+        cols += [a * torch.cos(angle), a * torch.sin(angle)]
+    return torch.stack(cols, dim=1)
+
+
+def embed(X, d, gen, offset=True):
+    """X (n×m, m ≤ d) rotated into d dimensions by a random orthogonal matrix, plus a random shared row."""
+    Q = rotation(d, gen)
+    Y = X @ Q[: X.shape[1]]
+    if offset:
+        Y = Y + torch.randn(1, d, generator=gen, dtype=F64)
+    return Y
+
+
+def ideal_cyclic(K, omega, d, gen, r=None):
+    r = float(0.1 + 5 * torch.rand(1, generator=gen)) if r is None else r
+    phase = float(2 * math.pi * torch.rand(1, generator=gen))
+    return embed(r * sinusoids(K, [omega], phases=[phase]), d, gen), r
+
+
+def simplex_etf(K, d, gen, r=1.0):
+    """K rows of norm r with pairwise cosine −1/(K − 1), rotated into d ≥ K dimensions."""
+    M = r * math.sqrt(K / (K - 1)) * (torch.eye(K, dtype=F64) - 1.0 / K)
+    return embed(M, d, gen)
+
+
+def numeric_fields(summary):
+    return {k: v for k, v in summary.to_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# --------------------------------------------------------------------------------------------
+# the ideal circle
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("K,omega", [(31, 1), (31, 7), (31, 30), (64, 5), (64, 31), (127, 50), (12, 5), (5, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_ideal_cyclic(gen, K, omega, dtype):
+    W, r = ideal_cyclic(K, omega, 16, gen)
+    E, _ = ideal_cyclic(K, omega, 16, gen)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    s = g.summarize(W.to(dtype), E.to(dtype))
+    folded = min(omega, K - omega)  # ω and K − ω are the same circle
+    assert s.verdict == "cyclic" and s.verdict_E == "cyclic"
+    assert (s.omega_W, s.omega_E) == (folded, folded) and s.shared_omega
+    assert s.freq_count_W == 1 and s.top_freqs_W == (folded,) and s.freq_overlap == 1.0
+    assert s.rho2_W == pytest.approx(1, abs=tol) and s.rho2_E == pytest.approx(1, abs=tol)
+    assert s.stable_rank_W == pytest.approx(2, abs=tol * 10) and s.dim_count_W == 2
+    assert s.freq_share_W == pytest.approx(1, abs=tol)
+    assert s.radius_cv_W == pytest.approx(0, abs=tol)
+    assert s.phase_r2_W == pytest.approx(1, abs=tol)
+    assert s.gap_error_W == pytest.approx(0, abs=tol * K)
+    assert s.cyclic_distance_W == pytest.approx(0, abs=math.sqrt(tol))
+    sv = g.spectrum(W.to(dtype)).singular_values
+    assert sv[:2].tolist() == pytest.approx([r * math.sqrt(K / 2)] * 2, rel=tol)
+    assert float(sv[2:].abs().max()) <= math.sqrt(tol) * r * math.sqrt(K)
+
+
+def test_circle_direction_and_phase(gen):
+    """Angles that run with +ω or with −ω (rows in reverse order) both fit exactly, and the fitted
+    direction s and offset φ reproduce the angles seen in the top-2 plane."""
+    K, omega = 29, 4
+    X = embed(sinusoids(K, [omega], phases=[0.7]), 6, gen)
+    k = torch.arange(K, dtype=F64)
+    for Y in (X, X.flip(0)):
+        fit = g.circle_fit(Y)
+        assert fit.phase_r2 == pytest.approx(1, abs=1e-12) and fit.omega == omega
+        u = g.project_top2(Y)
+        theta = torch.atan2(u[:, 1], u[:, 0])
+        fitted = fit.direction * 2 * math.pi * omega * k / K + fit.phase
+        assert torch.allclose(torch.cos(theta - fitted), torch.ones(K, dtype=F64))
+    # a wrong frequency gives a poor phase fit but the same evenly spaced points
+    wrong = g.circle_fit(X, omega=omega + 1)
+    assert wrong.phase_r2 < 0.1 and wrong.gap_error == pytest.approx(0, abs=1e-9)
+
+
+def test_circle_fit_detects_uneven_points(gen):
+    K = 40
+    k = torch.arange(K, dtype=F64)
+    angle = 2 * math.pi * 3 * k / K
+    two_radii = torch.stack([torch.cos(angle), torch.sin(angle)], 1) * (1 + 0.5 * (k % 2)).unsqueeze(1)
+    fit = g.circle_fit(embed(two_radii, 5, gen))
+    assert fit.radius_cv == pytest.approx(0.2, abs=1e-9)  # radii 1 and 1.5: std 0.25 / mean 1.25
+    assert fit.phase_r2 == pytest.approx(1, abs=1e-12) and fit.gap_error == pytest.approx(0, abs=1e-9)
+    angle = angle + 0.3 * torch.sin(2 * math.pi * k / K)  # non-linear phase on one circle
+    fit = g.circle_fit(embed(torch.stack([torch.cos(angle), torch.sin(angle)], 1), 5, gen))
+    assert fit.gap_error > 0.05
+    assert 0.5 < fit.phase_r2 < 0.999
+
+
+# --------------------------------------------------------------------------------------------
+# several circles, the simplex, noise
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_frequencies(gen):
+    K = 61
+    W = embed(sinusoids(K, [3, 10], phases=[0.2, 1.1]), 16, gen)
+    E = embed(sinusoids(K, [10, 17], phases=[0.5, 2.0]), 16, gen)
+    s = g.summarize(W, E)
+    assert s.verdict == "multi-frequency" and s.verdict_E == "multi-frequency"
+    assert s.freq_count_W == 2 and set(s.top_freqs_W) == {3, 10} and set(s.top_freqs_E) == {10, 17}
+    assert s.freq_overlap == pytest.approx(1 / 3)  # {3, 10} vs {10, 17}
+    assert s.rho2_W == pytest.approx(0.5, abs=1e-9) and s.dim_count_W == 4
+    ev = g.spectrum(W).singular_values.square()
+    assert float(ev[:4].sum() / ev.sum()) == pytest.approx(1, abs=1e-12)  # rank 4
+    assert ev[:4].tolist() == pytest.approx([K / 2] * 4, rel=1e-9)
+    assert s.freq_share_W == pytest.approx(0.5, abs=1e-9)
+
+
+def test_unequal_frequencies_count_and_mass(gen):
+    """Energies 0.8, 0.15, 0.05: one frequency holds 80 %, two hold 95 %."""
+    K = 64
+    X = embed(sinusoids(K, [2, 9, 21], amps=[math.sqrt(0.8), math.sqrt(0.15), math.sqrt(0.05)]), 10, gen)
+    assert g.fourier_spectrum(X, mass=0.9).count == 2
+    assert g.fourier_spectrum(X, mass=0.75).count == 1
+    assert g.fourier_spectrum(X, mass=1.0).count == 3
+    fs = g.fourier_spectrum(X)
+    assert fs.top.tolist() == [2, 9] and fs.share == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("K,d", [(10, 12), (40, 48)])
+def test_simplex_etf(gen, K, d):
+    M = simplex_etf(K, d, gen, r=2.5)
+    s = g.summarize(M, M)
+    assert s.verdict == "etf-like"
+    assert s.rho2_W == pytest.approx(2 / (K - 1), rel=1e-9)
+    assert s.stable_rank_W == pytest.approx(K - 1, rel=1e-9)
+    sv = g.spectrum(M).singular_values
+    assert sv[: K - 1].tolist() == pytest.approx([2.5 * math.sqrt(K / (K - 1))] * (K - 1), rel=1e-9)
+    assert s.etf_distance_W == pytest.approx(0, abs=1e-6)
+    assert s.cyclic_distance_W > 0.5
+
+
+def test_gaussian_noise_is_unstructured(gen):
+    X = torch.randn(257, 16, generator=gen, dtype=F64)
+    Y = torch.randn(257, 16, generator=gen, dtype=F64)
+    s = g.summarize(X, Y)
+    assert s.verdict == "unstructured" and s.verdict_E == "unstructured"
+    assert s.freq_count_W > g.MULTI_MAX_FREQ_FRACTION * 128
+    assert s.rho2_W < 0.4 and s.locking < 0.5
+    assert s.etf_distance_W > 1.0  # 257 points in 16 dimensions cannot form a simplex
+
+
+def test_nyquist_and_parseval(gen):
+    """Energies per frequency add up to ‖X‖_F² for odd and even n; the Nyquist bin is counted once."""
+    for n in (33, 34):
+        X = torch.randn(n, 5, generator=gen, dtype=F64) + 3.0
+        fs = g.fourier_spectrum(X)
+        assert float(fs.power.sum()) == pytest.approx(float(X.square().sum()), rel=1e-12)
+        assert len(fs.power) == n // 2 + 1
+    n = 34
+    alt = torch.tensor([(-1.0) ** k for k in range(n)], dtype=F64)
+    X = torch.stack([alt, 2 * alt, torch.zeros(n, dtype=F64)], 1)  # all energy at f = n/2
+    fs = g.fourier_spectrum(X)
+    assert (fs.omega, fs.count) == (n // 2, 1) and fs.share == pytest.approx(1)
+    assert float(fs.power[n // 2]) == pytest.approx(5 * n)
+    # one cosine column at f = 5: its energy n/2 sits at f = 5 (two rfft bins f and n − f, one entry)
+    cos = torch.cos(2 * math.pi * 5 * torch.arange(n, dtype=F64) / n).unsqueeze(1)
+    assert float(g.fourier_spectrum(cos).power[5]) == pytest.approx(n / 2)
+
+
+# --------------------------------------------------------------------------------------------
+# invariances, dtypes, degenerate input
+# --------------------------------------------------------------------------------------------
+
+
+def test_invariant_to_rotation_and_scale(gen):
+    K, d = 101, 12
+    noise = torch.randn(K, d, generator=gen, dtype=F64)
+    W = embed(sinusoids(K, [4, 11, 30], amps=[1.0, 0.6, 0.3]), d, gen) + 0.05 * noise
+    E = embed(sinusoids(K, [4, 11], amps=[1.0, 0.8]), d, gen) + 0.1 * torch.randn(K, d, generator=gen, dtype=F64)
+    h = torch.randn(50, d, generator=gen, dtype=F64)
+    y = torch.randint(0, K, (50,), generator=gen)
+    base = g.summarize(W, E, h=h, labels=y)
+    Q = rotation(d, gen)
+    moved = g.summarize(3.7 * W @ Q, 0.2 * E @ Q, h=h @ Q, labels=y)
+    assert moved.verdict == base.verdict and moved.top_freqs_W == base.top_freqs_W
+    a, b = numeric_fields(base), numeric_fields(moved)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-7, abs=1e-9), key
+
+
+def test_float32_matches_float64(gen):
+    K, d = 97, 8
+    W = embed(sinusoids(K, [5, 20], amps=[1.0, 0.5]), d, gen) + 0.1 * torch.randn(K, d, generator=gen, dtype=F64)
+    E = torch.randn(K, d, generator=gen, dtype=F64)
+    a, b = g.summarize(W, E), g.summarize(W.float(), E.float())
+    assert a.verdict == b.verdict and a.top_freqs_W == b.top_freqs_W
+    for key, value in numeric_fields(a).items():
+        assert numeric_fields(b)[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_all_zero_and_constant_rows():
+    for X in (torch.zeros(10, 4), torch.full((9, 3), 2.5, dtype=F64)):
+        s = g.summarize(X, X)
+        assert s.verdict == "unstructured" and s.verdict_E == "unstructured"
+        for key, value in numeric_fields(s).items():
+            assert math.isfinite(value), key
+        assert (s.rho2_W, s.freq_count_W, s.omega_W, s.locking) == (0.0, 0, 0, 0.0)
+        assert not s.shared_omega
+    json.dumps(g.summarize(torch.zeros(10, 4), torch.zeros(10, 4)).to_dict())
+
+
+def test_bad_input():
+    ok = torch.randn(8, 4)
+    cases = [
+        (torch.randn(8), "2-D.*shape \\(8,\\)"),
+        (torch.randn(2, 8, 4), "2-D.*shape \\(2, 8, 4\\)"),
+        (torch.randn(2, 4), "at least 3 rows.*\\(2, 4\\)"),
+        (torch.randn(8, 0), "at least 1 column"),
+        (torch.randn(8, 4, dtype=torch.complex64), "real"),
+    ]
+    for X, match in cases:
+        with pytest.raises(ValueError, match=match):
+            g.summarize(X, ok)
+    bad = ok.clone()
+    bad[5, 2] = float("nan")
+    with pytest.raises(ValueError, match="W has 1 non-finite.*row 5, column 2: nan"):
+        g.summarize(bad, ok)
+    bad[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="E has 2 non-finite.*row 1, column 1: inf"):
+        g.summarize(ok, bad)
+    with pytest.raises(ValueError, match="W has d=4.*E has d=5"):
+        g.summarize(ok, torch.randn(8, 5))
+    with pytest.raises(ValueError, match="mass"):
+        g.summarize(ok, ok, mass=0)
+    with pytest.raises(ValueError, match="labels must lie in \\[0, 8\\)"):
+        g.phase_alignment(ok, torch.randn(3, 4), torch.tensor([0, 8, 1]))
+    with pytest.raises(ValueError, match="both h and labels"):
+        g.summarize(ok, ok, h=torch.randn(3, 4))
+
+
+def test_accepts_integer_and_numpy_input():
+    X = sinusoids(12, [5]).numpy()
+    assert g.fourier_spectrum(X).omega == 5
+    assert g.spectrum(torch.arange(12).reshape(6, 2)).rho2 == pytest.approx(1)
+
+
+# --------------------------------------------------------------------------------------------
+# locking, phase alignment, neural collapse
+# --------------------------------------------------------------------------------------------
+
+
+def test_subspace_locking(gen):
+    K, d = 37, 10
+    W, _ = ideal_cyclic(K, 5, d, gen)
+    V = g.top2_plane(W)  # d×2
+    Q, _ = torch.linalg.qr(torch.cat([V, torch.randn(d, d - 2, generator=gen, dtype=F64)], 1))
+    N = Q[:, 2:]  # orthonormal complement of W's plane
+    inside = torch.randn(K, 2, generator=gen, dtype=F64) @ V.T
+    outside = torch.randn(K, d - 2, generator=gen, dtype=F64) @ N.T
+    assert g.subspace_locking(W, inside) == pytest.approx(1, abs=1e-12)
+    assert g.subspace_locking(W, outside) == pytest.approx(0, abs=1e-12)
+    mixed = inside + outside
+    inside_c, mixed_c = inside - inside.mean(0), mixed - mixed.mean(0)
+    share = float(inside_c.square().sum() / mixed_c.square().sum())  # the two parts are orthogonal
+    assert g.subspace_locking(W, mixed) == pytest.approx(share, rel=1e-10)
+    assert g.summarize(W, mixed).locking == pytest.approx(share, rel=1e-10)
+
+
+def test_different_spaces(gen):
+    """W (K×m) read from a hidden layer, E (P×d): frequencies are compared, locking is not measured."""
+    W, _ = ideal_cyclic(31, 6, 12, gen)
+    E, _ = ideal_cyclic(31, 6, 5, gen)
+    with pytest.raises(ValueError, match="W has d=12.*E has d=5"):
+        g.summarize(W, E)
+    s = g.summarize(W, E, same_space=False)
+    assert s.locking is None and s.shared_omega and s.verdict == s.verdict_E == "cyclic"
+    json.dumps(s.to_dict())
+
+
+def test_phase_alignment(gen):
+    K, d, N = 37, 8, 400
+    W, _ = ideal_cyclic(K, 5, d, gen)
+    V = g.top2_plane(W)
+    w2 = (W - W.mean(0)) @ V  # centred W rows in the plane
+    labels = torch.randint(0, K, (N,), generator=gen)
+    out_of_plane = torch.randn(N, d, generator=gen, dtype=F64)
+    out_of_plane -= out_of_plane @ V @ V.T  # invisible in W's plane
+    for alpha in (0.0, 0.4, -0.4, 2.5):
+        rot = torch.tensor([[math.cos(alpha), -math.sin(alpha)], [math.sin(alpha), math.cos(alpha)]], dtype=F64)
+        scale = 0.5 + torch.rand(N, 1, generator=gen, dtype=F64)
+        h = (scale * w2[labels] @ rot.T) @ V.T + out_of_plane
+        pa = g.phase_alignment(W, h, labels)
+        assert pa.mean_abs_angle == pytest.approx(abs(alpha), abs=1e-9)
+        assert pa.mean_cos == pytest.approx(math.cos(alpha), abs=1e-9)
+    s = g.summarize(W, W, h=h, labels=labels)
+    assert s.phase_angle == pytest.approx(2.5, abs=1e-9) and s.phase_cos == pytest.approx(math.cos(2.5), abs=1e-9)
+
+
+def brute_nc(M, omega):
+    """dist(G, T) of the module docstring with the K×K matrices formed."""
+    K = M.shape[0]
+    X = M - M.mean(0)
+    norms = X.norm(dim=1, keepdim=True)
+    X = torch.where(norms > 0, X / norms.clamp_min(1e-300), X)
+    G = X @ X.T
+    T_etf = (K * torch.eye(K, dtype=F64) - 1) / (K - 1)
+    c = torch.arange(K, dtype=F64)
+    T_cyc = torch.cos(2 * math.pi * omega * (c[:, None] - c[None, :]) / K)
+
+    def dist(T):
+        return float((G / G.norm() - T / T.norm()).norm())
+
+    return dist(T_etf), dist(T_cyc)
+
+
+@pytest.mark.parametrize("K,omega", [(12, 1), (12, 5), (12, 6), (13, 4), (7, 3)])
+def test_nc_distances_match_brute_force(gen, K, omega):
+    layouts = [
+        torch.randn(K, 5, generator=gen, dtype=F64),
+        embed(sinusoids(K, [omega]), 6, gen) + 0.03 * torch.randn(K, 6, generator=gen, dtype=F64),
+        simplex_etf(K, K + 2, gen),
+    ]
+    M = torch.randn(K, 4, generator=gen, dtype=F64)
+    M[0] = M[1:].mean(0)  # row 0 is the mean: a zero row after centring
+    layouts.append(M)
+    for X in layouts:
+        got = g.nc_distances(X, omega=omega)
+        want = brute_nc(X, omega)
+        assert (got.etf, got.cyclic) == pytest.approx(want, abs=1e-7)
+    default = g.nc_distances(layouts[1])  # the dominant frequency of the rows: the nearest circle
+    assert default.omega == min(omega, K - omega) and default.cyclic < 0.2
+    assert default.cyclic == min(g.nc_distances(layouts[1], omega=f).cyclic for f in range(1, K // 2 + 1))
+
+
+def test_nc1(gen):
+    K, d, per = 8, 4, 20
+    means = torch.randn(K, d, generator=gen, dtype=F64) * 3
+    labels = torch.arange(K).repeat(per)
+    assert g.nc1(means[labels], labels) == pytest.approx(0, abs=1e-12)
+    h = means[labels] + torch.randn(K * per, d, generator=gen, dtype=F64)
+    mu = torch.stack([h[labels == c].mean(0) for c in range(K)])
+    resid = h - mu[labels]
+    sw = resid.T @ resid / len(h)
+    b = mu - mu.mean(0)
+    sb = b.T @ b / K
+    want = float(torch.trace(sw @ torch.linalg.inv(sb))) / K  # Σ_B has full rank d < K
+    assert g.nc1(h, labels) == pytest.approx(want, rel=1e-9)
+    cm, counts = g.class_means(h, labels)
+    assert torch.allclose(cm, mu) and counts.tolist() == [per] * K
+
+
+# --------------------------------------------------------------------------------------------
+# layer order
+# --------------------------------------------------------------------------------------------
+
+
+def test_layer_order(gen):
+    dicts = [{"step": s, "rho2_W": w, "rho2_E": e} for s, w, e in
+             [(300, 0.95, 0.5), (0, 0.1, 0.1), (100, 0.5, 0.2), (200, 0.91, 0.3), (400, 0.97, 0.92), (500, 0.8, 0.99)]]
+    assert g.layer_order(dicts) == (200, 400)
+    assert g.layer_order(dicts, threshold=0.96) == (400, 500)
+    assert g.layer_order(dicts, threshold=0.999) == (None, None)
+    assert g.layer_order([(d["step"], d) for d in dicts]) == (200, 400)
+    assert g.layer_order([]) == (None, None)
+    circle, _ = ideal_cyclic(16, 3, 6, gen)
+    noise = torch.randn(16, 6, generator=gen, dtype=F64)
+    snapshots = [(0, noise, noise), (10, circle, noise), (20, circle, circle)]
+    assert g.layer_order(snapshots) == (10, 20)
+    summaries = [(step, g.summarize(W, E)) for step, W, E in snapshots]
+    assert g.layer_order(summaries) == (10, 20)
+
+
+# --------------------------------------------------------------------------------------------
+# scale
+# --------------------------------------------------------------------------------------------
+
+
+def test_moderate_size(gen):
+    """K = 8191, d = 64: a noisy circle is still found (the K×K Gram would hold 67 M entries; it is never formed)."""
+    K, d = 8191, 64
+    W = embed(sinusoids(K, [1234]), d, gen).float() + 0.02 * torch.randn(K, d, generator=gen)
+    E = embed(sinusoids(K, [1234, 77], amps=[1.0, 0.9]), d, gen).float() + 0.02 * torch.randn(K, d, generator=gen)
+    s = g.summarize(W, E)
+    assert s.verdict == "cyclic" and s.omega_W == 1234 and s.rho2_W > 0.95
+    assert s.verdict_E == "multi-frequency" and set(s.top_freqs_E) == {1234, 77} and s.shared_omega
+    assert s.phase_r2_W > 0.99 and s.radius_cv_W < 0.05
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(gen):
+    K, d = 1031, 32
+    W = embed(sinusoids(K, [17, 200], amps=[1.0, 0.3]), d, gen) + 0.05 * torch.randn(K, d, generator=gen, dtype=F64)
+    E = torch.randn(K, d, generator=gen, dtype=F64)
+    h = torch.randn(64, d, generator=gen, dtype=F64)
+    y = torch.randint(0, K, (64,), generator=gen)
+    for dtype in (torch.float32, torch.float64):
+        cpu = g.summarize(W.to(dtype), E.to(dtype), h=h, labels=y)
+        gpu = g.summarize(W.to("cuda", dtype), E.to("cuda", dtype), h=h.cuda(), labels=y.cuda())
+        assert gpu.verdict == cpu.verdict and gpu.top_freqs_W == cpu.top_freqs_W
+        for key, value in numeric_fields(cpu).items():
+            assert numeric_fields(gpu)[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------
+
+
+def check_png(path):
+    from matplotlib.image import imread
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert 300 <= width <= 4000 and 200 <= height <= 4000
+    assert len(data) > 5000
+    pixels = imread(path)
+    assert float(pixels[..., :3].std()) > 0.02  # not a flat colour
+
+
+def test_figures(gen, tmp_path):
+    import matplotlib
+
+    from fastcyclic import plots
+
+    backend = matplotlib.get_backend()
+    K = 61
+    W = embed(sinusoids(K, [5]), 8, gen) + 0.05 * torch.randn(K, 8, generator=gen, dtype=F64)
+    E = embed(sinusoids(K, [5, 12], amps=[1, 0.5]), 8, gen)
+    history = [(step, g.summarize(W * min(1, step / 300) + (1 - min(1, step / 300)) * E, E)) for step in
+               range(0, 600, 100)]
+    curves = [{"step": s, "train_loss": 4.0 / (1 + s), "test_loss": 4.5 / (1 + 0.5 * s), "train_acc": min(1, s / 300),
+               "test_acc": min(1, s / 500) if s > 100 else None} for s in range(0, 600, 50)]
+    curves.append({"step": 700, "train_loss": 0.001})  # missing keys are skipped
+    outputs = [
+        plots.plot_circles(W, E, tmp_path / "circles.png"),
+        plots.plot_fourier(W, E, tmp_path / "fourier.png"),
+        plots.plot_fourier(torch.randn(999, 8, generator=gen), E, str(tmp_path / "sub" / "fourier_log.png"), log=True),
+        plots.plot_geometry_history(history, tmp_path / "history.png"),
+        plots.plot_geometry_history([{"step": 0, "rho2_W": 0.2}, {"step": 5, "rho2_W": 0.95}], tmp_path / "h2.png"),
+        plots.plot_training_curves(curves, tmp_path / "curves.png"),
+        plots.plot_training_curves([{"step": 1}], tmp_path / "empty.png"),
+    ]
+    for path in outputs:
+        check_png(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["circles.png", "fourier.png", "sub", "history.png", "h2.png", "curves.png", "empty.png"])  # no temp files
+    assert matplotlib.get_backend() == backend
+
+
+def test_geometry_does_not_import_matplotlib():
+    code = "import sys, fastcyclic.geometry; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_nc_default_omega_is_the_nearest_circle(gen):
+    """Even K: a Nyquist layout (±1 rows) is a circle at f = K/2 whose Gram is ±1 everywhere."""
+    K = 12
+    alt = torch.tensor([(-1.0) ** k for k in range(K)], dtype=F64).unsqueeze(1)
+    X = embed(torch.cat([alt, 0.3 * sinusoids(K, [2])], 1), 5, gen)
+    default = g.nc_distances(X)
+    by_omega = [g.nc_distances(X, omega=f).cyclic for f in range(1, K // 2 + 1)]
+    assert default.cyclic == min(by_omega) and default.omega == 6
+    for f, dist in zip(range(1, K // 2 + 1), by_omega):
+        assert dist == pytest.approx(brute_nc(X, f)[1], abs=1e-7)
