@@ -1,6 +1,9 @@
 """fastcyclic: fused Triton kernels and tooling for training modular arithmetic at very many classes.
 
-The public names are imported on first use (PEP 562): importing the package must not yet define the
+Modules: ``fastcyclic.optim`` (AdamW, SGDW, fused_update), ``fastcyclic.geometry`` (summarize, ...),
+``fastcyclic.plots``.
+
+The public names below are imported on first use (PEP 562): importing the package must not yet define the
 Triton kernels, so that ``fastcyclic bench --interpret`` can set TRITON_INTERPRET=1 first.
 """
 import importlib
@@ -11,6 +14,12 @@ _PUBLIC = {
     "linear_cross_entropy": "fastcyclic.linear_ce",
     "linear_cross_entropy_stats": "fastcyclic.linear_ce",
     "LinearCrossEntropy": "fastcyclic.linear_ce",
+    "TrainConfig": "fastcyclic.train",
+    "TrainResult": "fastcyclic.train",
+    "Trainer": "fastcyclic.train",
+    "train": "fastcyclic.train",
+    "CyclicModel": "fastcyclic.model",
+    "ModularAddition": "fastcyclic.data",
 }
 __all__ = sorted(_PUBLIC) + ["__version__"]
 

@@ -1,0 +1,560 @@
+"""Training embedding + classifier models on (a + b) mod P: the config, the loop, checkpoints.
+
+    result = fastcyclic.train(fastcyclic.TrainConfig(p=97, weight_decay=0.01))
+
+One step: sample a batch (or take the full train set), h = model.features(a, b), the fused
+cross-entropy (its backward may apply the classifier's optimizer update itself), then the fused
+optimizer for the other parameters.  Nothing in the step reads a value back to the host: the loss
+and a NaN/Inf watch accumulate on the device and are read every ``eval_every`` steps, so on CUDA
+the whole step is captured once in a CUDA graph and replayed.  Weight decay is ramped on the device
+over ``weight_decay_warmup`` steps (large decay otherwise sends every weight to zero before
+features form).
+
+Per run directory: config.json, metrics.jsonl (one line per evaluation), summary.json,
+checkpoint.pt (atomic: temporary file, fsync, rename), figures/*.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from fastcyclic import geometry
+from fastcyclic.data import ModularAddition
+from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
+from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update
+
+OPTIMIZERS = ("adamw", "sgdw")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CHECKPOINT = "checkpoint.pt"
+# fields that may differ when a run is resumed: they change how long it runs and how it is logged,
+# not what a step computes
+RESUMABLE_CHANGES = ("steps", "eval_every", "geometry_every", "checkpoint_every", "out_dir", "progress")
+
+
+def _option(default, help: str):
+    """A TrainConfig field; its help text is the CLI's (``fastcyclic train --help``)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run.  The defaults are the embedded CPU default (README): a run
+    that groks P = 97 on two cores and ends with a few Fourier frequencies shared by W and E."""
+
+    p: int = _option(97, "modulus: K = P classes and P tokens")
+    model: str = _option("embed-mlp", "embed-sum: h = act(E[a] + E[b]); embed-mlp: h = act(U [E[a]; E[b]])")
+    d: int = _option(64, "embedding width")
+    hidden: Optional[int] = _option(256, "hidden width m of embed-mlp (ignored by embed-sum)")
+    factorised: bool = _option(False, "logits = (h V^T) W^T, so W (K x d) lives in E's space and locking is defined")
+    activation: str = _option("square", "relu, square (x^2) or gelu")
+    bias: bool = _option(False, "give the classifier a bias (never weight-decayed)")
+    train_fraction: float = _option(0.4, "share of the P^2 pairs in the train split")
+    batch_size: Optional[int] = _option(None, "pairs per step; none = the full train set (small P only)")
+    steps: int = _option(1500, "optimizer steps")
+    optimizer: str = _option("adamw", "adamw or sgdw")
+    lr: float = _option(3e-3, "learning rate")
+    betas: tuple = _option((0.9, 0.98), "adamw's (beta1, beta2)")
+    momentum: float = _option(0.9, "sgdw's momentum")
+    weight_decay: float = _option(0.01, "lambda, on every weight matrix (not on the bias)")
+    weight_decay_mode: str = _option("l2", "l2: lambda*p joins the gradient (the penalty in the loss); "
+                                           "decoupled: AdamW/SGDW")
+    weight_decay_warmup: int = _option(500, "steps of linear ramp of lambda from 0 (lets large lambda survive)")
+    init_scale: float = _option(1.0, "multiplies every initial standard deviation")
+    dtype: str = _option("float32", "float32, or bfloat16 compute with fp32 master weights")
+    seed: int = _option(0, "seeds the split, the initialisation and the batches")
+    device: str = _option("auto", "auto (cuda when available), cpu or cuda[:n]")
+    backend: str = _option("auto", "kernels: auto (triton on CUDA, torch on CPU), triton or torch")
+    fused_update: bool = _option(True, "on CUDA in float32, apply the classifier's update inside the CE backward")
+    cuda_graph: bool = _option(True, "on CUDA, capture the training step once and replay it")
+    eval_every: int = _option(100, "steps between evaluations (train/test loss and accuracy)")
+    geometry_every: int = _option(100, "steps between geometry summaries of W and E (at evaluations)")
+    checkpoint_every: int = _option(500, "steps between checkpoints (0: none)")
+    out_dir: Optional[str] = _option(None, "run directory (none: write nothing)")
+    progress: bool = _option(True, "show a progress bar")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise ValueError for a config that cannot run, before anything is built."""
+    c = config
+    checks = [
+        (isinstance(c.p, int) and c.p >= 2, f"p must be an integer >= 2, got {c.p!r}"),
+        (isinstance(c.d, int) and c.d >= 1, f"d must be an integer >= 1, got {c.d!r}"),
+        (c.hidden is None or (isinstance(c.hidden, int) and c.hidden >= 1),
+         f"hidden must be None or an integer >= 1, got {c.hidden!r}"),
+        (c.model in MODELS, f"model must be one of {MODELS}, got {c.model!r}"),
+        (c.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {c.activation!r}"),
+        (c.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}"),
+        (c.weight_decay_mode in WEIGHT_DECAY_MODES,
+         f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {c.weight_decay_mode!r}"),
+        (0.0 < c.train_fraction < 1.0, f"train_fraction must be in (0, 1), got {c.train_fraction!r}"),
+        (c.batch_size is None or (isinstance(c.batch_size, int) and c.batch_size >= 1),
+         f"batch_size must be None or an integer >= 1, got {c.batch_size!r}"),
+        (isinstance(c.steps, int) and c.steps >= 0, f"steps must be an integer >= 0, got {c.steps!r}"),
+        (c.lr >= 0, f"lr must be >= 0, got {c.lr!r}"),
+        (c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay!r}"),
+        (c.weight_decay_warmup >= 0, f"weight_decay_warmup must be >= 0, got {c.weight_decay_warmup!r}"),
+        (c.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {c.dtype!r}"),
+        (c.device in ("auto", "cpu") or c.device.startswith("cuda"),
+         f"device must be 'auto', 'cpu' or 'cuda[:n]', got {c.device!r}"),
+        (c.backend in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got {c.backend!r}"),
+        (all(isinstance(v, int) and v >= 1 for v in (c.eval_every, c.geometry_every)),
+         f"eval_every and geometry_every must be integers >= 1, got {c.eval_every!r}, {c.geometry_every!r}"),
+        (isinstance(c.checkpoint_every, int) and c.checkpoint_every >= 0,
+         f"checkpoint_every must be an integer >= 0, got {c.checkpoint_every!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={c.device!r} but CUDA is not available")
+    # the other checks (betas, momentum, ...) are the optimizer's own, at construction
+
+
+def _resolve_device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def _check_out_dir(path: str) -> None:
+    """Create out_dir and prove it writable before any training starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"out_dir {path!r} is not writable: {e}") from e
+
+
+def _write_atomic(path: str, write: Callable) -> None:
+    """write(file) into a temporary file beside path, fsync, rename over path: a reader (or a run
+    killed at any moment) sees the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: str, obj) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the message names the step.  The last good checkpoint and the
+    metrics up to the last evaluation are kept."""
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    final: dict                                   # the last evaluation: step, losses, accuracies, ...
+    geometry: Optional[geometry.GeometrySummary]  # of the final W and E
+    history: list = field(default_factory=list)   # every evaluation record (dicts)
+    t_W: Optional[int] = None                     # first evaluated step with rho2(W) >= 0.9
+    t_E: Optional[int] = None
+    settle_W: Optional[int] = None                # first evaluated step from which rho2(W) stays near its end value
+    settle_E: Optional[int] = None
+    paths: dict = field(default_factory=dict)     # what was written: config, metrics, summary, checkpoint, figures
+    seconds: float = 0.0
+    trainer: Optional["Trainer"] = field(default=None, repr=False)  # to keep stepping or to analyse the model
+
+
+class Trainer:
+    """The training loop, usable step by step: ``step()``, ``evaluate()``, ``state_dict()``.
+
+    ``fastcyclic.train`` runs it to the end; research code can drive it directly, e.g. to look at
+    ``trainer.model.W`` between steps."""
+
+    def __init__(self, config: TrainConfig, *, callbacks: Optional[list] = None):
+        validate(config)
+        self.config = config
+        self.callbacks = list(callbacks or [])
+        self.device = _resolve_device(config)
+        if self.device.type == "cpu":
+            # weights decaying toward zero go denormal and make CPU arithmetic ~10x slower
+            torch.set_flush_denormal(True)
+        self.compute_dtype = DTYPES[config.dtype]
+        self.data = ModularAddition(config.p, config.train_fraction, config.seed, self.device)
+        if config.batch_size is None and not self.data.enumerated:
+            raise ValueError(f"batch_size=None (full batch) needs the enumerated split, but P={config.p} has "
+                             f"{self.data.n_pairs} pairs; set batch_size")
+        if config.batch_size is not None and self.data.enumerated and config.batch_size > self.data.n_train:
+            raise ValueError(f"batch_size={config.batch_size} is larger than the train set "
+                             f"({self.data.n_train} pairs)")
+        init = torch.Generator().manual_seed(config.seed)
+        self.model = CyclicModel(config.p, config.d, model=config.model,
+                                 hidden=config.hidden if config.model == "embed-mlp" else None,
+                                 activation=config.activation, bias=config.bias, factorised=config.factorised,
+                                 init_scale=config.init_scale, device=self.device, generator=init)
+        self.backend = config.backend
+        if self.backend == "auto":
+            self.backend = "triton" if self.device.type == "cuda" else "torch"
+        self.batch_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+
+        # lambda lives on the device (ramped there, readable by a captured graph)
+        self._weight_decay = torch.zeros((), device=self.device)
+        decayed = [p for name, p in self.model.named_parameters() if name != "bias"]
+        groups = [{"params": decayed, "weight_decay": self._weight_decay}]
+        if self.model.bias is not None:
+            groups.append({"params": [self.model.bias], "weight_decay": 0.0})
+        common = dict(lr=config.lr, weight_decay_mode=config.weight_decay_mode, backend=self.backend)
+        if config.optimizer == "adamw":
+            self.optimizer = AdamW(groups, betas=tuple(config.betas), **common)
+        else:
+            self.optimizer = SGDW(groups, momentum=config.momentum, **common)
+        # the classifier update inside the CE backward: CUDA, fp32 (in bf16 the loss sees a bf16 copy of W)
+        self.fused = None
+        if config.fused_update and self.device.type == "cuda" and self.compute_dtype == torch.float32:
+            self.fused = fused_update(self.optimizer, self.model.weight)
+
+        # device-side accumulators, read at evaluations only
+        self.step_count = 0
+        self._step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._loss_steps = 0
+        self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._graph = None
+        self.history: list[dict] = []
+        self._timer = (time.perf_counter(), 0)
+        if config.out_dir is not None:  # last: a config refused above leaves no directory behind
+            _check_out_dir(config.out_dir)
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _batch(self):
+        if self.config.batch_size is None:
+            return self.data.full_batch()
+        return self.data.sample_train(self.config.batch_size, generator=self.batch_generator)
+
+    def _loss(self, a, b, c, fused=None):
+        h = self.model.features(a, b)
+        weight, bias = self.model.weight, self.model.bias
+        if self.compute_dtype != torch.float32:  # bf16 compute, fp32 master weights
+            h, weight = h.to(self.compute_dtype), weight.to(self.compute_dtype)
+            bias = bias.to(self.compute_dtype) if bias is not None else None
+        from fastcyclic.linear_ce import linear_cross_entropy
+
+        return linear_cross_entropy(h, weight, c, bias=bias, backend=self.backend, validate=False,
+                                    fused_update=fused)
+
+    def _train_step(self) -> None:
+        """The step exactly as captured: no host reads, fixed shapes."""
+        warmup = self.config.weight_decay_warmup
+        ramp = ((self._step + 1).double() / warmup).clamp(max=1.0) if warmup > 0 else torch.ones((), device=self.device)
+        self._weight_decay.copy_(ramp * self.config.weight_decay)
+        loss = self._loss(*self._batch(), fused=self.fused)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=self._graph is None and not self._capturing)
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad_step.copy_(torch.where(bad & (self._first_bad_step < 0), self._step, self._first_bad_step))
+        self._loss_sum.add_(loss.detach().double())
+        self._step.add_(1)
+
+    _capturing = False
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (state, tables and gradients get allocated), then capture one step."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        self._capturing = True  # gradients stay allocated from here on: the graph reuses their memory
+        with torch.cuda.stream(stream):
+            self._train_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._train_step()
+        self._capturing = False
+        self.step_count += 1  # the warm-up step was a real step; the capture itself ran nothing
+
+    def step(self) -> None:
+        """One optimizer step (replays the captured graph on CUDA)."""
+        c = self.config
+        if self._graph is None and c.cuda_graph and self.device.type == "cuda":
+            self._capture()
+            self._loss_steps += 1
+            return
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._train_step()
+        self.step_count += 1
+        self._loss_steps += 1
+
+    # ---- measurements -------------------------------------------------------------------------
+    def check_finite(self) -> None:
+        """Raise TrainingDiverged if any step so far had a NaN/Inf loss (reads one number: a sync)."""
+        first_bad = int(self._first_bad_step)
+        if first_bad >= 0:
+            raise TrainingDiverged(f"the training loss became NaN/Inf at step {first_bad + 1}; the last good "
+                                   "checkpoint and metrics are kept")
+
+    @torch.no_grad()
+    def _loss_and_accuracy(self, pairs, chunk: int = 8192) -> tuple[float, float]:
+        from fastcyclic.linear_ce import linear_cross_entropy_stats
+
+        a_all, b_all, c_all = pairs
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        for i in range(0, a_all.shape[0], chunk):
+            a, b, c = a_all[i:i + chunk], b_all[i:i + chunk], c_all[i:i + chunk]
+            h = self.model.features(a, b)
+            loss, _, argmax = linear_cross_entropy_stats(h, self.model.weight, c, bias=self.model.bias,
+                                                         backend=self.backend, validate=False)
+            loss_sum += loss.double().sum()
+            correct += (argmax == c).sum()
+        n = max(a_all.shape[0], 1)
+        return float(loss_sum) / n, int(correct) / n
+
+    def summarize_geometry(self) -> geometry.GeometrySummary:
+        """Geometry of the current W and E (``fastcyclic.geometry.summarize``)."""
+        W, E = self.model.W.float(), self.model.E.float()
+        # W meets E's space only through a factorised readout or embed-sum (there with a nonlinearity between)
+        return geometry.summarize(W, E, same_space=W.shape[1] == E.shape[1])
+
+    def evaluate(self, *, with_geometry: Optional[bool] = None) -> dict:
+        """Train/test loss and accuracy (fixed evaluation sets), the mean training loss since the last
+        evaluation, steps/s, and the geometry when due.  Raises TrainingDiverged after a NaN/Inf loss."""
+        start, steps_then = self._timer
+        self.check_finite()
+        now = time.perf_counter()
+        train_loss, train_acc = self._loss_and_accuracy(self.data.train_eval_pairs())
+        test_loss, test_acc = self._loss_and_accuracy(self.data.test_pairs())
+        record = dict(step=self.step_count, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+                      test_acc=test_acc,
+                      batch_loss=float(self._loss_sum) / self._loss_steps if self._loss_steps else None,
+                      steps_per_s=(self.step_count - steps_then) / max(now - start, 1e-9),
+                      weight_decay=float(self._weight_decay))
+        self._loss_sum.zero_()
+        self._loss_steps = 0
+        if with_geometry is None:
+            with_geometry = self.step_count % self.config.geometry_every == 0 or self.step_count == self.config.steps
+        if with_geometry:
+            summary = self.summarize_geometry()
+            record.update(rho2_W=summary.rho2_W, rho2_E=summary.rho2_E, locking=summary.locking,
+                          freq_count_W=summary.freq_count_W, freq_count_E=summary.freq_count_E,
+                          omega_W=summary.omega_W, omega_E=summary.omega_E, verdict=summary.verdict)
+        self.history.append(record)
+        for callback in self.callbacks:
+            callback(self, record)
+        self._timer = (time.perf_counter(), self.step_count)
+        return record
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return dict(
+            format=1, config=self.config.to_dict(), step=self.step_count,
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            batch_generator=self.batch_generator.get_state(), torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            history=self.history,
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = dict(state["config"])
+        mine = self.config.to_dict()
+        # "auto" and what it resolved to are the same choice
+        saved["device"] = str(_resolve_device(TrainConfig(device=saved.get("device", "auto"))))
+        mine["device"] = str(self.device)
+        different = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+        if different:
+            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in different)
+            raise ValueError(f"cannot resume with a different config ({details})")
+        if self._graph is not None:
+            raise RuntimeError("load_state_dict must come before the first step")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        # the loaded groups hold a copy of the lambda tensor; the ramp writes ours
+        self.optimizer.param_groups[0]["weight_decay"] = self._weight_decay
+        self.batch_generator.set_state(state["batch_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step_count = int(state["step"])
+        self._step.fill_(self.step_count)
+        self.history = list(state["history"])
+
+    def save_checkpoint(self, path: str) -> None:
+        state = self.state_dict()
+        _write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint's contents, or a ValueError saying why it cannot be used (nothing is written)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: torch raises many kinds
+        raise ValueError(f"checkpoint {path!r} is corrupt or unreadable ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != 1 or "model" not in state:
+        raise ValueError(f"checkpoint {path!r} is not a fastcyclic training checkpoint")
+    return state
+
+
+def _figures(trainer: Trainer, folder: str) -> dict:
+    from fastcyclic import plots
+
+    os.makedirs(folder, exist_ok=True)
+    W, E = trainer.model.W.float().cpu(), trainer.model.E.float().cpu()
+    paths = dict(
+        circles=plots.plot_circles(W, E, os.path.join(folder, "circles.png")),
+        fourier=plots.plot_fourier(W, E, os.path.join(folder, "fourier.png")),
+        curves=plots.plot_training_curves(trainer.history, os.path.join(folder, "curves.png")),
+    )
+    geometry_records = [r for r in trainer.history if "rho2_W" in r]
+    if geometry_records:
+        paths["geometry"] = plots.plot_geometry_history(geometry_records, os.path.join(folder, "geometry.png"))
+    return paths
+
+
+def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool = False,
+          figures: bool = True) -> TrainResult:
+    """Run ``config`` to the end (see the module docstring).  ``resume=True`` continues from
+    ``out_dir/checkpoint.pt`` when it exists.  ``callbacks``: functions ``f(trainer, record)`` called
+    after every evaluation."""
+    started = time.perf_counter()
+    trainer = Trainer(config, callbacks=callbacks)
+    out = config.out_dir
+    paths = {}
+    checkpoint = os.path.join(out, CHECKPOINT) if out else None
+    if resume:
+        if not out:
+            raise ValueError("resume=True needs out_dir")
+        if os.path.exists(checkpoint):
+            trainer.load_state_dict(load_checkpoint(checkpoint))
+    if out:
+        paths.update(config=os.path.join(out, "config.json"), metrics=os.path.join(out, "metrics.jsonl"))
+        _write_json(paths["config"], config.to_dict())
+        # metrics.jsonl restarts from the checkpoint's history, so a resumed run has no duplicate lines
+        lines = "".join(json.dumps(r) + "\n" for r in trainer.history)
+        _write_atomic(paths["metrics"], lambda f: f.write(lines.encode()))
+
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=trainer.step_count, desc=f"P={config.p}", unit="step",
+                   dynamic_ncols=True)
+    try:
+        if trainer.step_count == 0 and not trainer.history:
+            _log(trainer, trainer.evaluate(with_geometry=True), paths, bar)
+        while trainer.step_count < config.steps:
+            before = trainer.step_count
+            trainer.step()
+            if bar is not None:
+                bar.update(trainer.step_count - before)
+            due_eval = trainer.step_count % config.eval_every == 0 or trainer.step_count == config.steps
+            due_checkpoint = checkpoint and config.checkpoint_every and (
+                trainer.step_count % config.checkpoint_every == 0 or trainer.step_count == config.steps)
+            if due_eval:
+                _log(trainer, trainer.evaluate(), paths, bar)  # raises TrainingDiverged on NaN/Inf
+            if due_checkpoint:
+                trainer.check_finite()  # a diverged state never overwrites the last good checkpoint
+                trainer.save_checkpoint(checkpoint)
+                paths["checkpoint"] = checkpoint
+    finally:
+        if bar is not None:
+            bar.close()
+
+    final = trainer.history[-1] if trainer.history else trainer.evaluate(with_geometry=True)
+    summary = trainer.summarize_geometry()
+    t_w, t_e = geometry.layer_order([r for r in trainer.history if "rho2_W" in r])
+    result = TrainResult(config=config, final=final, geometry=summary, history=list(trainer.history), t_W=t_w,
+                         t_E=t_e, settle_W=settling_step(trainer.history, "rho2_W"),
+                         settle_E=settling_step(trainer.history, "rho2_E"), paths=paths,
+                         seconds=time.perf_counter() - started, trainer=trainer)
+    if out:
+        paths["summary"] = os.path.join(out, "summary.json")
+        _write_json(paths["summary"], dict(final=final, geometry=summary.to_dict(), t_W=t_w, t_E=t_e,
+                                           settle_W=result.settle_W, settle_E=result.settle_E,
+                                           seconds=result.seconds, steps=trainer.step_count))
+        if figures:
+            paths["figures"] = _figures(trainer, os.path.join(out, "figures"))
+    return result
+
+
+def settling_step(history: list, key: str, tolerance: float = 0.05) -> Optional[int]:
+    """The first evaluated step from which ``key`` (e.g. rho2_W) stays within ``tolerance`` of its
+    final value.  Where rho2 never reaches the 0.9 of t_W / t_E (several frequencies), this still
+    says which layer found its layout first."""
+    series = [(r["step"], r[key]) for r in history if r.get(key) is not None]
+    if not series:
+        return None
+    final, settled = series[-1][1], series[-1][0]
+    for step, value in reversed(series):
+        if abs(value - final) > tolerance:
+            break
+        settled = step
+    return settled
+
+
+def _log(trainer: Trainer, record: dict, paths: dict, bar) -> None:
+    if "metrics" in paths:
+        with open(paths["metrics"], "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if bar is not None:
+        shown = dict(loss=f"{record['train_loss']:.3g}", train=f"{record['train_acc']:.3f}",
+                     test=f"{record['test_acc']:.3f}")
+        if "rho2_W" in record:
+            shown.update(rho2_W=f"{record['rho2_W']:.2f}", rho2_E=f"{record['rho2_E']:.2f}")
+        shown["it/s"] = f"{record['steps_per_s']:.0f}"
+        bar.set_postfix(shown, refresh=False)
+
+
+def _order(t_w, t_e) -> str:
+    if t_w is None or t_e is None:
+        return ""
+    return " (W first)" if t_w < t_e else " (together)" if t_w == t_e else " (E first)"
+
+
+def report(result: TrainResult) -> str:
+    """A few lines saying what the run found."""
+    f, g = result.final, result.geometry
+    lines = [
+        f"P={result.config.p}  steps={f['step']}  {result.seconds:.1f} s",
+        f"accuracy: train {f['train_acc']:.4f}  test {f['test_acc']:.4f}   loss: train {f['train_loss']:.3g}  "
+        f"test {f['test_loss']:.3g}",
+    ]
+    if g is not None:
+        lines += [
+            f"geometry: W {g.verdict}, E {g.verdict_E}",
+            f"  W: rho2 {g.rho2_W:.3f}, dominant frequency {g.omega_W}, {g.freq_count_W} frequencies hold "
+            f"{g.mass:.0%} of the power, top {list(g.top_freqs_W)}",
+            f"  E: rho2 {g.rho2_E:.3f}, dominant frequency {g.omega_E}, {g.freq_count_E} frequencies hold "
+            f"{g.mass:.0%} of the power, top {list(g.top_freqs_E)}",
+            f"  shared dominant frequency: {'yes' if g.shared_omega else 'no'}; frequency overlap "
+            f"{g.freq_overlap:.2f}" + (f"; locking {g.locking:.3f}" if g.locking is not None else ""),
+        ]
+    lines.append(f"layer order: rho2 >= 0.9 first at t_W={result.t_W}, t_E={result.t_E}; rho2 settles (within "
+                 f"0.05 of its end value) at step {result.settle_W} for W, {result.settle_E} for E"
+                 + _order(result.settle_W, result.settle_E))
+    if result.paths.get("figures"):
+        lines.append(f"figures: {os.path.dirname(next(iter(result.paths['figures'].values())))}")
+    return "\n".join(lines)
+
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingDiverged", "train", "validate", "report",
+           "load_checkpoint"]

