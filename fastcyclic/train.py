@@ -286,6 +286,8 @@ class Trainer:
             self._train_step()
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
+        if hasattr(self._graph, "register_generator_state"):  # replays must advance the batch sampler's RNG
+            self._graph.register_generator_state(self.batch_generator)
         with torch.cuda.graph(self._graph):
             self._train_step()
         self._capturing = False

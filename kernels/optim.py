@@ -234,6 +234,8 @@ def adamw_step(table: TensorTable, rows: list[tuple], lr: torch.Tensor, weight_d
     if not rows:
         return
     table.update(rows, rows[0][0].device)
+    if table.num_blocks == 0:  # only empty tensors
+        return
     p_dtype, g_dtype = _dtypes(rows)
     _multi_tensor_adamw_kernel[(table.num_blocks,)](
         *table.args(), lr, weight_decay, skip if skip is not None else lr,
@@ -250,6 +252,8 @@ def sgdw_step(table: TensorTable, rows: list[tuple], lr: torch.Tensor, weight_de
     if not rows:
         return
     table.update(rows, rows[0][0].device)
+    if table.num_blocks == 0:
+        return
     p_dtype, g_dtype = _dtypes(rows)
     _multi_tensor_sgdw_kernel[(table.num_blocks,)](
         *table.args(), lr, weight_decay, skip if skip is not None else lr,
