@@ -12,17 +12,27 @@ Methods:
   compile     torch.compile of eager
   torch_lce   torch.nn.functional.linear_cross_entropy with chunking (acc_policy="accurate"),
               where the installed torch has it
-TFLOP/s counts 6*N*D*K (forward and the two backward GEMMs; recomputation is not credited).
+  liger       Liger-Kernel's LigerFusedLinearCrossEntropyLoss (CUDA; optional ``bench`` extra), with
+              accum_dtype=float32 where the installed version offers it
+  cce         Apple's cut-cross-entropy ``linear_cross_entropy`` (CUDA; optional ``bench`` extra) with
+              gradient filtering off (filter_eps=None, filter_e_grad/filter_c_grad=False) and fp32
+              accumulation (accum_e_fp32/accum_c_fp32) where offered
+A baseline that is not installed gets a record "unavailable: not installed"; every record's
+``notes`` says how its method was configured.
+
+TFLOP/s counts 6*N*D*K (forward and the two backward GEMMs; recomputation is not credited); the
+fraction of the ceiling is against the GEMM rate measured in the same run in the input dtype (on
+CPU: fp32).  ce.png plots time and peak extra memory against K per method.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
+import importlib.metadata
+import importlib.util
+import inspect
 import io
-import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -34,7 +44,7 @@ from fastcyclic.bench import measure
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # relative error vs float64 that counts as correct (eager bf16 itself sits near 4e-3)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-METHODS = ("fastcyclic", "eager", "compile", "torch_lce")
+METHODS = ("fastcyclic", "eager", "compile", "torch_lce", "liger", "cce")
 CUDA_SHAPES = ((8192, 256, 65536), (8192, 512, 131072), (16384, 128, 262144))
 CPU_SHAPES = ((4096, 64, 65536),)
 QUICK_SHAPES = {"cuda": ((4096, 128, 16384), (8192, 256, 65536)), "cpu": ((1024, 64, 16384),)}
@@ -66,22 +76,103 @@ def _eager(h, w, y):
     return F.cross_entropy((h @ w.T).float(), y)
 
 
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except Exception:
+        return "unknown version"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _require(module: str, dist: str, device: torch.device) -> None:
+    """Unavailable unless module is installed and the device is CUDA (both baselines are Triton/CUDA)."""
+    if not _installed(module):
+        raise Unavailable(f"not installed: {dist} (pip install 'fastcyclic[bench]')")
+    if device.type != "cuda":
+        raise Unavailable(f"{dist} runs on CUDA only")
+
+
+def _liger(device: torch.device):
+    """Liger-Kernel's fused linear cross-entropy, configured as fairly as the installed version allows."""
+    _require("liger_kernel", "liger-kernel", device)
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except Exception as exc:
+        raise Unavailable(f"liger-kernel {_version('liger-kernel')} failed to import: {_error(exc)}")
+    kwargs = {"reduction": "mean"}
+    notes = [f"liger-kernel {_version('liger-kernel')}: LigerFusedLinearCrossEntropyLoss(reduction='mean')"]
+    try:
+        accepted = inspect.signature(LigerFusedLinearCrossEntropyLoss.__init__).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    if "accum_dtype" in accepted:
+        kwargs["accum_dtype"] = torch.float32
+        notes.append("accum_dtype=float32 (fp32 gradient accumulation)")
+    else:
+        notes.append("this version offers no accum_dtype: gradients accumulate in the input dtype")
+    notes.append("no gradient filtering (Liger has none)")
+    loss_fn = LigerFusedLinearCrossEntropyLoss(**kwargs)
+    return (lambda h, w, y: loss_fn(w, h, y)), "; ".join(notes)
+
+
+def _cce(device: torch.device):
+    """Apple's cut-cross-entropy with gradient filtering off and fp32 accumulation where offered."""
+    _require("cut_cross_entropy", "cut-cross-entropy", device)
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce_loss
+    except Exception as exc:
+        raise Unavailable(f"cut-cross-entropy {_version('cut-cross-entropy')} failed to import: {_error(exc)}")
+    try:
+        accepted = inspect.signature(cce_loss).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    wanted = {"filter_eps": None, "filter_e_grad": False, "filter_c_grad": False, "accum_e_fp32": True,
+              "accum_c_fp32": True}
+    kwargs = {k: v for k, v in wanted.items() if k in accepted}
+    missing = [k for k in wanted if k not in accepted]
+    notes = f"cut-cross-entropy {_version('cut-cross-entropy')}: linear_cross_entropy(" + ", ".join(
+        f"{k}={v}" for k, v in kwargs.items()) + ")"
+    if "filter_eps" not in kwargs:
+        notes += "; WARNING: no filter_eps option, its default gradient filtering is on"
+    if missing:
+        notes += f"; not offered by this version: {', '.join(missing)}"
+    return (lambda h, w, y: cce_loss(h, w, y, **kwargs)), notes
+
+
 def make_method(name: str, device: torch.device, interpret: bool):
+    """(loss_fn(h, w, y), notes on how the method is configured); Unavailable where it cannot run."""
     if name == "fastcyclic":
         from fastcyclic import linear_cross_entropy
 
         backend = "triton" if (device.type == "cuda" or interpret) else "torch"
-        return lambda h, w, y: linear_cross_entropy(h, w, y, backend=backend, validate=False)
+        return ((lambda h, w, y: linear_cross_entropy(h, w, y, backend=backend, validate=False)),
+                f"fastcyclic.linear_cross_entropy(backend={backend!r}, validate=False)")
     if name == "eager":
-        return _eager
+        return _eager, "F.cross_entropy((h @ W.T).float(), y)"
     if name == "compile":
-        return torch.compile(_eager)
+        return (measure.compile_static(_eager),
+                "torch.compile(F.cross_entropy((h @ W.T).float(), y)), default mode, dynamic=False")
     if name == "torch_lce":
         if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
             raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy")
         options = torch.nn.LinearCrossEntropyOptions(acc_policy="accurate")
-        return lambda h, w, y: F.linear_cross_entropy(h, w, y, options=options)
+        return ((lambda h, w, y: F.linear_cross_entropy(h, w, y, options=options)),
+                "F.linear_cross_entropy(options=LinearCrossEntropyOptions(acc_policy='accurate'))")
+    if name == "liger":
+        return _liger(device)
+    if name == "cce":
+        return _cce(device)
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+
+
+def _error(exc: BaseException) -> str:
+    return measure.error_text(exc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,16 +224,37 @@ def run_case(method: str, fn, h, w, y, ref, *, quick: bool) -> dict:
 
 
 def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=False, log=print,
-        after_shape=None) -> tuple[list[dict], list[dict]]:
+        after_shape=None, ceil=None) -> tuple[list[dict], list[dict]]:
     """All methods on all shapes; after_shape(records, tuning) is called whenever a shape is done.
     With tune (CUDA), each kernel's tiles are tuned first and fastcyclic runs both with the tuned
-    and the default tiles."""
+    and the default tiles.  ceil: measure.ceilings(...) for the fraction of the GEMM rate."""
     records, tunings = [], []
+    gemm = measure.gemm_ceiling(ceil, dtype)
     for n, d, k in shapes:
-        h, w, y = make_inputs(n, d, k, dtype, device)
-        ref = reference(h, w, y)
-        case = dict(bench="ce", N=n, D=d, K=k, dtype=str(dtype).replace("torch.", ""), device=device.type,
-                    flops=6 * n * d * k, target_ms=TARGET_MS.get((n, d, k)) if device.type == "cuda" else None)
+        case = dict(bench="ce", kind="case", case=f"{n}x{d}x{k}", N=n, D=d, K=k, dtype=measure.dtype_name(dtype),
+                    device=device.type, flops=6 * n * d * k, reference="float64 (chunked torch backend)",
+                    tolerance=TOLERANCE[dtype],
+                    target_ms=TARGET_MS.get((n, d, k)) if device.type == "cuda" else None)
+        if measure.out_of_time():
+            for method in methods:
+                records.append(measure.complete(dict(case, method=method, status="skipped", error=measure.SKIPPED)))
+                log(format_row(records[-1]))
+            if after_shape:
+                after_shape(records, tunings)
+            continue
+        try:
+            h, w, y = make_inputs(n, d, k, dtype, device)
+            ref = reference(h, w, y)
+        except Exception as exc:  # e.g. out of memory for the inputs or the reference: every method says so
+            status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed"
+            for method in methods:
+                records.append(measure.complete(dict(case, method=method, status=status,
+                                                     error=f"inputs/reference: {_error(exc)}")))
+                log(format_row(records[-1]))
+            measure.release(device)
+            if after_shape:
+                after_shape(records, tunings)
+            continue
         tuned = None
         if tune:
             from fastcyclic.bench import tune as tuner
@@ -155,8 +267,13 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
                 variants = [("fastcyclic[default]", None), ("fastcyclic[tuned]", tuned)]
             for label, cfg in variants:
                 record = dict(case, method=label, config=dataclasses.asdict(cfg) if cfg else None)
+                if measure.out_of_time():
+                    records.append(measure.complete(dict(record, status="skipped", error=measure.SKIPPED)))
+                    log(format_row(records[-1]))
+                    continue
+                before = measure.telemetry(device)
                 try:
-                    fn = make_method(method, device, interpret)
+                    fn, record["notes"] = make_method(method, device, interpret)
                     if cfg is not None:
                         from fastcyclic.linear_ce import tuning as kernel_tuning
 
@@ -166,65 +283,113 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
                         record.update(run_case(label, fn, h, w, y, ref, quick=quick))
                     record["status"] = "ok"
                     record["tflops_per_s"] = record["flops"] / (record["median_ms"] * 1e9)
+                    measure.set_rate(record, record["tflops_per_s"], "TFLOP/s", gemm)
+                    record["err"] = max(record["err_loss"], record["err_dh"], record["err_dw"])
                 except Unavailable as exc:
                     record.update(status="unavailable", error=str(exc))
                 except torch.OutOfMemoryError as exc:
-                    record.update(status="oom", error=str(exc).splitlines()[0])
+                    record.update(status="oom", error=_error(exc))
                 except Exception as exc:  # a failing baseline must not stop the run
-                    record.update(status="failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                if device.type == "cuda":
-                    record["telemetry"] = measure.gpu_telemetry()
-                    torch.cuda.empty_cache()
-                records.append(record)
+                    record.update(status="failed", error=_error(exc))
+                h.grad = w.grad = None
+                measure.attach_telemetry(record, device, before)
+                measure.release(device)
+                records.append(measure.complete(record))
                 log(format_row(record))
         del h, w, y, ref
+        measure.release(device)
         if after_shape:
             after_shape(records, tunings)
+    _speedups(records)
     return records, tunings
+
+
+def _speedups(records: list[dict]) -> None:
+    """fastcyclic records get speedup_vs_<method> = that method's median / fastcyclic's, per shape."""
+    by_case: dict = {}
+    for r in records:
+        if r["status"] == "ok":
+            by_case.setdefault(r["case"], {})[r["method"]] = r
+    for methods in by_case.values():
+        for name, r in methods.items():
+            if name.startswith("fastcyclic"):
+                for other, o in methods.items():
+                    if not other.startswith("fastcyclic"):
+                        r[f"speedup_vs_{other}"] = o["median_ms"] / r["median_ms"]
 
 
 # --------------------------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------------------------
 
-COLUMNS = ("shape", "method", "status", "median_ms", "tflops_per_s", "peak_extra_gib", "err_loss", "err_dh",
-           "err_dw", "correct")
+CSV_FIELDS = ("N", "D", "K", "tflops_per_s", "err_loss", "err_dh", "err_dw", "target_ms", "speedup_vs_eager",
+              "speedup_vs_compile")
 
 
 def format_row(r: dict) -> str:
     shape = f"{r['N']}x{r['D']}x{r['K']}"
     if r["status"] != "ok":
-        return f"{shape:>20} {r['method']:<24} {r['status']}: {r.get('error', '')[:80]}"
+        return f"{shape:>20} {r['method']:<24} {r['status']}: {(r.get('error') or '')[:80]}"
     mem = f"{r['peak_extra_gib']:.3f}" if r.get("peak_extra_gib") is not None else "n/a"
-    return (f"{shape:>20} {r['method']:<24} {r['median_ms']:10.3f} ms {r['tflops_per_s']:8.2f} TF/s "
+    frac = f"{r['frac_ceiling']:.0%}" if r.get("frac_ceiling") is not None else "n/a"
+    return (f"{shape:>20} {r['method']:<24} {r['median_ms']:10.3f} ms {r['tflops_per_s']:8.2f} TF/s {frac:>5} "
             f"{mem:>8} GiB  err loss {r['err_loss']:.1e} dh {r['err_dh']:.1e} dW {r['err_dw']:.1e} "
             f"{'ok' if r['correct'] else 'WRONG'}")
 
 
 def header() -> str:
-    return f"{'N x D x K':>20} {'method':<24} {'median':>13} {'rate':>13} {'extra mem':>12}  errors vs float64"
+    return (f"{'N x D x K':>20} {'method':<24} {'median':>13} {'rate':>13} {'of GEMM':>5} {'extra mem':>12}  "
+            "errors vs float64")
 
 
-def write_results(out: Path, machine: dict, records: list[dict], tuning: list[dict] = ()) -> list[Path]:
-    """ce.json and ce.csv, each written to a temporary name and renamed: never half a file."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_text = io.StringIO()
-    writer = csv.DictWriter(csv_text, fieldnames=["N", "D", "K", "dtype", "device"] + list(COLUMNS[1:]) +
-                            ["q25_ms", "q75_ms", "target_ms", "error"], extrasaction="ignore")
-    writer.writeheader()
-    for r in records:
-        writer.writerow(r)
-    paths = []
-    results = {"machine": machine, "records": records}
-    if tuning:
-        results["tuning"] = list(tuning)
-    for name, text in (("ce.json", json.dumps(results, indent=1)),
-                       ("ce.csv", csv_text.getvalue())):
-        path = out / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        paths.append(path)
+def plot(records: list[dict], title: str = "") -> bytes:
+    """PNG: median time and peak extra memory against K, one line per method (Agg, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax_t, ax_m = fig.subplots(1, 2)
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    plotted = False
+    for method in methods:
+        ok = sorted((r for r in records if r["method"] == method and r["status"] == "ok"), key=lambda r: r["K"])
+        if not ok:
+            continue
+        ks = [r["K"] for r in ok]
+        ax_t.plot(ks, [r["median_ms"] for r in ok], marker="o", label=method)
+        mem = [(r["K"], r["peak_extra_gib"]) for r in ok if r.get("peak_extra_gib") is not None]
+        if mem:
+            ax_m.plot([m[0] for m in mem], [max(m[1], 1e-6) for m in mem], marker="o", label=method)
+        plotted = True
+    for ax, label in ((ax_t, "median time (ms), forward + backward"), (ax_m, "peak extra memory (GiB)")):
+        ax.set_xlabel("K (classes)")
+        ax.set_ylabel(label)
+        if plotted:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no successful case", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_results(out: Path, machine: dict, records: list[dict], tuning: list[dict] = (), ceil: dict | None = None,
+                  ) -> list[Path]:
+    """ce.json, ce.csv and ce.png, each written to a temporary name and renamed: never half a file."""
+    extra = {"tuning": list(tuning)} if tuning else None
+    paths = measure.write_suite(out, "ce", machine, records, ceil=ceil, csv_fields=CSV_FIELDS, extra=extra)
+    dtype = records[0]["dtype"] if records else ""
+    title = f"fastcyclic bench ce: {machine.get('gpu', machine.get('cpu', ''))}, {dtype}, forward + backward"
+    try:
+        paths.append(measure.write_atomic(Path(out) / "ce.png", plot(records, title)))
+    except Exception as exc:  # a figure must not cost the measurements
+        print(f"warning: ce.png not written: {_error(exc)}", file=sys.stderr)
     return paths
 
 
@@ -239,6 +404,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="input dtype (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    measure.add_threads_argument(parser)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help="methods to run (default: all; --quick skips compile on CPU)")
     parser.add_argument("--quick", action="store_true", help="small shapes and short timing: a self-check")
@@ -246,44 +412,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU: run the Triton kernels under TRITON_INTERPRET=1 (small shapes only)")
     parser.add_argument("--tune", action="store_true",
                         help="CUDA: tune each fused kernel's tiles first, then time tuned and default tiles")
-    parser.add_argument("--out", type=Path, default=None, help="directory for ce.json and ce.csv")
+    parser.add_argument("--out", type=Path, default=None, help="directory for ce.json, ce.csv and ce.png")
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available on this machine", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    if args.interpret and device.type == "cuda":
-        print("error: --interpret runs the Triton kernels on CPU; use it with --device cpu", file=sys.stderr)
-        return 2
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        print("error: this GPU does not support bfloat16; use --dtype fp16 or fp32", file=sys.stderr)
-        return 2
+def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple[int, list[dict]]:
+    """(exit code, records).  Bad input is refused (code 2) before anything is measured or written."""
+    try:
+        device = measure.resolve_device(args.device)
+        measure.apply_threads(args)
+        if args.interpret and device.type == "cuda":
+            raise measure.BenchInputError("--interpret runs the Triton kernels on CPU; use it with --device cpu")
+        if args.tune and device.type != "cuda":
+            raise measure.BenchInputError("--tune needs CUDA")
+        dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+        measure.check_dtype(device, dtype)
+    except measure.BenchInputError as exc:
+        return measure.fail(str(exc)), []
     shapes = args.shapes or (QUICK_SHAPES[device.type] if args.quick else
                              CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.interpret and not args.shapes:
         shapes = ((256, 64, 2048),)
     methods = args.methods or [m for m in METHODS if not (m == "compile" and args.quick and device.type == "cpu")]
-    if args.tune and device.type != "cuda":
-        print("error: --tune needs CUDA", file=sys.stderr)
-        return 2
 
-    machine = measure.machine_facts(device)
+    machine = machine or measure.machine_facts(device)
     print(f"fastcyclic bench ce: {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
-          f"triton {machine['triton']}, {dtype}")
+          f"triton {machine['triton']}, {measure.dtype_name(dtype)}")
+    ceil = measure.ceilings(device, quick=args.quick or args.interpret)
+    print(measure.format_ceilings(ceil))
     print(header())
     # results are rewritten (whole files, atomically) after every shape, so a run stopped by a time
     # limit keeps what it measured
-    save = (lambda records, tuning: write_results(args.out, machine, records, tuning)) if args.out else None
-    records, _ = run(shapes, dtype, device, methods, quick=args.quick, interpret=args.interpret, tune=args.tune,
-                     after_shape=save)
+    save = (lambda records, tuning: write_results(args.out, machine, records, tuning, ceil)) if args.out else None
+    records, tunings = run(shapes, dtype, device, methods, quick=args.quick, interpret=args.interpret,
+                           tune=args.tune, after_shape=save, ceil=ceil)
+    if args.out:  # once more: the speedups are filled in at the end
+        write_results(args.out, machine, records, tunings, ceil)
+        print(f"wrote {args.out / 'ce.json'}, {args.out / 'ce.csv'} and {args.out / 'ce.png'}")
     wrong = [r for r in records if r["status"] == "ok" and r["method"].startswith("fastcyclic") and not r["correct"]]
-    if args.out:
-        print(f"wrote {args.out / 'ce.json'} and {args.out / 'ce.csv'}")
-    if wrong:
-        print(f"FAILED: fastcyclic exceeded the error tolerance in {len(wrong)} case(s)", file=sys.stderr)
-        return 1
-    return 0
+    failed = [r for r in records if r["status"] == "failed" and r["method"].startswith("fastcyclic")]
+    if wrong or failed:
+        print(f"FAILED: fastcyclic exceeded the error tolerance in {len(wrong)} case(s) and failed in "
+              f"{len(failed)}", file=sys.stderr)
+        return 1, records
+    return 0, records
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_suite(args)[0]

@@ -1,20 +1,42 @@
-"""Measurement primitives shared by the benchmarks: timing, peak memory, machine facts.
+"""Measurement primitives shared by the benchmarks: timing, peak memory, machine facts, ceilings,
+telemetry, the common record schema and atomic result files.
 
 CUDA: ``triton.testing.do_bench`` (CUDA events, warm-up, the L2 cache flushed before every
 repetition so inputs that fit in cache do not flatter), medians and quartiles; peak memory from
 ``torch.cuda.max_memory_allocated`` relative to what was allocated before the call.
 CPU: ``time.perf_counter`` medians; peak memory as the growth of the process's peak RSS (Linux
 VmHWM, reset through /proc/self/clear_refs after returning freed memory with malloc_trim).
+
+Ceilings (``ceilings``), measured once per process and device and shared by every suite of a run:
+the copy bandwidth (``dst.copy_(src)`` of a tensor far beyond every cache, 2 x its bytes moved) and
+the GEMM rate (bf16 and fp32 on CUDA, fp32 on CPU; 2*M*N*K FLOPs).  Every record states the
+ceiling it is compared with and the fraction it reaches.
+
+Record schema (``COMMON_FIELDS``, present in every record of every suite; suites add their own):
+  bench, kind, case, method, dtype, device, status ("ok", "failed", "oom", "unavailable", "skipped"),
+  median_ms, q25_ms, q75_ms, rate, rate_unit ("TFLOP/s" or "GB/s"), ceiling, ceiling_rate,
+  frac_ceiling, peak_extra_gib, err, tolerance, correct (None: no check), reference, target, notes,
+  error, telemetry (CUDA: NVML before and after the case; else "unavailable: ...").
 """
 from __future__ import annotations
 
+import atexit
+import csv
 import ctypes
 import gc
+import io
+import json
+import math
+import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 def time_ms(fn, device: torch.device, *, min_reps: int = 5, budget_ms: float = 300.0) -> dict:
@@ -93,30 +115,322 @@ def machine_facts(device: torch.device) -> dict:
     return facts
 
 
+_NVML = {"ready": False}
+
+
+def _nvml_shutdown() -> None:
+    try:
+        import pynvml
+
+        pynvml.nvmlShutdown()
+    except Exception:
+        pass
+
+
 def gpu_telemetry() -> dict | str:
-    """Driver, clocks, power and temperature from NVML, or "unavailable" (no driver, no GPU)."""
+    """Driver, clocks, power and temperature from NVML, or "unavailable: why" (no library, no driver,
+    no GPU).  NVML is initialised once per process (shut down at exit)."""
     try:
         import pynvml
     except ImportError:
         return "unavailable: nvidia-ml-py not installed"
     try:
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device() if torch.cuda.is_available() else 0)
-            name = pynvml.nvmlDeviceGetName(handle)
-            return {
-                "name": name.decode() if isinstance(name, bytes) else name,
-                "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
-                "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-                "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
-                "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-                "temperature_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
-            }
-        finally:
-            pynvml.nvmlShutdown()
+        if not _NVML["ready"]:
+            pynvml.nvmlInit()
+            _NVML["ready"] = True
+            atexit.register(_nvml_shutdown)
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        return {
+            "name": name.decode() if isinstance(name, bytes) else name,
+            "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
+            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+            "temperature_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+        }
     except pynvml.NVMLError as exc:
         return f"unavailable: {exc}"
+    except Exception as exc:  # telemetry must never stop a benchmark
+        return f"unavailable: {type(exc).__name__}: {exc}"
+
+
+def telemetry(device: torch.device) -> dict | str:
+    """NVML telemetry on a CUDA run; on a CPU run the record says why there is none."""
+    if device.type != "cuda":
+        return "unavailable: not a CUDA run"
+    return gpu_telemetry()
+
+
+def attach_telemetry(record: dict, device: torch.device, before) -> dict:
+    """record["telemetry"] = {"before": before, "after": now} on CUDA, "unavailable: ..." elsewhere."""
+    after = telemetry(device)
+    record["telemetry"] = {"before": before, "after": after} if device.type == "cuda" else after
+    return record
 
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: refused before anything runs or is written
+# --------------------------------------------------------------------------------------------
+
+
+class BenchInputError(ValueError):
+    """A command line the benchmark refuses (exit code 2, nothing written)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" (CUDA when available), "cpu" or "cuda"; "cuda" without CUDA is a BenchInputError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchInputError("--device cuda but CUDA is not available on this machine")
+    if name not in ("auto", "cpu", "cuda"):
+        raise BenchInputError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def add_threads_argument(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's; 1 is steadier on a busy shared machine)")
+
+
+def apply_threads(args) -> None:
+    """Refuse --threads < 1; else set torch's CPU thread count (before machine facts are read)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise BenchInputError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a dtype the device cannot compute in."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise BenchInputError(f"this GPU ({torch.cuda.get_device_name(device)}) does not support bfloat16; "
+                              "use --dtype fp16 or fp32")
+
+
+def compile_static(fn):
+    """torch.compile(fn) specialised to the shapes it meets (dynamic=False), as a user compiling one
+    model would get; the recompile limit is raised because every case of a run recompiles the same
+    function (otherwise Dynamo would switch to dynamic shapes after the first case, or give up)."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    return torch.compile(fn, dynamic=False)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def error_text(exc: BaseException) -> str:
+    """The exception's type and first line, short enough for a table and a CSV cell."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# time budget (``fastcyclic bench all --budget-s``): cases past it are recorded as skipped
+# --------------------------------------------------------------------------------------------
+
+_DEADLINE = {"t": None}
+
+
+def set_budget(seconds: float | None) -> None:
+    _DEADLINE["t"] = None if seconds is None else time.monotonic() + seconds
+
+
+def out_of_time() -> bool:
+    return _DEADLINE["t"] is not None and time.monotonic() > _DEADLINE["t"]
+
+
+SKIPPED = "time budget exhausted (--budget-s): not run"
+
+
+# --------------------------------------------------------------------------------------------
+# ceilings
+# --------------------------------------------------------------------------------------------
+
+COPY_NUMEL = {"cuda": 2**28, "cpu": 2**24, "quick": 2**22}  # fp32 elements: far beyond every cache
+GEMM_SIZE = {"cuda": 8192, "cpu": 1024, "quick": 512}
+_CEILINGS: dict = {}
+
+
+def measure_copy(device: torch.device, numel: int, *, quick: bool) -> dict:
+    """Bandwidth of dst.copy_(src), which reads and writes every byte once (GB/s = 1e9 B/s)."""
+    record = dict(method="copy", numel=numel, dtype="float32", device=device.type)
+    try:
+        src = torch.randn(numel, device=device)
+        dst = torch.empty_like(src)
+        copy = dst.copy_
+        copy(src)  # warm-up, and the first touch of dst's pages
+        record.update(time_ms(lambda: copy(src), device, budget_ms=100.0 if quick else 300.0))
+        record.update(status="ok", bytes=2 * src.nbytes)
+        record["gbps"] = record["bytes"] / (record["median_ms"] * 1e6)
+    except torch.OutOfMemoryError as exc:
+        record.update(status="oom", error=error_text(exc))
+    except Exception as exc:
+        record.update(status="failed", error=error_text(exc))
+    return record
+
+
+def measure_gemm(device: torch.device, dtype: torch.dtype, size: int, *, quick: bool) -> dict:
+    """Rate of a square size^3 matmul in dtype (TFLOP/s = 2 size^3 / time)."""
+    record = dict(method="gemm", m=size, n=size, k=size, dtype=dtype_name(dtype), device=device.type,
+                  allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None)
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(size, size, generator=g).to(device, dtype)
+        b = torch.randn(size, size, generator=g).to(device, dtype)
+        out = torch.empty(size, size, device=device, dtype=dtype)
+        torch.matmul(a, b, out=out)  # warm-up (library heuristics, first touch)
+        record.update(time_ms(lambda: torch.matmul(a, b, out=out), device, budget_ms=100.0 if quick else 300.0))
+        record.update(status="ok", flops=2 * size**3)
+        record["tflops_per_s"] = record["flops"] / (record["median_ms"] * 1e9)
+    except torch.OutOfMemoryError as exc:
+        record.update(status="oom", error=error_text(exc))
+    except Exception as exc:
+        record.update(status="failed", error=error_text(exc))
+    return record
+
+
+def ceilings(device: torch.device, *, quick: bool = False) -> dict:
+    """{"copy": record, "gemm_bfloat16": record (CUDA), "gemm_float32": record}, measured on first use
+    and cached for the process, so all suites of one run share one measurement."""
+    key = (str(device), quick)
+    if key not in _CEILINGS:
+        # on a GPU the full sizes take milliseconds, and a --quick copy would fit in the L2 cache
+        size = "quick" if quick and device.type != "cuda" else device.type
+        result = {"copy": measure_copy(device, COPY_NUMEL[size], quick=quick)}
+        release(device)
+        dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32,)
+        for dtype in dtypes:
+            if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+                continue
+            result[f"gemm_{dtype_name(dtype)}"] = measure_gemm(device, dtype, GEMM_SIZE[size], quick=quick)
+            release(device)
+        _CEILINGS[key] = result
+    return _CEILINGS[key]
+
+
+def copy_ceiling(ceil: dict | None) -> tuple[str | None, float | None]:
+    """("copy", GB/s) or (None, None) when it could not be measured."""
+    rec = (ceil or {}).get("copy")
+    if rec and rec.get("status") == "ok":
+        return "copy", rec["gbps"]
+    return None, None
+
+
+def gemm_ceiling(ceil: dict | None, dtype: torch.dtype) -> tuple[str | None, float | None]:
+    """The GEMM rate measured in dtype, else the bf16 one, else the fp32 one: (name, TFLOP/s)."""
+    ceil = ceil or {}
+    for name in (f"gemm_{dtype_name(dtype)}", "gemm_bfloat16", "gemm_float32"):
+        rec = ceil.get(name)
+        if rec and rec.get("status") == "ok":
+            return name, rec["tflops_per_s"]
+    return None, None
+
+
+def format_ceilings(ceil: dict) -> str:
+    parts = []
+    for name, rec in ceil.items():
+        if rec.get("status") != "ok":
+            parts.append(f"{name}: {rec.get('status')} ({rec.get('error', '')[:60]})")
+        elif name == "copy":
+            parts.append(f"copy {rec['gbps']:.1f} GB/s")
+        else:
+            parts.append(f"{name} {rec['tflops_per_s']:.2f} TFLOP/s ({rec['m']}^3)")
+    return "ceilings: " + ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# the common record schema and the result files
+# --------------------------------------------------------------------------------------------
+
+COMMON_FIELDS = ("bench", "kind", "case", "method", "dtype", "device", "status", "median_ms", "q25_ms", "q75_ms",
+                 "rate", "rate_unit", "ceiling", "ceiling_rate", "frac_ceiling", "peak_extra_gib", "err",
+                 "tolerance", "correct", "reference", "target", "notes", "error", "telemetry")
+CSV_COMMON = tuple(f for f in COMMON_FIELDS if f != "telemetry")
+
+
+def set_rate(record: dict, rate: float | None, unit: str, ceiling: tuple[str | None, float | None]) -> dict:
+    """rate, rate_unit, ceiling, ceiling_rate and frac_ceiling = rate / ceiling_rate."""
+    name, value = ceiling
+    record.update(rate=rate, rate_unit=unit, ceiling=name, ceiling_rate=value)
+    record["frac_ceiling"] = rate / value if (rate is not None and value) else None
+    return record
+
+
+def complete(record: dict) -> dict:
+    """Every COMMON_FIELDS key present (None where it does not apply); the common ones first."""
+    ordered = {k: record.get(k) for k in COMMON_FIELDS}
+    ordered.update((k, v) for k, v in record.items() if k not in ordered)
+    record.clear()
+    record.update(ordered)
+    return record
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write to a temporary file beside path, then rename over it: never half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, str):
+        data = data.encode()
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def csv_text(records: list[dict], fields) -> str:
+    """CSV of records over fields; dicts and lists become JSON text."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore")
+    writer.writeheader()
+    for r in records:
+        writer.writerow({k: json.dumps(_json_safe(v)) if isinstance(v, (dict, list, tuple)) else v
+                         for k, v in r.items() if k in fields})
+    return buffer.getvalue()
+
+
+def write_suite(out: Path, name: str, machine: dict, records: list[dict], *, ceil: dict | None = None,
+                csv_fields=(), extra: dict | None = None) -> list[Path]:
+    """NAME.json ({"suite", "machine", "ceilings", "records", ...extra}) and NAME.csv (the common fields,
+    then csv_fields), each written atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(list(CSV_COMMON) + list(csv_fields)))
+    results = {"suite": name, "machine": machine, "ceilings": ceil or {}, "records": records}
+    results.update(extra or {})
+    return [write_atomic(out / f"{name}.json", json.dumps(_json_safe(results), indent=1)),
+            write_atomic(out / f"{name}.csv", csv_text(records, fields))]
+
+
+def fail(message: str) -> int:
+    """Print a refusal to stderr; the exit code of bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2

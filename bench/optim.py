@@ -28,17 +28,14 @@ Bytes per parameter are the least a step must move, counted from the dtypes each
 holds: AdamW fp32 28 (read p, g, m, v; write p, m, v), SGD with momentum 20 (read p, g, buf; write
 p, buf).  bf16 parameters: 22 and 14 with fastcyclic's fp32 state, 14 and 10 with torch's bf16
 state.  GB/s = bytes / median time (1 GB = 1e9 bytes), also given as a fraction of the copy
-bandwidth measured in the same run (``dst.copy_(src)`` of a large tensor, 2 x its bytes).  On CUDA
+bandwidth measured in the same run (``dst.copy_(src)`` of a large tensor, 2 x its bytes; shared with
+the other suites of ``fastcyclic bench all``).  On CUDA
 the L2 cache is flushed before every repetition.  On CPU the --quick sizes fit in cache, and a core
 streaming several arrays at once can beat its own copy rate, so fractions above 1 happen there.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import gc
-import io
-import json
 import math
 import os
 import sys
@@ -64,7 +61,7 @@ CUDA_SIZES = (2**25, 2**27)
 CPU_SIZES = (2**22,)
 QUICK_SIZES = {"cuda": (2**25,), "cpu": (2**18,)}
 INTERPRET_SIZES = (2**18,)
-COPY_NUMEL = {"cuda": 2**28, "cpu": 2**24, "quick": 2**22}  # fp32 elements: far beyond every cache
+COPY_NUMEL = measure.COPY_NUMEL  # fp32 elements: far beyond every cache
 CE_SHAPE = {"cuda": (8192, 256, 65536), "cpu": (1024, 64, 8192), "quick": (256, 32, 2048),
             "interpret": (256, 64, 2048)}
 # the issue's targets on the H200
@@ -221,24 +218,22 @@ def run_step_case(method: str, start, grads, ref, device, interpret, *, quick: b
     return record
 
 
+def copy_record(measured: dict, device: torch.device) -> dict:
+    """The ceiling as a record of this suite: bandwidth of dst.copy_(src), which reads and writes
+    every byte once (measured by ``measure.ceilings``)."""
+    record = dict(bench="optim", kind="ceiling", case=f"numel={measured['numel']}", optimizer=None,
+                  **{k: v for k, v in measured.items() if k != "method"}, method="copy")
+    record["device"] = device.type
+    if record.get("status") == "ok":
+        record.update(bytes_per_param=8.0, frac_copy=1.0)
+        measure.set_rate(record, record["gbps"], "GB/s", ("copy", record["gbps"]))
+    record["telemetry"] = measure.telemetry(device)
+    return measure.complete(record)
+
+
 def measure_copy(device: torch.device, numel: int, *, quick: bool) -> dict:
-    """The ceiling: bandwidth of dst.copy_(src), which reads and writes every byte once."""
-    record = dict(bench="optim", kind="ceiling", optimizer=None, method="copy", numel=numel, dtype="float32",
-                  device=device.type)
-    try:
-        src = torch.randn(numel, device=device)
-        dst = torch.empty_like(src)
-        copy = dst.copy_
-        copy(src)  # warm-up, and the first touch of dst's pages
-        record.update(measure.time_ms(lambda: copy(src), device, budget_ms=100.0 if quick else 400.0))
-        record.update(status="ok", bytes=2 * src.nbytes, bytes_per_param=8.0)
-        record["gbps"] = record["bytes"] / (record["median_ms"] * 1e6)
-        record["frac_copy"] = 1.0
-    except torch.OutOfMemoryError as exc:
-        record.update(status="oom", error=_error(exc))
-    except Exception as exc:
-        record.update(status="failed", error=_error(exc))
-    return record
+    """The ceiling, measured afresh."""
+    return copy_record(measure.measure_copy(device, numel, quick=quick), device)
 
 
 def run_steps(sizes, dtype, device, methods, *, copy_gbps, quick=False, interpret=False, log=print) -> list[dict]:
@@ -246,14 +241,17 @@ def run_steps(sizes, dtype, device, methods, *, copy_gbps, quick=False, interpre
     records = []
     families = [f for f in ("adamw", "sgd") if any(STEP_METHODS[m][0] == f for m in methods if m in STEP_METHODS)]
     for numel in sizes:
-        case = dict(bench="optim", kind="step", numel=numel, tensors=len(split_sizes(numel)),
+        case = dict(bench="optim", kind="step", case=f"numel={numel}", numel=numel, tensors=len(split_sizes(numel)),
                     dtype=str(dtype).replace("torch.", ""), device=device.type)
         setup_error = None
-        try:
-            start, grads = make_params(numel, dtype, device)
-        except Exception as exc:  # e.g. out of memory for the inputs themselves
-            status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed"
-            setup_error = (status, f"inputs: {_error(exc)}")
+        if measure.out_of_time():
+            setup_error = ("skipped", measure.SKIPPED)
+        else:
+            try:
+                start, grads = make_params(numel, dtype, device)
+            except Exception as exc:  # e.g. out of memory for the inputs themselves
+                status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed"
+                setup_error = (status, f"inputs: {_error(exc)}")
         for family in families:
             ref, ref_error = None, None
             if setup_error is None:
@@ -272,6 +270,8 @@ def run_steps(sizes, dtype, device, methods, *, copy_gbps, quick=False, interpre
                 backend = _fastcyclic_backend(device, interpret) if method.startswith("fastcyclic") else None
                 record = dict(case, optimizer=family, method=method, backend=backend, reference=reference,
                               target_gbps=TARGET_GBPS.get((method, dtype)) if device.type == "cuda" else None)
+                record["target"] = {"gbps": record["target_gbps"]} if record["target_gbps"] else None
+                before = measure.telemetry(device)
                 if setup_error is not None:
                     record.update(status=setup_error[0], error=setup_error[1])
                 else:
@@ -279,6 +279,9 @@ def run_steps(sizes, dtype, device, methods, *, copy_gbps, quick=False, interpre
                         record.update(run_step_case(method, start, grads, ref, device, interpret, quick=quick))
                         record["status"] = "ok"
                         record["frac_copy"] = record["gbps"] / copy_gbps if copy_gbps else None
+                        measure.set_rate(record, record["gbps"], "GB/s", ("copy", copy_gbps) if copy_gbps else
+                                         (None, None))
+                        record["err"] = record.get("rel_diff")
                         if ref is None:
                             record.update(correct=None, error=f"no reference: {ref_error}")
                     except Unavailable as exc:
@@ -288,9 +291,8 @@ def run_steps(sizes, dtype, device, methods, *, copy_gbps, quick=False, interpre
                     except Exception as exc:  # a failing method must not stop the run
                         record.update(status="failed", error=_error(exc))
                     _release(device)
-                if device.type == "cuda":
-                    record["telemetry"] = measure.gpu_telemetry()
-                records.append(record)
+                measure.attach_telemetry(record, device, before)
+                records.append(measure.complete(record))
                 log(format_row(record))
             del ref
         if setup_error is None:
@@ -301,14 +303,15 @@ def run_steps(sizes, dtype, device, methods, *, copy_gbps, quick=False, interpre
 
 def _error(exc: BaseException) -> str:
     """The exception's type and first line, short enough for a table and a CSV cell."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+    return measure.error_text(exc)
 
 
 def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    measure.release(device)
+
+
+class _Skipped(Exception):
+    """The time budget ran out before this part."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,7 +319,7 @@ def _release(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_ce_update(shape, dtype, device, *, quick=False, interpret=False, log=print) -> list[dict]:
+def run_ce_update(shape, dtype, device, *, quick=False, interpret=False, log=print, ceil=None) -> list[dict]:
     """Forward + backward + AdamW step of the classifier, with dW in memory and with the update
     fused into the backward: correctness (same W after CHECK_STEPS steps) and time of each."""
     from fastcyclic import linear_cross_entropy
@@ -324,10 +327,14 @@ def run_ce_update(shape, dtype, device, *, quick=False, interpret=False, log=pri
 
     n, d, k = shape
     backend = _fastcyclic_backend(device, interpret)
-    case = dict(bench="optim", kind="ce_update", optimizer="adamw", N=n, D=d, K=k, numel=k * d,
-                dtype=str(dtype).replace("torch.", ""), device=device.type, ce_backend=backend)
+    case = dict(bench="optim", kind="ce_update", case=f"{n}x{d}x{k}", optimizer="adamw", N=n, D=d, K=k,
+                numel=k * d, dtype=str(dtype).replace("torch.", ""), device=device.type, ce_backend=backend,
+                reference="ce+step (W after the same steps, dW in memory)", flops=6 * n * d * k)
     records = [dict(case, method="ce+step"), dict(case, method="ce+fused_update")]
+    before = measure.telemetry(device)
     try:
+        if measure.out_of_time():
+            raise _Skipped()
         # h requires grad, as a model's features do: both paths compute dh
         h, w0, y = ce_bench.make_inputs(n, d, k, dtype, device)
 
@@ -367,6 +374,9 @@ def run_ce_update(shape, dtype, device, *, quick=False, interpret=False, log=pri
                 record.update(status="oom", error=_error(exc))
             except Exception as exc:
                 record.update(status="failed", error=_error(exc))
+    except _Skipped:
+        for record in records:
+            record.update(status="skipped", error=measure.SKIPPED)
     except torch.OutOfMemoryError as exc:
         for record in records:
             record.update(status="oom", error=_error(exc))
@@ -377,9 +387,15 @@ def run_ce_update(shape, dtype, device, *, quick=False, interpret=False, log=pri
     if plain["status"] == fused["status"] == "ok":
         fused["saving_pct"] = 100.0 * (1.0 - fused["median_ms"] / plain["median_ms"])
         fused["target_saving_pct"] = TARGET_SAVING_PCT.get(shape) if device.type == "cuda" else None
+        if fused["target_saving_pct"]:
+            fused["target"] = {"saving_pct": fused["target_saving_pct"]}
+    gemm = measure.gemm_ceiling(ceil, dtype)
     for record in records:
-        if device.type == "cuda":
-            record["telemetry"] = measure.gpu_telemetry()
+        if record["status"] == "ok":
+            measure.set_rate(record, record["flops"] / (record["median_ms"] * 1e9), "TFLOP/s", gemm)
+            record["err"] = record.get("rel_diff")
+        measure.attach_telemetry(record, device, before)
+        measure.complete(record)
         log(format_row(record))
     _release(device)
     return records
@@ -422,23 +438,9 @@ def format_row(r: dict) -> str:
     return line + f" {'ok' if r['correct'] else 'WRONG'}"
 
 
-def write_results(out: Path, machine: dict, records: list[dict]) -> list[Path]:
+def write_results(out: Path, machine: dict, records: list[dict], ceil: dict | None = None) -> list[Path]:
     """optim.json and optim.csv, each written to a temporary name and renamed: never half a file."""
-    out.mkdir(parents=True, exist_ok=True)
-    csv_text = io.StringIO()
-    writer = csv.DictWriter(csv_text, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
-    writer.writeheader()
-    for r in records:
-        writer.writerow(r)
-    paths = []
-    for name, text in (("optim.json", json.dumps({"machine": machine, "records": records}, indent=1)),
-                       ("optim.csv", csv_text.getvalue())):
-        path = out / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+    return measure.write_suite(out, "optim", machine, records, ceil=ceil, csv_fields=CSV_FIELDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,6 +455,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parameter dtype (default: fp32 for the optimizer step; for ce_update bf16 on CUDA, "
                              "fp32 on CPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    measure.add_threads_argument(parser)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="methods to run (default: all)")
     parser.add_argument("--ce-shape", type=ce_bench.parse_shape, default=None, metavar="NxDxK",
                         help="ce_update problem (default 8192x256x65536 on CUDA, 1024x64x8192 on CPU)")
@@ -462,22 +465,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="directory for optim.json and optim.csv")
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available on this machine", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    if args.interpret and device.type == "cuda":
-        print("error: --interpret runs the Triton kernels on CPU; use it with --device cpu", file=sys.stderr)
-        return 2
+def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple[int, list[dict]]:
+    """(exit code, records).  Bad input is refused (code 2) before anything is measured or written."""
+    try:
+        device = measure.resolve_device(args.device)
+        measure.apply_threads(args)
+        if args.interpret and device.type == "cuda":
+            raise measure.BenchInputError("--interpret runs the Triton kernels on CPU; use it with --device cpu")
+        dtype = DTYPES[args.dtype] if args.dtype else torch.float32
+        ce_dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        for t in (dtype, ce_dtype):
+            measure.check_dtype(device, t)
+    except measure.BenchInputError as exc:
+        return measure.fail(str(exc)), []
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported
-    dtype = DTYPES[args.dtype] if args.dtype else torch.float32
-    ce_dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if device.type == "cuda" and torch.bfloat16 in (dtype, ce_dtype) and not torch.cuda.is_bf16_supported():
-        print("error: this GPU does not support bfloat16; use --dtype fp32", file=sys.stderr)
-        return 2
     sizes = args.sizes or (INTERPRET_SIZES if args.interpret else QUICK_SIZES[device.type] if args.quick else
                            CUDA_SIZES if device.type == "cuda" else CPU_SIZES)
     # on a GPU the target shape takes a few ms, so --quick keeps it
@@ -485,25 +487,27 @@ def main(args: argparse.Namespace) -> int:
                                          "quick" if args.quick else "cpu"]
     methods = args.methods or list(METHODS)
 
-    machine = measure.machine_facts(device)
+    machine = machine or measure.machine_facts(device)
     print(f"fastcyclic bench optim: {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
           f"triton {machine['triton']}, lr {LR}, weight decay {WEIGHT_DECAY}, SGD momentum {MOMENTUM}")
+    ceil = measure.ceilings(device, quick=args.quick or args.interpret)
+    print(measure.format_ceilings(ceil))
     print(header())
     # results are rewritten (whole files, atomically) after every part, so a run stopped by a time
     # limit keeps what it measured
     records = []
-    save = (lambda: write_results(args.out, machine, records)) if args.out else (lambda: None)
-    copy = measure_copy(device, COPY_NUMEL["quick" if args.quick or args.interpret else device.type], quick=args.quick)
+    save = (lambda: write_results(args.out, machine, records, ceil)) if args.out else (lambda: None)
+    copy = copy_record(ceil["copy"], device)
     records.append(copy)
     print(format_row(copy))
-    copy_gbps = copy.get("gbps")
+    copy_gbps = copy.get("gbps") if copy["status"] == "ok" else None
     save()
     if any(m in STEP_METHODS for m in methods):
         records += run_steps(sizes, dtype, device, methods, copy_gbps=copy_gbps, quick=args.quick,
                              interpret=args.interpret)
         save()
     if "ce_update" in methods:
-        records += run_ce_update(ce_shape, ce_dtype, device, quick=args.quick, interpret=args.interpret)
+        records += run_ce_update(ce_shape, ce_dtype, device, quick=args.quick, interpret=args.interpret, ceil=ceil)
         save()
     if args.out:
         print(f"wrote {args.out / 'optim.json'} and {args.out / 'optim.csv'}")
@@ -513,5 +517,9 @@ def main(args: argparse.Namespace) -> int:
     failed = [r for r in ours if r["status"] == "failed"]
     if wrong or failed:
         print(f"FAILED: fastcyclic was wrong in {len(wrong)} case(s) and failed in {len(failed)}", file=sys.stderr)
-        return 1
-    return 0
+        return 1, records
+    return 0, records
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_suite(args)[0]

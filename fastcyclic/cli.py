@@ -3,6 +3,9 @@
     fastcyclic train [--p 97 --weight-decay 0.01 ...]     train (a + b) mod P and report the geometry
     fastcyclic bench ce [--shapes NxDxK ...] [--dtype bf16] [--device cuda] [--quick] [--out DIR]
     fastcyclic bench optim [--sizes 2^25 2^27] [--dtype fp32] [--quick] [--out DIR]
+    fastcyclic bench train [--shapes PxD ...] [--dtype fp32 bf16] [--quick] [--out DIR]
+    fastcyclic bench geometry [--shapes KxD ...] [--quick] [--out DIR]
+    fastcyclic bench all [--device cuda] [--quick] [--budget-s S] [--out DIR]
 """
 from __future__ import annotations
 
@@ -60,13 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     bench = commands.add_parser("bench", help="check fused kernels against eager PyTorch and time them")
     suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
-    from fastcyclic.bench import ce, optim  # import no kernels: fastcyclic's API is loaded on first use
+    # import no kernels: fastcyclic's API is loaded on first use
+    from fastcyclic.bench import all_suites, ce, geometry, optim
+    from fastcyclic.bench import train as train_bench
 
-    ce.add_arguments(suites.add_parser("ce", help="fused linear cross-entropy, forward + backward",
-                                       description=ce.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
-    optim.add_arguments(suites.add_parser("optim", help="optimizer step and the fused classifier update vs torch.optim",
-                                          description=optim.__doc__,
-                                          formatter_class=argparse.RawDescriptionHelpFormatter))
+    for name, module, help_text in (
+            ("ce", ce, "fused linear cross-entropy, forward + backward"),
+            ("optim", optim, "optimizer step and the fused classifier update vs torch.optim"),
+            ("train", train_bench, "the fastcyclic trainer's step vs a plain PyTorch loop and torch.compile"),
+            ("geometry", geometry, "cost of fastcyclic.geometry.summarize at large K"),
+            ("all", all_suites, "ce, optim, train and geometry into one output directory")):
+        module.add_arguments(suites.add_parser(name, help=help_text, description=module.__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -98,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         if getattr(args, "interpret", False):
             os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined
-        from fastcyclic.bench import ce, optim
+        from fastcyclic.bench import all_suites, ce, geometry, optim
+        from fastcyclic.bench import train as train_bench
 
-        return {"ce": ce.main, "optim": optim.main}[args.suite](args)
+        suites = {"ce": ce, "optim": optim, "train": train_bench, "geometry": geometry, "all": all_suites}
+        return suites[args.suite].main(args)
     return 2
 
 

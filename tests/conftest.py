@@ -22,6 +22,16 @@ def pytest_report_header(config):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: on a small shared CPU two OpenMP threads wait on each other's time
+    slices and a 0.1 ms op takes 50 ms (for tests that run benchmarks; their timings are not checked)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def gen(request):
     """A CPU torch.Generator seeded from the session seed and the test's id."""
     return torch.Generator().manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))

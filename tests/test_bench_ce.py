@@ -49,3 +49,44 @@ def test_cuda_without_cuda_is_refused_and_writes_nothing(tmp_path, capsys):
     assert main(["bench", "ce", "--device", "cuda", "--out", str(out)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_records_carry_the_common_schema_and_a_figure(tmp_path):
+    from fastcyclic.bench import measure
+
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "64x16x515", "--methods", "fastcyclic",
+                 "eager", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "ce.json").read_text())
+    assert results["suite"] == "ce" and results["ceilings"]["gemm_float32"]["status"] == "ok"
+    for r in results["records"]:
+        assert set(measure.COMMON_FIELDS) <= set(r)
+        assert r["case"] == f"{r['N']}x{r['D']}x{r['K']}" and r["kind"] == "case"
+        assert r["rate"] == r["tflops_per_s"] and r["rate_unit"] == "TFLOP/s" and r["ceiling"] == "gemm_float32"
+        assert r["err"] == max(r["err_loss"], r["err_dh"], r["err_dw"]) and r["tolerance"] == 1e-4
+        assert r["notes"] and r["telemetry"].startswith("unavailable")
+    fastcyclic = [r for r in results["records"] if r["method"] == "fastcyclic"]
+    assert all(r["speedup_vs_eager"] > 0 for r in fastcyclic)
+    assert (out / "ce.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_wrong_loss_is_reported_as_failing(tmp_path, monkeypatch, capsys):
+    from fastcyclic.bench import ce
+
+    real = ce.make_method
+
+    def make_method(name, device, interpret):
+        fn, notes = real(name, device, interpret)
+        if name == "fastcyclic":  # a kernel that scales the loss (and so every gradient) by 1.001
+            return (lambda h, w, y: fn(h, w, y) * 1.001), notes
+        return fn, notes
+
+    monkeypatch.setattr(ce, "make_method", make_method)
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
+                 "--quick", "--out", str(out)]) == 1
+    records = {r["method"]: r for r in json.loads((out / "ce.json").read_text())["records"]}
+    assert records["fastcyclic"]["correct"] is False and records["fastcyclic"]["err_loss"] > 5e-4
+    assert records["eager"]["correct"] is True
+    captured = capsys.readouterr()
+    assert "WRONG" in captured.out and "FAILED" in captured.err

@@ -12,14 +12,8 @@ STEP_METHODS = ["fastcyclic_adamw", "torch_adamw_foreach", "torch_adamw_fused", 
                 "torch_sgd_foreach", "torch_sgd_fused"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a small, shared CI machine two OpenMP threads wait on each other's time slices and a
-    0.1 ms step takes 50 ms; one thread keeps these tests fast (timing values are not checked)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread: on a small shared machine two OpenMP threads wait on each other (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv):

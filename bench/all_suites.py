@@ -1,0 +1,143 @@
+"""``fastcyclic bench all``: the ce, optim, train and geometry suites in one run, into one directory.
+
+    OUT/all.json            machine, ceilings, and per suite: exit code, status, seconds, record counts
+    OUT/ce/ce.json|csv|png  OUT/optim/optim.json|csv  OUT/train/train.json|csv  OUT/geometry/geometry.json|csv
+
+The ceilings (copy bandwidth, GEMM rates) are measured once and shared by every suite; the geometry
+suite compares the summary's cost with the trainer step the train suite measured.  A suite that
+fails, or crashes, is recorded in all.json and the run goes on with the next one; each suite's files
+are rewritten atomically as its cases finish.  With --budget-s, cases that would start after the
+budget is spent are recorded as "skipped" (so a run under an outer time limit ends with complete
+files).  Exit code: 0 when every suite passed, 1 when one found fastcyclic wrong or failed, 2 for
+bad input (nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from fastcyclic.bench import measure
+
+SUITES = ("ce", "optim", "train", "geometry")
+MODULES = {"ce": "fastcyclic.bench.ce", "optim": "fastcyclic.bench.optim", "train": "fastcyclic.bench.train",
+           "geometry": "fastcyclic.bench.geometry"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    measure.add_threads_argument(parser)
+    parser.add_argument("--quick", action="store_true", help="each suite's --quick: small sizes, short timing")
+    parser.add_argument("--suites", nargs="+", choices=SUITES, default=None,
+                        help="suites to run, in this order (default: ce optim train geometry; geometry uses the "
+                             "trainer step measured by train when train ran first)")
+    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
+                        help="after S seconds, record the remaining cases as skipped instead of running them")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for all.json and one subdirectory per suite")
+
+
+def suite_args(name: str, device: str, quick: bool, out: Path | None, threads: int | None = None,
+               ) -> tuple[object, argparse.Namespace]:
+    """The suite's module and its own defaults for this device, as its CLI would parse them."""
+    module = importlib.import_module(MODULES[name])
+    parser = argparse.ArgumentParser(prog=f"fastcyclic bench {name}")
+    module.add_arguments(parser)
+    argv = ["--device", device] + (["--quick"] if quick else []) + (["--out", str(out / name)] if out else [])
+    argv += ["--threads", str(threads)] if threads else []
+    return module, parser.parse_args(argv)
+
+
+def _train_step(records: list[dict]) -> tuple[float | None, str]:
+    """The fastcyclic trainer's ms per step at the geometry suite's TRAIN_CASE (the faster dtype)."""
+    from fastcyclic.bench import geometry
+
+    p, d = geometry.TRAIN_CASE
+    ok = [r for r in records if r["method"] == "fastcyclic" and r["status"] == "ok" and (r["P"], r["d"]) == (p, d)]
+    if not ok:
+        return None, ""
+    best = min(ok, key=lambda r: r["median_ms"])
+    return best["median_ms"], f"fastcyclic bench train in this run: P={p} d={d} {best['dtype']} batch {best['batch']}"
+
+
+def _count(records: list[dict]) -> dict:
+    counts = collections.Counter(r.get("status") for r in records)
+    counts["wrong"] = sum(1 for r in records if r.get("status") == "ok" and r.get("correct") is False)
+    return dict(counts)
+
+
+def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
+    """(exit code, one summary entry per suite)."""
+    try:
+        device = measure.resolve_device(args.device)
+        measure.apply_threads(args)
+        if device.type == "cuda":
+            measure.check_dtype(device, torch.bfloat16)  # the CUDA defaults of ce and train
+        if args.budget_s is not None and not args.budget_s > 0:
+            raise measure.BenchInputError(f"--budget-s must be > 0, got {args.budget_s}")
+    except measure.BenchInputError as exc:
+        return measure.fail(str(exc)), []
+    names = list(dict.fromkeys(args.suites or SUITES))  # in the order given
+    measure.set_budget(args.budget_s)
+    start = time.monotonic()
+    machine = measure.machine_facts(device)
+    print(f"fastcyclic bench all: {', '.join(names)} on {machine.get('gpu', machine['cpu'])}, "
+          f"torch {machine['torch']}, triton {machine['triton']}" + (" (quick)" if args.quick else ""))
+    ceil = measure.ceilings(device, quick=args.quick)  # once: every suite reuses this measurement
+    print(measure.format_ceilings(ceil))
+    summary: list[dict] = []
+
+    def save():
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            results = {"suite": "all", "machine": machine, "ceilings": ceil, "quick": args.quick,
+                       "budget_s": args.budget_s, "seconds": time.monotonic() - start, "suites": summary}
+            measure.write_atomic(args.out / "all.json", json.dumps(measure._json_safe(results), indent=1))
+
+    save()
+    train_records: list[dict] = []
+    try:
+        for name in names:
+            print(f"\n==== fastcyclic bench {name} ====", flush=True)
+            t0 = time.monotonic()
+            entry = {"suite": name, "out": str(args.out / name) if args.out else None}
+            try:
+                module, ns = suite_args(name, args.device, args.quick, args.out, args.threads)
+                kwargs = {}
+                if name == "geometry" and device.type == "cuda":
+                    step_ms, source = _train_step(train_records)
+                    if step_ms:
+                        ns.train_step_ms, kwargs["step_source"] = step_ms, source
+                rc, records = module.run_suite(ns, machine=machine, **kwargs)
+                if name == "train":
+                    train_records = records
+                entry.update(rc=rc, status={0: "ok", 1: "fastcyclic wrong or failed"}.get(rc, "refused"),
+                             records=_count(records))
+            except Exception as exc:  # a crashing suite is recorded; the next one runs
+                entry.update(rc=None, status="crashed", error=measure.error_text(exc),
+                             traceback=traceback.format_exc()[-3000:])
+                print(f"fastcyclic bench {name} crashed:\n{traceback.format_exc()}", file=sys.stderr)
+            entry["seconds"] = time.monotonic() - t0
+            summary.append(entry)
+            measure.release(device)
+            save()
+    finally:
+        measure.set_budget(None)
+    print("\n==== fastcyclic bench all: summary ====")
+    print(f"{'suite':<10} {'status':<28} {'seconds':>8}  records")
+    for e in summary:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted((e.get("records") or {}).items()) if v)
+        print(f"{e['suite']:<10} {e['status']:<28} {e['seconds']:8.1f}  {counts or e.get('error', '')}")
+    print(f"total {time.monotonic() - start:.1f} s" + (f"; wrote {args.out}/all.json" if args.out else ""))
+    return (0 if all(e.get("rc") == 0 for e in summary) else 1), summary
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_suite(args)[0]

@@ -1,0 +1,205 @@
+"""`fastcyclic bench all` and what every suite shares: the record schema, ceilings, telemetry, atomic
+files, refusals of bad input, and the pytest-benchmark micro-benchmarks kept out of the default run."""
+import configparser
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcyclic.bench import all_suites, ce, geometry, measure, optim, train
+from fastcyclic.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# one torch thread: on a small shared machine two OpenMP threads wait on each other (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """Every suite's --quick defaults shrunk to a second's worth of work, and fresh (small) ceilings."""
+    monkeypatch.setitem(ce.QUICK_SHAPES, "cpu", ((48, 16, 301),))
+    monkeypatch.setitem(optim.QUICK_SIZES, "cpu", (3000,))
+    monkeypatch.setitem(optim.CE_SHAPE, "quick", (48, 16, 301))
+    monkeypatch.setitem(train.QUICK_SHAPES, "cpu", ((31, 8),))
+    monkeypatch.setitem(geometry.QUICK_SHAPES, "cpu", ((257, 16),))
+    monkeypatch.setitem(measure.COPY_NUMEL, "quick", 2**18)
+    monkeypatch.setitem(measure.GEMM_SIZE, "quick", 128)
+    monkeypatch.setattr(measure, "_CEILINGS", {})
+
+
+def test_quick_cpu_run_of_every_suite_into_one_directory(tiny, tmp_path, capsys):
+    out = tmp_path / "res"
+    assert main(["bench", "all", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+    summary = json.loads((out / "all.json").read_text())
+    assert [s["suite"] for s in summary["suites"]] == ["ce", "optim", "train", "geometry"]
+    for s in summary["suites"]:
+        assert s["rc"] == 0 and s["status"] == "ok" and s["seconds"] > 0 and s["records"]["ok"] >= 1, s
+    ceilings = summary["ceilings"]
+    assert ceilings["copy"]["numel"] == 2**18 and ceilings["gemm_float32"]["m"] == 128
+
+    for name in all_suites.SUITES:
+        results = json.loads((out / name / f"{name}.json").read_text())
+        assert results["suite"] == name
+        assert results["ceilings"] == ceilings  # measured once, shared by every suite
+        for r in results["records"]:
+            assert list(r)[:len(measure.COMMON_FIELDS)] == list(measure.COMMON_FIELDS), (name, r)
+            assert r["bench"] == name and r["device"] == "cpu"
+            assert r["telemetry"].startswith("unavailable")
+            if r["status"] == "ok":
+                assert r["median_ms"] > 0 and r["rate"] > 0 and r["rate_unit"] in ("TFLOP/s", "GB/s")
+                assert r["ceiling"] and r["frac_ceiling"] == pytest.approx(r["rate"] / r["ceiling_rate"])
+                if r.get("kind") != "ceiling":
+                    assert r["correct"] is True and r["err"] is not None and r["tolerance"] is not None
+        header = next(csv.reader((out / name / f"{name}.csv").open()))
+        assert header[:len(measure.CSV_COMMON)] == list(measure.CSV_COMMON)
+        assert not list((out / name).glob("*.tmp"))
+    assert (out / "ce" / "ce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    for name in all_suites.SUITES:
+        assert f"==== fastcyclic bench {name} ====" in printed
+    assert "summary" in printed
+
+
+def test_a_crashing_suite_is_recorded_and_the_run_goes_on(tiny, tmp_path, monkeypatch):
+    def crash(args, **kwargs):
+        raise RuntimeError("optim suite exploded")
+
+    monkeypatch.setattr(optim, "run_suite", crash)
+    out = tmp_path / "res"
+    assert main(["bench", "all", "--device", "cpu", "--quick", "--suites", "optim", "geometry",
+                 "--out", str(out)]) == 1
+    suites = {s["suite"]: s for s in json.loads((out / "all.json").read_text())["suites"]}
+    assert suites["optim"]["status"] == "crashed" and "exploded" in suites["optim"]["error"]
+    assert suites["geometry"]["status"] == "ok"
+    assert (out / "geometry" / "geometry.json").exists() and not (out / "optim").exists()
+
+
+def test_budget_spent_records_every_case_as_skipped(tiny, tmp_path):
+    out = tmp_path / "res"
+    assert main(["bench", "all", "--device", "cpu", "--quick", "--budget-s", "1e-9", "--suites", "ce", "train",
+                 "geometry", "--out", str(out)]) == 0
+    assert not measure.out_of_time()  # the budget ends with the command
+    for name in ("ce", "train", "geometry"):
+        records = json.loads((out / name / f"{name}.json").read_text())["records"]
+        assert records and {r["status"] for r in records} == {"skipped"}
+
+
+def test_missing_optional_baselines_are_reported_not_crashed(tmp_path, monkeypatch):
+    """liger-kernel and cut-cross-entropy (the optional `bench` extra): absent, or on CPU, a record says why."""
+    monkeypatch.setattr(ce, "_installed", lambda module: False)
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "liger", "cce", "eager",
+                 "--quick", "--out", str(out)]) == 0
+    records = {r["method"]: r for r in json.loads((out / "ce.json").read_text())["records"]}
+    for name, dist in (("liger", "liger-kernel"), ("cce", "cut-cross-entropy")):
+        assert records[name]["status"] == "unavailable"
+        assert records[name]["error"].startswith(f"not installed: {dist}")
+    assert records["eager"]["status"] == "ok"
+
+
+def test_installed_baselines_say_they_need_cuda_on_cpu(monkeypatch):
+    monkeypatch.setattr(ce, "_installed", lambda module: True)
+    for name in ("liger", "cce"):
+        with pytest.raises(ce.Unavailable, match="CUDA only"):
+            ce.make_method(name, torch.device("cpu"), False)
+
+
+def test_pyproject_bench_extra_lists_the_optional_baselines():
+    text = (ROOT / "pyproject.toml").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("bench = "))
+    assert "liger-kernel" in line and "cut-cross-entropy" in line and "nvidia-ml-py" in line
+
+
+def test_record_schema_helpers():
+    r = measure.complete({"method": "x", "custom": 1})
+    assert list(r)[:len(measure.COMMON_FIELDS)] == list(measure.COMMON_FIELDS) and r["custom"] == 1
+    measure.set_rate(r, 2.0, "GB/s", ("copy", 8.0))
+    assert (r["rate"], r["rate_unit"], r["ceiling"], r["ceiling_rate"]) == (2.0, "GB/s", "copy", 8.0)
+    assert r["frac_ceiling"] == 0.25
+    measure.set_rate(r, 2.0, "GB/s", (None, None))
+    assert r["frac_ceiling"] is None
+    assert measure.gemm_ceiling({"gemm_float32": {"status": "ok", "tflops_per_s": 3.0}}, torch.bfloat16) == \
+        ("gemm_float32", 3.0)
+    assert measure.telemetry(torch.device("cpu")) == "unavailable: not a CUDA run"
+
+
+def test_result_files_are_replaced_whole(tmp_path):
+    out = tmp_path / "res"
+    records = [measure.complete({"bench": "x", "method": "m", "status": "ok", "target": {"median_ms": 1.0},
+                                 "err": float("inf")})]
+    paths = measure.write_suite(out, "x", {"torch": torch.__version__}, records, csv_fields=("extra",))
+    assert [p.name for p in paths] == ["x.json", "x.csv"]
+    data = json.loads((out / "x.json").read_text())  # inf is written as "inf": strict JSON
+    assert data["records"][0]["err"] == "inf"
+    row = next(csv.DictReader((out / "x.csv").open()))
+    assert json.loads(row["target"]) == {"median_ms": 1.0} and "telemetry" not in row
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_dtype_the_gpu_cannot_compute_in_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "old GPU")
+    with pytest.raises(measure.BenchInputError, match="does not support bfloat16"):
+        measure.check_dtype(torch.device("cuda"), torch.bfloat16)
+    measure.check_dtype(torch.device("cuda"), torch.float32)
+    measure.check_dtype(torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench"],
+    ["bench", "nope"],
+    ["bench", "all", "--suites", "nope"],
+    ["bench", "all", "--budget-s", "soon"],
+    ["bench", "train", "--shapes", "113"],
+    ["bench", "geometry", "--shapes", "1x2x3"],
+])
+def test_unknown_subcommands_and_malformed_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite", ["ce", "optim", "train", "geometry", "all"])
+def test_cuda_without_cuda_is_refused_and_writes_nothing(suite, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "res"
+    assert main(["bench", suite, "--device", "cuda", "--out", str(out)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_all_refuses_a_nonpositive_budget_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert main(["bench", "all", "--device", "cpu", "--budget-s", "0", "--out", str(out)]) == 2
+    assert "--budget-s" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suite", ["ce", "optim", "train", "geometry", "all"])
+def test_every_subcommand_has_help(suite, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", suite, "--help"])
+    assert exc.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+def test_micro_benchmarks_are_kept_out_of_the_default_run():
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    assert '-m "not benchmark"' in config["tool:pytest"]["addopts"]
+    files = sorted((ROOT / "tests" / "benchmarks").glob("test_*.py"))
+    assert files
+    for path in files:
+        assert "pytestmark = [pytest.mark.benchmark" in path.read_text()
+
+
+@pytest.mark.parametrize("suite", ["ce", "optim", "train", "geometry", "all"])
+def test_nonpositive_threads_are_refused_and_write_nothing(suite, tmp_path, capsys):
+    out = tmp_path / "res"
+    assert main(["bench", suite, "--device", "cpu", "--threads", "0", "--out", str(out)]) == 2
+    assert "--threads" in capsys.readouterr().err
+    assert not out.exists()

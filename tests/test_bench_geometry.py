@@ -1,0 +1,126 @@
+"""The `fastcyclic bench geometry` suite on CPU: records, files, correctness detection, refusals of bad input."""
+import argparse
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from fastcyclic.bench import geometry, measure
+
+
+# one torch thread: on a small shared machine two OpenMP threads wait on each other (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(argv):
+    """What `fastcyclic bench geometry ARGV` does."""
+    parser = argparse.ArgumentParser(prog="fastcyclic bench geometry")
+    geometry.add_arguments(parser)
+    return geometry.main(parser.parse_args(argv))
+
+
+def load(out):
+    return json.loads((out / "geometry.json").read_text())
+
+
+def test_planted_layout_is_what_the_summary_should_find():
+    W, E = geometry.planted(257, 16)
+    assert W.dtype == E.dtype == torch.float64 and W.shape == E.shape == (257, 16)
+    assert bool((W != 0).all())
+    s = geometry.reference_summary(W, E)
+    assert geometry.planted_found(s) == []
+    assert s.locking > 0.99  # one shared plane
+
+
+def test_quick_cpu_run_writes_complete_records(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--shapes", "257x16", "1031x8", "--out", str(out)]) == 0
+    results = load(out)
+    assert results["suite"] == "geometry" and results["ceilings"]["copy"]["status"] == "ok"
+    records = results["records"]
+    assert [r["case"] for r in records] == ["K=257 d=16", "K=1031 d=8"]
+    for r in records:
+        assert set(measure.COMMON_FIELDS) <= set(r)
+        assert r["status"] == "ok" and r["method"] == "summarize" and r["dtype"] == "float32"
+        assert r["correct"] is True and r["err"] <= geometry.TOLERANCE
+        assert r["mismatched"] is None and r["missed"] is None
+        assert r["verdict"] == "cyclic" and r["omega_W"] == geometry.OMEGA
+        assert r["bytes"] == 2 * r["K"] * r["d"] * 4
+        assert r["rate_unit"] == "GB/s" and r["ceiling"] == "copy" and r["frac_ceiling"] > 0
+        assert 0 < r["q25_ms"] <= r["median_ms"] <= r["q75_ms"]
+        assert r["frac_of_100_train_steps"] is None  # CUDA only, unless a step time is given
+        assert r["telemetry"].startswith("unavailable")
+    rows = list(csv.DictReader((out / "geometry.csv").open()))
+    assert [row["case"] for row in rows] == ["K=257 d=16", "K=1031 d=8"]
+    assert not list(out.glob("*.tmp"))
+    assert "K=1031 d=8" in capsys.readouterr().out
+
+
+def test_given_train_step_gives_the_fraction_of_100_steps(tmp_path):
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--shapes", "257x16", "--train-step-ms", "5.0", "--out", str(out)]) == 0
+    r = load(out)["records"][0]
+    assert r["train_step_ms"] == 5.0
+    assert r["frac_of_100_train_steps"] == pytest.approx(r["median_ms"] / 500.0)
+    assert r["target"] is None  # the 2 % target is for K = 65521, d = 256
+
+
+@pytest.mark.parametrize("how", ["rho2", "omega"])
+def test_a_wrong_summary_is_reported_as_failing(how, tmp_path, monkeypatch, capsys):
+    real = geometry.summarize
+
+    def wrong(W, E):
+        s = real(W, E)
+        if how == "rho2":
+            return dataclasses.replace(s, rho2_W=s.rho2_W * 0.999)
+        return dataclasses.replace(s, omega_W=s.omega_W + 1, shared_omega=False)
+
+    monkeypatch.setattr(geometry, "summarize", wrong)
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--shapes", "257x16", "--out", str(out)]) == 1
+    r = load(out)["records"][0]
+    assert r["status"] == "ok" and r["correct"] is False
+    if how == "rho2":
+        assert r["err"] > geometry.TOLERANCE
+    else:
+        assert "omega_W" in r["mismatched"] and r["missed"]
+    captured = capsys.readouterr()
+    assert "WRONG" in captured.out and "FAILED" in captured.err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--shapes", "8191"],
+    ["--shapes", "8x64"],  # fewer rows than the planted frequency needs
+    ["--shapes", "8191xk"],
+    ["--dtype", "bf16"],   # too coarse to measure in: summarize would upcast it
+    ["--train-step-ms", "fast"],
+])
+def test_malformed_arguments_exit_2_and_write_nothing(argv, tmp_path, capsys):
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit) as exc:
+        run(argv + ["--out", str(out)])
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_refusals_after_parsing_write_nothing(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--train-step-ms", "-1", "--out", str(out)]) == 2
+    assert "--train-step-ms" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run(["--device", "cuda", "--out", str(out)]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.cuda
+def test_quick_cuda_run(tmp_path):
+    out = tmp_path / "res"
+    assert run(["--device", "cuda", "--quick", "--shapes", "8191x64", "--train-step-ms", "4.0", "--out", str(out)]) == 0
+    r = load(out)["records"][0]
+    assert r["status"] == "ok" and r["correct"] is True and r["device"] == "cuda"
+    assert r["frac_of_100_train_steps"] == pytest.approx(r["median_ms"] / 400.0)
+    assert set(r["telemetry"]) == {"before", "after"}

@@ -1,0 +1,165 @@
+"""The `fastcyclic bench train` suite on CPU: records, files, correctness detection, refusals of bad input."""
+import argparse
+import csv
+import json
+
+import pytest
+import torch
+
+from fastcyclic.bench import measure, train
+
+# full batch at P = 31 (about 384 train pairs <= 512), sampled from the enumerated split at P = 61,
+# hashed split (P^2 > 2^22) and the plain loop's pool at P = 2053
+TINY = ["--device", "cpu", "--quick", "--shapes", "31x8", "61x8", "2053x8", "--batch-size", "512"]
+# one torch thread: on a small shared machine two OpenMP threads wait on each other (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(argv):
+    """What `fastcyclic bench train ARGV` does."""
+    parser = argparse.ArgumentParser(prog="fastcyclic bench train")
+    train.add_arguments(parser)
+    return train.main(parser.parse_args(argv))
+
+
+def load(out):
+    return json.loads((out / "train.json").read_text())
+
+
+def test_quick_cpu_run_writes_complete_records(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert run(TINY + ["--dtype", "fp32", "bf16", "--out", str(out)]) == 0
+    results = load(out)
+    assert results["suite"] == "train" and results["machine"]["torch"]
+    assert results["ceilings"]["copy"]["status"] == "ok" and results["ceilings"]["gemm_float32"]["tflops_per_s"] > 0
+    records = results["records"]
+    # --quick on CPU leaves torch.compile out (it compiles for tens of seconds on a small CPU)
+    assert [(r["case"], r["dtype"], r["method"]) for r in records] == [
+        (case, dtype, method) for dtype in ("float32", "bfloat16") for case in ("P=31 d=8", "P=61 d=8", "P=2053 d=8")
+        for method in ("fastcyclic", "eager")]
+    for r in records:
+        assert set(measure.COMMON_FIELDS) <= set(r)
+        assert r["status"] == "ok", r
+        assert r["bench"] == "train" and r["device"] == "cpu"
+        assert r["correct"] is True and r["err"] <= r["tolerance"] == train.TOLERANCE[getattr(torch, r["dtype"])]
+        assert r["err"] == max(r["err_E"], r["err_W"])
+        assert 0 < r["q25_ms"] <= r["median_ms"] <= r["q75_ms"]
+        assert r["steps_per_s"] == pytest.approx(1e3 / r["median_ms"])
+        assert r["rate_unit"] == "TFLOP/s" and r["ceiling"] == "gemm_float32" and r["frac_ceiling"] > 0
+        assert r["flops"] == 6 * r["batch"] * r["d"] * r["P"]
+        assert r["telemetry"].startswith("unavailable")
+        assert r["target"] is None  # the targets are the H200's
+        assert r["notes"]
+    by = {(r["P"], r["dtype"], r["method"]): r for r in records}
+    assert by[(31, "float32", "fastcyclic")]["full_batch"] is True
+    assert by[(61, "float32", "eager")]["full_batch"] is False and by[(61, "float32", "eager")]["batch"] == 512
+    assert "autocast" in by[(61, "bfloat16", "eager")]["notes"]
+    assert "foreach" in by[(61, "float32", "eager")]["notes"]
+    assert by[(61, "float32", "fastcyclic")]["speedup_vs_eager"] > 0
+
+    rows = list(csv.DictReader((out / "train.csv").open()))
+    assert len(rows) == len(records)
+    assert {"case", "method", "median_ms", "frac_ceiling", "peak_extra_gib", "err", "correct",
+            "steps_per_s"} <= set(rows[0])
+    assert not list(out.glob("*.tmp"))
+    table = capsys.readouterr().out
+    assert "P=2053 d=8" in table and "fastcyclic" in table
+
+
+def test_targets_and_anchors_are_those_of_the_issue():
+    assert train._lookup(train.TARGETS, 113, 128, "float32") == {"median_ms": 0.35}
+    assert train._lookup(train.TARGETS, 65521, 256, "bfloat16") == {"median_ms": 4.1, "peak_extra_gib": 0.6}
+    assert train._lookup(train.TARGETS, 65521, 256, "float32") is None
+    anchor = train._lookup(train.ANCHORS, 65521, 256, "bfloat16")
+    assert anchor["compile"] == {"median_ms": 6.16, "peak_extra_gib": 1.94}
+
+
+def test_a_wrong_trainer_is_reported_as_failing(tmp_path, monkeypatch, capsys):
+    class NoDecay(train.FastcyclicRunner):  # forgets the weight decay: off by 3 lr wd |X| after 3 steps
+        def __init__(self, spec):
+            super().__init__(spec)
+            self.trainer.config.weight_decay = 0.0
+
+    monkeypatch.setitem(train.METHODS, "fastcyclic", NoDecay)
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--shapes", "31x8", "--out", str(out)]) == 1
+    r = {r["method"]: r for r in load(out)["records"]}
+    assert r["fastcyclic"]["status"] == "ok" and r["fastcyclic"]["correct"] is False
+    assert r["fastcyclic"]["err"] > 10 * r["fastcyclic"]["tolerance"]
+    assert r["eager"]["correct"] is True
+    captured = capsys.readouterr()
+    assert "WRONG" in captured.out and "FAILED" in captured.err
+
+
+def test_a_failing_baseline_gets_a_record_and_the_run_goes_on(tmp_path, monkeypatch):
+    def breaks(spec):
+        raise RuntimeError("the plain loop exploded")
+
+    monkeypatch.setitem(train.METHODS, "eager", breaks)
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--shapes", "31x8", "--out", str(out)]) == 0  # ours is fine
+    r = {r["method"]: r for r in load(out)["records"]}
+    assert r["eager"]["status"] == "failed" and "exploded" in r["eager"]["error"]
+    assert r["fastcyclic"]["status"] == "ok"
+
+
+def test_budget_exhausted_records_skipped_cases(tmp_path):
+    out = tmp_path / "res"
+    measure.set_budget(-1.0)
+    try:
+        assert run(["--device", "cpu", "--quick", "--shapes", "31x8", "--out", str(out)]) == 0
+    finally:
+        measure.set_budget(None)
+    assert {r["status"] for r in load(out)["records"]} == {"skipped"}
+
+
+@pytest.mark.parametrize("text, value", [("113x128", (113, 128)), ("65521X256", (65521, 256)),
+                                         ("8191,128", (8191, 128))])
+def test_parse_shape(text, value):
+    assert train.parse_shape(text) == value
+
+
+@pytest.mark.parametrize("argv", [
+    ["--shapes", "113"],
+    ["--shapes", "2x8"],
+    ["--shapes", "axb"],
+    ["--shapes", "113x0"],
+    ["--dtype", "fp16"],
+    ["--methods", "nope"],
+    ["--batch-size", "many"],
+])
+def test_malformed_arguments_exit_2_and_write_nothing(argv, tmp_path, capsys):
+    out = tmp_path / "res"
+    with pytest.raises(SystemExit) as exc:
+        run(argv + ["--out", str(out)])
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_refusals_after_parsing_write_nothing(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--batch-size", "0", "--out", str(out)]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run(["--device", "cuda", "--out", str(out)]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.cuda
+def test_quick_cuda_run_checks_the_captured_trainer(tmp_path):
+    """On a GPU: the CUDA-graph trainer (its batches sampled inside the graph, fp32 with the update fused
+    into the CE backward, bf16) agrees with the float64 loop, and every record carries NVML telemetry."""
+    out = tmp_path / "res"
+    assert run(["--device", "cuda", "--quick", "--shapes", "31x8", "2053x64", "--batch-size", "512",
+                "--methods", "fastcyclic", "eager", "--dtype", "fp32", "bf16", "--out", str(out)]) == 0
+    records = load(out)["records"]
+    assert len(records) == 8
+    for r in records:
+        assert r["status"] == "ok" and r["correct"] is True, r
+        assert set(r["telemetry"]) == {"before", "after"}
+        assert r["peak_extra_gib"] is not None and r["peak_extra_gib"] >= 0
+    ours = [r for r in records if r["method"] == "fastcyclic"]
+    assert all("CUDA graph" in r["notes"] for r in ours)
+    assert any("fused into the CE backward" in r["notes"] for r in ours if r["dtype"] == "float32")
