@@ -12,6 +12,8 @@ every output is written once, in a fixed order, with no atomics (bitwise determi
 * ``_backward_dw_kernel`` owns a block of classes (dW and dbias rows), loops over rows: recomputes
                           the logits tile (transposed, as FlashAttention's dK/dV kernel does, so
                           g^T feeds the tensor cores straight from registers), accumulates dW += g^T h.
+                          Its epilogue either stores dW or applies the optimizer step to those w
+                          rows (``ClassifierUpdate``: the update fused into the backward).
 * ``_backward_dh_kernel`` owns a block of rows (dh), loops over classes: recomputes the logits tile,
                           accumulates dh += g w.
 
