@@ -1,6 +1,8 @@
 """The ``fastcyclic`` command.
 
     fastcyclic train [--p 97 --weight-decay 0.01 ...]     train (a + b) mod P and report the geometry
+    fastcyclic sweep --p 31,61,127 --weight-decay 1e-3,1e-2,1e-1 --seeds 3 --steps 2000 --out DIR
+    fastcyclic reproduce --preset cpu|gpu --out DIR        test the paper's claims, write report.md
     fastcyclic bench ce [--shapes NxDxK ...] [--dtype bf16] [--device cuda] [--quick] [--out DIR]
     fastcyclic bench optim [--sizes 2^25 2^27] [--dtype fp32] [--quick] [--out DIR]
     fastcyclic bench train [--shapes PxD ...] [--dtype fp32 bf16] [--quick] [--out DIR]
@@ -61,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "the embedded default (P = 97, about a minute on a 2-core CPU), written to runs/p97-seed0.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(train)
+    from fastcyclic import reproduce, sweep  # light: torch loads when a run starts
+
+    sweep.add_arguments(commands.add_parser(
+        "sweep", help="a grid of training runs over P, weight decay and seeds; lambda_crit and the collapse edge",
+        description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    reproduce.add_arguments(commands.add_parser(
+        "reproduce", help="a preset sweep and report.md with a verdict on each of the paper's claims",
+        description=reproduce.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     bench = commands.add_parser("bench", help="check fused kernels against eager PyTorch and time them")
     suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
     # import no kernels: fastcyclic's API is loaded on first use
@@ -103,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return run_train(args)
+    if args.command in ("sweep", "reproduce"):
+        from fastcyclic import reproduce, sweep
+
+        return {"sweep": sweep, "reproduce": reproduce}[args.command].main(args)
     if args.command == "bench":
         if getattr(args, "interpret", False):
             os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined

@@ -22,6 +22,9 @@ from torch import Tensor
 MASK32 = 0xFFFFFFFF
 # the largest P for which the pair index a * P + b (used to deduplicate samples) fits in int64
 MAX_P = 1 << 31
+# all P^2 pairs are listed (and full batches possible) up to this many: 2^22 pairs, P <= 2048
+ENUMERATE_LIMIT = 1 << 22
+
 # MurmurHash3's 32-bit finaliser (fmix32): a well-studied bijection of [0, 2^32) with full avalanche
 _FMIX_C1 = 0x85EBCA6B
 _FMIX_C2 = 0xC2B2AE35
@@ -115,7 +118,7 @@ class ModularAddition:
     """
 
     def __init__(self, p: int, train_fraction: float, seed: int, device: Union[str, torch.device] = "cpu", *,
-                 enumerate_limit: int = 1 << 22, test_sample: int = 65536):
+                 enumerate_limit: int = ENUMERATE_LIMIT, test_sample: int = 65536):
         if isinstance(p, bool) or not isinstance(p, int) or not 2 <= p <= MAX_P:
             raise ValueError(f"p must be an integer in [2, 2^31], got {p!r}")
         if not 0.0 < float(train_fraction) < 1.0:  # NaN fails too

@@ -8,11 +8,10 @@ matplotlib is imported only when a figure is drawn (importing fastcyclic.geometr
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 
 from fastcyclic import geometry
+from fastcyclic.files import write_atomic
 
 __all__ = ["plot_circles", "plot_fourier", "plot_geometry_history", "plot_training_curves"]
 
@@ -20,7 +19,7 @@ _COLOR = {"W": "tab:blue", "E": "tab:orange", "locking": "tab:green"}
 _DPI = 120
 
 
-def _figure(ncols: int, nrows: int = 1, size: tuple[float, float] = (6.0, 5.0)):
+def new_figure(ncols: int, nrows: int = 1, size: tuple[float, float] = (6.0, 5.0)):
     """A pyplot-free figure with an Agg canvas and a (nrows × ncols) grid of axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -34,22 +33,9 @@ def _frequencies(count: int) -> str:
     return f"{count} frequency" if count == 1 else f"{count} frequencies"
 
 
-def _save(fig, path) -> str:
+def save_png(fig, path) -> str:
     """Write fig as a PNG at path atomically; return path."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=_DPI)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a figure is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=_DPI))
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +48,7 @@ def plot_circles(W, E, path, *, max_points: int = 20000, title: str | None = Non
 
     A rank-2 cyclic layout shows a ring whose colour runs ω times around it (cyclic colour map: index k and k + 1
     mod n get close colours). At most max_points rows are drawn per panel (every ⌈n/max_points⌉-th row)."""
-    fig, axes = _figure(2)
+    fig, axes = new_figure(2)
     for ax, name, X in zip(axes[0], ("W", "E"), (W, E)):
         layout = geometry.describe(X)
         u, sp, fs = layout.coords, layout.spectrum, layout.fourier
@@ -81,7 +67,7 @@ def plot_circles(W, E, path, *, max_points: int = 20000, title: str | None = Non
                      f"{_frequencies(fs.count)}", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(title or "Rows in their top-2 plane (a circle = rank-2 cyclic)")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +78,7 @@ def plot_circles(W, E, path, *, max_points: int = 20000, title: str | None = Non
 def plot_fourier(W, E, path, *, mass: float = geometry.FREQ_MASS, log: bool = False, title: str | None = None) -> str:
     """Share of each frequency f = 1 … ⌊n/2⌋ in the non-constant energy of W's and of E's rows (one panel each),
     with the dominant ω marked and the number of frequencies holding `mass` of the energy in the title."""
-    fig, axes = _figure(1, nrows=2, size=(9.0, 3.2))
+    fig, axes = new_figure(1, nrows=2, size=(9.0, 3.2))
     for ax, name, X in zip(axes[:, 0], ("W", "E"), (W, E)):
         fs = geometry.fourier_spectrum(X, mass=mass)
         ac = fs.power[1:]
@@ -116,7 +102,7 @@ def plot_fourier(W, E, path, *, mass: float = geometry.FREQ_MASS, log: bool = Fa
         ax.set_title(f"{name}: {_frequencies(fs.count)} {verb} {100 * mass:.3g} % of the energy", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(title or "Fourier power spectrum of the rows")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +140,7 @@ def plot_geometry_history(history: Iterable, path, *, threshold: float = geometr
     freq_count_W, freq_count_E."""
     records = sorted((_as_record(e) for e in history), key=lambda r: r.get("step", 0))
     has_counts = any(r.get("freq_count_W") is not None or r.get("freq_count_E") is not None for r in records)
-    fig, axes = _figure(1, nrows=2 if has_counts else 1, size=(8.0, 4.0))
+    fig, axes = new_figure(1, nrows=2 if has_counts else 1, size=(8.0, 4.0))
     ax = axes[0, 0]
     for key, label, color in (("rho2_W", "ρ₂(W) classifier", _COLOR["W"]), ("rho2_E", "ρ₂(E) embedding", _COLOR["E"]),
                               ("locking", "locking (E's energy in W's plane)", _COLOR["locking"])):
@@ -186,7 +172,7 @@ def plot_geometry_history(history: Iterable, path, *, threshold: float = geometr
         ax.legend(loc="best", fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(title or "Geometry over training")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +184,7 @@ def plot_training_curves(history: Iterable[Mapping], path, *, title: str | None 
     """Train/test loss (log scale when positive) and accuracy against the step. history: dicts with 'step' and any
     of train_loss, test_loss, train_acc, test_acc; missing keys and None values are skipped."""
     records = sorted((dict(r) for r in history if "step" in r), key=lambda r: r["step"])
-    fig, axes = _figure(2, size=(6.0, 4.0))
+    fig, axes = new_figure(2, size=(6.0, 4.0))
     for ax, kind in zip(axes[0], ("loss", "acc")):
         drawn = []
         for split, style in (("train", "-"), ("test", "--")):
@@ -219,4 +205,4 @@ def plot_training_curves(history: Iterable[Mapping], path, *, title: str | None 
         ax.set_title("Loss" if kind == "loss" else "Accuracy", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(title or "Training curves")
-    return _save(fig, path)
+    return save_png(fig, path)

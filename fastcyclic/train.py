@@ -21,12 +21,13 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from fastcyclic import geometry
 from fastcyclic.data import ModularAddition
+from fastcyclic.files import write_atomic, write_json
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
 from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update
 
@@ -136,32 +137,6 @@ def _check_out_dir(path: str) -> None:
             pass
     except OSError as e:
         raise ValueError(f"out_dir {path!r} is not writable: {e}") from e
-
-
-def _write_atomic(path: str, write: Callable) -> None:
-    """write(file) into a temporary file beside path, fsync, rename over path: a reader (or a run
-    killed at any moment) sees the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: str, obj) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 class TrainingDiverged(RuntimeError):
@@ -402,7 +377,7 @@ class Trainer:
 
     def save_checkpoint(self, path: str) -> None:
         state = self.state_dict()
-        _write_atomic(path, lambda f: torch.save(state, f))
+        write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str) -> dict:
@@ -449,10 +424,10 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
             trainer.load_state_dict(load_checkpoint(checkpoint))
     if out:
         paths.update(config=os.path.join(out, "config.json"), metrics=os.path.join(out, "metrics.jsonl"))
-        _write_json(paths["config"], config.to_dict())
+        write_json(paths["config"], config.to_dict())
         # metrics.jsonl restarts from the checkpoint's history, so a resumed run has no duplicate lines
         lines = "".join(json.dumps(r) + "\n" for r in trainer.history)
-        _write_atomic(paths["metrics"], lambda f: f.write(lines.encode()))
+        write_atomic(paths["metrics"], lambda f: f.write(lines.encode()))
 
     bar = None
     if config.progress:
@@ -490,9 +465,9 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
                          seconds=time.perf_counter() - started, trainer=trainer)
     if out:
         paths["summary"] = os.path.join(out, "summary.json")
-        _write_json(paths["summary"], dict(final=final, geometry=summary.to_dict(), t_W=t_w, t_E=t_e,
-                                           settle_W=result.settle_W, settle_E=result.settle_E,
-                                           seconds=result.seconds, steps=trainer.step_count))
+        write_json(paths["summary"], dict(final=final, geometry=summary.to_dict(), t_W=t_w, t_E=t_e,
+                                          settle_W=result.settle_W, settle_E=result.settle_E,
+                                          seconds=result.seconds, steps=trainer.step_count))
         if figures:
             paths["figures"] = _figures(trainer, os.path.join(out, "figures"))
     return result

@@ -1,0 +1,41 @@
+"""Writing files atomically: a reader, or a process killed at any moment, sees the old file or the
+new one, never half of one (temporary file beside the target, fsync, rename, fsync the folder)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import BinaryIO, Callable
+
+
+def write_atomic(path: str, write: Callable[[BinaryIO], object]) -> str:
+    """Call ``write(file)`` on a temporary file in path's folder, then rename it over path."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are for reading
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def write_bytes(path: str, data: bytes) -> str:
+    return write_atomic(path, lambda f: f.write(data))
+
+
+def write_json(path: str, obj, *, indent: int = 2, default: Callable | None = None) -> str:
+    return write_bytes(path, (json.dumps(obj, indent=indent, default=default) + "\n").encode())

@@ -1,0 +1,718 @@
+"""``fastcyclic reproduce``: run a preset sweep and write report.md, which states each claim of the paper, the
+measurement that tests it, the numbers and a plain verdict (supported / not supported / inconclusive).
+
+    fastcyclic reproduce --preset cpu --out DIR      ~20 min on 2 CPU cores (budget: 30 min), P = 31, 61, 97
+    fastcyclic reproduce --preset gpu --out DIR      one GPU, P = 127 … 65521 (budget: 1 hour; not yet measured)
+    fastcyclic reproduce --preset tiny --out DIR     a self-check in seconds (P = 11, 13; the numbers mean nothing)
+
+The claims:
+    1. At high λ (below collapse), W and E end rank-2 cyclic with one shared frequency.
+    2. At low λ they do not.
+    3. W reaches rank 2 before E (3a), and E's energy moves into W's plane (3b).
+    4. λ_crit·K is roughly constant across K: the slope of log λ_crit against log K is near −1.
+
+Every preset has a main block (the README's default model: embed-mlp, x², Adam + L2 with λ ramped over 500 steps)
+over P × λ × seeds, and variants of what small experiments showed to matter: decoupled instead of L2 weight decay,
+no λ warm-up, a narrower embedding, longer training, and a factorised head (W in E's space, so that 3b can be
+measured) evaluated often (for the layer order).  Verdict rules (thresholds in the constants below):
+
+    claim 1  a P "shows" the claim if at some λ most runs are cyclic (fastcyclic.sweep.phase_of: W and E one
+             frequency, ρ₂ ≥ 0.9, the same ω; collapsed runs never count) and fit the train set (train accuracy
+             ≥ FIT_ACC).  P values where no λ has most runs fitting are untestable.  Supported: at least half of the
+             testable P show it.  Not supported: none does.  Otherwise, or nothing testable: inconclusive.
+    claim 2  at the smallest λ of each testable P (most runs fit), the share of cyclic runs.  Supported: below 1/2
+             at every such P.  Not supported: at least 1/2 at every such P.  Otherwise inconclusive.
+    claim 3a per run that fits and did not collapse: t_W vs t_E (first evaluation with ρ₂ ≥ 0.9), or where either
+             is missing, the settling steps (first evaluation from which ρ₂ stays within 0.05 of its end value).
+             Supported: W first in ≥ 2/3 of the runs with an order (≥ MIN_ORDERED of them).  Not supported: E first
+             at least as often as W.  Otherwise inconclusive.
+    claim 3b runs with W and E in one space (locking defined) whose W ended cyclic and did not collapse: locking =
+             share of E's energy in W's top-2 plane.  Supported: median end locking ≥ 0.5 and higher than at step 0
+             in ≥ 2/3 of them (≥ 3 runs).  Not supported: median end locking < 0.2.  Otherwise, or fewer than 3 such
+             runs, inconclusive.  Claim 3 = both parts (not supported if either is not supported).
+    claim 4  the slope of log λ_crit vs log K (main block, P values with a crossing, at least 3) and its interval:
+             the bootstrap 95 % interval over seeds widened to the grid range (fastcyclic.sweep.fit_edges).
+             Supported: the interval contains −1 and lies within [−1.5, −0.5].  Not supported: it excludes −1.
+             Otherwise (too wide, or fewer than 3 P with a λ_crit) inconclusive.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from fastcyclic import files, sweep
+from fastcyclic.sweep import Block
+
+FIT_ACC = 0.9          # train accuracy from which a run "fits the train set"
+ORDER_SHARE = 2 / 3    # claim 3a: W first in at least this share of the ordered runs
+MIN_ORDERED = 5
+LOCK_HIGH, LOCK_LOW = 0.5, 0.2
+SLOPE_BAND = (-1.5, -0.5)
+VERDICTS = ("supported", "not supported", "inconclusive")
+
+
+# --------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    blocks: list             # sweep.Block, the main one first
+    notes: dict              # block name → what it changes, in words
+    minutes: float           # the budget it is designed to finish in
+    reserve_minutes: float   # kept from the sweep for the showcase run and the report
+    workers: Optional[int]   # None: the sweep's default for the device
+    device: str              # the device it is designed for ("cpu", "cuda")
+    duration: str            # measured or estimated duration, in words
+    main: str = "main"
+    layer: str = "layer-order"
+
+
+def _model(**changes) -> dict:
+    """The README's default run, spelled out so that the presets do not drift with TrainConfig's defaults."""
+    base = dict(model="embed-mlp", d=64, hidden=256, factorised=False, activation="square", bias=False,
+                train_fraction=0.4, batch_size=None, steps=1500, optimizer="adamw", lr=3e-3, betas=(0.9, 0.98),
+                weight_decay_mode="l2", weight_decay_warmup=500, init_scale=1.0, dtype="float32", eval_every=100,
+                geometry_every=100)
+    return {**base, **changes}
+
+
+def _variants(base: dict, ps: tuple, lambdas: tuple, seeds: tuple, *, decoupled: tuple, width: int, steps: int,
+              layer_ps: tuple, layer_lambdas: tuple, layer_every: int) -> list:
+    return [
+        Block(name="layer-order", ps=layer_ps, weight_decays=layer_lambdas, seeds=seeds,
+              fixed=dict(base, factorised=True, eval_every=layer_every, geometry_every=layer_every)),
+        Block(name="decoupled", ps=ps, weight_decays=decoupled, seeds=seeds,
+              fixed=dict(base, weight_decay_mode="decoupled")),
+        Block(name="no-warmup", ps=ps, weight_decays=lambdas, seeds=seeds, fixed=dict(base, weight_decay_warmup=0)),
+        Block(name="width", ps=ps, weight_decays=lambdas, seeds=seeds, fixed=dict(base, d=width)),
+        Block(name="length", ps=ps, weight_decays=lambdas, seeds=seeds, fixed=dict(base, steps=steps)),
+    ]
+
+
+def _notes(base: dict, width: int, steps: int, layer_every: int) -> dict:
+    return {"main": f"the default model: embed-mlp, x², d = {base['d']}, m = {base['hidden']}, Adam + L2, λ ramped "
+                    f"over {base['weight_decay_warmup']} steps, {base['steps']} steps",
+            "layer-order": f"factorised head (W in E's space, so locking is defined), evaluated every "
+                           f"{layer_every} steps",
+            "decoupled": "decoupled weight decay (AdamW) instead of L2 (its λ is on another scale)",
+            "no-warmup": "λ from the first step (no warm-up)",
+            "width": f"embedding width d = {width} instead of {base['d']}",
+            "length": f"{steps} steps instead of {base['steps']}"}
+
+
+def _count(blocks: list) -> int:
+    return sum(len(b.ps) * len(b.weight_decays) * len(b.seeds) * math.prod(len(v) for v in b.vary.values())
+               for b in blocks)
+
+
+def _cpu() -> Preset:
+    base = _model()
+    lambdas = (0.003, 0.01, 0.02, 0.035, 0.06, 0.1)
+    blocks = [Block(name="main", ps=(31, 61, 97), weight_decays=lambdas, seeds=(0, 1, 2), fixed=base)]
+    blocks += _variants(base, (31, 61), lambdas, (0, 1), decoupled=(0.1, 0.3, 1.0, 3.0, 10.0), width=16,
+                        steps=3000, layer_ps=(61, 97), layer_lambdas=(0.01, 0.02), layer_every=25)
+    return Preset("cpu", f"P = 31, 61, 97, full batch, 1500 steps; {_count(blocks)} runs", blocks,
+                  _notes(base, 16, 3000, 25), minutes=30, reserve_minutes=2.5, workers=None, device="cpu",
+                  duration="about 2000 core-seconds of runs (measured alone: 5 s at P = 31, 12 s at P = 61, 32 s at "
+                           "P = 97 per 1500-step run): ~17-25 min on 2 cores, depending on other load; no run "
+                           "starts after 27.5 min")
+
+
+def _gpu() -> Preset:
+    ps = tuple(sweep.log_primes(127, 65521, 6))      # 127, 443, 1543, 5387, 18787, 65521
+    some = (ps[0], ps[2], ps[4])
+    base = _model(batch_size=4096, steps=3000, eval_every=250, geometry_every=250)
+    lambdas = sweep.parse_weight_decays("log:1e-5:1e-1:9")  # half decades: spans 1/K and P^-0.5 scalings
+    coarse = sweep.parse_weight_decays("log:1e-5:1e-1:5")
+    blocks = [Block(name="main", ps=ps, weight_decays=lambdas, seeds=(0, 1, 2), fixed=base)]
+    blocks += _variants(base, some, coarse, (0, 1), decoupled=(0.1, 0.3162, 1.0, 3.162, 10.0), width=16,
+                        steps=9000, layer_ps=(ps[2], ps[4]), layer_lambdas=(1e-4, 1e-3), layer_every=50)
+    return Preset("gpu", f"P = {', '.join(map(str, ps))}, batch 4096, 3000 steps; {_count(blocks)} runs", blocks,
+                  _notes(base, 16, 9000, 50), minutes=60, reserve_minutes=4, workers=4, device="cuda",
+                  duration="not measured (no GPU in the session that wrote it); estimated from the kernel "
+                           "benchmarks at ~35-40 min of runs one at a time, less with 4 processes sharing the GPU; "
+                           "no run starts after 56 min")
+
+
+def _tiny() -> Preset:
+    base = _model(d=16, hidden=32, steps=60, eval_every=20, geometry_every=20, weight_decay_warmup=20)
+    blocks = [Block(name="main", ps=(11, 13), weight_decays=(0.01, 0.1, 1.0), seeds=(0, 1), fixed=base)]
+    blocks += _variants(base, (11,), (0.01, 0.1), (0, 1), decoupled=(0.1, 1.0), width=8, steps=120,
+                        layer_ps=(13,), layer_lambdas=(0.1,), layer_every=10)
+    return Preset("tiny", f"a self-check: P = 11, 13, 60 steps; {_count(blocks)} runs (numbers mean nothing)", blocks,
+                  _notes(base, 8, 120, 10), minutes=2, reserve_minutes=0.5, workers=0, device="cpu",
+                  duration="about 10 s on one core")
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {"cpu": _cpu, "gpu": _gpu, "tiny": _tiny}
+
+
+# --------------------------------------------------------------------------------------------
+# claims
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Claim:
+    number: str
+    statement: str
+    measurement: str
+    numbers: str       # markdown
+    verdict: str
+    reason: str
+
+
+def _fits(row: dict) -> bool:
+    return row["status"] == "ok" and row["train_acc"] is not None and row["train_acc"] >= FIT_ACC
+
+
+def _alive(row: dict) -> bool:
+    return row["status"] == "ok" and row["phase"] not in ("collapsed", "unlearned")
+
+
+def _median(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def _f(value, spec: str = ".3g") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _cells(rows: list, p: int) -> list:
+    """Per λ (ascending) at P: the runs, and counts of cyclic, cyclic-and-fitting, fitting and collapsed ones."""
+    out = []
+    for lam in sorted({r["weight_decay"] for r in rows if r["p"] == p}):
+        cell = [r for r in rows if r["p"] == p and r["weight_decay"] == lam and r["status"] == "ok"]
+        if not cell:
+            continue
+        out.append(dict(lam=lam, n=len(cell), rows=cell,
+                        cyclic=sum(r["phase"] == "cyclic" for r in cell),
+                        cyclic_fit=sum(r["phase"] == "cyclic" and _fits(r) for r in cell),
+                        fit=sum(_fits(r) for r in cell),
+                        collapsed=sum(r["phase"] == "collapsed" for r in cell),
+                        freq_W=_median(r["freq_count_W"] for r in cell if _alive(r)),
+                        freq_E=_median(r["freq_count_E"] for r in cell if _alive(r)),
+                        rho2_W=_median(r["rho2_W"] for r in cell if _alive(r)),
+                        train=_median(r["train_acc"] for r in cell), test=_median(r["test_acc"] for r in cell)))
+    return out
+
+
+def claim_1(rows: list, main: str) -> Claim:
+    mine = [r for r in rows if r["series"] == main]
+    ps = sorted({r["p"] for r in mine if r["status"] == "ok"})
+    lines = [f"| P | λ with the most cyclic runs | cyclic / runs there | of those, fitting (train ≥ {FIT_ACC}) | "
+             "fewest frequencies of W (median over a λ's runs that fit) | λ where most runs fit |",
+             "|---|---|---|---|---|---|"]
+    shows, testable, unfit = [], [], []
+    for p in ps:
+        cells = _cells(mine, p)
+        fitting = [c["lam"] for c in cells if 2 * c["fit"] > c["n"]]
+        if fitting:
+            testable.append(p)
+        if any(2 * c["cyclic_fit"] >= c["n"] and c["cyclic_fit"] for c in cells):
+            shows.append(p)
+        else:
+            unfit += [f"P = {p} at λ = {c['lam']:g} (median train accuracy {c['train']:.2f})" for c in cells
+                      if 2 * c["cyclic"] >= c["n"] and c["cyclic"]]
+        best = max(cells, key=lambda c: (c["cyclic"], c["lam"]))
+        counts = [(_median(r["freq_count_W"] for r in c["rows"] if _fits(r) and _alive(r)), c["lam"]) for c in cells]
+        counts = [(n, lam) for n, lam in counts if n is not None]
+        fewest = min(counts) if counts else None
+        where = f"{best['lam']:g}" if best["cyclic"] else "none cyclic"
+        lines.append(f"| {p} | {where} | {best['cyclic']} / {best['n']} | {best['cyclic_fit']} | "
+                     + (f"{fewest[0]:g} (λ = {fewest[1]:g})" if fewest else "–")
+                     + f" | {', '.join(f'{v:g}' for v in fitting) or 'none'} |")
+    everywhere = [r for r in rows if r["phase"] == "cyclic"]
+    acc = [r["train_acc"] for r in everywhere]
+    extra = (f"\n\nAll blocks: {len(everywhere)} of {sum(r['status'] == 'ok' for r in rows)} finished runs end cyclic"
+             + (f" (train accuracy {min(acc):.3f}–{max(acc):.3f}; {sum(_fits(r) for r in everywhere)} of them fit)"
+                if everywhere else "") + ".")
+    by_series = {}
+    for r in everywhere:
+        by_series[r["series"]] = by_series.get(r["series"], 0) + 1
+    if by_series:
+        extra += " By block: " + ", ".join(f"{k} {v}" for k, v in by_series.items()) + "."
+    if not testable:
+        verdict, reason = "inconclusive", "at no P do most runs at any λ fit the train set; train longer"
+    elif shows and 2 * len([p for p in shows if p in testable]) >= len(testable):
+        verdict = "supported"
+        reason = f"at P = {', '.join(map(str, shows))} most runs at some λ end cyclic (one shared frequency) and fit"
+    elif not shows:
+        verdict = "not supported"
+        reason = "no λ at any P made most runs end cyclic while fitting the train set"
+        if unfit:
+            reason += f"; most runs end cyclic only where they do not fit: {'; '.join(unfit)}"
+    else:
+        verdict = "inconclusive"
+        reason = (f"only at P = {', '.join(map(str, shows))} of the testable {', '.join(map(str, testable))} do "
+                  "most runs end cyclic and fit")
+    return Claim("1", "At high λ (below collapse), W and E end rank-2 cyclic with one shared frequency.",
+                 f"Main block, per P and λ: the share of runs whose W and E both end with one frequency holding 90 % "
+                 f"of the power, ρ₂ ≥ 0.9 and the same ω (collapsed runs never count), and whether those runs fit "
+                 f"the train set (train accuracy ≥ {FIT_ACC}).", "\n".join(lines) + extra, verdict, reason)
+
+
+def claim_2(rows: list, main: str) -> Claim:
+    mine = [r for r in rows if r["series"] == main]
+    ps = sorted({r["p"] for r in mine if r["status"] == "ok"})
+    lines = ["| P | smallest λ | cyclic / runs | fitting | frequencies W / E (median) | ρ₂(W) | frequencies of W at "
+             "the largest λ that did not collapse |", "|---|---|---|---|---|---|---|"]
+    below, above = [], []
+    for p in ps:
+        cells = _cells(mine, p)
+        low = cells[0]
+        alive = [c for c in cells if 2 * c["collapsed"] < c["n"] and c["freq_W"] is not None]
+        high = alive[-1] if alive else None
+        if 2 * low["fit"] > low["n"]:
+            (above if 2 * low["cyclic"] >= low["n"] else below).append(p)
+        lines.append(f"| {p} | {low['lam']:g} | {low['cyclic']} / {low['n']} | {low['fit']} | {_f(low['freq_W'])} / "
+                     f"{_f(low['freq_E'])} | {_f(low['rho2_W'], '.2f')} | "
+                     + (f"{_f(high['freq_W'])} (λ = {high['lam']:g})" if high else "–") + " |")
+    any_cyclic = any(r["phase"] == "cyclic" for r in mine)
+    if not below and not above:
+        verdict, reason = "inconclusive", "at no P do most runs at the smallest λ fit the train set"
+    elif below and not above:
+        verdict = "supported"
+        reason = f"at the smallest λ fewer than half of the runs end cyclic at P = {', '.join(map(str, below))}"
+        if not any_cyclic:
+            reason += " (but no λ made them cyclic either, see claim 1: this is not a contrast)"
+    elif above and not below:
+        verdict, reason = "not supported", f"most runs end cyclic already at the smallest λ (P = {above})"
+    else:
+        verdict, reason = "inconclusive", f"cyclic at the smallest λ at P = {above}, not at P = {below}"
+    return Claim("2", "At low λ, W and E do not end rank-2 cyclic.",
+                 "Main block, at the smallest λ of each P: the share of cyclic runs among runs that fit the train "
+                 "set, with the number of Fourier frequencies holding 90 % of the power (1 for a circle).",
+                 "\n".join(lines), verdict, reason)
+
+
+def _order(row: dict) -> Optional[tuple]:
+    """(which, source): which of W and E got there first by t (ρ₂ ≥ 0.9) or, where that is missing, settling."""
+    for a, b, source in (("t_W", "t_E", "t"), ("settle_W", "settle_E", "settling")):
+        if row[a] is not None and row[b] is not None:
+            which = "W" if row[a] < row[b] else "E" if row[a] > row[b] else "same"
+            return which, source
+    return None
+
+
+def claim_3(rows: list, layer: str) -> Claim:
+    runs = [r for r in rows if _fits(r) and _alive(r)]
+    counts = {(w, s): 0 for w in ("W", "same", "E") for s in ("t", "settling")}
+    for r in runs:
+        o = _order(r)
+        if o:
+            counts[o] += 1
+    w_first = counts["W", "t"] + counts["W", "settling"]
+    e_first = counts["E", "t"] + counts["E", "settling"]
+    same = counts["same", "t"] + counts["same", "settling"]
+    ordered = w_first + e_first
+    if ordered < MIN_ORDERED:
+        v_a, r_a = "inconclusive", f"only {ordered} runs have an order (ties: {same})"
+    elif w_first >= ORDER_SHARE * ordered:
+        v_a, r_a = "supported", f"W first in {w_first} of {ordered} ordered runs"
+    elif e_first >= w_first:
+        v_a, r_a = "not supported", f"E first in {e_first}, W first in {w_first} of {ordered} ordered runs"
+    else:
+        v_a, r_a = "inconclusive", f"W first in {w_first} of {ordered} ordered runs (below {ORDER_SHARE:.0%})"
+
+    same_space = [r for r in rows if _alive(r) and r["locking"] is not None]
+    locked = [r for r in same_space if r["verdict_W"] == "cyclic"]
+    end = _median(r["locking"] for r in locked)
+    rose = sum(r["locking_init"] is not None and r["locking"] > r["locking_init"] for r in locked)
+    d = _median(r.get("d") for r in same_space)
+    random_share = f"{2 / d:.3f}" if d else "2/d"
+    if len(locked) >= 3 and end >= LOCK_HIGH and rose >= ORDER_SHARE * len(locked):
+        v_b, r_b = "supported", f"median locking {end:.2f} in {len(locked)} runs with a cyclic W, up in {rose}"
+    elif len(locked) >= 3 and end < LOCK_LOW:
+        v_b, r_b = "not supported", f"median locking {end:.2f} in {len(locked)} runs with a cyclic W"
+    elif len(locked) >= 3:
+        v_b, r_b = "inconclusive", f"median locking {end:.2f}, up in {rose} of {len(locked)} runs with a cyclic W"
+    elif same_space:
+        v_b = "inconclusive"
+        r_b = (f"W ended cyclic in only {len(locked)} of {len(same_space)} runs with W and E in one space; their "
+               f"locking is {_f(_median(r['locking'] for r in same_space), '.2f')} (median; a random plane holds "
+               f"{random_share}), which says nothing about rank-2 W")
+    else:
+        v_b, r_b = "inconclusive", "no run had W and E in one space (locking undefined)"
+    verdict = ("not supported" if "not supported" in (v_a, v_b) else "supported" if v_a == v_b == "supported"
+               else "inconclusive")
+    by_series = {}
+    for r in runs:
+        o = _order(r)
+        if o:
+            s = by_series.setdefault(r["series"], [0, 0, 0])
+            s[("W", "same", "E").index(o[0])] += 1
+    lines = ["| block | W first | same evaluation | E first |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v[0]} | {v[1]} | {v[2]} |" for k, v in by_series.items()]
+    lines.append("")
+    lines.append(f"By t_W/t_E (both reached ρ₂ ≥ 0.9): W first {counts['W', 't']}, same {counts['same', 't']}, "
+                 f"E first {counts['E', 't']}; by settling steps (the rest): W first {counts['W', 'settling']}, same "
+                 f"{counts['same', 'settling']}, E first {counts['E', 'settling']}.")
+    layer_rows = [r for r in same_space if r["series"] == layer]
+    if same_space:
+        lines.append("")
+        lines.append(f"Locking (share of E's energy in W's top-2 plane; random: {random_share}): runs with W and E "
+                     f"in one space that did not collapse: {len(same_space)} (layer-order block: {len(layer_rows)}), "
+                     f"median at step 0 {_f(_median(r['locking_init'] for r in same_space), '.3f')}, at the end "
+                     f"{_f(_median(r['locking'] for r in same_space), '.3f')}; with a cyclic W: {len(locked)}"
+                     + (f", median at the end {end:.3f}" if locked else "") + ".")
+    return Claim("3", "W reaches rank 2 before E (3a), and E's energy moves into W's plane (3b).",
+                 "3a: in every run that fits the train set and did not collapse, which of W and E reaches ρ₂ ≥ 0.9 "
+                 "first (t_W vs t_E) or, where either never does, which settles first (ρ₂ within 0.05 of its end "
+                 "value; resolution: the evaluation interval). 3b: in runs with W and E in one space (factorised "
+                 "head) whose W ends cyclic, the share of E's centred energy in W's top-2 plane, at the end vs at "
+                 "step 0.", "\n".join(lines), verdict, f"3a {v_a}: {r_a}. 3b {v_b}: {r_b}.")
+
+
+def _pvalues(n: int) -> str:
+    return f"{n} P value" if n == 1 else f"{n} P values"
+
+
+def _slope_text(fit: dict) -> str:
+    if fit.get("status") != "ok":
+        return f"no fit ({_pvalues(fit.get('n', 0))} with a crossing)"
+    ci = fit.get("slope_ci") or fit.get("slope_ci_ols")
+    kind = "bootstrap" if fit.get("slope_ci") else "t"
+    grid = fit.get("slope_range_grid")
+    parts = ([f"95 % {kind} interval {ci[0]:.2f} to {ci[1]:.2f}"] if ci else []) + (
+        [f"grid range {grid[0]:.2f} to {grid[1]:.2f}"] if grid else [])
+    return (f"slope {fit['slope']:.2f}" + (f" ({'; '.join(parts)})" if parts else "")
+            + f" over {_pvalues(fit['n'])}, R² {fit['r2']:.2f}")
+
+
+def slope_interval(fit: dict) -> Optional[tuple]:
+    """The interval claim 4 judges: the bootstrap interval over seeds (the t interval without one), widened to the
+    grid range (every crossing anywhere between its two grid points)."""
+    ci = fit.get("slope_ci") or fit.get("slope_ci_ols")
+    grid = fit.get("slope_range_grid")
+    if ci is None:
+        return tuple(grid) if grid else None
+    return (min(ci[0], grid[0]), max(ci[1], grid[1])) if grid else tuple(ci)
+
+
+def _judge_slope(fit: dict) -> tuple[str, str]:
+    if fit.get("status") != "ok" or fit["n"] < 3:
+        return "inconclusive", f"only {_pvalues(fit.get('n', 0))} with a crossing (3 needed)"
+    ci = slope_interval(fit)
+    if ci is None:
+        return "inconclusive", "no interval for the slope"
+    lo, hi = ci
+    if lo <= -1 <= hi and SLOPE_BAND[0] <= lo and hi <= SLOPE_BAND[1]:
+        return "supported", f"slope {fit['slope']:.2f}, interval {lo:.2f} to {hi:.2f} contains −1"
+    if not lo <= -1 <= hi:
+        return "not supported", f"slope {fit['slope']:.2f}, interval {lo:.2f} to {hi:.2f} excludes −1"
+    return "inconclusive", f"slope {fit['slope']:.2f}, interval {lo:.2f} to {hi:.2f}: too wide to tell"
+
+
+def claim_4(analysis: dict, main: str) -> Claim:
+    entry = analysis["series"].get(main)
+    if entry is None:
+        return Claim("4", "λ_crit·K is roughly constant across K.", "–", "no runs", "inconclusive", "no runs")
+    lines = ["| P = K | λ_crit (95 % bootstrap; grid points around it) | λ_crit·K | λ₀ (same) | λ₀·K |",
+             "|---|---|---|---|---|"]
+    for e in entry["per_p"]:
+        cells = []
+        for key in ("lambda_crit", "lambda_0"):
+            d = e[key]
+            ci = f" ({d['ci'][0]:.3g}–{d['ci'][1]:.3g})" if d["ci"] and d["status"] == "crossing" else ""
+            grid = f"; grid {d['bracket'][0]:g}–{d['bracket'][1]:g}" if d["bracket"] else ""
+            cells += [d["text"] + ci + grid, _f(d["times_K"])]
+        lines.append(f"| {e['p']} | " + " | ".join(cells) + " |")
+    fc, f0 = entry["fit_lambda_crit"], entry["fit_lambda_0"]
+    lines += ["", f"log λ_crit vs log K: {_slope_text(fc)}.",
+              f"log λ₀ vs log K (the collapse edge): {_slope_text(f0)}."]
+    verdict, reason = _judge_slope(fc)
+    v0, r0 = _judge_slope(f0)
+    if fc.get("status") != "ok" or fc["n"] < 3:
+        reason = f"λ_crit exists at {fc.get('n', 0)} of {len(entry['per_p'])} P values; a slope needs 3"
+    edge = {"supported": "falls like 1/K", "not supported": "does not fall like 1/K",
+            "inconclusive": "cannot be told from 1/K"}[v0]
+    if f0.get("status") == "ok":
+        reason += f". The collapse edge λ₀ {edge} ({r0})"
+    return Claim("4", "λ_crit·K is roughly constant across K (the slope of log λ_crit vs log K is near −1).",
+                 "Main block: λ_crit per P where the share of cyclic runs crosses 1/2 (interpolated in log λ; "
+                 "bootstrap over seeds), the least-squares slope of log λ_crit against log K; its interval is the "
+                 "bootstrap interval widened to the grid range (each crossing anywhere between its two grid points). "
+                 "The same for the collapse edge λ₀.", "\n".join(lines), verdict, reason)
+
+
+def assess(rows: list, analysis: dict, preset: Preset) -> list:
+    return [claim_1(rows, preset.main), claim_2(rows, preset.main), claim_3(rows, preset.layer),
+            claim_4(analysis, preset.main)]
+
+
+# --------------------------------------------------------------------------------------------
+# the showcase run and the layer-order figures
+# --------------------------------------------------------------------------------------------
+
+
+def pick_showcase(rows: list, main: str) -> Optional[dict]:
+    """The main block's largest P with a run that fits: the λ with the most cyclic runs there (ties: the largest λ
+    whose runs mostly fit), seed 0 if it ran; None without such a run."""
+    mine = [r for r in rows if r["series"] == main and r["status"] == "ok"]
+    for p in sorted({r["p"] for r in mine}, reverse=True):
+        cells = [c for c in _cells(mine, p) if 2 * c["fit"] > c["n"] or c["cyclic_fit"]]
+        if cells:
+            best = max(cells, key=lambda c: (c["cyclic_fit"], c["lam"]))
+            return min(best["rows"], key=lambda r: r["seed"])
+    return None
+
+
+def run_showcase(row: dict, records: dict, out: str, device: str) -> Optional[dict]:
+    """Retrain one run with figures into DIR/showcase/<id> (skipped when already there); its figure paths."""
+    from fastcyclic.train import TrainConfig, train
+
+    folder = os.path.join(out, "showcase", row["id"])
+    figures = {name: os.path.join(folder, "figures", name + ".png") for name in ("circles", "fourier", "geometry")}
+    if all(os.path.exists(p) for p in figures.values()):
+        return figures
+    values = dict(records[row["id"]]["config"], device=device, progress=False, out_dir=folder, checkpoint_every=0)
+    values["betas"] = tuple(values["betas"])
+    train(TrainConfig(**values), figures=True)
+    return {k: p for k, p in figures.items() if os.path.exists(p)}
+
+
+def plot_layer_order(rows: list, path: str) -> Optional[str]:
+    """Settling (or t) step of W against E for every run that fits and did not collapse: above the diagonal means
+    W first."""
+    from fastcyclic.plots import new_figure, save_png
+
+    runs = [(r, _order(r)) for r in rows if _fits(r) and _alive(r)]
+    runs = [(r, o) for r, o in runs if o]
+    if not runs:
+        return None
+    fig, axes = new_figure(1, size=(6.5, 5.5))
+    ax = axes[0, 0]
+    series = list(dict.fromkeys(r["series"] for r, _ in runs))
+    rng = np.random.default_rng(0)
+    top = 1
+    for i, name in enumerate(series):
+        for source, marker in (("t", "o"), ("settling", "s")):
+            pts = [(r["t_W"], r["t_E"]) if source == "t" else (r["settle_W"], r["settle_E"])
+                   for r, o in runs if r["series"] == name and o[1] == source]
+            if not pts:
+                continue
+            x, y = (np.array(v, dtype=float) for v in zip(*pts))
+            top = max(top, x.max(), y.max())
+            jitter = rng.uniform(-0.01, 0.01, size=(2, len(x))) * max(top, 1)  # ties would hide each other
+            ax.scatter(x + jitter[0], y + jitter[1], marker=marker, color=f"C{i % 10}", alpha=0.7, s=25,
+                       label=f"{name} ({'t: ρ₂ ≥ 0.9' if source == 't' else 'settling'})")
+    ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", ls=":", lw=1)
+    ax.set_xlabel("step at which W got there (t_W, or settling step)")
+    ax.set_ylabel("step at which E got there (t_E, or settling step)")
+    ax.set_title("Layer order: points above the diagonal = W first", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
+
+
+def plot_layer_history(records: dict, rows: list, layer: str, path: str) -> Optional[str]:
+    """ρ₂(W), ρ₂(E), locking and the frequency counts over training for one layer-order run (the largest P; a
+    cyclic W preferred, then the highest ρ₂(W))."""
+    from fastcyclic import plots
+
+    candidates = [r for r in rows if r["series"] == layer and _alive(r)]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda r: (r["p"], r["verdict_W"] == "cyclic", r["rho2_W"] or 0))
+    history = [h for h in records[best["id"]].get("history") or [] if "rho2_W" in h]
+    if not history:
+        return None
+    return plots.plot_geometry_history(history, path, title=f"Layer order: {best['id']} ({layer}, "
+                                                            f"λ = {best['weight_decay']:g}, P = {best['p']})")
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------
+
+
+def _variant_table(rows: list, analysis: dict, preset: Preset) -> str:
+    lines = ["| block | what changes | P | runs | phases | λ_crit | λ₀ | most cyclic at one λ | frequencies of W at "
+             "the smallest λ | median test accuracy (best λ) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in analysis["series"].items():
+        block = next((r["block"] for r in rows if r["series"] == name), name)
+        for e in entry["per_p"]:
+            cells = _cells([r for r in rows if r["series"] == name], e["p"])
+            phases = {}
+            for c in cells:
+                for r in c["rows"]:
+                    phases[r["phase"]] = phases.get(r["phase"], 0) + 1
+            best = max((c["cyclic"] / c["n"] for c in cells), default=0.0)
+            test = max((c["test"] for c in cells if c["test"] is not None), default=None)
+            note = preset.notes.get(block, "") if e is entry["per_p"][0] else "″"
+            lines.append(f"| {name} | {note} | {e['p']} | {e['runs']} | "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(phases.items(), key=lambda kv: -kv[1]))
+                         + f" | {e['lambda_crit']['text']} | {e['lambda_0']['text']} | {best:.0%} | "
+                         f"{_f(cells[0]['freq_W']) if cells else '–'} | {_f(test, '.3f')} |")
+    slopes = [f"- {name}: λ_crit {_slope_text(e['fit_lambda_crit'])}; λ₀ {_slope_text(e['fit_lambda_0'])}"
+              for name, e in analysis["series"].items()]
+    return "\n".join(lines) + "\n\nFits against K per block:\n\n" + "\n".join(slopes)
+
+
+def _machine(device: str) -> str:
+    import torch
+
+    parts = [platform.node(), f"{sweep.cpu_count()} CPU cores", f"torch {torch.__version__}"]
+    if device.startswith("cuda") and torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
+    return ", ".join(parts)
+
+
+def write_report(out: str, preset: Preset, claims: list, rows: list, analysis: dict, *, figures: dict,
+                 outcome: Optional[sweep.SweepOutcome], seconds: float, device: str, notes: list) -> str:
+    """DIR/report.md; figure paths are written relative to DIR."""
+    def rel(path):
+        return os.path.relpath(path, out)
+
+    ok = sum(r["status"] == "ok" for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    total = len(outcome.specs) if outcome else len(rows)
+    tp = sweep.throughput(os.path.join(out, "sweep"))
+    rate = tp["runs_per_hour"]
+    lines = [f"# fastcyclic reproduce: preset `{preset.name}`", "",
+             f"{preset.description}. Written {sweep._now()} on {_machine(device)}, device {device}.", "",
+             f"- Runs: {ok} finished, {failed} failed, {total - ok - failed} not run, of {total}"
+             + (f"; this invocation took {seconds / 60:.1f} min" if seconds else "")
+             + (f"; {rate:.0f} runs per hour over {tp['seconds'] / 60:.1f} min of sweeping"
+                f" ({tp['sessions']} session{'s' if tp['sessions'] != 1 else ''})" if rate else "") + ".",
+             f"- Designed duration: {preset.duration}.",
+             "- Data: `sweep/runs.csv` (one row per run), `sweep/fits.json` (estimates and fits), `sweep/runs/*.json` "
+             "(each run's history).", ""]
+    lines += [f"- Note: {n}" for n in notes]
+    lines += ["", "## Verdicts", "", "| claim | verdict | why |", "|---|---|---|"]
+    lines += [f"| {c.number}. {c.statement} | **{c.verdict}** | {c.reason} |" for c in claims]
+    for c in claims:
+        lines += ["", f"## Claim {c.number}: {c.statement}", "", f"**Measurement.** {c.measurement}", "",
+                  c.numbers, "", f"**Verdict: {c.verdict}.** {c.reason.rstrip('.')}."]
+    lines += ["", "## What the variants change", "", _variant_table(rows, analysis, preset), "", "## Figures", ""]
+    captions = dict(phase_diagram="Phase diagram (P × λ per block): colour = median number of frequencies holding 90 % "
+                                  "of W's power; grey × = collapsed; red ring = most runs cyclic.",
+                    fractions="Share of cyclic (solid) and collapsed (dashed) runs against λ; the estimators read "
+                              "where they cross 1/2.",
+                    lambda_k="λ_crit·K and λ₀·K against K: flat means Θ(1/K).",
+                    layer_order="Layer order: W's step against E's step per run (above the diagonal: W first).",
+                    layer_history="ρ₂ and locking over training in one layer-order run.",
+                    circles="Showcase run: W's and E's rows in their top-2 planes.",
+                    fourier="Showcase run: Fourier power of W and E.",
+                    geometry="Showcase run: ρ₂ of W and E over training.")
+    for name, path in figures.items():
+        if path and os.path.exists(path):
+            lines += [f"![{name}]({rel(path)})", "", captions.get(name, name), ""]
+    lines += ["## Definitions", "",
+              "- Phase of a run (`fastcyclic.sweep.phase_of`): collapsed = train accuracy ≤ "
+              f"max({sweep.CHANCE_FACTOR:g}/P, {sweep.CHANCE_FLOOR}) and the parameter norm ≤ "
+              f"{sweep.COLLAPSE_NORM_RATIO} × its initial value; "
+              "unlearned = accuracy at chance with the weights intact; cyclic = W and E each with one frequency "
+              "holding 90 % of the power and ρ₂ ≥ 0.9, the same ω; otherwise W's geometry verdict "
+              "(`fastcyclic.geometry`).",
+              f"- A run fits when its train accuracy is ≥ {FIT_ACC}.",
+              "- λ_crit (λ₀): the first λ, going up, where the share of cyclic (collapsed) runs crosses 1/2, "
+              "interpolated in log λ; intervals are 2.5-97.5 % bootstrap percentiles over seeds. \"no crossing\" and "
+              "\"< λ_min\" are not numbers and are left out of the fits.",
+              "- Verdict rules: see `fastcyclic/reproduce.py`'s docstring. A verdict is never forced: too few data "
+              "give \"inconclusive\"."]
+    path = os.path.join(out, "report.md")
+    files.write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True,
+                        help="cpu: 2 CPU cores, < 30 min; gpu: one GPU, P up to 65521, < 1 hour; tiny: a self-check")
+    parser.add_argument("--out", required=True, help="output directory (report.md, sweep/, figures/, showcase/); "
+                                                     "a rerun resumes its sweep")
+    parser.add_argument("--workers", type=int, default=None, help="runs at once (default: the preset's)")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda[:n] (default: the preset's)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no sweep run after this many minutes (default: the preset's budget minus a reserve "
+                             "for the report)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--no-showcase", dest="showcase", action="store_false",
+                        help="skip the extra run that draws circles and spectra")
+
+
+def main(args: argparse.Namespace) -> int:
+    """0: report written from a complete sweep; 1: report written, but runs failed or were not started; 2: bad
+    input; 130: interrupted (rerun to continue)."""
+    started = time.perf_counter()
+    preset = PRESETS[args.preset]()
+    out = args.out
+    sweep_dir = os.path.join(out, "sweep")
+    try:
+        device = sweep.resolve_device(args.device or ("cuda" if preset.device == "cuda" else "auto"))
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"--out {out!r} is a file")
+        if os.path.isdir(out) and os.listdir(out) and sweep.load_sweep(sweep_dir) is None:
+            raise ValueError(f"{out!r} is not empty and holds no reproduce run; refusing to write into it")
+        if args.workers is not None and args.workers < 0:
+            raise ValueError("--workers must be >= 0")
+        budget = args.max_minutes if args.max_minutes is not None else preset.minutes - preset.reserve_minutes
+        sweep.say(f"fastcyclic reproduce --preset {preset.name}: {preset.description}; expected {preset.duration}")
+        outcome = sweep.run_sweep(sweep_dir, preset.blocks, workers=args.workers if args.workers is not None
+                                  else preset.workers, device=device, deadline_s=budget * 60)
+    except ValueError as e:
+        print(f"fastcyclic reproduce: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastcyclic reproduce: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    records = outcome.records
+    rows = sweep.rows_of(records)
+    analysis = sweep.analyse(records, n_boot=args.bootstrap)
+    paths = sweep.write_outputs(sweep_dir, records, analysis)
+    figures = {k: paths.get(k) for k in ("phase_diagram", "fractions", "lambda_k")}
+    figures["layer_order"] = plot_layer_order(rows, os.path.join(out, "figures", "layer_order.png"))
+    figures["layer_history"] = plot_layer_history(records, rows, preset.layer,
+                                                  os.path.join(out, "figures", "layer_history.png"))
+    notes = []
+    if outcome.remaining:
+        notes.append(f"{len(outcome.remaining)} runs were not started within the time budget; the verdicts use the "
+                     "runs that finished (rerun the same command to complete the sweep)")
+    choice = pick_showcase(rows, preset.main) if args.showcase else None
+    if choice is not None:
+        left = preset.minutes * 60 - (time.perf_counter() - started)
+        if args.max_minutes is None and (choice["seconds"] or 0) * 1.5 > left:
+            notes.append("the showcase run was skipped: not enough of the time budget left")
+        else:
+            try:
+                shown = run_showcase(choice, records, out, device)
+                figures.update(shown or {})
+                notes.append(f"showcase figures: run {choice['id']} (P = {choice['p']}, λ = "
+                             f"{choice['weight_decay']:g}) retrained with figures")
+            except Exception as e:  # the report matters more than the pictures
+                notes.append(f"the showcase run failed: {type(e).__name__}: {e}")
+    claims = assess(rows, analysis, preset)
+    seconds = time.perf_counter() - started
+    path = write_report(out, preset, claims, rows, analysis, figures=figures, outcome=outcome, seconds=seconds,
+                        device=device, notes=notes)
+    sweep.write_json(os.path.join(out, "verdicts.json"),
+                     dict(preset=preset.name, seconds=seconds, claims=[dataclasses.asdict(c) for c in claims]))
+    for c in claims:
+        print(f"claim {c.number}: {c.verdict} — {c.reason}")
+    print(f"wrote {path} ({seconds / 60:.1f} min)")
+    failed = sum(r["status"] == "failed" for r in rows)
+    return 1 if failed or outcome.remaining else 0
+
+
+__all__ = ["PRESETS", "Preset", "Claim", "assess", "claim_1", "claim_2", "claim_3", "claim_4", "write_report",
+           "add_arguments", "main"]
