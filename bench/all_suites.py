@@ -32,16 +32,14 @@ MODULES = {"ce": "fastcyclic.bench.ce", "optim": "fastcyclic.bench.optim", "trai
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    measure.add_threads_argument(parser)
+    measure.add_device_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="each suite's --quick: small sizes, short timing")
     parser.add_argument("--suites", nargs="+", choices=SUITES, default=None,
                         help="suites to run, in this order (default: ce optim train geometry; geometry uses the "
                              "trainer step measured by train when train ran first)")
     parser.add_argument("--budget-s", type=float, default=None, metavar="S",
                         help="after S seconds, record the remaining cases as skipped instead of running them")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="directory for all.json and one subdirectory per suite")
+    measure.add_out_argument(parser, ("all.json", "one subdirectory per suite"))
 
 
 def suite_args(name: str, device: str, quick: bool, out: Path | None, threads: int | None = None,
@@ -76,8 +74,7 @@ def _count(records: list[dict]) -> dict:
 def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
     """(exit code, one summary entry per suite)."""
     try:
-        device = measure.resolve_device(args.device)
-        measure.apply_threads(args)
+        device = measure.setup_device(args)
         if device.type == "cuda":
             measure.check_dtype(device, torch.bfloat16)  # the CUDA defaults of ce and train
         if args.budget_s is not None and not args.budget_s > 0:
@@ -88,10 +85,9 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
     measure.set_budget(args.budget_s)
     start = time.monotonic()
     machine = measure.machine_facts(device)
-    print(f"fastcyclic bench all: {', '.join(names)} on {machine.get('gpu', machine['cpu'])}, "
-          f"torch {machine['torch']}, triton {machine['triton']}" + (" (quick)" if args.quick else ""))
-    ceil = measure.ceilings(device, quick=args.quick)  # once: every suite reuses this measurement
-    print(measure.format_ceilings(ceil))
+    print(f"fastcyclic bench all: {', '.join(names)} on {measure.machine_title(machine)}"
+          + (" (quick)" if args.quick else ""))
+    ceil = measure.print_ceilings(device, quick=args.quick)  # once: every suite reuses this measurement
     summary: list[dict] = []
 
     def save():

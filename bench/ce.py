@@ -246,10 +246,9 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
             h, w, y = make_inputs(n, d, k, dtype, device)
             ref = reference(h, w, y)
         except Exception as exc:  # e.g. out of memory for the inputs or the reference: every method says so
-            status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed"
             for method in methods:
-                records.append(measure.complete(dict(case, method=method, status=status,
-                                                     error=f"inputs/reference: {_error(exc)}")))
+                records.append(measure.complete(dict(case, method=method,
+                                                     **measure.error_fields(exc, "inputs/reference: "))))
                 log(format_row(records[-1]))
             measure.release(device)
             if after_shape:
@@ -287,10 +286,8 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
                     record["err"] = max(record["err_loss"], record["err_dh"], record["err_dw"])
                 except Unavailable as exc:
                     record.update(status="unavailable", error=str(exc))
-                except torch.OutOfMemoryError as exc:
-                    record.update(status="oom", error=_error(exc))
-                except Exception as exc:  # a failing baseline must not stop the run
-                    record.update(status="failed", error=_error(exc))
+                except Exception as exc:  # out of memory, or a failing baseline: the run goes on
+                    record.update(measure.error_fields(exc))
                 h.grad = w.grad = None
                 measure.attach_telemetry(record, device, before)
                 measure.release(device)
@@ -324,15 +321,17 @@ def _speedups(records: list[dict]) -> None:
 
 CSV_FIELDS = ("N", "D", "K", "tflops_per_s", "err_loss", "err_dh", "err_dw", "target_ms", "speedup_vs_eager",
               "speedup_vs_compile")
+FILES = ("ce.json", "ce.csv", "ce.png")
 
 
 def format_row(r: dict) -> str:
     shape = f"{r['N']}x{r['D']}x{r['K']}"
+    head = f"{shape:>20} {r['method']:<24}"
     if r["status"] != "ok":
-        return f"{shape:>20} {r['method']:<24} {r['status']}: {(r.get('error') or '')[:80]}"
-    mem = f"{r['peak_extra_gib']:.3f}" if r.get("peak_extra_gib") is not None else "n/a"
-    frac = f"{r['frac_ceiling']:.0%}" if r.get("frac_ceiling") is not None else "n/a"
-    return (f"{shape:>20} {r['method']:<24} {r['median_ms']:10.3f} ms {r['tflops_per_s']:8.2f} TF/s {frac:>5} "
+        return measure.not_ok_row(head, r, 80)
+    mem = measure.or_na(r.get("peak_extra_gib"), ".3f")
+    frac = measure.or_na(r.get("frac_ceiling"), ".0%")
+    return (f"{head} {r['median_ms']:10.3f} ms {r['tflops_per_s']:8.2f} TF/s {frac:>5} "
             f"{mem:>8} GiB  err loss {r['err_loss']:.1e} dh {r['err_dh']:.1e} dW {r['err_dw']:.1e} "
             f"{'ok' if r['correct'] else 'WRONG'}")
 
@@ -403,25 +402,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="problem sizes (default: the issue's targets on CUDA, 4096x64x65536 on CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="input dtype (default bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    measure.add_threads_argument(parser)
+    measure.add_device_arguments(parser)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help="methods to run (default: all; --quick skips compile on CPU)")
-    parser.add_argument("--quick", action="store_true", help="small shapes and short timing: a self-check")
+    measure.add_quick_argument(parser, "shapes")
     parser.add_argument("--interpret", action="store_true",
                         help="CPU: run the Triton kernels under TRITON_INTERPRET=1 (small shapes only)")
     parser.add_argument("--tune", action="store_true",
                         help="CUDA: tune each fused kernel's tiles first, then time tuned and default tiles")
-    parser.add_argument("--out", type=Path, default=None, help="directory for ce.json, ce.csv and ce.png")
+    measure.add_out_argument(parser, FILES)
 
 
 def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple[int, list[dict]]:
     """(exit code, records).  Bad input is refused (code 2) before anything is measured or written."""
     try:
-        device = measure.resolve_device(args.device)
-        measure.apply_threads(args)
-        if args.interpret and device.type == "cuda":
-            raise measure.BenchInputError("--interpret runs the Triton kernels on CPU; use it with --device cpu")
+        device = measure.setup_device(args)
         if args.tune and device.type != "cuda":
             raise measure.BenchInputError("--tune needs CUDA")
         dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -435,10 +430,8 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     methods = args.methods or [m for m in METHODS if not (m == "compile" and args.quick and device.type == "cpu")]
 
     machine = machine or measure.machine_facts(device)
-    print(f"fastcyclic bench ce: {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
-          f"triton {machine['triton']}, {measure.dtype_name(dtype)}")
-    ceil = measure.ceilings(device, quick=args.quick or args.interpret)
-    print(measure.format_ceilings(ceil))
+    print(f"fastcyclic bench ce: {measure.machine_title(machine)}, {measure.dtype_name(dtype)}")
+    ceil = measure.print_ceilings(device, quick=args.quick or args.interpret)
     print(header())
     # results are rewritten (whole files, atomically) after every shape, so a run stopped by a time
     # limit keeps what it measured
@@ -447,14 +440,11 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
                            tune=args.tune, after_shape=save, ceil=ceil)
     if args.out:  # once more: the speedups are filled in at the end
         write_results(args.out, machine, records, tunings, ceil)
-        print(f"wrote {args.out / 'ce.json'}, {args.out / 'ce.csv'} and {args.out / 'ce.png'}")
+        print(measure.wrote(args.out, FILES))
     wrong = [r for r in records if r["status"] == "ok" and r["method"].startswith("fastcyclic") and not r["correct"]]
     failed = [r for r in records if r["status"] == "failed" and r["method"].startswith("fastcyclic")]
-    if wrong or failed:
-        print(f"FAILED: fastcyclic exceeded the error tolerance in {len(wrong)} case(s) and failed in "
-              f"{len(failed)}", file=sys.stderr)
-        return 1, records
-    return 0, records
+    return measure.exit_status(wrong, failed, "fastcyclic exceeded the error tolerance in {wrong} case(s) and failed "
+                                              "in {failed}"), records
 
 
 def main(args: argparse.Namespace) -> int:

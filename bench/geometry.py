@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import torch
 
@@ -160,10 +158,8 @@ def run(shapes, dtype, device, *, quick=False, ceil=None, step_ms=None, step_sou
                         record["target"] = {"frac_of_100_train_steps": TARGET_FRAC}
                         record["meets_target"] = record["frac_of_100_train_steps"] < TARGET_FRAC
                 del W, E
-            except torch.OutOfMemoryError as exc:
-                record.update(status="oom", error=measure.error_text(exc))
             except Exception as exc:
-                record.update(status="failed", error=measure.error_text(exc))
+                record.update(measure.error_fields(exc))
             measure.release(device)
         measure.attach_telemetry(record, device, before)
         records.append(measure.complete(record))
@@ -179,6 +175,7 @@ def run(shapes, dtype, device, *, quick=False, ceil=None, step_ms=None, step_sou
 
 CSV_FIELDS = ("K", "d", "bytes", "rho2_W", "omega_W", "verdict", "mismatched", "missed", "train_step_ms",
               "frac_of_100_train_steps", "meets_target")
+FILES = ("geometry.json", "geometry.csv")
 
 
 def header() -> str:
@@ -189,10 +186,10 @@ def header() -> str:
 def format_row(r: dict) -> str:
     head = f"{r['case']:>16} {r['dtype']:>8}"
     if r["status"] != "ok":
-        return f"{head} {r['status']}: {(r.get('error') or '')[:90]}"
-    mem = f"{r['peak_extra_gib']:.3f}" if r.get("peak_extra_gib") is not None else "n/a"
-    frac = f"{r['frac_ceiling']:.1%}" if r.get("frac_ceiling") is not None else "n/a"
-    steps = f"{r['frac_of_100_train_steps']:.2%}" if r.get("frac_of_100_train_steps") is not None else "n/a"
+        return measure.not_ok_row(head, r, 90)
+    mem = measure.or_na(r.get("peak_extra_gib"), ".3f")
+    frac = measure.or_na(r.get("frac_ceiling"), ".1%")
+    steps = measure.or_na(r.get("frac_of_100_train_steps"), ".2%")
     line = (f"{head} {r['median_ms']:9.2f} ms {r['rate']:8.2f} {frac:>7} {mem:>9} {steps:>12}  {r['err']:.1e} "
             f"{'ok' if r['correct'] else 'WRONG'}")
     for key in ("mismatched", "missed"):
@@ -201,9 +198,7 @@ def format_row(r: dict) -> str:
     return line
 
 
-def write_results(out: Path, machine: dict, records: list[dict], ceil: dict | None = None) -> list[Path]:
-    """geometry.json and geometry.csv, each written atomically."""
-    return measure.write_suite(out, "geometry", machine, records, ceil=ceil, csv_fields=CSV_FIELDS)
+write_results = measure.suite_writer("geometry", CSV_FIELDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,21 +211,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="K = P rows and width d of W and E (default: 8191x256 65521x256 131072x256 on CUDA, "
                              "8191x256 131072x256 on CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of W and E")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    measure.add_threads_argument(parser)
-    parser.add_argument("--quick", action="store_true", help="small cases and short timing: a self-check")
+    measure.add_device_arguments(parser)
+    measure.add_quick_argument(parser, "cases")
     parser.add_argument("--train-step-ms", type=float, default=None, metavar="MS",
                         help="the trainer's ms per step at P=65521 d=256 to compare with (default on CUDA: "
                              "measured; on CPU: no comparison)")
-    parser.add_argument("--out", type=Path, default=None, help="directory for geometry.json and geometry.csv")
+    measure.add_out_argument(parser, FILES)
 
 
 def run_suite(args: argparse.Namespace, *, machine: dict | None = None, step_source: str = "--train-step-ms",
               ) -> tuple[int, list[dict]]:
     """(exit code, records).  Bad input is refused (code 2) before anything is measured or written."""
     try:
-        device = measure.resolve_device(args.device)
-        measure.apply_threads(args)
+        device = measure.setup_device(args)
         dtype = DTYPES[args.dtype]
         measure.check_dtype(device, dtype)
         if args.train_step_ms is not None and not args.train_step_ms > 0:
@@ -240,10 +233,9 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None, step_sou
     shapes = args.shapes or (QUICK_SHAPES[device.type] if args.quick else
                              CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
     machine = machine or measure.machine_facts(device)
-    print(f"fastcyclic bench geometry: {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
+    print(f"fastcyclic bench geometry: {measure.machine_title(machine, triton=False)}, "
           f"{measure.dtype_name(dtype)}, planted circle at omega {OMEGA}")
-    ceil = measure.ceilings(device, quick=args.quick)
-    print(measure.format_ceilings(ceil))
+    ceil = measure.print_ceilings(device, quick=args.quick)
     step_ms = args.train_step_ms
     if device.type == "cuda" and step_ms is None and not measure.out_of_time():
         step_ms, step_source = train_step_ms(device, quick=args.quick)
@@ -254,13 +246,10 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None, step_sou
                   after_case=save)
     if args.out:
         write_results(args.out, machine, records, ceil)
-        print(f"wrote {args.out / 'geometry.json'} and {args.out / 'geometry.csv'}")
+        print(measure.wrote(args.out, FILES))
     wrong = [r for r in records if r["status"] == "ok" and not r["correct"]]
     failed = [r for r in records if r["status"] == "failed"]
-    if wrong or failed:
-        print(f"FAILED: summarize was wrong in {len(wrong)} case(s) and failed in {len(failed)}", file=sys.stderr)
-        return 1, records
-    return 0, records
+    return measure.exit_status(wrong, failed, "summarize was wrong in {wrong} case(s) and failed in {failed}"), records
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """Measurement primitives shared by the benchmarks: timing, peak memory, machine facts, ceilings,
-telemetry, the common record schema and atomic result files.
+telemetry, the common record schema and atomic result files; and what every suite's command line,
+table rows and exit code share (``add_device_arguments``, ``setup_device``, ``not_ok_row``, ...).
 
 CUDA: ``triton.testing.do_bench`` (CUDA events, warm-up, the L2 cache flushed before every
 repetition so inputs that fit in cache do not flatter), medians and quartiles; peak memory from
@@ -235,6 +236,12 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def error_fields(exc: BaseException, context: str = "") -> dict:
+    """status ("oom" or "failed") and error (context, then error_text) of a case that exc stopped."""
+    return {"status": "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed",
+            "error": context + error_text(exc)}
+
+
 def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -279,10 +286,8 @@ def measure_copy(device: torch.device, numel: int, *, quick: bool) -> dict:
         record.update(time_ms(lambda: copy(src), device, budget_ms=100.0 if quick else 300.0))
         record.update(status="ok", bytes=2 * src.nbytes)
         record["gbps"] = record["bytes"] / (record["median_ms"] * 1e6)
-    except torch.OutOfMemoryError as exc:
-        record.update(status="oom", error=error_text(exc))
     except Exception as exc:
-        record.update(status="failed", error=error_text(exc))
+        record.update(error_fields(exc))
     return record
 
 
@@ -299,10 +304,8 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, size: int, *, quick: 
         record.update(time_ms(lambda: torch.matmul(a, b, out=out), device, budget_ms=100.0 if quick else 300.0))
         record.update(status="ok", flops=2 * size**3)
         record["tflops_per_s"] = record["flops"] / (record["median_ms"] * 1e9)
-    except torch.OutOfMemoryError as exc:
-        record.update(status="oom", error=error_text(exc))
     except Exception as exc:
-        record.update(status="failed", error=error_text(exc))
+        record.update(error_fields(exc))
     return record
 
 
@@ -434,3 +437,84 @@ def fail(message: str) -> int:
     """Print a refusal to stderr; the exit code of bad input."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+# --------------------------------------------------------------------------------------------
+# what every suite's command line, table and exit code share
+# --------------------------------------------------------------------------------------------
+
+
+def _and_list(items) -> str:
+    """"a", "a and b", "a, b and c"."""
+    items = [str(item) for item in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def add_device_arguments(parser) -> None:
+    """--device (auto, cpu or cuda) and --threads."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_threads_argument(parser)
+
+
+def add_quick_argument(parser, what: str) -> None:
+    """--quick, a self-check on small what (shapes, sizes, cases) with short timing."""
+    parser.add_argument("--quick", action="store_true", help=f"small {what} and short timing: a self-check")
+
+
+def add_out_argument(parser, files) -> None:
+    """--out DIR, its help naming the files written there."""
+    parser.add_argument("--out", type=Path, default=None, help=f"directory for {_and_list(files)}")
+
+
+def setup_device(args) -> torch.device:
+    """The device --device names, with --threads applied and --interpret (where offered) refused on CUDA."""
+    device = resolve_device(args.device)
+    apply_threads(args)
+    if getattr(args, "interpret", False) and device.type == "cuda":
+        raise BenchInputError("--interpret runs the Triton kernels on CPU; use it with --device cpu")
+    return device
+
+
+def machine_title(machine: dict, *, triton: bool = True) -> str:
+    """The GPU (else the CPU), torch and triton versions, as a suite's first line names them."""
+    return (f"{machine.get('gpu', machine['cpu'])}, torch {machine['torch']}"
+            + (f", triton {machine['triton']}" if triton else ""))
+
+
+def print_ceilings(device: torch.device, *, quick: bool) -> dict:
+    """ceilings(device, quick=quick) (measured once per process), printed on one line."""
+    ceil = ceilings(device, quick=quick)
+    print(format_ceilings(ceil))
+    return ceil
+
+
+def or_na(value, spec: str) -> str:
+    """value formatted with spec, or "n/a" where it is None."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def not_ok_row(head: str, r: dict, width: int) -> str:
+    """The table row of a record that did not run ok: head, status and the first width characters of its error."""
+    return f"{head} {r['status']}: {(r.get('error') or '')[:width]}"
+
+
+def suite_writer(name: str, csv_fields):
+    """write_results(out, machine, records, ceil=None) of a suite that writes NAME.json and NAME.csv."""
+    def write_results(out: Path, machine: dict, records: list[dict], ceil: dict | None = None) -> list[Path]:
+        return write_suite(out, name, machine, records, ceil=ceil, csv_fields=csv_fields)
+
+    write_results.__doc__ = f"{name}.json and {name}.csv, each written atomically."
+    return write_results
+
+
+def wrote(out: Path, files) -> str:
+    """The line that names the files written under out."""
+    return "wrote " + _and_list(Path(out) / f for f in files)
+
+
+def exit_status(wrong: list, failed: list, message: str) -> int:
+    """0, or 1 after printing "FAILED: " + message ({wrong} and {failed}: the counts) to stderr."""
+    if wrong or failed:
+        print("FAILED: " + message.format(wrong=len(wrong), failed=len(failed)), file=sys.stderr)
+        return 1
+    return 0

@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
-from pathlib import Path
 
 import torch
 
@@ -243,15 +241,14 @@ def run_steps(sizes, dtype, device, methods, *, copy_gbps, quick=False, interpre
     for numel in sizes:
         case = dict(bench="optim", kind="step", case=f"numel={numel}", numel=numel, tensors=len(split_sizes(numel)),
                     dtype=str(dtype).replace("torch.", ""), device=device.type)
-        setup_error = None
+        setup_error = None  # or the status and error of every record of this size
         if measure.out_of_time():
-            setup_error = ("skipped", measure.SKIPPED)
+            setup_error = dict(status="skipped", error=measure.SKIPPED)
         else:
             try:
                 start, grads = make_params(numel, dtype, device)
             except Exception as exc:  # e.g. out of memory for the inputs themselves
-                status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed"
-                setup_error = (status, f"inputs: {_error(exc)}")
+                setup_error = measure.error_fields(exc, "inputs: ")
         for family in families:
             ref, ref_error = None, None
             if setup_error is None:
@@ -273,7 +270,7 @@ def run_steps(sizes, dtype, device, methods, *, copy_gbps, quick=False, interpre
                 record["target"] = {"gbps": record["target_gbps"]} if record["target_gbps"] else None
                 before = measure.telemetry(device)
                 if setup_error is not None:
-                    record.update(status=setup_error[0], error=setup_error[1])
+                    record.update(setup_error)
                 else:
                     try:
                         record.update(run_step_case(method, start, grads, ref, device, interpret, quick=quick))
@@ -286,10 +283,8 @@ def run_steps(sizes, dtype, device, methods, *, copy_gbps, quick=False, interpre
                             record.update(correct=None, error=f"no reference: {ref_error}")
                     except Unavailable as exc:
                         record.update(status="unavailable", error=str(exc))
-                    except torch.OutOfMemoryError as exc:
-                        record.update(status="oom", error=_error(exc))
-                    except Exception as exc:  # a failing method must not stop the run
-                        record.update(status="failed", error=_error(exc))
+                    except Exception as exc:  # out of memory, or a failing method: the run goes on
+                        record.update(measure.error_fields(exc))
                     _release(device)
                 measure.attach_telemetry(record, device, before)
                 records.append(measure.complete(record))
@@ -370,19 +365,14 @@ def run_ce_update(shape, dtype, device, *, quick=False, interpret=False, log=pri
                 record.update(measure.time_ms(step, device, budget_ms=100.0 if quick else 400.0))
                 extra = measure.peak_extra_bytes(step, device)
                 record.update(status="ok", peak_extra_gib=extra / 2**30 if extra is not None else None)
-            except torch.OutOfMemoryError as exc:
-                record.update(status="oom", error=_error(exc))
             except Exception as exc:
-                record.update(status="failed", error=_error(exc))
+                record.update(measure.error_fields(exc))
     except _Skipped:
         for record in records:
             record.update(status="skipped", error=measure.SKIPPED)
-    except torch.OutOfMemoryError as exc:
+    except Exception as exc:  # out of memory, or e.g. the fused handle refusing: recorded, the run goes on
         for record in records:
-            record.update(status="oom", error=_error(exc))
-    except Exception as exc:  # e.g. the fused handle refusing: recorded, the run goes on
-        for record in records:
-            record.update(status="failed", error=_error(exc))
+            record.update(measure.error_fields(exc))
     plain, fused = records
     if plain["status"] == fused["status"] == "ok":
         fused["saving_pct"] = 100.0 * (1.0 - fused["median_ms"] / plain["median_ms"])
@@ -408,6 +398,7 @@ def run_ce_update(shape, dtype, device, *, quick=False, interpret=False, log=pri
 CSV_FIELDS = ("kind", "optimizer", "method", "status", "numel", "N", "D", "K", "dtype", "device", "median_ms",
               "q25_ms", "q75_ms", "bytes_per_param", "gbps", "frac_copy", "target_gbps", "peak_extra_gib",
               "max_abs_diff", "rel_diff", "correct", "saving_pct", "target_saving_pct", "error")
+FILES = ("optim.json", "optim.csv")
 
 
 def header() -> str:
@@ -419,18 +410,16 @@ def format_row(r: dict) -> str:
     size = f"{r['N']}x{r['D']}x{r['K']}" if r["kind"] == "ce_update" else str(r["numel"])
     head = f"{r['optimizer'] or '':<6} {r['method']:<20} {size:>17} {r['dtype']:>8}"
     if r["status"] != "ok":
-        return f"{head} {r['status']}: {r.get('error', '')[:80]}"
+        return measure.not_ok_row(head, r, 80)
     line = f"{head} {r['median_ms']:10.3f} ms"
+    mem = measure.or_na(r.get("peak_extra_gib"), ".3f")
     if r["kind"] == "ce_update":
         saving = f"saving {r['saving_pct']:5.1f} %" if r.get("saving_pct") is not None else ""
-        mem = f"{r['peak_extra_gib']:.3f}" if r.get("peak_extra_gib") is not None else "n/a"
         line += f" {saving:>26} {mem:>14} GiB  |W - W_ref| / |W_ref| {r['rel_diff']:.1e}"
     else:
-        frac = f"{r['frac_copy']:.0%}" if r.get("frac_copy") is not None else "n/a"
-        line += f" {r['gbps']:9.1f} {frac:>8} {r['bytes_per_param']:7.1f}"
+        line += f" {r['gbps']:9.1f} {measure.or_na(r.get('frac_copy'), '.0%'):>8} {r['bytes_per_param']:7.1f}"
         if r["kind"] == "ceiling":
             return line + "  (ceiling)"
-        mem = f"{r['peak_extra_gib']:.3f}" if r.get("peak_extra_gib") is not None else "n/a"
         line += f" {mem:>6} GiB"
         if r.get("correct") is None:
             return line + "  no reference"
@@ -438,9 +427,7 @@ def format_row(r: dict) -> str:
     return line + f" {'ok' if r['correct'] else 'WRONG'}"
 
 
-def write_results(out: Path, machine: dict, records: list[dict], ceil: dict | None = None) -> list[Path]:
-    """optim.json and optim.csv, each written to a temporary name and renamed: never half a file."""
-    return measure.write_suite(out, "optim", machine, records, ceil=ceil, csv_fields=CSV_FIELDS)
+write_results = measure.suite_writer("optim", CSV_FIELDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,24 +441,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="parameter dtype (default: fp32 for the optimizer step; for ce_update bf16 on CUDA, "
                              "fp32 on CPU)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    measure.add_threads_argument(parser)
+    measure.add_device_arguments(parser)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="methods to run (default: all)")
     parser.add_argument("--ce-shape", type=ce_bench.parse_shape, default=None, metavar="NxDxK",
                         help="ce_update problem (default 8192x256x65536 on CUDA, 1024x64x8192 on CPU)")
-    parser.add_argument("--quick", action="store_true", help="small sizes and short timing: a self-check")
+    measure.add_quick_argument(parser, "sizes")
     parser.add_argument("--interpret", action="store_true",
                         help="CPU: run fastcyclic's Triton kernels under TRITON_INTERPRET=1 (small sizes only)")
-    parser.add_argument("--out", type=Path, default=None, help="directory for optim.json and optim.csv")
+    measure.add_out_argument(parser, FILES)
 
 
 def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple[int, list[dict]]:
     """(exit code, records).  Bad input is refused (code 2) before anything is measured or written."""
     try:
-        device = measure.resolve_device(args.device)
-        measure.apply_threads(args)
-        if args.interpret and device.type == "cuda":
-            raise measure.BenchInputError("--interpret runs the Triton kernels on CPU; use it with --device cpu")
+        device = measure.setup_device(args)
         dtype = DTYPES[args.dtype] if args.dtype else torch.float32
         ce_dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         for t in (dtype, ce_dtype):
@@ -488,10 +471,9 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     methods = args.methods or list(METHODS)
 
     machine = machine or measure.machine_facts(device)
-    print(f"fastcyclic bench optim: {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
-          f"triton {machine['triton']}, lr {LR}, weight decay {WEIGHT_DECAY}, SGD momentum {MOMENTUM}")
-    ceil = measure.ceilings(device, quick=args.quick or args.interpret)
-    print(measure.format_ceilings(ceil))
+    print(f"fastcyclic bench optim: {measure.machine_title(machine)}, lr {LR}, weight decay {WEIGHT_DECAY}, "
+          f"SGD momentum {MOMENTUM}")
+    ceil = measure.print_ceilings(device, quick=args.quick or args.interpret)
     print(header())
     # results are rewritten (whole files, atomically) after every part, so a run stopped by a time
     # limit keeps what it measured
@@ -510,15 +492,12 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
         records += run_ce_update(ce_shape, ce_dtype, device, quick=args.quick, interpret=args.interpret, ceil=ceil)
         save()
     if args.out:
-        print(f"wrote {args.out / 'optim.json'} and {args.out / 'optim.csv'}")
+        print(measure.wrote(args.out, FILES))
     ours = [r for r in records if r["method"].startswith(("fastcyclic", "ce+"))]
     # the two ce_update records share one comparison: count it once
     wrong = [r for r in ours if r["status"] == "ok" and r.get("correct") is False and r["method"] != "ce+step"]
     failed = [r for r in ours if r["status"] == "failed"]
-    if wrong or failed:
-        print(f"FAILED: fastcyclic was wrong in {len(wrong)} case(s) and failed in {len(failed)}", file=sys.stderr)
-        return 1, records
-    return 0, records
+    return measure.exit_status(wrong, failed, "fastcyclic was wrong in {wrong} case(s) and failed in {failed}"), records
 
 
 def main(args: argparse.Namespace) -> int:

@@ -35,8 +35,6 @@ import contextlib
 import dataclasses
 import gc
 import math
-import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -337,7 +335,8 @@ def run(shapes, dtypes, device, methods, *, quick=False, batch_size=BATCH_SIZE, 
     """Every method at every (P, d), dtype by dtype (the first dtype's cases come first, so a time budget
     cuts the later ones); a failure is recorded and the run goes on."""
     records = []
-    problems: dict = {}  # (p, d) -> (data, batch_size or None, rows, E0, W0, reference) or (status, error)
+    # (p, d) -> (data, batch_size or None, rows, E0, W0, reference), or {"status": ..., "error": ...}
+    problems: dict = {}
 
     def problem_for(p, d):
         if (p, d) not in problems:
@@ -346,8 +345,7 @@ def run(shapes, dtypes, device, methods, *, quick=False, batch_size=BATCH_SIZE, 
                 ref = reference_params(Spec(p, d, torch.float64, device, bs, rows, data, E0, W0))
                 problems[(p, d)] = (data, bs, rows, E0, W0, ref)
             except Exception as exc:
-                status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed"
-                problems[(p, d)] = (status, f"data/reference: {measure.error_text(exc)}")
+                problems[(p, d)] = measure.error_fields(exc, "data/reference: ")
             measure.release(device)
         return problems[(p, d)]
 
@@ -361,7 +359,7 @@ def run(shapes, dtypes, device, methods, *, quick=False, batch_size=BATCH_SIZE, 
                               device=device.type, method=name,
                               reference=f"float64 plain loop (same start, same batches, foreach AdamW), "
                                         f"{CHECK_STEPS} steps")
-                if problem is not None and len(problem) == 6:
+                if isinstance(problem, tuple):
                     record.update(batch=problem[2], full_batch=problem[1] is None, flops=6 * problem[2] * d * p)
                 if device.type == "cuda":
                     target = _lookup(TARGETS, p, d, dname) if name == "fastcyclic" else None
@@ -370,8 +368,8 @@ def run(shapes, dtypes, device, methods, *, quick=False, batch_size=BATCH_SIZE, 
                 before = measure.telemetry(device)
                 if problem is None or measure.out_of_time():
                     record.update(status="skipped", error=measure.SKIPPED)
-                elif len(problem) == 2:
-                    record.update(status=problem[0], error=problem[1])
+                elif isinstance(problem, dict):
+                    record.update(problem)
                 else:
                     data, bs, rows, E0, W0, ref = problem
                     spec = Spec(p, d, dtype, device, bs, rows, data, E0, W0)
@@ -386,10 +384,8 @@ def run(shapes, dtypes, device, methods, *, quick=False, batch_size=BATCH_SIZE, 
                                                          for k, v in target.items())
                     except Unavailable as exc:
                         record.update(status="unavailable", error=str(exc))
-                    except torch.OutOfMemoryError as exc:
-                        record.update(status="oom", error=measure.error_text(exc))
-                    except Exception as exc:  # a failing method must not stop the run
-                        record.update(status="failed", error=measure.error_text(exc))
+                    except Exception as exc:  # out of memory, or a failing method: the run goes on
+                        record.update(measure.error_fields(exc))
                     measure.release(device)
                 measure.attach_telemetry(record, device, before)
                 records.append(measure.complete(record))
@@ -421,6 +417,7 @@ def _speedups(records: list[dict]) -> None:
 
 CSV_FIELDS = ("P", "d", "batch", "full_batch", "steps_per_s", "steady_peak_extra_gib", "state_gib", "err_E",
               "err_W", "update_err", "meets_target", "anchor_h200", "speedup_vs_eager", "speedup_vs_compile")
+FILES = ("train.json", "train.csv")
 
 
 def header() -> str:
@@ -431,9 +428,9 @@ def header() -> str:
 def format_row(r: dict) -> str:
     head = f"{r['case']:>15} {r['dtype']:>8} {r['method']:<11}"
     if r["status"] != "ok":
-        return f"{head} {r['status']}: {(r.get('error') or '')[:90]}"
-    mem = f"{r['peak_extra_gib']:.3f}" if r.get("peak_extra_gib") is not None else "n/a"
-    frac = f"{r['frac_ceiling']:.1%}" if r.get("frac_ceiling") is not None else "n/a"
+        return measure.not_ok_row(head, r, 90)
+    mem = measure.or_na(r.get("peak_extra_gib"), ".3f")
+    frac = measure.or_na(r.get("frac_ceiling"), ".1%")
     line = (f"{head} {r['median_ms']:10.3f} {r['steps_per_s']:9.1f} {r['rate']:7.3f} {frac:>7} {mem:>9}  "
             f"{r['err']:.1e} {'ok' if r['correct'] else 'WRONG'}")
     if r.get("target"):
@@ -441,9 +438,7 @@ def format_row(r: dict) -> str:
     return line
 
 
-def write_results(out: Path, machine: dict, records: list[dict], ceil: dict | None = None) -> list[Path]:
-    """train.json and train.csv, each written atomically."""
-    return measure.write_suite(out, "train", machine, records, ceil=ceil, csv_fields=CSV_FIELDS)
+write_results = measure.suite_writer("train", CSV_FIELDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,21 +451,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(P, d) cases (default: 113x128 8191x128 65521x256 on CUDA, 113x64 1031x64 on CPU)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=None,
                         help="compute dtypes, run in this order (default: bf16 fp32 on CUDA, fp32 on CPU)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    measure.add_threads_argument(parser)
+    measure.add_device_arguments(parser)
     parser.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=None,
                         help="methods to run (default: all; --quick skips compile on CPU)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help="pairs per step (the full train set where it is smaller)")
-    parser.add_argument("--quick", action="store_true", help="small cases and short timing: a self-check")
-    parser.add_argument("--out", type=Path, default=None, help="directory for train.json and train.csv")
+    measure.add_quick_argument(parser, "cases")
+    measure.add_out_argument(parser, FILES)
 
 
 def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple[int, list[dict]]:
     """(exit code, records).  Bad input is refused (code 2) before anything is measured or written."""
     try:
-        device = measure.resolve_device(args.device)
-        measure.apply_threads(args)
+        device = measure.setup_device(args)
         dtypes = [DTYPES[t] for t in dict.fromkeys(args.dtype or (["bf16", "fp32"] if device.type == "cuda"
                                                                   else ["fp32"]))]
         for dtype in dtypes:
@@ -484,26 +477,21 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     methods = args.methods or [m for m in METHOD_NAMES if not (m == "compile" and args.quick and device.type == "cpu")]
 
     machine = machine or measure.machine_facts(device)
-    print(f"fastcyclic bench train: {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
-          f"triton {machine['triton']}, batch {args.batch_size}, AdamW lr {LR} betas {BETAS} decoupled "
-          f"weight decay {WEIGHT_DECAY}")
-    ceil = measure.ceilings(device, quick=args.quick)
-    print(measure.format_ceilings(ceil))
+    print(f"fastcyclic bench train: {measure.machine_title(machine)}, batch {args.batch_size}, AdamW lr {LR} "
+          f"betas {BETAS} decoupled weight decay {WEIGHT_DECAY}")
+    ceil = measure.print_ceilings(device, quick=args.quick)
     print(header())
     save = (lambda records: write_results(args.out, machine, records, ceil)) if args.out else None
     records = run(shapes, dtypes, device, methods, quick=args.quick, batch_size=args.batch_size, ceil=ceil,
                   after_case=save)
     if args.out:
         write_results(args.out, machine, records, ceil)
-        print(f"wrote {args.out / 'train.json'} and {args.out / 'train.csv'}")
+        print(measure.wrote(args.out, FILES))
     ours = [r for r in records if r["method"] == "fastcyclic"]
     wrong = [r for r in ours if r["status"] == "ok" and not r["correct"]]
     failed = [r for r in ours if r["status"] == "failed"]
-    if wrong or failed:
-        print(f"FAILED: the fastcyclic trainer was wrong in {len(wrong)} case(s) and failed in {len(failed)}",
-              file=sys.stderr)
-        return 1, records
-    return 0, records
+    return measure.exit_status(wrong, failed, "the fastcyclic trainer was wrong in {wrong} case(s) and failed in "
+                                              "{failed}"), records
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,7 +1,5 @@
-"""The `fastcyclic bench ce` command on CPU: records, files, and refusals of bad input."""
+"""The `fastcyclic bench ce` command on CPU: records and files (refusals of bad input: test_bench_all.py)."""
 import json
-
-import pytest
 
 from fastcyclic.cli import main
 
@@ -25,30 +23,6 @@ def test_quick_cpu_run_writes_complete_records(tmp_path, capsys):
     assert (out / "ce.csv").read_text().count("\n") == 4
     assert "48x16x301" in capsys.readouterr().out
     assert not list(out.glob("*.tmp"))
-
-
-@pytest.mark.parametrize("argv", [
-    ["bench", "ce", "--shapes", "8x16"],
-    ["bench", "ce", "--shapes", "0x16x10"],
-    ["bench", "nope"],
-    ["bench", "ce", "--dtype", "fp8"],
-])
-def test_malformed_arguments_exit_2(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    assert "error" in capsys.readouterr().err
-
-
-def test_cuda_without_cuda_is_refused_and_writes_nothing(tmp_path, capsys):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    out = tmp_path / "res"
-    assert main(["bench", "ce", "--device", "cuda", "--out", str(out)]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
-    assert not out.exists()
 
 
 def test_records_carry_the_common_schema_and_a_figure(tmp_path):

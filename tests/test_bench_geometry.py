@@ -1,5 +1,5 @@
-"""The `fastcyclic bench geometry` suite on CPU: records, files, correctness detection, refusals of bad input."""
-import argparse
+"""The `fastcyclic bench geometry` suite on CPU: records, files, correctness detection (refusals of bad input:
+test_bench_all.py)."""
 import csv
 import dataclasses
 import json
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastcyclic.bench import geometry, measure
+from fastcyclic.cli import main
 
 
 # one torch thread: on a small shared machine two OpenMP threads wait on each other (conftest.py)
@@ -16,9 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def run(argv):
     """What `fastcyclic bench geometry ARGV` does."""
-    parser = argparse.ArgumentParser(prog="fastcyclic bench geometry")
-    geometry.add_arguments(parser)
-    return geometry.main(parser.parse_args(argv))
+    return main(["bench", "geometry", *argv])
 
 
 def load(out):
@@ -88,32 +87,6 @@ def test_a_wrong_summary_is_reported_as_failing(how, tmp_path, monkeypatch, caps
         assert "omega_W" in r["mismatched"] and r["missed"]
     captured = capsys.readouterr()
     assert "WRONG" in captured.out and "FAILED" in captured.err
-
-
-@pytest.mark.parametrize("argv", [
-    ["--shapes", "8191"],
-    ["--shapes", "8x64"],  # fewer rows than the planted frequency needs
-    ["--shapes", "8191xk"],
-    ["--dtype", "bf16"],   # too coarse to measure in: summarize would upcast it
-    ["--train-step-ms", "fast"],
-])
-def test_malformed_arguments_exit_2_and_write_nothing(argv, tmp_path, capsys):
-    out = tmp_path / "res"
-    with pytest.raises(SystemExit) as exc:
-        run(argv + ["--out", str(out)])
-    assert exc.value.code == 2
-    assert "error" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_refusals_after_parsing_write_nothing(tmp_path, capsys):
-    out = tmp_path / "res"
-    assert run(["--device", "cpu", "--train-step-ms", "-1", "--out", str(out)]) == 2
-    assert "--train-step-ms" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert run(["--device", "cuda", "--out", str(out)]) == 2
-        assert "CUDA is not available" in capsys.readouterr().err
-    assert not out.exists()
 
 
 @pytest.mark.cuda

@@ -1,5 +1,5 @@
-"""The `fastcyclic bench optim` suite on CPU: records, files, correctness detection, refusals of bad input."""
-import argparse
+"""The `fastcyclic bench optim` suite on CPU: records, files, correctness detection (refusals of bad input:
+test_bench_all.py)."""
 import csv
 import json
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastcyclic.bench import optim
+from fastcyclic.cli import main
 
 STEP_METHODS = ["fastcyclic_adamw", "torch_adamw_foreach", "torch_adamw_fused", "fastcyclic_sgdw",
                 "torch_sgd_foreach", "torch_sgd_fused"]
@@ -18,9 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def run(argv):
     """What `fastcyclic bench optim ARGV` does."""
-    parser = argparse.ArgumentParser(prog="fastcyclic bench optim")
-    optim.add_arguments(parser)
-    return optim.main(parser.parse_args(argv))
+    return main(["bench", "optim", *argv])
 
 
 def records_by_method(out):
@@ -133,30 +132,3 @@ def test_split_sizes_is_model_like_and_sums_to_the_total(total):
 @pytest.mark.parametrize("text, value", [("2^25", 2**25), ("2**10", 1024), ("33554432", 2**25), ("1", 1)])
 def test_parse_size(text, value):
     assert optim.parse_size(text) == value
-
-
-@pytest.mark.parametrize("argv", [
-    ["--sizes", "-5"],
-    ["--sizes", "0"],
-    ["--sizes", "2^x"],
-    ["--sizes", "2^-3"],
-    ["--dtype", "fp8"],
-    ["--methods", "nope"],
-    ["--ce-shape", "8x16"],
-])
-def test_malformed_arguments_exit_2_and_write_nothing(argv, tmp_path, capsys):
-    out = tmp_path / "res"
-    with pytest.raises(SystemExit) as exc:
-        run(argv + ["--out", str(out)])
-    assert exc.value.code == 2
-    assert "error" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_cuda_without_cuda_is_refused_and_writes_nothing(tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    out = tmp_path / "res"
-    assert run(["--device", "cuda", "--out", str(out)]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
-    assert not out.exists()

@@ -1,5 +1,5 @@
-"""The `fastcyclic bench train` suite on CPU: records, files, correctness detection, refusals of bad input."""
-import argparse
+"""The `fastcyclic bench train` suite on CPU: records, files, correctness detection (refusals of bad input:
+test_bench_all.py)."""
 import csv
 import json
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastcyclic.bench import measure, train
+from fastcyclic.cli import main
 
 # full batch at P = 31 (about 384 train pairs <= 512), sampled from the enumerated split at P = 61,
 # hashed split (P^2 > 2^22) and the plain loop's pool at P = 2053
@@ -17,9 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def run(argv):
     """What `fastcyclic bench train ARGV` does."""
-    parser = argparse.ArgumentParser(prog="fastcyclic bench train")
-    train.add_arguments(parser)
-    return train.main(parser.parse_args(argv))
+    return main(["bench", "train", *argv])
 
 
 def load(out):
@@ -117,34 +116,6 @@ def test_budget_exhausted_records_skipped_cases(tmp_path):
                                          ("8191,128", (8191, 128))])
 def test_parse_shape(text, value):
     assert train.parse_shape(text) == value
-
-
-@pytest.mark.parametrize("argv", [
-    ["--shapes", "113"],
-    ["--shapes", "2x8"],
-    ["--shapes", "axb"],
-    ["--shapes", "113x0"],
-    ["--dtype", "fp16"],
-    ["--methods", "nope"],
-    ["--batch-size", "many"],
-])
-def test_malformed_arguments_exit_2_and_write_nothing(argv, tmp_path, capsys):
-    out = tmp_path / "res"
-    with pytest.raises(SystemExit) as exc:
-        run(argv + ["--out", str(out)])
-    assert exc.value.code == 2
-    assert "error" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_refusals_after_parsing_write_nothing(tmp_path, capsys):
-    out = tmp_path / "res"
-    assert run(["--device", "cpu", "--batch-size", "0", "--out", str(out)]) == 2
-    assert "--batch-size" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert run(["--device", "cuda", "--out", str(out)]) == 2
-        assert "CUDA is not available" in capsys.readouterr().err
-    assert not out.exists()
 
 
 @pytest.mark.cuda
