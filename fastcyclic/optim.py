@@ -203,7 +203,7 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         return self._tables.setdefault((index,) + key, kernels.TensorTable())
 
 
-def _checked_low_precision(p: Tensor) -> None:
+def _check_floating(p: Tensor) -> None:
     if p.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"parameters must be floating point, got {p.dtype}")
 
@@ -274,7 +274,7 @@ class AdamW(_WeightDecayOptimizer):
     def _init_state(self, p: Tensor) -> dict:
         state = self.state[p]
         if not state:
-            _checked_low_precision(p)
+            _check_floating(p)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
@@ -371,7 +371,7 @@ class SGDW(_WeightDecayOptimizer):
         buffers = [None] * len(pairs)
         if momentum != 0:
             for i, (p, _) in enumerate(pairs):
-                _checked_low_precision(p)
+                _check_floating(p)
                 state = self.state[p]
                 if first_step:
                     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
