@@ -214,6 +214,7 @@ class Trainer:
         self._loss_steps = 0
         self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._graph = None
+        self._keep_grads = False  # from the warm-up before a capture on: the graph reuses their memory
         self.history: list[dict] = []
         self._timer = (time.perf_counter(), 0)
         if config.out_dir is not None:  # last: a config refused above leaves no directory behind
@@ -244,19 +245,17 @@ class Trainer:
         loss = self._loss(*self._batch(), fused=self.fused)
         loss.backward()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=self._graph is None and not self._capturing)
+        self.optimizer.zero_grad(set_to_none=not self._keep_grads)
         bad = ~torch.isfinite(loss.detach())
         self._first_bad_step.copy_(torch.where(bad & (self._first_bad_step < 0), self._step, self._first_bad_step))
         self._loss_sum.add_(loss.detach().double())
         self._step.add_(1)
 
-    _capturing = False
-
     def _capture(self) -> None:
         """Warm up on a side stream (state, tables and gradients get allocated), then capture one step."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        self._capturing = True  # gradients stay allocated from here on: the graph reuses their memory
+        self._keep_grads = True
         with torch.cuda.stream(stream):
             self._train_step()
         torch.cuda.current_stream().wait_stream(stream)
@@ -265,7 +264,6 @@ class Trainer:
             self._graph.register_generator_state(self.batch_generator)
         with torch.cuda.graph(self._graph):
             self._train_step()
-        self._capturing = False
         self.step_count += 1  # the warm-up step was a real step; the capture itself ran nothing
 
     def step(self) -> None:
