@@ -87,7 +87,8 @@ GRID_FIELDS = ("p", "weight_decay", "seed")
 FORBIDDEN_FIELDS = ("out_dir", "progress", "device")
 # how a run executes, not what it computes: left out of a run's identity, so a sweep started on CPU may be
 # resumed on a GPU (numbers then differ by rounding only)
-EXECUTION_FIELDS = ("device", "backend", "fused_update", "cuda_graph", "progress", "out_dir", "checkpoint_every")
+EXECUTION_FIELDS = ("device", "backend", "fused_update", "cuda_graph", "deterministic", "progress", "out_dir",
+                    "checkpoint_every")
 
 CHANCE_FACTOR = 2.0
 """Train accuracy ≤ max(CHANCE_FACTOR/P, CHANCE_FLOOR) is "at chance" (chance is 1/P)."""

@@ -70,6 +70,8 @@ class TrainConfig:
     init_scale: float = _option(1.0, "multiplies every initial standard deviation")
     dtype: str = _option("float32", "float32, or bfloat16 compute with fp32 master weights")
     seed: int = _option(0, "seeds the split, the initialisation and the batches")
+    deterministic: bool = _option(False, "bitwise reproducible on CUDA too (torch.use_deterministic_algorithms, "
+                                         "process-wide); CPU runs always are")
     device: str = _option("auto", "auto (cuda when available), cpu or cuda[:n]")
     backend: str = _option("auto", "kernels: auto (triton on CUDA, torch on CPU), triton or torch")
     fused_update: bool = _option(True, "on CUDA in float32, apply the classifier's update inside the CE backward")
@@ -173,6 +175,11 @@ class Trainer:
         if self.device.type == "cpu":
             # weights decaying toward zero go denormal and make CPU arithmetic ~10x slower
             torch.set_flush_denormal(True)
+        if config.deterministic:
+            # the embedding's backward (index_put with accumulate) uses atomics on CUDA unless told not to;
+            # cuBLAS needs a fixed workspace (read when cuBLAS starts, so set it before the first matmul)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         self.compute_dtype = DTYPES[config.dtype]
         self.data = ModularAddition(config.p, config.train_fraction, config.seed, self.device)
         if config.batch_size is None and not self.data.enumerated:
