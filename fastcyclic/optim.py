@@ -524,7 +524,8 @@ def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accum
 
     Refused with ValueError: gradient accumulation (``grad_accumulation_steps > 1``), clipping by
     global norm (``max_grad_norm``), an optimizer with ``skip_nonfinite``, a weight that is not a
-    contiguous 2-D leaf parameter of this optimizer, D > 2048 on the Triton path."""
+    contiguous 2-D leaf parameter of this optimizer, on CUDA a D whose dW tile does not fit
+    in shared memory (D > 1024 in float32, > 2048 in bfloat16)."""
     if not isinstance(optimizer, _WeightDecayOptimizer):
         raise TypeError(f"fused_update needs a fastcyclic.optim.AdamW or SGDW optimizer, got "
                         f"{type(optimizer).__name__}")
@@ -545,6 +546,11 @@ def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accum
         raise ValueError(f"the weight of shape {tuple(weight.shape)} is not a parameter of this optimizer")
     if id(weight) in optimizer._fused_weights:
         raise ValueError("this weight already has a fused_update handle")
+    if weight.is_cuda:  # the Triton path: the dW tile over all of D must fit in shared memory
+        from fastcyclic.kernels import linear_ce as kernels
+
+        config = kernels.default_config(1, weight.shape[1], weight.shape[0], weight.dtype, weight.device)
+        kernels.fused_update_tile(config.backward_dw, weight.shape[1], weight.dtype)
     return FusedUpdate(optimizer, weight)
 
 

@@ -502,9 +502,6 @@ class ClassifierUpdate:
     first_step: bool = False
     nesterov: bool = False
 
-    # the largest D the fused update supports: one program holds a (BLOCK_K, D) fp32 tile of dW
-    MAX_D = 2048
-
     def kernel_args(self):
         placeholder = self.lr
         pointers = (self.lr, self.weight_decay, self.step if self.step is not None else placeholder,
@@ -518,6 +515,30 @@ class ClassifierUpdate:
 
 
 _NO_UPDATE = dict(UPDATE=0, DECOUPLED=False, HAS_MOMENTUM=False, FIRST_STEP=False, NESTEROV=False)
+
+# shared memory one fused-update dW program may use by the estimate below: the H100/H200 limit is 227 KiB
+# per block, and compiled kernels take up to ~18 KiB more than the estimate
+FUSED_SHARED_BUDGET = 176 << 10
+
+
+def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype) -> TileConfig:
+    """The dW tile for the fused update: one program per class block over all of D and one split, so
+    it alone reads and rewrites its w rows.  Its (BLOCK_K, D) w rows and (BLOCK_N, D) h slices sit in
+    shared memory, about (BLOCK_K + BLOCK_N) * D * element bytes (compiled for sm_90 without a GPU:
+    fp32, D = 1024 takes 132 KiB at 16 + 16 rows, 199 KiB at 16 + 32), so wide rows get short blocks."""
+    dp = _pow2(d)
+    element_bytes = torch.tensor([], dtype=dtype).element_size()
+    # the epilogue holds dW, w, m and v tiles at once: 8 warps and at most 8192 / D class rows keep the
+    # register spills of the AdamW epilogue small (sm_90, D = 256: 0.5 KiB per thread at 32 rows,
+    # 2.2 KiB at 64)
+    block_k = min(tc.block_owner, max(16, 8192 // dp))
+    block_n = min(tc.block_loop, 64)
+    while block_n > 16 and (block_k + block_n) * dp * element_bytes > FUSED_SHARED_BUDGET:
+        block_n //= 2
+    if (block_k + block_n) * dp * element_bytes > FUSED_SHARED_BUDGET:
+        raise ValueError(f"the fused optimizer update does not fit D={d} in {dtype} (at most D=1024 in float32, "
+                         "2048 in bfloat16/float16); use the ordinary backward and optimizer.step()")
+    return dataclasses.replace(tc, block_owner=block_k, block_loop=block_n, block_ds=dp, splits=1, num_warps=8)
 
 
 def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, *, config=None,
@@ -560,12 +581,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
     if need_dw or need_db or update is not None:
         tc = config.backward_dw
         if update is not None:
-            # one program per class block, all of D, one split: it alone reads and rewrites its w rows
-            if d > ClassifierUpdate.MAX_D:
-                raise ValueError(f"the fused optimizer update supports D <= {ClassifierUpdate.MAX_D}, got D={d}")
-            dp = _pow2(d)
-            tc = dataclasses.replace(tc, block_ds=dp, block_owner=min(tc.block_owner, max(16, 16384 // dp)),
-                                     splits=1)
+            tc = fused_update_tile(tc, d, h.dtype)
         k_blocks, d_blocks = triton.cdiv(k, tc.block_owner), triton.cdiv(d, tc.block_ds)
         # split over rows only when the class blocks alone cannot fill the GPU; partials are fp32
         splits, rows_per_split = _split(k_blocks * d_blocks, n, tc.block_loop, tc.splits, h.device,
@@ -613,5 +629,5 @@ def with_splits(config: LCEConfig, splits: int | None) -> LCEConfig:
                        for t in (config.forward, config.backward_dw, config.backward_dh)))
 
 
-__all__ = ["ClassifierUpdate", "LCEConfig", "TileConfig", "default_config", "forward", "backward", "merge_splits",
-           "with_splits", "SUPPORTED_DTYPES", "INTERPRETER"]
+__all__ = ["ClassifierUpdate", "fused_update_tile", "LCEConfig", "TileConfig", "default_config", "forward", "backward",
+           "merge_splits", "with_splits", "SUPPORTED_DTYPES", "INTERPRETER"]
