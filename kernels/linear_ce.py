@@ -528,10 +528,10 @@ def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype) -> TileConfig:
     fp32, D = 1024 takes 132 KiB at 16 + 16 rows, 199 KiB at 16 + 32), so wide rows get short blocks."""
     dp = _pow2(d)
     element_bytes = torch.tensor([], dtype=dtype).element_size()
-    # the epilogue holds dW, w, m and v tiles at once: 8 warps and at most 8192 / D class rows keep the
-    # register spills of the AdamW epilogue small (sm_90, D = 256: 0.5 KiB per thread at 32 rows,
-    # 2.2 KiB at 64)
-    block_k = min(tc.block_owner, max(16, 8192 // dp))
+    # the epilogue holds dW, w, m and v tiles at once: 8 warps and at most 4096 / D class rows keep the
+    # register spills of the AdamW epilogue small (sm_90, fp32: 6.5 KiB per thread at D = 128 x 64
+    # rows, 0.6 KiB at D = 256 x 32; bench/sm90.py prints them)
+    block_k = min(tc.block_owner, max(16, 4096 // dp))
     block_n = min(tc.block_loop, 64)
     while block_n > 16 and (block_k + block_n) * dp * element_bytes > FUSED_SHARED_BUDGET:
         block_n //= 2
