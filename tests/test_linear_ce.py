@@ -70,8 +70,9 @@ def _loss_and_grads(fn, h, w, y, b, grad_out, dtype=None):
     return [loss] + [t.grad if t is not None else None for t in leaves]
 
 
-def check(backend, gen, h, w, y, b=None, *, reduction="mean", **opts):
-    """Loss and every gradient vs float64, within eager's own error + slack.  Returns the errors."""
+def check(backend, gen, h, w, y, b=None, *, reduction="mean", recompute_slack=0.0, **opts):
+    """Loss and every gradient vs float64, within eager's own error + slack (+ recompute_slack for
+    the gradients).  Returns the errors."""
     grad_out = _grad_out(gen, reduction, h.shape[0])
     ours = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, reduction=reduction,
                                                                    backend=backend, **opts), h, w, y, b, grad_out)
@@ -85,7 +86,7 @@ def check(backend, gen, h, w, y, b=None, *, reduction="mean", **opts):
             continue
         assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)}"
         err, eager_err = rel_err(o, r), rel_err(e, r)
-        assert err <= eager_err + SLACK[h.dtype], \
+        assert err <= eager_err + SLACK[h.dtype] + (recompute_slack if name != "loss" else 0.0), \
             f"{name}: error {err:.3g} vs float64, eager {h.dtype} has {eager_err:.3g}"
         errors[name] = err
     return errors
@@ -193,9 +194,15 @@ def test_confident_logits(backend, dtype, gen):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_logits(backend, gen):
-    """|z| ~ 1e4: the online max keeps exp in range."""
+    """|z| ~ 1e4: the online max keeps exp in range.
+
+    The backward recomputes z, in another order than the forward that gave lse (the interpreter's
+    numpy matmul blocks by shape), so z - lse may move by a few ulp(1e4) ~ 1e-3 and p by as much,
+    relatively: visible in the gradients when a row's top two logits happen to lie within a few
+    units (seed 1812221092).  Eager takes p and lse from one z and does not see this."""
     h, w, y, b = make_problem(gen, 20, 16, 300, scale=1e4)  # bias ~ 5e3: exp overflows where unmasked
-    errors = check(backend, gen, h, w, y, b)
+    ulp_of_z = 2.0 ** -23 * float((h.float() @ w.float().T + b.float()).abs().max())
+    errors = check(backend, gen, h, w, y, b, recompute_slack=ulp_of_z)  # |dp / p| <= |d(z - lse)|
     assert all(math.isfinite(e) for e in errors.values())
 
 
