@@ -396,17 +396,11 @@ def _json_safe(value):
 
 
 def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write to a temporary file beside path, then rename over it: never half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, str):
-        data = data.encode()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """Write data so that a reader never sees half a file (``fastcyclic.files.write_bytes``)."""
+    from fastcyclic.files import write_bytes
+
+    write_bytes(os.fspath(path), data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def csv_text(records: list[dict], fields) -> str:

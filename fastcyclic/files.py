@@ -13,7 +13,7 @@ def write_atomic(path: str, write: Callable[[BinaryIO], object]) -> str:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tmp", dir=folder)  # tests look for *.tmp leftovers
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -100,7 +100,6 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
             proc.kill()
     killed_at = load_checkpoint(str(out / "checkpoint.pt"))["step"]
     assert 20 <= killed_at < 3000
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")] or True  # a stray temp file is harmless
     steps = killed_at + 40
     config = dict(p=23, d=32, hidden=64, eval_every=20, geometry_every=1000, checkpoint_every=20, progress=False,
                   device="cpu")
