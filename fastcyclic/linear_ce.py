@@ -172,9 +172,9 @@ def _linear_ce_backward(h: Tensor, weight: Tensor, bias: Optional[Tensor], targe
     dh, dw, db = _impl(backend).backward(
         h, weight, bias, target, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(),
         g_target.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw, **_backend_kwargs(backend))
-    empty = h.new_empty(0)
-    return (dh if dh is not None else empty, dw if dw is not None else empty,
-            db if db is not None else empty)
+    # a fresh empty tensor for each missing gradient: a custom op's outputs may not alias each other
+    return (dh if dh is not None else h.new_empty(0), dw if dw is not None else h.new_empty(0),
+            db if db is not None else h.new_empty(0))
 
 
 @_linear_ce_backward.register_fake
