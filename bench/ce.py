@@ -7,7 +7,9 @@ method that fails or runs out of memory gets a record saying so and the run goes
 
 Methods:
   fastcyclic  fastcyclic.linear_cross_entropy (triton on CUDA; the chunked torch backend on CPU, or
-              the Triton kernels under the interpreter with --interpret)
+              the Triton kernels under the interpreter with --interpret).  With the Triton kernels
+              it runs twice: as it is, and as ``fastcyclic[gemm-backward]`` with
+              ``LCEConfig(backward="gemm")`` (g in blocks of classes, dW and dh by cuBLAS)
   eager       F.cross_entropy((h @ W.T).float(), y): the logits in the input dtype, upcast
   compile     torch.compile of eager
   torch_lce   torch.nn.functional.linear_cross_entropy with chunking (acc_policy="accurate"),
@@ -264,6 +266,12 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
             variants = [(method, None)]
             if method == "fastcyclic" and tuned is not None:
                 variants = [("fastcyclic[default]", None), ("fastcyclic[tuned]", tuned)]
+            if method == "fastcyclic" and (device.type == "cuda" or interpret):
+                # the other backward strategy on the same forward tiles, so one run compares the two
+                from fastcyclic.kernels.linear_ce import default_config
+
+                base = tuned or default_config(n, d, k, dtype, device)
+                variants.append(("fastcyclic[gemm-backward]", dataclasses.replace(base, backward="gemm")))
             for label, cfg in variants:
                 record = dict(case, method=label, config=dataclasses.asdict(cfg) if cfg else None)
                 if measure.out_of_time():

@@ -16,6 +16,8 @@ every output is written once, in a fixed order, with no atomics (bitwise determi
                           rows (``ClassifierUpdate``: the update fused into the backward).
 * ``_backward_dh_kernel`` owns a block of rows (dh), loops over classes: recomputes the logits tile,
                           accumulates dh += g w.
+* ``_logit_grad_kernel``  the other backward (``LCEConfig.backward = "gemm"``): writes g for one
+                          block of classes at a time, and cuBLAS computes dW and dh from it.
 
 The gradient of the logits is
     g[n, k] = p_coef[n] * softmax(z)[n, k] - t_coef[n] * ((1 - eps) * [k == y_n] + eps / K)
@@ -328,6 +330,35 @@ def _backward_dh_kernel(
     tl.store(out, dh.to(dh_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (dcols < D)[None, :])
 
 
+@triton.jit(do_not_specialize=["N", "K", "k_start", "k_end"])
+def _logit_grad_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, terms_ptr,
+    g_ptr,
+    N, K, D, k_start, k_end,
+    stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_y, stride_gn,
+    HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """For the "gemm" backward: g[rows, cols - k_start] for the classes [k_start, k_end), stored in
+    h's dtype (what the tensor cores of the dW and dh GEMMs take).  A GEMM with the softmax
+    gradient as its epilogue: one program per (rows, cols) tile, looping over D."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = k_start + pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    z = _logits(h_ptr, w_ptr, rows, cols, N, K, D, stride_hn, stride_hd, stride_wk, stride_wd,
+                EVEN_D, BLOCK_D, UPCAST, PRECISION)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    lse, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
+    target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=rows < N, other=-1).to(tl.int32)
+    g = _logit_grad(z, lse[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
+                    cols[None, :] == target[:, None])
+    out = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - k_start).to(tl.int64)[None, :]
+    tl.store(out, g.to(g_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < k_end)[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Tile configurations
 # --------------------------------------------------------------------------------------------
@@ -354,9 +385,27 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class LCEConfig:
+    """Tiles of the three kernels, and the backward's strategy.
+
+    ``backward="recompute"`` (default): the dW and dh kernels, each recomputing the logits (five
+    GEMMs' worth of tensor work per step, nothing N x K in memory).  ``backward="gemm"``: for one
+    block of ``grad_chunk`` classes at a time, ``_logit_grad_kernel`` (tile ``backward_grad``)
+    writes g (N x grad_chunk, in h's dtype) and cuBLAS computes dW[block] = g^T h and dh += g W[block]
+    (fp32): four GEMMs' worth, the last two at cuBLAS's rate, for N x grad_chunk elements of memory.
+    ``grad_chunk=None`` sizes the block to GRAD_CHUNK_BYTES."""
+
     forward: TileConfig
     backward_dw: TileConfig
     backward_dh: TileConfig
+    backward: str = "recompute"
+    backward_grad: TileConfig = TileConfig(128, 128, 64, 64, num_warps=8, num_stages=3)
+    grad_chunk: int | None = None
+
+    def __post_init__(self):
+        if self.backward not in ("recompute", "gemm"):
+            raise ValueError(f"backward must be 'recompute' or 'gemm', got {self.backward!r}")
+        if self.grad_chunk is not None and self.grad_chunk < 1:
+            raise ValueError(f"grad_chunk must be a positive number of classes, got {self.grad_chunk}")
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -372,8 +421,13 @@ def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.dev
     if device.type != "cuda":
         bd = min(dp, 128)
         ds = dp if d <= 128 else 128
-        return LCEConfig(TileConfig(64, 256, bd, bd), TileConfig(128, 64, bd, ds), TileConfig(64, 256, bd, ds))
+        return LCEConfig(TileConfig(64, 256, bd, bd), TileConfig(128, 64, bd, ds), TileConfig(64, 256, bd, ds),
+                         backward_grad=TileConfig(64, 256, bd, bd))
     element_bytes = torch.tensor([], dtype=dtype).element_size()
+    # the "gemm" backward's g kernel (not yet timed on a GPU): a 128 x 128 GEMM tile for 16-bit inputs;
+    # fp32 operands take half the D step, to stay within shared memory at 3 stages
+    grad_tile = TileConfig(128, 128, 64, 64, num_warps=8, num_stages=3) if element_bytes == 2 else \
+        TileConfig(128, 64, 32, 32, num_warps=8, num_stages=3)
     row_bytes = dp * element_bytes
     if row_bytes <= 512:  # all of D resident in every kernel (measured at D = 128 and 256, bf16)
         return LCEConfig(
@@ -381,6 +435,7 @@ def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.dev
             backward_dw=TileConfig(64, 128, dp, dp, num_warps=4, num_stages=2),
             backward_dh=TileConfig(128, 32, dp, dp, num_warps=8, num_stages=3) if row_bytes > 256 else
             TileConfig(64, 128, dp, dp, num_warps=4, num_stages=2),
+            backward_grad=grad_tile,
         )
     # wider rows: the forward loops over D in 64-wide chunks; each backward program accumulates up
     # to 1 KiB of a row (D = 512 in bf16: one logits recompute; measured at D = 512, bf16).  The
@@ -392,6 +447,7 @@ def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.dev
         forward=forward,
         backward_dw=TileConfig(64, 64, 64, slice_width, num_warps=8, num_stages=2),
         backward_dh=TileConfig(64, 64, 64, slice_width, num_warps=8, num_stages=2),
+        backward_grad=grad_tile,
     )
 
 
@@ -551,6 +607,8 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
     k = w.shape[0]
     config = config or default_config(n, d, k, h.dtype, h.device)
     terms = torch.stack([lse, p_coef, t_coef * (label_smoothing / k), g_target]).float()
+    if config.backward == "gemm" and update is None:
+        return _backward_gemm(h, w, bias, target, terms, config, need_dh, need_dw, need_db)
     b = bias if bias is not None else h
     args = (h, w, b, target, terms)
     strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0) if bias is not None else 0,
@@ -622,12 +680,75 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
     return dh, (dw if need_dw else None), db
 
 
+# the "gemm" backward's block of g (N x grad_chunk elements) takes at most about this much memory
+GRAD_CHUNK_BYTES = 32 << 20
+
+
+def grad_chunk(config: LCEConfig, n: int, k: int, dtype: torch.dtype) -> int:
+    """Classes per block of the "gemm" backward: config.grad_chunk, or as many as GRAD_CHUNK_BYTES
+    holds; a multiple of the g kernel's class tile, at least one tile, at most K rounded up."""
+    block = config.backward_grad.block_loop
+    element_bytes = torch.tensor([], dtype=dtype).element_size()
+    chunk = config.grad_chunk or GRAD_CHUNK_BYTES // max(1, n * element_bytes)
+    return max(block, min(triton.cdiv(k, block) * block, chunk // block * block))
+
+
+def _mm_fp32(a, b):
+    """a @ b with an fp32 result (fp32 accumulation) for fp32/fp16/bf16 operands."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS, fp32 accumulation and output
+    return a.float() @ b.float()  # (CPU: the interpreter's tests)
+
+
+def _backward_gemm(h, w, bias, target, terms, config, need_dh, need_dw, need_db):
+    """The "gemm" backward (see LCEConfig): per block of classes, g from _logit_grad_kernel, then
+    dW[block] = g^T h and dbias[block] = sum_n g, complete (rounded once, like eager's), and
+    dh += g W[block] in fp32, cast once at the end.  g is rounded to h's dtype first, exactly as the
+    recompute kernels round it before their tensor-core dots."""
+    n, d = h.shape
+    k = w.shape[0]
+    need_db = bias is not None and need_db
+    dh_acc = torch.zeros(n, d, dtype=torch.float32, device=h.device) if need_dh else None
+    dw = torch.empty(k, d, dtype=w.dtype, device=w.device) if need_dw else None
+    db = torch.empty(k, dtype=bias.dtype, device=w.device) if need_db else None
+    if n == 0:
+        for grad in (dw, db):
+            if grad is not None:
+                grad.zero_()
+        return (dh_acc.to(h.dtype) if need_dh else None), dw, db
+    tc = config.backward_grad
+    chunk = grad_chunk(config, n, k, h.dtype)
+    g = torch.empty(n, min(chunk, k), dtype=h.dtype, device=h.device)
+    b = bias if bias is not None else h
+    for k0 in range(0, k, chunk):
+        k1 = min(k, k0 + chunk)
+        g_block = g[:, :k1 - k0]
+        _logit_grad_kernel[(triton.cdiv(n, tc.block_owner), triton.cdiv(k1 - k0, tc.block_loop))](
+            h, w, b, target, terms, g_block,
+            n, k, d, k0, k1,
+            h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0) if bias is not None else 0,
+            target.stride(0), g_block.stride(0),
+            HAS_BIAS=bias is not None, EVEN_D=d % tc.block_d == 0,
+            BLOCK_N=tc.block_owner, BLOCK_K=tc.block_loop, BLOCK_D=tc.block_d,
+            UPCAST=INTERPRETER, PRECISION=_precision(h.dtype), num_warps=tc.num_warps, num_stages=tc.num_stages,
+        )
+        if need_dw:
+            dw[k0:k1] = _mm_fp32(g_block.t(), h)
+        if need_db:
+            db[k0:k1] = g_block.sum(dim=0, dtype=torch.float32).to(bias.dtype)
+        if need_dh:
+            dh_acc += _mm_fp32(g_block, w[k0:k1])
+    return (dh_acc.to(h.dtype) if need_dh else None), dw, db
+
+
 def with_splits(config: LCEConfig, splits: int | None) -> LCEConfig:
     """The same tiles with a fixed number of splits in every kernel (tests use it to reach the
     partial-merge paths on CPU, where the default is one split)."""
-    return LCEConfig(*(dataclasses.replace(t, splits=splits)
-                       for t in (config.forward, config.backward_dw, config.backward_dh)))
+    return dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), splits=splits)
+                                          for name in ("forward", "backward_dw", "backward_dh")})
 
 
-__all__ = ["ClassifierUpdate", "fused_update_tile", "LCEConfig", "TileConfig", "default_config", "forward", "backward",
-           "merge_splits", "with_splits", "SUPPORTED_DTYPES", "INTERPRETER"]
+__all__ = ["ClassifierUpdate", "fused_update_tile", "grad_chunk", "LCEConfig", "TileConfig", "default_config",
+           "forward", "backward", "merge_splits", "with_splits", "SUPPORTED_DTYPES", "INTERPRETER"]

@@ -1,6 +1,9 @@
 """The `fastcyclic bench ce` command on CPU: records and files (refusals of bad input: test_bench_all.py)."""
 import json
 
+import pytest
+import torch
+
 from fastcyclic.cli import main
 
 
@@ -64,3 +67,16 @@ def test_a_wrong_loss_is_reported_as_failing(tmp_path, monkeypatch, capsys):
     assert records["eager"]["correct"] is True
     captured = capsys.readouterr()
     assert "WRONG" in captured.out and "FAILED" in captured.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--interpret is the CPU path")
+def test_interpret_times_both_backward_strategies(tmp_path):
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--interpret", "--quick", "--shapes", "40x16x300",
+                 "--methods", "fastcyclic", "--out", str(out)]) == 0
+    records = {r["method"]: r for r in json.loads((out / "ce.json").read_text())["records"]}
+    assert set(records) == {"fastcyclic", "fastcyclic[gemm-backward]"}
+    assert records["fastcyclic"]["config"] is None
+    assert records["fastcyclic[gemm-backward]"]["config"]["backward"] == "gemm"
+    for r in records.values():
+        assert r["status"] == "ok" and r["correct"] is True and "backend='triton'" in r["notes"]

@@ -5,6 +5,7 @@ PyTorch's own error in the same input dtype (``F.cross_entropy((h @ W.T).float()
 slack.  Errors are relative Frobenius norms.  On CPU the "triton" backend runs the real kernels
 under TRITON_INTERPRET=1 (see conftest.py); on a GPU the same tests run natively.
 """
+import dataclasses
 import math
 
 import pytest
@@ -128,6 +129,86 @@ def test_triton_tile_paths(dtype, splits, d, gen):
     h, w, y, b = make_problem(gen, 37, d, 100, dtype, scale=2.0, ignore_frac=0.1)
     with tuning(config=with_splits(SMALL_TILES, splits)):
         check("triton", gen, h, w, y, b, label_smoothing=0.05, z_loss=1e-3)
+
+
+# The "gemm" backward: g written for blocks of 64 classes by a tile smaller than the problem in every
+# axis (a D loop, several row and class tiles, a ragged last block), dW and dh by matrix products.
+GEMM_BACKWARD = dataclasses.replace(SMALL_TILES, backward="gemm", backward_grad=TileConfig(16, 32, 16, 16),
+                                    grad_chunk=64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,k", [(1, 1, 2), (7, 17, 97), (67, 48, 1031)])
+def test_gemm_backward_random_problems(dtype, n, d, k, gen):
+    h, w, y, b = make_problem(gen, n, d, k, dtype, ignore_frac=0.2)
+    with tuning(config=GEMM_BACKWARD):
+        check("triton", gen, h, w, y, b)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("options", [dict(label_smoothing=0.3, z_loss=1e-3, ignore_index=5), dict()],
+                         ids=["all", "plain"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gemm_backward_options(reduction, options, bias, gen):
+    h, w, y, b = make_problem(gen, 33, 24, 211, scale=3.0, bias=bias, ignore_frac=0.25,
+                              ignore_index=options.get("ignore_index", -100))
+    with tuning(config=GEMM_BACKWARD):
+        check("triton", gen, h, w, y, b, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("config", [None, GEMM_BACKWARD], ids=["recompute", "gemm"])
+@pytest.mark.parametrize("wanted", ["h", "weight", "bias"])
+def test_one_gradient_at_a_time(wanted, config, gen):
+    """Only the gradients asked for are computed, and each equals the one from the full backward.
+    (Asking for dbias alone once failed: the two missing gradients were one shared empty tensor.)"""
+    h, w, y, b = make_problem(gen, 20, 16, 150, scale=2.0)
+    full = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend="triton"),
+                           h, w, y, b, torch.tensor(1.0))
+    leaves = {name: t.detach().requires_grad_(name == wanted) for name, t in (("h", h), ("weight", w), ("bias", b))}
+    with tuning(config=config):
+        loss = linear_cross_entropy(leaves["h"], leaves["weight"], y, bias=leaves["bias"], backend="triton")
+        (grad,) = torch.autograd.grad(loss, leaves[wanted])
+    reference = full[1 + ["h", "weight", "bias"].index(wanted)]
+    assert rel_err(grad, reference) < 1e-6
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gemm_backward_no_rows_or_all_ignored(reduction, gen):
+    for n, ignore_frac in ((0, 0.0), (9, 1.0)):
+        h, w, y, b = make_problem(gen, n, 8, 50, ignore_frac=ignore_frac)
+        with tuning(config=GEMM_BACKWARD):
+            _, dh, dw, db = _loss_and_grads(
+                lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend="triton"),
+                h, w, y, b, torch.tensor(1.0))
+        if reduction == "sum":  # a mean over no rows is NaN, like PyTorch; a sum is 0 with zero gradients
+            assert dh.abs().sum() == 0 and dw.abs().sum() == 0 and db.abs().sum() == 0
+        assert dh.shape == h.shape and dw.shape == w.shape and db.shape == b.shape
+
+
+def test_gemm_backward_is_bitwise_repeatable(gen):
+    h, w, y, b = make_problem(gen, 40, 32, 300, torch.bfloat16, ignore_frac=0.1)
+    grad_out = _grad_out(gen, "mean", 40)
+    with tuning(config=GEMM_BACKWARD):
+        runs = [_loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend="triton",
+                                                                        deterministic=True), h, w, y, b, grad_out)
+                for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_gemm_backward_block_size():
+    """Blocks of g hold GRAD_CHUNK_BYTES (a whole number of class tiles, at least one, at most K)."""
+    config = dataclasses.replace(SMALL_TILES, backward="gemm")
+    tile = config.backward_grad.block_loop
+    assert triton_impl.grad_chunk(config, 8192, 131072, torch.bfloat16) == triton_impl.GRAD_CHUNK_BYTES // (8192 * 2)
+    assert triton_impl.grad_chunk(config, 1 << 30, 1000, torch.float32) == tile
+    assert triton_impl.grad_chunk(config, 1, 1000, torch.float32) == -(-1000 // tile) * tile
+    fixed = dataclasses.replace(config, grad_chunk=3 * tile - 1)
+    assert triton_impl.grad_chunk(fixed, 5, 1000, torch.float32) == 2 * tile
+    with pytest.raises(ValueError, match="'fused'"):
+        dataclasses.replace(config, backward="fused")
+    with pytest.raises(ValueError, match="grad_chunk.*0"):
+        dataclasses.replace(config, grad_chunk=0)
 
 
 @pytest.mark.parametrize("k", [256, 512])
@@ -437,19 +518,27 @@ def test_bad_call_leaves_things_usable_and_validate_false_is_safe(backend, gen):
 # that their memory does not stack up.
 @pytest.mark.cuda
 @pytest.mark.xdist_group("large-gpu")
+@pytest.mark.parametrize("backward", ["recompute", "gemm"])
 @pytest.mark.parametrize("n,d,k", [(8192, 256, 65536), (4099, 512, 32771)])
-def test_cuda_large_shapes_bf16(n, d, k, gen):
+def test_cuda_large_shapes_bf16(n, d, k, backward, gen):
     h, w, y, b = make_problem(gen, n, d, k, torch.bfloat16, bias=False, ignore_frac=0.05)
-    check("triton", gen, h, w, y, b, label_smoothing=0.1)
+    config = dataclasses.replace(triton_impl.default_config(n, d, k, h.dtype, h.device), backward=backward)
+    with tuning(config=config):
+        check("triton", gen, h, w, y, b, label_smoothing=0.1)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 128), (torch.float32, 256), (torch.float16, 512),
                                      (torch.bfloat16, 1024), (torch.bfloat16, 200)], ids=str)
 def test_cuda_default_tiles_for_wide_rows(dtype, d, gen):
-    """The GPU default tiles change with the bytes per row (resident D, 1 KiB slices, D loops)."""
+    """The GPU default tiles change with the bytes per row (resident D, 1 KiB slices, D loops); the
+    "gemm" backward's g tile with the dtype."""
     h, w, y, b = make_problem(gen, 300, d, 1000, dtype, ignore_frac=0.1)
     check("triton", gen, h, w, y, b, label_smoothing=0.1)
+    config = dataclasses.replace(triton_impl.default_config(300, d, 1000, dtype, h.device), backward="gemm",
+                                 grad_chunk=384)
+    with tuning(config=config):
+        check("triton", gen, h, w, y, b, label_smoothing=0.1)
 
 
 def _chunked_float64(h, w, y, reduction="sum"):
