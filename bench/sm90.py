@@ -1,14 +1,19 @@
-"""Compile the optimizer kernels and the fused-update dW kernel for an H100/H200 (sm_90) on any
-machine, GPU or not, and report each configuration's shared memory, registers and spill stack.
+"""Compile the Triton kernels for an H100/H200 (sm_90) on any machine, GPU or not, and report each
+configuration's shared memory, registers and spill stack.
 
     python -m fastcyclic.bench.sm90 [--quick]     (TRITON_INTERPRET must not be set)
 
-Exits 1 when a configuration does not compile or needs more shared memory than an sm_90 block may
-have, so CPU-only CI catches what the interpreter cannot (code generation, shared-memory overflow).
-Uses triton's bundled ptxas and cuobjdump; registers and stack are reported when cuobjdump runs.
+The linear cross-entropy kernels (forward, both backwards, the fused-update dW kernel) are compiled
+from launches captured from their real launchers with CPU tensors, with the JIT's own
+specialization of the arguments, so the code is what a GPU would run; the optimizer kernels (only
+pointers and floats) from a signature.  Exits 1 when a configuration does not compile or needs more
+shared memory than an sm_90 block may have, so CPU-only CI catches what the interpreter cannot
+(code generation, shared-memory overflow).  Uses triton's bundled ptxas and cuobjdump; registers and
+stack are reported when cuobjdump runs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -60,40 +65,111 @@ def resource_usage(kernel) -> str:
     return " ".join(fields[:2])
 
 
+def compile_launch(fn, args: tuple, kwargs: dict):
+    """fn compiled for sm_90 exactly as a launch fn[grid](*args, **kwargs) would compile it: the JIT's
+    own specialization (integers equal to 1 become constants, integers and pointers divisible by 16
+    are marked so), which decides vectorised loads and software pipelining."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+@contextlib.contextmanager
+def captured_launches():
+    """Kernel launches are recorded as (fn, args, kwargs) instead of run: the launchers can then be
+    called with CPU tensors of the real widths and dtypes."""
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    real_run = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = real_run
+
+
+def _tile_text(kwargs: dict) -> str:
+    blocks = "x".join(str(v) for k, v in kwargs.items() if k.startswith("BLOCK_"))
+    return f"{blocks} w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}"
+
+
+def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None):
+    """(label, fn, args, kwargs) of every kernel one forward + backward launches with the GPU's default
+    tiles at width d (or ``config``; both backward strategies), or with ``update`` ("adamw"/"sgdw") the
+    fused-update dW kernel.  Row and class counts only change unspecialised integers, so small ones do."""
+    import torch
+
+    from fastcyclic.kernels import linear_ce
+
+    n, k = 64, 4096
+    config = config or linear_ce.default_config(8192, d, 65536, dtype, torch.device("cuda"))
+    h, w = torch.zeros(n, d, dtype=dtype), torch.zeros(k, d, dtype=dtype)
+    target, terms = torch.zeros(n, dtype=torch.int64), torch.zeros(n)
+    with captured_launches() as launches:
+        if update is None:
+            linear_ce.forward(h, w, None, target, config=config)
+            linear_ce.backward(h, w, None, target, terms, terms, terms, terms, 0.0, config=config)
+            linear_ce.backward(h, w, None, target, terms, terms, terms, terms, 0.0,
+                               config=dataclasses.replace(config, backward="gemm"), need_dh=False)
+        else:
+            scalar = torch.zeros(())
+            state = [torch.zeros(k, d), torch.zeros(k, d) if update == "adamw" else None]
+            step = linear_ce.ClassifierUpdate(update, scalar, scalar, scalar, *state,
+                                              (0.9, 0.999, 1e-8) if update == "adamw" else (0.9, 0.0), True)
+            linear_ce.backward(h, w, None, target, terms, terms, terms, terms, 0.0, config=config,
+                               need_dh=False, update=step)
+    for fn, args, kwargs in launches:
+        label = f"fused {update} dW" if update else fn.__name__.strip("_").replace("_kernel", "")
+        yield f"{label} {str(dtype)[6:]} D={d} tile {_tile_text(kwargs)}", fn, args, kwargs
+
+
 def cases(full: bool = True):
-    """(name, fn, data pointer type, constexprs, num_warps) for every configuration checked; without
-    ``full`` one of each kind and the extreme widths (what CI compiles)."""
+    """(name, compile) for every configuration checked; without ``full`` one of each kind and the
+    extreme widths (what CI compiles)."""
     import torch
     import triton.language as tl
 
-    from fastcyclic.kernels import linear_ce, optim
+    from fastcyclic.kernels import optim
 
     dtypes = ((tl.float32, tl.float32, "fp32"), (tl.bfloat16, tl.bfloat16, "bf16"),
               (tl.float16, tl.float32, "fp16/fp32 grad"))
     for p_dtype, g_dtype, name in dtypes if full else dtypes[1:2]:
+        # pointers and floats only, all loaded through the address table: nothing to specialise
         for decoupled in (True, False) if full else (True,):
-            yield (f"adamw {name} decoupled={decoupled}", optim._multi_tensor_adamw_kernel, "*fp32",
-                   dict(P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=True, BLOCK=4096,
-                        INTERPRET=False), optim.NUM_WARPS)
-        yield (f"sgdw {name} momentum nesterov", optim._multi_tensor_sgdw_kernel, "*fp32",
-               dict(P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=True, HAS_SKIP=False, HAS_MOMENTUM=True,
-                    FIRST_STEP=False, NESTEROV=True, BLOCK=4096, INTERPRET=False), optim.NUM_WARPS)
-    cuda = torch.device("cuda")
-    for dtype, data_ptr, widths in ((torch.float32, "*fp32", (128, 300, 512, 1024)),
-                                    (torch.bfloat16, "*bf16", (256, 512, 1024, 2048))):
-        for d in widths if full else (widths[0], widths[-1]):
-            tile = linear_ce.fused_update_tile(linear_ce.default_config(8192, d, 65536, dtype, cuda).backward_dw,
-                                               d, dtype)
-            for update in (1, 2) if full else (1,):
-                constexprs = dict(
-                    HAS_BIAS=True, WANT_DB=True, RESIDENT=d <= tile.block_ds, EVEN_D=d % tile.block_d == 0,
-                    EVEN_DS=d % tile.block_ds == 0, BLOCK_K=tile.block_owner, BLOCK_N=tile.block_loop,
-                    BLOCK_D=tile.block_d, BLOCK_DS=tile.block_ds, UPCAST=False,
-                    PRECISION="ieee" if dtype == torch.float32 else "tf32", UPDATE=update, DECOUPLED=True,
-                    HAS_MOMENTUM=update == 2, FIRST_STEP=False, NESTEROV=False)
-                kind = "adamw" if update == 1 else "sgdw"
-                yield (f"fused {kind} dW {str(dtype)[6:]} D={d} tile {dataclasses.astuple(tile)[:4]}",
-                       linear_ce._backward_dw_kernel, data_ptr, constexprs, tile.num_warps)
+            constexprs = dict(P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=True, BLOCK=4096,
+                              INTERPRET=False)
+            yield (f"adamw {name} decoupled={decoupled}",
+                   lambda c=constexprs: compile_sm90(optim._multi_tensor_adamw_kernel, "*fp32", c, optim.NUM_WARPS))
+        constexprs = dict(P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=True, HAS_SKIP=False, HAS_MOMENTUM=True,
+                          FIRST_STEP=False, NESTEROV=True, BLOCK=4096, INTERPRET=False)
+        yield (f"sgdw {name} momentum nesterov",
+               lambda c=constexprs: compile_sm90(optim._multi_tensor_sgdw_kernel, "*fp32", c, optim.NUM_WARPS))
+
+    # forward and both backwards at the benchmark's widths
+    widths = ((torch.bfloat16, (128, 256, 512, 1024)), (torch.float32, (128, 256)), (torch.float16, (512,)))
+    for dtype, ds in widths if full else ((torch.bfloat16, (256,)), (torch.float32, (128,))):
+        for d in ds:
+            for name, fn, args, kwargs in linear_ce_launches(d, dtype):
+                yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
+    # the fused update's dW tile, sized from D
+    for dtype, ds in ((torch.float32, (128, 300, 512, 1024)), (torch.bfloat16, (256, 512, 1024, 2048))):
+        for d in ds if full else (ds[0], ds[-1]):
+            for update in ("adamw", "sgdw") if full else ("adamw",):
+                for name, fn, args, kwargs in linear_ce_launches(d, dtype, update=update):
+                    yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         print("unset TRITON_INTERPRET: the kernels must be defined for the GPU to be compiled", file=sys.stderr)
         return 2
     failures = 0
-    for name, fn, data_ptr, constexprs, num_warps in cases(full):
+    for name, compile_case in cases(full):
         try:
-            kernel = compile_sm90(fn, data_ptr, constexprs, num_warps)
+            kernel = compile_case()
         except Exception as e:  # a code-generation error is the finding
             failures += 1
             print(f"FAIL {name}: {type(e).__name__}: {str(e)[:300]}")

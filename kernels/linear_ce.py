@@ -416,16 +416,25 @@ def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.dev
     """Tiles for a problem.  Under the interpreter every (program x loop step) costs ~5 ms, so the
     tiles are as large as numpy handles comfortably.  On GPU they are the per-kernel winners of
     ``fastcyclic bench ce --tune`` on an H200 (bench/results/2026-11-28-h200/run3), chosen by the
-    bytes of one row of h (fp32 at D = 128 takes the tiles of bf16 at D = 256, and so on)."""
+    bytes of one row of h (fp32 with TF32 at D = 128 takes the tiles of bf16 at D = 256, and so on).
+    Exact fp32 ("ieee": CUDA-core FMA dots) has tiles of its own, chosen by compiling for sm_90."""
     dp = _pow2(d)
     if device.type != "cuda":
         bd = min(dp, 128)
         ds = dp if d <= 128 else 128
         return LCEConfig(TileConfig(64, 256, bd, bd), TileConfig(128, 64, bd, ds), TileConfig(64, 256, bd, ds),
                          backward_grad=TileConfig(64, 256, bd, bd))
+    if _precision(dtype) == "ieee":
+        # An FMA dot holds its operands in registers: with a resident D >= 64 or 64-row blocks the
+        # compiled kernels spilled 1-10 KiB per thread (python -m fastcyclic.bench.sm90); these tiles,
+        # D in 32-wide steps and 32-class dW / 32-row dh blocks over 128-wide slices of D, spill
+        # nothing from D = 32 to 1024.  Not yet timed on a GPU.
+        backward = TileConfig(32, 64, 32, 128, num_warps=8, num_stages=2)
+        return LCEConfig(forward=TileConfig(128, 64, 32, 32, num_warps=8, num_stages=2), backward_dw=backward,
+                         backward_dh=backward, backward_grad=TileConfig(128, 64, 32, 32, num_warps=8, num_stages=3))
     element_bytes = torch.tensor([], dtype=dtype).element_size()
     # the "gemm" backward's g kernel (not yet timed on a GPU): a 128 x 128 GEMM tile for 16-bit inputs;
-    # fp32 operands take half the D step, to stay within shared memory at 3 stages
+    # TF32 operands take half the D step, to stay within shared memory at 3 stages
     grad_tile = TileConfig(128, 128, 64, 64, num_warps=8, num_stages=3) if element_bytes == 2 else \
         TileConfig(128, 64, 32, 32, num_warps=8, num_stages=3)
     row_bytes = dp * element_bytes

@@ -196,6 +196,19 @@ def test_gemm_backward_is_bitwise_repeatable(gen):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 100), (torch.float32, 300), (torch.bfloat16, 256),
+                                     (torch.bfloat16, 600)], ids=str)
+@pytest.mark.parametrize("backward", ["recompute", "gemm"])
+def test_gpu_default_tiles_under_the_interpreter(dtype, d, backward, gen):
+    """The tiles default_config picks for a GPU (exact-fp32 FMA tiles, resident and sliced D for
+    16-bit inputs), run on CPU: the arithmetic of the configurations the GPU will run."""
+    n, k = 45, 150
+    h, w, y, b = make_problem(gen, n, d, k, dtype, ignore_frac=0.1)
+    config = dataclasses.replace(triton_impl.default_config(n, d, k, dtype, torch.device("cuda")), backward=backward)
+    with tuning(config=config):
+        check("triton", gen, h, w, y, b, label_smoothing=0.1)
+
+
 def test_gemm_backward_block_size():
     """Blocks of g hold GRAD_CHUNK_BYTES (a whole number of class tiles, at least one, at most K)."""
     config = dataclasses.replace(SMALL_TILES, backward="gemm")

@@ -12,4 +12,20 @@ def test_optimizer_and_fused_update_kernels_compile_for_sm90():
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) >= 6 and all(line.startswith("ok") for line in lines), done.stdout
-    assert any("fused adamw dW float32 D=1024" in line for line in lines)
+    for kernel in ("forward bfloat16 D=256", "backward_dw bfloat16 D=256", "backward_dh float32 D=128",
+                   "logit_grad bfloat16", "fused adamw dW float32 D=1024"):
+        assert any(kernel in line for line in lines), (kernel, done.stdout)
+
+
+def test_the_check_compiles_what_a_launch_compiles():
+    """The linear cross-entropy kernels are compiled from captured launches with the JIT's
+    specialization: a unit stride becomes a constant, so the compiled kernel has no such argument."""
+    code = ("import torch; from fastcyclic.bench import sm90; "
+            "launches = list(sm90.linear_ce_launches(64, torch.bfloat16)); "
+            "name, fn, args, kwargs = launches[0]; k = sm90.compile_launch(fn, args, kwargs); "
+            "print(name, len(launches), sorted(fn.arg_names[i[0]] for i in k.src.constants))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("forward bfloat16 D=64") and " 4 " in done.stdout  # fwd, dh, dW, g
+    assert "stride_hd" in done.stdout and "stride_wd" in done.stdout, done.stdout
