@@ -2,7 +2,7 @@
 # The GPU check: on a CUDA machine, the test suite natively (the GPU-only tests, marked `cuda`, included;
 # in parallel with pytest-xdist when it is installed), then `fastcyclic bench all --device cuda`,
 # everything under one directory:
-#   machine.txt  check.log  tests.log  bench.log
+#   machine.txt  check.log  tests.log  bench.log  cubins.txt (registers and spills of every compiled kernel)
 #   bench/all.json  bench/ce/ce.{json,csv,png}  bench/optim/optim.{json,csv}  bench/train/train.{json,csv}
 #   bench/geometry/geometry.{json,csv}
 # Usage: bench/gpu_check.sh [OUT_DIR]     (default: $OUT, else ./bench-out)
@@ -62,4 +62,7 @@ timeout -k 10 "${BENCH_TIMEOUT:-170}" python3 -m fastcyclic.cli bench all --devi
 code=$?
 log "bench exit code $code$([ $code -ge 124 ] && echo ' (time limit)')"
 cat "$out/bench.log"
+log "compiled kernels: registers and spills (cuobjdump on triton's cache)"
+timeout -k 5 60 python3 -m fastcyclic.bench.sm90 --cache > "$out/cubins.txt" 2>&1
+log "cubins.txt: $(wc -l < "$out/cubins.txt") kernels"
 log "done in $(( $(date +%s) - started )) s; results in $out"

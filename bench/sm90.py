@@ -2,6 +2,7 @@
 configuration's shared memory, registers and spill stack.
 
     python -m fastcyclic.bench.sm90 [--quick]     (TRITON_INTERPRET must not be set)
+    python -m fastcyclic.bench.sm90 --cache [DIR]  (the same figures for every kernel in triton's cache)
 
 The linear cross-entropy kernels (forward, both backwards, the fused-update dW kernel) are compiled
 from launches captured from their real launchers with CPU tensors, with the JIT's own
@@ -49,13 +50,13 @@ def compile_sm90(fn, data_ptr: str, constexprs: dict, num_warps: int, num_stages
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def resource_usage(kernel) -> str:
-    """'REG:n STACK:n' from cuobjdump -res-usage on the cubin ('' if cuobjdump is unavailable)."""
+def cubin_usage(cubin: bytes) -> str:
+    """'REG:n STACK:n' of a cubin, from triton's bundled cuobjdump ('' where it cannot run)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
+        f.write(cubin)
         f.flush()
         try:
             text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
@@ -63,6 +64,11 @@ def resource_usage(kernel) -> str:
             return ""
     fields = [w for line in text.splitlines() if "REG:" in line for w in line.split() if w[:4] in ("REG:", "STAC")]
     return " ".join(fields[:2])
+
+
+def resource_usage(kernel) -> str:
+    """'REG:n STACK:n' from cuobjdump -res-usage on a compiled kernel ('' if cuobjdump is unavailable)."""
+    return cubin_usage(kernel.asm["cubin"])
 
 
 def compile_launch(fn, args: tuple, kwargs: dict):
@@ -172,8 +178,33 @@ def cases(full: bool = True):
                     yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
 
 
+def cache_report(cache_dir: str) -> list[str]:
+    """One line per kernel compiled into triton's cache (what a GPU run really compiled, with its own
+    triton): name, warps, stages, shared memory, registers and spill stack.  bench/gpu_check.sh
+    writes it after the benchmarks."""
+    import json
+    from pathlib import Path
+
+    lines = []
+    for meta_path in sorted(Path(cache_dir).glob("*/*.json")):
+        cubin = meta_path.with_suffix(".cubin")
+        if meta_path.name.startswith("__grp__") or not cubin.exists():
+            continue
+        meta = json.loads(meta_path.read_text())
+        lines.append(f"{meta.get('name', meta_path.stem):<32} w{meta.get('num_warps')} s{meta.get('num_stages')} "
+                     f"shared {meta.get('shared', 0) / 1024:5.0f} KiB {cubin_usage(cubin.read_bytes())}  "
+                     f"({meta_path.parent.name[:12]})")
+    return sorted(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    full = "--quick" not in (sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--cache"]:  # report a cache instead of compiling
+        cache = argv[1] if len(argv) > 1 else os.environ.get(
+            "TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
+        print("\n".join(cache_report(cache)) or f"no compiled kernels in {cache}")
+        return 0
+    full = "--quick" not in argv
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the kernels must be defined for the GPU to be compiled", file=sys.stderr)
         return 2

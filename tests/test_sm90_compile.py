@@ -29,3 +29,19 @@ def test_the_check_compiles_what_a_launch_compiles():
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("forward bfloat16 D=64") and " 4 " in done.stdout  # fwd, dh, dW, g
     assert "stride_hd" in done.stdout and "stride_wd" in done.stdout, done.stdout
+
+
+def test_cache_report_lists_what_was_compiled(tmp_path):
+    """--cache reports the kernels in a triton cache (bench/gpu_check.sh runs it on the GPU's own)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    code = ("import torch\nfrom fastcyclic.bench import sm90\n"
+            "for _, fn, args, kwargs in sm90.linear_ce_launches(32, torch.bfloat16):\n"
+            "    sm90.compile_launch(fn, args, kwargs)\n")
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=600).returncode == 0
+    done = subprocess.run([sys.executable, "-m", "fastcyclic.bench.sm90", "--cache", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    names = [line.split()[0] for line in done.stdout.splitlines()]
+    assert sorted(names) == ["_backward_dh_kernel", "_backward_dw_kernel", "_forward_kernel", "_logit_grad_kernel"]
+    assert all("KiB REG:" in line for line in done.stdout.splitlines()), done.stdout
