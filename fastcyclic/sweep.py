@@ -740,9 +740,10 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
 
 
 def _run_pool(pending, out, device, workers, threads, deadline_s, started, ran, remaining, progress) -> None:
-    """Keep `workers` runs in flight.  A worker process that dies (out of memory, a segfault) breaks the pool:
-    the runs in flight go back in the queue and a fresh pool takes over; a run in flight during two such deaths
-    is recorded as failed."""
+    """Keep `workers` runs in flight.  A worker process that dies (out of memory, a segfault) breaks the pool,
+    and the pool cannot say which run it was running: every run in flight goes back to the front of the queue as
+    a suspect, and a fresh pool takes over.  A suspect then runs alone, so a second death is its own: it is
+    recorded as failed, while the runs that were only in flight beside it finish normally."""
     queue = list(pending)
     deaths: dict = {}
     fruitless = 0  # pools in a row that broke before finishing any run
@@ -759,6 +760,8 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, started, ran, 
         try:
             while True:
                 while queue and len(in_flight) < workers and not broken and time_left():
+                    if any(spec.id in deaths for spec in in_flight.values()) or (queue[0].id in deaths and in_flight):
+                        break  # a suspect runs alone
                     spec = queue.pop(0)
                     try:
                         in_flight[pool.submit(execute, spec.to_dict(), out, device)] = spec

@@ -230,6 +230,37 @@ def test_worker_processes_run_the_grid(tmp_path):
     assert json.loads((out / "sessions.jsonl").read_text().splitlines()[-1])["ran"] == 4
 
 
+# A sitecustomize for the spawned workers: a worker that starts a run at P = 13 kills itself half a second later
+# (while the other worker is busy with its own run), as the kernel's out-of-memory killer would
+KILLER = """
+import os, signal, time
+import fastcyclic.sweep as sweep
+run = sweep.execute
+def execute(spec, out, device):
+    if spec["config"]["p"] == 13:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return run(spec, out, device)
+sweep.execute = execute
+"""
+
+
+def test_a_dying_worker_fails_its_own_run_only(tmp_path, monkeypatch):
+    """The pool cannot say which worker died: the runs in flight are retried one at a time, so only the run that
+    kills its worker is recorded as failed, and the runs that were in flight beside it finish."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(KILLER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "deaths"
+    outcome = sweep.run_sweep(str(out), [tiny_block(ps=(11, 13), weight_decays=(0.1,), seeds=(0, 1, 2))],
+                              workers=2, threads=1, log=lambda *a: 0)
+    status = {(r["config"]["p"], r["config"]["seed"]): r["status"] for r in outcome.records.values()}
+    assert status == {(11, 0): "ok", (11, 1): "ok", (11, 2): "ok",
+                      (13, 0): "failed", (13, 1): "failed", (13, 2): "failed"}
+    assert all("died twice" in r["error"] for r in outcome.records.values() if r["status"] == "failed")
+    assert sweep.run_sweep(str(out), None, workers=2, log=lambda *a: 0).ran == []  # nothing repeated
+
+
 # --------------------------------------------------------------------------------------------
 # estimators on synthetic tables with known answers
 # --------------------------------------------------------------------------------------------
