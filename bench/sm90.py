@@ -155,12 +155,12 @@ def cases(full: bool = True):
     for p_dtype, g_dtype, name in dtypes if full else dtypes[1:2]:
         # pointers and floats only, all loaded through the address table: nothing to specialise
         for decoupled in (True, False) if full else (True,):
-            constexprs = dict(P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=True, BLOCK=4096,
-                              INTERPRET=False)
+            constexprs = dict(P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=True, ALIGNED=True,
+                              BLOCK=4096, INTERPRET=False)
             yield (f"adamw {name} decoupled={decoupled}",
                    lambda c=constexprs: compile_sm90(optim._multi_tensor_adamw_kernel, "*fp32", c, optim.NUM_WARPS))
         constexprs = dict(P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=True, HAS_SKIP=False, HAS_MOMENTUM=True,
-                          FIRST_STEP=False, NESTEROV=True, BLOCK=4096, INTERPRET=False)
+                          FIRST_STEP=False, NESTEROV=True, ALIGNED=True, BLOCK=4096, INTERPRET=False)
         yield (f"sgdw {name} momentum nesterov",
                lambda c=constexprs: compile_sm90(optim._multi_tensor_sgdw_kernel, "*fp32", c, optim.NUM_WARPS))
 

@@ -116,12 +116,62 @@ def round_for_store(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _locate(table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK: tl.constexpr):
-    """This program's tensor (its table row) and the element offsets it updates."""
+    """This program's tensor (its table row), the element offsets it updates, their mask, and whether
+    the block lies wholly inside the tensor (then no mask is needed, and loads can be 16 bytes wide)."""
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
-    offsets = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(numel_ptr + tensor)
-    return table_ptr + tensor * 5, offsets, mask
+    start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
+    numel = tl.load(numel_ptr + tensor)
+    return table_ptr + tensor * 5, offsets, offsets < numel, start + BLOCK <= numel
+
+
+@triton.jit
+def _address(row, slot, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address in slot `slot` of a table row, as a pointer to DTYPE.  ALIGNED (checked on the host:
+    every address of the launch is a multiple of 16 bytes) lets the compiler use 16-byte accesses."""
+    ptr = tl.load(row + slot).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load(ptr, offsets, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr + offsets, mask=mask)
+    else:
+        x = tl.load(ptr + offsets)
+    return x
+
+
+@triton.jit
+def _store(ptr, offsets, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offsets, x, mask=mask)
+    else:
+        tl.store(ptr + offsets, x)
+
+
+@triton.jit
+def _adamw_block(row, offsets, mask, lr, weight_decay,
+                 beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps,
+                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, ALIGNED: tl.constexpr,
+                 MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    p_ptr = _address(row, 0, P_DTYPE, ALIGNED)
+    g_ptr = _address(row, 1, G_DTYPE, ALIGNED)
+    m_ptr = _address(row, 2, tl.float32, ALIGNED)
+    v_ptr = _address(row, 3, tl.float32, ALIGNED)
+    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
+    p = _load(p_ptr, offsets, mask, MASKED).to(tl.float32)
+    g = _load(g_ptr, offsets, mask, MASKED).to(tl.float32)
+    m = _load(m_ptr, offsets, mask, MASKED)
+    v = _load(v_ptr, offsets, mask, MASKED)
+    p, m, v = adamw_math(p, g, m, v, lr, weight_decay, step,
+                         beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps, DECOUPLED)
+    _store(p_ptr, offsets, round_for_store(p, P_DTYPE, INTERPRET), mask, MASKED)
+    _store(m_ptr, offsets, m, mask, MASKED)
+    _store(v_ptr, offsets, v, mask, MASKED)
 
 
 @triton.jit
@@ -129,26 +179,40 @@ def _multi_tensor_adamw_kernel(
     table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, lr_ptr, weight_decay_ptr, skip_ptr,
     beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_SKIP: tl.constexpr,
-    BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     if HAS_SKIP:  # a non-finite gradient somewhere: the whole step is skipped
         if tl.load(skip_ptr) != 0:
             return
-    row, offsets, mask = _locate(table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
-    p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offsets, mask=mask)
-    v = tl.load(v_ptr + offsets, mask=mask)
-    p, m, v = adamw_math(p, g, m, v, tl.load(lr_ptr), tl.load(weight_decay_ptr), step,
-                         beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps, DECOUPLED)
-    tl.store(p_ptr + offsets, round_for_store(p, P_DTYPE, INTERPRET), mask=mask)
-    tl.store(m_ptr + offsets, m, mask=mask)
-    tl.store(v_ptr + offsets, v, mask=mask)
+    row, offsets, mask, whole = _locate(table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
+    lr, weight_decay = tl.load(lr_ptr), tl.load(weight_decay_ptr)
+    if whole:
+        _adamw_block(row, offsets, mask, lr, weight_decay, beta2, one_minus_beta1, one_minus_beta2, log_beta1,
+                     log_beta2, eps, P_DTYPE, G_DTYPE, DECOUPLED, ALIGNED, False, INTERPRET)
+    else:
+        _adamw_block(row, offsets, mask, lr, weight_decay, beta2, one_minus_beta1, one_minus_beta2, log_beta1,
+                     log_beta2, eps, P_DTYPE, G_DTYPE, DECOUPLED, ALIGNED, True, INTERPRET)
+
+
+@triton.jit
+def _sgdw_block(row, offsets, mask, lr, weight_decay, momentum, dampening,
+                P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
+                HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+                ALIGNED: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    p_ptr = _address(row, 0, P_DTYPE, ALIGNED)
+    g_ptr = _address(row, 1, G_DTYPE, ALIGNED)
+    p = _load(p_ptr, offsets, mask, MASKED).to(tl.float32)
+    g = _load(g_ptr, offsets, mask, MASKED).to(tl.float32)
+    buf = g
+    if HAS_MOMENTUM:
+        buf_ptr = _address(row, 2, tl.float32, ALIGNED)
+        if not FIRST_STEP:
+            buf = _load(buf_ptr, offsets, mask, MASKED)
+    p, buf = sgdw_math(p, g, buf, lr, weight_decay, momentum, dampening,
+                       DECOUPLED, HAS_MOMENTUM, FIRST_STEP, NESTEROV)
+    _store(p_ptr, offsets, round_for_store(p, P_DTYPE, INTERPRET), mask, MASKED)
+    if HAS_MOMENTUM:
+        _store(buf_ptr, offsets, buf, mask, MASKED)
 
 
 @triton.jit
@@ -157,26 +221,19 @@ def _multi_tensor_sgdw_kernel(
     momentum, dampening,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_SKIP: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
-    BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     if HAS_SKIP:
         if tl.load(skip_ptr) != 0:
             return
-    row, offsets, mask = _locate(table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
-    p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
-    p = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
-    buf = g
-    if HAS_MOMENTUM:
-        buf_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-        if not FIRST_STEP:
-            buf = tl.load(buf_ptr + offsets, mask=mask)
-    p, buf = sgdw_math(p, g, buf, tl.load(lr_ptr), tl.load(weight_decay_ptr), momentum, dampening,
-                       DECOUPLED, HAS_MOMENTUM, FIRST_STEP, NESTEROV)
-    tl.store(p_ptr + offsets, round_for_store(p, P_DTYPE, INTERPRET), mask=mask)
-    if HAS_MOMENTUM:
-        tl.store(buf_ptr + offsets, buf, mask=mask)
+    row, offsets, mask, whole = _locate(table_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
+    lr, weight_decay = tl.load(lr_ptr), tl.load(weight_decay_ptr)
+    if whole:
+        _sgdw_block(row, offsets, mask, lr, weight_decay, momentum, dampening, P_DTYPE, G_DTYPE, DECOUPLED,
+                    HAS_MOMENTUM, FIRST_STEP, NESTEROV, ALIGNED, False, INTERPRET)
+    else:
+        _sgdw_block(row, offsets, mask, lr, weight_decay, momentum, dampening, P_DTYPE, G_DTYPE, DECOUPLED,
+                    HAS_MOMENTUM, FIRST_STEP, NESTEROV, ALIGNED, True, INTERPRET)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +271,9 @@ class TensorTable:
         self.block_tensor = block_tensor.to(device)
         self.block_start = block_start.to(device)
         self.num_blocks = sum(blocks)
+        # 16-byte accesses need every parameter, gradient and state address 16-byte aligned (a view into a
+        # larger buffer may not be)
+        self.aligned = all(key[5 * i + slot] % 16 == 0 for i in range(len(rows)) for slot in range(4))
         self.key = key
         # the tables refer to these tensors by address: keep them alive as long as the tables
         self._tensors = rows
@@ -241,7 +301,7 @@ def adamw_step(table: TensorTable, rows: list[tuple], lr: torch.Tensor, weight_d
         *table.args(), lr, weight_decay, skip if skip is not None else lr,
         *adam_constants(beta1, beta2, eps),
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=skip is not None,
-        BLOCK=BLOCK, INTERPRET=INTERPRETER, num_warps=NUM_WARPS,
+        ALIGNED=table.aligned, BLOCK=BLOCK, INTERPRET=INTERPRETER, num_warps=NUM_WARPS,
     )
 
 
@@ -260,7 +320,7 @@ def sgdw_step(table: TensorTable, rows: list[tuple], lr: torch.Tensor, weight_de
         float(momentum), float(dampening),
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=skip is not None,
         HAS_MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
-        BLOCK=BLOCK, INTERPRET=INTERPRETER, num_warps=NUM_WARPS,
+        ALIGNED=table.aligned, BLOCK=BLOCK, INTERPRET=INTERPRETER, num_warps=NUM_WARPS,
     )
 
 

@@ -186,6 +186,42 @@ def test_param_groups_with_their_own_lr_and_decay_and_mixed_dtypes(backend, gen)
     torch.testing.assert_close(ours[2].detach(), theirs[2].detach(), **FP32)
 
 
+@pytest.mark.parametrize("make", [
+    lambda ps: (AdamW(ps, lr=1e-2, weight_decay=0.1, backend="triton"), torch.optim.AdamW),
+    lambda ps: (SGDW(ps, lr=1e-2, momentum=0.9, weight_decay=0.1, weight_decay_mode="l2", backend="triton"),
+                lambda qs, **kw: torch.optim.SGD(qs, lr=1e-2, momentum=0.9, weight_decay=0.1)),
+], ids=["adamw", "sgdw"])
+def test_unaligned_views_take_the_unaligned_kernel(make, gen):
+    """Parameters and gradients that are views at odd offsets into one buffer (not 16-byte aligned): the
+    kernels must not assume 16-byte accesses there.  A block wholly inside a tensor and a ragged tail."""
+    sizes = (70001, 17)  # the interpreter's block is 65536 elements
+    values = torch.randn(sum(sizes) + 1, generator=gen).to(DEVICE)
+    buffer = torch.zeros(sum(sizes) + 1, device=DEVICE)
+    ours = [buffer[1:1 + sizes[0]], buffer[1 + sizes[0]:]]
+    assert all(p.data_ptr() % 16 for p in ours)
+    for p, v in zip(ours, (values[1:1 + sizes[0]], values[1 + sizes[0]:])):
+        p.copy_(v)
+        p.requires_grad_()
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt, reference_class = make(ours)
+    reference = reference_class(theirs, lr=1e-2, weight_decay=0.1)
+    grads = torch.zeros(sum(sizes) + 1, device=DEVICE)
+    for _ in range(3):
+        grads.copy_(torch.randn(grads.shape, generator=gen).to(DEVICE))
+        for p, q, g in zip(ours, theirs, (grads[1:1 + sizes[0]], grads[1 + sizes[0]:])):
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        reference.step()
+    assert not any(table.aligned for table in opt._tables.values())
+    assert_params_close(ours, theirs)
+    fresh = [q.detach().clone().requires_grad_() for q in theirs]  # fresh allocations are aligned
+    opt, _ = make(fresh)
+    for p in fresh:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(table.aligned for table in opt._tables.values())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_params_without_grad_are_skipped(backend, gen):
     a, b = make_params(gen, [(7,), (9,)])
