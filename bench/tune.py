@@ -1,8 +1,9 @@
 """Tile tuning for the fused linear cross-entropy (``fastcyclic bench ce --tune``, CUDA only).
 
-Each of the three kernels (forward, dW, dh) is timed on its own over its candidate tiles, on the
-problem's real shapes; the fastest of each make the tuned configuration.  The winners measured on
-an H200 are what ``kernels.linear_ce.default_config`` returns (bench/results/ has the runs).
+Each kernel (forward, dW, dh, and the "gemm" backward's g kernel) is timed on its own over its
+candidate tiles, on the problem's real shapes; the fastest of each make the tuned configuration.
+The winners measured on an H200 are what ``kernels.linear_ce.default_config`` returns
+(bench/results/ has the runs).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from fastcyclic.kernels import linear_ce as kernels
 from fastcyclic.kernels.linear_ce import LCEConfig, TileConfig
 
-KERNELS = ("forward", "backward_dw", "backward_dh")
+KERNELS = ("forward", "backward_dw", "backward_dh", "backward_grad")
 
 
 def candidates(d: int) -> dict[str, list[TileConfig]]:
@@ -34,7 +35,11 @@ def candidates(d: int) -> dict[str, list[TileConfig]]:
         bwd = [TileConfig(o, lp, 64, ds, num_warps=wp, num_stages=st) for o, lp, ds, wp, st in (
             (64, 32, dp, 8, 2), (64, 64, dp, 8, 2), (64, 32, dp, 4, 2), (128, 64, 256, 8, 2),
             (128, 32, 256, 8, 3), (64, 64, 256, 4, 3))]
-    return {"forward": fwd, "backward_dw": bwd, "backward_dh": bwd}
+    # the "gemm" backward's g kernel: a GEMM tile with the softmax gradient as its epilogue
+    grad = [TileConfig(o, lp, bd, bd, num_warps=wp, num_stages=st) for o, lp, bd, wp, st in (
+        (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3))]
+    return {"forward": fwd, "backward_dw": bwd, "backward_dh": bwd, "backward_grad": grad}
 
 
 def tune_shape(h, w, y, *, rep_ms: float = 60.0, log=print) -> tuple[LCEConfig, dict]:
@@ -53,9 +58,11 @@ def tune_shape(h, w, y, *, rep_ms: float = 60.0, log=print) -> tuple[LCEConfig, 
         config = dataclasses.replace(base, **{kernel: tile})
         if kernel == "forward":
             return lambda: kernels.forward(h, w, None, y, config=config)
-        need_dh = kernel == "backward_dh"
+        if kernel == "backward_grad":  # the whole "gemm" backward (its cuBLAS products do not depend on the tile)
+            config = dataclasses.replace(config, backward="gemm")
+        need_dh, need_dw = kernel != "backward_dw", kernel != "backward_dh"
         return lambda: kernels.backward(h, w, None, y, lse, p_coef, p_coef, g_target, 0.0, config=config,
-                                        need_dh=need_dh, need_dw=not need_dh)
+                                        need_dh=need_dh, need_dw=need_dw)
 
     timings, best = {}, {}
     for kernel, tiles in candidates(d).items():
