@@ -14,6 +14,11 @@
 # suite also rewrites its files atomically after each case.  The suites run in the order of
 # BENCH_SUITES (default: train geometry optim ce: the ones never measured on a GPU first).
 # BENCH_ARGS adds arguments to `bench all` (e.g. "--quick"); TEST_ARGS to pytest (e.g. "-m cuda").
+#
+# STAGES picks what runs (default "tests bench cubins"). The optional stage "sweep" (not in the 6 minutes;
+# about 2.5 more) measures issue 7's GPU sweep throughput: the same small grid with 1 and with 4 worker
+# processes sharing the GPU, each limited to SWEEP_TIMEOUT seconds; sweep-w1.log and sweep-w4.log end with
+# runs per hour. A second call can then run e.g. STAGES="sweep" or STAGES="bench" BENCH_SUITES="ce".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench-out}}
@@ -40,29 +45,49 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$out/chec
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-parallel=()
-if python3 -c "import xdist" > /dev/null 2>&1; then
-    parallel=(-n "${WORKERS:-8}" --dist loadgroup)
-else
-    log "pytest-xdist not installed: the tests run in one process"
-fi
-log "tests (limit ${TEST_TIMEOUT:-160}s, ${parallel[*]:-serial})"
-# shellcheck disable=SC2086  # TEST_ARGS is a list of words
-# -v: one line per finished test, so a run stopped by the time limit still shows what passed and failed
-timeout -k 10 "${TEST_TIMEOUT:-160}" python3 -m pytest tests -v -rfEs -p no:cacheprovider "${parallel[@]}" \
-    --durations=15 ${TEST_ARGS:-} > "$out/tests.log" 2>&1
-code=$?
-log "tests exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(tail -n 1 "$out/tests.log")"
+stages=" ${STAGES:-tests bench cubins} "
 
-log "bench all (limit ${BENCH_TIMEOUT:-170}s, new cases until ${BENCH_BUDGET:-135}s)"
-# shellcheck disable=SC2086
-timeout -k 10 "${BENCH_TIMEOUT:-170}" python3 -m fastcyclic.cli bench all --device cuda \
-    --suites ${BENCH_SUITES:-train geometry optim ce} --budget-s "${BENCH_BUDGET:-135}" --out "$out/bench" \
-    ${BENCH_ARGS:-} > "$out/bench.log" 2>&1
-code=$?
-log "bench exit code $code$([ $code -ge 124 ] && echo ' (time limit)')"
-cat "$out/bench.log"
-log "compiled kernels: registers and spills (cuobjdump on triton's cache)"
-timeout -k 5 60 python3 -m fastcyclic.bench.sm90 --cache > "$out/cubins.txt" 2>&1
-log "cubins.txt: $(wc -l < "$out/cubins.txt") kernels"
+if [[ $stages == *" tests "* ]]; then
+    parallel=()
+    if python3 -c "import xdist" > /dev/null 2>&1; then
+        parallel=(-n "${WORKERS:-8}" --dist loadgroup)
+    else
+        log "pytest-xdist not installed: the tests run in one process"
+    fi
+    log "tests (limit ${TEST_TIMEOUT:-160}s, ${parallel[*]:-serial})"
+    # shellcheck disable=SC2086  # TEST_ARGS is a list of words
+    # -v: one line per finished test, so a run stopped by the time limit still shows what passed and failed
+    timeout -k 10 "${TEST_TIMEOUT:-160}" python3 -m pytest tests -v -rfEs -p no:cacheprovider "${parallel[@]}" \
+        --durations=15 ${TEST_ARGS:-} > "$out/tests.log" 2>&1
+    code=$?
+    log "tests exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(tail -n 1 "$out/tests.log")"
+fi
+
+if [[ $stages == *" bench "* ]]; then
+    log "bench all (limit ${BENCH_TIMEOUT:-170}s, new cases until ${BENCH_BUDGET:-135}s)"
+    # shellcheck disable=SC2086
+    timeout -k 10 "${BENCH_TIMEOUT:-170}" python3 -m fastcyclic.cli bench all --device cuda \
+        --suites ${BENCH_SUITES:-train geometry optim ce} --budget-s "${BENCH_BUDGET:-135}" --out "$out/bench" \
+        ${BENCH_ARGS:-} > "$out/bench.log" 2>&1
+    code=$?
+    log "bench exit code $code$([ $code -ge 124 ] && echo ' (time limit)')"
+    cat "$out/bench.log"
+fi
+
+if [[ $stages == *" sweep "* ]]; then
+    for workers in 1 4; do
+        log "sweep throughput with $workers worker process(es) (limit ${SWEEP_TIMEOUT:-75}s)"
+        timeout -k 10 "${SWEEP_TIMEOUT:-75}" python3 -m fastcyclic.cli sweep --p 127,1543 --weight-decay 1e-4,1e-2 \
+            --seeds 2 --steps 300 --set batch_size=2048 --device "${SWEEP_DEVICE:-cuda}" --workers "$workers" \
+            --no-figures --out "$out/sweep-w$workers" > "$out/sweep-w$workers.log" 2>&1
+        code=$?
+        log "sweep exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(grep 'runs in' "$out/sweep-w$workers.log")"
+    done
+fi
+
+if [[ $stages == *" cubins "* ]]; then
+    log "compiled kernels: registers and spills (cuobjdump on triton's cache)"
+    timeout -k 5 60 python3 -m fastcyclic.bench.sm90 --cache > "$out/cubins.txt" 2>&1
+    log "cubins.txt: $(wc -l < "$out/cubins.txt") kernels"
+fi
 log "done in $(( $(date +%s) - started )) s; results in $out"
