@@ -385,7 +385,7 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class LCEConfig:
-    """Tiles of the three kernels, and the backward's strategy.
+    """Tiles of each kernel, and the backward's strategy.
 
     ``backward="recompute"`` (default): the dW and dh kernels, each recomputing the logits (five
     GEMMs' worth of tensor work per step, nothing N x K in memory).  ``backward="gemm"``: for one
@@ -702,13 +702,17 @@ def grad_chunk(config: LCEConfig, n: int, k: int, dtype: torch.dtype) -> int:
     return max(block, min(triton.cdiv(k, block) * block, chunk // block * block))
 
 
+# torch.mm(..., out_dtype=torch.float32) for 16-bit CUDA operands arrived in torch 2.8
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 def _mm_fp32(a, b):
     """a @ b with an fp32 result (fp32 accumulation) for fp32/fp16/bf16 operands."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
+    if a.is_cuda and _MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS, fp32 accumulation and output
-    return a.float() @ b.float()  # (CPU: the interpreter's tests)
+    return a.float() @ b.float()  # CPU (the interpreter's tests), or an older torch: upcast first
 
 
 def _backward_gemm(h, w, bias, target, terms, config, need_dh, need_dw, need_db):
