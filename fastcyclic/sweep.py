@@ -20,7 +20,8 @@ The sweep directory:
     figures/          phase_diagram.png, lambda_k.png, fractions.png
 
 A killed sweep loses only the runs in flight: a run counts as finished once its JSON exists, so a rerun skips
-finished runs (failed ones too, unless --retry-failed) and redoes the rest.
+finished runs (failed ones too, unless --retry-failed) and redoes the rest.  A run still training after
+--run-minutes is stopped at its next evaluation and recorded as failed.
 
 Phase of a run (``phase_of``), the first rule that holds:
     failed          the run raised (its error is recorded)
@@ -551,9 +552,14 @@ def _norms(model) -> dict:
                 norm_params=math.sqrt(total))
 
 
-def execute(spec: dict, out: str, device: str) -> dict:
+class RunTimeLimit(RuntimeError):
+    """A run went past the sweep's per-run time limit (``--run-minutes``)."""
+
+
+def execute(spec: dict, out: str, device: str, run_seconds: Optional[float] = None) -> dict:
     """Train one run and write runs/<id>.json atomically (status ok or failed); return a short summary.
-    KeyboardInterrupt is not recorded: an interrupted run is redone on resume."""
+    run_seconds: stop a run that is still training after this long (checked at every evaluation) and
+    record it as failed.  KeyboardInterrupt is not recorded: an interrupted run is redone on resume."""
     import torch
 
     from fastcyclic.train import TrainConfig, train
@@ -569,6 +575,10 @@ def execute(spec: dict, out: str, device: str) -> dict:
 
         def add_norms(trainer, rec):  # every evaluation, so the history shows the norm decaying
             rec.update(_norms(trainer.model))
+            seconds = time.perf_counter() - started
+            if run_seconds is not None and seconds > run_seconds:
+                raise RunTimeLimit(f"still training at step {rec['step']} after {seconds:.0f} s, over the per-run "
+                                   f"limit of {run_seconds:.0f} s (--run-minutes)")
 
         result = train(config, callbacks=[add_norms], figures=False)
         history = result.history
@@ -678,13 +688,14 @@ class _Lock:
 
 def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Optional[int] = None,
               threads: Optional[int] = None, device: str = "auto", deadline_s: Optional[float] = None,
-              retry_failed: bool = False, log: Callable = say) -> SweepOutcome:
+              run_seconds: Optional[float] = None, retry_failed: bool = False, log: Callable = say) -> SweepOutcome:
     """Run every unfinished run of the sweep in DIR (see the module docstring).
 
     workers: processes running at once (spawned, each with its own CUDA context on a GPU); 0 runs in this
     process, one run after another.  Default: the CPU cores on CPU (one thread each), 1 on CUDA (sequential: the
     one choice known to be safe without measuring how several processes share the GPU).  deadline_s: start no
-    run after this many seconds (the running ones finish)."""
+    run after this many seconds (the running ones finish).  run_seconds: a run still training after this long is
+    stopped at its next evaluation and recorded as failed."""
     started = time.perf_counter()
     device = resolve_device(device)
     specs = prepare(out, blocks)
@@ -715,14 +726,15 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
                     for spec in pending:
                         if deadline_s is not None and time.perf_counter() - started > deadline_s:
                             break
-                        brief = execute(spec.to_dict(), out, device)
+                        brief = execute(spec.to_dict(), out, device, run_seconds)
                         ran.append(brief["id"])
                         remaining.remove(brief["id"])
                         progress.done(brief)
                 finally:
                     torch.set_num_threads(before)
             else:
-                _run_pool(pending, out, device, workers, threads, deadline_s, started, ran, remaining, progress)
+                _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, started, ran, remaining,
+                          progress)
         finally:
             seconds = time.perf_counter() - started
             rate = len(ran) / (seconds / 3600) if ran and seconds > 0 else None
@@ -739,7 +751,8 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
     return SweepOutcome(specs, records, ran, len(specs) - len(pending), remaining, seconds, rate, workers, device)
 
 
-def _run_pool(pending, out, device, workers, threads, deadline_s, started, ran, remaining, progress) -> None:
+def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, started, ran, remaining,
+              progress) -> None:
     """Keep `workers` runs in flight.  A worker process that dies (out of memory, a segfault) breaks the pool,
     and the pool cannot say which run it was running: every run in flight goes back to the front of the queue as
     a suspect, and a fresh pool takes over.  A suspect then runs alone, so a second death is its own: it is
@@ -764,7 +777,7 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, started, ran, 
                         break  # a suspect runs alone
                     spec = queue.pop(0)
                     try:
-                        in_flight[pool.submit(execute, spec.to_dict(), out, device)] = spec
+                        in_flight[pool.submit(execute, spec.to_dict(), out, device, run_seconds)] = spec
                     except cf.process.BrokenProcessPool:
                         queue.insert(0, spec)
                         broken = True
@@ -1367,6 +1380,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:n]")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="start no run after this many minutes (rerun to continue)")
+    parser.add_argument("--run-minutes", type=float, default=None,
+                        help="stop a run still training after this many minutes (checked at every evaluation) and "
+                             "record it as failed")
     parser.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     parser.add_argument("--analyze-only", action="store_true", help="run nothing; redo tables and figures")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -1401,11 +1417,14 @@ def main(args: argparse.Namespace) -> int:
         else:
             if args.workers is not None and args.workers < 0:
                 raise ValueError("--workers must be >= 0")
+            if args.run_minutes is not None and not args.run_minutes > 0:
+                raise ValueError(f"--run-minutes must be > 0, got {args.run_minutes}")
             if args.bootstrap < 0:
                 raise ValueError("--bootstrap must be >= 0")
             outcome = run_sweep(args.out, blocks_from_args(args), workers=args.workers, threads=args.threads,
                                 device=args.device, retry_failed=args.retry_failed,
-                                deadline_s=args.max_minutes * 60 if args.max_minutes is not None else None)
+                                deadline_s=args.max_minutes * 60 if args.max_minutes is not None else None,
+                                run_seconds=args.run_minutes * 60 if args.run_minutes is not None else None)
             records, remaining = outcome.records, outcome.remaining
             failed = sum(r["status"] == "failed" for r in records.values())
     except ValueError as e:

@@ -213,6 +213,20 @@ def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     assert again.ran == [by_p[7]["id"]]
 
 
+def test_a_run_over_the_time_limit_is_stopped_and_recorded(tmp_path, capsys):
+    out = tmp_path / "slow"
+    grid = ["--p", "11", "--weight-decay", "0.1", "--seeds", "2", "--steps", "60", "--workers", "0", "--set", "d=8",
+            "--set", "hidden=16", "--no-figures"]
+    assert sweep.main(sweep_args(*grid, "--run-minutes", "1e-9", "--out", str(out))) == 1
+    records = sweep.load_records(str(out))
+    assert [r["status"] for r in records.values()] == ["failed", "failed"]
+    assert all("RunTimeLimit" in r["error"] and "at step 0" in r["error"] for r in records.values())
+    again = sweep.run_sweep(str(out), None, workers=0, retry_failed=True, log=lambda *a: 0)
+    assert sorted(again.ran) == sorted(records) and all(r["status"] == "ok" for r in again.records.values())
+    assert sweep.main(sweep_args(*grid, "--run-minutes", "0", "--out", str(tmp_path / "bad"))) == 2
+    assert not (tmp_path / "bad").exists() and "--run-minutes must be > 0" in capsys.readouterr().err
+
+
 def test_worker_processes_run_the_grid(tmp_path):
     out = tmp_path / "pool"
     outcome = sweep.run_sweep(str(out), [tiny_block(ps=(11,), weight_decays=(0.01, 0.1), seeds=(0, 1))],
