@@ -250,11 +250,11 @@ KILLER = """
 import os, signal, time
 import fastcyclic.sweep as sweep
 run = sweep.execute
-def execute(spec, out, device):
+def execute(spec, *args):
     if spec["config"]["p"] == 13:
         time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGKILL)
-    return run(spec, out, device)
+    return run(spec, *args)
 sweep.execute = execute
 """
 
