@@ -198,9 +198,9 @@ def test_gemm_backward_is_bitwise_repeatable(gen):
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 100), (torch.float32, 300), (torch.bfloat16, 256),
                                      (torch.bfloat16, 600)], ids=str)
 @pytest.mark.parametrize("backward", ["recompute", "gemm"])
-def test_gpu_default_tiles_under_the_interpreter(dtype, d, backward, gen):
+def test_gpu_default_tiles(dtype, d, backward, gen):
     """The tiles default_config picks for a GPU (exact-fp32 FMA tiles, resident and sliced D for
-    16-bit inputs), run on CPU: the arithmetic of the configurations the GPU will run."""
+    16-bit inputs): on CPU, under the interpreter, the arithmetic of the configurations a GPU runs."""
     n, k = 45, 150
     h, w, y, b = make_problem(gen, n, d, k, dtype, ignore_frac=0.1)
     config = dataclasses.replace(triton_impl.default_config(n, d, k, dtype, torch.device("cuda")), backward=backward)
