@@ -333,16 +333,18 @@ def _backward_dh_kernel(
 @triton.jit(do_not_specialize=["N", "K", "k_start", "k_end"])
 def _logit_grad_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, terms_ptr,
-    g_ptr,
+    g_ptr, db_ptr,
     N, K, D, k_start, k_end,
-    stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_y, stride_gn,
-    HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr,
+    stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_y, stride_gn, stride_db,
+    HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """For the "gemm" backward: g[rows, cols - k_start] for the classes [k_start, k_end), stored in
     h's dtype (what the tensor cores of the dW and dh GEMMs take).  A GEMM with the softmax
-    gradient as its epilogue: one program per (rows, cols) tile, looping over D."""
+    gradient as its epilogue: one program per (rows, cols) tile, looping over D.  With WANT_DB it
+    also stores the fp32 column sums of its tile (row block pid_n), summed on the host into dbias:
+    from g before rounding, which in fp16 would flush the ~1/(N K) entries of a mean to zero."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -357,6 +359,8 @@ def _logit_grad_kernel(
                     cols[None, :] == target[:, None])
     out = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - k_start).to(tl.int64)[None, :]
     tl.store(out, g.to(g_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < k_end)[None, :])
+    if WANT_DB:  # rows past N have g = 0 exactly (see _row_terms)
+        tl.store(db_ptr + pid_n.to(tl.int64) * stride_db + (cols - k_start), tl.sum(g, axis=0), mask=cols < k_end)
 
 
 # --------------------------------------------------------------------------------------------
@@ -717,9 +721,9 @@ def _mm_fp32(a, b):
 
 def _backward_gemm(h, w, bias, target, terms, config, need_dh, need_dw, need_db):
     """The "gemm" backward (see LCEConfig): per block of classes, g from _logit_grad_kernel, then
-    dW[block] = g^T h and dbias[block] = sum_n g, complete (rounded once, like eager's), and
-    dh += g W[block] in fp32, cast once at the end.  g is rounded to h's dtype first, exactly as the
-    recompute kernels round it before their tensor-core dots."""
+    dW[block] = g^T h, complete (rounded once, like eager's), and dh += g W[block] in fp32, cast once
+    at the end.  g is rounded to h's dtype for the products, exactly as the recompute kernels round it
+    before their tensor-core dots; dbias is summed from the fp32 g, as the dW kernel does."""
     n, d = h.shape
     k = w.shape[0]
     need_db = bias is not None and need_db
@@ -733,24 +737,27 @@ def _backward_gemm(h, w, bias, target, terms, config, need_dh, need_dw, need_db)
         return (dh_acc.to(h.dtype) if need_dh else None), dw, db
     tc = config.backward_grad
     chunk = grad_chunk(config, n, k, h.dtype)
+    row_blocks = triton.cdiv(n, tc.block_owner)
     g = torch.empty(n, min(chunk, k), dtype=h.dtype, device=h.device)
+    # dbias per row block, fp32 (row_blocks x chunk); summed in a fixed order, so deterministic
+    db_rows = torch.empty(row_blocks, g.shape[1], dtype=torch.float32, device=h.device) if need_db else g
     b = bias if bias is not None else h
     for k0 in range(0, k, chunk):
         k1 = min(k, k0 + chunk)
         g_block = g[:, :k1 - k0]
-        _logit_grad_kernel[(triton.cdiv(n, tc.block_owner), triton.cdiv(k1 - k0, tc.block_loop))](
-            h, w, b, target, terms, g_block,
+        _logit_grad_kernel[(row_blocks, triton.cdiv(k1 - k0, tc.block_loop))](
+            h, w, b, target, terms, g_block, db_rows,
             n, k, d, k0, k1,
             h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0) if bias is not None else 0,
-            target.stride(0), g_block.stride(0),
-            HAS_BIAS=bias is not None, EVEN_D=d % tc.block_d == 0,
+            target.stride(0), g_block.stride(0), db_rows.stride(0),
+            HAS_BIAS=bias is not None, WANT_DB=need_db, EVEN_D=d % tc.block_d == 0,
             BLOCK_N=tc.block_owner, BLOCK_K=tc.block_loop, BLOCK_D=tc.block_d,
             UPCAST=INTERPRETER, PRECISION=_precision(h.dtype), num_warps=tc.num_warps, num_stages=tc.num_stages,
         )
         if need_dw:
             dw[k0:k1] = _mm_fp32(g_block.t(), h)
         if need_db:
-            db[k0:k1] = g_block.sum(dim=0, dtype=torch.float32).to(bias.dtype)
+            db[k0:k1] = db_rows[:, :k1 - k0].sum(dim=0).to(bias.dtype)
         if need_dh:
             dh_acc += _mm_fp32(g_block, w[k0:k1])
     return (dh_acc.to(h.dtype) if need_dh else None), dw, db

@@ -184,6 +184,24 @@ def test_gemm_backward_no_rows_or_all_ignored(reduction, gen):
         assert dh.shape == h.shape and dw.shape == w.shape and db.shape == b.shape
 
 
+def test_gemm_backward_dbias_sums_unrounded_g(gen):
+    """fp16, mean over 2048 rows: the entries of g are ~1/(N K) ~ 2e-6, subnormal in fp16, so a dbias summed
+    from the fp16 g (as the gemm backward once did) was off by 2.5e-2; from the fp32 g it is as good as
+    the recompute backward's (2e-4)."""
+    n, d, k = 2048, 16, 300
+    h = torch.randn(n, d, generator=gen)
+    w, b = torch.randn(k, d, generator=gen) * 1e-3, torch.randn(k, generator=gen) * 1e-3
+    y = torch.randint(0, k, (n,), generator=gen)
+    b64 = b.double().requires_grad_()
+    torch.nn.functional.cross_entropy(h.double() @ w.double().T + b64, y).backward()
+    h16, w16, b16 = (t.to(DEVICE, torch.float16) for t in (h, w, b))
+    b16.requires_grad_()
+    config = dataclasses.replace(triton_impl.default_config(n, d, k, torch.float16, h16.device), backward="gemm")
+    with tuning(config=config):
+        linear_cross_entropy(h16, w16, y.to(DEVICE), bias=b16, backend="triton").backward()
+    assert rel_err(b16.grad, b64.grad) < 1e-3
+
+
 def test_gemm_backward_is_bitwise_repeatable(gen):
     h, w, y, b = make_problem(gen, 40, 32, 300, torch.bfloat16, ignore_frac=0.1)
     grad_out = _grad_out(gen, "mean", 40)
