@@ -576,7 +576,7 @@ def execute(spec: dict, out: str, device: str, run_seconds: Optional[float] = No
         def add_norms(trainer, rec):  # every evaluation, so the history shows the norm decaying
             rec.update(_norms(trainer.model))
             seconds = time.perf_counter() - started
-            if run_seconds is not None and seconds > run_seconds:
+            if run_seconds is not None and seconds > run_seconds and rec["step"] < trainer.config.steps:
                 raise RunTimeLimit(f"still training at step {rec['step']} after {seconds:.0f} s, over the per-run "
                                    f"limit of {run_seconds:.0f} s (--run-minutes)")
 
@@ -759,7 +759,7 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
     recorded as failed, while the runs that were only in flight beside it finish normally."""
     queue = list(pending)
     deaths: dict = {}
-    fruitless = 0  # pools in a row that broke before finishing any run
+    returned = recorded = 0  # runs workers brought back; runs recorded as killing their worker
     context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
 
     def time_left() -> bool:
@@ -769,7 +769,7 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
         pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                                       initargs=(threads,))
         in_flight: dict = {}
-        broken, finished = False, 0
+        broken = False
         try:
             while True:
                 while queue and len(in_flight) < workers and not broken and time_left():
@@ -788,6 +788,7 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
                     spec = in_flight.pop(future)
                     try:
                         brief = future.result()
+                        returned += 1
                     except cf.process.BrokenProcessPool:
                         broken = True
                         deaths[spec.id] = deaths.get(spec.id, 0) + 1
@@ -795,19 +796,19 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
                             queue.insert(0, spec)
                             continue
                         brief = _record_death(spec, out)
+                        recorded += 1
+                        if recorded == 3 and returned == 0:  # the sweep goes on, but say what it may mean
+                            progress.log("3 runs have killed their worker process and none has come back yet; if every "
+                                         "run does, the workers cannot run at all (a script without an `if __name__ "
+                                         "== '__main__':` guard? see multiprocessing's spawn start method): fix that "
+                                         "and rerun with --retry-failed")
                     ran.append(brief["id"])
                     remaining.remove(brief["id"])
                     progress.done(brief)
-                    finished += 1
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         if not broken:
             break
-        fruitless = 0 if finished else fruitless + 1
-        if fruitless >= 3:  # not one run's fault: the workers cannot start or keep dying
-            raise RuntimeError("the worker processes died 3 times in a row without finishing a run; if this script "
-                               "has no `if __name__ == '__main__':` guard, spawned workers rerun it (see "
-                               "multiprocessing's spawn start method); unfinished runs are redone on resume")
 
 
 def _record_death(spec: RunSpec, out: str) -> dict:

@@ -227,6 +227,24 @@ def test_a_run_over_the_time_limit_is_stopped_and_recorded(tmp_path, capsys):
     assert not (tmp_path / "bad").exists() and "--run-minutes must be > 0" in capsys.readouterr().err
 
 
+def test_the_time_limit_spares_a_run_that_has_finished(tmp_path, monkeypatch):
+    """The last evaluation comes after the last step: a run past the limit there has finished and is kept."""
+    norms, calls = sweep._norms, []
+
+    def slow_last_evaluation(model):
+        calls.append(1)
+        if len(calls) == 2:  # evaluations at steps 0 and 60
+            time.sleep(1.5)
+        return norms(model)
+
+    monkeypatch.setattr(sweep, "_norms", slow_last_evaluation)
+    block = tiny_block(ps=(11,), weight_decays=(0.1,), seeds=(0,),
+                       fixed=dict(TINY, steps=60, eval_every=100, geometry_every=100))
+    spec = sweep.prepare(str(tmp_path / "s"), [block])[0]
+    brief = sweep.execute(spec.to_dict(), str(tmp_path / "s"), "cpu", run_seconds=1.0)
+    assert brief["status"] == "ok" and len(calls) >= 2
+
+
 def test_worker_processes_run_the_grid(tmp_path):
     out = tmp_path / "pool"
     outcome = sweep.run_sweep(str(out), [tiny_block(ps=(11,), weight_decays=(0.01, 0.1), seeds=(0, 1))],
@@ -244,14 +262,14 @@ def test_worker_processes_run_the_grid(tmp_path):
     assert json.loads((out / "sessions.jsonl").read_text().splitlines()[-1])["ran"] == 4
 
 
-# A sitecustomize for the spawned workers: a worker that starts a run at P = 13 kills itself half a second later
-# (while the other worker is busy with its own run), as the kernel's out-of-memory killer would
+# A sitecustomize for the spawned workers: a worker that starts a run at one of KILL_PS kills itself half a second
+# later (while the other worker is busy with its own run), as the kernel's out-of-memory killer would
 KILLER = """
 import os, signal, time
 import fastcyclic.sweep as sweep
 run = sweep.execute
 def execute(spec, *args):
-    if spec["config"]["p"] == 13:
+    if spec["config"]["p"] in KILL_PS:
         time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGKILL)
     return run(spec, *args)
@@ -259,12 +277,16 @@ sweep.execute = execute
 """
 
 
+def workers_that_die_at(ps, tmp_path, monkeypatch):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(f"KILL_PS = {tuple(ps)!r}\n" + KILLER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+
+
 def test_a_dying_worker_fails_its_own_run_only(tmp_path, monkeypatch):
     """The pool cannot say which worker died: the runs in flight are retried one at a time, so only the run that
     kills its worker is recorded as failed, and the runs that were in flight beside it finish."""
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(KILLER)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    workers_that_die_at([13], tmp_path, monkeypatch)
     out = tmp_path / "deaths"
     outcome = sweep.run_sweep(str(out), [tiny_block(ps=(11, 13), weight_decays=(0.1,), seeds=(0, 1, 2))],
                               workers=2, threads=1, log=lambda *a: 0)
@@ -273,6 +295,17 @@ def test_a_dying_worker_fails_its_own_run_only(tmp_path, monkeypatch):
                       (13, 0): "failed", (13, 1): "failed", (13, 2): "failed"}
     assert all("died twice" in r["error"] for r in outcome.records.values() if r["status"] == "failed")
     assert sweep.run_sweep(str(out), None, workers=2, log=lambda *a: 0).ran == []  # nothing repeated
+
+
+def test_workers_that_always_die_fail_every_run_and_say_why(tmp_path, monkeypatch):
+    """Several runs in a row may each kill their worker (the largest P out of memory): the sweep goes on and
+    records each; when none has come back after three, it also says what a broken environment looks like."""
+    workers_that_die_at([11], tmp_path, monkeypatch)
+    said = []
+    outcome = sweep.run_sweep(str(tmp_path / "broken"), [tiny_block(ps=(11,), weight_decays=(0.1, 1.0), seeds=(0, 1))],
+                              workers=2, threads=1, log=said.append)
+    assert [r["status"] for r in outcome.records.values()] == ["failed"] * 4
+    assert sum("none has come back yet" in line for line in said) == 1
 
 
 # --------------------------------------------------------------------------------------------
