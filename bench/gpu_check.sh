@@ -46,6 +46,9 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$out/chec
 fi
 
 stages=" ${STAGES:-tests bench cubins} "
+for stage in $stages; do
+    case $stage in tests|bench|sweep|cubins) ;; *) log "unknown stage '$stage' in STAGES (tests bench sweep cubins)"; exit 2;; esac
+done
 
 if [[ $stages == *" tests "* ]]; then
     parallel=()
@@ -75,10 +78,15 @@ if [[ $stages == *" bench "* ]]; then
 fi
 
 if [[ $stages == *" sweep "* ]]; then
+    sweep_limit=${SWEEP_TIMEOUT:-75}
     for workers in 1 4; do
-        log "sweep throughput with $workers worker process(es) (limit ${SWEEP_TIMEOUT:-75}s)"
-        timeout -k 10 "${SWEEP_TIMEOUT:-75}" python3 -m fastcyclic.cli sweep --p 127,1543 --weight-decay 1e-4,1e-2 \
+        log "sweep throughput with $workers worker process(es) (limit ${sweep_limit}s)"
+        # a fresh directory (a rerun would resume and measure nothing); the sweep stops starting runs 25 s before
+        # the limit, so it ends on its own and prints its runs per hour
+        rm -rf "$out/sweep-w$workers"
+        timeout -k 10 "$sweep_limit" python3 -m fastcyclic.cli sweep --p 127,1543 --weight-decay 1e-4,1e-2 \
             --seeds 2 --steps 300 --set batch_size=2048 --device "${SWEEP_DEVICE:-cuda}" --workers "$workers" \
+            --max-minutes "$(python3 -c "print(max(0.1, ($sweep_limit - 25) / 60))")" \
             --no-figures --out "$out/sweep-w$workers" > "$out/sweep-w$workers.log" 2>&1
         code=$?
         log "sweep exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(grep 'runs in' "$out/sweep-w$workers.log")"
