@@ -6,7 +6,8 @@ configuration's shared memory, registers and spill stack.
 
 The linear cross-entropy kernels (forward, both backwards, the fused-update dW kernel) are compiled
 from launches captured from their real launchers with CPU tensors, with the JIT's own
-specialization of the arguments, so the code is what a GPU would run; the optimizer kernels (only
+specialization of the arguments, so the code is what a GPU would run for those arguments (the
+variants checked: see ``linear_ce_launches``); the optimizer kernels (only
 pointers and floats) from a signature.  Exits 1 when a configuration does not compile or needs more
 shared memory than an sm_90 block may have, so CPU-only CI catches what the interpreter cannot
 (code generation, shared-memory overflow).  Uses triton's bundled ptxas and cuobjdump; registers and
@@ -112,23 +113,29 @@ def _tile_text(kwargs: dict) -> str:
     return f"{blocks} w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}"
 
 
-def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None):
+def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None, ragged: bool = False):
     """(label, fn, args, kwargs) of every kernel one forward + backward launches with the GPU's default
     tiles at width d (or ``config``; both backward strategies), or with ``update`` ("adamw"/"sgdw") the
-    fused-update dW kernel.  Row and class counts only change unspecialised integers, so small ones do."""
+    fused-update dW kernel.  Row and class counts only change unspecialised integers, so small ones do,
+    except for what they switch: ``ragged`` takes K = 4097 (a class count no tile divides, as P is) with
+    a bias, label smoothing and every loop split in two (the partial-sum variants a large GPU gets)."""
     import torch
 
     from fastcyclic.kernels import linear_ce
 
-    n, k = 64, 4096
+    n, k = 64, 4097 if ragged else 4096
     config = config or linear_ce.default_config(8192, d, 65536, dtype, torch.device("cuda"))
+    if ragged:
+        config = linear_ce.with_splits(config, 2)
     h, w = torch.zeros(n, d, dtype=dtype), torch.zeros(k, d, dtype=dtype)
+    bias = torch.zeros(k, dtype=dtype) if ragged else None
     target, terms = torch.zeros(n, dtype=torch.int64), torch.zeros(n)
+    smoothing = 0.1 if ragged else 0.0
     with captured_launches() as launches:
         if update is None:
-            linear_ce.forward(h, w, None, target, config=config)
-            linear_ce.backward(h, w, None, target, terms, terms, terms, terms, 0.0, config=config)
-            linear_ce.backward(h, w, None, target, terms, terms, terms, terms, 0.0,
+            linear_ce.forward(h, w, bias, target, want_logit_sum=ragged, want_argmax=ragged, config=config)
+            linear_ce.backward(h, w, bias, target, terms, terms, terms, terms, smoothing, config=config)
+            linear_ce.backward(h, w, bias, target, terms, terms, terms, terms, smoothing,
                                config=dataclasses.replace(config, backward="gemm"), need_dh=False)
         else:
             scalar = torch.zeros(())
@@ -139,7 +146,8 @@ def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None)
                                need_dh=False, update=step)
     for fn, args, kwargs in launches:
         label = f"fused {update} dW" if update else fn.__name__.strip("_").replace("_kernel", "")
-        yield f"{label} {str(dtype)[6:]} D={d} tile {_tile_text(kwargs)}", fn, args, kwargs
+        shape = f"D={d} K=4097 bias splits=2" if ragged else f"D={d}"
+        yield f"{label} {str(dtype)[6:]} {shape} tile {_tile_text(kwargs)}", fn, args, kwargs
 
 
 def cases(full: bool = True):
@@ -168,8 +176,9 @@ def cases(full: bool = True):
     widths = ((torch.bfloat16, (128, 256, 512, 1024)), (torch.float32, (128, 256)), (torch.float16, (512,)))
     for dtype, ds in widths if full else ((torch.bfloat16, (256,)), (torch.float32, (128,))):
         for d in ds:
-            for name, fn, args, kwargs in linear_ce_launches(d, dtype):
-                yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
+            for ragged in (False, True) if full or dtype == torch.bfloat16 else (False,):
+                for name, fn, args, kwargs in linear_ce_launches(d, dtype, ragged=ragged):
+                    yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
     # the fused update's dW tile, sized from D
     for dtype, ds in ((torch.float32, (128, 300, 512, 1024)), (torch.bfloat16, (256, 512, 1024, 2048))):
         for d in ds if full else (ds[0], ds[-1]):

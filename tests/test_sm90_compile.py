@@ -21,7 +21,8 @@ def test_every_kernel_kind_compiles_for_sm90():
     lines = without_interpreter("--quick").stdout.splitlines()
     assert len(lines) >= 6 and all(line.startswith("ok") for line in lines), lines
     for kernel in ("forward bfloat16 D=256", "backward_dw bfloat16 D=256", "backward_dh float32 D=128",
-                   "logit_grad bfloat16", "fused adamw dW float32 D=1024"):
+                   "logit_grad bfloat16", "fused adamw dW float32 D=1024", "forward bfloat16 D=256 K=4097 bias",
+                   "logit_grad bfloat16 D=256 K=4097 bias splits=2"):
         assert any(kernel in line for line in lines), (kernel, lines)
 
 
