@@ -24,6 +24,7 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench-out}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # read at cuBLAS's start (deterministic runs)
 started=$(date +%s)
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$out/check.log"; }
 

@@ -9,6 +9,9 @@ import torch
 # triton.jit reads the variable when a kernel is defined, so it is set before any kernel import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# cuBLAS reads its workspace setting once, at the process's first matmul: deterministic-mode tests
+# (TrainConfig(deterministic=True)) need it set before any test has run a CUDA matmul
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 # Fresh random inputs every run, reproducible on failure: FASTCYCLIC_TEST_SEED=<seed> pytest ...
 # (set in the environment so that pytest-xdist workers share it)
@@ -19,6 +22,15 @@ SEED = int(os.environ["FASTCYCLIC_TEST_SEED"])
 def pytest_report_header(config):
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (TRITON_INTERPRET=1)"
     return f"fastcyclic: test seed {SEED} (set FASTCYCLIC_TEST_SEED to repeat), device {device}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_deterministic_mode():
+    """TrainConfig(deterministic=True) turns torch's deterministic mode on for the process: off again after
+    the test, so later tests in the same worker run as they would alone."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled)
 
 
 @pytest.fixture
