@@ -118,19 +118,31 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
 
     def _device_scalars(self, index: int, group: dict, device: torch.device) -> tuple[Tensor, Tensor]:
         """lr and weight_decay as fp32 device scalars.  Tensors are copied on the device (capturable);
-        floats are written only when they change, so a captured graph reads the latest value."""
+        floats are written only when they change (see refresh_scalars for captured graphs)."""
         entry = self._scalars.get((index, device))
         if entry is None:
             entry = self._scalars[(index, device)] = [torch.full((2,), float("nan"), device=device), [None, None]]
+        self._write_scalars(entry, group, tensors=True)
+        return entry[0][0], entry[0][1]
+
+    @staticmethod
+    def _write_scalars(entry: list, group: dict, *, tensors: bool) -> None:
         buffer, host = entry
         for slot, key in enumerate(("lr", "weight_decay")):
             value = group[key]
             if isinstance(value, Tensor):
-                buffer[slot].copy_(value.reshape(()))
+                if tensors:
+                    buffer[slot].copy_(value.reshape(()))
             elif host[slot] != float(value):
                 buffer[slot].fill_(float(value))
                 host[slot] = float(value)
-        return buffer[0], buffer[1]
+
+    def refresh_scalars(self) -> None:
+        """Write float lr / weight_decay values changed since the last step() into the device scalars the
+        kernels read.  Call it before replaying a captured CUDA graph: the replay does not run step()'s
+        Python, so it would not see a new float lr (tensor values are copied inside the graph itself)."""
+        for (index, _), entry in self._scalars.items():
+            self._write_scalars(entry, self.param_groups[index], tensors=False)
 
     def _grads_with_params(self, group: dict) -> list[tuple[Tensor, Tensor]]:
         pairs = []
@@ -345,7 +357,8 @@ def sgdw_reference_(p: Tensor, g: Tensor, momentum_buffer: Optional[Tensor], lr,
 class SGDW(_WeightDecayOptimizer):
     """SGD with decoupled weight decay (default) or the L2 penalty (``"l2"``, = torch.optim.SGD);
     the decoupled rule with momentum is in the module docstring.  State, as torch's:
-    ``momentum_buffer`` (fp32) when momentum != 0."""
+    ``momentum_buffer`` (fp32) when momentum != 0.  With momentum, the first step (buf = g) runs a kernel
+    variant of its own: capture a CUDA graph after two warm-up steps, so both are compiled."""
 
     _STATE_KEYS = ("momentum_buffer",)
 
@@ -385,7 +398,10 @@ class SGDW(_WeightDecayOptimizer):
             return
         from fastcyclic.kernels import optim as kernels
         rows = [(_contiguous(p), _contiguous(g), buf, None, None) for (p, g), buf in zip(pairs, buffers)]
-        kernels.sgdw_step(self._table(index, key), rows, lr, weight_decay, *args, first_step, skip)
+        # one table for the first and later steps (the buffers keep their addresses), so a CUDA graph captured
+        # after the first step finds it; the first step's kernel is a variant of its own, so warm up with two
+        # steps before capturing
+        kernels.sgdw_step(self._table(index, key[:-1]), rows, lr, weight_decay, *args, first_step, skip)
 
 
 def _check_momentum(momentum, dampening, nesterov) -> None:
@@ -514,7 +530,10 @@ class FusedUpdate:
                                         update=update)
         torch.autograd.graph.increment_version(weight)  # stale saved copies of weight now fail loudly
         if bias is not None and bias.requires_grad and db is not None:
-            bias.grad = db.detach() if bias.grad is None else bias.grad + db
+            if bias.grad is None:
+                bias.grad = db.detach()
+            else:  # in place: a captured CUDA graph and the optimizer's tables hold its address
+                bias.grad.add_(db)
 
 
 def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accumulation_steps: int = 1,

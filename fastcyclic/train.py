@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -75,7 +76,7 @@ class TrainConfig:
     device: str = _option("auto", "auto (cuda when available), cpu or cuda[:n]")
     backend: str = _option("auto", "kernels: auto (triton on CUDA, torch on CPU), triton or torch")
     fused_update: bool = _option(True, "on CUDA in float32, apply the classifier's update inside the CE backward")
-    cuda_graph: bool = _option(True, "on CUDA, capture the training step once and replay it")
+    cuda_graph: bool = _option(True, "on CUDA with the triton backend, capture the training step once and replay it")
     eval_every: int = _option(100, "steps between evaluations (train/test loss and accuracy)")
     geometry_every: int = _option(100, "steps between geometry summaries of W and E (at evaluations)")
     checkpoint_every: int = _option(500, "steps between checkpoints (0: none)")
@@ -177,7 +178,12 @@ class Trainer:
             torch.set_flush_denormal(True)
         if config.deterministic:
             # the embedding's backward (index_put with accumulate) uses atomics on CUDA unless told not to;
-            # cuBLAS needs a fixed workspace (read when cuBLAS starts, so set it before the first matmul)
+            # cuBLAS needs a fixed workspace, read once when cuBLAS starts: setting it here only works if no
+            # CUDA matmul ran before in this process (else torch raises at the first matmul)
+            if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and self.device.type == "cuda" \
+                    and torch.cuda.is_initialized():
+                warnings.warn("deterministic=True on CUDA: set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment "
+                              "before the process's first CUDA matmul; setting it now works only if none ran yet")
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.compute_dtype = DTYPES[config.dtype]
@@ -273,14 +279,22 @@ class Trainer:
             self._train_step()
         self.step_count += 1  # the warm-up step was a real step; the capture itself ran nothing
 
+    def _can_capture(self) -> bool:
+        """The step is captured on CUDA with the Triton kernels (the torch backend syncs with the host), and
+        with SGDW momentum only from the second step on (its first step runs a kernel variant of its own,
+        which must be compiled before a capture)."""
+        c = self.config
+        first_step_variant = c.optimizer == "sgdw" and c.momentum != 0 and self.step_count == 0
+        return c.cuda_graph and self.device.type == "cuda" and self.backend == "triton" and not first_step_variant
+
     def step(self) -> None:
         """One optimizer step (replays the captured graph on CUDA)."""
-        c = self.config
-        if self._graph is None and c.cuda_graph and self.device.type == "cuda":
+        if self._graph is None and self._can_capture():
             self._capture()
             self._loss_steps += 1
             return
         if self._graph is not None:
+            self.optimizer.refresh_scalars()  # a float lr or weight decay changed since the capture
             self._graph.replay()
         else:
             self._train_step()

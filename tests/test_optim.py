@@ -437,6 +437,52 @@ def test_fused_update_equals_backward_then_step(backend, optimizer, gen):
         torch.testing.assert_close(w_state[key].float(), w_state_ref[key].float(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_update_keeps_the_bias_gradient_in_place(backend, gen):
+    """With gradients kept between steps (zero_grad(set_to_none=False), as a captured CUDA graph needs), the fused
+    backward adds dbias into the existing bias.grad: its address holds (the optimizer's tables and a captured
+    graph point at it), and the steps equal the two-step path."""
+    start, batches = _classifier_problem(gen)
+    two_step = _train(start, batches, OPTIMIZERS["adamw"], backend, fused=False)
+    w, b, u = (t.clone().requires_grad_() for t in start)
+    opt = OPTIMIZERS["adamw"]([w, b, u])
+    handle = fused_update(opt, w)
+    addresses = set()
+    for x, y in batches:
+        linear_cross_entropy(torch.tanh(x @ u), w, y, bias=b, backend=backend, fused_update=handle).backward()
+        addresses.add(b.grad.data_ptr())
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    assert len(addresses) == 1
+    for a, r in zip((w, b, u), two_step[:3]):
+        torch.testing.assert_close(a.detach(), r, rtol=1e-5, atol=1e-6)
+
+
+def test_sgdw_first_and_later_steps_share_one_table(gen):
+    """SGDW's first step (buf = g) is a launch of its own, but its tensor table is the later steps' table: a CUDA
+    graph captured after the first step finds the table it needs and uploads nothing."""
+    params = [p.requires_grad_() for p in make_params(gen, [(17,), (5, 3)])]
+    opt = SGDW(params, lr=0.1, momentum=0.9, backend="triton")
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+        opt.step()
+    assert len(opt._tables) == 1
+
+
+def test_refresh_scalars_writes_a_changed_float_lr(gen):
+    """A captured graph replays without step()'s Python: refresh_scalars() carries a new float lr to the device."""
+    params = [p.requires_grad_() for p in make_params(gen, [(17,)])]
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, backend="triton")
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    (buffer, _), = opt._scalars.values()
+    opt.param_groups[0]["lr"] = 0.5
+    assert buffer[0].item() == pytest.approx(1e-2)
+    opt.refresh_scalars()
+    assert buffer[0].item() == 0.5 and buffer[1].item() == pytest.approx(0.1)
+
+
 def test_fused_update_bf16_matches_two_step_within_rounding(gen):
     """bf16: the fused path steps on the fp32 dW, the two-step path on dW rounded to bf16."""
     start, batches = _classifier_problem(gen, torch.bfloat16)
@@ -532,12 +578,16 @@ def test_cuda_graph_replay_equals_eager_steps(optimizer, gen):
         p.grad = g.clone()
     for p, g in zip(graphed, grads[0]):
         p.grad = g.clone()
-    opt_e.step()
-    opt_g.step()  # warm-up outside the graph: state and tables exist
+    # warm-up outside the graph: state and tables exist, and every kernel variant the captured step
+    # launches is compiled (SGDW's first step has a variant of its own, so it warms up twice)
+    warmup = 1 if optimizer == "adamw" else 2
+    for _ in range(warmup):
+        opt_e.step()
+        opt_g.step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt_g.step()
-    for i, gs in enumerate(grads[1:]):
+    for i, gs in enumerate(grads[warmup:]):
         lr_e.fill_(1e-2 / (2 + i))
         lr.fill_(1e-2 / (2 + i))
         for p, q, g in zip(eager, graphed, gs):
