@@ -39,16 +39,17 @@ def run_pair(gen, ours, theirs, sizes=SIZES, steps=STEPS, dtype=torch.float32, g
     return a, b
 
 
-def assert_params_close(a, b, **tol):
+def assert_params_close(a, b, *, outliers_per_tensor=0, **tol):
     """Elementwise within tolerance, except for a few in a million: where a gradient entry is within
     rounding of zero, Adam's m / sqrt(v) (about +-1 whatever |g| is) turns a last-bit difference into a
     visible one, and 12 steps of 2^20 elements meet such entries by chance.  The whole tensor must
-    still agree to 1e-5 in norm (or rtol, if looser), which a wrong rule (missed decay, ...) breaks."""
+    still agree to 1e-5 in norm (or rtol, if looser), which a wrong rule (missed decay, ...) breaks.
+    outliers_per_tensor: more elements allowed outside (low-precision parameters, see there)."""
     tol = tol or FP32
     for pa, pb in zip(a, b):
         pa, pb = pa.detach().double(), pb.detach().double()
         outside = ~torch.isclose(pa, pb, rtol=tol["rtol"], atol=tol["atol"])
-        assert int(outside.sum()) <= pa.numel() // 100_000, \
+        assert int(outside.sum()) <= pa.numel() // 100_000 + outliers_per_tensor, \
             f"{int(outside.sum())} of {pa.numel()} differ, up to {(pa - pb).abs().max().item():.3g}"
         bound = max(1e-5, tol["rtol"]) * pb.norm() + tol["atol"]
         assert (pa - pb).norm() <= bound, f"norm of the difference {(pa - pb).norm():.3g}"
@@ -158,7 +159,11 @@ def test_low_precision_params_keep_fp32_state(backend, dtype, gen):
     a, b = run_pair(gen, lambda p: AdamW(p, **kw, backend=backend), lambda p: EagerAdamWMasterFp32(p, **kw),
                     sizes=[(17,), (300, 7)], dtype=dtype)
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-    assert_params_close(a, b, rtol=ulp, atol=1e-3 * ulp)
+    # The kernel and the reference do the fp32 math in other orders; where an fp32 result lies within its
+    # last bit of a bf16/fp16 rounding boundary the two round apart, and that element then drifts by a
+    # few ulps over the 12 steps (seen: 1 of 2100 elements in ~1 % of runs).  A wrong rule moves every
+    # element, so a couple of such elements per tensor are allowed.
+    assert_params_close(a, b, rtol=ulp, atol=1e-3 * ulp, outliers_per_tensor=2)
     assert all(p.dtype == dtype for p in a)
 
 
