@@ -1434,9 +1434,6 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("fastcyclic sweep: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
-    except RuntimeError as e:  # the worker processes cannot run at all
-        print(f"fastcyclic sweep: error: {e}", file=sys.stderr)
-        return 1
     analysis = analyse(records, n_boot=args.bootstrap)
     paths = write_outputs(args.out, records, analysis, figures=args.figures)
     print(summary_text(analysis))

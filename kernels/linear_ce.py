@@ -428,6 +428,11 @@ def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.dev
         ds = dp if d <= 128 else 128
         return LCEConfig(TileConfig(64, 256, bd, bd), TileConfig(128, 64, bd, ds), TileConfig(64, 256, bd, ds),
                          backward_grad=TileConfig(64, 256, bd, bd))
+    element_bytes = torch.tensor([], dtype=dtype).element_size()
+    # the "gemm" backward's g kernel (not yet timed on a GPU): a 128 x 128 GEMM tile for 16-bit inputs;
+    # fp32 operands take half the D step, to stay within shared memory at 3 stages
+    grad_tile = TileConfig(128, 128, 64, 64, num_warps=8, num_stages=3) if element_bytes == 2 else \
+        TileConfig(128, 64, 32, 32, num_warps=8, num_stages=3)
     if _precision(dtype) == "ieee":
         # An FMA dot holds its operands in registers: with a resident D >= 64 or 64-row blocks the
         # compiled kernels spilled 1-10 KiB per thread (python -m fastcyclic.bench.sm90); these tiles,
@@ -435,12 +440,7 @@ def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.dev
         # nothing from D = 32 to 1024.  Not yet timed on a GPU.
         backward = TileConfig(32, 64, 32, 128, num_warps=8, num_stages=2)
         return LCEConfig(forward=TileConfig(128, 64, 32, 32, num_warps=8, num_stages=2), backward_dw=backward,
-                         backward_dh=backward, backward_grad=TileConfig(128, 64, 32, 32, num_warps=8, num_stages=3))
-    element_bytes = torch.tensor([], dtype=dtype).element_size()
-    # the "gemm" backward's g kernel (not yet timed on a GPU): a 128 x 128 GEMM tile for 16-bit inputs;
-    # TF32 operands take half the D step, to stay within shared memory at 3 stages
-    grad_tile = TileConfig(128, 128, 64, 64, num_warps=8, num_stages=3) if element_bytes == 2 else \
-        TileConfig(128, 64, 32, 32, num_warps=8, num_stages=3)
+                         backward_dh=backward, backward_grad=grad_tile)
     row_bytes = dp * element_bytes
     if row_bytes <= 512:  # all of D resident in every kernel (measured at D = 128 and 256, bf16)
         return LCEConfig(
