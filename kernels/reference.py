@@ -15,7 +15,8 @@ def reference_loss(h, w, target, bias=None, *, reduction="mean", ignore_index=-1
     logits = h.to(dtype) @ w.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
-    return _loss_from_logits(logits, target, reduction, ignore_index, label_smoothing, z_loss)
+    return loss_from_logits(logits, target, reduction=reduction, ignore_index=ignore_index,
+                            label_smoothing=label_smoothing, z_loss=z_loss)
 
 
 def eager_loss(h, w, target, bias=None, *, reduction="mean", ignore_index=-100,
@@ -25,10 +26,12 @@ def eager_loss(h, w, target, bias=None, *, reduction="mean", ignore_index=-100,
     logits = h @ w.T
     if bias is not None:
         logits = logits + bias
-    return _loss_from_logits(logits.float(), target, reduction, ignore_index, label_smoothing, z_loss)
+    return loss_from_logits(logits.float(), target, reduction=reduction, ignore_index=ignore_index,
+                            label_smoothing=label_smoothing, z_loss=z_loss)
 
 
-def _loss_from_logits(logits, target, reduction, ignore_index, label_smoothing, z_loss):
+def loss_from_logits(logits, target, *, reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0):
+    """The loss (and every row's lse) from materialised logits, in their dtype."""
     rows = F.cross_entropy(logits, target, reduction="none", ignore_index=ignore_index,
                            label_smoothing=label_smoothing)
     lse = torch.logsumexp(logits, dim=1)
