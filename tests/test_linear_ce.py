@@ -80,6 +80,15 @@ def term_scales(h, w, y, b, grad_out, *, reduction="mean", **opts):
     return [g @ w.abs(), g.T @ h.abs(), g.sum(0)]
 
 
+def assert_argmax_agrees(argmax, logits64):
+    """Exact agreement with the float64 argmax on every row whose top two logits are further apart than
+    fp32 rounding of the logits can move them (a near-tie may go either way)."""
+    top2 = logits64.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert clear.float().mean() > 0.9
+    assert torch.equal(argmax[clear].cpu(), logits64.argmax(dim=1)[clear].cpu())
+
+
 def _grad_out(gen, reduction, n):
     if reduction == "none":
         return torch.randn(n, generator=gen, dtype=torch.float64)
@@ -158,8 +167,10 @@ def test_triton_tile_paths(dtype, splits, d, gen):
 @pytest.mark.parametrize("n,d,k", [(1, 1, 2), (7, 17, 97), (67, 48, 1031)])
 def test_gemm_backward_random_problems(dtype, n, d, k, gen):
     h, w, y, b = make_problem(gen, n, d, k, dtype, ignore_frac=0.2)
+    # g is stored in the input dtype before the products, as eager's backward rounds it too, but the
+    # interpreter's 16-bit store truncates (up to one ulp, not half): one more rounding's slack
     with tuning(config=GEMM_BACKWARD):
-        check("triton", gen, h, w, y, b)
+        check("triton", gen, h, w, y, b, recompute_slack=SLACK[dtype])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -267,7 +278,7 @@ def test_triton_class_count_a_multiple_of_the_tile(k, gen):
     rows, lse, argmax = linear_cross_entropy_stats(h, w, y, bias=b, backend="triton")
     logits = h.double() @ w.double().T + b.double()
     assert rel_err(lse, logits.logsumexp(dim=1)) < 1e-6
-    assert torch.equal(argmax.cpu(), logits.argmax(dim=1).cpu())
+    assert_argmax_agrees(argmax, logits)
 
 
 def test_torch_backend_small_chunks(gen):
@@ -399,10 +410,7 @@ def test_stats_lse_argmax_and_lse_gradient(backend, gen):
     rows, lse, argmax = linear_cross_entropy_stats(h, w, y, bias=b, backend=backend)
     ref_rows, ref_lse = reference_loss(h, w, y, b, reduction="none")
     assert rel_err(rows, ref_rows) < 1e-5 and rel_err(lse, ref_lse) < 1e-6
-    # where the float64 top-2 are separated, the argmax must agree exactly
-    top2 = logits.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
-    assert torch.equal(argmax[clear], logits.argmax(dim=1)[clear])
+    assert_argmax_agrees(argmax, logits)
     # gradients through both outputs: d/d(h,w,b) of sum(rows * a) + sum(lse * c)
     a, c = torch.randn(45, generator=gen).to(DEVICE), torch.randn(45, generator=gen).to(DEVICE)
 

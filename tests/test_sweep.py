@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -228,16 +229,18 @@ def test_a_run_over_the_time_limit_is_stopped_and_recorded(tmp_path, capsys):
 
 
 def test_the_time_limit_spares_a_run_that_has_finished(tmp_path, monkeypatch):
-    """The last evaluation comes after the last step: a run past the limit there has finished and is kept."""
-    norms, calls = sweep._norms, []
+    """The last evaluation comes after the last step: a run past the limit there has finished and is kept.
+    On a clock of the test's own (a real one would count the first run's imports, ~1 s, against the limit)."""
+    norms, calls, now = sweep._norms, [], [0.0]
 
     def slow_last_evaluation(model):
         calls.append(1)
         if len(calls) == 2:  # evaluations at steps 0 and 60
-            time.sleep(1.5)
+            now[0] += 1.5
         return norms(model)
 
     monkeypatch.setattr(sweep, "_norms", slow_last_evaluation)
+    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     block = tiny_block(ps=(11,), weight_decays=(0.1,), seeds=(0,),
                        fixed=dict(TINY, steps=60, eval_every=100, geometry_every=100))
     spec = sweep.prepare(str(tmp_path / "s"), [block])[0]
