@@ -547,6 +547,12 @@ def report(result: TrainResult) -> str:
     lines.append(f"layer order: rho2 >= 0.9 first at t_W={result.t_W}, t_E={result.t_E}; rho2 settles (within "
                  f"0.05 of its end value) at step {result.settle_W} for W, {result.settle_E} for E"
                  + _order(result.settle_W, result.settle_E))
+    from fastcyclic.sweep import chance_threshold
+    if f["train_acc"] <= chance_threshold(result.config.p):
+        # such runs can pass rho2 >= 0.9 while their weights decay toward zero: say what that is worth
+        lines.append("note: train accuracy is at chance, so nothing was learned: the geometry above (and t_W, t_E) "
+                     "describes noise or weights decaying to zero (a sweep calls that 'collapsed' or "
+                     "'unlearned'), not a learned solution; try a smaller weight decay or a longer warm-up")
     if result.paths.get("figures"):
         lines.append(f"figures: {os.path.dirname(next(iter(result.paths['figures'].values())))}")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastcyclic.cli import main as cli_main
-from fastcyclic.train import TrainConfig, Trainer, TrainingDiverged, load_checkpoint, train
+from fastcyclic.train import TrainConfig, Trainer, TrainingDiverged, TrainResult, load_checkpoint, report, train
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # small and quick: P = 23 groks within a few hundred full-batch steps
@@ -169,6 +169,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(torch.isfinite(v).all() for v in good["model"].values())
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == good["step"] and all(r["train_loss"] == r["train_loss"] for r in lines)
+
+
+@pytest.mark.parametrize("train_acc", [0.01, 0.9])
+def test_the_report_says_when_a_run_learned_nothing(train_acc):
+    final = dict(step=100, train_acc=train_acc, test_acc=0.01, train_loss=4.5, test_loss=4.6)
+    text = report(TrainResult(TrainConfig(p=97), final, None, t_W=60, t_E=70))
+    assert ("at chance, so nothing was learned" in text) == (train_acc <= 2 / 97)
 
 
 def test_cli_end_to_end(tmp_path, capsys):
