@@ -31,6 +31,7 @@ from fastcyclic.data import ModularAddition
 from fastcyclic.files import write_atomic, write_json
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
 from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update
+from fastcyclic.sweep import chance_threshold
 
 OPTIMIZERS = ("adamw", "sgdw")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -547,7 +548,6 @@ def report(result: TrainResult) -> str:
     lines.append(f"layer order: rho2 >= 0.9 first at t_W={result.t_W}, t_E={result.t_E}; rho2 settles (within "
                  f"0.05 of its end value) at step {result.settle_W} for W, {result.settle_E} for E"
                  + _order(result.settle_W, result.settle_E))
-    from fastcyclic.sweep import chance_threshold
     if f["train_acc"] <= chance_threshold(result.config.p):
         # such runs can pass rho2 >= 0.9 while their weights decay toward zero: say what that is worth
         lines.append("note: train accuracy is at chance, so nothing was learned: the geometry above (and t_W, t_E) "
