@@ -314,7 +314,9 @@ def test_float32_loss_is_close_to_float64(backend, gen):
     ref = m.double()
     z = F.linear(_eager_features(ref, a, b), ref.weight, ref.bias)
     want = F.cross_entropy(z, y)
-    got = m.float()(a, b, y, backend=backend)
+    # the Triton kernels take CUDA tensors where there is a GPU (the interpreter's CPU tensors otherwise)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    got = m.float().to(device)(a.to(device), b.to(device), y.to(device), backend=backend).cpu()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
