@@ -185,25 +185,47 @@ def cases(full: bool = True):
             for update in ("adamw", "sgdw") if full else ("adamw",):
                 for name, fn, args, kwargs in linear_ce_launches(d, dtype, update=update):
                     yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
+    # float32 with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): tensor-core dots, whose tiles
+    # keep a transposed copy of an operand in shared memory; the fused tile at its widest D (512)
+    with allow_tf32():
+        launches = [launch for d in ((128, 256, 512) if full else (512,))
+                    for update in ((None, "adamw") if full else ("adamw",))
+                    for launch in linear_ce_launches(d, torch.float32, update=update)]
+    for name, fn, args, kwargs in launches:
+        yield f"{name} (TF32)", lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
 
 
-def cache_report(cache_dir: str) -> list[str]:
+@contextlib.contextmanager
+def allow_tf32():
+    """Launches captured inside take their float32 dots in TF32, as under the torch setting."""
+    import torch
+
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+def cache_report(cache_dir: str):
     """One line per kernel compiled into triton's cache (what a GPU run really compiled, with its own
-    triton): name, warps, stages, shared memory, registers and spill stack.  bench/gpu_check.sh
-    writes it after the benchmarks."""
+    triton), by name: name, warps, stages, shared memory, registers and spill stack.  A generator, so
+    that a caller stopped by a time limit has printed the lines before (bench/gpu_check.sh writes it
+    after the benchmarks)."""
     import json
     from pathlib import Path
 
-    lines = []
-    for meta_path in sorted(Path(cache_dir).glob("*/*.json")):
+    kernels = []
+    for meta_path in Path(cache_dir).glob("*/*.json"):
         cubin = meta_path.with_suffix(".cubin")
         if meta_path.name.startswith("__grp__") or not cubin.exists():
             continue
         meta = json.loads(meta_path.read_text())
-        lines.append(f"{meta.get('name', meta_path.stem):<32} w{meta.get('num_warps')} s{meta.get('num_stages')} "
-                     f"shared {meta.get('shared', 0) / 1024:5.0f} KiB {cubin_usage(cubin.read_bytes())}  "
-                     f"({meta_path.parent.name[:12]})")
-    return sorted(lines)
+        kernels.append((meta.get("name", meta_path.stem), meta_path.parent.name, meta, cubin))
+    for name, key, meta, cubin in sorted(kernels, key=lambda kernel: kernel[:2]):
+        yield (f"{name:<32} w{meta.get('num_warps')} s{meta.get('num_stages')} "
+               f"shared {meta.get('shared', 0) / 1024:5.0f} KiB {cubin_usage(cubin.read_bytes())}  ({key[:12]})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--cache"]:  # report a cache instead of compiling
         cache = argv[1] if len(argv) > 1 else os.environ.get(
             "TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
-        print("\n".join(cache_report(cache)) or f"no compiled kernels in {cache}")
+        found = 0
+        for found, line in enumerate(cache_report(cache), 1):
+            print(line, flush=True)
+        if not found:
+            print(f"no compiled kernels in {cache}")
         return 0
     full = "--quick" not in argv
     if os.environ.get("TRITON_INTERPRET") == "1":

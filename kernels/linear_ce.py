@@ -593,20 +593,28 @@ FUSED_SHARED_BUDGET = 176 << 10
 def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype) -> TileConfig:
     """The dW tile for the fused update: one program per class block over all of D and one split, so
     it alone reads and rewrites its w rows.  Its (BLOCK_K, D) w rows and (BLOCK_N, D) h slices sit in
-    shared memory, about (BLOCK_K + BLOCK_N) * D * element bytes (compiled for sm_90 without a GPU:
-    fp32, D = 1024 takes 132 KiB at 16 + 16 rows, 199 KiB at 16 + 32), so wide rows get short blocks."""
+    shared memory, about (BLOCK_K + BLOCK_N) * D * element bytes, and with TF32 (fp32 tensor-core dots,
+    which take no transposed operand) a second, transposed copy of the h slice: (BLOCK_K + 2 BLOCK_N) *
+    D * 4 (compiled for sm_90 without a GPU: exact fp32, D = 1024 takes 129 KiB at 16 + 16 rows; TF32,
+    D = 512 takes 290 KiB at 16 + 64 rows, 161 KiB at 16 + 32), so wide rows get short blocks."""
     dp = _pow2(d)
     element_bytes = torch.tensor([], dtype=dtype).element_size()
+    h_copies = 2 if dtype == torch.float32 and _precision(dtype) == "tf32" else 1
     # the epilogue holds dW, w, m and v tiles at once: 8 warps and at most 4096 / D class rows keep the
     # register spills of the AdamW epilogue small (sm_90, fp32: 6.5 KiB per thread at D = 128 x 64
     # rows, 0.6 KiB at D = 256 x 32; bench/sm90.py prints them)
     block_k = min(tc.block_owner, max(16, 4096 // dp))
     block_n = min(tc.block_loop, 64)
-    while block_n > 16 and (block_k + block_n) * dp * element_bytes > FUSED_SHARED_BUDGET:
+
+    def shared_bytes(block_n):
+        return (block_k + h_copies * block_n) * dp * element_bytes
+
+    while block_n > 16 and shared_bytes(block_n) > FUSED_SHARED_BUDGET:
         block_n //= 2
-    if (block_k + block_n) * dp * element_bytes > FUSED_SHARED_BUDGET:
-        raise ValueError(f"the fused optimizer update does not fit D={d} in {dtype} (at most D=1024 in float32, "
-                         "2048 in bfloat16/float16); use the ordinary backward and optimizer.step()")
+    if shared_bytes(block_n) > FUSED_SHARED_BUDGET:
+        raise ValueError(f"the fused optimizer update does not fit D={d} in {dtype}{' with TF32' * (h_copies > 1)} "
+                         "(at most D=1024 in float32, 512 in float32 with TF32, 2048 in bfloat16/float16); use "
+                         "the ordinary backward and optimizer.step()")
     return dataclasses.replace(tc, block_owner=block_k, block_loop=block_n, block_ds=dp, splits=1, num_warps=8)
 
 
@@ -695,15 +703,18 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
 
 # the "gemm" backward's block of g (N x grad_chunk elements) takes at most about this much memory
 GRAD_CHUNK_BYTES = 32 << 20
+# CUDA launches allow at most this many programs on a grid's second and third axes
+MAX_GRID_Y = 65535
 
 
 def grad_chunk(config: LCEConfig, n: int, k: int, dtype: torch.dtype) -> int:
     """Classes per block of the "gemm" backward: config.grad_chunk, or as many as GRAD_CHUNK_BYTES
-    holds; a multiple of the g kernel's class tile, at least one tile, at most K rounded up."""
+    holds; a multiple of the g kernel's class tile, at least one tile, at most K rounded up, and at
+    most MAX_GRID_Y tiles (the class tiles are the launch grid's second axis)."""
     block = config.backward_grad.block_loop
     element_bytes = torch.tensor([], dtype=dtype).element_size()
     chunk = config.grad_chunk or GRAD_CHUNK_BYTES // max(1, n * element_bytes)
-    return max(block, min(triton.cdiv(k, block) * block, chunk // block * block))
+    return max(block, min(triton.cdiv(k, block) * block, chunk // block * block, MAX_GRID_Y * block))
 
 
 # torch.mm(..., out_dtype=torch.float32) for 16-bit CUDA operands arrived in torch 2.8

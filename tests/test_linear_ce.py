@@ -256,7 +256,8 @@ def test_gpu_default_tiles(dtype, d, backward, gen):
 
 
 def test_gemm_backward_block_size():
-    """Blocks of g hold GRAD_CHUNK_BYTES (a whole number of class tiles, at least one, at most K)."""
+    """Blocks of g hold GRAD_CHUNK_BYTES (a whole number of class tiles, at least one, at most K and
+    at most 65535 tiles)."""
     config = dataclasses.replace(SMALL_TILES, backward="gemm")
     tile = config.backward_grad.block_loop
     assert triton_impl.grad_chunk(config, 8192, 131072, torch.bfloat16) == triton_impl.GRAD_CHUNK_BYTES // (8192 * 2)
@@ -264,6 +265,11 @@ def test_gemm_backward_block_size():
     assert triton_impl.grad_chunk(config, 1, 1000, torch.float32) == -(-1000 // tile) * tile
     fixed = dataclasses.replace(config, grad_chunk=3 * tile - 1)
     assert triton_impl.grad_chunk(fixed, 5, 1000, torch.float32) == 2 * tile
+    # the class tiles of a block are the launch grid's second axis, which CUDA caps at 65535
+    huge_k = 1 << 40
+    assert triton_impl.grad_chunk(config, 1, huge_k, torch.float32) == triton_impl.MAX_GRID_Y * tile
+    assert triton_impl.grad_chunk(dataclasses.replace(config, grad_chunk=huge_k), 5, huge_k,
+                                  torch.float32) == triton_impl.MAX_GRID_Y * tile
     with pytest.raises(ValueError, match="'fused'"):
         dataclasses.replace(config, backward="fused")
     with pytest.raises(ValueError, match="grad_chunk.*0"):
