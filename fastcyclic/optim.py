@@ -544,7 +544,7 @@ def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accum
     Refused with ValueError: gradient accumulation (``grad_accumulation_steps > 1``), clipping by
     global norm (``max_grad_norm``), an optimizer with ``skip_nonfinite``, a weight that is not a
     contiguous 2-D leaf parameter of this optimizer, on CUDA a D whose dW tile does not fit
-    in shared memory (D > 1024 in float32, > 2048 in bfloat16)."""
+    in shared memory (D > 1024 in float32, > 512 in float32 with TF32 allowed, > 2048 in bfloat16)."""
     if not isinstance(optimizer, _WeightDecayOptimizer):
         raise TypeError(f"fused_update needs a fastcyclic.optim.AdamW or SGDW optimizer, got "
                         f"{type(optimizer).__name__}")
@@ -566,12 +566,31 @@ def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accum
     if id(weight) in optimizer._fused_weights:
         raise ValueError("this weight already has a fused_update handle")
     if weight.is_cuda:  # the Triton path: the dW tile over all of D must fit in shared memory
-        from fastcyclic.kernels import linear_ce as kernels
-
-        config = kernels.default_config(1, weight.shape[1], weight.shape[0], weight.dtype, weight.device)
-        kernels.fused_update_tile(config.backward_dw, weight.shape[1], weight.dtype)
+        _fused_update_tile(weight.shape[1], weight.dtype, weight.device)
     return FusedUpdate(optimizer, weight)
 
 
-__all__ = ["AdamW", "SGDW", "FusedUpdate", "fused_update", "adamw_reference_", "sgdw_reference_",
+def _fused_update_tile(d: int, dtype: torch.dtype, device: torch.device):
+    """The fused update's dW tile on a CUDA device; ValueError naming D when it does not fit."""
+    from fastcyclic.kernels import linear_ce as kernels
+
+    config = kernels.default_config(1, d, 1, dtype, torch.device(device))
+    return kernels.fused_update_tile(config.backward_dw, d, dtype)
+
+
+def fused_update_fits(d: int, dtype: torch.dtype, device) -> bool:
+    """Whether :func:`fused_update` can fuse the update of a (K, d) classifier of this dtype on this
+    device: always on CPU; on CUDA its dW tile over all of D must fit in shared memory (D <= 1024 in
+    float32, <= 512 in float32 with TF32 allowed, <= 2048 in bfloat16/float16).  For callers that fall
+    back to ``optimizer.step()``."""
+    if torch.device(device).type != "cuda":
+        return True
+    try:
+        _fused_update_tile(d, dtype, device)
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = ["AdamW", "SGDW", "FusedUpdate", "fused_update", "fused_update_fits", "adamw_reference_", "sgdw_reference_",
            "WEIGHT_DECAY_MODES"]

@@ -30,7 +30,7 @@ from fastcyclic import geometry
 from fastcyclic.data import ModularAddition
 from fastcyclic.files import write_atomic, write_json
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
-from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update
+from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update, fused_update_fits
 from fastcyclic.sweep import chance_threshold
 
 OPTIMIZERS = ("adamw", "sgdw")
@@ -177,6 +177,9 @@ class Trainer:
         if self.device.type == "cpu":
             # weights decaying toward zero go denormal and make CPU arithmetic ~10x slower
             torch.set_flush_denormal(True)
+        elif self.device.type == "cuda" and self.device.index is not None:
+            # streams, graph capture and Triton launches use the current device, not the tensors'
+            torch.cuda.set_device(self.device)
         if config.deterministic:
             # the embedding's backward (index_put with accumulate) uses atomics on CUDA unless told not to;
             # cuBLAS needs a fixed workspace, read once when cuBLAS starts: setting it here only works if no
@@ -219,7 +222,12 @@ class Trainer:
         # the classifier update inside the CE backward: CUDA, fp32 (in bf16 the loss sees a bf16 copy of W)
         self.fused = None
         if config.fused_update and self.device.type == "cuda" and self.compute_dtype == torch.float32:
-            self.fused = fused_update(self.optimizer, self.model.weight)
+            width = self.model.weight.shape[1]
+            if fused_update_fits(width, torch.float32, self.device):
+                self.fused = fused_update(self.optimizer, self.model.weight)
+            else:  # the run is still right, only without the fusion
+                warnings.warn(f"fused_update: the classifier width D={width} is too wide for the fused update's "
+                              "tile (float32: D <= 1024, 512 with TF32); the classifier is updated by optimizer.step()")
 
         # device-side accumulators, read at evaluations only
         self.step_count = 0
@@ -287,6 +295,11 @@ class Trainer:
         c = self.config
         first_step_variant = c.optimizer == "sgdw" and c.momentum != 0 and self.step_count == 0
         return c.cuda_graph and self.device.type == "cuda" and self.backend == "triton" and not first_step_variant
+
+    @property
+    def graph_captured(self) -> bool:
+        """Whether step() replays a captured CUDA graph (from the first step on, where it can)."""
+        return self._graph is not None
 
     def step(self) -> None:
         """One optimizer step (replays the captured graph on CUDA)."""

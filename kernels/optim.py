@@ -274,9 +274,10 @@ class TensorTable:
         # 16-byte accesses need every parameter, gradient and state address 16-byte aligned (a view into a
         # larger buffer may not be)
         self.aligned = all(key[5 * i + slot] % 16 == 0 for i in range(len(rows)) for slot in range(4))
+        # Addresses only, no references: a table is used right after update() with the tensors it was
+        # built from, and holding them would keep gradients alive past zero_grad(set_to_none=True).  (A
+        # captured CUDA graph replays these addresses; its owner keeps the tensors, as for any capture.)
         self.key = key
-        # the tables refer to these tensors by address: keep them alive as long as the tables
-        self._tensors = rows
 
     def args(self):
         return self.addresses, self.numels, self.block_tensor, self.block_start

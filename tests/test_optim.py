@@ -4,11 +4,14 @@ On CPU the "triton" backend runs the real multi-tensor kernels under TRITON_INTE
 results must agree with torch.optim to fp32 rounding over many steps; bf16 parameters (fp32 state)
 to one bf16 ulp.
 """
+import gc
+import weakref
+
 import pytest
 import torch
 
 from fastcyclic import linear_cross_entropy
-from fastcyclic.optim import SGDW, AdamW, fused_update
+from fastcyclic.optim import SGDW, AdamW, _fused_update_tile, fused_update, fused_update_fits
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["triton", "torch"]
@@ -238,6 +241,21 @@ def test_params_without_grad_are_skipped(backend, gen):
     opt.step()
     assert torch.equal(b.detach(), b_before) and not opt.state[b]
     assert int(opt.state[a]["step"]) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_keeps_no_gradient_alive(backend, gen):
+    """After zero_grad(set_to_none=True) the gradients are freed (the launch tables hold addresses only),
+    so an eager loop does not carry two sets of gradients at its peak."""
+    params = [p.requires_grad_() for p in make_params(gen, [(7, 3), (17,)])]
+    opt = AdamW(params, lr=0.1, backend=backend)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    grads = [weakref.ref(p.grad) for p in params]
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(grad() is None for grad in grads)
 
 
 def test_sparse_gradients_are_refused():
@@ -543,6 +561,21 @@ def test_fused_update_refuses_bad_configurations(gen):
         fused_update(AdamW([wt]), wt)
     with pytest.raises(TypeError, match="AdamW or SGDW"):
         fused_update(torch.optim.AdamW([w]), w)
+
+
+def test_fused_update_fits_says_which_widths_the_cuda_tile_takes(monkeypatch):
+    # only the tile sizing is asked, so this runs without a GPU; the trainer falls back on it
+    cuda = torch.device("cuda")
+    for dtype, widest in ((torch.float32, 1024), (torch.bfloat16, 2048), (torch.float16, 2048)):
+        assert fused_update_fits(1, dtype, cuda) and fused_update_fits(widest, dtype, cuda)
+        assert not fused_update_fits(widest + 1, dtype, cuda)
+    assert fused_update_fits(1 << 14, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="does not fit D=1025"):
+        _fused_update_tile(1025, torch.float32, cuda)
+    # TF32 dots keep a second, transposed copy of the h slice in shared memory
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert fused_update_fits(512, torch.float32, cuda) and not fused_update_fits(513, torch.float32, cuda)
+    assert fused_update_fits(2048, torch.bfloat16, cuda)
 
 
 def test_fused_update_is_inert_without_grad_mode(gen):
