@@ -140,7 +140,7 @@ def gpu_telemetry() -> dict | str:
             pynvml.nvmlInit()
             _NVML["ready"] = True
             atexit.register(_nvml_shutdown)
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        handle = _nvml_handle(pynvml)
         name = pynvml.nvmlDeviceGetName(handle)
         return {
             "name": name.decode() if isinstance(name, bytes) else name,
@@ -154,6 +154,19 @@ def gpu_telemetry() -> dict | str:
         return f"unavailable: {exc}"
     except Exception as exc:  # telemetry must never stop a benchmark
         return f"unavailable: {type(exc).__name__}: {exc}"
+
+
+def _nvml_handle(pynvml):
+    """NVML's handle of torch's current CUDA device, found by UUID: NVML numbers every GPU of the machine,
+    torch only the visible ones (CUDA_VISIBLE_DEVICES); by index where the UUID is not available."""
+    index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None) if torch.cuda.is_available() else None
+    if uuid is not None:
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        except pynvml.NVMLError:
+            pass
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
 def telemetry(device: torch.device) -> dict | str:

@@ -152,11 +152,15 @@ class FastcyclicRunner:
         t = self.trainer
         if not (torch.equal(t.model.E, spec.E0) and torch.equal(t.model.W, spec.W0)):
             raise RuntimeError("the trainer's initial parameters differ from the plain loop's (CyclicModel, seed)")
-        graph = self.config.cuda_graph and spec.device.type == "cuda"
-        self.notes = (f"fastcyclic.train.Trainer: backend {t.backend} (loss and AdamW), "
-                      f"{'CUDA graph' if graph else 'no CUDA graph'}, "
-                      f"classifier update {'fused into the CE backward' if t.fused is not None else 'in AdamW.step'}, "
-                      f"{self.config.dtype} compute (fp32 parameters); batches sampled on the device")
+
+    @property
+    def notes(self) -> str:
+        """How the trainer ran, read from it (after its first steps: the graph is captured at the first)."""
+        t = self.trainer
+        return (f"fastcyclic.train.Trainer: backend {t.backend} (loss and AdamW), "
+                f"{'CUDA graph' if t.graph_captured else 'no CUDA graph'}, "
+                f"classifier update {'fused into the CE backward' if t.fused is not None else 'in AdamW.step'}, "
+                f"{self.config.dtype} compute (fp32 parameters); batches sampled on the device")
 
     def step(self) -> None:
         self.trainer.step()
@@ -303,8 +307,8 @@ def run_method(name: str, spec: Spec, ref: tuple, *, quick: bool) -> dict:
     except KeyError:
         raise Unavailable(f"unknown method {name!r}")
     runner = factory(spec)
-    record = {"notes": runner.notes}
     first_extra = _first_steps(runner, spec.device, CHECK_STEPS)  # also the warm-up
+    record = {"notes": runner.notes}
     E, W = runner.params()
     errors = {"err_E": _rel(E, ref[0]), "err_W": _rel(W, ref[1])}
     moved = max((ref[0] - spec.E0.double()).norm().item(), (ref[1] - spec.W0.double()).norm().item(), 1e-30)

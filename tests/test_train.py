@@ -196,6 +196,9 @@ def test_cuda_graph_and_fused_update_match_the_plain_loop(dtype):
     config = dict(TINY, device="cuda", steps=50, dtype=dtype, batch_size=None)
     plain = train(TrainConfig(**dict(config, cuda_graph=False, fused_update=False)), figures=False)
     fast = train(TrainConfig(**config), figures=False)
+    # what is compared: a captured graph, and in float32 the fused update (bf16 updates in AdamW.step)
+    assert fast.trainer.graph_captured and not plain.trainer.graph_captured
+    assert (fast.trainer.fused is not None) == (dtype == "float32") and plain.trainer.fused is None
     # the fused update steps on the fp32 dW (the plain loop too, here): equal up to rounding, which
     # Adam can amplify for near-zero gradient entries, so compare whole tensors
     for k, v in params(plain).items():
