@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check: on a CUDA machine, the test suite natively (the GPU-only tests, marked `cuda`, included;
-# in parallel with pytest-xdist when it is installed), then `fastcyclic bench all --device cuda`,
-# everything under one directory:
+# The GPU check: on a CUDA machine, the test suite natively (in parallel with pytest-xdist when it is
+# installed), then `fastcyclic bench all --device cuda`, everything under one directory:
 #   machine.txt  check.log  tests.log  bench.log  cubins.txt (registers and spills of every compiled kernel)
-#   bench/all.json  bench/ce/ce.{json,csv,png}  bench/optim/optim.{json,csv}  bench/train/train.{json,csv}
-#   bench/geometry/geometry.{json,csv}
+#   portable-tests.log  bench/all.json  bench/ce/ce.{json,csv,png}  bench/optim/optim.{json,csv}
+#   bench/train/train.{json,csv}  bench/geometry/geometry.{json,csv}
 # Usage: bench/gpu_check.sh [OUT_DIR]     (default: $OUT, else ./bench-out)
 #
 # Sized to end within 6 minutes on an H200, so a 15-minute GPU session can run it and rerun it:
@@ -13,12 +12,18 @@
 # (they are recorded as "skipped"), so it normally ends on its own with complete files; every
 # suite also rewrites its files atomically after each case.  The suites run in the order of
 # BENCH_SUITES (default: train geometry optim ce: the ones never measured on a GPU first).
-# BENCH_ARGS adds arguments to `bench all` (e.g. "--quick"); TEST_ARGS to pytest (e.g. "-m cuda").
+# BENCH_ARGS adds arguments to `bench all` (e.g. "--quick"); TEST_ARGS to the first pytest run.
 #
-# STAGES picks what runs (default "tests bench cubins"). The optional stage "sweep" (not in the 6 minutes;
-# about 2.5 more) measures issue 7's GPU sweep throughput: the same small grid with 1 and with 4 worker
-# processes sharing the GPU, each limited to SWEEP_TIMEOUT seconds; sweep-w1.log and sweep-w4.log end with
-# runs per hour. A second call can then run e.g. STAGES="sweep" or STAGES="bench" BENCH_SUITES="ce".
+# The tests come in two runs.  "tests", first: every test that runs GPU code (kernels, optimizers,
+# trainer, data, geometry, and every `cuda`-marked test).  "portable-tests", last, in what is left of
+# TOTAL_BUDGET seconds (default 360): the tests marked `portable` (CLIs, harness and sweep bookkeeping,
+# sm_90 compiles), whose code runs alike on any machine and which CPU CI runs in full.
+#
+# STAGES picks what runs (default "tests bench cubins portable-tests"). The optional stage "sweep" (not in
+# the 6 minutes; about 2.5 more) measures issue 7's GPU sweep throughput: the same small grid with 1 and
+# with 4 worker processes sharing the GPU, each limited to SWEEP_TIMEOUT seconds; sweep-w1.log and
+# sweep-w4.log end with runs per hour. A second call can then run e.g. STAGES="sweep" or STAGES="bench"
+# BENCH_SUITES="ce".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench-out}}
@@ -46,25 +51,34 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$out/chec
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-stages=" ${STAGES:-tests bench cubins} "
+stages=" ${STAGES:-tests bench cubins portable-tests} "
 for stage in $stages; do
-    case $stage in tests|bench|sweep|cubins) ;; *) log "unknown stage '$stage' in STAGES (tests bench sweep cubins)"; exit 2;; esac
+    case $stage in tests|bench|sweep|cubins|portable-tests) ;;
+        *) log "unknown stage '$stage' in STAGES (tests bench sweep cubins portable-tests)"; exit 2;;
+    esac
 done
 
-if [[ $stages == *" tests "* ]]; then
-    parallel=()
-    if python3 -c "import xdist" > /dev/null 2>&1; then
-        parallel=(-n "${WORKERS:-8}" --dist loadgroup)
-    else
-        log "pytest-xdist not installed: the tests run in one process"
-    fi
-    log "tests (limit ${TEST_TIMEOUT:-160}s, ${parallel[*]:-serial})"
-    # shellcheck disable=SC2086  # TEST_ARGS is a list of words
+parallel=()
+if python3 -c "import xdist" > /dev/null 2>&1; then
+    parallel=(-n "${WORKERS:-8}" --dist loadgroup)
+else
+    log "pytest-xdist not installed: the tests run in one process"
+fi
+# run_tests NAME LIMIT PYTEST_ARGS...: one pytest run into NAME.log
+run_tests() {
+    local name=$1 limit=$2
+    shift 2
+    log "$name (limit ${limit}s, ${parallel[*]:-serial}): $*"
     # -v: one line per finished test, so a run stopped by the time limit still shows what passed and failed
-    timeout -k 10 "${TEST_TIMEOUT:-160}" python3 -m pytest tests -v -rfEs -p no:cacheprovider "${parallel[@]}" \
-        --durations=15 ${TEST_ARGS:-} > "$out/tests.log" 2>&1
-    code=$?
-    log "tests exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(tail -n 1 "$out/tests.log")"
+    timeout -k 10 "$limit" python3 -m pytest tests -v -rfEs -p no:cacheprovider "${parallel[@]}" --durations=15 \
+        "$@" > "$out/$name.log" 2>&1
+    local code=$?
+    log "$name exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(tail -n 1 "$out/$name.log")"
+}
+
+if [[ $stages == *" tests "* ]]; then
+    # shellcheck disable=SC2086  # TEST_ARGS is a list of words
+    run_tests tests "${TEST_TIMEOUT:-170}" -m "not benchmark and (cuda or not portable)" ${TEST_ARGS:-}
 fi
 
 if [[ $stages == *" bench "* ]]; then
@@ -96,7 +110,15 @@ fi
 
 if [[ $stages == *" cubins "* ]]; then
     log "compiled kernels: registers and spills (cuobjdump on triton's cache)"
-    timeout -k 5 60 python3 -m fastcyclic.bench.sm90 --cache > "$out/cubins.txt" 2>&1
+    timeout -k 5 "${CUBINS_TIMEOUT:-40}" python3 -m fastcyclic.bench.sm90 --cache > "$out/cubins.txt" 2>&1
     log "cubins.txt: $(wc -l < "$out/cubins.txt") kernels"
+fi
+if [[ $stages == *" portable-tests "* ]]; then
+    left=$(( ${TOTAL_BUDGET:-360} - ($(date +%s) - started) ))
+    if (( left >= 30 )); then
+        run_tests portable-tests "$left" -m "portable and not cuda and not benchmark"
+    else
+        log "portable-tests skipped: ${left}s left of TOTAL_BUDGET=${TOTAL_BUDGET:-360}s (CPU CI runs them)"
+    fi
 fi
 log "done in $(( $(date +%s) - started )) s; results in $out"

@@ -13,7 +13,7 @@ from fastcyclic.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # one torch thread: on a small shared machine two OpenMP threads wait on each other (conftest.py)
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.portable, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture

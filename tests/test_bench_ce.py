@@ -6,6 +6,8 @@ import torch
 
 from fastcyclic.cli import main
 
+pytestmark = pytest.mark.portable
+
 
 def test_quick_cpu_run_writes_complete_records(tmp_path, capsys):
     out = tmp_path / "res"

@@ -12,7 +12,7 @@ from fastcyclic.cli import main
 
 
 # one torch thread: on a small shared machine two OpenMP threads wait on each other (conftest.py)
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.portable, pytest.mark.usefixtures("one_thread")]
 
 
 def run(argv):

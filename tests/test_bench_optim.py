@@ -14,7 +14,7 @@ STEP_METHODS = ["fastcyclic_adamw", "torch_adamw_foreach", "torch_adamw_fused", 
 
 
 # one torch thread: on a small shared machine two OpenMP threads wait on each other (conftest.py)
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.portable, pytest.mark.usefixtures("one_thread")]
 
 
 def run(argv):

@@ -13,7 +13,7 @@ from fastcyclic.cli import main
 # hashed split (P^2 > 2^22) and the plain loop's pool at P = 2053
 TINY = ["--device", "cpu", "--quick", "--shapes", "31x8", "61x8", "2053x8", "--batch-size", "512"]
 # one torch thread: on a small shared machine two OpenMP threads wait on each other (conftest.py)
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.portable, pytest.mark.usefixtures("one_thread")]
 
 
 def run(argv):

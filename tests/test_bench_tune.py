@@ -9,6 +9,8 @@ import torch
 from fastcyclic.bench import tune
 from fastcyclic.kernels.linear_ce import LCEConfig
 
+pytestmark = pytest.mark.portable
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path; a GPU runs the real tuning")
 def test_every_candidate_launches_and_the_fastest_wins(monkeypatch):

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.portable
+
 
 def without_interpreter(*argv, code=None, cache=None):
     """`python -m fastcyclic.bench.sm90 ARGV` (or `python -c CODE`) without the interpreter; the finished process."""

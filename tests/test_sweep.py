@@ -19,6 +19,8 @@ import pytest
 from fastcyclic import reproduce, sweep
 from fastcyclic.sweep import Block
 
+pytestmark = pytest.mark.portable
+
 PNG = b"\x89PNG\r\n\x1a\n"
 # tiny real runs: ~0.1 s each on one core
 TINY = dict(d=16, hidden=32, steps=60, eval_every=20, geometry_every=20, weight_decay_warmup=20)
