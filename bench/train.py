@@ -1,10 +1,10 @@
-"""``fastcyclic bench train``: the training step of ``fastcyclic.train.Trainer`` against a plain PyTorch loop.
+"""``fastcyclic bench train``: the training step of ``fastcyclic.training.Trainer`` against a plain PyTorch loop.
 
 The task is (a + b) mod P with h = ReLU(E[a] + E[b]), logits h W^T (no bias), AdamW with decoupled weight
 decay, a batch of 8192 pairs (the full train set where it has fewer: at P = 113, 5161 of the 12769 pairs).
 
 Methods:
-  fastcyclic  fastcyclic.train.Trainer(TrainConfig(model="embed-sum", activation="relu", d, batch_size,
+  fastcyclic  fastcyclic.training.Trainer(TrainConfig(model="embed-sum", activation="relu", d, batch_size,
               optimizer="adamw", weight_decay_mode="decoupled", weight_decay_warmup=0, progress=False,
               out_dir=None)); its ``step()`` is timed: fused cross-entropy, fused AdamW, on CUDA the step
               captured in a CUDA graph and (fp32) the classifier's update inside the CE backward
@@ -135,12 +135,12 @@ def _state_bytes(optimizer) -> int:
 
 
 class FastcyclicRunner:
-    """fastcyclic.train.Trainer's step."""
+    """fastcyclic.training.Trainer's step."""
 
     method = "fastcyclic"
 
     def __init__(self, spec: Spec):
-        from fastcyclic.train import Trainer, TrainConfig
+        from fastcyclic.training import Trainer, TrainConfig
 
         self.config = TrainConfig(
             p=spec.p, model="embed-sum", d=spec.d, hidden=None, activation="relu", bias=False,
@@ -157,7 +157,7 @@ class FastcyclicRunner:
     def notes(self) -> str:
         """How the trainer ran, read from it (after its first steps: the graph is captured at the first)."""
         t = self.trainer
-        return (f"fastcyclic.train.Trainer: backend {t.backend} (loss and AdamW), "
+        return (f"fastcyclic.training.Trainer: backend {t.backend} (loss and AdamW), "
                 f"{'CUDA graph' if t.graph_captured else 'no CUDA graph'}, "
                 f"classifier update {'fused into the CE backward' if t.fused is not None else 'in AdamW.step'}, "
                 f"{self.config.dtype} compute (fp32 parameters); batches sampled on the device")

@@ -1,7 +1,9 @@
 """fastcyclic: fused Triton kernels and tooling for training modular arithmetic at very many classes.
 
-Modules: ``fastcyclic.optim`` (AdamW, SGDW, fused_update), ``fastcyclic.geometry`` (summarize, ...),
-``fastcyclic.plots``.
+Modules: ``fastcyclic.training`` (TrainConfig, Trainer, train), ``fastcyclic.optim`` (AdamW, SGDW,
+fused_update), ``fastcyclic.geometry`` (summarize, ...), ``fastcyclic.plots``.  No submodule may share a
+name with a public function below: once imported, it would replace the function as the package's
+attribute (the trainer's module is ``training`` so that ``fastcyclic.train`` stays the function).
 
 The public names below are imported on first use (PEP 562): importing the package must not yet define the
 Triton kernels, so that ``fastcyclic bench --interpret`` can set TRITON_INTERPRET=1 first.
@@ -14,10 +16,10 @@ _PUBLIC = {
     "linear_cross_entropy": "fastcyclic.linear_ce",
     "linear_cross_entropy_stats": "fastcyclic.linear_ce",
     "LinearCrossEntropy": "fastcyclic.linear_ce",
-    "TrainConfig": "fastcyclic.train",
-    "TrainResult": "fastcyclic.train",
-    "Trainer": "fastcyclic.train",
-    "train": "fastcyclic.train",
+    "TrainConfig": "fastcyclic.training",
+    "TrainResult": "fastcyclic.training",
+    "Trainer": "fastcyclic.training",
+    "train": "fastcyclic.training",
     "CyclicModel": "fastcyclic.model",
     "ModularAddition": "fastcyclic.data",
 }

@@ -28,7 +28,7 @@ def _parse_optional_str(text: str):
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--weight-decay for weight_decay), with its default and help."""
-    from fastcyclic.train import TrainConfig
+    from fastcyclic.training import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from fastcyclic.train import TrainConfig, TrainingDiverged, report, train
+    from fastcyclic.training import TrainConfig, TrainingDiverged, report, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}

@@ -474,7 +474,7 @@ def pick_showcase(rows: list, main: str) -> Optional[dict]:
 
 def run_showcase(row: dict, records: dict, out: str, device: str) -> Optional[dict]:
     """Retrain one run with figures into DIR/showcase/<id> (skipped when already there); its figure paths."""
-    from fastcyclic.train import TrainConfig, train
+    from fastcyclic.training import TrainConfig, train
 
     folder = os.path.join(out, "showcase", row["id"])
     figures = {name: os.path.join(folder, "figures", name + ".png") for name in ("circles", "fourier", "geometry")}

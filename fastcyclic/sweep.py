@@ -240,7 +240,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def _config_types() -> dict:
-    from fastcyclic.train import TrainConfig
+    from fastcyclic.training import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
@@ -365,7 +365,7 @@ def run_id(config: dict) -> str:
 def expand(blocks: list[Block]) -> list[RunSpec]:
     """Every run of the blocks, each config validated; ValueError for an empty or inconsistent grid."""
     from fastcyclic.data import ENUMERATE_LIMIT as limit  # full batch needs the enumerated split
-    from fastcyclic.train import TrainConfig, validate
+    from fastcyclic.training import TrainConfig, validate
 
     if not blocks:
         raise ValueError("the grid is empty: give --p and --weight-decay")
@@ -562,7 +562,7 @@ def execute(spec: dict, out: str, device: str, run_seconds: Optional[float] = No
     record it as failed.  KeyboardInterrupt is not recorded: an interrupted run is redone on resume."""
     import torch
 
-    from fastcyclic.train import TrainConfig, train
+    from fastcyclic.training import TrainConfig, train
 
     started = time.perf_counter()
     record = dict(id=spec["id"], block=spec["block"], series=spec["series"], config=spec["config"],

@@ -1,7 +1,8 @@
-"""fastcyclic.train: the loop learns, checkpoints resume bit for bit (also after SIGKILL), bad configs
-are refused before anything runs, and the CLI works end to end."""
+"""fastcyclic.training (fastcyclic.train and friends): the loop learns, checkpoints resume bit for bit (also
+after SIGKILL), bad configs are refused before anything runs, and the CLI works end to end."""
 import json
 import os
+import pkgutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from fastcyclic.cli import main as cli_main
-from fastcyclic.train import TrainConfig, Trainer, TrainingDiverged, TrainResult, load_checkpoint, report, train
+from fastcyclic.training import TrainConfig, Trainer, TrainingDiverged, TrainResult, load_checkpoint, report, train
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # small and quick: P = 23 groks within a few hundred full-batch steps
@@ -205,12 +206,33 @@ def test_cuda_graph_and_fused_update_match_the_plain_loop(dtype):
         assert (params(fast)[k] - v).norm() <= 1e-2 * v.norm(), k
 
 
+def test_fastcyclic_train_is_the_function_whatever_was_imported_first():
+    """The README's `fastcyclic.TrainConfig(...)` then `fastcyclic.train(config)`: with the module named
+    fastcyclic/train.py, importing it bound `fastcyclic.train` to the module and the call raised TypeError."""
+    import fastcyclic
+    import fastcyclic.training
+
+    assert fastcyclic.TrainConfig is fastcyclic.training.TrainConfig
+    assert fastcyclic.train is fastcyclic.training.train
+    from fastcyclic import train as train_function
+    assert train_function is fastcyclic.training.train
+    submodules = {module.name for module in pkgutil.iter_modules(fastcyclic.__path__)}
+    assert "training" in submodules and not submodules & set(fastcyclic.__all__)
+
+
 def test_default_config_claims_at_a_smaller_p():
-    """The README's claims for the default run (P = 97, ~30 s), checked at P = 47 (~8 s): it groks,
-    W and E end with a few shared frequencies, and the classifier settles before the embedding."""
-    result = train(TrainConfig(p=47, steps=1000, progress=False, device=DEVICE), figures=False)
-    g = result.geometry
-    assert result.final["test_acc"] >= 0.99
-    assert g.verdict == "multi-frequency" and 2 <= g.freq_count_W <= 6 and 2 <= g.freq_count_E <= 6
-    assert g.freq_overlap >= 0.5
-    assert result.settle_W < result.settle_E
+    """The README's claims for the default run (P = 97, ~30 s a seed), checked at P = 47 (~4 s a seed): it
+    groks, W and E end with a few shared frequencies, and the classifier settles before the embedding.
+    At P = 47 (883 training pairs) not every seed groks within 1000 steps: on CPU 6 of seeds 0-7 make every
+    claim (seed 1 stalls at test accuracy 0.91, seed 4 reaches 0.976 with W and E settling together), so
+    the claims must hold for most of three seeds.  On a GPU rounding differs and so do the trajectories."""
+    outcomes = {}
+    for seed in (0, 1, 2):
+        result = train(TrainConfig(p=47, steps=1000, seed=seed, progress=False, device=DEVICE), figures=False)
+        g = result.geometry
+        claims = (result.final["test_acc"] >= 0.99, g.verdict == "multi-frequency",
+                  2 <= g.freq_count_W <= 6 and 2 <= g.freq_count_E <= 6, g.freq_overlap >= 0.5,
+                  result.settle_W < result.settle_E)
+        outcomes[seed] = (all(claims), result.final["test_acc"], g.verdict, g.freq_count_W, g.freq_count_E,
+                          g.freq_overlap, result.settle_W, result.settle_E)
+    assert sum(outcome[0] for outcome in outcomes.values()) >= 2, outcomes
