@@ -563,7 +563,7 @@ def test_fused_update_refuses_bad_configurations(gen):
         fused_update(torch.optim.AdamW([w]), w)
 
 
-def test_fused_update_fits_says_which_widths_the_cuda_tile_takes(monkeypatch):
+def test_fused_update_fits_says_which_widths_the_cuda_tile_takes():
     # only the tile sizing is asked, so this runs without a GPU; the trainer falls back on it
     cuda = torch.device("cuda")
     for dtype, widest in ((torch.float32, 1024), (torch.bfloat16, 2048), (torch.float16, 2048)):
@@ -572,10 +572,15 @@ def test_fused_update_fits_says_which_widths_the_cuda_tile_takes(monkeypatch):
     assert fused_update_fits(1 << 14, torch.float32, "cpu")
     with pytest.raises(ValueError, match="does not fit D=1025"):
         _fused_update_tile(1025, torch.float32, cuda)
-    # TF32 dots keep a second, transposed copy of the h slice in shared memory
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert fused_update_fits(512, torch.float32, cuda) and not fused_update_fits(513, torch.float32, cuda)
-    assert fused_update_fits(2048, torch.bfloat16, cuda)
+    # TF32 dots keep a second, transposed copy of the h slice in shared memory (torch's flag object is not
+    # an ordinary attribute holder: monkeypatch's undo fails on it with some pytest versions)
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert fused_update_fits(512, torch.float32, cuda) and not fused_update_fits(513, torch.float32, cuda)
+        assert fused_update_fits(2048, torch.bfloat16, cuda)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def test_fused_update_is_inert_without_grad_mode(gen):
