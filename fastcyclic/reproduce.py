@@ -1,7 +1,7 @@
 """``fastcyclic reproduce``: run a preset sweep and write report.md, which states each claim of the paper, the
 measurement that tests it, the numbers and a plain verdict (supported / not supported / inconclusive).
 
-    fastcyclic reproduce --preset cpu --out DIR      ~20 min on 2 CPU cores (budget: 30 min), P = 31, 61, 97
+    fastcyclic reproduce --preset cpu --out DIR      ~25 min on 2 CPU cores (budget: 30 min), P = 31, 61, 97
     fastcyclic reproduce --preset gpu --out DIR      one GPU, P = 127 … 65521 (budget: 1 hour; not yet measured)
     fastcyclic reproduce --preset tiny --out DIR     a self-check in seconds (P = 11, 13; the numbers mean nothing)
 
@@ -654,6 +654,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """0: report written from a complete sweep; 1: report written, but runs failed or were not started; 2: bad
     input; 130: interrupted (rerun to continue)."""
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # while running or while writing the analysis: a rerun picks up from the records
+        print("fastcyclic reproduce: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    """main, less the handling of an interrupt."""
     started = time.perf_counter()
     preset = PRESETS[args.preset]()
     out = args.out
@@ -664,8 +673,9 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {out!r} is a file")
         if os.path.isdir(out) and os.listdir(out) and sweep.load_sweep(sweep_dir) is None:
             raise ValueError(f"{out!r} is not empty and holds no reproduce run; refusing to write into it")
-        if args.workers is not None and args.workers < 0:
-            raise ValueError("--workers must be >= 0")
+        sweep.check_pool_args(args)
+        if args.bootstrap < 0:
+            raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
         budget = args.max_minutes if args.max_minutes is not None else preset.minutes - preset.reserve_minutes
         sweep.say(f"fastcyclic reproduce --preset {preset.name}: {preset.description}; expected {preset.duration}")
         outcome = sweep.run_sweep(sweep_dir, preset.blocks, workers=args.workers if args.workers is not None
@@ -673,9 +683,6 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fastcyclic reproduce: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fastcyclic reproduce: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
     records = outcome.records
     rows = sweep.rows_of(records)
     analysis = sweep.analyse(records, n_boot=args.bootstrap)

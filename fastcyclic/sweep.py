@@ -494,13 +494,16 @@ def prepare(out: str, blocks: Optional[list[Block]]) -> list[RunSpec]:
         old = stored_specs(state)
         if {s.id: s.series for s in old} != {s.id: s.series for s in specs}:
             raise ValueError(f"{out!r} holds a sweep with a different grid ({_describe_difference(old, specs)}); "
-                             "use another --out, or rerun with no grid options to resume it")
+                             "use another --out (`fastcyclic sweep` resumes it when given no grid options)")
         return specs  # the same runs (ids hash what a run computes); this invocation's execution settings
     if os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out!r} is not empty and holds no sweep; refusing to write into it")
     state = dict(kind="fastcyclic-sweep", format=FORMAT, created=_now(), blocks=[b.to_dict() for b in blocks],
                  runs=[s.to_dict() for s in specs])
-    os.makedirs(os.path.join(out, RUNS_DIR), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(out, RUNS_DIR), exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out!r} cannot be created: {e}") from e
     write_json(os.path.join(out, SWEEP_FILE), state)
     return specs
 
@@ -805,8 +808,15 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
                     ran.append(brief["id"])
                     remaining.remove(brief["id"])
                     progress.done(brief)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:
+            # interrupted (Ctrl-C) or failing: stop the workers instead of waiting for their runs (a rerun redoes
+            # them).  A graceful shutdown could wait forever when the interrupt landed inside the executor's own
+            # bookkeeping: a worker then never receives its stop signal.
+            for worker in multiprocessing.active_children():
+                worker.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True, cancel_futures=True)
         if not broken:
             break
 
@@ -1407,8 +1417,27 @@ def blocks_from_args(args: argparse.Namespace) -> Optional[list[Block]]:
                   vary=parse_assignments(args.vary, vary=True))]
 
 
+def check_pool_args(args: argparse.Namespace) -> None:
+    """--workers, --threads and --max-minutes (shared with `fastcyclic reproduce`): ValueError naming the value."""
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.max_minutes is not None and not args.max_minutes >= 0:
+        raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
+
+
 def main(args: argparse.Namespace) -> int:
     """0: every run finished and none failed; 1: some failed or were not started; 2: bad input; 130: interrupted."""
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # while running or while writing the analysis: a rerun picks up from the records
+        print("fastcyclic sweep: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    """main, less the handling of an interrupt."""
     try:
         if args.analyze_only:
             if load_sweep(args.out) is None:
@@ -1416,8 +1445,7 @@ def main(args: argparse.Namespace) -> int:
             records = load_records(args.out)
             remaining, failed = None, sum(r["status"] == "failed" for r in records.values())
         else:
-            if args.workers is not None and args.workers < 0:
-                raise ValueError("--workers must be >= 0")
+            check_pool_args(args)
             if args.run_minutes is not None and not args.run_minutes > 0:
                 raise ValueError(f"--run-minutes must be > 0, got {args.run_minutes}")
             if args.bootstrap < 0:
@@ -1431,9 +1459,6 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fastcyclic sweep: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fastcyclic sweep: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
     analysis = analyse(records, n_boot=args.bootstrap)
     paths = write_outputs(args.out, records, analysis, figures=args.figures)
     print(summary_text(analysis))

@@ -136,11 +136,20 @@ def test_the_same_run_twice_is_refused():
 
 def test_bad_input_writes_nothing(tmp_path, capsys):
     out = tmp_path / "new"
-    for argv in (["--p", "2,5", "--weight-decay", "0.1"], ["--p", "7", "--weight-decay", "0,0.1"],
-                 ["--p", "7", "--weight-decay", "log:0:1:3"], ["--p", "7"], []):
-        assert sweep.main(sweep_args(*argv, "--out", str(out))) == 2
-        assert not out.exists()
-    assert "every P must be >= 3" in capsys.readouterr().err
+    grid = ["--p", "7", "--weight-decay", "0.1"]
+    for argv, message in ((["--p", "2,5", "--weight-decay", "0.1"], "every P must be >= 3"),
+                          (["--p", "7", "--weight-decay", "0,0.1"], "every λ must be > 0"),
+                          (["--p", "7", "--weight-decay", "log:0:1:3"], "a log grid needs positive bounds"),
+                          (["--p", "7"], "needs both --p and --weight-decay"), ([], "holds no sweep to resume"),
+                          (grid + ["--threads", "0"], "--threads must be >= 1, got 0"),
+                          (grid + ["--workers", "-1"], "--workers must be >= 0, got -1"),
+                          (grid + ["--max-minutes", "-1"], "--max-minutes must be >= 0, got -1"),
+                          # the optimizer's own settings are checked with the rest of the config, up front
+                          (grid + ["--set", "betas=2,3"], "betas must be two numbers in [0, 1)"),
+                          (grid + ["--set", "optimizer=sgdw", "--set", "momentum=-1"], "momentum must be")):
+        assert sweep.main(sweep_args(*argv, "--out", str(out))) == 2, argv
+        assert not out.exists(), argv
+        assert message.lower() in capsys.readouterr().err.lower(), argv
     # a directory holding another sweep: refused, nothing touched
     done = tmp_path / "done"
     sweep.run_sweep(str(done), [tiny_block(ps=(7,), weight_decays=(0.1,), seeds=(0,))], workers=0, log=lambda *a: 0)
@@ -523,6 +532,9 @@ def test_reproduce_refuses_bad_input(tmp_path):
     assert files(other) == {"keep.txt": b"x"}
     with pytest.raises(SystemExit):
         parser.parse_args(["--preset", "huge", "--out", str(tmp_path / "x")])
+    for flags in (["--bootstrap", "-1"], ["--max-minutes", "-1"], ["--workers", "-1"]):
+        assert reproduce.main(parser.parse_args(["--preset", "tiny", "--out", str(tmp_path / "b"), *flags])) == 2
+        assert not (tmp_path / "b").exists()
     import torch
 
     if not torch.cuda.is_available():  # the gpu preset wants CUDA unless --device says otherwise
