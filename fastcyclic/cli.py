@@ -50,7 +50,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT_DIR/checkpoint.pt (the config may differ only in steps and "
                              "logging intervals)")
-    parser.add_argument("--no-figures", dest="figures", action="store_false", help="skip the PNG figures")
+    # SUPPRESS: the defaults formatter would print "(default: True)" beside a flag that turns figures off
+    parser.add_argument("--no-figures", dest="figures", action="store_false", default=argparse.SUPPRESS,
+                        help="skip the PNG figures")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,23 +90,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_directory(template: str, values: dict) -> str:
+    """--out-dir with {p} and {seed} filled in; ValueError for any other use of braces."""
+    try:
+        return template.format(p=values["p"], seed=values["seed"])
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"--out-dir {template!r}: only {{p}} and {{seed}} may appear in braces (write {{{{ and }}}} "
+                         f"for a literal brace): {type(e).__name__}: {e}") from None
+
+
 def run_train(args: argparse.Namespace) -> int:
     from fastcyclic.training import TrainConfig, TrainingDiverged, report, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["betas"] = tuple(values["betas"])
-    if values["out_dir"] is not None:
-        values["out_dir"] = values["out_dir"].format(p=values["p"], seed=values["seed"])
     try:
+        if values["out_dir"] is not None:
+            values["out_dir"] = _run_directory(values["out_dir"], values)
         config = TrainConfig(**values)
-        result = train(config, resume=args.resume, figures=args.figures)
+        result = train(config, resume=args.resume, figures=getattr(args, "figures", True))
     except TrainingDiverged as e:
         print(f"fastcyclic train: {e}", file=sys.stderr)
         return 3
     except ValueError as e:
         print(f"fastcyclic train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fastcyclic train: interrupted; rerun the same command with --resume to continue from the last "
+              "checkpoint", file=sys.stderr)
+        return 130
     print(report(result))
     return 0
 

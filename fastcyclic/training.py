@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -36,6 +37,7 @@ from fastcyclic.sweep import chance_threshold
 OPTIMIZERS = ("adamw", "sgdw")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECKPOINT = "checkpoint.pt"
+FIGURES = ("circles.png", "fourier.png", "curves.png", "geometry.png")  # what a run writes under figures/
 # fields that may differ when a run is resumed: they change how long it runs and how it is logged,
 # not what a step computes
 RESUMABLE_CHANGES = ("steps", "eval_every", "geometry_every", "checkpoint_every", "out_dir", "progress")
@@ -84,47 +86,85 @@ class TrainConfig:
     out_dir: Optional[str] = _option(None, "run directory (none: write nothing)")
     progress: bool = _option(True, "show a progress bar")
 
+    def __post_init__(self):
+        if isinstance(self.out_dir, os.PathLike):  # a pathlib.Path is welcome; config.json stores text
+            self.out_dir = os.fspath(self.out_dir)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    """A finite int or float (not a bool, not a string)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def validate(config: TrainConfig) -> None:
-    """Raise ValueError for a config that cannot run, before anything is built."""
+    """Raise ValueError naming the field for a config that cannot run, before anything is built or written."""
     c = config
     checks = [
-        (isinstance(c.p, int) and c.p >= 2, f"p must be an integer >= 2, got {c.p!r}"),
-        (isinstance(c.d, int) and c.d >= 1, f"d must be an integer >= 1, got {c.d!r}"),
-        (c.hidden is None or (isinstance(c.hidden, int) and c.hidden >= 1),
+        # P = 2 trains, but its geometry (a circle, a simplex) needs three classes
+        (lambda: _is_int(c.p) and c.p >= 3, f"p must be an integer >= 3, got {c.p!r}"),
+        (lambda: _is_int(c.d) and c.d >= 1, f"d must be an integer >= 1, got {c.d!r}"),
+        (lambda: c.hidden is None or (_is_int(c.hidden) and c.hidden >= 1),
          f"hidden must be None or an integer >= 1, got {c.hidden!r}"),
-        (c.model in MODELS, f"model must be one of {MODELS}, got {c.model!r}"),
-        (c.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {c.activation!r}"),
-        (c.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}"),
-        (c.weight_decay_mode in WEIGHT_DECAY_MODES,
+        (lambda: c.model in MODELS, f"model must be one of {MODELS}, got {c.model!r}"),
+        (lambda: c.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {c.activation!r}"),
+        (lambda: c.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}"),
+        (lambda: c.weight_decay_mode in WEIGHT_DECAY_MODES,
          f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {c.weight_decay_mode!r}"),
-        (0.0 < c.train_fraction < 1.0, f"train_fraction must be in (0, 1), got {c.train_fraction!r}"),
-        (c.batch_size is None or (isinstance(c.batch_size, int) and c.batch_size >= 1),
+        (lambda: _is_number(c.train_fraction) and 0.0 < c.train_fraction < 1.0,
+         f"train_fraction must be in (0, 1), got {c.train_fraction!r}"),
+        (lambda: c.batch_size is None or (_is_int(c.batch_size) and c.batch_size >= 1),
          f"batch_size must be None or an integer >= 1, got {c.batch_size!r}"),
-        (isinstance(c.steps, int) and c.steps >= 0, f"steps must be an integer >= 0, got {c.steps!r}"),
-        (c.lr >= 0, f"lr must be >= 0, got {c.lr!r}"),
-        (c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay!r}"),
-        (c.weight_decay_warmup >= 0, f"weight_decay_warmup must be >= 0, got {c.weight_decay_warmup!r}"),
-        (c.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {c.dtype!r}"),
-        (c.device in ("auto", "cpu") or c.device.startswith("cuda"),
+        (lambda: _is_int(c.steps) and c.steps >= 0, f"steps must be an integer >= 0, got {c.steps!r}"),
+        (lambda: _is_number(c.lr) and c.lr >= 0, f"lr must be a finite number >= 0, got {c.lr!r}"),
+        (lambda: len(c.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in c.betas),
+         f"betas must be two numbers in [0, 1), got {c.betas!r}"),
+        (lambda: _is_number(c.momentum) and c.momentum >= 0,
+         f"momentum must be a finite number >= 0, got {c.momentum!r}"),
+        (lambda: _is_number(c.weight_decay) and c.weight_decay >= 0,
+         f"weight_decay must be a finite number >= 0, got {c.weight_decay!r}"),
+        (lambda: _is_int(c.weight_decay_warmup) and c.weight_decay_warmup >= 0,
+         f"weight_decay_warmup must be an integer >= 0, got {c.weight_decay_warmup!r}"),
+        (lambda: _is_number(c.init_scale) and c.init_scale >= 0,
+         f"init_scale must be a finite number >= 0, got {c.init_scale!r}"),
+        (lambda: _is_int(c.seed), f"seed must be an integer, got {c.seed!r}"),
+        (lambda: c.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {c.dtype!r}"),
+        (lambda: c.device in ("auto", "cpu") or c.device.startswith("cuda"),
          f"device must be 'auto', 'cpu' or 'cuda[:n]', got {c.device!r}"),
-        (c.backend in ("auto", "triton", "torch"), f"backend must be 'auto', 'triton' or 'torch', got {c.backend!r}"),
-        (all(isinstance(v, int) and v >= 1 for v in (c.eval_every, c.geometry_every)),
+        (lambda: c.backend in ("auto", "triton", "torch"),
+         f"backend must be 'auto', 'triton' or 'torch', got {c.backend!r}"),
+        (lambda: all(_is_int(v) and v >= 1 for v in (c.eval_every, c.geometry_every)),
          f"eval_every and geometry_every must be integers >= 1, got {c.eval_every!r}, {c.geometry_every!r}"),
-        (isinstance(c.checkpoint_every, int) and c.checkpoint_every >= 0,
+        (lambda: _is_int(c.checkpoint_every) and c.checkpoint_every >= 0,
          f"checkpoint_every must be an integer >= 0, got {c.checkpoint_every!r}"),
+        (lambda: all(isinstance(getattr(c, name), bool) for name in _FLAGS),
+         "factorised, bias, deterministic, fused_update, cuda_graph and progress must be True or False, got "
+         + ", ".join(f"{name}={getattr(c, name)!r}" for name in _FLAGS)),
+        (lambda: c.out_dir is None or isinstance(c.out_dir, str), f"out_dir must be a path or None, got {c.out_dir!r}"),
     ]
     for ok, message in checks:
-        if not ok:
+        try:
+            passed = ok()
+        except (TypeError, ValueError, AttributeError):  # a value of the wrong type
+            passed = False
+        if not passed:
             raise ValueError(message)
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={c.device!r} but CUDA is not available")
-    # the other checks (betas, momentum, ...) are the optimizer's own, at construction
+    if c.backend == "triton" and _resolve_device(c).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before "
+                         "starting Python (or use backend='torch')")
+
+
+_FLAGS = ("factorised", "bias", "deterministic", "fused_update", "cuda_graph", "progress")
 
 
 def _resolve_device(config: TrainConfig) -> torch.device:
@@ -430,13 +470,13 @@ def _figures(trainer: Trainer, folder: str) -> dict:
     os.makedirs(folder, exist_ok=True)
     W, E = trainer.model.W.float().cpu(), trainer.model.E.float().cpu()
     paths = dict(
-        circles=plots.plot_circles(W, E, os.path.join(folder, "circles.png")),
-        fourier=plots.plot_fourier(W, E, os.path.join(folder, "fourier.png")),
-        curves=plots.plot_training_curves(trainer.history, os.path.join(folder, "curves.png")),
+        circles=plots.plot_circles(W, E, os.path.join(folder, FIGURES[0])),
+        fourier=plots.plot_fourier(W, E, os.path.join(folder, FIGURES[1])),
+        curves=plots.plot_training_curves(trainer.history, os.path.join(folder, FIGURES[2])),
     )
     geometry_records = [r for r in trainer.history if "rho2_W" in r]
     if geometry_records:
-        paths["geometry"] = plots.plot_geometry_history(geometry_records, os.path.join(folder, "geometry.png"))
+        paths["geometry"] = plots.plot_geometry_history(geometry_records, os.path.join(folder, FIGURES[3]))
     return paths
 
 
@@ -455,6 +495,17 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
             raise ValueError("resume=True needs out_dir")
         if os.path.exists(checkpoint):
             trainer.load_state_dict(load_checkpoint(checkpoint))
+            if trainer.step_count > config.steps:
+                raise ValueError(f"the checkpoint in {out!r} is at step {trainer.step_count}, past steps="
+                                 f"{config.steps}: resume with steps >= {trainer.step_count}")
+    if out and trainer.step_count == 0:
+        # a fresh run replaces whatever run out_dir held: its checkpoint and results would otherwise sit beside
+        # this run's config until this run overwrote them, and a resume after a kill would find them
+        stale = [os.path.join(out, name) for name in (CHECKPOINT, "summary.json")]
+        stale += [os.path.join(out, "figures", name) for name in FIGURES]
+        for path in stale:
+            if os.path.exists(path):
+                os.remove(path)
     if out:
         paths.update(config=os.path.join(out, "config.json"), metrics=os.path.join(out, "metrics.jsonl"))
         write_json(paths["config"], config.to_dict())

@@ -126,7 +126,8 @@ def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(p=1), "p must be an integer >= 2, got 1"),
+    (dict(p=1), "p must be an integer >= 3, got 1"),
+    (dict(p=2), "p must be an integer >= 3, got 2"),  # trains, but a circle or a simplex needs three classes
     (dict(d=0), "d must be an integer >= 1, got 0"),
     (dict(train_fraction=1.0), r"train_fraction must be in \(0, 1\), got 1.0"),
     (dict(train_fraction=0.0), "train_fraction"),
@@ -136,15 +137,51 @@ def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path):
     (dict(optimizer="lion"), "optimizer must be one of"),
     (dict(weight_decay_mode="coupled"), "weight_decay_mode must be one of"),
     (dict(dtype="float16"), "dtype must be one of"),
-    (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
+    (dict(weight_decay=-1.0), "weight_decay must be a finite number >= 0"),
     (dict(steps=-5), "steps must be an integer >= 0"),
     (dict(betas=(0.9, 1.5)), "betas must be two numbers"),
+    (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
+    (dict(lr="0.01"), "lr must be a finite number >= 0, got '0.01'"),  # wrong types are named, not a TypeError
+    (dict(optimizer="sgdw", momentum=-1.0), "momentum must be a finite number >= 0"),
+    (dict(init_scale=float("nan")), "init_scale"),
+    (dict(device=None), "device must be"),
+    (dict(bias="yes"), "bias='yes'"),
+    (dict(backend="triton", device="cpu"), "TRITON_INTERPRET=1") if os.environ.get("TRITON_INTERPRET") != "1"
+    else (dict(backend="flash"), "backend must be"),
 ])
 def test_bad_configs_are_refused_before_training(changes, match, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(ValueError, match=match):
         train(TrainConfig(**dict(TINY, out_dir=str(out), **changes)))
     assert not out.exists() or not any(p.name != "never" for p in out.iterdir())
+
+
+def test_a_fresh_run_replaces_the_run_its_directory_held(tmp_path):
+    """Stopped at any moment, a fresh run into an old run's directory leaves nothing of the old run that a
+    resume could pick up (its checkpoint), nor results that look like the new run's (summary, figures)."""
+    out = tmp_path / "run"
+    train(TrainConfig(**dict(TINY, steps=20, out_dir=out)))  # a pathlib.Path is accepted
+    assert {"checkpoint.pt", "summary.json"} <= {p.name for p in out.iterdir()} and any((out / "figures").iterdir())
+
+    def stop(trainer, record):
+        raise KeyboardInterrupt  # as if killed at the first evaluation
+
+    changed = dict(TINY, lr=0.01, out_dir=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**changed), callbacks=[stop])
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "figures"}
+    assert not any((out / "figures").iterdir())
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.01
+    assert train(TrainConfig(**changed), resume=True, figures=False).final["step"] == TINY["steps"]
+
+
+def test_resume_past_the_requested_steps_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))), figures=False)
+    before = (out / "config.json").read_bytes()
+    with pytest.raises(ValueError, match="at step 40, past steps=20"):
+        train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), resume=True)
+    assert (out / "config.json").read_bytes() == before
 
 
 def test_unwritable_out_dir_is_refused(tmp_path):
@@ -188,7 +225,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "accuracy: train" in printed and "geometry: W" in printed and "layer order" in printed
     assert (out / "summary.json").exists() and (out / "figures" / "circles.png").exists()
     code = cli_main(["train", "--p", "1", "--out-dir", str(tmp_path / "bad")])
-    assert code == 2 and "p must be an integer >= 2" in capsys.readouterr().err
+    assert code == 2 and "p must be an integer >= 3" in capsys.readouterr().err
 
 
 @pytest.mark.cuda
