@@ -13,6 +13,7 @@ which is ``F.cross_entropy(z, y, label_smoothing=eps)`` plus PaLM's z-loss.
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Optional
 
 import torch
@@ -109,6 +110,8 @@ def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, b
         if h.dtype not in triton_impl.SUPPORTED_DTYPES:
             raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {h.dtype}; "
                             "use backend='torch' for float64")
+        if h.shape[1] == 0:  # no features: every logit is the bias (or 0), as torch computes it; no kernel tile fits
+            backend = "torch"
     return backend
 
 
@@ -264,9 +267,11 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare(h, weight, target, bias, reduction, label_smoothing, z_loss, backend):
+def _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, backend):
     backend = _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, backend)
-    return backend, target.long()
+    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
+    return backend, target.long(), operator.index(ignore_index)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
@@ -298,7 +303,8 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or (N,) for reduction="none".
     """
-    backend, target = _prepare(h, weight, target, bias, reduction, label_smoothing, z_loss, backend)
+    backend, target, ignore_index = _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing,
+                                             z_loss, backend)
     options = (int(ignore_index), float(label_smoothing), float(z_loss), backend)
     if fused_update is not None and torch.is_grad_enabled() and weight.requires_grad:
         fused_update.check_forward(weight)
@@ -321,7 +327,8 @@ def linear_cross_entropy_stats(h: Tensor, weight: Tensor, target: Tensor, *, bia
     ``loss`` is ``linear_cross_entropy(..., reduction="none")``; ``lse`` is the log-sum-exp of
     every row's logits (ignored rows too); ``argmax`` is the predicted class (first maximum), so
     accuracy is ``(argmax == target).float().mean()``.  ``loss`` and ``lse`` are differentiable."""
-    backend, target = _prepare(h, weight, target, bias, "none", label_smoothing, z_loss, backend)
+    backend, target, ignore_index = _prepare(h, weight, target, bias, "none", ignore_index, label_smoothing,
+                                             z_loss, backend)
     loss_rows, lse, argmax, _ = _linear_ce(h, weight, bias, target, int(ignore_index), float(label_smoothing),
                                            float(z_loss), backend, True, bool(validate))
     return loss_rows, lse, argmax

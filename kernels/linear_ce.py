@@ -85,6 +85,14 @@ def _logits(a_ptr, b_ptr, a_idx, b_idx, A, B, D, stride_a0, stride_a1, stride_b0
 
 
 @triton.jit
+def _load_target(y_ptr, rows, stride_y, mask, K):
+    """int64 targets as int32 class indices; outside [0, K) (ignore_index, or any value with
+    validate=False) they become -1, which matches no class (narrowing 2^32 first would alias class 0)."""
+    target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=mask, other=-1)
+    return tl.where((target >= 0) & (target < K), target, -1).to(tl.int32)
+
+
+@triton.jit
 def _logit_grad(z, lse, p_coef, t_uniform, g_target, onehot):
     """g = p_coef * softmax(z) - t_uniform off the target, g_target on it (all already broadcast).
 
@@ -120,7 +128,7 @@ def _forward_kernel(
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=row_mask, other=-1).to(tl.int32)
+    target = _load_target(y_ptr, rows, stride_y, row_mask, K)
 
     if RESIDENT:  # the whole (BLOCK_N, D) row block is loaded once and reused for every class tile
         h_rows = _load_tile(h_ptr, rows, tl.arange(0, BLOCK_D), stride_hn, stride_hd, N, D,
@@ -244,7 +252,7 @@ def _backward_dw_kernel(
         if HAS_BIAS:
             z_t += bias[:, None]
         lse, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
-        target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=rows < N, other=-1).to(tl.int32)
+        target = _load_target(y_ptr, rows, stride_y, rows < N, K)
         g_t = _logit_grad(z_t, lse[None, :], p_coef[None, :], t_uniform[None, :], g_target[None, :],
                           cols[:, None] == target[None, :])
         # bf16/fp16 operands for the tensor cores, fp32 accumulation
@@ -304,7 +312,7 @@ def _backward_dh_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dcols = pid_d * BLOCK_DS + tl.arange(0, BLOCK_DS)
     lse, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
-    target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=rows < N, other=-1).to(tl.int32)
+    target = _load_target(y_ptr, rows, stride_y, rows < N, K)
     if RESIDENT:
         h_rows = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, UPCAST)
 
@@ -354,7 +362,7 @@ def _logit_grad_kernel(
     if HAS_BIAS:
         z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
     lse, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
-    target = tl.load(y_ptr + rows.to(tl.int64) * stride_y, mask=rows < N, other=-1).to(tl.int32)
+    target = _load_target(y_ptr, rows, stride_y, rows < N, K)
     g = _logit_grad(z, lse[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
                     cols[None, :] == target[:, None])
     out = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - k_start).to(tl.int64)[None, :]

@@ -402,6 +402,23 @@ def test_empty_batch(backend, reduction):
     assert h.grad.shape == (0, 8) and torch.all(w.grad == 0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_features(backend, gen):
+    """D = 0 behaves like PyTorch: every logit is the bias; h and W get empty gradients, the bias its own."""
+    h = torch.zeros(9, 0, device=DEVICE, requires_grad=True)
+    w = torch.zeros(13, 0, device=DEVICE, requires_grad=True)
+    b = torch.randn(13, generator=gen).to(DEVICE).requires_grad_()
+    y = torch.randint(0, 13, (9,), generator=gen).to(DEVICE)
+    loss = linear_cross_entropy(h, w, y, bias=b, backend=backend)
+    b_ref = b.detach().double().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(b_ref.expand(9, 13), y)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+    loss.backward()
+    assert h.grad.shape == (9, 0) and w.grad.shape == (13, 0)
+    torch.testing.assert_close(b.grad.double(), b_ref.grad, rtol=1e-5, atol=1e-7)
+
+
 # --------------------------------------------------------------------------------------------
 # stats, determinism, module, compile
 # --------------------------------------------------------------------------------------------
@@ -552,6 +569,7 @@ def test_bad_input(backend, mutate, error, match, no_launch):
     (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
     (dict(z_loss=-1.0), ValueError, "z_loss must be finite"),
     (dict(bias=torch.zeros(4)), ValueError, "bias must be 1-D of length K=5"),
+    (dict(ignore_index=3.5), TypeError, "ignore_index must be an integer, got 3.5"),
 ])
 def test_bad_options(kwargs, error, match, no_launch):
     h, w, y = _good()
@@ -582,11 +600,12 @@ def test_bad_call_leaves_things_usable_and_validate_false_is_safe(backend, gen):
         linear_cross_entropy(h, w, torch.tensor([0, 9, 1, 2], device=DEVICE), backend=backend)
     good = linear_cross_entropy(h, w, y, backend=backend)
     assert torch.isfinite(good)
-    # without validation an out-of-range target reads nothing out of bounds: its target logit is 0
-    rows = linear_cross_entropy(h, w, torch.tensor([0, 9, 1, 2], device=DEVICE), reduction="none",
-                                backend=backend, validate=False)
+    # without validation an out-of-range target reads nothing out of bounds: its target logit is 0, also for
+    # values that narrowing to 32 bits would turn into a class (2^32 + 1 -> 1)
+    bad = torch.tensor([2**40, 9, 2**32 + 1, -7], device=DEVICE)
+    rows = linear_cross_entropy(h, w, bad, reduction="none", backend=backend, validate=False)
     lse = torch.logsumexp(h.double() @ w.double().T, dim=1)
-    assert abs(rows[1].item() - lse[1].item()) < 1e-5
+    torch.testing.assert_close(rows.double().cpu(), lse.cpu(), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
