@@ -32,6 +32,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -479,7 +480,24 @@ def setup_device(args) -> torch.device:
     apply_threads(args)
     if getattr(args, "interpret", False) and device.type == "cuda":
         raise BenchInputError("--interpret runs the Triton kernels on CPU; use it with --device cpu")
+    check_out_dir(getattr(args, "out", None))
     return device
+
+
+def check_out_dir(out) -> None:
+    """--out must be a directory, or creatable as one where it does not exist: refused before anything runs
+    (the results are written only at the end of each case)."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BenchInputError(f"--out {str(out)!r} is a file, not a directory")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:  # a directory made and removed again: the one test of writability that holds for root and /proc alike
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".fastcyclic-write-test-"))
+    except OSError as e:
+        raise BenchInputError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is not a writable "
+                              f"directory ({e.strerror})") from None
 
 
 def machine_title(machine: dict, *, triton: bool = True) -> str:

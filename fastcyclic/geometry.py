@@ -379,10 +379,11 @@ def circle_fit(X, omega: int | None = None) -> CircleFit:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_same_d(W: torch.Tensor, other: torch.Tensor, name: str) -> None:
+def _check_same_d(W: torch.Tensor, other: torch.Tensor, name: str, hint: str = "") -> None:
     if W.shape[1] != other.shape[1]:
         raise ValueError(f"W and {name} must have the same number of columns d: W has d={W.shape[1]} "
-                         f"(shape {tuple(W.shape)}), {name} has d={other.shape[1]} (shape {tuple(other.shape)})")
+                         f"(shape {tuple(W.shape)}), {name} has d={other.shape[1]} (shape {tuple(other.shape)})"
+                         + hint)
 
 
 def _locking(cw: _Centred, ce: _Centred) -> float:
@@ -632,7 +633,7 @@ def summarize(W, E, *, h=None, labels=None, mass: float = FREQ_MASS, cyclic_rho2
     _check_mass(mass)
     W, E = _as_matrix(W, "W"), _as_matrix(E, "E")
     if same_space:
-        _check_same_d(W, E, "E")
+        _check_same_d(W, E, "E", hint="; for W and E in different spaces (embed-mlp) pass same_space=False")
     cw, ce = _centre(W, "W"), _centre(E, "E")
     fields, freqs = {}, {}
     for tag, c in (("W", cw), ("E", ce)):

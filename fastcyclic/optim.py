@@ -26,6 +26,7 @@ With momentum 0 this is torch.optim.SGD(weight_decay=wd) up to rounding.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -40,6 +41,9 @@ def _number(value) -> float:
 
 
 def _check_common(lr, weight_decay, weight_decay_mode, backend) -> None:
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(value, (bool, str)) or not isinstance(value, (Tensor, numbers.Real)):
+            raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"a tensor lr must hold one value, got shape {tuple(lr.shape)}")
     if not _number(lr) >= 0.0:

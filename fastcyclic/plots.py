@@ -1,4 +1,4 @@
-"""Figures of the geometry diagnostics and of training, as PNG files.
+"""Figures of the geometry diagnostics and of training, as PNG files (or PDF, SVG, ... by the path's extension).
 
 One function per figure; each takes data and a path, writes the PNG atomically (a temporary file in the same
 folder, then os.replace, so a reader never sees half a file) and returns the path. Figures are drawn on
@@ -8,6 +8,7 @@ matplotlib is imported only when a figure is drawn (importing fastcyclic.geometr
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 
 from fastcyclic import geometry
@@ -34,8 +35,14 @@ def _frequencies(count: int) -> str:
 
 
 def save_png(fig, path) -> str:
-    """Write fig as a PNG at path atomically; return path."""
-    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=_DPI))
+    """Write fig at path atomically, as a PNG unless the path names another format matplotlib writes
+    (.pdf, .svg, ...); return path.  An unknown extension is a ValueError before anything is written."""
+    suffix = os.path.splitext(os.fspath(path))[1][1:].lower()
+    fmt = suffix if suffix and suffix != "png" else "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise ValueError(f"cannot write a figure to {os.fspath(path)!r}: matplotlib writes "
+                         f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}")
+    return write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=_DPI))
 
 
 # --------------------------------------------------------------------------------------------

@@ -481,6 +481,17 @@ def test_figures(gen, tmp_path):
     assert matplotlib.get_backend() == backend
 
 
+def test_figures_take_their_format_from_the_extension(gen, tmp_path):
+    from fastcyclic import plots
+
+    W = torch.randn(31, 4, generator=gen, dtype=F64)
+    plots.plot_circles(W, W, tmp_path / "c.pdf")
+    assert (tmp_path / "c.pdf").read_bytes().startswith(b"%PDF")
+    with pytest.raises(ValueError, match="cannot write a figure to .*c.xyz.*pdf, .*png"):
+        plots.plot_circles(W, W, tmp_path / "c.xyz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pdf"]
+
+
 def test_geometry_does_not_import_matplotlib():
     code = "import sys, fastcyclic.geometry; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

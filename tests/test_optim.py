@@ -406,6 +406,13 @@ def test_bad_hyperparameters_raise_at_construction(make, match):
         make([torch.zeros(3, requires_grad=True)])
 
 
+@pytest.mark.parametrize("kwargs", [dict(lr="0.1"), dict(weight_decay="0.01"), dict(lr=True)])
+def test_hyperparameters_of_the_wrong_type_raise_at_construction(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(TypeError, match=f"{name} must be a number or a one-element tensor"):
+        AdamW([torch.zeros(3, requires_grad=True)], **kwargs)
+
+
 # --------------------------------------------------------------------------------------------
 # the update fused into the cross-entropy backward
 # --------------------------------------------------------------------------------------------
