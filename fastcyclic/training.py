@@ -360,8 +360,8 @@ class Trainer:
         """Raise TrainingDiverged if any step so far had a NaN/Inf loss (reads one number: a sync)."""
         first_bad = int(self._first_bad_step)
         if first_bad >= 0:
-            raise TrainingDiverged(f"the training loss became NaN/Inf at step {first_bad + 1}; the last good "
-                                   "checkpoint and metrics are kept")
+            raise TrainingDiverged(f"the training loss became NaN/Inf at step {first_bad + 1}; the metrics and the "
+                                   "last good checkpoint (if one was written) are kept")
 
     @torch.no_grad()
     def _loss_and_accuracy(self, pairs, chunk: int = 8192) -> tuple[float, float]:
