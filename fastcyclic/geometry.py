@@ -387,7 +387,7 @@ def _check_same_d(W: torch.Tensor, other: torch.Tensor, name: str, hint: str = "
 
 
 def _locking(cw: _Centred, ce: _Centred) -> float:
-    if ce.degenerate:
+    if ce.degenerate or cw.degenerate:  # no energy to place, or no plane to place it in
         return 0.0
     V = _plane(cw).to(ce.x.device)
     gram_e = ce.evecs @ torch.diag(ce.evals) @ ce.evecs.T  # Ēᵀ Ē, rebuilt from its eigen-decomposition

@@ -62,6 +62,23 @@ def _result_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_options(reduction, label_smoothing, z_loss, backend) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not 0.0 <= float(z_loss) < float("inf"):
+        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
+    return operator.index(ignore_index)
+
+
 def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, backend) -> str:
     """Shape, dtype, device and option checks (no device sync).  Returns the concrete backend."""
     for name, t in (("h", h), ("weight", weight), ("target", target)):
@@ -93,14 +110,7 @@ def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, b
     devices = {t.device for t in (h, weight, target) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not 0.0 <= float(z_loss) < float("inf"):
-        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_options(reduction, label_smoothing, z_loss, backend)
     if backend == "auto":
         backend = "triton" if h.is_cuda and h.dtype != torch.float64 else "torch"
     if backend == "triton":
@@ -269,9 +279,7 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
 
 def _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, backend):
     backend = _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, backend)
-    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
-        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
-    return backend, target.long(), operator.index(ignore_index)
+    return backend, target.long(), _check_ignore_index(ignore_index)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
@@ -342,10 +350,8 @@ class LinearCrossEntropy(nn.Module):
                  z_loss: float = 0.0, backend: str = "auto", deterministic: bool = False,
                  validate: bool = True):
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        _check_options(reduction, label_smoothing, z_loss, backend)
+        _check_ignore_index(ignore_index)
         self.options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                             z_loss=z_loss, backend=backend, deterministic=deterministic, validate=validate)
 

@@ -1019,8 +1019,11 @@ class _quiet_nanmean:
 
 def loglog_fit(K, values) -> dict:
     """Least squares log(value) = slope · log K + intercept; with a t interval for the slope (3+ points)."""
-    x, y = np.log(np.asarray(K, dtype=float)), np.log(np.asarray(values, dtype=float))
-    n = len(x)
+    K, values = np.asarray(K, dtype=float), np.asarray(values, dtype=float)
+    n = len(K)
+    if not (np.all(np.isfinite(K) & (K > 0)) and np.all(np.isfinite(values) & (values > 0))):
+        return dict(status="not-positive", n=n)  # no logarithm (the estimates passed in are always > 0)
+    x, y = np.log(K), np.log(values)
     if n < 2 or np.ptp(x) == 0:
         return dict(status="too-few-points", n=n)
     xm, ym = x.mean(), y.mean()

@@ -383,8 +383,10 @@ class Trainer:
     def summarize_geometry(self) -> geometry.GeometrySummary:
         """Geometry of the current W and E (``fastcyclic.geometry.summarize``)."""
         W, E = self.model.W.float(), self.model.E.float()
-        # W meets E's space only through a factorised readout or embed-sum (there with a nonlinearity between)
-        return geometry.summarize(W, E, same_space=W.shape[1] == E.shape[1])
+        # W meets E's space only through a factorised readout or embed-sum (there with a nonlinearity between);
+        # embed-mlp's W reads the hidden layer, whatever its width
+        same_space = self.config.factorised or self.config.model == "embed-sum"
+        return geometry.summarize(W, E, same_space=same_space)
 
     def evaluate(self, *, with_geometry: Optional[bool] = None) -> dict:
         """Train/test loss and accuracy (fixed evaluation sets), the mean training loss since the last
@@ -416,12 +418,14 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a resume needs.  As with torch's state dicts, the model's and optimizer's tensors are
+        references to the live ones (``copy.deepcopy`` it to keep an in-memory snapshot); the rest are copies."""
         return dict(
             format=1, config=self.config.to_dict(), step=self.step_count,
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
             batch_generator=self.batch_generator.get_state(), torch_rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-            history=self.history,
+            history=[dict(record) for record in self.history],
         )
 
     def load_state_dict(self, state: dict) -> None:
@@ -446,7 +450,15 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step_count = int(state["step"])
         self._step.fill_(self.step_count)
-        self.history = list(state["history"])
+        self.history = [dict(record) for record in state["history"]]
+        # the device-side accumulators describe the steps before the load: a loaded state starts clean
+        self._first_bad_step.fill_(-1)
+        self._loss_sum.zero_()
+        self._loss_steps = 0
+        warmup = self.config.weight_decay_warmup
+        ramp = min(1.0, self.step_count / warmup) if warmup > 0 else float(self.step_count > 0)
+        self._weight_decay.fill_(ramp * self.config.weight_decay)  # what the last step used
+        self._timer = (time.perf_counter(), self.step_count)
 
     def save_checkpoint(self, path: str) -> None:
         state = self.state_dict()

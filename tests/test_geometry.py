@@ -296,6 +296,8 @@ def test_subspace_locking(gen):
     share = float(inside_c.square().sum() / mixed_c.square().sum())  # the two parts are orthogonal
     assert g.subspace_locking(W, mixed) == pytest.approx(share, rel=1e-10)
     assert g.summarize(W, mixed).locking == pytest.approx(share, rel=1e-10)
+    # a W with no plane (all rows equal) holds none of E's energy, whatever eigh returns for its zero Gram
+    assert g.subspace_locking(torch.ones(K, d, dtype=F64), mixed) == 0.0
 
 
 def test_different_spaces(gen):

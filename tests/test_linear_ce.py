@@ -484,6 +484,14 @@ def test_module_matches_function(gen):
     assert torch.equal(module(h, w, y, b), expected)
 
 
+@pytest.mark.parametrize("options,error,match", [
+    (dict(label_smoothing=2.0), ValueError, "label_smoothing"), (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(ignore_index=3.5), TypeError, "ignore_index"), (dict(reduction="avg"), ValueError, "reduction")])
+def test_module_checks_its_options_when_built(options, error, match):
+    with pytest.raises(error, match=match):
+        LinearCrossEntropy(**options)
+
+
 def test_gradcheck_float64_torch_backend(gen):
     """The backward formulas (smoothing, z-loss, ignore, lse gradient) against finite differences."""
     h, w, y, b = make_problem(gen, 6, 5, 11, torch.float64, ignore_frac=0.3, scale=2.0)

@@ -542,6 +542,12 @@ def test_reproduce_refuses_bad_input(tmp_path):
         assert not (tmp_path / "g").exists()
 
 
+def test_loglog_fit_refuses_values_without_a_logarithm():
+    assert sweep.loglog_fit([10, 100, 1000], [0.1, 0.0, 0.001])["status"] == "not-positive"
+    assert sweep.loglog_fit([10, 100, 1000], [0.1, float("nan"), 0.001])["status"] == "not-positive"
+    assert sweep.loglog_fit([10, 100, 1000], [0.1, 0.01, 0.001])["slope"] == pytest.approx(-1)
+
+
 def test_presets_fit_their_budgets():
     for name, make in reproduce.PRESETS.items():
         preset = make()

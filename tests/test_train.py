@@ -1,6 +1,8 @@
 """fastcyclic.training (fastcyclic.train and friends): the loop learns, checkpoints resume bit for bit (also
 after SIGKILL), bad configs are refused before anything runs, and the CLI works end to end."""
+import copy
 import json
+import math
 import os
 import pkgutil
 import signal
@@ -182,6 +184,34 @@ def test_resume_past_the_requested_steps_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at step 40, past steps=20"):
         train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), resume=True)
     assert (out / "config.json").read_bytes() == before
+
+
+def test_a_loaded_state_starts_clean():
+    """Rolling a diverged trainer back to a good state (deep-copied, as torch state dicts hold references) lets it
+    evaluate and step again, and its records describe the loaded state only."""
+    trainer = Trainer(TrainConfig(**dict(TINY, weight_decay=0.02, weight_decay_warmup=40)))
+    for _ in range(5):
+        trainer.step()
+    good = copy.deepcopy(trainer.state_dict())
+    with torch.no_grad():
+        trainer.model.weight.fill_(float("nan"))
+    for _ in range(3):
+        trainer.step()
+    with pytest.raises(TrainingDiverged, match="at step 6"):
+        trainer.evaluate()
+    trainer.load_state_dict(good)
+    record = trainer.evaluate()
+    assert record["step"] == 5 and math.isfinite(record["train_loss"]) and math.isfinite(record["test_loss"])
+    assert record["weight_decay"] == pytest.approx(5 / 40 * 0.02)
+    assert [r["step"] for r in trainer.history] == [5]
+    trainer.step()
+    assert trainer.evaluate()["step"] == 6
+
+
+def test_embed_mlp_reports_no_locking_even_when_its_widths_match():
+    """embed-mlp's W reads the hidden layer, not E's space: locking is undefined however wide the layer is."""
+    assert Trainer(TrainConfig(**dict(TINY, d=16, hidden=16))).summarize_geometry().locking is None
+    assert Trainer(TrainConfig(**dict(TINY, d=16, hidden=16, factorised=True))).summarize_geometry().locking is not None
 
 
 def test_unwritable_out_dir_is_refused(tmp_path):
