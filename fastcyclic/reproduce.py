@@ -654,11 +654,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """0: report written from a complete sweep; 1: report written, but runs failed or were not started; 2: bad
     input; 130: interrupted (rerun to continue)."""
-    try:
-        return _main(args)
-    except KeyboardInterrupt:  # while running or while writing the analysis: a rerun picks up from the records
-        print("fastcyclic reproduce: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
+    return sweep.interruptible("reproduce", _main, args)
 
 
 def _main(args: argparse.Namespace) -> int:

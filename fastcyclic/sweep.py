@@ -1430,13 +1430,19 @@ def check_pool_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
 
 
+def interruptible(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """body(args), or exit code 130 with a message on Ctrl-C, while running or while writing the analysis: a
+    rerun picks up from the records (`fastcyclic sweep` and `fastcyclic reproduce`)."""
+    try:
+        return body(args)
+    except KeyboardInterrupt:
+        print(f"fastcyclic {command}: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
 def main(args: argparse.Namespace) -> int:
     """0: every run finished and none failed; 1: some failed or were not started; 2: bad input; 130: interrupted."""
-    try:
-        return _main(args)
-    except KeyboardInterrupt:  # while running or while writing the analysis: a rerun picks up from the records
-        print("fastcyclic sweep: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
+    return interruptible("sweep", _main, args)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -1474,4 +1480,4 @@ def _main(args: argparse.Namespace) -> int:
 __all__ = ["Block", "RunSpec", "SweepOutcome", "Crossing", "EdgeEstimate", "parse_ps", "parse_weight_decays",
            "parse_seeds", "parse_assignments", "primes_between", "log_primes", "expand", "prepare", "run_sweep",
            "load_records", "execute", "flatten", "phase_of", "first_crossing", "estimate_edge", "loglog_fit",
-           "fit_edges", "analyse", "write_outputs", "summary_text", "add_arguments", "main"]
+           "fit_edges", "analyse", "write_outputs", "summary_text", "add_arguments", "interruptible", "main"]
