@@ -38,7 +38,7 @@ def save_png(fig, path) -> str:
     """Write fig at path atomically, as a PNG unless the path names another format matplotlib writes
     (.pdf, .svg, ...); return path.  An unknown extension is a ValueError before anything is written."""
     suffix = os.path.splitext(os.fspath(path))[1][1:].lower()
-    fmt = suffix if suffix and suffix != "png" else "png"
+    fmt = suffix or "png"
     if fmt not in fig.canvas.get_supported_filetypes():
         raise ValueError(f"cannot write a figure to {os.fspath(path)!r}: matplotlib writes "
                          f"{', '.join(sorted(fig.canvas.get_supported_filetypes()))}")
