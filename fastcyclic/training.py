@@ -299,11 +299,15 @@ class Trainer:
         return linear_cross_entropy(h, weight, c, bias=bias, backend=self.backend, validate=False,
                                     fused_update=fused)
 
+    def _set_weight_decay(self, steps: torch.Tensor) -> None:
+        """lambda once `steps` (a device tensor) steps have run: ramped linearly from 0 over the warm-up."""
+        warmup = self.config.weight_decay_warmup
+        ramp = (steps.double() / warmup).clamp(max=1.0) if warmup > 0 else torch.ones((), device=self.device)
+        self._weight_decay.copy_(ramp * self.config.weight_decay)
+
     def _train_step(self) -> None:
         """The step exactly as captured: no host reads, fixed shapes."""
-        warmup = self.config.weight_decay_warmup
-        ramp = ((self._step + 1).double() / warmup).clamp(max=1.0) if warmup > 0 else torch.ones((), device=self.device)
-        self._weight_decay.copy_(ramp * self.config.weight_decay)
+        self._set_weight_decay(self._step + 1)
         loss = self._loss(*self._batch(), fused=self.fused)
         loss.backward()
         self.optimizer.step()
@@ -455,9 +459,10 @@ class Trainer:
         self._first_bad_step.fill_(-1)
         self._loss_sum.zero_()
         self._loss_steps = 0
-        warmup = self.config.weight_decay_warmup
-        ramp = min(1.0, self.step_count / warmup) if warmup > 0 else float(self.step_count > 0)
-        self._weight_decay.fill_(ramp * self.config.weight_decay)  # what the last step used
+        if self.step_count > 0:  # what the last step used (a trainer that has not stepped has lambda 0)
+            self._set_weight_decay(self._step)
+        else:
+            self._weight_decay.zero_()
         self._timer = (time.perf_counter(), self.step_count)
 
     def save_checkpoint(self, path: str) -> None:

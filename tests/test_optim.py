@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastcyclic import linear_cross_entropy
+from fastcyclic.bench.sm90 import allow_tf32
 from fastcyclic.optim import SGDW, AdamW, _fused_update_tile, fused_update, fused_update_fits
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -579,15 +580,11 @@ def test_fused_update_fits_says_which_widths_the_cuda_tile_takes():
     assert fused_update_fits(1 << 14, torch.float32, "cpu")
     with pytest.raises(ValueError, match="does not fit D=1025"):
         _fused_update_tile(1025, torch.float32, cuda)
-    # TF32 dots keep a second, transposed copy of the h slice in shared memory (torch's flag object is not
-    # an ordinary attribute holder: monkeypatch's undo fails on it with some pytest versions)
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    # TF32 dots keep a second, transposed copy of the h slice in shared memory (the sm_90 check's switch: torch's
+    # flag object is not an ordinary attribute holder, and monkeypatch's undo fails on it with some pytest versions)
+    with allow_tf32():
         assert fused_update_fits(512, torch.float32, cuda) and not fused_update_fits(513, torch.float32, cuda)
         assert fused_update_fits(2048, torch.bfloat16, cuda)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def test_fused_update_is_inert_without_grad_mode(gen):
