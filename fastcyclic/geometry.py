@@ -11,6 +11,7 @@ by all rows changes no softmax and is not geometry, so every measure below uses 
 Spectrum. σ₁ ≥ … ≥ σ_d are the singular values of X̄, taken from the eigenvalues of the d×d Gram X̄ᵀX̄ (float64).
     ρ₂ = (σ₁² + σ₂²) / Σσᵢ²         1 for a circle, 2/(K−1) for a simplex ETF, ≈ 2/d for noise
     stable rank = Σσᵢ² / σ₁²
+    axis ratio  = σ₂ / σ₁            1 for a circle, 0 for points on a line (rank 1)
     dim count   = fewest principal directions holding a fraction `mass` (0.9) of Σσᵢ²
 
 Fourier spectrum over the row index. F = rfft(X̄, dim=0). The energy of frequency f is
@@ -55,10 +56,12 @@ NC1 = tr(Σ_W Σ_B⁺)/K from features h and labels: Σ_W the within-class, Σ_B
 
 Verdict for one matrix (summarize reports W's as `verdict` and E's as `verdict_E`): the first rule that holds.
     1. "unstructured"     X̄ = 0 (all rows equal, e.g. an all-zero matrix): nothing to measure
-    2. "cyclic"           count == 1 and ρ₂ ≥ CYCLIC_RHO2          one frequency, one circle
+    2. "cyclic"           count == 1, ρ₂ ≥ CYCLIC_RHO2, axis ratio ≥ CYCLIC_MIN_AXIS_RATIO   one frequency, one circle
     3. "etf-like"         dist(G, T_etf) ≤ ETF_MAX_DISTANCE        a simplex (needs d ≥ K − 1)
     4. "multi-frequency"  2 ≤ count ≤ MULTI_MAX_FREQ_FRACTION · ⌊n/2⌋   a few circles, rank ≤ 2·count
     5. "unstructured"     otherwise (white noise needs 2/3 to 9/10 of all frequencies to hold 90 % of its power)
+One frequency on a line is not a circle (ρ₂ is trivially 1 at rank 1): e.g. a single cosine column, or the Nyquist
+frequency at even n, whose sinusoids span one direction. It fails rule 2 and, having one frequency, ends in rule 5.
 """
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "FREQ_MASS", "CYCLIC_RHO2", "ETF_MAX_DISTANCE", "MULTI_MAX_FREQ_FRACTION", "LAYER_ORDER_THRESHOLD", "VERDICTS",
+    "FREQ_MASS", "CYCLIC_RHO2", "CYCLIC_MIN_AXIS_RATIO", "ETF_MAX_DISTANCE", "MULTI_MAX_FREQ_FRACTION",
+    "LAYER_ORDER_THRESHOLD", "VERDICTS",
     "Spectrum", "FourierSpectrum", "Layout", "CircleFit", "PhaseAlignment", "NCDistances", "GeometrySummary",
     "spectrum", "top2_plane", "project_top2", "fourier_spectrum", "describe", "circle_fit", "subspace_locking",
     "phase_alignment", "nc_distances", "class_means", "nc1", "classify", "summarize", "layer_order",
@@ -83,6 +87,10 @@ FREQ_MASS = 0.9
 
 CYCLIC_RHO2 = 0.9
 """ρ₂ at or above which one frequency's circle counts as rank 2 (the same 0.9 defines t_W, t_E)."""
+
+CYCLIC_MIN_AXIS_RATIO = 0.5
+"""σ₂/σ₁ at or above which the top-2 plane holds a circle (or an ellipse at most 2:1), not a line. Trained circles
+measure 0.96-0.99 (the cpu preset's cyclic runs, rerun); a rank-1 layout measures ~0."""
 
 ETF_MAX_DISTANCE = 0.2
 """dist(G, T_etf) at or below which rows are "etf-like": cosine similarity of the Grams ≥ 1 − 0.2²/2 = 0.98.
@@ -213,6 +221,7 @@ class Spectrum:
     singular_values: torch.Tensor  # σ₁ ≥ … ≥ σ_d (float64, CPU)
     rho2: float                    # (σ₁² + σ₂²)/Σσᵢ²: 1 for a circle, 2/(K−1) for a simplex ETF; 0 if X̄ = 0
     stable_rank: float             # Σσᵢ²/σ₁²: 1 for rank 1, 2 for a circle, K − 1 for an ETF; 0 if X̄ = 0
+    axis_ratio: float              # σ₂/σ₁: 1 for a circle, 0 for rank 1 (and if X̄ = 0)
     dim_count: int                 # fewest principal directions holding `mass` of the energy
     energy: float                  # ‖X̄‖_F² = Σσᵢ²
 
@@ -220,13 +229,15 @@ class Spectrum:
 def _spectrum(c: _Centred, mass: float) -> Spectrum:
     sv = c.evals.sqrt().cpu()
     if c.degenerate:
-        return Spectrum(torch.zeros_like(sv), 0.0, 0.0, 0, 0.0)
+        return Spectrum(torch.zeros_like(sv), 0.0, 0.0, 0.0, 0, 0.0)
     ev = c.evals.cpu()
-    return Spectrum(sv, float(ev[:2].sum()) / c.energy, c.energy / float(ev[0]), _count_for_mass(ev, mass), c.energy)
+    axis_ratio = float(sv[1] / sv[0]) if len(sv) > 1 else 0.0
+    return Spectrum(sv, float(ev[:2].sum()) / c.energy, c.energy / float(ev[0]), axis_ratio,
+                    _count_for_mass(ev, mass), c.energy)
 
 
 def spectrum(X, mass: float = FREQ_MASS) -> Spectrum:
-    """Singular values of X − mean row via the d×d Gram; ρ₂, stable rank, dim count (see the module docstring)."""
+    """Singular values of X − mean row via the d×d Gram; ρ₂, stable rank, axis ratio, dim count (module docstring)."""
     _check_mass(mass)
     return _spectrum(_centre(_as_matrix(X, "X"), "X"), mass)
 
@@ -544,13 +555,14 @@ def nc1(h, labels, num_classes: int | None = None) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def classify(rho2: float, freq_count: int, n: int, etf_distance: float, *, degenerate: bool = False,
-             cyclic_rho2: float = CYCLIC_RHO2, etf_max_distance: float = ETF_MAX_DISTANCE,
+def classify(rho2: float, freq_count: int, n: int, etf_distance: float, *, axis_ratio: float,
+             degenerate: bool = False, cyclic_rho2: float = CYCLIC_RHO2,
+             cyclic_min_axis_ratio: float = CYCLIC_MIN_AXIS_RATIO, etf_max_distance: float = ETF_MAX_DISTANCE,
              multi_max_freq_fraction: float = MULTI_MAX_FREQ_FRACTION) -> str:
     """The verdict rule of the module docstring, for one matrix with n rows."""
     if degenerate or freq_count == 0:
         return "unstructured"
-    if freq_count == 1 and rho2 >= cyclic_rho2:
+    if freq_count == 1 and rho2 >= cyclic_rho2 and axis_ratio >= cyclic_min_axis_ratio:
         return "cyclic"
     if etf_distance <= etf_max_distance:
         return "etf-like"
@@ -573,6 +585,8 @@ class GeometrySummary:
     rho2_E: float
     stable_rank_W: float    # Σσᵢ²/σ₁²
     stable_rank_E: float
+    axis_ratio_W: float     # σ₂/σ₁: 1 for a circle, 0 for points on a line
+    axis_ratio_E: float
     dim_count_W: int        # fewest principal directions holding `mass` of the energy (2 per circle)
     dim_count_E: int
     omega_W: int            # dominant frequency over the row index, 1 … ⌊n/2⌋ (0 if the matrix has no energy)
@@ -618,14 +632,15 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def summarize(W, E, *, h=None, labels=None, mass: float = FREQ_MASS, cyclic_rho2: float = CYCLIC_RHO2,
-              etf_max_distance: float = ETF_MAX_DISTANCE, multi_max_freq_fraction: float = MULTI_MAX_FREQ_FRACTION,
-              max_listed: int = 8, same_space: bool = True) -> GeometrySummary:
+              cyclic_min_axis_ratio: float = CYCLIC_MIN_AXIS_RATIO, etf_max_distance: float = ETF_MAX_DISTANCE,
+              multi_max_freq_fraction: float = MULTI_MAX_FREQ_FRACTION, max_listed: int = 8,
+              same_space: bool = True) -> GeometrySummary:
     """Measure W (K×d classifier) and E (P×d embedding) and name the geometry.
 
     h, labels: hidden features (N×d) of a sample of pairs (a, b) and their labels (a + b) mod P; when given, the
     phase alignment with W and NC1 are filled in. The threshold keywords are those of the verdict rule (module
-    docstring; defaults FREQ_MASS, CYCLIC_RHO2, ETF_MAX_DISTANCE, MULTI_MAX_FREQ_FRACTION). max_listed caps the
-    top_freqs tuples (the counts and the overlap use the full sets).
+    docstring; defaults FREQ_MASS, CYCLIC_RHO2, CYCLIC_MIN_AXIS_RATIO, ETF_MAX_DISTANCE, MULTI_MAX_FREQ_FRACTION).
+    max_listed caps the top_freqs tuples (the counts and the overlap use the full sets).
 
     same_space=False: W and E live in different spaces (a nonlinearity or a hidden layer between them, e.g.
     embed-mlp's W is K×m while E is P×d); their widths may differ and locking is None (frequencies are still
@@ -642,15 +657,17 @@ def summarize(W, E, *, h=None, labels=None, mass: float = FREQ_MASS, cyclic_rho2
         ncd = _nc_distances(c, fs.omega)
         freqs[tag] = fs
         fields.update({
-            f"rho2_{tag}": sp.rho2, f"stable_rank_{tag}": sp.stable_rank, f"dim_count_{tag}": sp.dim_count,
+            f"rho2_{tag}": sp.rho2, f"stable_rank_{tag}": sp.stable_rank, f"axis_ratio_{tag}": sp.axis_ratio,
+            f"dim_count_{tag}": sp.dim_count,
             f"omega_{tag}": fs.omega, f"freq_share_{tag}": fs.share, f"freq_count_{tag}": fs.count,
             f"top_freqs_{tag}": tuple(int(f) for f in fs.top[:max_listed]),
             f"radius_cv_{tag}": cf.radius_cv, f"phase_r2_{tag}": cf.phase_r2, f"gap_error_{tag}": cf.gap_error,
             f"etf_distance_{tag}": ncd.etf, f"cyclic_distance_{tag}": ncd.cyclic,
         })
         fields[f"verdict_{tag}"] = classify(
-            sp.rho2, fs.count, c.x.shape[0], ncd.etf, degenerate=c.degenerate, cyclic_rho2=cyclic_rho2,
-            etf_max_distance=etf_max_distance, multi_max_freq_fraction=multi_max_freq_fraction)
+            sp.rho2, fs.count, c.x.shape[0], ncd.etf, axis_ratio=sp.axis_ratio, degenerate=c.degenerate,
+            cyclic_rho2=cyclic_rho2, cyclic_min_axis_ratio=cyclic_min_axis_ratio, etf_max_distance=etf_max_distance,
+            multi_max_freq_fraction=multi_max_freq_fraction)
     fw, fe = freqs["W"], freqs["E"]
     fields["verdict"] = fields.pop("verdict_W")
     extra = {}

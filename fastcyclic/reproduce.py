@@ -17,9 +17,10 @@ no λ warm-up, a narrower embedding, longer training, and a factorised head (W i
 measured) evaluated often (for the layer order).  Verdict rules (thresholds in the constants below):
 
     claim 1  a P "shows" the claim if at some λ most runs are cyclic (fastcyclic.sweep.phase_of: W and E one
-             frequency, ρ₂ ≥ 0.9, the same ω; collapsed runs never count) and fit the train set (train accuracy
-             ≥ FIT_ACC).  P values where no λ has most runs fitting are untestable.  Supported: at least half of the
-             testable P show it.  Not supported: none does.  Otherwise, or nothing testable: inconclusive.
+             frequency on a circle, ρ₂ ≥ 0.9 and σ₂/σ₁ ≥ 0.5, the same ω; collapsed runs never count) and fit the
+             train set (train accuracy ≥ FIT_ACC).  P values where no λ has most runs fitting are untestable.
+             Supported: at least half of the testable P show it.  Not supported: none does.  Otherwise, or nothing
+             testable: inconclusive.
     claim 2  at the smallest λ of each testable P (most runs fit), the share of cyclic runs.  Supported: below 1/2
              at every such P.  Not supported: at least 1/2 at every such P.  Otherwise inconclusive.
     claim 3a per run that fits and did not collapse: t_W vs t_E (first evaluation with ρ₂ ≥ 0.9), or where either
@@ -49,7 +50,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from fastcyclic import files, sweep
+from fastcyclic import files, geometry, sweep
 from fastcyclic.sweep import Block
 
 FIT_ACC = 0.9          # train accuracy from which a run "fits the train set"
@@ -262,8 +263,9 @@ def claim_1(rows: list, main: str) -> Claim:
                   "most runs end cyclic and fit")
     return Claim("1", "At high λ (below collapse), W and E end rank-2 cyclic with one shared frequency.",
                  f"Main block, per P and λ: the share of runs whose W and E both end with one frequency holding 90 % "
-                 f"of the power, ρ₂ ≥ 0.9 and the same ω (collapsed runs never count), and whether those runs fit "
-                 f"the train set (train accuracy ≥ {FIT_ACC}).", "\n".join(lines) + extra, verdict, reason)
+                 f"of the power, ρ₂ ≥ 0.9 with σ₂/σ₁ ≥ {geometry.CYCLIC_MIN_AXIS_RATIO:g} (a circle, not a line) "
+                 f"and the same ω (collapsed runs never count), and whether those runs fit the train set (train "
+                 f"accuracy ≥ {FIT_ACC}).", "\n".join(lines) + extra, verdict, reason)
 
 
 def claim_2(rows: list, main: str) -> Claim:
@@ -618,7 +620,8 @@ def write_report(out: str, preset: Preset, claims: list, rows: list, analysis: d
               f"max({sweep.CHANCE_FACTOR:g}/P, {sweep.CHANCE_FLOOR}) and the parameter norm ≤ "
               f"{sweep.COLLAPSE_NORM_RATIO} × its initial value; "
               "unlearned = accuracy at chance with the weights intact; cyclic = W and E each with one frequency "
-              "holding 90 % of the power and ρ₂ ≥ 0.9, the same ω; otherwise W's geometry verdict "
+              "holding 90 % of the power, ρ₂ ≥ 0.9 and "
+              f"σ₂/σ₁ ≥ {geometry.CYCLIC_MIN_AXIS_RATIO:g}, the same ω; otherwise W's geometry verdict "
               "(`fastcyclic.geometry`).",
               f"- A run fits when its train accuracy is ≥ {FIT_ACC}.",
               "- λ_crit (λ₀): the first λ, going up, where the share of cyclic (collapsed) runs crosses 1/2, "

@@ -28,7 +28,8 @@ Phase of a run (``phase_of``), the first rule that holds:
     collapsed       train accuracy at chance (≤ max(2/P, 0.01)) and the parameter norm fell to ≤ 0.1 of its
                     initial value: weight decay sent the weights to zero.  Never counted as cyclic.
     unlearned       train accuracy at chance with the weights intact (too short, or λ too small to matter)
-    cyclic          W and E both "cyclic" (one frequency holds 90 % of the power, ρ₂ ≥ 0.9) at the same ω
+    cyclic          W and E both "cyclic" (one frequency holds 90 % of the power, on a circle: ρ₂ ≥ 0.9 and
+                    σ₂/σ₁ ≥ 0.5) at the same ω
     partly-cyclic   one of W, E cyclic
     otherwise       W's geometry verdict: multi-frequency, etf-like or unstructured
 
@@ -881,10 +882,10 @@ def phase_of(row: dict) -> str:
 # the CSV's columns, in order (config fields other than p, weight_decay and seed follow these)
 RESULT_COLUMNS = (
     "id", "block", "series", "status", "phase", "p", "weight_decay", "seed", "train_acc", "test_acc", "train_loss",
-    "test_loss", "verdict_W", "verdict_E", "rho2_W", "rho2_E", "omega_W", "omega_E", "shared_omega", "freq_count_W",
-    "freq_count_E", "top_freqs_W", "top_freqs_E", "freq_overlap", "locking", "locking_init", "t_W", "t_E",
-    "settle_W", "settle_E", "norm_W", "norm_E", "norm_params", "norm_params_init", "norm_ratio", "steps_done",
-    "seconds", "error")
+    "test_loss", "verdict_W", "verdict_E", "rho2_W", "rho2_E", "axis_ratio_W", "axis_ratio_E", "omega_W", "omega_E",
+    "shared_omega", "freq_count_W", "freq_count_E", "top_freqs_W", "top_freqs_E", "freq_overlap", "locking",
+    "locking_init", "t_W", "t_E", "settle_W", "settle_E", "norm_W", "norm_E", "norm_params", "norm_params_init",
+    "norm_ratio", "steps_done", "seconds", "error")
 
 
 def flatten(record: dict) -> dict:
@@ -899,8 +900,8 @@ def flatten(record: dict) -> dict:
         row.update({k: final.get(k) for k in ("train_acc", "test_acc", "train_loss", "test_loss")})
         row["steps_done"] = final.get("step")
         row.update(verdict_W=g.get("verdict"), verdict_E=g.get("verdict_E"))
-        for k in ("rho2_W", "rho2_E", "omega_W", "omega_E", "shared_omega", "freq_count_W", "freq_count_E",
-                  "freq_overlap", "locking"):
+        for k in ("rho2_W", "rho2_E", "axis_ratio_W", "axis_ratio_E", "omega_W", "omega_E", "shared_omega",
+                  "freq_count_W", "freq_count_E", "freq_overlap", "locking"):
             row[k] = g.get(k)
         for k in ("top_freqs_W", "top_freqs_E"):
             row[k] = " ".join(str(f) for f in g.get(k) or ())

@@ -84,6 +84,7 @@ def test_ideal_cyclic(gen, K, omega, dtype):
     assert s.freq_count_W == 1 and s.top_freqs_W == (folded,) and s.freq_overlap == 1.0
     assert s.rho2_W == pytest.approx(1, abs=tol) and s.rho2_E == pytest.approx(1, abs=tol)
     assert s.stable_rank_W == pytest.approx(2, abs=tol * 10) and s.dim_count_W == 2
+    assert s.axis_ratio_W == pytest.approx(1, abs=tol * 10)
     assert s.freq_share_W == pytest.approx(1, abs=tol)
     assert s.radius_cv_W == pytest.approx(0, abs=tol)
     assert s.phase_r2_W == pytest.approx(1, abs=tol)
@@ -92,6 +93,35 @@ def test_ideal_cyclic(gen, K, omega, dtype):
     sv = g.spectrum(W.to(dtype)).singular_values
     assert sv[:2].tolist() == pytest.approx([r * math.sqrt(K / 2)] * 2, rel=tol)
     assert float(sv[2:].abs().max()) <= math.sqrt(tol) * r * math.sqrt(K)
+
+
+def single_frequency_ellipse(K, omega, axis_ratio, d, gen):
+    """One frequency with its sine direction scaled by axis_ratio: an ellipse; a line (rank 1) at 0."""
+    X = sinusoids(K, [omega], phases=[float(2 * math.pi * torch.rand(1, generator=gen))])
+    return embed(X * torch.tensor([1.0, axis_ratio], dtype=F64), d, gen)
+
+
+@pytest.mark.parametrize("axis_ratio,verdict",
+                         [(1.0, "cyclic"), (0.6, "cyclic"), (0.4, "unstructured"), (0.0, "unstructured")])
+def test_a_single_frequency_is_cyclic_only_as_a_circle(gen, axis_ratio, verdict):
+    """ρ₂ is 1 and one frequency holds all the energy at any axis ratio, down to a line, where ρ₂ = 1 is trivial
+    (rank 1): the verdict asks for a second direction, σ₂/σ₁ ≥ CYCLIC_MIN_AXIS_RATIO."""
+    K, omega = 31, 7
+    W = single_frequency_ellipse(K, omega, axis_ratio, 8, gen)
+    s = g.summarize(W, W)
+    assert s.freq_count_W == 1 and s.omega_W == omega and s.rho2_W == pytest.approx(1, abs=1e-9)
+    assert s.axis_ratio_W == pytest.approx(axis_ratio, abs=1e-6)  # σ₂ from an eigenvalue: √(rounding)
+    assert s.verdict == verdict and s.verdict_E == verdict
+
+
+def test_nyquist_frequency_is_a_line_not_a_circle(gen):
+    """At even n the frequency n/2 is (−1)^k: its sinusoids span one direction, so it is never a circle."""
+    K = 64
+    W = embed(sinusoids(K, [K // 2], phases=[0.3]), 8, gen)
+    s = g.summarize(W, W)
+    assert (s.omega_W, s.freq_count_W, s.dim_count_W) == (K // 2, 1, 1)
+    assert s.rho2_W == pytest.approx(1, abs=1e-9) and s.axis_ratio_W == pytest.approx(0, abs=1e-6)
+    assert s.verdict == "unstructured"
 
 
 def test_circle_direction_and_phase(gen):
