@@ -14,6 +14,7 @@ on every device, which is what lets large P avoid materialising the P^2 pairs:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -39,6 +40,11 @@ _EVAL_BUDGET = 1 << 28
 _STREAM_TEST, _STREAM_TRAIN = 1, 2
 
 Pairs = tuple[Tensor, Tensor, Tensor]
+
+
+def is_integer(value) -> bool:
+    """A Python or NumPy integer (a sweep over np.arange gives np.int64), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,12 +125,13 @@ class ModularAddition:
 
     def __init__(self, p: int, train_fraction: float, seed: int, device: Union[str, torch.device] = "cpu", *,
                  enumerate_limit: int = ENUMERATE_LIMIT, test_sample: int = 65536):
-        if isinstance(p, bool) or not isinstance(p, int) or not 2 <= p <= MAX_P:
+        if not is_integer(p) or not 2 <= p <= MAX_P:
             raise ValueError(f"p must be an integer in [2, 2^31], got {p!r}")
         if not 0.0 < float(train_fraction) < 1.0:  # NaN fails too
             raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
-        if isinstance(test_sample, bool) or not isinstance(test_sample, int) or test_sample < 1:
+        if not is_integer(test_sample) or test_sample < 1:
             raise ValueError(f"test_sample must be a positive integer, got {test_sample!r}")
+        p, test_sample = int(p), int(test_sample)
         self.p = p
         self.train_fraction = float(train_fraction)
         self.seed = int(seed)
@@ -183,8 +190,9 @@ class ModularAddition:
         pair, is a uniform train pair).  With probability <= 2^-64 per call there are fewer than
         ``batch_size`` of them; the missing rows are then a fixed train pair found at construction, so
         a batch never holds a test pair."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = int(batch_size)
         if self.enumerated:
             idx = torch.randint(0, self.n_train, (batch_size,), device=self.device, generator=generator)
             return self._train_a[idx], self._train_b[idx], self._train_c[idx]

@@ -18,13 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcyclic.data import is_integer
+
 MODELS = ("embed-sum", "embed-mlp")
 ACTIVATIONS = ("relu", "square", "gelu")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_int(name: str, value, minimum: int) -> int:
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 class CyclicModel(nn.Module):
@@ -55,8 +58,7 @@ class CyclicModel(nn.Module):
                  dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
                  generator: Optional[torch.Generator] = None):
         super().__init__()
-        _check_int("p", p, 2)
-        _check_int("d", d, 1)
+        p, d = _check_int("p", p, 2), _check_int("d", d, 1)
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}")
         if activation not in ACTIVATIONS:
@@ -65,7 +67,7 @@ class CyclicModel(nn.Module):
             raise ValueError(f"hidden={hidden!r} is only meaningful for model='embed-mlp' (embed-sum is d wide)")
         if model == "embed-mlp":
             hidden = 4 * d if hidden is None else hidden
-            _check_int("hidden", hidden, 1)
+            hidden = _check_int("hidden", hidden, 1)
         if not (isinstance(init_scale, (int, float)) and 0.0 <= init_scale < math.inf):
             raise ValueError(f"init_scale must be finite and >= 0, got {init_scale!r}")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from fastcyclic import geometry
@@ -89,6 +90,13 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.out_dir, os.PathLike):  # a pathlib.Path is welcome; config.json stores text
             self.out_dir = os.fspath(self.out_dir)
+        # NumPy scalars (a sweep over np.arange or np.logspace) become the Python numbers config.json stores
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.generic):
+                setattr(self, f.name, value.item())
+        if isinstance(self.betas, (tuple, list)) and any(isinstance(b, np.generic) for b in self.betas):
+            self.betas = tuple(b.item() if isinstance(b, np.generic) else b for b in self.betas)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -2,6 +2,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,10 +203,21 @@ def test_first_distinct_keeps_draw_order():
     (dict(p=7, train_fraction=1e-12), "32-bit"),
     (dict(p=2, train_fraction=1e-9), "no train pairs"),
     (dict(p=7, train_fraction=0.5, test_sample=0), "test_sample"),
+    (dict(p=True, train_fraction=0.5), "p must"),
+    (dict(p=np.bool_(True), train_fraction=0.5), "p must"),
 ])
 def test_bad_data_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModularAddition(seed=0, **kwargs)
+
+
+def test_numpy_integers_are_integers():
+    """A sweep written with np.arange hands over np.int64: accepted, and stored as Python ints."""
+    ds = ModularAddition(np.int64(7), 0.5, seed=0, test_sample=np.int32(5))
+    assert type(ds.p) is int and type(ds.test_sample) is int
+    assert ds.sample_train(np.int64(4))[0].shape == (4,)
+    model = CyclicModel(np.int64(7), np.uint8(4), model="embed-mlp", hidden=np.int16(8))
+    assert (type(model.p), type(model.d), type(model.hidden)) == (int, int, int)
 
 
 def test_bad_batch_size():

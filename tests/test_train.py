@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,6 +157,16 @@ def test_bad_configs_are_refused_before_training(changes, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         train(TrainConfig(**dict(TINY, out_dir=str(out), **changes)))
     assert not out.exists() or not any(p.name != "never" for p in out.iterdir())
+
+
+def test_numpy_scalars_in_a_config_become_python_numbers(tmp_path):
+    """Grids built with numpy (np.arange, np.logspace) hand over numpy scalars; config.json must still be JSON."""
+    config = TrainConfig(**dict(TINY, p=np.int64(23), weight_decay=np.float32(0.01), betas=(np.float32(0.9), 0.98),
+                                bias=np.bool_(False), steps=np.int64(2), out_dir=str(tmp_path / "run")))
+    assert (type(config.p), type(config.weight_decay), type(config.betas[0]), type(config.bias)) == (
+        int, float, float, bool)
+    train(config, figures=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["p"] == 23
 
 
 def test_a_fresh_run_replaces_the_run_its_directory_held(tmp_path):
