@@ -107,6 +107,12 @@ def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, b
         raise TypeError(f"dtype mismatch: h is {h.dtype} but bias is {bias.dtype}")
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must hold class indices (int64 or int32), got {target.dtype}")
+    if not torch.compiler.is_compiling() and any(
+            torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+            for t in (h, weight) + ((bias,) if bias is not None else ())):
+        # a torch.library custom op without a jvp formula would silently drop the tangent (a zero jvp)
+        raise NotImplementedError("linear_cross_entropy has no forward-mode AD (jvp) formula; "
+                                  "use reverse mode (backward, torch.autograd.grad)")
     devices = {t.device for t in (h, weight, target) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
@@ -148,9 +154,12 @@ def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     num_classes = weight.shape[0]
     if validate:
         _check_targets(target, num_classes, ignore_index)
-    row_max, rest, target_logit, logit_sum, argmax = _impl(backend).forward(
-        h, weight, bias, target, want_logit_sum=label_smoothing > 0, want_argmax=want_argmax,
-        **_backend_kwargs(backend))
+    # autocast must not reach the chunked backend's matmuls: the forward would take bf16 logits while
+    # the backward (usually run outside the autocast region) recomputes them in fp32
+    with torch.autocast(h.device.type, enabled=False):
+        row_max, rest, target_logit, logit_sum, argmax = _impl(backend).forward(
+            h, weight, bias, target, want_logit_sum=label_smoothing > 0, want_argmax=want_argmax,
+            **_backend_kwargs(backend))
     # rest sums exp(z - max) over all classes but the target: -log p_y = (max - z_y) + log1p(rest +
     # expm1(z_y - max)) keeps the ~1e-7 loss of a confident row accurate (there z_y == max exactly,
     # while lse - z_y would cancel to ulp(lse) ~ 2e-6)
@@ -182,9 +191,10 @@ def _linear_ce_backward(h: Tensor, weight: Tensor, bias: Optional[Tensor], targe
                         p_coef: Tensor, t_coef: Tensor, g_target: Tensor, label_smoothing: float,
                         backend: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dh, dweight, dbias); a gradient not asked for (or a missing bias) is an empty tensor."""
-    dh, dw, db = _impl(backend).backward(
-        h, weight, bias, target, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(),
-        g_target.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw, **_backend_kwargs(backend))
+    with torch.autocast(h.device.type, enabled=False):
+        dh, dw, db = _impl(backend).backward(
+            h, weight, bias, target, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(),
+            g_target.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw, **_backend_kwargs(backend))
     # a fresh empty tensor for each missing gradient: a custom op's outputs may not alias each other
     return (dh if dh is not None else h.new_empty(0), dw if dw is not None else h.new_empty(0),
             db if db is not None else h.new_empty(0))
@@ -262,9 +272,10 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
                                             **_backend_kwargs(backend))
             torch_grads = None
         else:  # the chunked backend makes dh, dW and dbias in one pass; the hook steps on dW
-            dh, dw, db = torch_impl.backward(h, weight, bias, target, lse, p_coef, t_coef, g_target,
-                                             label_smoothing, need_dh=need_dh, need_dw=True,
-                                             **_backend_kwargs(backend))
+            with torch.autocast(h.device.type, enabled=False):  # as in _linear_ce_backward
+                dh, dw, db = torch_impl.backward(h, weight, bias, target, lse, p_coef, t_coef, g_target,
+                                                 label_smoothing, need_dh=need_dh, need_dw=True,
+                                                 **_backend_kwargs(backend))
             torch_grads = (dw, db)
         handle.defer(dict(h=h, weight=weight, bias=bias, target=target, lse=lse, p_coef=p_coef, t_coef=t_coef,
                           g_target=g_target, label_smoothing=label_smoothing, backend=backend,
@@ -275,6 +286,18 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
+
+
+def _autocast(h, weight, bias):
+    """Under torch.autocast, the operands of the matmul in the autocast dtype, as F.linear takes them (float64
+    stays float64, as autocast leaves it); the logits still accumulate, and the loss is computed, in fp32."""
+    if not isinstance(h, Tensor) or not torch.is_autocast_enabled(h.device.type):
+        return h, weight, bias
+    dtype = torch.get_autocast_dtype(h.device.type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, Tensor) and t.dtype in triton_impl.SUPPORTED_DTYPES else t
+    return cast(h), cast(weight), cast(bias)
 
 
 def _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, backend):
@@ -308,9 +331,16 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
             gradient (``optimizer.step()`` still updates everything else).  Without grad mode, or
             when weight does not require grad, it is ignored.
 
+    Under ``torch.autocast``, h, weight and bias are cast to the autocast dtype first, as ``F.linear`` would
+    cast them (a bf16 h from an autocast layer meets an fp32 weight); gradients flow back through the cast.
+
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or (N,) for reduction="none".
     """
+    if fused_update is not None and isinstance(h, Tensor) and torch.is_autocast_enabled(h.device.type):
+        raise ValueError("fused_update cannot run under torch.autocast: it updates the weight itself, not the "
+                         "autocast copy the logits would use; call the loss outside the autocast region")
+    h, weight, bias = _autocast(h, weight, bias)
     backend, target, ignore_index = _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing,
                                              z_loss, backend)
     options = (int(ignore_index), float(label_smoothing), float(z_loss), backend)
@@ -335,6 +365,7 @@ def linear_cross_entropy_stats(h: Tensor, weight: Tensor, target: Tensor, *, bia
     ``loss`` is ``linear_cross_entropy(..., reduction="none")``; ``lse`` is the log-sum-exp of
     every row's logits (ignored rows too); ``argmax`` is the predicted class (first maximum), so
     accuracy is ``(argmax == target).float().mean()``.  ``loss`` and ``lse`` are differentiable."""
+    h, weight, bias = _autocast(h, weight, bias)
     backend, target, ignore_index = _prepare(h, weight, target, bias, "none", ignore_index, label_smoothing,
                                              z_loss, backend)
     loss_rows, lse, argmax, _ = _linear_ce(h, weight, bias, target, int(ignore_index), float(label_smoothing),

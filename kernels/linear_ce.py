@@ -161,8 +161,11 @@ def _forward_kernel(
 
         tile_max = tl.max(z, axis=1)
         new_max = tl.maximum(running_max, tile_max)
-        e = tl.exp2((z - new_max[:, None]) * 1.4426950408889634)
-        rest = rest * tl.exp2((running_max - new_max) * 1.4426950408889634) \
+        # rows whose logits so far are all -inf (classes masked by a -inf bias) shift by 0, not by
+        # -inf: -inf - -inf would make rest NaN for good
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        e = tl.exp2((z - shift[:, None]) * 1.4426950408889634)
+        rest = rest * tl.exp2((running_max - shift) * 1.4426950408889634) \
             + tl.sum(tl.where(is_target, 0.0, e), axis=1)
         # from the same tile arithmetic as the max: m - z_y is exactly 0 when the target is predicted
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
@@ -557,7 +560,8 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False, conf
 def merge_splits(split_max, split_rest):
     """Merge per-split (max, rest) pairs of shape (S, N) into one (max, rest) per row."""
     top = split_max.max(dim=0).values
-    return top, (split_rest * torch.exp(split_max - top)).sum(dim=0)
+    shift = torch.where(top == float("-inf"), 0.0, top)  # a split (or row) of only -inf logits adds 0
+    return top, (split_rest * torch.exp(split_max - shift)).sum(dim=0)
 
 
 @dataclass

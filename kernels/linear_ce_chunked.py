@@ -65,9 +65,11 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
                 argmax[r0:r1] = torch.where(tile_max > running_max, tile_arg + k0, argmax[r0:r1])
             # same merge as the Triton kernel (the target left out of the sum); z is overwritten
             new_max = torch.maximum(running_max, tile_max)
-            e = z.sub_(new_max[:, None]).exp_()
+            # all -inf so far (classes masked by a -inf bias): shift by 0, as -inf - -inf is NaN
+            shift = torch.where(new_max == float("-inf"), 0.0, new_max)
+            e = z.sub_(shift[:, None]).exp_()
             e.scatter_(1, local_target, torch.where(in_block[:, None], 0.0, e.gather(1, local_target)))
-            rest = rest * torch.exp(running_max - new_max) + e.sum(dim=1)
+            rest = rest * torch.exp(running_max - shift) + e.sum(dim=1)
             running_max = new_max
         row_max[r0:r1] = running_max
         row_rest[r0:r1] = rest

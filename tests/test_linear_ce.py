@@ -419,6 +419,58 @@ def test_no_features(backend, gen):
     torch.testing.assert_close(b.grad.double(), b_ref.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["triton-split"])
+def test_classes_masked_by_a_minus_inf_bias(backend, gen):
+    """Classes masked with a -inf bias (padding, disallowed classes) add nothing, as in logsumexp, even when
+    they fill whole tiles, chunks and splits: the online max is then still -inf, and shifting by it gave
+    -inf - -inf = NaN for good.  Masked here: the first two class tiles of every row and the last split."""
+    h, w, _, b = make_problem(gen, 9, 16, 130)
+    masked = torch.zeros(130, dtype=torch.bool, device=DEVICE)
+    masked[:64] = masked[100:] = True
+    b = b.masked_fill(masked, float("-inf"))
+    y = torch.randint(64, 100, (9,), generator=gen).to(DEVICE)
+    y[0] = -100
+    if backend == "torch":
+        context = tuning(chunk_classes=32)
+    else:  # SMALL_TILES: 32-class tiles; 3 splits of 64, 64 and 2 classes
+        context = tuning(config=with_splits(SMALL_TILES, 3 if backend == "triton-split" else None))
+        backend = "triton"
+    with context:
+        errors = check(backend, gen, h, w, y, b, z_loss=1e-3)
+        rows, lse, argmax = linear_cross_entropy_stats(h, w, y, bias=b, backend=backend)
+    assert all(math.isfinite(e) for e in errors.values())
+    logits64 = h.double() @ w.double().T + b.double()
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits64, dim=1), rtol=1e-5, atol=0)
+    assert torch.equal(argmax.cpu(), logits64.argmax(dim=1).cpu())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_casts_the_matmul_operands_like_linear(backend, gen):
+    """Under torch.autocast an fp32 classifier meets the autocast dtype's h (as from an autocast layer): both are
+    cast to that dtype, as F.linear casts them, and the result is exactly the call with bf16 inputs, the backward
+    included (run outside the region, as usual).  Outside autocast the mismatch is still an error."""
+    h, w, y, b = make_problem(gen, 7, 24, 97)
+    grad_out = _grad_out(gen, "mean", 7)
+    leaves = [t.detach().requires_grad_() for t in (h, w, b)]
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(leaves[0].bfloat16(), leaves[1], y, bias=leaves[2], backend=backend)
+    loss.backward(grad_out.to(loss.dtype))
+    expected = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend=backend),
+                               h, w, y, b, grad_out, dtype=torch.bfloat16)
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected[0])
+    for leaf, grad in zip(leaves, expected[1:]):
+        assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, grad.float())
+    with pytest.raises(TypeError, match="dtype mismatch: h is torch.bfloat16 but weight is torch.float32"):
+        linear_cross_entropy(h.bfloat16(), w, y, backend=backend)
+
+
+def test_forward_mode_ad_is_refused_not_zero(gen):
+    """A custom op without a jvp formula would drop the tangent and return 0: refused instead."""
+    h, w, y, _ = make_problem(gen, 5, 8, 11)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda x: linear_cross_entropy(x, w, y, backend="torch"), (h,), (torch.ones_like(h),))
+
+
 # --------------------------------------------------------------------------------------------
 # stats, determinism, module, compile
 # --------------------------------------------------------------------------------------------
