@@ -15,7 +15,8 @@ Both follow ``torch.optim.Optimizer``'s contract (param groups, ``zero_grad``, `
   0-dim device tensors (update them in place between replays; a float is read when it changes).
 * ``skip_nonfinite=True``: a step whose gradients hold NaN or Inf is skipped on the device (no host
   sync) and counted in ``nonfinite_steps``.  The default propagates NaN/Inf into the parameters, as
-  torch.optim does.
+  torch.optim does.  (One trace remains: SGDW's first momentum step, skipped, leaves a zero buffer, so the
+  next step starts it at (1 - dampening) * g instead of g; the same with dampening 0.)
 * The classifier's update can run inside the fused cross-entropy backward: :func:`fused_update`.
 
 The decoupled SGDW rule with momentum (torch's SGD couples the decay into the gradient):
@@ -75,24 +76,40 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
     # -- param groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # a refused group must not stay (its params would be stepped)
+            raise
 
     def _check_group(self, group: dict) -> None:
+        _check_unsupported(group)
         _check_common(group["lr"], group["weight_decay"], group["weight_decay_mode"], group["backend"])
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        # caches of device scalars and launch tables are rebuilt (a copy or an unpickled optimizer)
+        self.__dict__.setdefault("skip_nonfinite", False)
+        for name in ("_scalars", "_tables", "_nonfinite_steps", "_fused_weights"):
+            self.__dict__.setdefault(name, {})
         for group in self.param_groups:
+            if "weight_decay_mode" not in group:  # a torch.optim state dict: which rule did it use?
+                group["weight_decay_mode"] = self._torch_weight_decay_mode(group)
             for key, value in self.defaults.items():
-                if key == "weight_decay_mode" and "decoupled_weight_decay" in group:
-                    # a torch.optim.Adam/AdamW state dict says which rule it used
-                    value = "decoupled" if group["decoupled_weight_decay"] else "l2"
                 group.setdefault(key, value)
+
+    def _torch_weight_decay_mode(self, group: dict) -> str:
+        return self.defaults["weight_decay_mode"]
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this class or of the matching torch.optim class.  torch casts state
         to the parameter's dtype; here state stays fp32 (bf16 moments lose the update), and the step
         count moves to the parameter's device (graph-capturable)."""
+        for group in state_dict["param_groups"]:
+            _check_unsupported(group)
         super().load_state_dict(state_dict)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
@@ -137,6 +154,7 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             if isinstance(value, Tensor):
                 if tensors:
                     buffer[slot].copy_(value.reshape(()))
+                    host[slot] = None  # the buffer no longer holds the last float
             elif host[slot] != float(value):
                 buffer[slot].fill_(float(value))
                 host[slot] = float(value)
@@ -166,7 +184,8 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         grads: dict = {}
         for group in self.param_groups:
             for _, g in self._grads_with_params(group):
-                grads.setdefault(g.device, []).append(g)
+                if g.numel():  # the inf-norm of an empty tensor is an error
+                    grads.setdefault(g.device, []).append(g)
         flags = {}
         for device, gs in grads.items():
             # max |g| is NaN or Inf exactly when some element is (one foreach launch, no big temporaries)
@@ -199,10 +218,13 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             for key, pairs in buckets.items():
                 device, dtype = key[0], key[1]
                 backend = self._backend(group, device)
+                if backend == "triton" and group["backend"] == "auto" and not all(
+                        p.is_contiguous() and g.is_contiguous() for p, g in pairs):
+                    backend = "torch"  # e.g. channels_last weights: the kernels take contiguous tensors only
                 if backend == "triton" and dtype != torch.float64:
                     lr, weight_decay = self._device_scalars(index, group, device)
                 else:  # PyTorch ops take floats or tensors as they are, like torch.optim
-                    backend, lr, weight_decay = "torch", group["lr"], group["weight_decay"]
+                    backend, lr, weight_decay = "torch", _scalar(group["lr"]), _scalar(group["weight_decay"])
                 self._update(index, key, group, pairs, lr, weight_decay, backend, skips.get(device))
         for handle in self._fused_weights.values():
             handle._after_step()
@@ -217,6 +239,21 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
     def _table(self, index: int, key: tuple):
         from fastcyclic.kernels import optim as kernels
         return self._tables.setdefault((index,) + key, kernels.TensorTable())
+
+
+def _scalar(value):
+    return value.reshape(()) if isinstance(value, Tensor) else value
+
+
+_UNSUPPORTED = ("maximize", "amsgrad", "differentiable")
+
+
+def _check_unsupported(group: dict) -> None:
+    """torch.optim options these optimizers do not implement: refused, not ignored (a param group or a
+    torch state dict may carry them)."""
+    for key in _UNSUPPORTED:
+        if group.get(key):
+            raise ValueError(f"{key}=True is not supported by fastcyclic's optimizers")
 
 
 def _check_floating(p: Tensor) -> None:
@@ -286,6 +323,11 @@ class AdamW(_WeightDecayOptimizer):
         _check_betas(group["betas"])
         if not group["eps"] > 0.0:
             raise ValueError(f"eps must be > 0, got {group['eps']}")
+
+    def _torch_weight_decay_mode(self, group: dict) -> str:
+        if "decoupled_weight_decay" in group:  # torch.optim.Adam and AdamW say which rule they used
+            return "decoupled" if group["decoupled_weight_decay"] else "l2"
+        return super()._torch_weight_decay_mode(group)
 
     def _init_state(self, p: Tensor) -> dict:
         state = self.state[p]
@@ -378,6 +420,9 @@ class SGDW(_WeightDecayOptimizer):
         super()._check_group(group)
         _check_momentum(group["momentum"], group["dampening"], group["nesterov"])
 
+    def _torch_weight_decay_mode(self, group: dict) -> str:
+        return "l2"  # torch.optim.SGD's weight decay joins the gradient
+
     def _bucket_extra(self, p: Tensor) -> tuple:
         # the first step sets buf = g; tensors on their first step go in a launch of their own
         return ("momentum_buffer" not in self.state[p],)
@@ -386,9 +431,10 @@ class SGDW(_WeightDecayOptimizer):
         momentum = group["momentum"]
         first_step = key[-1]
         buffers = [None] * len(pairs)
+        for p, _ in pairs:
+            _check_floating(p)
         if momentum != 0:
             for i, (p, _) in enumerate(pairs):
-                _check_floating(p)
                 state = self.state[p]
                 if first_step:
                     dtype = torch.float64 if p.dtype == torch.float64 else torch.float32

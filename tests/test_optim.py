@@ -4,7 +4,9 @@ On CPU the "triton" backend runs the real multi-tensor kernels under TRITON_INTE
 results must agree with torch.optim to fp32 rounding over many steps; bf16 parameters (fp32 state)
 to one bf16 ulp.
 """
+import copy
 import gc
+import pickle
 import weakref
 
 import pytest
@@ -284,6 +286,115 @@ def test_tensor_lr_and_weight_decay_follow_in_place_updates(gen):
     assert_params_close(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float_lr_after_a_tensor_lr_is_written(backend, gen):
+    """lr 0.01, then a tensor 0.5, then 0.01 again: the device copy must not keep 0.5 because the float
+    equals the one it saw two steps ago."""
+    start = make_params(gen, [(17,)])
+    a, b = clones(start), clones(start)
+    opt_a, opt_b = AdamW(a, lr=0.01, backend=backend), torch.optim.AdamW(b, lr=0.01)
+    for lr in (0.01, 0.5, 0.01, 0.01):
+        opt_a.param_groups[0]["lr"] = torch.tensor(lr, device=DEVICE) if lr == 0.5 else lr
+        opt_b.param_groups[0]["lr"] = lr
+        g = torch.randn(17, generator=gen).to(DEVICE)
+        a[0].grad, b[0].grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert_params_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_one_element_tensor_lr_steps_a_0_dim_param(backend, gen):
+    p = torch.randn((), generator=gen).to(DEVICE).requires_grad_()
+    q = p.detach().clone().requires_grad_()
+    opt_p = AdamW([p], lr=torch.tensor([0.01], device=DEVICE), weight_decay=torch.tensor([0.1]), backend=backend)
+    opt_q = AdamW([q], lr=0.01, weight_decay=0.1, backend=backend)
+    for _ in range(3):
+        p.grad = q.grad = torch.randn((), generator=gen).to(DEVICE)
+        opt_p.step()
+        opt_q.step()
+    assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("option", ["maximize", "amsgrad"])
+def test_torch_options_we_do_not_implement_are_refused_not_ignored(option):
+    """They reach the optimizer through a param group or a torch state dict, not only as keywords."""
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=f"{option}=True is not supported"):
+        AdamW([{"params": [p], option: True}])
+    opt = AdamW([p])
+    with pytest.raises(ValueError, match=f"{option}=True is not supported"):
+        opt.load_state_dict(torch.optim.AdamW([p], **{option: True}).state_dict())
+    assert option not in opt.param_groups[0]
+
+
+def test_a_refused_param_group_is_not_kept():
+    opt = AdamW([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [lambda p, b: SGDW(p, lr=0.1, backend=b), lambda p, b: AdamW(p, backend=b)],
+                         ids=["sgdw", "adamw"])
+def test_complex_params_are_refused(make, backend):
+    p = torch.ones(3, dtype=torch.complex64, device=DEVICE, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError, match="parameters must be floating point, got torch.complex64"):
+        make([p], backend).step()
+    assert torch.equal(p, torch.ones_like(p))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_nonfinite_with_an_empty_param(backend, gen):
+    params = clones(make_params(gen, [(0,), (5,)]))
+    opt = AdamW(params, backend=backend, skip_nonfinite=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.nonfinite_steps == 0 and float(opt.state[params[1]]["step"]) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_steps_like_the_original(backend, how, gen):
+    """torch.optim's optimizers survive copy.deepcopy and pickling; ours keep their options and rebuild their
+    caches of device scalars and launch tables."""
+    params = clones(make_params(gen, [(7,)]))
+    opt = SGDW(params, lr=0.1, momentum=0.9, weight_decay=0.01, backend=backend, skip_nonfinite=True)
+    params[0].grad = torch.randn(7, generator=gen).to(DEVICE)
+    opt.step()
+    if how == "deepcopy":
+        twin_opt = copy.deepcopy(opt)
+        twin = twin_opt.param_groups[0]["params"]
+    else:
+        twin_opt = pickle.loads(pickle.dumps(opt))
+        twin = twin_opt.param_groups[0]["params"]
+    assert twin_opt.skip_nonfinite and twin[0] is not params[0]
+    g = torch.randn(7, generator=gen).to(DEVICE)
+    params[0].grad, twin[0].grad = g.clone(), g.clone()
+    opt.step()
+    twin_opt.step()
+    assert torch.equal(params[0], twin[0])
+
+
+def test_auto_backend_steps_non_contiguous_params_with_torch_ops(monkeypatch, gen):
+    """On CUDA "auto" picks the kernels, which take contiguous tensors only: a channels_last conv weight goes
+    through the torch ops instead of raising.  (Made to pick the kernels here as on CUDA.)"""
+    monkeypatch.setattr(AdamW, "_backend", lambda self, group, device: "triton")
+    start = torch.randn(4, 3, 2, 2, generator=gen).to(DEVICE).to(memory_format=torch.channels_last)
+    a, b = start.clone().requires_grad_(), start.clone().requires_grad_()
+    assert not a.is_contiguous()
+    opt_a, opt_b = AdamW([a], lr=0.01, weight_decay=0.1), torch.optim.AdamW([b], lr=0.01, weight_decay=0.1)
+    for _ in range(3):
+        g = torch.randn(start.shape, generator=gen).to(DEVICE)
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert_params_close([a], [b])
+
+
 # --------------------------------------------------------------------------------------------
 # state_dict interchange with torch
 # --------------------------------------------------------------------------------------------
@@ -327,6 +438,32 @@ def test_state_dict_keeps_fp32_state_for_bf16_params(gen):
     assert again.state[p]["exp_avg"].dtype == torch.float32
     assert again.state[p]["step"].device == p.device and float(again.state[p]["step"]) == 1
     assert again.param_groups[0]["weight_decay_mode"] == "decoupled"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_sgd_state_dict_loads_as_l2_mode_and_continues(backend, gen):
+    """torch.optim.SGD's weight decay is L2: its state dict continues in SGDW as SGD would, whatever mode
+    the SGDW was built with."""
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.1)
+    start = make_params(gen, [(17,)])
+    ours, theirs = clones(start), clones(start)
+    torch_opt = torch.optim.SGD(ours, **kw)
+    for _ in range(3):
+        ours[0].grad = torch.randn(17, generator=gen).to(DEVICE)
+        torch_opt.step()
+    with torch.no_grad():
+        theirs[0].copy_(ours[0])
+    same = torch.optim.SGD(theirs, **kw)
+    same.load_state_dict(torch_opt.state_dict())
+    opt = SGDW(ours, lr=1.0, backend=backend)  # mode "decoupled" by default; the state dict says l2
+    opt.load_state_dict(torch_opt.state_dict())
+    assert opt.param_groups[0]["weight_decay_mode"] == "l2"
+    for _ in range(5):
+        g = torch.randn(17, generator=gen).to(DEVICE)
+        ours[0].grad, theirs[0].grad = g.clone(), g.clone()
+        opt.step()
+        same.step()
+    assert_params_close(ours, theirs)
 
 
 def test_torch_adam_state_dict_loads_as_l2_mode(gen):
