@@ -44,7 +44,8 @@ seeds (the same resampled seeds at every λ; resamples without a crossing are le
 Each crossing also reports its bracket, the two grid points around it: the seeds cannot say where inside it the edge
 lies (with all seeds agreeing, the bootstrap interval has zero width).
 Fits: least squares of log λ against log K (K = P) over the P with a crossing; slope, intercept, R², a t interval
-(3+ points), a bootstrap interval (the fit repeated on each bootstrap replicate) and the grid range (the least and
+(3+ points), a bootstrap interval (the fit repeated on each bootstrap replicate with a crossing at every one of
+those P; a single seed gives no bootstrap) and the grid range (the least and
 greatest slope with every crossing anywhere in its bracket).  λ_crit = Θ(1/K) means slope −1, λ_crit·K constant.
 """
 from __future__ import annotations
@@ -967,11 +968,12 @@ class EdgeEstimate:
 
     def to_dict(self, p: int) -> dict:
         c = self.crossing
+        ci = self.ci if c.status == "crossing" else None  # no interval around a value that is not there
         return dict(status=c.status, value=c.value, text=c.describe(self.lambdas),
                     bracket=list(c.bracket) if c.bracket else None,
-                    ci=list(self.ci) if self.ci else None, boot_share=self.boot_share,
+                    ci=list(ci) if ci else None, boot_share=self.boot_share,
                     times_K=c.value * p if c.value is not None else None,
-                    ci_times_K=[v * p for v in self.ci] if self.ci else None,
+                    ci_times_K=[v * p for v in ci] if ci else None,
                     lambdas=self.lambdas, fractions=self.fractions, counts=self.counts, n_seeds=self.n_seeds)
 
 
@@ -991,7 +993,7 @@ def estimate_edge(indicator: dict, *, n_boot: int = 1000, rng: Optional[np.rando
         fractions = np.nanmean(M, axis=0) if len(seeds) else np.full(len(lambdas), np.nan)
     crossing = first_crossing(lambdas, fractions, level)
     est = EdgeEstimate(crossing, lambdas, [None if f != f else float(f) for f in fractions], counts, len(seeds))
-    if n_boot <= 0 or not seeds:
+    if n_boot <= 0 or len(seeds) < 2:  # one seed: nothing to resample, no interval
         return est
     idx = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
     with np.errstate(all="ignore"), _quiet_nanmean():
@@ -1042,9 +1044,10 @@ def loglog_fit(K, values) -> dict:
     return fit
 
 
-def fit_edges(ps: list, estimates: list, *, min_boot_points: int = 2) -> dict:
+def fit_edges(ps: list, estimates: list, *, min_boot_points: Optional[int] = None) -> dict:
     """The log-log fit of the estimates with a crossing against K = P, plus a bootstrap interval for the slope:
-    the fit redone on every bootstrap replicate that has a crossing at ≥ min_boot_points P values."""
+    the fit redone on every bootstrap replicate that has a crossing at ≥ min_boot_points P values (default: all
+    of them, so every replicate is the same estimator)."""
     chosen = [(p, e) for p, e in zip(ps, estimates) if e.crossing.status == "crossing"]
     fit = loglog_fit([p for p, _ in chosen], [e.crossing.value for _, e in chosen])
     fit["ps"] = [p for p, _ in chosen]
@@ -1062,6 +1065,8 @@ def fit_edges(ps: list, estimates: list, *, min_boot_points: int = 2) -> dict:
         return fit
     B = np.stack(boots)  # (P, replicate)
     K = np.array([p for p, _ in chosen], dtype=float)
+    # a replicate is the same estimator on resampled seeds: a crossing at every P of the fit, not a fit over a subset
+    min_boot_points = len(chosen) if min_boot_points is None else min_boot_points
     slopes = []
     for b in range(B.shape[1]):
         ok = np.isfinite(B[:, b])
@@ -1084,7 +1089,7 @@ def analyse(records, *, n_boot: int = 1000, seed: int = 0) -> dict:
         entry = dict(runs=len(mine), failed=len(mine) - len(ok),
                      phases={ph: sum(r["phase"] == ph for r in mine) for ph in PHASES if any(
                          r["phase"] == ph for r in mine)}, per_p=[])
-        ps = sorted({r["p"] for r in ok})
+        ps = sorted({r["p"] for r in mine if r["p"] is not None})  # a P whose runs all failed: "no data"
         estimates = {name: [] for name in ESTIMATORS}
         for p in ps:
             at_p = [r for r in ok if r["p"] == p]

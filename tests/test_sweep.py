@@ -465,6 +465,57 @@ def test_claims_against_a_shallow_law_and_without_cyclic_runs():
     assert claims["1"].verdict == claims["2"].verdict == "inconclusive"
 
 
+def test_intervals_only_around_a_crossing_and_with_two_seeds():
+    """No interval around a value that is not there (resamples may cross where the data do not), and none from
+    one seed (resampling one seed returns it: a zero-width "95 %" interval)."""
+    none = sweep.estimate_edge({0.01: {0: 0, 1: 0, 2: 1}, 0.1: {0: 1, 1: 0, 2: 0}}, n_boot=500).to_dict(31)
+    assert none["status"] == "none" and none["ci"] is None and none["ci_times_K"] is None
+    one_seed = sweep.estimate_edge({0.01: {0: 0}, 0.1: {0: 1}}, n_boot=500)
+    assert one_seed.crossing.status == "crossing" and one_seed.ci is None
+
+
+def test_the_slope_bootstrap_refits_every_p_and_claim_4_sees_the_scatter():
+    # P = 31 crosses only when its two cyclic seeds are drawn; a replicate without it is another estimator
+    grid = [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064]
+    records = [fake(31, lam, s, "cyclic" if lam >= 0.016 and s < 2 else "multi-frequency")
+               for lam in grid for s in range(3)]
+    records += [fake(p, lam, s, "cyclic" if lam >= 0.002 else "multi-frequency")
+                for p in (61, 97) for lam in grid for s in range(3)]
+    fit = sweep.analyse(records, n_boot=500)["series"]["main"]["fit_lambda_crit"]
+    assert fit["n"] == 3 and fit["slope_ci"][1] < -1.5  # two-point fits of 61 and 97 alone give slope 0
+    # seeds agreeing at P = 31, 61, 97 on λ_crit = 0.01, 0.01, 0.004: no power law, and three points cannot
+    # exclude −1 (t interval), though the bootstrap (zero width) and the fine grid alone would
+    grid = [float(f"{v:.4g}") for v in np.geomspace(1e-3, 1e-1, 41)]
+    records = [fake(p, lam, s, "cyclic" if lam >= c else "multi-frequency")
+               for p, c in ((31, 0.01), (61, 0.01), (97, 0.004)) for lam in grid for s in range(3)]
+    fit = sweep.analyse(records, n_boot=100)["series"]["main"]["fit_lambda_crit"]
+    lo, hi = reproduce.slope_interval(fit)
+    assert lo <= fit["slope_ci_ols"][0] and hi >= fit["slope_ci_ols"][1] and lo < -1 < hi
+    assert reproduce._judge_slope(fit)[0] == "inconclusive"
+
+
+def test_a_p_whose_runs_all_failed_is_reported_not_dropped():
+    records = [fake(p, lam, s, "cyclic" if lam >= 0.03 else "multi-frequency")
+               for p in (31, 61) for lam in (0.01, 0.1) for s in range(3)]
+    records += [dict(id=f"f-{lam}-{s}", block="main", series="main", status="failed", error="out of memory",
+                     config=dict(p=97, weight_decay=lam, seed=s)) for lam in (0.01, 0.1) for s in range(3)]
+    analysis = sweep.analyse(records, n_boot=50)
+    entry = analysis["series"]["main"]
+    assert [e["p"] for e in entry["per_p"]] == [31, 61, 97] and entry["fit_lambda_crit"]["excluded"] == {
+        "97": "no data"}
+    assert "2 of 3 P" in reproduce.claim_4(analysis, "main").reason
+
+
+def test_claims_1_and_2_need_a_majority_and_a_contrast():
+    # claim 1: "most runs" is more than half: 1 cyclic of 2 at best is not enough
+    tie = [fake(p, lam, s, "cyclic" if lam == 0.1 and s == 0 else "multi-frequency")
+           for p in (31, 61, 97) for lam in (0.01, 0.03, 0.1) for s in range(2)]
+    assert verdicts(tie)["1"].verdict == "not supported"
+    # claim 2: one λ per P is at once the "high" λ of claim 1 and the "low" λ of claim 2: no contrast
+    one_lambda = [fake(p, 0.01, s, "cyclic") for p in (31, 61, 97) for s in range(3)]
+    assert verdicts(one_lambda)["2"].verdict == "inconclusive"
+
+
 def test_claim_3_locking_and_order():
     rows = [fake(97, 0.01, s, "cyclic", series="layer-order", locking=0.8, order=("t", 300, 700)) for s in range(5)]
     claims = verdicts(rows)
