@@ -266,6 +266,16 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
         p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, None, target, lse, nll, ignore_index,
                                                      label_smoothing, z_loss, weight.shape[0])
         need_dh = ctx.needs_input_grad[0]
+        try:  # False: this backward does not reach weight (backward(inputs=...), autograd.grad w.r.t. h)
+            reaches_weight = torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(weight).node)
+        except RuntimeError:  # torch: "... we are currently running autograd.grad()", with weight among its inputs
+            raise RuntimeError("torch.autograd.grad w.r.t. the classifier weight of a fused_update loss: its gradient "
+                               "is never formed (the update is fused into .backward()); call the loss without "
+                               "fused_update for this") from None
+        if not reaches_weight:  # the ordinary gradients of h and bias; no update (weight gets no gradient)
+            dh, _, db = _linear_ce_backward(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
+                                            backend, need_dh, False)
+            return (dh if need_dh else None, None, db if ctx.needs_input_grad[2] else None) + (None,) * 7
         if backend == "triton":  # dh now, from the weight as it is; dW and the update in the hook
             dh, _, _ = triton_impl.backward(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
                                             need_dh=need_dh, need_dw=False, need_db=False,

@@ -210,6 +210,8 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for handle in self._fused_weights.values():
+            handle._before_step()  # before any parameter moves: a refusal leaves nothing half-stepped
         skips = self._skip_flags()
         for index, group in enumerate(self.param_groups):
             buckets: dict = {}
@@ -478,14 +480,25 @@ class FusedUpdate:
     How it stays equal to "backward, then optimizer.step()":
     * The update waits for weight's gradient hook, which autograd runs once every use of weight in
       the graph has reported.  If any other use sent a gradient (tied weights, a regulariser), the
-      hook raises before anything is updated: that gradient cannot join a dW that never exists.
+      hook raises before anything is updated: that gradient cannot join a dW that never exists.  Two
+      fused losses on one weight in one graph are refused the same way.
+    * The hook only queues the update: it runs when the whole backward has succeeded, so nodes that
+      still read weight (a detached copy) see it as it was, and a failed backward updates nothing.
+      A backward that does not reach weight (``backward(inputs=...)``, ``autograd.grad`` w.r.t.
+      other tensors) gives it no gradient and no update; ``autograd.grad`` w.r.t. weight is refused.
     * A second fused backward before ``optimizer.step()`` (gradient accumulation across
       micro-batches), or a weight that already holds a .grad, raises before any kernel runs.
+    * The update reads the group's lr, weight decay, betas, ... when the backward runs: a float
+      among them changed before ``optimizer.step()`` makes the step refuse, before anything moves
+      (a tensor lr changed in place in that window is not seen: change it before the forward).
     * The bias, if any, gets its gradient as usual (set in the same hook) and is stepped by
       ``optimizer.step()`` with its own group's settings.
     Gradient clipping by global norm cannot be honoured (the update happens before the norm is
     known); ``max_grad_norm`` and ``grad_accumulation_steps`` are accepted only to refuse them
     clearly, as a configuration error, and ``skip_nonfinite`` optimizers are refused likewise.
+    What it cannot see, and the caller must not do: ``clip_grad_norm_`` over the model (weight has
+    no .grad, so it is neither in the norm nor clipped), loss scaling with unscaled gradients
+    (GradScaler), gradient all-reduce hooks (DDP), and the same weight in a second optimizer.
     Create it with :func:`fused_update`."""
 
     def __init__(self, optimizer: _WeightDecayOptimizer, weight: Tensor):
@@ -494,6 +507,8 @@ class FusedUpdate:
         self.group_index = next(i for i, g in enumerate(optimizer.param_groups)
                                 if any(p is weight for p in g["params"]))
         self._pending = None  # what the dW pass needs, from the loss's backward to weight's hook
+        self._pending_task = None  # the autograd graph task that deferred it
+        self._hyper: dict = {}  # the group's float hyper-parameters the last update used
         self._stepped = True  # False between a fused update and the next optimizer.step()
         self._hook = weight.register_hook(self._on_weight_gradient)
         optimizer._fused_weights[id(weight)] = self
@@ -509,6 +524,9 @@ class FusedUpdate:
             raise ValueError("fused_update was created for another weight tensor")
         if self.optimizer._fused_weights.get(id(weight)) is not self:
             raise ValueError("this fused_update handle was removed")
+        if self.optimizer.skip_nonfinite:
+            raise ValueError("the fused update cannot skip a step for non-finite gradients it has not seen yet "
+                             "(optimizer.skip_nonfinite was set to True)")
         self._check_can_update()
 
     def _check_can_update(self) -> None:
@@ -525,7 +543,14 @@ class FusedUpdate:
     # called by the loss's backward (kernels.* tensors and coefficients), then by autograd's hook
     def defer(self, pending: dict) -> None:
         self._check_can_update()
-        self._pending = pending
+        task = torch._C._current_graph_task_id()
+        if self._pending is not None and self._pending_task == task:  # (an older one: a backward that failed)
+            self._pending = None
+            raise RuntimeError(
+                "the classifier weight is used by more than one fused cross-entropy in this graph (two "
+                "linear_cross_entropy calls with the same fused_update handle): only one dW can be fused; "
+                "nothing was updated. Concatenate the rows into one call, or do not use fused_update")
+        self._pending, self._pending_task = pending, task
 
     def _on_weight_gradient(self, grad: Optional[Tensor]) -> None:
         pending, self._pending = self._pending, None
@@ -539,13 +564,29 @@ class FusedUpdate:
                 "loss): its gradient from there cannot be fused into the cross-entropy's update; nothing was "
                 "updated. Use the ordinary path (no fused_update) for this model")
         self._check_can_update()
-        with torch.no_grad():
-            self._apply(**pending)
-        self._stepped = False
+
+        def run():  # at the end of the backward: nodes that still read weight (e.g. through a detached
+            # copy) see it as it was, and a backward that fails later updates nothing
+            self._check_can_update()
+            self._hyper = _hyper_snapshot(self.optimizer.param_groups[self.group_index])
+            with torch.no_grad():
+                self._apply(**pending)
+            self._stepped = False
+        torch.autograd.Variable._execution_engine.queue_callback(run)
+
+    def _before_step(self) -> None:
+        # a loss whose backward did not reach the weight (backward(inputs=...), autograd.grad w.r.t. other
+        # tensors, an aborted backward): no gradient, so no update, as in the unfused path
+        self._pending = None
+        if not self._stepped:
+            group = self.optimizer.param_groups[self.group_index]
+            if _hyper_snapshot(group) != self._hyper:
+                raise RuntimeError(
+                    "the classifier's param group changed (lr, weight_decay, ...) between the fused backward and "
+                    "optimizer.step(): the fused update already used the old values. Change them before the "
+                    "forward (or after step()), or do not use fused_update")
 
     def _after_step(self) -> None:
-        if self._pending is not None:
-            raise RuntimeError("a fused classifier update is still pending: backward did not reach the weight")
         self._stepped = True
 
     def _apply(self, h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, backend,
@@ -584,6 +625,11 @@ class FusedUpdate:
                 bias.grad = db.detach()
             else:  # in place: a captured CUDA graph and the optimizer's tables hold its address
                 bias.grad.add_(db)
+
+
+def _hyper_snapshot(group: dict) -> dict:
+    # float hyper-parameters only: a tensor lr changed in place is read on the device (no host sync here)
+    return {k: v for k, v in group.items() if k != "params" and not isinstance(v, Tensor)}
 
 
 def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accumulation_steps: int = 1,

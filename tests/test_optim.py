@@ -733,6 +733,82 @@ def test_fused_update_is_inert_without_grad_mode(gen):
     assert torch.equal(w.detach(), before)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_update_refuses_two_fused_losses_on_one_weight(backend, gen):
+    w, opt, handle, x, y = _fused_setup(gen)
+    before = w.detach().clone()
+    loss = linear_cross_entropy(x[:4], w, y[:4], backend=backend, fused_update=handle) + \
+        linear_cross_entropy(x[4:], w, y[4:], backend=backend, fused_update=handle)
+    with pytest.raises(RuntimeError, match="more than one fused cross-entropy"):
+        loss.backward()
+    assert torch.equal(w.detach(), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_update_backward_that_does_not_reach_the_weight(backend, gen):
+    w, opt, handle, x, y = _fused_setup(gen)
+    u = torch.eye(4, device=DEVICE).requires_grad_()
+    opt.add_param_group({"params": [u]})
+    before = w.detach().clone()
+    torch.autograd.grad(linear_cross_entropy(x @ u, w, y, backend=backend, fused_update=handle), [u])
+    linear_cross_entropy(x @ u, w, y, backend=backend, fused_update=handle).backward(inputs=[u])
+    opt.step()  # W got no gradient: not stepped, as without fused_update
+    assert torch.equal(w.detach(), before) and w not in opt.state
+    with pytest.raises(RuntimeError, match="autograd.grad w.r.t. the classifier weight"):
+        torch.autograd.grad(linear_cross_entropy(x, w, y, backend=backend, fused_update=handle), [w])
+    assert torch.equal(w.detach(), before)
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Identity whose backward raises: a backward that fails after the classifier's gradient hook has run."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward failed")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_update_waits_for_the_end_of_backward(backend, gen):
+    """The update runs once the whole backward has succeeded: a node that still reads W (through a detached copy)
+    sees it as it was, as without fused_update, and a backward that fails updates nothing and blocks nothing."""
+    w, opt, handle, x, y = _fused_setup(gen)
+    w_plain = w.detach().clone().requires_grad_()
+    opt_plain = AdamW([w_plain], lr=opt.param_groups[0]["lr"], backend=backend)
+    for weight, fused, optimizer in ((w, handle, opt), (w_plain, None, opt_plain)):
+        xr = x.clone().requires_grad_()
+        loss = linear_cross_entropy(xr, weight, y, backend=backend, fused_update=fused) + (xr @ weight.detach().T).sum()
+        loss.backward()
+        optimizer.step()
+    torch.testing.assert_close(w.detach(), w_plain.detach(), rtol=1e-5, atol=1e-6)
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match="backward failed"):
+        linear_cross_entropy(_FailingBackward.apply(xr), w, y, backend=backend, fused_update=handle).backward()
+    assert torch.equal(w.detach(), before)
+    linear_cross_entropy(x, w, y, backend=backend, fused_update=handle).backward()  # not refused
+    opt.step()
+    assert not torch.equal(w.detach(), before)
+
+
+def test_fused_update_refuses_hyper_parameters_changed_before_step(gen):
+    """The update used the group's lr when the backward ran: a change before step() would reach the other
+    parameters only, so step() refuses before anything moves.  skip_nonfinite turned on later is refused too."""
+    w, opt, handle, x, y = _fused_setup(gen)
+    linear_cross_entropy(x, w, y, fused_update=handle).backward()
+    updated = w.detach().clone()
+    opt.param_groups[0]["lr"] = 0.5
+    with pytest.raises(RuntimeError, match="changed .* between the fused backward and optimizer.step"):
+        opt.step()
+    assert torch.equal(w.detach(), updated)
+    w2, opt2, handle2, x, y = _fused_setup(gen)
+    opt2.skip_nonfinite = True
+    with pytest.raises(ValueError, match="skip_nonfinite"):
+        linear_cross_entropy(x, w2, y, fused_update=handle2)
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA only: torch's fused AdamW and CUDA graph capture
 # --------------------------------------------------------------------------------------------
