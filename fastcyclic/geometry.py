@@ -90,7 +90,7 @@ CYCLIC_RHO2 = 0.9
 
 CYCLIC_MIN_AXIS_RATIO = 0.5
 """σ₂/σ₁ at or above which the top-2 plane holds a circle (or an ellipse at most 2:1), not a line. Trained circles
-measure 0.96-0.99 (the cpu preset's cyclic runs, rerun); a rank-1 layout measures ~0."""
+measure 0.94-1.0 (W and E of the cpu preset's six cyclic runs); a rank-1 layout measures ~0."""
 
 ETF_MAX_DISTANCE = 0.2
 """dist(G, T_etf) at or below which rows are "etf-like": cosine similarity of the Grams ≥ 1 − 0.2²/2 = 0.98.

@@ -1,7 +1,7 @@
 """``fastcyclic reproduce``: run a preset sweep and write report.md, which states each claim of the paper, the
 measurement that tests it, the numbers and a plain verdict (supported / not supported / inconclusive).
 
-    fastcyclic reproduce --preset cpu --out DIR      ~25 min on 2 CPU cores (budget: 30 min), P = 31, 61, 97
+    fastcyclic reproduce --preset cpu --out DIR      15-25 min on 2 CPU cores (budget: 30 min), P = 31, 61, 97
     fastcyclic reproduce --preset gpu --out DIR      one GPU, P = 127 … 65521 (budget: 1 hour; not yet measured)
     fastcyclic reproduce --preset tiny --out DIR     a self-check in seconds (P = 11, 13; the numbers mean nothing)
 
