@@ -8,12 +8,15 @@ import tempfile
 from typing import BinaryIO, Callable
 
 
+TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".tmp"  # write_atomic's temporary files (tests look for *.tmp leftovers)
+
+
 def write_atomic(path: str, write: Callable[[BinaryIO], object]) -> str:
     """Call ``write(file)`` on a temporary file in path's folder, then rename it over path."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tmp", dir=folder)  # tests look for *.tmp leftovers
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -31,6 +34,14 @@ def write_atomic(path: str, write: Callable[[BinaryIO], object]) -> str:
     finally:
         os.close(dir_fd)
     return path
+
+
+def remove_temporaries(folder: str) -> None:
+    """Delete the temporary files of writes a SIGKILL interrupted in folder (write_atomic's cleanup never ran):
+    a checkpoint's size each.  Only for a folder no other process is writing to."""
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
+            os.remove(os.path.join(folder, name))
 
 
 def write_bytes(path: str, data: bytes) -> str:

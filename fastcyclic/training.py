@@ -22,6 +22,7 @@ import os
 import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,7 +31,7 @@ import torch
 
 from fastcyclic import geometry
 from fastcyclic.data import ModularAddition
-from fastcyclic.files import write_atomic, write_json
+from fastcyclic.files import remove_temporaries, write_atomic, write_json
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
 from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update, fused_update_fits
 from fastcyclic.sweep import chance_threshold
@@ -143,7 +144,8 @@ def validate(config: TrainConfig) -> None:
          f"weight_decay_warmup must be an integer >= 0, got {c.weight_decay_warmup!r}"),
         (lambda: _is_number(c.init_scale) and c.init_scale >= 0,
          f"init_scale must be a finite number >= 0, got {c.init_scale!r}"),
-        (lambda: _is_int(c.seed), f"seed must be an integer, got {c.seed!r}"),
+        (lambda: _is_int(c.seed) and -2**63 <= c.seed < 2**63 - 1,  # torch.manual_seed(seed + 1) takes int64
+         f"seed must be an integer in [-2^63, 2^63 - 2], got {c.seed!r}"),
         (lambda: c.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {c.dtype!r}"),
         (lambda: c.device in ("auto", "cpu") or c.device.startswith("cuda"),
          f"device must be 'auto', 'cpu' or 'cuda[:n]', got {c.device!r}"),
@@ -369,11 +371,15 @@ class Trainer:
 
     # ---- measurements -------------------------------------------------------------------------
     def check_finite(self) -> None:
-        """Raise TrainingDiverged if any step so far had a NaN/Inf loss (reads one number: a sync)."""
+        """Raise TrainingDiverged if any step so far had a NaN/Inf loss, or the parameters are NaN/Inf now (an
+        update can overflow while the loss it came from was finite).  A sync: at evaluations and checkpoints."""
+        kept = "the metrics and the last good checkpoint (if one was written) are kept"
         first_bad = int(self._first_bad_step)
         if first_bad >= 0:
-            raise TrainingDiverged(f"the training loss became NaN/Inf at step {first_bad + 1}; the metrics and the "
-                                   "last good checkpoint (if one was written) are kept")
+            raise TrainingDiverged(f"the training loss became NaN/Inf at step {first_bad + 1}; {kept}")
+        largest = torch._foreach_norm([p.detach() for p in self.model.parameters()], float("inf"))
+        if not bool(torch.stack(largest).isfinite().all()):
+            raise TrainingDiverged(f"the parameters became NaN/Inf by step {self.step_count}; {kept}")
 
     @torch.no_grad()
     def _loss_and_accuracy(self, pairs, chunk: int = 8192) -> tuple[float, float]:
@@ -438,6 +444,8 @@ class Trainer:
             batch_generator=self.batch_generator.get_state(), torch_rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             history=[dict(record) for record in self.history],
+            # the mean training loss since the last evaluation spans the resume point
+            loss_sum=self._loss_sum.clone(), loss_steps=self._loss_steps,
         )
 
     def load_state_dict(self, state: dict) -> None:
@@ -463,10 +471,11 @@ class Trainer:
         self.step_count = int(state["step"])
         self._step.fill_(self.step_count)
         self.history = [dict(record) for record in state["history"]]
-        # the device-side accumulators describe the steps before the load: a loaded state starts clean
+        # the loaded state's own loss sum (the mean loss since the last evaluation spans the resume point); a
+        # diverged trainer rolled back to a good state is not diverged
         self._first_bad_step.fill_(-1)
-        self._loss_sum.zero_()
-        self._loss_steps = 0
+        self._loss_sum.copy_(state.get("loss_sum", torch.zeros((), dtype=torch.float64)))
+        self._loss_steps = int(state.get("loss_steps", 0))
         if self.step_count > 0:  # what the last step used (a trainer that has not stepped has lambda 0)
             self._set_weight_decay(self._step)
         else:
@@ -481,8 +490,14 @@ class Trainer:
 def load_checkpoint(path: str) -> dict:
     """A checkpoint's contents, or a ValueError saying why it cannot be used (nothing is written)."""
     try:
+        # torch.save writes a zip whose records carry CRC-32s that torch.load does not check: a flipped bit in
+        # a tensor would load silently
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"its record {damaged!r} fails its CRC-32 check")
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: torch raises many kinds
+    except Exception as e:  # a truncated, damaged or foreign file: torch raises many kinds
         raise ValueError(f"checkpoint {path!r} is corrupt or unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != 1 or "model" not in state:
         raise ValueError(f"checkpoint {path!r} is not a fastcyclic training checkpoint")
@@ -519,7 +534,11 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
         if not out:
             raise ValueError("resume=True needs out_dir")
         if os.path.exists(checkpoint):
-            trainer.load_state_dict(load_checkpoint(checkpoint))
+            state = load_checkpoint(checkpoint)
+            try:
+                trainer.load_state_dict(state)
+            except (RuntimeError, KeyError, TypeError) as e:  # e.g. written on another device, or other shapes
+                raise ValueError(f"checkpoint {checkpoint!r} does not fit this run ({type(e).__name__}: {e})") from e
             if trainer.step_count > config.steps:
                 raise ValueError(f"the checkpoint in {out!r} is at step {trainer.step_count}, past steps="
                                  f"{config.steps}: resume with steps >= {trainer.step_count}")
@@ -532,6 +551,7 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
             if os.path.exists(path):
                 os.remove(path)
     if out:
+        remove_temporaries(out)
         paths.update(config=os.path.join(out, "config.json"), metrics=os.path.join(out, "metrics.jsonl"))
         write_json(paths["config"], config.to_dict())
         # metrics.jsonl restarts from the checkpoint's history, so a resumed run has no duplicate lines

@@ -1,14 +1,17 @@
 """fastcyclic.training (fastcyclic.train and friends): the loop learns, checkpoints resume bit for bit (also
 after SIGKILL), bad configs are refused before anything runs, and the CLI works end to end."""
 import copy
+import io
 import json
 import math
 import os
 import pkgutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -74,6 +77,27 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [0, 20, 40, 60]
 
 
+def test_resume_between_evaluations_keeps_the_history_exact(tmp_path):
+    """Stopped after an evaluation, resumed from the checkpoint before it (step 30, between evaluations): the
+    next record's mean training loss spans the resume point, so every record equals the uninterrupted run's."""
+    config = dict(EXACT, checkpoint_every=15)
+    straight = train(TrainConfig(**config), figures=False)
+    out = str(tmp_path / "run")
+
+    def stop(trainer, record):
+        if record["step"] == 40:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**dict(config, out_dir=out)), callbacks=[stop], figures=False)
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 30
+    resumed = train(TrainConfig(**dict(config, out_dir=out)), resume=True, figures=False)
+
+    def untimed(history):
+        return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in history]
+    assert untimed(resumed.history) == untimed(straight.history)
+
+
 def test_sampled_batches_resume_bit_for_bit(tmp_path):
     config = dict(EXACT, batch_size=64)
     straight = train(TrainConfig(**config), figures=False)
@@ -121,6 +145,21 @@ def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path):
     (out / "checkpoint.pt").write_bytes(before["checkpoint.pt"][:100])
     with pytest.raises(ValueError, match="corrupt or unreadable"):
         train(TrainConfig(**dict(TINY, out_dir=str(out))), resume=True)
+    # a flipped bit in a tensor still unpickles: the zip records' CRC-32s catch it
+    damaged = bytearray(before["checkpoint.pt"])
+    with zipfile.ZipFile(io.BytesIO(before["checkpoint.pt"])) as archive:
+        record = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 64)
+    name_length, extra_length = struct.unpack_from("<HH", damaged, record.header_offset + 26)  # local header
+    damaged[record.header_offset + 30 + name_length + extra_length + 10] ^= 0x10
+    (out / "checkpoint.pt").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match="fails its CRC-32 check"):
+        train(TrainConfig(**dict(TINY, out_dir=str(out))), resume=True)
+    # readable, but not this run's (written on another device, or by other code): a ValueError, not a traceback
+    state = torch.load(io.BytesIO(before["checkpoint.pt"]), weights_only=False)
+    state["batch_generator"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="does not fit this run"):
+        train(TrainConfig(**dict(TINY, out_dir=str(out))), resume=True)
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after.keys() == before.keys()
     for name in before:
@@ -148,6 +187,7 @@ def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path):
     (dict(optimizer="sgdw", momentum=-1.0), "momentum must be a finite number >= 0"),
     (dict(init_scale=float("nan")), "init_scale"),
     (dict(device=None), "device must be"),
+    (dict(seed=2**64), r"seed must be an integer in \[-2\^63, 2\^63 - 2\]"),
     (dict(bias="yes"), "bias='yes'"),
     (dict(backend="triton", device="cpu"), "TRITON_INTERPRET=1") if os.environ.get("TRITON_INTERPRET") != "1"
     else (dict(backend="flash"), "backend must be"),
@@ -248,6 +288,23 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(torch.isfinite(v).all() for v in good["model"].values())
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == good["step"] and all(r["train_loss"] == r["train_loss"] for r in lines)
+
+
+def test_parameters_that_overflow_under_a_finite_loss_are_never_checkpointed(tmp_path):
+    """The loss of step 1 is finite; the update it drives (lr 1e38) is not: the run stops before writing it."""
+    out = tmp_path / "run"
+    config = dict(TINY, lr=1e38, checkpoint_every=1, out_dir=str(out))
+    with pytest.raises(TrainingDiverged, match="parameters became NaN/Inf by step 1"):
+        train(TrainConfig(**config), figures=False)
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_resume_removes_what_a_killed_write_left(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
+    (out / ".tmp-killed.tmp").write_bytes(b"half a checkpoint")
+    train(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))), resume=True, figures=False)
+    assert not list(out.glob(".tmp-*"))
 
 
 @pytest.mark.parametrize("train_acc", [0.01, 0.9])
