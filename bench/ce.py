@@ -1,7 +1,7 @@
 """``fastcyclic bench ce``: fused linear cross-entropy, forward + backward, against the alternatives.
 
-For every shape it computes a float64 reference (the chunked torch backend in float64: no N x K
-tensor, itself checked against materialised logits in the tests), then runs each method once for
+For every shape it computes a float64 reference (F.cross_entropy of float64 logits in row chunks: no N x K
+tensor, and none of fastcyclic's own code), then runs each method once for
 correctness (relative error of loss, dh, dW) and times it.  One record per (shape, method); a
 method that fails or runs out of memory gets a record saying so and the run goes on.
 
@@ -44,8 +44,10 @@ import torch.nn.functional as F
 from fastcyclic.bench import measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# relative error vs float64 that counts as correct (eager bf16 itself sits near 4e-3)
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# relative error vs float64 that counts as correct, for the gradients (rounded to the input dtype on output:
+# eager bf16 sits near 2e-3); the loss is returned in fp32 from fp32 accumulation whatever the input dtype
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+LOSS_TOLERANCE = 1e-4
 METHODS = ("fastcyclic", "eager", "compile", "torch_lce", "liger", "cce")
 CUDA_SHAPES = ((8192, 256, 65536), (8192, 512, 131072), (16384, 128, 262144))
 CPU_SHAPES = ((4096, 64, 65536),)
@@ -191,14 +193,22 @@ def make_inputs(n, d, k, dtype, device, seed=0):
     return h, w, y
 
 
-def reference(h, w, y):
-    """Float64 loss and gradients without materialising the logits."""
-    from fastcyclic import linear_cross_entropy
-
-    h64, w64 = (t.detach().double().requires_grad_() for t in (h, w))
-    loss = linear_cross_entropy(h64, w64, y, backend="torch", validate=False)
-    dh, dw = torch.autograd.grad(loss, (h64, w64))
-    return loss.detach(), dh, dw
+def reference(h, w, y, *, chunk_bytes: int = 1 << 28):
+    """Float64 loss and gradients from plain PyTorch (F.cross_entropy of float64 logits, in row chunks so no
+    N x K tensor exists at once): independent of fastcyclic's own backends, which it judges."""
+    n, k = h.shape[0], w.shape[0]
+    rows = max(1, chunk_bytes // (8 * k))
+    h64, w64 = h.detach().double(), w.detach().double().requires_grad_()
+    loss = torch.zeros((), dtype=torch.float64, device=h.device)
+    dh, dw = torch.empty_like(h64), torch.zeros_like(w64)
+    for start in range(0, n, rows):
+        hc = h64[start:start + rows].requires_grad_()
+        part = F.cross_entropy(hc @ w64.T, y[start:start + rows], reduction="sum") / n
+        gh, gw = torch.autograd.grad(part, (hc, w64))
+        loss += part.detach()
+        dh[start:start + rows] = gh
+        dw += gw
+    return loss, dh, dw
 
 
 def rel_err(x, ref):
@@ -215,10 +225,14 @@ def run_case(method: str, fn, h, w, y, ref, *, quick: bool) -> dict:
         return loss, torch.autograd.grad(loss, (h, w))
 
     loss, (dh, dw) = step()  # also the warm-up (compilation, autotuning)
+    # a loss returned in fp32 is judged at LOSS_TOLERANCE; one returned in the input dtype (a baseline's
+    # choice, e.g. F.linear_cross_entropy) carries that dtype's rounding
+    loss_tolerance = LOSS_TOLERANCE if loss.dtype in (torch.float32, torch.float64) else TOLERANCE[h.dtype]
     errors = {"err_loss": rel_err(loss.reshape(()), ref[0]), "err_dh": rel_err(dh, ref[1]),
               "err_dw": rel_err(dw, ref[2])}
     del loss, dh, dw
-    record = dict(errors, correct=max(errors.values()) <= TOLERANCE[h.dtype])
+    record = dict(errors, loss_tolerance=loss_tolerance, correct=errors["err_loss"] <= loss_tolerance
+                  and max(errors["err_dh"], errors["err_dw"]) <= TOLERANCE[h.dtype])
     record.update(measure.time_ms(step, h.device, budget_ms=100.0 if quick else 400.0))
     extra = measure.peak_extra_bytes(step, h.device)
     record["peak_extra_gib"] = extra / 2**30 if extra is not None else None
@@ -234,7 +248,7 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
     gemm = measure.gemm_ceiling(ceil, dtype)
     for n, d, k in shapes:
         case = dict(bench="ce", kind="case", case=f"{n}x{d}x{k}", N=n, D=d, K=k, dtype=measure.dtype_name(dtype),
-                    device=device.type, flops=6 * n * d * k, reference="float64 (chunked torch backend)",
+                    device=device.type, flops=6 * n * d * k, reference="float64 (F.cross_entropy, row chunks)",
                     tolerance=TOLERANCE[dtype],
                     target_ms=TARGET_MS.get((n, d, k)) if device.type == "cuda" else None)
         if measure.out_of_time():
@@ -260,8 +274,13 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
         if tune:
             from fastcyclic.bench import tune as tuner
 
-            tuned, timings = tuner.tune_shape(h, w, y, log=log)
-            tunings.append(dict(N=n, D=d, K=k, dtype=case["dtype"], tuned=dataclasses.asdict(tuned), timings=timings))
+            try:
+                tuned, timings = tuner.tune_shape(h, w, y, log=log)
+                tunings.append(dict(N=n, D=d, K=k, dtype=case["dtype"], tuned=dataclasses.asdict(tuned),
+                                    timings=timings))
+            except Exception as exc:  # tuning failed: time the default tiles only
+                tunings.append(dict(N=n, D=d, K=k, dtype=case["dtype"], error=measure.error_text(exc)))
+                measure.release(device)
         for method in methods:
             variants = [(method, None)]
             if method == "fastcyclic" and tuned is not None:

@@ -105,7 +105,7 @@ def train_step_ms(device: torch.device, *, quick: bool) -> tuple[float | None, s
     """ms per step of the fastcyclic trainer at TRAIN_CASE, bf16 where supported (else fp32)."""
     from fastcyclic.bench import train as train_bench
 
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(False) else torch.float32
     p, d = TRAIN_CASE
     try:
         data, bs, rows, E0, W0 = train_bench.make_problem(p, d, device)

@@ -222,8 +222,8 @@ def apply_threads(args) -> None:
 
 
 def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse a dtype the device cannot compute in."""
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    """Refuse a dtype the device cannot compute in (bf16: torch emulates it on sm_7x, Triton's dots need sm_80)."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(False):
         raise BenchInputError(f"this GPU ({torch.cuda.get_device_name(device)}) does not support bfloat16; "
                               "use --dtype fp16 or fp32")
 
@@ -334,7 +334,7 @@ def ceilings(device: torch.device, *, quick: bool = False) -> dict:
         release(device)
         dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32,)
         for dtype in dtypes:
-            if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(False):
                 continue
             result[f"gemm_{dtype_name(dtype)}"] = measure_gemm(device, dtype, GEMM_SIZE[size], quick=quick)
             release(device)

@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 
+from fastcyclic.bench import measure
 from fastcyclic.kernels import linear_ce as kernels
 from fastcyclic.kernels.linear_ce import LCEConfig, TileConfig
 
@@ -74,7 +75,7 @@ def tune_shape(h, w, y, *, rep_ms: float = 60.0, log=print) -> tuple[LCEConfig, 
                 fn()
                 entry["ms"] = triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
             except Exception as exc:  # e.g. a tile that needs more shared memory than the GPU has
-                entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                entry["error"] = measure.error_text(exc)
             timings[kernel].append(entry)
             result = f"{entry['ms']:.3f} ms" if "ms" in entry else entry["error"]
             log(f"  {n}x{d}x{k} {kernel:<12} {tile.block_owner:>4} {tile.block_loop:>4} "
