@@ -152,7 +152,7 @@ def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path):
     name_length, extra_length = struct.unpack_from("<HH", damaged, record.header_offset + 26)  # local header
     damaged[record.header_offset + 30 + name_length + extra_length + 10] ^= 0x10
     (out / "checkpoint.pt").write_bytes(bytes(damaged))
-    with pytest.raises(ValueError, match="fails its CRC-32 check"):
+    with pytest.raises(ValueError, match="Bad CRC-32"):
         train(TrainConfig(**dict(TINY, out_dir=str(out))), resume=True)
     # readable, but not this run's (written on another device, or by other code): a ValueError, not a traceback
     state = torch.load(io.BytesIO(before["checkpoint.pt"]), weights_only=False)
@@ -297,6 +297,19 @@ def test_parameters_that_overflow_under_a_finite_loss_are_never_checkpointed(tmp
     with pytest.raises(TrainingDiverged, match="parameters became NaN/Inf by step 1"):
         train(TrainConfig(**config), figures=False)
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_checkpoint_saved_without_crc32s_resumes(tmp_path):
+    """torch.serialization.set_crc32_options(False) (a user's global choice) saves records with CRC 0."""
+    torch.serialization.set_crc32_options(False)
+    try:
+        out = tmp_path / "run"
+        train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(out / "checkpoint.pt") as archive:
+        assert all(r.CRC == 0 for r in archive.infolist() if r.file_size)
+    assert train(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))), resume=True, figures=False).final["step"] == 40
 
 
 def test_resume_removes_what_a_killed_write_left(tmp_path):
