@@ -15,6 +15,7 @@ stack are reported when cuobjdump runs.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import os
@@ -229,9 +230,16 @@ def cache_report(cache_dir: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--cache"]:  # report a cache instead of compiling
-        cache = argv[1] if len(argv) > 1 else os.environ.get(
+    parser = argparse.ArgumentParser(prog="python -m fastcyclic.bench.sm90", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one configuration of each kind and the extreme widths "
+                        "(what CI compiles)")
+    parser.add_argument("--cache", nargs="?", const="", metavar="DIR",
+                        help="report the kernels in triton's cache (default: $TRITON_CACHE_DIR, else "
+                             "~/.triton/cache) instead of compiling")
+    args = parser.parse_args(argv)
+    if args.cache is not None:  # report a cache instead of compiling
+        cache = args.cache or os.environ.get(
             "TRITON_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".triton", "cache"))
         found = 0
         for found, line in enumerate(cache_report(cache), 1):
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if not found:
             print(f"no compiled kernels in {cache}")
         return 0
-    full = "--quick" not in argv
+    full = not args.quick
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the kernels must be defined for the GPU to be compiled", file=sys.stderr)
         return 2
