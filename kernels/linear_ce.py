@@ -33,6 +33,7 @@ bf16 dot is silently wrong.  All pointer offsets are int64, so N*D and K*D may e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcyclic.kernels.optim import adam_constants, adamw_math, round_for_store, sgdw_math
+from fastcyclic.kernels.optim import adam_constants, adamw_math, on_device, round_for_store, sgdw_math
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # triton.jit reads the variable when the kernels below are defined, so this is fixed at import
@@ -192,18 +193,20 @@ def _forward_kernel(
 # --------------------------------------------------------------------------------------------
 # Backward.  Per-row terms, a (4, N) fp32 tensor: lse (+inf beyond N, so rows past the end get
 # g = 0 exactly and need no mask), p_coef, t_coef * eps / K, and g on the target column.
-# Columns past K need no mask either: their w rows read as 0, so they add nothing to dh, and their
-# dW / dbias rows are not stored.
+# Columns past K: their dW / dbias rows are not stored, and their w rows read as 0, but the dh kernel
+# still zeroes their g (EVEN_K): z = 0 there, and exp(0 - lse) overflows to inf when every logit of a
+# row is below -88 (a large negative bias), so inf * 0 would make dh NaN.
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _row_terms(terms_ptr, rows, N):
     mask = rows < N
+    rows = rows.to(tl.int64)  # 3 * N passes 2^31 at N ~ 7e8: every offset in int64, as the docstring says
     lse = tl.load(terms_ptr + rows, mask=mask, other=float("inf"))
-    p_coef = tl.load(terms_ptr + N + rows, mask=mask, other=0.0)
-    t_uniform = tl.load(terms_ptr + 2 * N + rows, mask=mask, other=0.0)
-    g_target = tl.load(terms_ptr + 3 * N + rows, mask=mask, other=0.0)
+    p_coef = tl.load(terms_ptr + (rows + N), mask=mask, other=0.0)
+    t_uniform = tl.load(terms_ptr + (rows + N + N), mask=mask, other=0.0)
+    g_target = tl.load(terms_ptr + (rows + N + N + N), mask=mask, other=0.0)
     return lse, p_coef, t_uniform, g_target
 
 
@@ -306,7 +309,7 @@ def _backward_dh_kernel(
     cols_per_split,
     HAS_BIAS: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program owns dh[rows, dcols]."""
     pid_n = tl.program_id(0)
@@ -334,6 +337,8 @@ def _backward_dh_kernel(
             z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
         g = _logit_grad(z, lse[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
                         cols[None, :] == target[:, None])
+        if not EVEN_K:
+            g = tl.where((cols < K)[None, :], g, 0.0)
         dh = tl.dot(g.to(w_slice.dtype), w_slice, dh, input_precision=PRECISION)
 
     out = dh_ptr + split.to(tl.int64) * stride_dh_split \
@@ -517,6 +522,16 @@ def _common(h, d, tc, resident_width):
 # --------------------------------------------------------------------------------------------
 
 
+def _on_device_of_h(launcher):
+    """Run a launcher with h's CUDA device current (see kernels.optim.on_device)."""
+    @functools.wraps(launcher)
+    def launch(h, *args, **kwargs):
+        with on_device(h):
+            return launcher(h, *args, **kwargs)
+    return launch
+
+
+@_on_device_of_h
 def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False, config=None):
     """Per row: (max logit M, rest, target logit z_y, sum of logits or None, argmax or None) as fp32
     / int64 vectors of length N, where rest = sum of exp(z - M) over all classes but the target."""
@@ -630,6 +645,7 @@ def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype) -> TileConfig:
     return dataclasses.replace(tc, block_owner=block_k, block_loop=block_n, block_ds=dp, splits=1, num_warps=8)
 
 
+@_on_device_of_h
 def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, *, config=None,
              need_dh=True, need_dw=True, need_db=True, update: ClassifierUpdate | None = None):
     """Gradients (dh, dw, dbias) for the logit gradient described in the module docstring.
@@ -662,7 +678,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
                 n, k, d, *strides,
                 dh3.stride(0), dh3.stride(1), dh3.stride(2),
                 cols_per_split,
-                HAS_BIAS=bias is not None, EVEN_DS=d % tc.block_ds == 0,
+                HAS_BIAS=bias is not None, EVEN_DS=d % tc.block_ds == 0, EVEN_K=k % tc.block_loop == 0,
                 BLOCK_N=tc.block_owner, BLOCK_K=tc.block_loop, BLOCK_D=tc.block_d, BLOCK_DS=tc.block_ds,
                 **_common(h, d, tc, tc.block_ds),
             )

@@ -15,6 +15,7 @@ nearest-even by hand first, so CPU tests see the GPU's rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -283,6 +284,12 @@ class TensorTable:
         return self.addresses, self.numels, self.block_tensor, self.block_start
 
 
+def on_device(t: torch.Tensor):
+    """Where to launch kernels on t's data: Triton launches on the current CUDA device, which need not hold t (a
+    model on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _dtypes(rows):
     return _TRITON_DTYPES[rows[0][0].dtype], _TRITON_DTYPES[rows[0][1].dtype]
 
@@ -298,12 +305,13 @@ def adamw_step(table: TensorTable, rows: list[tuple], lr: torch.Tensor, weight_d
     if table.num_blocks == 0:  # only empty tensors
         return
     p_dtype, g_dtype = _dtypes(rows)
-    _multi_tensor_adamw_kernel[(table.num_blocks,)](
-        *table.args(), lr, weight_decay, skip if skip is not None else lr,
-        *adam_constants(beta1, beta2, eps),
-        P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=skip is not None,
-        ALIGNED=table.aligned, BLOCK=BLOCK, INTERPRET=INTERPRETER, num_warps=NUM_WARPS,
-    )
+    with on_device(lr):
+        _multi_tensor_adamw_kernel[(table.num_blocks,)](
+            *table.args(), lr, weight_decay, skip if skip is not None else lr,
+            *adam_constants(beta1, beta2, eps),
+            P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=skip is not None,
+            ALIGNED=table.aligned, BLOCK=BLOCK, INTERPRET=INTERPRETER, num_warps=NUM_WARPS,
+        )
 
 
 def sgdw_step(table: TensorTable, rows: list[tuple], lr: torch.Tensor, weight_decay: torch.Tensor,
@@ -316,14 +324,15 @@ def sgdw_step(table: TensorTable, rows: list[tuple], lr: torch.Tensor, weight_de
     if table.num_blocks == 0:
         return
     p_dtype, g_dtype = _dtypes(rows)
-    _multi_tensor_sgdw_kernel[(table.num_blocks,)](
-        *table.args(), lr, weight_decay, skip if skip is not None else lr,
-        float(momentum), float(dampening),
-        P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=skip is not None,
-        HAS_MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
-        ALIGNED=table.aligned, BLOCK=BLOCK, INTERPRET=INTERPRETER, num_warps=NUM_WARPS,
-    )
+    with on_device(lr):
+        _multi_tensor_sgdw_kernel[(table.num_blocks,)](
+            *table.args(), lr, weight_decay, skip if skip is not None else lr,
+            float(momentum), float(dampening),
+            P_DTYPE=p_dtype, G_DTYPE=g_dtype, DECOUPLED=decoupled, HAS_SKIP=skip is not None,
+            HAS_MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
+            ALIGNED=table.aligned, BLOCK=BLOCK, INTERPRET=INTERPRETER, num_warps=NUM_WARPS,
+        )
 
 
 __all__ = ["adam_constants", "adamw_math", "sgdw_math", "round_for_store", "TensorTable", "adamw_step", "sgdw_step",
-           "SUPPORTED_DTYPES", "BLOCK"]
+           "on_device", "SUPPORTED_DTYPES", "BLOCK"]

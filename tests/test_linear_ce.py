@@ -444,6 +444,22 @@ def test_classes_masked_by_a_minus_inf_bias(backend, gen):
     assert torch.equal(argmax.cpu(), logits64.argmax(dim=1).cpu())
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["triton-gemm"])
+def test_all_logits_below_minus_88(backend, gen):
+    """lse < -88.7: exp(0 - lse) overflows fp32, so a tile's padding columns (K = 20 is not a multiple of the
+    tile) must not reach dh as g = inf times a zero w row (NaN)."""
+    h, w, y, _ = make_problem(gen, 9, 16, 20)
+    b = torch.full((20,), -100.0, device=DEVICE)
+    y[0] = -100
+    context = contextlib.nullcontext()
+    if backend == "triton":
+        context = tuning(config=SMALL_TILES)
+    backend, hard = hard_case_backend(backend, h, w)
+    with context, hard:
+        errors = check(backend, gen, h, w, y, b, label_smoothing=0.1)
+    assert all(math.isfinite(e) for e in errors.values())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_casts_the_matmul_operands_like_linear(backend, gen):
     """Under torch.autocast an fp32 classifier meets the autocast dtype's h (as from an autocast layer): both are
