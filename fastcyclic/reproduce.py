@@ -449,8 +449,7 @@ def claim_4(analysis: dict, main: str) -> Claim:
                  "Main block: λ_crit per P where the share of cyclic runs crosses 1/2 (interpolated in log λ; "
                  "bootstrap over seeds), the least-squares slope of log λ_crit against log K; its interval spans the "
                  "bootstrap interval, the t interval and the grid range (each crossing anywhere between its two grid "
-                 "points). "
-                 "The same for the collapse edge λ₀.", "\n".join(lines), verdict, reason)
+                 "points). The same for the collapse edge λ₀.", "\n".join(lines), verdict, reason)
 
 
 def assess(rows: list, analysis: dict, preset: Preset) -> list:
