@@ -116,9 +116,18 @@ class CyclicModel(nn.Module):
             return x * x
         return F.gelu(x)
 
+    def _rows(self, tokens: Tensor) -> Tensor:
+        """E[tokens].  On CPU through F.embedding, whose backward sums each row's gradients in a fixed order:
+        indexing's backward (index_put_ with accumulate) adds them from racing threads, so two runs on 2 threads
+        differed in the last bits (one thread gives the same bits either way).  On CUDA, indexing: its atomic
+        adds are what deterministic=True replaces, and it is known to capture in a CUDA graph."""
+        if tokens.device.type == "cpu":
+            return F.embedding(tokens, self.embedding)
+        return self.embedding[tokens]
+
     def features(self, a: Tensor, b: Tensor) -> Tensor:
         """h_out (N x out_dim): the vector that meets W, after the readout V when factorised."""
-        ea, eb = self.embedding[a], self.embedding[b]
+        ea, eb = self._rows(a), self._rows(b)
         if self.model == "embed-sum":
             h = self._act(ea + eb)
         else:
