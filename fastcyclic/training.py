@@ -371,15 +371,18 @@ class Trainer:
 
     # ---- measurements -------------------------------------------------------------------------
     def check_finite(self) -> None:
-        """Raise TrainingDiverged if any step so far had a NaN/Inf loss, or the parameters are NaN/Inf now (an
-        update can overflow while the loss it came from was finite).  A sync: at evaluations and checkpoints."""
+        """Raise TrainingDiverged if any step so far had a NaN/Inf loss, or the parameters or the optimizer
+        state are NaN/Inf now: an update can overflow the weights, and overflowing gradients (g^2 in Adam's
+        second moment) freeze them, while the loss stays finite.  A sync: at evaluations and checkpoints."""
         kept = "the metrics and the last good checkpoint (if one was written) are kept"
         first_bad = int(self._first_bad_step)
         if first_bad >= 0:
             raise TrainingDiverged(f"the training loss became NaN/Inf at step {first_bad + 1}; {kept}")
-        largest = torch._foreach_norm([p.detach() for p in self.model.parameters()], float("inf"))
-        if not bool(torch.stack(largest).isfinite().all()):
-            raise TrainingDiverged(f"the parameters became NaN/Inf by step {self.step_count}; {kept}")
+        for what, tensors in (("parameters", [p.detach() for p in self.model.parameters()]),
+                              ("optimizer state", [v for state in self.optimizer.state.values()
+                                                   for v in state.values() if torch.is_tensor(v) and v.numel()])):
+            if tensors and not bool(torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()):
+                raise TrainingDiverged(f"the {what} became NaN/Inf by step {self.step_count}; {kept}")
 
     @torch.no_grad()
     def _loss_and_accuracy(self, pairs, chunk: int = 8192) -> tuple[float, float]:

@@ -327,6 +327,15 @@ def test_a_checkpoint_saved_without_crc32s_resumes(tmp_path):
     assert train(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))), resume=True, figures=False).final["step"] == 40
 
 
+def test_overflowing_gradients_stop_the_run_though_the_loss_stays_finite(tmp_path):
+    """lr 1e6: from step 2 the gradients overflow Adam's second moment to inf, which freezes the weights while
+    the loss stays finite (~1e33); such a state is not a result, and it is never checkpointed."""
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="optimizer state became NaN/Inf by step 2"):
+        train(TrainConfig(**dict(TINY, lr=1e6, checkpoint_every=1, out_dir=str(out))), figures=False)
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 1
+
+
 def test_resume_removes_what_a_killed_write_left(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
