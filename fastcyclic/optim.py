@@ -433,8 +433,7 @@ class SGDW(_WeightDecayOptimizer):
         momentum = group["momentum"]
         first_step = key[-1]
         buffers = [None] * len(pairs)
-        for p, _ in pairs:
-            _check_floating(p)
+        _check_floating(pairs[0][0])  # a bucket holds one parameter dtype (key[1])
         if momentum != 0:
             for i, (p, _) in enumerate(pairs):
                 state = self.state[p]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fastcyclic import geometry
-from fastcyclic.data import ModularAddition
+from fastcyclic.data import ModularAddition, is_integer
 from fastcyclic.files import remove_temporaries, write_atomic, write_json
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
 from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update, fused_update_fits
@@ -105,10 +105,6 @@ class TrainConfig:
         return d
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _is_number(x) -> bool:
     """A finite int or float (not a bool, not a string)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -119,9 +115,9 @@ def validate(config: TrainConfig) -> None:
     c = config
     checks = [
         # P = 2 trains, but its geometry (a circle, a simplex) needs three classes
-        (lambda: _is_int(c.p) and c.p >= 3, f"p must be an integer >= 3, got {c.p!r}"),
-        (lambda: _is_int(c.d) and c.d >= 1, f"d must be an integer >= 1, got {c.d!r}"),
-        (lambda: c.hidden is None or (_is_int(c.hidden) and c.hidden >= 1),
+        (lambda: is_integer(c.p) and c.p >= 3, f"p must be an integer >= 3, got {c.p!r}"),
+        (lambda: is_integer(c.d) and c.d >= 1, f"d must be an integer >= 1, got {c.d!r}"),
+        (lambda: c.hidden is None or (is_integer(c.hidden) and c.hidden >= 1),
          f"hidden must be None or an integer >= 1, got {c.hidden!r}"),
         (lambda: c.model in MODELS, f"model must be one of {MODELS}, got {c.model!r}"),
         (lambda: c.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {c.activation!r}"),
@@ -130,9 +126,9 @@ def validate(config: TrainConfig) -> None:
          f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {c.weight_decay_mode!r}"),
         (lambda: _is_number(c.train_fraction) and 0.0 < c.train_fraction < 1.0,
          f"train_fraction must be in (0, 1), got {c.train_fraction!r}"),
-        (lambda: c.batch_size is None or (_is_int(c.batch_size) and c.batch_size >= 1),
+        (lambda: c.batch_size is None or (is_integer(c.batch_size) and c.batch_size >= 1),
          f"batch_size must be None or an integer >= 1, got {c.batch_size!r}"),
-        (lambda: _is_int(c.steps) and c.steps >= 0, f"steps must be an integer >= 0, got {c.steps!r}"),
+        (lambda: is_integer(c.steps) and c.steps >= 0, f"steps must be an integer >= 0, got {c.steps!r}"),
         (lambda: _is_number(c.lr) and c.lr >= 0, f"lr must be a finite number >= 0, got {c.lr!r}"),
         (lambda: len(c.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in c.betas),
          f"betas must be two numbers in [0, 1), got {c.betas!r}"),
@@ -140,20 +136,20 @@ def validate(config: TrainConfig) -> None:
          f"momentum must be a finite number >= 0, got {c.momentum!r}"),
         (lambda: _is_number(c.weight_decay) and c.weight_decay >= 0,
          f"weight_decay must be a finite number >= 0, got {c.weight_decay!r}"),
-        (lambda: _is_int(c.weight_decay_warmup) and c.weight_decay_warmup >= 0,
+        (lambda: is_integer(c.weight_decay_warmup) and c.weight_decay_warmup >= 0,
          f"weight_decay_warmup must be an integer >= 0, got {c.weight_decay_warmup!r}"),
         (lambda: _is_number(c.init_scale) and c.init_scale >= 0,
          f"init_scale must be a finite number >= 0, got {c.init_scale!r}"),
-        (lambda: _is_int(c.seed) and -2**63 <= c.seed < 2**63 - 1,  # torch.manual_seed(seed + 1) takes int64
+        (lambda: is_integer(c.seed) and -2**63 <= c.seed < 2**63 - 1,  # torch.manual_seed(seed + 1) takes int64
          f"seed must be an integer in [-2^63, 2^63 - 2], got {c.seed!r}"),
         (lambda: c.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {c.dtype!r}"),
         (lambda: c.device in ("auto", "cpu") or c.device.startswith("cuda"),
          f"device must be 'auto', 'cpu' or 'cuda[:n]', got {c.device!r}"),
         (lambda: c.backend in ("auto", "triton", "torch"),
          f"backend must be 'auto', 'triton' or 'torch', got {c.backend!r}"),
-        (lambda: all(_is_int(v) and v >= 1 for v in (c.eval_every, c.geometry_every)),
+        (lambda: all(is_integer(v) and v >= 1 for v in (c.eval_every, c.geometry_every)),
          f"eval_every and geometry_every must be integers >= 1, got {c.eval_every!r}, {c.geometry_every!r}"),
-        (lambda: _is_int(c.checkpoint_every) and c.checkpoint_every >= 0,
+        (lambda: is_integer(c.checkpoint_every) and c.checkpoint_every >= 0,
          f"checkpoint_every must be an integer >= 0, got {c.checkpoint_every!r}"),
         (lambda: all(isinstance(getattr(c, name), bool) for name in _FLAGS),
          "factorised, bias, deterministic, fused_update, cuda_graph and progress must be True or False, got "
