@@ -61,9 +61,11 @@ def adamw_math(p, g, m, v, lr, weight_decay, step,
     m = m + one_minus_beta1 * (g - m)  # lerp, like torch
     v = v * beta2 + one_minus_beta2 * (g * g)
     bias_correction1 = _one_minus_power(step, log_beta1)
-    bias_correction2_sqrt = tl.sqrt(_one_minus_power(step, log_beta2))
-    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    p = p - (lr / bias_correction1) * (m / denom)
+    bias_correction2_sqrt = tl.sqrt_rn(_one_minus_power(step, log_beta2))
+    # correctly rounded sqrt and division, as torch's CUDA kernels: on a GPU tl.sqrt and `/` compile
+    # to approximations (sqrt.approx, div.full: up to 2 ulp); the update is memory-bound either way
+    denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p - tl.math.div_rn(lr, bias_correction1) * tl.math.div_rn(m, denom)
     return p, m, v
 
 
