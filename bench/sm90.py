@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,10 @@ def compile_sm90(fn, data_ptr: str, constexprs: dict, num_warps: int, num_stages
 
 
 def cubin_usage(cubin: bytes) -> str:
-    """'REG:n STACK:n' of a cubin, from triton's bundled cuobjdump ('' where it cannot run)."""
+    """'REG:n STACK:n SPILLS:n (n in loops)' of a cubin, from triton's bundled cuobjdump ('' where it
+    cannot run).  SPILLS counts the local-memory loads and stores (LDL/STL) in the code, and those
+    between a backward branch and its target: a spill inside the main loop costs every iteration,
+    one in the epilogue once per program."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -61,15 +65,27 @@ def cubin_usage(cubin: bytes) -> str:
         f.write(cubin)
         f.flush()
         try:
-            text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+            usage, sass = (subprocess.run([tool, flag, f.name], capture_output=True, text=True, timeout=60).stdout
+                           for flag in ("-res-usage", "-sass"))
         except (OSError, subprocess.SubprocessError):
             return ""
-    fields = [w for line in text.splitlines() if "REG:" in line for w in line.split() if w[:4] in ("REG:", "STAC")]
-    return " ".join(fields[:2])
+    fields = [w for line in usage.splitlines() if "REG:" in line for w in line.split() if w[:4] in ("REG:", "STAC")]
+    return " ".join(fields[:2] + [spill_text(sass)])
+
+
+def spill_text(sass: str) -> str:
+    """'SPILLS:n (m in loops)' from cuobjdump -sass text: instructions are '/*addr*/ OPCODE ... ;'."""
+    instructions = [(int(address, 16), text) for address, text in
+                    re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(target, 16), address) for address, text in instructions
+             for target in re.findall(r"\bBRA\b.*?0x([0-9a-f]+)\s*$", text) if int(target, 16) < address]
+    spills = [address for address, text in instructions if re.search(r"\b(LDL|STL)\b", text)]
+    in_loops = sum(any(start <= address <= end for start, end in loops) for address in spills)
+    return f"SPILLS:{len(spills)} ({in_loops} in loops)"
 
 
 def resource_usage(kernel) -> str:
-    """'REG:n STACK:n' from cuobjdump -res-usage on a compiled kernel ('' if cuobjdump is unavailable)."""
+    """``cubin_usage`` of a compiled kernel."""
     return cubin_usage(kernel.asm["cubin"])
 
 
@@ -182,7 +198,7 @@ def cases(full: bool = True):
                     yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
     # the fused update's dW tile, sized from D
     for dtype, ds in ((torch.float32, (128, 300, 512, 1024)), (torch.bfloat16, (256, 512, 1024, 2048))):
-        for d in ds if full else (ds[0], ds[-1]):
+        for d in ds if full else (ds[0], ds[-2], ds[-1]):
             for update in ("adamw", "sgdw") if full else ("adamw",):
                 for name, fn, args, kwargs in linear_ce_launches(d, dtype, update=update):
                     yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)

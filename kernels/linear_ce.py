@@ -631,7 +631,9 @@ def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype) -> TileConfig:
     # register spills of the AdamW epilogue small (sm_90, fp32: 6.5 KiB per thread at D = 128 x 64
     # rows, 0.6 KiB at D = 256 x 32; bench/sm90.py prints them)
     block_k = min(tc.block_owner, max(16, 4096 // dp))
-    block_n = min(tc.block_loop, 64)
+    # exact fp32 (CUDA-core dots) at D > 256: with 64 h rows per step the N loop itself spills registers
+    # (sm_90: 158-541 local loads/stores per iteration at D = 300-512), with 32 rows little or none
+    block_n = min(tc.block_loop, 32 if dtype == torch.float32 and h_copies == 1 and dp >= 512 else 64)
 
     def shared_bytes(block_n):
         return (block_k + h_copies * block_n) * dp * element_bytes
