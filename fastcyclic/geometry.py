@@ -1,14 +1,15 @@
 """Which geometry did the network choose: a circle (rank-2 cyclic), several circles, or a simplex (neural collapse)?
 
-Pure functions of tensors (CPU or CUDA, float32 or float64; no training code). Work is O(n·d²) per matrix: the
-n×n Gram matrix and the full SVD of an n×d matrix are never formed, so a summary at K = 2^17 takes well under 2 s
-on a laptop CPU.
+Pure functions of tensors (CPU or CUDA, float32 or float64; no training code). Work is O(n·d·min(n, d)) per matrix:
+the eigen-decomposition of the smaller Gram matrix (d×d, or n×n when d > n), never a full SVD, so a summary at
+K = 2^17, d = 256 takes a few seconds on one CPU core.
 
 Notation. X is an n×d matrix whose row k belongs to residue k of Z/nZ: the classifier W (K×d, one row per class
 c = (a + b) mod P) or the embedding E (P×d, one row per token). μ is its mean row and X̄ = X − 1μᵀ: a shift shared
 by all rows changes no softmax and is not geometry, so every measure below uses X̄.
 
-Spectrum. σ₁ ≥ … ≥ σ_d are the singular values of X̄, taken from the eigenvalues of the d×d Gram X̄ᵀX̄ (float64).
+Spectrum. σ₁ ≥ … ≥ σ_d are the singular values of X̄, taken from the eigenvalues of the Gram X̄ᵀX̄ (float64; of
+X̄X̄ᵀ when d > n, whose nonzero eigenvalues are the same).
     ρ₂ = (σ₁² + σ₂²) / Σσᵢ²         1 for a circle, 2/(K−1) for a simplex ETF, ≈ 2/d for noise
     stable rank = Σσᵢ² / σ₁²
     axis ratio  = σ₂ / σ₁            1 for a circle, 0 for points on a line (rank 1)
@@ -24,9 +25,13 @@ f. (p_0 is reported as n‖μ‖², the energy of the mean, so that Σ_f p_f = �
     count = fewest frequencies whose energies reach mass · Σ_{f≥1} p_f
 If m frequencies hold a fraction q of the energy, the top 2m singular directions hold at least q (each frequency's
 part of X̄ has rank ≤ 2; Eckart–Young): count = 1 at mass 0.9 already implies ρ₂ ≥ 0.9.
+count measures how the energy is spread, structure and noise alike: a circle plus isotropic noise holding more than
+1 − mass of the energy needs many frequencies to reach `mass` (one circle with 12 % noise energy counts 7 at n = 97)
+and reads as "multi-frequency" or "unstructured", not "cyclic".
 
 Circle fit in the top-2 plane. u_k ∈ R² are the coordinates of X̄'s row k on its top-2 right singular vectors,
-r_k = |u_k|, θ_k = angle(u_k).
+r_k = |u_k|, θ_k = angle(u_k). (At rank 1 the plane has one direction: the second is a zero vector, not an arbitrary
+one, so that locking and phase alignment do not depend on it.)
     radius CV = std(r) / mean(r)                                                 0 on a circle
     phase R²  = max_{s = ±1} |mean_k exp(i(θ_k − s·2πωk/n))|²                   1 when θ_k = s·2πωk/n + φ
         (the squared mean resultant length of the residual angles: φ is fitted as their circular mean, s covers
@@ -57,11 +62,15 @@ NC1 = tr(Σ_W Σ_B⁺)/K from features h and labels: Σ_W the within-class, Σ_B
 Verdict for one matrix (summarize reports W's as `verdict` and E's as `verdict_E`): the first rule that holds.
     1. "unstructured"     X̄ = 0 (all rows equal, e.g. an all-zero matrix): nothing to measure
     2. "cyclic"           count == 1, ρ₂ ≥ CYCLIC_RHO2, axis ratio ≥ CYCLIC_MIN_AXIS_RATIO   one frequency, one circle
+                          (ρ₂ ≥ share always; with CYCLIC_RHO2 ≤ mass the ρ₂ test only guards rounding, with a
+                          larger one a count-1 layout below it ends in rule 5)
     3. "etf-like"         dist(G, T_etf) ≤ ETF_MAX_DISTANCE        a simplex (needs d ≥ K − 1)
     4. "multi-frequency"  2 ≤ count ≤ MULTI_MAX_FREQ_FRACTION · ⌊n/2⌋   a few circles, rank ≤ 2·count
     5. "unstructured"     otherwise (white noise needs 2/3 to 9/10 of all frequencies to hold 90 % of its power)
 One frequency on a line is not a circle (ρ₂ is trivially 1 at rank 1): e.g. a single cosine column, or the Nyquist
 frequency at even n, whose sinusoids span one direction. It fails rule 2 and, having one frequency, ends in rule 5.
+At composite n a circle at ω with g = gcd(ω, n) > 1 has only n/g distinct points (g rows on each): rule 2 calls it
+"cyclic", and its gap error, 2(1 − 1/g), shows the coincident rows. At prime n = P every ω is coprime to n.
 """
 from __future__ import annotations
 
@@ -86,7 +95,7 @@ FREQ_MASS = 0.9
 """Share of the non-constant energy that `count` frequencies (or principal directions) must hold."""
 
 CYCLIC_RHO2 = 0.9
-"""ρ₂ at or above which one frequency's circle counts as rank 2 (the same 0.9 defines t_W, t_E)."""
+"""ρ₂ at or above which one frequency's circle counts as rank 2 (t_W, t_E use LAYER_ORDER_THRESHOLD, also 0.9)."""
 
 CYCLIC_MIN_AXIS_RATIO = 0.5
 """σ₂/σ₁ at or above which the top-2 plane holds a circle (or an ellipse at most 2:1), not a line. Trained circles
@@ -151,12 +160,12 @@ def _check_finite(X: torch.Tensor, name: str, col_sums: torch.Tensor) -> None:
 
 @dataclass
 class _Centred:
-    """X̄ (float64) with the eigen-decomposition of its Gram, computed once and shared by all measures."""
+    """X̄ (float64) with its singular spectrum and top-2 plane, computed once and shared by all measures."""
     raw: torch.Tensor      # X as given (float32 or float64): the FFT reads it
     x: torch.Tensor        # n×d, float64, rows centred
     mean: torch.Tensor     # d, float64
     evals: torch.Tensor    # d, σᵢ², descending, ≥ 0
-    evecs: torch.Tensor    # d×d, columns = right singular vectors, same order
+    plane: torch.Tensor    # d×2, the top-2 right singular vectors (a zero column where σ₂ or σ₁ is 0, or d = 1)
     energy: float          # ‖X̄‖_F²
     degenerate: bool       # X̄ = 0 up to rounding
 
@@ -179,20 +188,33 @@ def _lapack_on_one_thread(device: torch.device):
 
 
 def _centre(X: torch.Tensor, name: str) -> _Centred:
-    n = X.shape[0]
+    n, d = X.shape
     x = X.to(torch.float64, copy=True)  # the one float64 copy; centred in place below
     col_sums = x.sum(dim=0)
     _check_finite(X, name, col_sums)
     mean = col_sums / n
     x.sub_(mean)
-    gram = x.T @ x
+    wide = d > n  # then the n×n Gram X̄X̄ᵀ is the smaller one: O(n²d) instead of O(d³)
+    gram = x @ x.T if wide else x.T @ x
+    if not bool(torch.isfinite(gram).all()):
+        raise ValueError(f"{name} has entries too large to square in float64 (max |x| = {X.abs().max().item():.3g})")
     with _lapack_on_one_thread(gram.device):
         evals, evecs = torch.linalg.eigh(gram)  # ascending
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    top = evals[:2]
+    # a direction whose σ² is rounding (rank 0 or 1) is left out of the plane rather than picked at random
+    keep = (top > 1e-12 * evals[0]).to(x.dtype)
+    if wide:  # right singular vectors from the left ones: v = X̄ᵀu / σ
+        plane = (x.T @ evecs[:, :2]) * (keep / top.sqrt().clamp_min(1e-300))
+        evals = torch.cat([evals, evals.new_zeros(d - n)])
+    else:
+        plane = evecs[:, :2] * keep
+    if plane.shape[1] < 2:  # d = 1
+        plane = torch.cat([plane, torch.zeros_like(plane)], dim=1)
     energy = float(evals.sum())
     raw = energy + n * float(mean @ mean)
     degenerate = energy <= _DEGENERATE * raw or raw == 0.0
-    return _Centred(X, x, mean, evals, evecs, energy, degenerate)
+    return _Centred(X, x, mean, evals, plane, energy, degenerate)
 
 
 def _count_for_mass(values_desc: torch.Tensor, mass: float) -> int:
@@ -242,23 +264,16 @@ def spectrum(X, mass: float = FREQ_MASS) -> Spectrum:
     return _spectrum(_centre(_as_matrix(X, "X"), "X"), mass)
 
 
-def _plane(c: _Centred) -> torch.Tensor:
-    """d×2 basis of the top-2 right singular vectors (a zero column stands in for the second when d = 1)."""
-    V = c.evecs[:, :2]
-    if V.shape[1] < 2:
-        V = torch.cat([V, torch.zeros_like(V)], dim=1)
-    return V
-
-
 def top2_plane(X) -> torch.Tensor:
-    """The top-2 right singular vectors of X − mean row, as a d×2 float64 matrix with orthonormal columns."""
-    return _plane(_centre(_as_matrix(X, "X"), "X"))
+    """The top-2 right singular vectors of X − mean row, as a d×2 float64 matrix with orthonormal columns (a zero
+    column where X̄ has rank < 2 or d = 1)."""
+    return _centre(_as_matrix(X, "X"), "X").plane
 
 
 def project_top2(X) -> torch.Tensor:
     """n×2 float64 coordinates of X's centred rows in their own top-2 plane (the points that should form a circle)."""
     c = _centre(_as_matrix(X, "X"), "X")
-    return c.x @ _plane(c)
+    return c.x @ c.plane
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,11 +305,14 @@ def _power(X: torch.Tensor) -> torch.Tensor:
 
     The FFT reads X as given, not centred: centring changes only the DC bin, which the caller replaces. It runs
     along contiguous memory (a transposed copy: 1.4× faster than a strided FFT over dim 0 on CPU) and in X's dtype:
-    a float32 FFT's error is ~1e-7 of the amplitudes, far below anything a verdict depends on."""
+    a float32 FFT's error is ~1e-7 of the amplitudes, far below anything a verdict depends on. X is scaled to
+    max |x| = 1 first, so that the norm's sum of squares in X's dtype neither underflows (weights decayed to 1e-30)
+    nor overflows (1e30); the scale goes back in float64."""
     n, d = X.shape
-    F = torch.view_as_real(torch.fft.rfft(X.T.contiguous(), dim=1))  # d × (n//2 + 1) × (re, im)
+    scale = float(X.abs().amax()) or 1.0
+    F = torch.view_as_real(torch.fft.rfft(X.T.contiguous() / scale, dim=1))  # d × (n//2 + 1) × (re, im)
     power = torch.linalg.vector_norm(F, dim=(0, 2)).double().square()  # no d × n/2 temporary
-    return power * _weights(n, X.device) / n
+    return power * (scale * scale) * _weights(n, X.device) / n
 
 
 def _fourier(c: _Centred, mass: float) -> FourierSpectrum:
@@ -330,7 +348,7 @@ def describe(X, mass: float = FREQ_MASS) -> Layout:
     """Spectrum, Fourier spectrum and top-2 coordinates of X's centred rows (one Gram, one FFT)."""
     _check_mass(mass)
     c = _centre(_as_matrix(X, "X"), "X")
-    return Layout(_spectrum(c, mass), _fourier(c, mass), (c.x @ _plane(c)).cpu())
+    return Layout(_spectrum(c, mass), _fourier(c, mass), (c.x @ c.plane).cpu())
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +377,7 @@ def _circle_fit(c: _Centred, omega: int) -> CircleFit:
     n = c.x.shape[0]
     if c.degenerate:  # all points coincide at the centre: no circle, maximal gap error
         return CircleFit(0.0, 0.0, 2 * (n - 1) / n, 1, 0.0, omega)
-    u = c.x @ _plane(c)
+    u = c.x @ c.plane
     r = u.norm(dim=1)
     radius_cv = float(r.std(unbiased=False) / r.mean())
     theta = torch.atan2(u[:, 1], u[:, 0])
@@ -400,9 +418,7 @@ def _check_same_d(W: torch.Tensor, other: torch.Tensor, name: str, hint: str = "
 def _locking(cw: _Centred, ce: _Centred) -> float:
     if ce.degenerate or cw.degenerate:  # no energy to place, or no plane to place it in
         return 0.0
-    V = _plane(cw).to(ce.x.device)
-    gram_e = ce.evecs @ torch.diag(ce.evals) @ ce.evecs.T  # Ēᵀ Ē, rebuilt from its eigen-decomposition
-    return float(torch.trace(V.T @ gram_e @ V)) / ce.energy
+    return float((ce.x @ cw.plane.to(ce.x.device)).square().sum()) / ce.energy
 
 
 def subspace_locking(W, E) -> float:
@@ -445,7 +461,7 @@ def _as_features(h, name: str = "h") -> torch.Tensor:
 
 
 def _phase_alignment(cw: _Centred, h: torch.Tensor, labels: torch.Tensor) -> PhaseAlignment:
-    V = _plane(cw)
+    V = cw.plane
     w2 = cw.x @ V                       # centred W rows in their plane (logits read h·(w_c − w̄))
     h2 = h.to(V.device) @ V             # h as it is: its mean is part of what the logits read
     w2 = w2[labels.to(V.device)]
@@ -562,7 +578,9 @@ def classify(rho2: float, freq_count: int, n: int, etf_distance: float, *, axis_
     """The verdict rule of the module docstring, for one matrix with n rows."""
     if degenerate or freq_count == 0:
         return "unstructured"
-    if freq_count == 1 and rho2 >= cyclic_rho2 and axis_ratio >= cyclic_min_axis_ratio:
+    # ρ₂ ≥ share holds exactly, but share comes from an FFT and ρ₂ from a Gram: at share = ρ₂ = 0.9 the two
+    # can differ by rounding, and a one-frequency layout must not fall through to "unstructured" for it
+    if freq_count == 1 and rho2 >= cyclic_rho2 * (1 - 1e-6) and axis_ratio >= cyclic_min_axis_ratio:
         return "cyclic"
     if etf_distance <= etf_max_distance:
         return "etf-like"

@@ -63,14 +63,14 @@ def plot_circles(W, E, path, *, max_points: int = 20000, title: str | None = Non
         stride = max(1, math.ceil(n / max_points))
         k = list(range(0, n, stride))
         points = ax.scatter(u[k, 0].numpy(), u[k, 1].numpy(), c=k, cmap="twilight", s=max(2.0, 4000 / len(k)),
-                            vmin=0, vmax=n - 1, linewidths=0)
+                            vmin=0, vmax=n, linewidths=0)  # cyclic map: index n (= 0 mod n) wraps to 0's colour
         label = "class c" if name == "W" else "token"
         fig.colorbar(points, ax=ax, label=f"row index ({label})", shrink=0.8)
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_xlabel("top singular direction 1")
         ax.set_ylabel("top singular direction 2")
         what = "classifier" if name == "W" else "embedding"
-        ax.set_title(f"{name} ({what}, {n}×{X.shape[1]}): ρ₂ = {sp.rho2:.3f}, ω = {fs.omega}, "
+        ax.set_title(f"{name} ({what}, {n}×{len(sp.singular_values)}): ρ₂ = {sp.rho2:.3f}, ω = {fs.omega}, "
                      f"{_frequencies(fs.count)}", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(title or "Rows in their top-2 plane (a circle = rank-2 cyclic)")
