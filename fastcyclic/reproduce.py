@@ -305,12 +305,15 @@ def claim_2(rows: list, main: str) -> Claim:
 
 
 def _order(row: dict) -> Optional[tuple]:
-    """(which, source): which of W and E got there first by t (ρ₂ ≥ 0.9) or, where that is missing, settling."""
-    for a, b, source in (("t_W", "t_E", "t"), ("settle_W", "settle_E", "settling")):
-        if row[a] is not None and row[b] is not None:
-            which = "W" if row[a] < row[b] else "E" if row[a] > row[b] else "same"
-            return which, source
-    return None
+    """(which, source): which of W and E got there first by t (ρ₂ ≥ 0.9) or, where that is missing, settling
+    (a layer still moving at the end, settle None, settles after one that did settle)."""
+    if row["t_W"] is not None and row["t_E"] is not None:
+        return ("W" if row["t_W"] < row["t_E"] else "E" if row["t_W"] > row["t_E"] else "same"), "t"
+    never = math.inf
+    w, e = (never if row[k] is None else row[k] for k in ("settle_W", "settle_E"))
+    if w == e == never:
+        return None
+    return ("W" if w < e else "E" if w > e else "same"), "settling"
 
 
 def claim_3(rows: list, layer: str) -> Claim:
@@ -377,9 +380,10 @@ def claim_3(rows: list, layer: str) -> Claim:
     return Claim("3", "W reaches rank 2 before E (3a), and E's energy moves into W's plane (3b).",
                  "3a: in every run that fits the train set and did not collapse, which of W and E reaches ρ₂ ≥ 0.9 "
                  "first (t_W vs t_E) or, where either never does, which settles first (ρ₂ within 0.05 of its end "
-                 "value; resolution: the evaluation interval). 3b: in runs with W and E in one space (factorised "
-                 "head) whose W ends cyclic, the share of E's centred energy in W's top-2 plane, at the end vs at "
-                 "step 0.", "\n".join(lines), verdict, f"3a {v_a}: {r_a}. 3b {v_b}: {r_b}.")
+                 "value; a layer still moving at the end settles last; resolution: the evaluation interval). "
+                 "3b: in runs with W and E in one space (factorised head) whose W ends cyclic, the share of E's "
+                 "centred energy in W's top-2 plane, at the end vs at step 0.",
+                 "\n".join(lines), verdict, f"3a {v_a}: {r_a}. 3b {v_b}: {r_b}.")
 
 
 def _pvalues(n: int) -> str:

@@ -202,8 +202,8 @@ class TrainResult:
     history: list = field(default_factory=list)   # every evaluation record (dicts)
     t_W: Optional[int] = None                     # first evaluated step with rho2(W) >= 0.9
     t_E: Optional[int] = None
-    settle_W: Optional[int] = None                # first evaluated step from which rho2(W) stays near its end value
-    settle_E: Optional[int] = None
+    settle_W: Optional[int] = None                # first step from which rho2(W) stays near its end value (None:
+    settle_E: Optional[int] = None                # still moving at the end)
     paths: dict = field(default_factory=dict)     # what was written: config, metrics, summary, checkpoint, figures
     seconds: float = 0.0
     trainer: Optional["Trainer"] = field(default=None, repr=False)  # to keep stepping or to analyse the model
@@ -611,13 +611,15 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
 
 def settling_step(history: list, key: str, tolerance: float = 0.05) -> Optional[int]:
     """The first evaluated step from which ``key`` (e.g. rho2_W) stays within ``tolerance`` of its
-    final value.  Where rho2 never reaches the 0.9 of t_W / t_E (several frequencies), this still
+    final value; None when only the last record is within it (still moving when the run ended) or
+    there is none.  Where rho2 never reaches the 0.9 of t_W / t_E (several frequencies), this still
     says which layer found its layout first."""
-    series = [(r["step"], r[key]) for r in history if r.get(key) is not None]
-    if not series:
+    series = sorted((r["step"], r[key]) for r in history if r.get(key) is not None and math.isfinite(r[key]))
+    if len(series) < 2:
         return None
-    final, settled = series[-1][1], series[-1][0]
-    for step, value in reversed(series):
+    final = series[-1][1]
+    settled = None
+    for step, value in reversed(series[:-1]):
         if abs(value - final) > tolerance:
             break
         settled = step
@@ -637,10 +639,16 @@ def _log(trainer: Trainer, record: dict, paths: dict, bar) -> None:
         bar.set_postfix(shown, refresh=False)
 
 
-def _order(t_w, t_e) -> str:
-    if t_w is None or t_e is None:
-        return ""
-    return " (W first)" if t_w < t_e else " (together)" if t_w == t_e else " (E first)"
+def _settling_text(settle_w, settle_e) -> str:
+    """Where rho2 settled in each layer, and which first (a layer still moving at the end settles last)."""
+    def at(step):
+        return f"step {step}" if step is not None else "not yet (still moving at the end)"
+
+    text = f"rho2 settles (within 0.05 of its end value) for W at {at(settle_w)}, for E at {at(settle_e)}"
+    if settle_w is None and settle_e is None:
+        return text
+    w, e = (math.inf if s is None else s for s in (settle_w, settle_e))
+    return text + (" (W first)" if w < e else " (together)" if w == e else " (E first)")
 
 
 def report(result: TrainResult) -> str:
@@ -661,9 +669,8 @@ def report(result: TrainResult) -> str:
             f"  shared dominant frequency: {'yes' if g.shared_omega else 'no'}; frequency overlap "
             f"{g.freq_overlap:.2f}" + (f"; locking {g.locking:.3f}" if g.locking is not None else ""),
         ]
-    lines.append(f"layer order: rho2 >= 0.9 first at t_W={result.t_W}, t_E={result.t_E}; rho2 settles (within "
-                 f"0.05 of its end value) at step {result.settle_W} for W, {result.settle_E} for E"
-                 + _order(result.settle_W, result.settle_E))
+    lines.append(f"layer order: rho2 >= 0.9 first at t_W={result.t_W}, t_E={result.t_E}; "
+                 + _settling_text(result.settle_W, result.settle_E))
     if f["train_acc"] <= chance_threshold(result.config.p):
         # such runs can pass rho2 >= 0.9 while their weights decay toward zero: say what that is worth
         lines.append("note: train accuracy is at chance, so nothing was learned: the geometry above (and t_W, t_E) "

@@ -522,6 +522,11 @@ def test_claim_3_locking_and_order():
     assert claims["3"].verdict == "supported", claims["3"].reason
     rows = [fake(97, 0.01, s, "cyclic", series="layer-order", locking=0.05, order=("t", 700, 300)) for s in range(5)]
     assert verdicts(rows)["3"].verdict == "not supported"
+    # a layer that never settles (still moving at the end) settles after one that did; neither: no order
+    assert reproduce._order(dict(t_W=None, t_E=None, settle_W=300, settle_E=None)) == ("W", "settling")
+    assert reproduce._order(dict(t_W=None, t_E=None, settle_W=None, settle_E=300)) == ("E", "settling")
+    assert reproduce._order(dict(t_W=None, t_E=None, settle_W=None, settle_E=None)) is None
+    assert reproduce._order(dict(t_W=200, t_E=100, settle_W=None, settle_E=300)) == ("E", "t")
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,9 +556,7 @@ def test_report_from_a_tiny_real_sweep(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     reproduce.add_arguments(parser)
     args = parser.parse_args(["--preset", "tiny", "--out", str(out), "--bootstrap", "100"])
-    started = time.perf_counter()
     assert reproduce.main(args) == 0
-    assert time.perf_counter() - started < 60
     report = (out / "report.md").read_text()
     verdict_doc = json.loads((out / "verdicts.json").read_text())
     assert [c["number"] for c in verdict_doc["claims"]] == ["1", "2", "3", "4"]

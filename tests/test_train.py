@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from fastcyclic.cli import main as cli_main
-from fastcyclic.training import TrainConfig, Trainer, TrainingDiverged, TrainResult, load_checkpoint, report, train
+from fastcyclic.training import (TrainConfig, Trainer, TrainingDiverged, TrainResult, load_checkpoint, report,
+                                 settling_step, train)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # small and quick: P = 23 groks within a few hundred full-batch steps
@@ -346,6 +347,23 @@ def test_resume_removes_what_a_killed_write_left(tmp_path):
     (out / ".tmp-killed.tmp").write_bytes(b"half a checkpoint")
     train(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))), resume=True, figures=False)
     assert not list(out.glob(".tmp-*"))
+
+
+def test_settling_step():
+    def records(values, steps=None):
+        return [{"step": s, "rho2_W": v} for s, v in zip(steps or range(0, 100 * len(values), 100), values)]
+
+    assert settling_step(records([0.1, 0.3, 0.31, 0.32]), "rho2_W") == 100
+    # still rising at the end: no step from which it stays near its end value, only the end itself (was: 300)
+    assert settling_step(records([0.1, 0.3, 0.5, 0.7]), "rho2_W") is None
+    # records in any order (they were read newest first: 0); a non-finite value is no evidence (was: 0)
+    assert settling_step(records([0.3, 0.31, 0.1], steps=[200, 300, 100]), "rho2_W") == 200
+    assert settling_step(records([0.1, 0.5, 0.52, float("nan")]), "rho2_W") == 100
+    assert settling_step(records([0.5]), "rho2_W") is None and settling_step([], "rho2_W") is None
+    # the report orders a settled layer before one still moving
+    final = dict(step=300, train_acc=1.0, test_acc=1.0, train_loss=0.1, test_loss=0.1)
+    text = report(TrainResult(TrainConfig(p=97), final, None, settle_W=100, settle_E=None))
+    assert "for E at not yet (still moving at the end) (W first)" in text, text
 
 
 @pytest.mark.parametrize("train_acc", [0.01, 0.9])
