@@ -78,6 +78,7 @@ class Preset:
     workers: Optional[int]   # None: the sweep's default for the device
     device: str              # the device it is designed for ("cpu", "cuda")
     duration: str            # measured or estimated duration, in words
+    threads: Optional[int] = None  # torch threads per run; None: the sweep's default (cores / workers)
     main: str = "main"
     layer: str = "layer-order"
 
@@ -156,7 +157,7 @@ def _tiny() -> Preset:
                         layer_ps=(13,), layer_lambdas=(0.1,), layer_every=10)
     return Preset("tiny", f"a self-check: P = 11, 13, 60 steps; {_count(blocks)} runs (numbers mean nothing)", blocks,
                   _notes(base, 8, 120, 10), minutes=2, reserve_minutes=0.5, workers=0, device="cpu",
-                  duration="about 10 s on one core")
+                  duration="about 10 s on one core", threads=1)  # tiny runs: more threads only add waiting
 
 
 PRESETS: dict[str, Callable[[], Preset]] = {"cpu": _cpu, "gpu": _gpu, "tiny": _tiny}
@@ -213,6 +214,11 @@ def _cells(rows: list, p: int) -> list:
     return out
 
 
+def _none_finished(rows: list, block: str) -> str:
+    failed = sum(r["status"] == "failed" for r in rows)
+    return f"no run of the {block} block finished" + (f" ({failed} failed)" if failed else "")
+
+
 def claim_1(rows: list, main: str) -> Claim:
     mine = [r for r in rows if r["series"] == main]
     ps = sorted({r["p"] for r in mine if r["status"] == "ok"})
@@ -248,7 +254,9 @@ def claim_1(rows: list, main: str) -> Claim:
         by_series[r["series"]] = by_series.get(r["series"], 0) + 1
     if by_series:
         extra += " By block: " + ", ".join(f"{k} {v}" for k, v in by_series.items()) + "."
-    if not testable:
+    if not ps:
+        verdict, reason = "inconclusive", _none_finished(mine, main)
+    elif not testable:
         verdict, reason = "inconclusive", "at no P do most runs at any λ fit the train set; train longer"
     elif shows and 2 * len([p for p in shows if p in testable]) >= len(testable):
         verdict = "supported"
@@ -286,7 +294,9 @@ def claim_2(rows: list, main: str) -> Claim:
                      f"{_f(low['freq_E'])} | {_f(low['rho2_W'], '.2f')} | "
                      + (f"{_f(high['freq_W'])} (λ = {high['lam']:g})" if high else "–") + " |")
     any_cyclic = any(r["phase"] == "cyclic" for r in mine)
-    if not below and not above:
+    if not ps:
+        verdict, reason = "inconclusive", _none_finished(mine, main)
+    elif not below and not above:
         verdict, reason = "inconclusive", "at no P do most runs at the smallest λ fit the train set"
     elif below and not above:
         verdict = "supported"
@@ -393,11 +403,10 @@ def _pvalues(n: int) -> str:
 def _slope_text(fit: dict) -> str:
     if fit.get("status") != "ok":
         return f"no fit ({_pvalues(fit.get('n', 0))} with a crossing)"
-    ci = fit.get("slope_ci") or fit.get("slope_ci_ols")
-    kind = "bootstrap" if fit.get("slope_ci") else "t"
-    grid = fit.get("slope_range_grid")
-    parts = ([f"95 % {kind} interval {ci[0]:.2f} to {ci[1]:.2f}"] if ci else []) + (
-        [f"grid range {grid[0]:.2f} to {grid[1]:.2f}"] if grid else [])
+    # every interval that slope_interval (the verdict's) takes in
+    parts = [f"{name} {v[0]:.2f} to {v[1]:.2f}" for name, v in (
+        ("95 % bootstrap interval", fit.get("slope_ci")), ("95 % t interval", fit.get("slope_ci_ols")),
+        ("grid range", fit.get("slope_range_grid"))) if v]
     return (f"slope {fit['slope']:.2f}" + (f" ({'; '.join(parts)})" if parts else "")
             + f" over {_pvalues(fit['n'])}, R² {fit['r2']:.2f}")
 
@@ -649,11 +658,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (report.md, sweep/, figures/, showcase/); "
                                                      "a rerun resumes its sweep")
     parser.add_argument("--workers", type=int, default=None, help="runs at once (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: the preset's, else cores / workers)")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda[:n] (default: the preset's)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="start no sweep run after this many minutes (default: the preset's budget minus a reserve "
                              "for the report)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--retry-failed", action="store_true", help="rerun the sweep's runs recorded as failed")
     parser.add_argument("--no-showcase", dest="showcase", action="store_false",
                         help="skip the extra run that draws circles and spectra")
 
@@ -682,7 +694,9 @@ def _main(args: argparse.Namespace) -> int:
         budget = args.max_minutes if args.max_minutes is not None else preset.minutes - preset.reserve_minutes
         sweep.say(f"fastcyclic reproduce --preset {preset.name}: {preset.description}; expected {preset.duration}")
         outcome = sweep.run_sweep(sweep_dir, preset.blocks, workers=args.workers if args.workers is not None
-                                  else preset.workers, device=device, deadline_s=budget * 60)
+                                  else preset.workers, threads=args.threads if args.threads is not None
+                                  else preset.threads, device=device, deadline_s=budget * 60,
+                                  retry_failed=args.retry_failed)
     except ValueError as e:
         print(f"fastcyclic reproduce: error: {e}", file=sys.stderr)
         return 2

@@ -63,8 +63,10 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import typing
@@ -116,6 +118,9 @@ def _t975(df: int) -> float:
 # --------------------------------------------------------------------------------------------
 # grid values: P, λ, seeds, --set / --vary
 # --------------------------------------------------------------------------------------------
+
+
+MAX_PRIME_BOUND = 10 ** 7  # primes:LO:HI takes HI up to this (a 10 MB sieve, under a second)
 
 
 def primes_between(lo: int, hi: int) -> list[int]:
@@ -186,7 +191,12 @@ def parse_ps(text: str) -> tuple[int, ...]:
         lo, hi = _number(parts[1], int, what), _number(parts[2], int, what)
         if lo > hi:
             raise ValueError(f"--p: {text!r} has LO > HI")
-        values = log_primes(lo, hi, _number(parts[3], int, what)) if len(parts) == 4 else primes_between(lo, hi)
+        if hi > MAX_PRIME_BOUND:  # the sieve holds a byte per integer up to HI
+            raise ValueError(f"--p: {text!r} has HI above {MAX_PRIME_BOUND:,}; list larger P values explicitly")
+        count = _number(parts[3], int, what) if len(parts) == 4 else None
+        if count is not None and count < 1:
+            raise ValueError(f"--p: {text!r} asks for {count} primes; N must be >= 1")
+        values = log_primes(lo, hi, count) if count is not None else primes_between(lo, hi)
         if len(values) > 1000:
             raise ValueError(f"--p: {text!r} holds {len(values)} primes; give a count (primes:LO:HI:N)")
     elif text.startswith("log:"):
@@ -397,10 +407,15 @@ def expand(blocks: list[Block]) -> list[RunSpec]:
                 raise ValueError(f"block {block.name!r}: --vary {key} has no values")
             _no_duplicates(list(values), f"--vary {key}")
         keys = sorted(block.vary)
+        series_names = set()
         for combo in itertools.product(*(block.vary[k] for k in keys)):
             assigned = dict(zip(keys, combo))
             series = block.name + (" [" + ", ".join(f"{k}={_fmt(v)}" for k, v in assigned.items()) + "]"
                                    if assigned else "")
+            if series in series_names:  # the analysis groups runs by series: two would merge into one
+                raise ValueError(f"block {block.name!r}: two --vary combinations print alike as {series!r} (6 "
+                                 "significant digits); make the values differ more")
+            series_names.add(series)
             for p, wd, seed in itertools.product(block.ps, block.weight_decays, block.seeds):
                 values = {**block.fixed, **assigned, "p": p, "weight_decay": float(wd), "seed": seed,
                           "device": "auto", "progress": False, "out_dir": None, "checkpoint_every": 0}
@@ -466,10 +481,27 @@ def stored_specs(state: dict) -> list[RunSpec]:
     return [RunSpec(r["id"], r["block"], r["series"], r["config"]) for r in state["runs"]]
 
 
+def _field_values(specs: list[RunSpec]) -> dict:
+    """config field → the set of values (as JSON text) the runs give it."""
+    values: dict = {}
+    for spec in specs:
+        for key, value in identity(spec.config).items():
+            values.setdefault(key, set()).add(json.dumps(value))
+    return values
+
+
 def _describe_difference(old: list[RunSpec], new: list[RunSpec]) -> str:
     a, b = {s.id: s for s in old}, {s.id: s for s in new}
     only_old, only_new = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     parts = [f"{len(old)} runs there, {len(new)} here"]
+    there, here = _field_values(old), _field_values(new)
+
+    def listed(values):
+        return ", ".join(sorted(values, key=lambda v: (len(v), v))[:4]) + (" …" if len(values) > 4 else "") or "-"
+
+    for key in sorted(set(there) | set(here)):
+        if there.get(key) != here.get(key):
+            parts.append(f"{key}: {listed(there.get(key, ()))} there, {listed(here.get(key, ()))} here")
     if only_old:
         parts.append(f"only there: {', '.join(only_old[:3])}" + (" …" if len(only_old) > 3 else ""))
     if only_new:
@@ -615,9 +647,19 @@ def _brief(record: dict) -> dict:
     return out
 
 
+def _exit_with(parent) -> None:
+    parent.join()  # returns when the parent process has gone
+    os._exit(1)
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
+    # a sweep killed outright (SIGKILL, OOM killer) cannot stop its workers: each one ends itself when the sweep
+    # process goes, instead of training on unseen and writing a record that a rerun's worker writes again
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), name="exit-with-sweep", daemon=True).start()
     torch.set_num_threads(threads)  # one thread per process: processes, not threads, use the cores
     try:
         torch.set_num_interop_threads(1)
@@ -701,7 +743,7 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
     one choice known to be safe without measuring how several processes share the GPU).  deadline_s: start no
     run after this many seconds (the running ones finish).  run_seconds: a run still training after this long is
     stopped at its next evaluation and recorded as failed."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), _now()
     device = resolve_device(device)
     specs = prepare(out, blocks)
     with _Lock(out):
@@ -744,7 +786,7 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
             seconds = time.perf_counter() - started
             rate = len(ran) / (seconds / 3600) if ran and seconds > 0 else None
             if pending:  # a session that had nothing to run would only dilute runs per hour
-                session = dict(started=_now(), seconds=seconds, ran=len(ran), remaining=len(remaining),
+                session = dict(started=started_at, seconds=seconds, ran=len(ran), remaining=len(remaining),
                                workers=workers, threads=threads, device=device, runs_per_hour=rate,
                                host=socket.gethostname())
                 with open(os.path.join(out, SESSIONS_FILE), "a") as f:
@@ -1365,12 +1407,11 @@ def summary_text(analysis: dict, outcome: Optional[SweepOutcome] = None) -> str:
         for key, label in (("lambda_crit", "λ_crit"), ("lambda_0", "λ₀")):
             fit = entry["fit_" + key]
             if fit.get("status") == "ok":
-                ci = fit.get("slope_ci") or fit.get("slope_ci_ols")
-                ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
-                grid = fit.get("slope_range_grid")
-                grid_text = f", grid range [{grid[0]:.2f}, {grid[1]:.2f}]" if grid else ""
-                lines.append(f"  log {label} vs log K: slope {fit['slope']:.2f}{ci_text}{grid_text} over {fit['n']} "
-                             "P values")
+                intervals = ", ".join(f"{name} [{v[0]:.2f}, {v[1]:.2f}]" for name, v in (
+                    ("bootstrap", fit.get("slope_ci")), ("t", fit.get("slope_ci_ols")),
+                    ("grid range", fit.get("slope_range_grid"))) if v)
+                lines.append(f"  log {label} vs log K: slope {fit['slope']:.2f}" + (f" ({intervals})" if intervals
+                             else "") + f" over {fit['n']} P values")
             else:
                 lines.append(f"  log {label} vs log K: no fit ({fit['n']} P value{'s' if fit['n'] != 1 else ''} "
                              "with a crossing)")
@@ -1436,14 +1477,39 @@ def check_pool_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-minutes must be >= 0, got {args.max_minutes}")
 
 
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def interruptible(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """body(args), or exit code 130 with a message on Ctrl-C, while running or while writing the analysis: a
-    rerun picks up from the records (`fastcyclic sweep` and `fastcyclic reproduce`)."""
+    """body(args), or exit code 130 with a message on Ctrl-C or SIGTERM (`kill`, a job scheduler), while running
+    or while writing the analysis: the workers are stopped, the session is logged, and a rerun picks up from the
+    records (`fastcyclic sweep` and `fastcyclic reproduce`)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if in_main_thread else None
     try:
         return body(args)
     except KeyboardInterrupt:
         print(f"fastcyclic {command}: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _check_nothing_lost(out: str, records: dict) -> None:
+    """Re-analysing must not drop runs that runs.csv lists but whose records are gone (a copy of a results
+    directory without runs/, as git keeps them): the rewritten runs.csv and fits.json would silently lose them."""
+    path = os.path.join(out, "runs.csv")
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        listed = {row["id"] for row in csv.DictReader(f) if row.get("id")}
+    missing = listed - set(records)
+    if missing:
+        raise ValueError(f"runs.csv lists {len(listed)} runs but {len(missing)} of them have no record in "
+                         f"{os.path.join(out, 'runs')!r} (e.g. {sorted(missing)[0]}): re-analysing would drop them "
+                         "from runs.csv and fits.json; nothing was written")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -1457,7 +1523,13 @@ def _main(args: argparse.Namespace) -> int:
         if args.analyze_only:
             if load_sweep(args.out) is None:
                 raise ValueError(f"{args.out!r} holds no sweep")
+            if args.bootstrap < 0:
+                raise ValueError("--bootstrap must be >= 0")
+            if blocks_from_args(args) is not None:
+                print("fastcyclic sweep: --analyze-only analyses the sweep in --out as it is; the grid options are "
+                      "ignored", file=sys.stderr)
             records = load_records(args.out)
+            _check_nothing_lost(args.out, records)
             remaining, failed = None, sum(r["status"] == "failed" for r in records.values())
         else:
             check_pool_args(args)

@@ -558,7 +558,9 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
             if os.path.exists(path):
                 os.remove(path)
     if out:
-        remove_temporaries(out)
+        for folder in (out, os.path.join(out, "figures")):  # what a kill left mid-write (checkpoint, figures)
+            if os.path.isdir(folder):
+                remove_temporaries(folder)
         paths.update(config=os.path.join(out, "config.json"), metrics=os.path.join(out, "metrics.jsonl"))
         write_json(paths["config"], config.to_dict())
         # metrics.jsonl restarts from the checkpoint's history, so a resumed run has no duplicate lines

@@ -3,10 +3,13 @@ killed sweep resumes without repeating or losing a run, a crashed run is recorde
 λ_crit / λ₀ estimators and the slope fit recover known answers from synthetic run tables (a P without a crossing is
 reported as such), the report is written from a tiny real sweep, and the figures render."""
 import argparse
+import contextlib
 import csv
+import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +75,8 @@ def test_grid_values_parse():
     (sweep.parse_ps, "31,abc", "not an integer"),
     (sweep.parse_ps, "primes:3:7:10", "only 3"),
     (sweep.parse_ps, "log:1:2:5", "more than once"),
+    (sweep.parse_ps, "primes:3:100:0", "N must be >= 1"),
+    (sweep.parse_ps, "primes:3:4000000000:5", "HI above 10,000,000"),
     (sweep.parse_weight_decays, "0,0.1", "must be > 0"),
     (sweep.parse_weight_decays, "-1e-3", "must be > 0"),
     (sweep.parse_weight_decays, "log:0:1:3", "positive bounds"),
@@ -96,6 +101,13 @@ def test_set_and_vary_parse_to_config_types():
                          (["device=cpu"], "--device"), (["d"], "KEY=VALUE"), (["factorised=maybe"], "true or false")):
         with pytest.raises(ValueError, match=match):
             sweep.parse_assignments(items, vary=False)
+
+
+def test_vary_values_that_print_alike_are_refused():
+    """Series are named with 6 significant digits; two that print alike would merge in the analysis."""
+    block = tiny_block(vary=dict(lr=(0.003000001, 0.003000002)))
+    with pytest.raises(ValueError, match="print alike as 'sweep \\[lr=0.003\\]'"):
+        sweep.expand([block])
 
 
 def test_expand_is_the_cartesian_product_with_stable_ids():
@@ -155,8 +167,9 @@ def test_bad_input_writes_nothing(tmp_path, capsys):
     sweep.run_sweep(str(done), [tiny_block(ps=(7,), weight_decays=(0.1,), seeds=(0,))], workers=0, log=lambda *a: 0)
     before = files(done)
     assert sweep.main(sweep_args("--p", "7", "--weight-decay", "0.2", "--out", str(done), "--steps", "60")) == 2
-    assert "different grid" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="different grid"):
+    err = capsys.readouterr().err
+    assert "different grid" in err and "weight_decay: 0.1 there, 0.2 here" in err, err  # what differs, by name
+    with pytest.raises(ValueError, match="different grid.*seed: 0 there, 0, 1 here"):
         sweep.run_sweep(str(done), [tiny_block(ps=(7,), weight_decays=(0.1,), seeds=(0, 1))], workers=0)
     assert files(done) == before
     # a non-empty directory that is not a sweep
@@ -205,6 +218,60 @@ def test_killed_sweep_resumes_without_repeating_or_losing_runs(tmp_path):
     assert sweep.run_sweep(str(out), [Block(ps=(11, 13), weight_decays=(0.01, 0.1, 1.0), seeds=(0, 1),
                                             fixed=dict(steps=100, d=16, hidden=32, weight_decay_warmup=20))],
                            workers=0, log=lambda *a: 0).ran == []
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_killed_sweep_leaves_no_worker_running(tmp_path, how):
+    """Killed outright, the sweep could not stop its worker processes: they trained on, orphaned, and wrote
+    records that a rerun's workers wrote again.  They now end with it; SIGTERM is handled like Ctrl-C."""
+    out = tmp_path / "killed"
+    grid = ["--p", "11,13", "--weight-decay", "0.01,0.1,1", "--seeds", "2", "--steps", "400", "--workers", "2",
+            "--threads", "1", "--set", "d=16", "--set", "hidden=32", "--no-figures"]
+    code = ("import argparse, sys; from fastcyclic import sweep; p = argparse.ArgumentParser(); "
+            "sweep.add_arguments(p); sys.exit(sweep.main(p.parse_args(sys.argv[1:])))")
+    proc = subprocess.Popen([sys.executable, "-c", code, *grid, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)  # its workers join its process group
+    runs = out / "runs"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (runs.exists() and list(runs.glob("*.json"))):
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, getattr(signal, how))
+        code = proc.wait(timeout=60)
+        stopped = time.time() + 30
+        while time.time() < stopped:
+            try:
+                os.killpg(proc.pid, 0)  # any process left in the group: a worker
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("worker processes still running 30 s after the sweep was killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert len(list(runs.glob("*.json"))) < 12, "the sweep was not killed mid-way"
+    if how == "SIGTERM":
+        assert code == 130 and "interrupted" in proc.stderr.read().decode()
+        assert (out / "sessions.jsonl").exists()
+
+
+def test_analyze_only_never_drops_runs_whose_records_are_missing(tmp_path, capsys):
+    out = tmp_path / "an"
+    argv = ["--p", "5,7", "--weight-decay", "0.1", "--steps", "20", "--workers", "0", "--set", "d=8",
+            "--set", "hidden=16", "--no-figures", "--out", str(out)]
+    assert sweep.main(sweep_args(*argv)) == 0
+    assert sweep.main(sweep_args("--analyze-only", "--no-figures", "--out", str(out))) == 0
+    before = {name: (out / name).read_bytes() for name in ("runs.csv", "fits.json")}
+    assert before["runs.csv"].count(b"\n") == 3  # header and two runs
+    # a copy of a results directory as git keeps it: runs.csv without the per-run records
+    shutil.rmtree(out / "runs")
+    capsys.readouterr()
+    assert sweep.main(sweep_args("--analyze-only", "--out", str(out))) == 2
+    assert "runs.csv lists 2 runs but 2 of them have no record" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sweep.main(sweep_args("--analyze-only", "--bootstrap", "-3", "--out", str(out))) == 2
 
 
 def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
@@ -261,6 +328,7 @@ def test_the_time_limit_spares_a_run_that_has_finished(tmp_path, monkeypatch):
 
 def test_worker_processes_run_the_grid(tmp_path):
     out = tmp_path / "pool"
+    before = datetime.datetime.now().astimezone().replace(microsecond=0)
     outcome = sweep.run_sweep(str(out), [tiny_block(ps=(11,), weight_decays=(0.01, 0.1), seeds=(0, 1))],
                               workers=2, threads=1, log=lambda *a: 0)
     assert outcome.workers == 2 and sorted(outcome.ran) == sorted(s.id for s in outcome.specs)
@@ -273,7 +341,10 @@ def test_worker_processes_run_the_grid(tmp_path):
     assert rec["history"][0]["step"] == 0 and "norm_params" in rec["history"][-1]
     assert {"rho2_W", "rho2_E", "omega_W", "freq_count_W", "freq_count_E", "verdict"} <= rec["geometry"].keys()
     assert outcome.runs_per_hour > 0
-    assert json.loads((out / "sessions.jsonl").read_text().splitlines()[-1])["ran"] == 4
+    session = json.loads((out / "sessions.jsonl").read_text().splitlines()[-1])
+    assert session["ran"] == 4
+    started = datetime.datetime.fromisoformat(session["started"])  # when it started (it was the end time)
+    assert before <= started <= before + datetime.timedelta(seconds=1) and session["seconds"] > 1
 
 
 # A sitecustomize for the spawned workers: a worker that starts a run at one of KILL_PS kills itself half a second
@@ -438,6 +509,16 @@ def verdicts(records):
     return {c.number: c for c in claims}
 
 
+def test_claims_say_when_nothing_finished():
+    failed = [dict(id=f"f-{s}", block="main", series="main", status="failed", error="out of memory",
+                   config=dict(p=31, weight_decay=0.01, seed=s)) for s in range(3)]
+    for records, reason in ((failed, "no run of the main block finished (3 failed)"),
+                            ([], "no run of the main block finished")):
+        claims = verdicts(records)
+        for number in ("1", "2"):
+            assert (claims[number].verdict, claims[number].reason) == ("inconclusive", reason)
+
+
 def test_claims_supported_by_a_1_over_K_law():
     claims = verdicts(synthetic((101, 211, 401, 809)))
     assert claims["1"].verdict == "supported"
@@ -492,6 +573,10 @@ def test_the_slope_bootstrap_refits_every_p_and_claim_4_sees_the_scatter():
     lo, hi = reproduce.slope_interval(fit)
     assert lo <= fit["slope_ci_ols"][0] and hi >= fit["slope_ci_ols"][1] and lo < -1 < hi
     assert reproduce._judge_slope(fit)[0] == "inconclusive"
+    # the report shows every interval the verdict takes in (the t interval was hidden behind the bootstrap's)
+    t_lo, t_hi = fit["slope_ci_ols"]
+    assert f"95 % t interval {t_lo:.2f} to {t_hi:.2f}" in reproduce._slope_text(fit)
+    assert f"t [{t_lo:.2f}, {t_hi:.2f}]" in sweep.summary_text(sweep.analyse(records, n_boot=100))
 
 
 def test_a_p_whose_runs_all_failed_is_reported_not_dropped():
@@ -549,6 +634,23 @@ def test_figures_and_tables_render(tmp_path):
     fits = json.loads(open(paths["fits"]).read())
     assert fits["series"]["main"]["fit_lambda_crit"]["excluded"] == {"211": "no crossing"}
     assert "P=211" in sweep.summary_text(analysis) and "no crossing" in sweep.summary_text(analysis)
+
+
+def test_reproduce_passes_retry_failed_and_threads_to_the_sweep(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_sweep(out, blocks, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    parser = argparse.ArgumentParser()
+    reproduce.add_arguments(parser)
+    args = ["--preset", "tiny", "--out", str(tmp_path / "r")]
+    assert reproduce.main(parser.parse_args(args + ["--retry-failed"])) == 2
+    assert seen["retry_failed"] is True and seen["threads"] == 1  # the tiny preset's one thread
+    assert reproduce.main(parser.parse_args(args + ["--threads", "2"])) == 2
+    assert seen["retry_failed"] is False and seen["threads"] == 2
 
 
 def test_report_from_a_tiny_real_sweep(tmp_path, capsys):

@@ -345,8 +345,14 @@ def test_resume_removes_what_a_killed_write_left(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
     (out / ".tmp-killed.tmp").write_bytes(b"half a checkpoint")
+    (out / "figures").mkdir()
+    (out / "figures" / ".tmp-killed.tmp").write_bytes(b"half a figure")
     train(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))), resume=True, figures=False)
-    assert not list(out.glob(".tmp-*"))
+    assert not list(out.glob("**/.tmp-*"))
+    # and a fresh run into the folder (reproduce's showcase after a kill) as well
+    (out / "figures" / ".tmp-killed.tmp").write_bytes(b"half a figure")
+    train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
+    assert not list(out.glob("**/.tmp-*"))
 
 
 def test_settling_step():
