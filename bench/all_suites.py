@@ -1,6 +1,7 @@
 """``fastcyclic bench all``: the ce, optim, train and geometry suites in one run, into one directory.
 
-    OUT/all.json            machine, ceilings, and per suite: exit code, status, seconds, record counts
+    OUT/all.json            machine, ceilings, the suites asked for, "complete", and per suite: exit code,
+                            status (ok, ..., running or interrupted in a run stopped early), seconds, record counts
     OUT/ce/ce.json|csv|png  OUT/optim/optim.json|csv  OUT/train/train.json|csv  OUT/geometry/geometry.json|csv
 
 The ceilings (copy bandwidth, GEMM rates) are measured once and shared by every suite; the geometry
@@ -90,11 +91,12 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
     ceil = measure.print_ceilings(device, quick=args.quick)  # once: every suite reuses this measurement
     summary: list[dict] = []
 
-    def save():
+    def save(complete=False):
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            results = {"suite": "all", "machine": machine, "ceilings": ceil, "quick": args.quick,
-                       "budget_s": args.budget_s, "seconds": time.monotonic() - start, "suites": summary}
+            results = {"suite": "all", "complete": complete, "requested": names, "machine": machine,
+                       "ceilings": ceil, "quick": args.quick, "budget_s": args.budget_s,
+                       "seconds": time.monotonic() - start, "suites": summary}
             measure.write_atomic(args.out / "all.json", json.dumps(measure._json_safe(results), indent=1))
 
     save()
@@ -103,7 +105,9 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
         for name in names:
             print(f"\n==== fastcyclic bench {name} ====", flush=True)
             t0 = time.monotonic()
-            entry = {"suite": name, "out": str(args.out / name) if args.out else None}
+            entry = {"suite": name, "out": str(args.out / name) if args.out else None, "status": "running"}
+            summary.append(entry)
+            save()  # a run killed from here on says which suite it was in
             try:
                 module, ns = suite_args(name, args.device, args.quick, args.out, args.threads)
                 kwargs = {}
@@ -121,11 +125,17 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
                              traceback=traceback.format_exc()[-3000:])
                 print(f"fastcyclic bench {name} crashed:\n{traceback.format_exc()}", file=sys.stderr)
             entry["seconds"] = time.monotonic() - t0
-            summary.append(entry)
             measure.release(device)
             save()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (an outer time limit): all.json says where it stopped
+        for entry in summary:
+            if entry["status"] == "running":
+                entry.update(status="interrupted", rc=None)
+        save()
+        raise
     finally:
         measure.set_budget(None)
+    save(complete=True)
     print("\n==== fastcyclic bench all: summary ====")
     print(f"{'suite':<10} {'status':<28} {'seconds':>8}  records")
     for e in summary:

@@ -33,9 +33,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import inspect
-import io
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -325,6 +323,7 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
         del h, w, y, ref
         measure.release(device)
         if after_shape:
+            _speedups(records)  # so that a run cut short leaves them for the shapes it finished
             after_shape(records, tunings)
     _speedups(records)
     return records, tunings
@@ -351,6 +350,7 @@ def _speedups(records: list[dict]) -> None:
 CSV_FIELDS = ("N", "D", "K", "tflops_per_s", "err_loss", "err_dh", "err_dw", "target_ms", "speedup_vs_eager",
               "speedup_vs_compile")
 FILES = ("ce.json", "ce.csv", "ce.png")
+PLOT = ("K", "K (classes)", "median time (ms), forward + backward")  # measure.write_plot's x, its label, y label
 
 
 def format_row(r: dict) -> str:
@@ -370,55 +370,13 @@ def header() -> str:
             "errors vs float64")
 
 
-def plot(records: list[dict], title: str = "") -> bytes:
-    """PNG: median time and peak extra memory against K, one line per method (Agg, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4.2))
-    FigureCanvasAgg(fig)
-    ax_t, ax_m = fig.subplots(1, 2)
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    plotted = False
-    for method in methods:
-        ok = sorted((r for r in records if r["method"] == method and r["status"] == "ok"), key=lambda r: r["K"])
-        if not ok:
-            continue
-        ks = [r["K"] for r in ok]
-        ax_t.plot(ks, [r["median_ms"] for r in ok], marker="o", label=method)
-        mem = [(r["K"], r["peak_extra_gib"]) for r in ok if r.get("peak_extra_gib") is not None]
-        if mem:
-            ax_m.plot([m[0] for m in mem], [max(m[1], 1e-6) for m in mem], marker="o", label=method)
-        plotted = True
-    for ax, label in ((ax_t, "median time (ms), forward + backward"), (ax_m, "peak extra memory (GiB)")):
-        ax.set_xlabel("K (classes)")
-        ax.set_ylabel(label)
-        if plotted:
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no successful case", ha="center", va="center", transform=ax.transAxes)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
 def write_results(out: Path, machine: dict, records: list[dict], tuning: list[dict] = (), ceil: dict | None = None,
-                  ) -> list[Path]:
+                  complete: bool = True) -> list[Path]:
     """ce.json, ce.csv and ce.png, each written to a temporary name and renamed: never half a file."""
     extra = {"tuning": list(tuning)} if tuning else None
-    paths = measure.write_suite(out, "ce", machine, records, ceil=ceil, csv_fields=CSV_FIELDS, extra=extra)
-    dtype = records[0]["dtype"] if records else ""
-    title = f"fastcyclic bench ce: {machine.get('gpu', machine.get('cpu', ''))}, {dtype}, forward + backward"
-    try:
-        paths.append(measure.write_atomic(Path(out) / "ce.png", plot(records, title)))
-    except Exception as exc:  # a figure must not cost the measurements
-        print(f"warning: ce.png not written: {_error(exc)}", file=sys.stderr)
-    return paths
+    paths = measure.write_suite(out, "ce", machine, records, ceil=ceil, csv_fields=CSV_FIELDS, extra=extra,
+                                complete=complete)
+    return paths + measure.write_plot(out, "ce", machine, records, *PLOT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,14 +422,15 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     print(header())
     # results are rewritten (whole files, atomically) after every shape, so a run stopped by a time
     # limit keeps what it measured
-    save = (lambda records, tuning: write_results(args.out, machine, records, tuning, ceil)) if args.out else None
+    save = ((lambda records, tuning: write_results(args.out, machine, records, tuning, ceil, complete=False))
+            if args.out else None)
     records, tunings = run(shapes, dtype, device, methods, quick=args.quick, interpret=args.interpret,
                            tune=args.tune, after_shape=save, ceil=ceil)
-    if args.out:  # once more: the speedups are filled in at the end
+    if args.out:  # once more, complete
         write_results(args.out, machine, records, tunings, ceil)
         print(measure.wrote(args.out, FILES))
     wrong = [r for r in records if r["status"] == "ok" and r["method"].startswith("fastcyclic") and not r["correct"]]
-    failed = [r for r in records if r["status"] == "failed" and r["method"].startswith("fastcyclic")]
+    failed = [r for r in records if r["status"] in measure.FAILED and r["method"].startswith("fastcyclic")]
     return measure.exit_status(wrong, failed, "fastcyclic exceeded the error tolerance in {wrong} case(s) and failed "
                                               "in {failed}"), records
 

@@ -175,7 +175,7 @@ def run(shapes, dtype, device, *, quick=False, ceil=None, step_ms=None, step_sou
 
 CSV_FIELDS = ("K", "d", "bytes", "rho2_W", "omega_W", "verdict", "mismatched", "missed", "train_step_ms",
               "frac_of_100_train_steps", "meets_target")
-FILES = ("geometry.json", "geometry.csv")
+FILES = ("geometry.json", "geometry.csv", "geometry.png")
 
 
 def header() -> str:
@@ -198,7 +198,7 @@ def format_row(r: dict) -> str:
     return line
 
 
-write_results = measure.suite_writer("geometry", CSV_FIELDS)
+write_results = measure.suite_writer("geometry", CSV_FIELDS, ("K", "K (rows of W)", "median time of summarize (ms)"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None, step_sou
         device = measure.setup_device(args)
         dtype = DTYPES[args.dtype]
         measure.check_dtype(device, dtype)
-        if args.train_step_ms is not None and not args.train_step_ms > 0:
+        if args.train_step_ms is not None and not (math.isfinite(args.train_step_ms) and args.train_step_ms > 0):
             raise measure.BenchInputError(f"--train-step-ms must be > 0, got {args.train_step_ms}")
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
@@ -241,14 +241,14 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None, step_sou
         step_ms, step_source = train_step_ms(device, quick=args.quick)
         print(f"trainer step: {step_ms:.3f} ms ({step_source})" if step_ms else step_source)
     print(header())
-    save = (lambda records: write_results(args.out, machine, records, ceil)) if args.out else None
+    save = (lambda records: write_results(args.out, machine, records, ceil, complete=False)) if args.out else None
     records = run(shapes, dtype, device, quick=args.quick, ceil=ceil, step_ms=step_ms, step_source=step_source,
                   after_case=save)
     if args.out:
         write_results(args.out, machine, records, ceil)
         print(measure.wrote(args.out, FILES))
     wrong = [r for r in records if r["status"] == "ok" and not r["correct"]]
-    failed = [r for r in records if r["status"] == "failed"]
+    failed = [r for r in records if r["status"] in measure.FAILED]
     return measure.exit_status(wrong, failed, "summarize was wrong in {wrong} case(s) and failed in {failed}"), records
 
 

@@ -2,13 +2,13 @@
 # The GPU check: on a CUDA machine, the test suite natively (in parallel with pytest-xdist when it is
 # installed), then `fastcyclic bench all --device cuda`, everything under one directory:
 #   machine.txt  check.log  tests.log  bench.log  cubins.txt (registers and spills of every compiled kernel)
-#   portable-tests.log  bench/all.json  bench/ce/ce.{json,csv,png}  bench/optim/optim.{json,csv}
-#   bench/train/train.{json,csv}  bench/geometry/geometry.{json,csv}
+#   portable-tests.log  bench/all.json  bench/{ce,optim,train,geometry}/NAME.{json,csv,png}
 # Usage: bench/gpu_check.sh [OUT_DIR]     (default: $OUT, else ./bench-out)
 #
 # Sized to end within 6 minutes on an H200, so a 15-minute GPU session can run it and rerun it:
-# each stage has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT seconds), so one stage hanging
-# leaves the others' results, and the benchmark stops starting new cases after BENCH_BUDGET seconds
+# each stage has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT seconds; the bench's default is what
+# TOTAL_BUDGET leaves after the tests, at most 170), so one stage hanging leaves the others' results,
+# and the benchmark stops starting new cases after BENCH_BUDGET seconds (default: its limit less 35)
 # (they are recorded as "skipped"), so it normally ends on its own with complete files; every
 # suite also rewrites its files atomically after each case.  The suites run in the order of
 # BENCH_SUITES (default: train geometry optim ce: the ones never measured on a GPU first).
@@ -82,10 +82,14 @@ if [[ $stages == *" tests "* ]]; then
 fi
 
 if [[ $stages == *" bench "* ]]; then
-    log "bench all (limit ${BENCH_TIMEOUT:-170}s, new cases until ${BENCH_BUDGET:-135}s)"
+    # at most 170 s, and what TOTAL_BUDGET leaves after the tests less 50 s for the cubins stage (>= 60 s)
+    left=$(( ${TOTAL_BUDGET:-360} - ($(date +%s) - started) - 50 ))
+    bench_limit=${BENCH_TIMEOUT:-$(( left > 170 ? 170 : left < 60 ? 60 : left ))}
+    bench_budget=${BENCH_BUDGET:-$(( bench_limit - 35 ))}
+    log "bench all (limit ${bench_limit}s, new cases until ${bench_budget}s)"
     # shellcheck disable=SC2086
-    timeout -k 10 "${BENCH_TIMEOUT:-170}" python3 -m fastcyclic.cli bench all --device cuda \
-        --suites ${BENCH_SUITES:-train geometry optim ce} --budget-s "${BENCH_BUDGET:-135}" --out "$out/bench" \
+    timeout -k 10 "$bench_limit" python3 -m fastcyclic.cli bench all --device cuda \
+        --suites ${BENCH_SUITES:-train geometry optim ce} --budget-s "$bench_budget" --out "$out/bench" \
         ${BENCH_ARGS:-} > "$out/bench.log" 2>&1
     code=$?
     log "bench exit code $code$([ $code -ge 124 ] && echo ' (time limit)')"

@@ -250,6 +250,9 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
+FAILED = ("failed", "oom")  # statuses of a case that did not run through (our method's fail the suite)
+
+
 def error_fields(exc: BaseException, context: str = "") -> dict:
     """status ("oom" or "failed") and error (context, then error_text) of a case that exc stopped."""
     return {"status": "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed",
@@ -284,7 +287,9 @@ SKIPPED = "time budget exhausted (--budget-s): not run"
 # ceilings
 # --------------------------------------------------------------------------------------------
 
-COPY_NUMEL = {"cuda": 2**28, "cpu": 2**24, "quick": 2**22}  # fp32 elements: far beyond every cache
+# fp32 elements: 1 GiB on a GPU, 64 MiB on a CPU, beyond the caches (on this 2-core VM a 16 MiB --quick copy
+# measured 29 GB/s against 13.7 at 64 MiB: it sat in L3; 32 MiB measured as 64 MiB does)
+COPY_NUMEL = {"cuda": 2**28, "cpu": 2**24, "quick": 2**23}
 GEMM_SIZE = {"cuda": 8192, "cpu": 1024, "quick": 512}
 _CEILINGS: dict = {}
 
@@ -429,13 +434,14 @@ def csv_text(records: list[dict], fields) -> str:
 
 
 def write_suite(out: Path, name: str, machine: dict, records: list[dict], *, ceil: dict | None = None,
-                csv_fields=(), extra: dict | None = None) -> list[Path]:
-    """NAME.json ({"suite", "machine", "ceilings", "records", ...extra}) and NAME.csv (the common fields,
-    then csv_fields), each written atomically."""
+                csv_fields=(), extra: dict | None = None, complete: bool = True) -> list[Path]:
+    """NAME.json ({"suite", "complete", "machine", "ceilings", "records", ...extra}) and NAME.csv (the common
+    fields, then csv_fields), each written atomically.  complete=False: the files a run rewrites after each case,
+    so that one stopped early keeps what it measured and says it stopped early."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(list(CSV_COMMON) + list(csv_fields)))
-    results = {"suite": name, "machine": machine, "ceilings": ceil or {}, "records": records}
+    results = {"suite": name, "complete": complete, "machine": machine, "ceilings": ceil or {}, "records": records}
     results.update(extra or {})
     return [write_atomic(out / f"{name}.json", json.dumps(_json_safe(results), indent=1)),
             write_atomic(out / f"{name}.csv", csv_text(records, fields))]
@@ -523,12 +529,66 @@ def not_ok_row(head: str, r: dict, width: int) -> str:
     return f"{head} {r['status']}: {(r.get('error') or '')[:width]}"
 
 
-def suite_writer(name: str, csv_fields):
-    """write_results(out, machine, records, ceil=None) of a suite that writes NAME.json and NAME.csv."""
-    def write_results(out: Path, machine: dict, records: list[dict], ceil: dict | None = None) -> list[Path]:
-        return write_suite(out, name, machine, records, ceil=ceil, csv_fields=csv_fields)
+def plot_vs(records: list[dict], x: str, xlabel: str, time_label: str, title: str = "") -> bytes:
+    """PNG: median time and peak extra memory against record[x], one line per method (and optimizer, and dtype
+    where the records hold several), from the records that ran ok (Agg, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    write_results.__doc__ = f"{name}.json and {name}.csv, each written atomically."
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax_t, ax_m = fig.subplots(1, 2)
+    several_dtypes = len({r.get("dtype") for r in records}) > 1
+    lines: dict = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get(x) is not None and r.get("median_ms") is not None:
+            label = " ".join(str(v) for v in (r.get("optimizer"), r["method"], several_dtypes and r.get("dtype")) if v)
+            lines.setdefault(label, []).append(r)
+    for label, rows in lines.items():
+        rows.sort(key=lambda r: r[x])
+        ax_t.plot([r[x] for r in rows], [r["median_ms"] for r in rows], marker="o", label=label)
+        mem = [(r[x], r["peak_extra_gib"]) for r in rows if r.get("peak_extra_gib") is not None]
+        if mem:
+            ax_m.plot([m[0] for m in mem], [max(m[1], 1e-6) for m in mem], marker="o", label=label)
+    for ax, label in ((ax_t, time_label), (ax_m, "peak extra memory (GiB)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        if lines:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no successful case", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_plot(out: Path, name: str, machine: dict, records: list[dict], x: str, xlabel: str,
+               time_label: str) -> list[Path]:
+    """[NAME.png] (plot_vs, written atomically), or [] with a warning: a figure must not cost the measurements."""
+    dtypes = ", ".join(dict.fromkeys(r["dtype"] for r in records if r.get("dtype")))
+    title = f"fastcyclic bench {name}: {machine.get('gpu', machine.get('cpu', ''))}" + (f", {dtypes}" if dtypes else "")
+    try:
+        return [write_atomic(Path(out) / f"{name}.png", plot_vs(records, x, xlabel, time_label, title))]
+    except Exception as exc:
+        print(f"warning: {name}.png not written: {error_text(exc)}", file=sys.stderr)
+        return []
+
+
+def suite_writer(name: str, csv_fields, plot: tuple[str, str, str]):
+    """write_results(out, machine, records, ceil=None, complete=True) of a suite that writes NAME.json, NAME.csv
+    and NAME.png (plot: write_plot's x, xlabel and time_label)."""
+    def write_results(out: Path, machine: dict, records: list[dict], ceil: dict | None = None,
+                      complete: bool = True) -> list[Path]:
+        return (write_suite(out, name, machine, records, ceil=ceil, csv_fields=csv_fields, complete=complete)
+                + write_plot(out, name, machine, records, *plot))
+
+    write_results.__doc__ = f"{name}.json, {name}.csv and {name}.png, each written atomically."
     return write_results
 
 

@@ -433,7 +433,7 @@ def run_ce_update(shape, dtype, device, *, quick=False, interpret=False, log=pri
 CSV_FIELDS = ("kind", "optimizer", "method", "status", "numel", "N", "D", "K", "dtype", "device", "median_ms",
               "q25_ms", "q75_ms", "bytes_per_param", "gbps", "frac_copy", "target_gbps", "peak_extra_gib",
               "max_abs_diff", "rel_diff", "ulp_diff", "correct", "saving_pct", "target_saving_pct", "error")
-FILES = ("optim.json", "optim.csv")
+FILES = ("optim.json", "optim.csv", "optim.png")
 
 
 def header() -> str:
@@ -465,7 +465,8 @@ def format_row(r: dict) -> str:
     return line + f" {'ok' if r['correct'] else 'WRONG'}"
 
 
-write_results = measure.suite_writer("optim", CSV_FIELDS)
+write_results = measure.suite_writer("optim", CSV_FIELDS,
+                                     ("numel", "parameters (elements)", "median time per step (ms)"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +517,8 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     # results are rewritten (whole files, atomically) after every part, so a run stopped by a time
     # limit keeps what it measured
     records = []
-    save = (lambda: write_results(args.out, machine, records, ceil)) if args.out else (lambda: None)
+    save = ((lambda complete=False: write_results(args.out, machine, records, ceil, complete=complete)) if args.out
+            else (lambda complete=False: None))
     copy = copy_record(ceil["copy"], device)
     records.append(copy)
     print(format_row(copy))
@@ -529,12 +531,13 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     if "ce_update" in methods:
         records += run_ce_update(ce_shape, ce_dtype, device, quick=args.quick, interpret=args.interpret, ceil=ceil)
         save()
+    save(complete=True)
     if args.out:
         print(measure.wrote(args.out, FILES))
     ours = [r for r in records if r["method"].startswith(("fastcyclic", "ce+"))]
     # the two ce_update records share one comparison: count it once
     wrong = [r for r in ours if r["status"] == "ok" and r.get("correct") is False and r["method"] != "ce+step"]
-    failed = [r for r in ours if r["status"] == "failed"]
+    failed = [r for r in ours if r["status"] in measure.FAILED]
     return measure.exit_status(wrong, failed, "fastcyclic was wrong in {wrong} case(s) and failed in {failed}"), records
 
 

@@ -138,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         from fastcyclic.bench import all_suites, ce, geometry, optim
         from fastcyclic.bench import train as train_bench
 
+        from fastcyclic.sweep import interruptible
+
         suites = {"ce": ce, "optim": optim, "train": train_bench, "geometry": geometry, "all": all_suites}
-        return suites[args.suite].main(args)
+        return interruptible(f"bench {args.suite}", suites[args.suite].main, args,
+                             hint="the files in --out hold the cases that finished (marked \"complete\": false)")
     return 2
 
 

@@ -1481,16 +1481,17 @@ def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def interruptible(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def interruptible(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+                  hint: str = "rerun the same command to continue") -> int:
     """body(args), or exit code 130 with a message on Ctrl-C or SIGTERM (`kill`, a job scheduler), while running
     or while writing the analysis: the workers are stopped, the session is logged, and a rerun picks up from the
-    records (`fastcyclic sweep` and `fastcyclic reproduce`)."""
+    records (`fastcyclic sweep` and `fastcyclic reproduce`; `fastcyclic bench` with its own hint)."""
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if in_main_thread else None
     try:
         return body(args)
     except KeyboardInterrupt:
-        print(f"fastcyclic {command}: interrupted; rerun the same command to continue", file=sys.stderr)
+        print(f"fastcyclic {command}: interrupted; {hint}", file=sys.stderr)
         return 130
     finally:
         if in_main_thread:

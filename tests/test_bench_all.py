@@ -33,6 +33,7 @@ def test_quick_cpu_run_of_every_suite_into_one_directory(tiny, tmp_path, capsys)
     out = tmp_path / "res"
     assert main(["bench", "all", "--device", "cpu", "--quick", "--out", str(out)]) == 0
     summary = json.loads((out / "all.json").read_text())
+    assert summary["complete"] is True and summary["requested"] == ["ce", "optim", "train", "geometry"]
     assert [s["suite"] for s in summary["suites"]] == ["ce", "optim", "train", "geometry"]
     for s in summary["suites"]:
         assert s["rc"] == 0 and s["status"] == "ok" and s["seconds"] > 0 and s["records"]["ok"] >= 1, s
@@ -41,7 +42,8 @@ def test_quick_cpu_run_of_every_suite_into_one_directory(tiny, tmp_path, capsys)
 
     for name in all_suites.SUITES:
         results = json.loads((out / name / f"{name}.json").read_text())
-        assert results["suite"] == name
+        assert results["suite"] == name and results["complete"] is True
+        assert (out / name / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # time and memory vs K
         assert results["ceilings"] == ceilings  # measured once, shared by every suite
         for r in results["records"]:
             assert list(r)[:len(measure.COMMON_FIELDS)] == list(measure.COMMON_FIELDS), (name, r)
@@ -55,7 +57,6 @@ def test_quick_cpu_run_of_every_suite_into_one_directory(tiny, tmp_path, capsys)
         header = next(csv.reader((out / name / f"{name}.csv").open()))
         assert header[:len(measure.CSV_COMMON)] == list(measure.CSV_COMMON)
         assert not list((out / name).glob("*.tmp"))
-    assert (out / "ce" / "ce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     for name in all_suites.SUITES:
         assert f"==== fastcyclic bench {name} ====" in printed
@@ -74,6 +75,24 @@ def test_a_crashing_suite_is_recorded_and_the_run_goes_on(tiny, tmp_path, monkey
     assert suites["optim"]["status"] == "crashed" and "exploded" in suites["optim"]["error"]
     assert suites["geometry"]["status"] == "ok"
     assert (out / "geometry" / "geometry.json").exists() and not (out / "optim").exists()
+
+
+def test_an_interrupted_run_says_where_it_stopped(tiny, tmp_path, monkeypatch, capsys):
+    """Ctrl-C, or SIGTERM from an outer time limit (gpu_check.sh's timeout): all.json names the suite that was
+    running and is not complete; the suite's own files hold its finished cases, marked incomplete."""
+    def interrupted_after_one_case(args, **kwargs):
+        train.write_results(args.out, {"cpu": "x"}, [{"method": "eager", "status": "ok"}], complete=False)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_suite", interrupted_after_one_case)
+    out = tmp_path / "res"
+    assert main(["bench", "all", "--device", "cpu", "--quick", "--suites", "geometry", "train", "optim",
+                 "--out", str(out)]) == 130
+    summary = json.loads((out / "all.json").read_text())
+    assert summary["complete"] is False and summary["requested"] == ["geometry", "train", "optim"]
+    assert [(s["suite"], s["status"]) for s in summary["suites"]] == [("geometry", "ok"), ("train", "interrupted")]
+    assert json.loads((out / "train" / "train.json").read_text())["complete"] is False
+    assert "fastcyclic bench all: interrupted" in capsys.readouterr().err
 
 
 def test_budget_spent_records_every_case_as_skipped(tiny, tmp_path):
@@ -187,6 +206,7 @@ def test_malformed_arguments_exit_2_and_write_nothing(suite, argv, tmp_path, cap
 # arguments a suite refuses after parsing, and what the refusal names
 REFUSED = [("train", ["--device", "cpu", "--batch-size", "0"], "--batch-size"),
            ("geometry", ["--device", "cpu", "--train-step-ms", "-1"], "--train-step-ms"),
+           ("geometry", ["--device", "cpu", "--train-step-ms", "inf"], "--train-step-ms"),
            ("all", ["--device", "cpu", "--budget-s", "0"], "--budget-s")]
 REFUSED += [(suite, ["--device", "cpu", "--threads", "0"], "--threads") for suite in all_suites.SUITES + ("all",)]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -56,6 +56,11 @@ def test_quick_cpu_run_writes_complete_records(tmp_path, capsys):
     assert "foreach" in by[(61, "float32", "eager")]["notes"]
     assert by[(61, "float32", "fastcyclic")]["speedup_vs_eager"] > 0
 
+    assert results["complete"] is True  # a run stopped early leaves its per-case files marked False
+    assert (out / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in records:  # CPU: no graph, no fused update; memory as the steady growth
+        assert r["cuda_graph"] is False and r["fused_update"] is False
+        assert r["peak_extra_gib"] == r["steady_peak_extra_gib"]
     rows = list(csv.DictReader((out / "train.csv").open()))
     assert len(rows) == len(records)
     assert {"case", "method", "median_ms", "frac_ceiling", "peak_extra_gib", "err", "correct",
@@ -73,12 +78,13 @@ def test_targets_and_anchors_are_those_of_the_issue():
     assert anchor["compile"] == {"median_ms": 6.16, "peak_extra_gib": 1.94}
 
 
-def test_a_wrong_trainer_is_reported_as_failing(tmp_path, monkeypatch, capsys):
-    class NoDecay(train.FastcyclicRunner):  # forgets the weight decay: off by 3 lr wd |X| after 3 steps
-        def __init__(self, spec):
-            super().__init__(spec)
-            self.trainer.config.weight_decay = 0.0
+class NoDecay(train.FastcyclicRunner):  # forgets the weight decay: off by CHECK_STEPS lr wd |X|
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.trainer.config.weight_decay = 0.0
 
+
+def test_a_wrong_trainer_is_reported_as_failing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(train.METHODS, "fastcyclic", NoDecay)
     out = tmp_path / "res"
     assert run(["--device", "cpu", "--quick", "--shapes", "31x8", "--out", str(out)]) == 1
@@ -88,6 +94,17 @@ def test_a_wrong_trainer_is_reported_as_failing(tmp_path, monkeypatch, capsys):
     assert r["eager"]["correct"] is True
     captured = capsys.readouterr()
     assert "WRONG" in captured.out and "FAILED" in captured.err
+
+
+def test_our_trainer_out_of_memory_fails_the_suite(tmp_path, monkeypatch):
+    def out_of_memory(spec):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setitem(train.METHODS, "fastcyclic", out_of_memory)
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--shapes", "31x8", "--out", str(out)]) == 1  # was 0
+    r = {r["method"]: r for r in load(out)["records"]}
+    assert r["fastcyclic"]["status"] == "oom" and r["eager"]["status"] == "ok"
 
 
 def test_a_failing_baseline_gets_a_record_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -132,5 +149,7 @@ def test_quick_cuda_run_checks_the_captured_trainer(tmp_path):
         assert set(r["telemetry"]) == {"before", "after"}
         assert r["peak_extra_gib"] is not None and r["peak_extra_gib"] >= 0
     ours = [r for r in records if r["method"] == "fastcyclic"]
-    assert all("CUDA graph" in r["notes"] for r in ours)
-    assert any("fused into the CE backward" in r["notes"] for r in ours if r["dtype"] == "float32")
+    assert all(r["cuda_graph"] is True for r in ours)  # from Trainer.graph_captured ("no CUDA graph" held the words)
+    assert all(r["fused_update"] is True for r in ours if r["dtype"] == "float32")
+    assert all(r["cuda_graph"] is False and r["peak_extra_gib"] == r["steady_peak_extra_gib"]
+               for r in records if r["method"] == "eager")
