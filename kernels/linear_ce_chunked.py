@@ -67,13 +67,25 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
             new_max = torch.maximum(running_max, tile_max)
             # all -inf so far (classes masked by a -inf bias): shift by 0, as -inf - -inf is NaN
             shift = torch.where(new_max == float("-inf"), 0.0, new_max)
-            e = z.sub_(shift[:, None]).exp_()
+            e = _exp_clamped(z.sub_(shift[:, None]), LOG_SMALLEST_NORMAL)
             e.scatter_(1, local_target, torch.where(in_block[:, None], 0.0, e.gather(1, local_target)))
             rest = rest * torch.exp(running_max - shift) + e.sum(dim=1)
             running_max = new_max
         row_max[r0:r1] = running_max
         row_rest[r0:r1] = rest
     return row_max, row_rest, target_logit, logit_sum, argmax
+
+
+# exp(x) for x below this is not a normal float32 (1.2e-38).  Torch's CPU exp takes a path 15-50x slower
+# there, and the denormals it returns slow every matmul they enter (unless flush-denormal is on): the
+# arguments are clamped to it, so such a term counts as 1.7e-38 instead of less (a trained model's
+# confident rows: 4-8x faster forward + backward; +13 % on random logits, for the clamp's pass).
+LOG_SMALLEST_NORMAL = -87.0
+
+
+def _exp_clamped(x, cut):
+    """exp(max(x, cut)) in place (cut: a number, or a column broadcast over x's rows)."""
+    return x.clamp_(min=cut).exp_()
 
 
 def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, *,
@@ -94,11 +106,13 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
         p_rows = p_coef[r0:r1].to(acc)[:, None]
         t_rows = t_coef[r0:r1].to(acc)
         g_target_rows = g_target[r0:r1].to(acc)
+        # p_coef * exp(cut) is the smallest normal float (cut >= LOG_SMALLEST_NORMAL; p_coef 0 gives g = 0)
+        cut_rows = (LOG_SMALLEST_NORMAL - p_rows.abs().clamp_min(1e-30).log()).clamp_min(LOG_SMALLEST_NORMAL)
         for k0 in range(0, k, classes):
             k1 = min(k, k0 + classes)
             # g = p_coef * softmax - t_coef * ((1 - eps) * onehot + eps / K), built in place
             g = _logits_block(h_rows, w, bias, k0, k1)
-            g.sub_(lse_rows).exp_().mul_(p_rows)
+            g = _exp_clamped(g.sub_(lse_rows), cut_rows).mul_(p_rows)
             if uniform:
                 g.sub_((t_rows * uniform)[:, None])
             in_block = ((y >= k0) & (y < k1)).nonzero().squeeze(1)

@@ -371,6 +371,22 @@ def test_extreme_logits(backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_most_logits_hundreds_below_the_max(backend, reduction, gen):
+    """A trained model's rows: most z - lse far below -87, where exp underflows (the torch backend clamps
+    exp's argument there, per row for the gradient's p_coef, since its CPU exp takes a path 15-50x slower
+    below and the denormals slow the matmuls); with ignored rows (p_coef 0) and negative p_coef ("none")."""
+    h, w, y, b = make_problem(gen, 40, 16, 300, scale=60.0, ignore_frac=0.2)
+    logits = h.double() @ w.double().T + b.double()
+    below = logits - torch.logsumexp(logits, dim=1, keepdim=True) < -87
+    assert float(below.double().mean()) > 0.5
+    backend, context = hard_case_backend(backend, h, w)
+    with context:
+        errors = check(backend, gen, h, w, y, b, reduction=reduction)
+    assert all(math.isfinite(e) for e in errors.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored(backend, reduction, gen):
     h, w, _, b = make_problem(gen, 9, 8, 31)
