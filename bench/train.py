@@ -149,7 +149,7 @@ class FastcyclicRunner:
         self.config = TrainConfig(
             p=spec.p, model="embed-sum", d=spec.d, hidden=None, activation="relu", bias=False,
             train_fraction=TRAIN_FRACTION, batch_size=spec.batch_size, optimizer="adamw", lr=LR, betas=BETAS,
-            weight_decay=WEIGHT_DECAY, weight_decay_mode="decoupled", weight_decay_warmup=0,
+            weight_decay=WEIGHT_DECAY, weight_decay_mode="decoupled", weight_decay_warmup=0, init_scale=1.0,
             dtype="bfloat16" if spec.dtype == torch.bfloat16 else "float32", seed=spec.seed, device=spec.device.type,
             progress=False, out_dir=None, checkpoint_every=0)
         self.trainer = Trainer(self.config)

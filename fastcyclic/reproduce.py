@@ -11,7 +11,8 @@ The claims:
     3. W reaches rank 2 before E (3a), and E's energy moves into W's plane (3b).
     4. λ_crit·K is roughly constant across K: the slope of log λ_crit against log K is near −1.
 
-Every preset has a main block (the README's default model: embed-mlp, x², Adam + L2 with λ ramped over 500 steps)
+Every preset has a main block (the README's previous default model: embed-mlp, x², d = 64, m = 256, Adam + L2
+with λ ramped over 500 steps: room for several frequencies, where TrainConfig's default d = 2 has room for one)
 over P × λ × seeds, and variants of what small experiments showed to matter: decoupled instead of L2 weight decay,
 no λ warm-up, a narrower embedding, longer training, and a factorised head (W in E's space, so that 3b can be
 measured) evaluated often (for the layer order).  Verdict rules (thresholds in the constants below):
@@ -84,7 +85,8 @@ class Preset:
 
 
 def _model(**changes) -> dict:
-    """The README's default run, spelled out so that the presets do not drift with TrainConfig's defaults."""
+    """The README's previous default run (d = 64, m = 256), spelled out: TrainConfig's defaults are now a width-2
+    embedding, cyclic by construction, which would make every λ look alike."""
     base = dict(model="embed-mlp", d=64, hidden=256, factorised=False, activation="square", bias=False,
                 train_fraction=0.4, batch_size=None, steps=1500, optimizer="adamw", lr=3e-3, betas=(0.9, 0.98),
                 weight_decay_mode="l2", weight_decay_warmup=500, init_scale=1.0, dtype="float32", eval_every=100,
@@ -106,7 +108,7 @@ def _variants(base: dict, ps: tuple, lambdas: tuple, seeds: tuple, *, decoupled:
 
 
 def _notes(base: dict, width: int, steps: int, layer_every: int) -> dict:
-    return {"main": f"the default model: embed-mlp, x², d = {base['d']}, m = {base['hidden']}, Adam + L2, λ ramped "
+    return {"main": f"the reference model: embed-mlp, x², d = {base['d']}, m = {base['hidden']}, Adam + L2, λ ramped "
                     f"over {base['weight_decay_warmup']} steps, {base['steps']} steps",
             "layer-order": f"factorised head (W in E's space, so locking is defined), evaluated every "
                            f"{layer_every} steps",

@@ -1,14 +1,17 @@
 """``fastcyclic sweep``: many training runs over a grid of P, weight decay λ, seeds and other settings, and
 where in that grid W and E end rank-2 cyclic (λ_crit) or collapse to zero (λ₀).
 
-    fastcyclic sweep --p 31,61,97 --weight-decay log:1e-3:1e-1:7 --seeds 3 --steps 1500 --out DIR
+    fastcyclic sweep --p 31,61,97 --weight-decay log:1e-3:1e-1:7 --seeds 3 --steps 1500 --out DIR \
+        --set d=64 --set hidden=256 --set lr=3e-3 --set init_scale=1 --set train_fraction=0.4
     fastcyclic sweep --out DIR                   resume DIR's sweep (finished runs are skipped)
     fastcyclic sweep --out DIR --analyze-only    redo the tables and figures from what DIR holds
 
 Grid syntax: --p 31,61,127 | primes:LO:HI:N (N primes spread evenly in log P) | primes:LO:HI (all) |
 log:LO:HI:N (rounded integers); --weight-decay 1e-3,1e-2 | log:LO:HI:N (λ > 0: the analysis is in log λ);
 --seeds 3 (0, 1, 2) | 0,5,7 | 4:8 (4 … 7); --set KEY=VALUE fixes any TrainConfig field, --vary KEY=V1,V2 makes
-it a grid axis (betas: --set betas=0.9,0.98, --vary betas=0.9:0.98,0.9:0.999).
+it a grid axis (betas: --set betas=0.9,0.98, --vary betas=0.9:0.98,0.9:0.999).  Fields not set take
+TrainConfig's defaults, whose width-2 embedding is cyclic by construction: for the weight-decay law give the
+model room, as in the example (the reproduce presets' model).
 
 The sweep directory:
     sweep.json        the grid: its blocks and every run's id, series and config (a rerun must match it)

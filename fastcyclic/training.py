@@ -1,6 +1,6 @@
 """Training embedding + classifier models on (a + b) mod P: the config, the loop, checkpoints.
 
-    result = fastcyclic.train(fastcyclic.TrainConfig(p=97, weight_decay=0.01))
+    result = fastcyclic.train(fastcyclic.TrainConfig(p=97, seed=1))
 
 One step: sample a batch (or take the full train set), h = model.features(a, b), the fused
 cross-entropy (its backward may apply the classifier's optimizer update itself), then the fused
@@ -53,27 +53,29 @@ def _option(default, help: str):
 @dataclass
 class TrainConfig:
     """Everything that defines a run.  The defaults are the embedded CPU default (README): a run
-    that groks P = 97 on two cores and ends with a few Fourier frequencies shared by W and E."""
+    that groks P = 97 in about 25 s on one CPU core and ends rank-2 cyclic, W and E sharing one
+    Fourier frequency.  The width-2 embedding is what makes it cyclic (E can hold one circle only);
+    with room for more (d >= 4: README) the same model ends with a few frequencies."""
 
     p: int = _option(97, "modulus: K = P classes and P tokens")
     model: str = _option("embed-mlp", "embed-sum: h = act(E[a] + E[b]); embed-mlp: h = act(U [E[a]; E[b]])")
-    d: int = _option(64, "embedding width")
-    hidden: Optional[int] = _option(256, "hidden width m of embed-mlp (ignored by embed-sum)")
+    d: int = _option(2, "embedding width")
+    hidden: Optional[int] = _option(16, "hidden width m of embed-mlp (ignored by embed-sum)")
     factorised: bool = _option(False, "logits = (h V^T) W^T, so W (K x d) lives in E's space and locking is defined")
     activation: str = _option("square", "relu, square (x^2) or gelu")
     bias: bool = _option(False, "give the classifier a bias (never weight-decayed)")
-    train_fraction: float = _option(0.4, "share of the P^2 pairs in the train split")
+    train_fraction: float = _option(0.5, "share of the P^2 pairs in the train split")
     batch_size: Optional[int] = _option(None, "pairs per step; none = the full train set (small P only)")
-    steps: int = _option(1500, "optimizer steps")
+    steps: int = _option(4500, "optimizer steps")
     optimizer: str = _option("adamw", "adamw or sgdw")
-    lr: float = _option(3e-3, "learning rate")
+    lr: float = _option(1e-3, "learning rate")
     betas: tuple = _option((0.9, 0.98), "adamw's (beta1, beta2)")
     momentum: float = _option(0.9, "sgdw's momentum")
-    weight_decay: float = _option(0.01, "lambda, on every weight matrix (not on the bias)")
+    weight_decay: float = _option(3e-4, "lambda, on every weight matrix (not on the bias)")
     weight_decay_mode: str = _option("l2", "l2: lambda*p joins the gradient (the penalty in the loss); "
                                            "decoupled: AdamW/SGDW")
     weight_decay_warmup: int = _option(500, "steps of linear ramp of lambda from 0 (lets large lambda survive)")
-    init_scale: float = _option(1.0, "multiplies every initial standard deviation")
+    init_scale: float = _option(0.5, "multiplies every initial standard deviation")
     dtype: str = _option("float32", "float32, or bfloat16 compute with fp32 master weights")
     seed: int = _option(0, "seeds the split, the initialisation and the batches")
     deterministic: bool = _option(False, "bitwise reproducible on CUDA too (torch.use_deterministic_algorithms, "
@@ -673,6 +675,9 @@ def report(result: TrainResult) -> str:
         ]
     lines.append(f"layer order: rho2 >= 0.9 first at t_W={result.t_W}, t_E={result.t_E}; "
                  + _settling_text(result.settle_W, result.settle_E))
+    if result.config.d <= 2:
+        lines.append(f"note: E has width {result.config.d}, so rho2(E) is 1 by construction: t_E, E's settling and "
+                     "the layer order say nothing; E's verdict rests on its one frequency and its roundness")
     if f["train_acc"] <= chance_threshold(result.config.p):
         # such runs can pass rho2 >= 0.9 while their weights decay toward zero: say what that is worth
         lines.append("note: train accuracy is at chance, so nothing was learned: the geometry above (and t_W, t_E) "

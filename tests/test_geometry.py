@@ -300,7 +300,7 @@ def test_bad_input():
         g.summarize(ok, ok, h=torch.randn(3, 4))
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e-40, 1e20, 1e30])
+@pytest.mark.parametrize("scale", [1e-30, 1e-36, 1e20, 1e30])  # normal floats (a trainer sets flush-denormal)
 def test_float32_at_extreme_scales(gen, scale):
     """Weights decayed to 1e-30 (or blown up to 1e30) in float32: the FFT's sum of squares in float32 underflowed
     (or overflowed), giving "unstructured", omega 1 and NaN in the summary's JSON."""
