@@ -185,14 +185,19 @@ def test_bad_input_writes_nothing(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 
+def start_sweep(grid: list, out, **popen):
+    """`fastcyclic sweep GRID --out OUT` in a subprocess (stderr piped), to be killed."""
+    code = ("import argparse, sys; from fastcyclic import sweep; p = argparse.ArgumentParser(); "
+            "sweep.add_arguments(p); sys.exit(sweep.main(p.parse_args(sys.argv[1:])))")
+    return subprocess.Popen([sys.executable, "-c", code, *grid, "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, **popen)
+
+
 def test_killed_sweep_resumes_without_repeating_or_losing_runs(tmp_path):
     out = tmp_path / "killed"
     grid = ["--p", "11,13", "--weight-decay", "0.01,0.1,1", "--seeds", "2", "--steps", "100", "--workers", "0",
             "--set", "d=16", "--set", "hidden=32", "--set", "weight_decay_warmup=20", "--no-figures"]
-    code = ("import argparse, sys; from fastcyclic import sweep; p = argparse.ArgumentParser(); "
-            "sweep.add_arguments(p); sys.exit(sweep.main(p.parse_args(sys.argv[1:])))")
-    proc = subprocess.Popen([sys.executable, "-c", code, *grid, "--out", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = start_sweep(grid, out)
     runs = out / "runs"
     try:
         deadline = time.time() + 120
@@ -227,10 +232,7 @@ def test_a_killed_sweep_leaves_no_worker_running(tmp_path, how):
     out = tmp_path / "killed"
     grid = ["--p", "11,13", "--weight-decay", "0.01,0.1,1", "--seeds", "2", "--steps", "400", "--workers", "2",
             "--threads", "1", "--set", "d=16", "--set", "hidden=32", "--no-figures"]
-    code = ("import argparse, sys; from fastcyclic import sweep; p = argparse.ArgumentParser(); "
-            "sweep.add_arguments(p); sys.exit(sweep.main(p.parse_args(sys.argv[1:])))")
-    proc = subprocess.Popen([sys.executable, "-c", code, *grid, "--out", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)  # its workers join its process group
+    proc = start_sweep(grid, out, start_new_session=True)  # its workers join its process group
     runs = out / "runs"
     try:
         deadline = time.time() + 180
