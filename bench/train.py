@@ -5,7 +5,7 @@ decay, a batch of 8192 pairs (the full train set where it has fewer: at P = 113,
 
 Methods:
   fastcyclic  fastcyclic.training.Trainer(TrainConfig(model="embed-sum", activation="relu", d, batch_size,
-              optimizer="adamw", weight_decay_mode="decoupled", weight_decay_warmup=0, progress=False,
+              optimizer="adamw", weight_decay_mode="decoupled", weight_decay_warmup=0, init_scale=1.0, progress=False,
               out_dir=None)); its ``step()`` is timed: fused cross-entropy, fused AdamW, on CUDA the step
               captured in a CUDA graph and (fp32) the classifier's update inside the CE backward
   eager       the loop a researcher writes: nn.Embedding + nn.Linear(bias=False) + F.cross_entropy +
@@ -52,16 +52,18 @@ QUICK_SHAPES = {"cuda": ((113, 128), (8191, 128)), "cpu": ((113, 32), (257, 32))
 BATCH_SIZE = 8192
 TRAIN_FRACTION = 0.4
 SEED = 0
+INIT_SCALE = 1.0  # the trainer's and the plain loop's initial parameters: CyclicModel at this scale
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.98), 1e-8, 1.0  # decay large enough that a wrong one shows
 CHECK_STEPS = 10
 POOL = 1 << 20  # train pairs drawn once for the plain loop's batches (hashed splits)
 # max |X - X_ref| / |X_ref| after CHECK_STEPS steps that counts as correct.  A wrong weight decay moves
 # X by CHECK_STEPS * LR * WEIGHT_DECAY = 1e-2 of |X|, a wrong update by more.  fp32 differs by rounding
 # (measured ~2e-7 on CPU; on a GPU Adam may turn a gradient at rounding level into a +-lr step, ~1e-5
-# of |W| each); bf16 logits move Adam's later updates by ~2^-8 of an update (measured 3e-4 on CPU).
+# of |W| a step, so 10 steps get 3x room); bf16 logits move Adam's later updates by ~2^-8 of an update
+# (measured 3e-4 on CPU).
 # Subtler errors are below this check's reach: beta2 0.999 for 0.98 moves X by 5e-5-2e-4 after 10 steps
 # (the optimizer tests hold AdamW to torch's to rounding).
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-3}
+TOLERANCE = {torch.float32: 3e-4, torch.bfloat16: 2e-3}
 METHOD_NAMES = ("fastcyclic", "eager", "compile")
 # issue 5's targets for the fastcyclic step (H200); None: any dtype
 TARGETS = {(113, 128, None): {"median_ms": 0.35}, (8191, 128, "bfloat16"): {"median_ms": 0.6},
@@ -122,7 +124,7 @@ def make_problem(p: int, d: int, device: torch.device, batch_size: int = BATCH_S
     data = ModularAddition(p, TRAIN_FRACTION, SEED, device)
     full = data.enumerated and data.n_train <= batch_size
     # the trainer's initialisation: CyclicModel drawn from a CPU generator seeded with the config's seed
-    init = CyclicModel(p, d, model="embed-sum", activation="relu", device=device,
+    init = CyclicModel(p, d, model="embed-sum", activation="relu", init_scale=INIT_SCALE, device=device,
                        generator=torch.Generator().manual_seed(SEED))
     return data, None if full else batch_size, data.n_train if full else batch_size, init.E.clone(), init.W.clone()
 
@@ -149,7 +151,7 @@ class FastcyclicRunner:
         self.config = TrainConfig(
             p=spec.p, model="embed-sum", d=spec.d, hidden=None, activation="relu", bias=False,
             train_fraction=TRAIN_FRACTION, batch_size=spec.batch_size, optimizer="adamw", lr=LR, betas=BETAS,
-            weight_decay=WEIGHT_DECAY, weight_decay_mode="decoupled", weight_decay_warmup=0, init_scale=1.0,
+            weight_decay=WEIGHT_DECAY, weight_decay_mode="decoupled", weight_decay_warmup=0, init_scale=INIT_SCALE,
             dtype="bfloat16" if spec.dtype == torch.bfloat16 else "float32", seed=spec.seed, device=spec.device.type,
             progress=False, out_dir=None, checkpoint_every=0)
         self.trainer = Trainer(self.config)

@@ -259,7 +259,7 @@ def _spectrum(c: _Centred, mass: float) -> Spectrum:
 
 
 def spectrum(X, mass: float = FREQ_MASS) -> Spectrum:
-    """Singular values of X − mean row via the d×d Gram; ρ₂, stable rank, axis ratio, dim count (module docstring)."""
+    """Singular values of X − mean row (via the smaller Gram); ρ₂, stable rank, axis ratio, dim count (docstring)."""
     _check_mass(mass)
     return _spectrum(_centre(_as_matrix(X, "X"), "X"), mass)
 

@@ -505,7 +505,7 @@ def run_showcase(row: dict, records: dict, out: str, device: str) -> Optional[di
 
 def plot_layer_order(rows: list, path: str) -> Optional[str]:
     """Settling (or t) step of W against E for every run that fits and did not collapse: above the diagonal means
-    W first."""
+    W first.  A layer still moving at the end (settle None) is drawn at the run's last step."""
     from fastcyclic.plots import new_figure, save_png
 
     runs = [(r, _order(r)) for r in rows if _fits(r) and _alive(r)]
@@ -519,7 +519,8 @@ def plot_layer_order(rows: list, path: str) -> Optional[str]:
     top = 1
     for i, name in enumerate(series):
         for source, marker in (("t", "o"), ("settling", "s")):
-            pts = [(r["t_W"], r["t_E"]) if source == "t" else (r["settle_W"], r["settle_E"])
+            pts = [(r["t_W"], r["t_E"]) if source == "t" else
+                   tuple(r["steps_done"] if r[k] is None else r[k] for k in ("settle_W", "settle_E"))
                    for r, o in runs if r["series"] == name and o[1] == source]
             if not pts:
                 continue
@@ -529,8 +530,8 @@ def plot_layer_order(rows: list, path: str) -> Optional[str]:
             ax.scatter(x + jitter[0], y + jitter[1], marker=marker, color=f"C{i % 10}", alpha=0.7, s=25,
                        label=f"{name} ({'t: ρ₂ ≥ 0.9' if source == 't' else 'settling'})")
     ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", ls=":", lw=1)
-    ax.set_xlabel("step at which W got there (t_W, or settling step)")
-    ax.set_ylabel("step at which E got there (t_E, or settling step)")
+    ax.set_xlabel("step at which W got there (t_W, or settling step; still moving: the last step)")
+    ax.set_ylabel("step at which E got there (t_E, or settling step; still moving: the last step)")
     ax.set_title("Layer order: points above the diagonal = W first", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)

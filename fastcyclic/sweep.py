@@ -1529,7 +1529,8 @@ def _main(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.out!r} holds no sweep")
             if args.bootstrap < 0:
                 raise ValueError("--bootstrap must be >= 0")
-            if blocks_from_args(args) is not None:
+            grid = [args.p, args.weight_decay, args.seeds, args.steps] + list(args.set) + list(args.vary)
+            if any(v is not None and v != [] for v in grid):
                 print("fastcyclic sweep: --analyze-only analyses the sweep in --out as it is; the grid options are "
                       "ignored", file=sys.stderr)
             records = load_records(args.out)

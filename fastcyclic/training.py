@@ -675,9 +675,13 @@ def report(result: TrainResult) -> str:
         ]
     lines.append(f"layer order: rho2 >= 0.9 first at t_W={result.t_W}, t_E={result.t_E}; "
                  + _settling_text(result.settle_W, result.settle_E))
-    if result.config.d <= 2:
-        lines.append(f"note: E has width {result.config.d}, so rho2(E) is 1 by construction: t_E, E's settling and "
-                     "the layer order say nothing; E's verdict rests on its one frequency and its roundness")
+    narrow = [name for name, width in (("W", g.d if g is not None else None), ("E", result.config.d))
+              if width is not None and width <= 2]
+    if narrow:
+        layers = " and ".join(narrow)
+        lines.append(f"note: {layers} {'have' if len(narrow) > 1 else 'has'} at most 2 columns, so rho2 of {layers} is "
+                     f"1 by construction: t and settling of {layers} and the layer order say nothing; a verdict "
+                     "there rests on the one frequency and the roundness")
     if f["train_acc"] <= chance_threshold(result.config.p):
         # such runs can pass rho2 >= 0.9 while their weights decay toward zero: say what that is worth
         lines.append("note: train accuracy is at chance, so nothing was learned: the geometry above (and t_W, t_E) "

@@ -8,6 +8,8 @@ cast once at the end.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # ~4M logits per block (16 MiB in fp32): large enough for efficient GEMMs, small next to N x K
@@ -46,6 +48,7 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
     target_logit = torch.zeros(n, dtype=acc, device=h.device)
     logit_sum = torch.zeros(n, dtype=acc, device=h.device) if want_logit_sum else None
     argmax = torch.zeros(n, dtype=torch.int64, device=h.device) if want_argmax else None
+    log_tiny, masked = _log_tiny(acc), _masked_classes(bias)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h_rows = h[r0:r1].to(acc)
@@ -67,7 +70,7 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
             new_max = torch.maximum(running_max, tile_max)
             # all -inf so far (classes masked by a -inf bias): shift by 0, as -inf - -inf is NaN
             shift = torch.where(new_max == float("-inf"), 0.0, new_max)
-            e = _exp_clamped(z.sub_(shift[:, None]), LOG_SMALLEST_NORMAL)
+            e = _exp_clamped(z.sub_(shift[:, None]), log_tiny, masked, k0, k1)
             e.scatter_(1, local_target, torch.where(in_block[:, None], 0.0, e.gather(1, local_target)))
             rest = rest * torch.exp(running_max - shift) + e.sum(dim=1)
             running_max = new_max
@@ -76,16 +79,28 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
     return row_max, row_rest, target_logit, logit_sum, argmax
 
 
-# exp(x) for x below this is not a normal float32 (1.2e-38).  Torch's CPU exp takes a path 15-50x slower
-# there, and the denormals it returns slow every matmul they enter (unless flush-denormal is on): the
-# arguments are clamped to it, so such a term counts as 1.7e-38 instead of less (a trained model's
-# confident rows: 4-8x faster forward + backward; +13 % on random logits, for the clamp's pass).
-LOG_SMALLEST_NORMAL = -87.0
+# exp(x) for x below log(smallest normal float) (-87.3 in float32) is not a normal float.  Torch's CPU exp
+# takes a path 15-50x slower there, and the denormals it returns slow every matmul they enter (unless
+# flush-denormal is on): the arguments are clamped to it, so such a term counts as the smallest normal
+# (1.2e-38) instead of less (a trained model's confident rows: 4-8x faster forward + backward; +13 % on
+# random logits, for the clamp's pass).  Classes masked by a -inf bias stay exactly 0.
+def _log_tiny(dtype: torch.dtype) -> float:
+    return math.log(torch.finfo(dtype).tiny)
 
 
-def _exp_clamped(x, cut):
-    """exp(max(x, cut)) in place (cut: a number, or a column broadcast over x's rows)."""
-    return x.clamp_(min=cut).exp_()
+def _masked_classes(bias):
+    """The classes a -inf bias masks (a bool vector), or None when there are none."""
+    if bias is None:
+        return None
+    masked = torch.isneginf(bias)
+    return masked if bool(masked.any()) else None
+
+
+def _exp_clamped(x, cut, masked, k0: int, k1: int):
+    """exp(max(x, cut)) in place (cut: a number, or a column broadcast over x's rows), 0 in the masked classes
+    among k0..k1."""
+    x.clamp_(min=cut).exp_()
+    return x if masked is None else x.masked_fill_(masked[k0:k1], 0.0)
 
 
 def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, *,
@@ -95,6 +110,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
     acc = _compute_dtype(h.dtype)
     rows, classes = _chunks(n, k, chunk_rows, chunk_classes)
     uniform = label_smoothing / k
+    log_tiny, masked = _log_tiny(acc), _masked_classes(bias)
     dh = torch.zeros(n, d, dtype=acc, device=h.device) if need_dh else None
     dw = torch.zeros(k, d, dtype=acc, device=h.device) if need_dw else None
     db = torch.zeros(k, dtype=acc, device=h.device) if bias is not None else None
@@ -106,13 +122,13 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
         p_rows = p_coef[r0:r1].to(acc)[:, None]
         t_rows = t_coef[r0:r1].to(acc)
         g_target_rows = g_target[r0:r1].to(acc)
-        # p_coef * exp(cut) is the smallest normal float (cut >= LOG_SMALLEST_NORMAL; p_coef 0 gives g = 0)
-        cut_rows = (LOG_SMALLEST_NORMAL - p_rows.abs().clamp_min(1e-30).log()).clamp_min(LOG_SMALLEST_NORMAL)
+        # p_coef * exp(cut) >= the smallest normal float (cut >= log_tiny; p_coef 0 gives g = 0)
+        cut_rows = (log_tiny - p_rows.abs().clamp_min(1e-30).log()).clamp_min(log_tiny)
         for k0 in range(0, k, classes):
             k1 = min(k, k0 + classes)
             # g = p_coef * softmax - t_coef * ((1 - eps) * onehot + eps / K), built in place
             g = _logits_block(h_rows, w, bias, k0, k1)
-            g = _exp_clamped(g.sub_(lse_rows), cut_rows).mul_(p_rows)
+            g = _exp_clamped(g.sub_(lse_rows), cut_rows, masked, k0, k1).mul_(p_rows)
             if uniform:
                 g.sub_((t_rows * uniform)[:, None])
             in_block = ((y >= k0) & (y < k1)).nonzero().squeeze(1)

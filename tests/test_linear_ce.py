@@ -451,13 +451,17 @@ def test_classes_masked_by_a_minus_inf_bias(backend, gen):
     else:  # SMALL_TILES: 32-class tiles; 3 splits of 64, 64 and 2 classes
         context = tuning(config=with_splits(SMALL_TILES, 3 if backend == "triton-split" else None))
         backend = "triton"
+    w_leaf, b_leaf = w.clone().requires_grad_(), b.clone().requires_grad_()
     with context:
         errors = check(backend, gen, h, w, y, b, z_loss=1e-3)
         rows, lse, argmax = linear_cross_entropy_stats(h, w, y, bias=b, backend=backend)
+        linear_cross_entropy(h, w_leaf, y, bias=b_leaf, backend=backend, z_loss=1e-3).backward()
     assert all(math.isfinite(e) for e in errors.values())
     logits64 = h.double() @ w.double().T + b.double()
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits64, dim=1), rtol=1e-5, atol=0)
     assert torch.equal(argmax.cpu(), logits64.argmax(dim=1).cpu())
+    # nothing flows to a masked class: its W rows and bias get exactly zero gradient
+    assert not w_leaf.grad[masked].any() and not b_leaf.grad[masked].any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["triton-gemm"])

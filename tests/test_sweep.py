@@ -265,6 +265,10 @@ def test_analyze_only_never_drops_runs_whose_records_are_missing(tmp_path, capsy
             "--set", "hidden=16", "--no-figures", "--out", str(out)]
     assert sweep.main(sweep_args(*argv)) == 0
     assert sweep.main(sweep_args("--analyze-only", "--no-figures", "--out", str(out))) == 0
+    capsys.readouterr()
+    # the command that made the sweep, with --analyze-only added (a partial grid is fine: it is not read)
+    assert sweep.main(sweep_args("--analyze-only", "--steps", "20", "--no-figures", "--out", str(out))) == 0
+    assert "grid options are ignored" in capsys.readouterr().err
     before = {name: (out / name).read_bytes() for name in ("runs.csv", "fits.json")}
     assert before["runs.csv"].count(b"\n") == 3  # header and two runs
     # a copy of a results directory as git keeps it: runs.csv without the per-run records
@@ -716,7 +720,7 @@ def test_presets_fit_their_budgets():
         if name == "gpu":
             assert max(s.config["p"] for s in specs) >= 65521
         if name == "cpu":
-            # a default 1500-step run at P = 97 took 32 s on one core here; the others scale with _cost
+            # a 1500-step run of the presets' model at P = 97 took 32 s on one core here; the others scale with _cost
             unit = 32 / sweep._cost(sweep.expand([Block(ps=(97,), weight_decays=(0.01,), seeds=(0,),
                                                         fixed=reproduce._model())])[0])
             core_seconds = unit * sum(sweep._cost(s) for s in specs)
