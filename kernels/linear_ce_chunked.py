@@ -48,7 +48,7 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
     target_logit = torch.zeros(n, dtype=acc, device=h.device)
     logit_sum = torch.zeros(n, dtype=acc, device=h.device) if want_logit_sum else None
     argmax = torch.zeros(n, dtype=torch.int64, device=h.device) if want_argmax else None
-    log_tiny, masked = _log_tiny(acc), _masked_classes(bias)
+    exp_floor, masked = _exp_floor(acc), _masked_classes(bias)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h_rows = h[r0:r1].to(acc)
@@ -70,7 +70,7 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
             new_max = torch.maximum(running_max, tile_max)
             # all -inf so far (classes masked by a -inf bias): shift by 0, as -inf - -inf is NaN
             shift = torch.where(new_max == float("-inf"), 0.0, new_max)
-            e = _exp_clamped(z.sub_(shift[:, None]), log_tiny, masked, k0, k1)
+            e = _exp_clamped(z.sub_(shift[:, None]), exp_floor, masked, k0, k1)
             e.scatter_(1, local_target, torch.where(in_block[:, None], 0.0, e.gather(1, local_target)))
             rest = rest * torch.exp(running_max - shift) + e.sum(dim=1)
             running_max = new_max
@@ -85,7 +85,8 @@ def forward(h, w, bias, target, *, want_logit_sum=False, want_argmax=False,
 # are clamped one above it, so such a term counts as e times the smallest normal (3.2e-38 in float32)
 # instead of less (a trained model's confident rows: 4-8x faster forward + backward; +13 % on random
 # logits, for the clamp's pass).  Classes masked by a -inf bias stay exactly 0.
-def _log_tiny(dtype: torch.dtype) -> float:
+def _exp_floor(dtype: torch.dtype) -> float:
+    """The least argument exp gets: one above log(smallest normal float)."""
     return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
@@ -111,7 +112,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
     acc = _compute_dtype(h.dtype)
     rows, classes = _chunks(n, k, chunk_rows, chunk_classes)
     uniform = label_smoothing / k
-    log_tiny, masked = _log_tiny(acc), _masked_classes(bias)
+    exp_floor, masked = _exp_floor(acc), _masked_classes(bias)
     dh = torch.zeros(n, d, dtype=acc, device=h.device) if need_dh else None
     dw = torch.zeros(k, d, dtype=acc, device=h.device) if need_dw else None
     db = torch.zeros(k, dtype=acc, device=h.device) if bias is not None else None
@@ -123,8 +124,8 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
         p_rows = p_coef[r0:r1].to(acc)[:, None]
         t_rows = t_coef[r0:r1].to(acc)
         g_target_rows = g_target[r0:r1].to(acc)
-        # p_coef * exp(cut) >= the smallest normal float (cut >= log_tiny; p_coef 0 gives g = 0)
-        cut_rows = (log_tiny - p_rows.abs().clamp_min(1e-30).log()).clamp_min(log_tiny)
+        # p_coef * exp(cut) >= the smallest normal float (cut >= exp_floor; p_coef 0 gives g = 0)
+        cut_rows = (exp_floor - p_rows.abs().clamp_min(1e-30).log()).clamp_min(exp_floor)
         for k0 in range(0, k, classes):
             k1 = min(k, k0 + classes)
             # g = p_coef * softmax - t_coef * ((1 - eps) * onehot + eps / K), built in place
