@@ -319,13 +319,12 @@ def claim_2(rows: list, main: str) -> Claim:
 def _order(row: dict) -> Optional[tuple]:
     """(which, source): which of W and E got there first by t (ρ₂ ≥ 0.9) or, where that is missing, settling
     (a layer still moving at the end, settle None, settles after one that did settle)."""
+    from fastcyclic.training import first_layer
+
     if row["t_W"] is not None and row["t_E"] is not None:
-        return ("W" if row["t_W"] < row["t_E"] else "E" if row["t_W"] > row["t_E"] else "same"), "t"
-    never = math.inf
-    w, e = (never if row[k] is None else row[k] for k in ("settle_W", "settle_E"))
-    if w == e == never:
-        return None
-    return ("W" if w < e else "E" if w > e else "same"), "settling"
+        return first_layer(row["t_W"], row["t_E"]), "t"
+    first = first_layer(row["settle_W"], row["settle_E"])
+    return None if first is None else (first, "settling")
 
 
 def claim_3(rows: list, layer: str) -> Claim:

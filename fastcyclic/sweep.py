@@ -1453,10 +1453,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-figures", dest="figures", action="store_false", help="skip the PNG figures")
 
 
+def _grid_given(args: argparse.Namespace) -> bool:
+    """Whether any grid flag is given."""
+    given = [args.p, args.weight_decay, args.seeds, args.steps] + list(args.set) + list(args.vary)
+    return any(v is not None and v != [] for v in given)
+
+
 def blocks_from_args(args: argparse.Namespace) -> Optional[list[Block]]:
     """The grid the flags describe, or None when no grid flag is given (resume)."""
-    given = [args.p, args.weight_decay, args.seeds, args.steps] + list(args.set) + list(args.vary)
-    if all(v is None or v == [] for v in given):
+    if not _grid_given(args):
         return None
     if args.p is None or args.weight_decay is None:
         raise ValueError("a grid needs both --p and --weight-decay (or no grid options at all, to resume --out)")
@@ -1529,8 +1534,7 @@ def _main(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.out!r} holds no sweep")
             if args.bootstrap < 0:
                 raise ValueError("--bootstrap must be >= 0")
-            grid = [args.p, args.weight_decay, args.seeds, args.steps] + list(args.set) + list(args.vary)
-            if any(v is not None and v != [] for v in grid):
+            if _grid_given(args):
                 print("fastcyclic sweep: --analyze-only analyses the sweep in --out as it is; the grid options are "
                       "ignored", file=sys.stderr)
             records = load_records(args.out)

@@ -643,16 +643,23 @@ def _log(trainer: Trainer, record: dict, paths: dict, bar) -> None:
         bar.set_postfix(shown, refresh=False)
 
 
+def first_layer(step_w: Optional[int], step_e: Optional[int]) -> Optional[str]:
+    """"W", "E" or "same": which layer got there first, a None step (never, or still moving at the end)
+    counting as last; None when neither did."""
+    if step_w is None and step_e is None:
+        return None
+    w, e = (math.inf if s is None else s for s in (step_w, step_e))
+    return "W" if w < e else "E" if w > e else "same"
+
+
 def _settling_text(settle_w, settle_e) -> str:
     """Where rho2 settled in each layer, and which first (a layer still moving at the end settles last)."""
     def at(step):
         return f"step {step}" if step is not None else "not yet (still moving at the end)"
 
     text = f"rho2 settles (within 0.05 of its end value) for W at {at(settle_w)}, for E at {at(settle_e)}"
-    if settle_w is None and settle_e is None:
-        return text
-    w, e = (math.inf if s is None else s for s in (settle_w, settle_e))
-    return text + (" (W first)" if w < e else " (together)" if w == e else " (E first)")
+    first = first_layer(settle_w, settle_e)
+    return text + ("" if first is None else " (together)" if first == "same" else f" ({first} first)")
 
 
 def report(result: TrainResult) -> str:

@@ -91,11 +91,8 @@ def _exp_floor(dtype: torch.dtype) -> float:
 
 
 def _masked_classes(bias):
-    """The classes a -inf bias masks (a bool vector), or None when there are none."""
-    if bias is None:
-        return None
-    masked = torch.isneginf(bias)
-    return masked if bool(masked.any()) else None
+    """The classes a -inf bias masks (a bool vector; no host sync to ask whether there are any), or None."""
+    return None if bias is None else torch.isneginf(bias)
 
 
 def _exp_clamped(x, cut, masked, k0: int, k1: int):
