@@ -618,7 +618,8 @@ def write_report(out: str, preset: Preset, claims: list, rows: list, analysis: d
                   c.numbers, "", f"**Verdict: {c.verdict}.** {c.reason.rstrip('.')}."]
     lines += ["", "## What the variants change", "", _variant_table(rows, analysis, preset), "", "## Figures", ""]
     captions = dict(phase_diagram="Phase diagram (P × λ per block): colour = median number of frequencies holding 90 % "
-                                  "of W's power; grey × = collapsed; red ring = most runs cyclic.",
+                                  "of W's power; grey × = collapsed; red × = every run failed; red ring = most "
+                                  "runs cyclic.",
                     fractions="Share of cyclic (solid) and collapsed (dashed) runs against λ; the estimators read "
                               "where they cross 1/2.",
                     lambda_k="λ_crit·K and λ₀·K against K: flat means Θ(1/K).",

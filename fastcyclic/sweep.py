@@ -1239,9 +1239,27 @@ def _panels(n: int, size=(5.5, 4.2)):
     return fig, flat[:n]
 
 
+def phase_cell(cell: list) -> dict:
+    """How the phase diagram draws one (P, λ) cell of rows: "failed" when no run finished, "collapsed" or
+    "chance" (at chance with its weights intact) when most finished runs sit at chance or no finished run has a
+    frequency count, else "alive" with the median frequency count; `failed` counts the failed runs, `cyclic` and
+    `n` the cyclic and finished ones."""
+    done = [r for r in cell if r["status"] == "ok"]
+    at_chance = [r for r in done if r["phase"] in ("collapsed", "unlearned")]
+    alive = [r["freq_count_W"] for r in done if r["phase"] not in ("collapsed", "unlearned") and r["freq_count_W"]]
+    mark = dict(failed=len(cell) - len(done), n=len(done), cyclic=sum(r["phase"] == "cyclic" for r in done))
+    if not done:
+        return dict(mark, kind="failed")
+    if len(at_chance) * 2 > len(done) or not alive:
+        dead = sum(r["phase"] == "collapsed" for r in at_chance) * 2 >= len(at_chance)
+        return dict(mark, kind="collapsed" if dead else "chance")
+    return dict(mark, kind="alive", freq_count=float(np.median(alive)))
+
+
 def plot_phase_diagram(rows: list, analysis: dict, path: str) -> str:
     """Per series: P × λ cells coloured by the median frequency count of W (runs that did not collapse), collapsed
-    cells grey with ×, cells where most runs are cyclic ringed in red; λ_crit (▲) and λ₀ (|) on each P row."""
+    cells grey with ×, cells where most runs are cyclic ringed in red, cells with failed runs marked in red;
+    λ_crit (▲) and λ₀ (|) on each P row."""
     from matplotlib.colors import LogNorm
 
     from fastcyclic.plots import save_png
@@ -1252,31 +1270,32 @@ def plot_phase_diagram(rows: list, analysis: dict, path: str) -> str:
     norm = LogNorm(vmin=1, vmax=top)
     mappable = None
     for ax, name in zip(axes, series):
-        mine = [r for r in rows if r["series"] == name and r["status"] == "ok"]
+        mine = [r for r in rows if r["series"] == name and r["p"] is not None and r["weight_decay"] is not None]
         ps = sorted({r["p"] for r in mine})
         y = {p: i for i, p in enumerate(ps)}
         for p in ps:
             for lam in sorted({r["weight_decay"] for r in mine if r["p"] == p}):
-                cell = [r for r in mine if r["p"] == p and r["weight_decay"] == lam]
-                n = len(cell)
-                collapsed = sum(r["phase"] in ("collapsed", "unlearned") for r in cell)
-                cyclic = sum(r["phase"] == "cyclic" for r in cell)
-                alive = [r["freq_count_W"] for r in cell if r["phase"] not in ("collapsed", "unlearned")
-                         and r["freq_count_W"]]
-                if collapsed * 2 > n or not alive:  # mostly collapsed (×) or at chance with weights intact (o)
-                    dead = sum(r["phase"] == "collapsed" for r in cell) * 2 >= collapsed
+                cell = phase_cell([r for r in mine if r["p"] == p and r["weight_decay"] == lam])
+                if cell["kind"] == "failed":
+                    ax.scatter([lam], [y[p]], s=420, marker="s", color="white", edgecolors="red")
+                    ax.scatter([lam], [y[p]], s=90, marker="x", color="red")
+                elif cell["kind"] in ("collapsed", "chance"):
                     ax.scatter([lam], [y[p]], s=420, marker="s", color="lightgrey", edgecolors="grey")
-                    if dead:
+                    if cell["kind"] == "collapsed":
                         ax.scatter([lam], [y[p]], s=90, marker="x", color="black")
                     else:
                         ax.scatter([lam], [y[p]], s=70, marker="o", facecolors="none", edgecolors="black")
                 else:
-                    mappable = ax.scatter([lam], [y[p]], s=420, marker="s", c=[float(np.median(alive))],
-                                          cmap="viridis", norm=norm,
-                                          edgecolors="red" if cyclic * 2 >= n else "none",
-                                          linewidths=2.5 if cyclic * 2 >= n else 0)
-                if cyclic and len(mine) <= 400:
-                    ax.annotate(f"{cyclic}/{n}", (lam, y[p]), ha="center", va="center", fontsize=7, color="white")
+                    ringed = cell["cyclic"] * 2 >= cell["n"]
+                    mappable = ax.scatter([lam], [y[p]], s=420, marker="s", c=[cell["freq_count"]],
+                                          cmap="viridis", norm=norm, edgecolors="red" if ringed else "none",
+                                          linewidths=2.5 if ringed else 0)
+                if cell["cyclic"] and len(mine) <= 400:
+                    ax.annotate(f"{cell['cyclic']}/{cell['n']}", (lam, y[p]), ha="center", va="center",
+                                fontsize=7, color="white")
+                if cell["failed"] and cell["n"]:  # some failed beside finished ones: say how many, under the cell
+                    ax.annotate(f"{cell['failed']} failed", (lam, y[p] - 0.38), ha="center", va="center",
+                                fontsize=6, color="red")
         for entry in analysis["series"][name]["per_p"]:
             if entry["p"] not in y:
                 continue
@@ -1294,7 +1313,7 @@ def plot_phase_diagram(rows: list, analysis: dict, path: str) -> str:
     if mappable is not None:
         fig.colorbar(mappable, ax=axes, label="frequencies holding 90 % of W's power (median)", shrink=0.8)
     fig.suptitle("Phase diagram. Grey ×: collapsed; grey o: at chance, weights intact;\n"
-                 "red ring: most runs cyclic; ▲ λ_crit, | λ₀", fontsize=10)
+                 "red ×: every run failed; red ring: most runs cyclic; ▲ λ_crit, | λ₀", fontsize=10)
     return save_png(fig, path)
 
 

@@ -630,6 +630,10 @@ def test_figures_and_tables_render(tmp_path):
     records += [dict(r, id=r["id"] + "-c", series="other", block="other") for r in synthetic((101, 211), c=0.5)]
     for r in records[:8]:
         r.update(final=dict(r["final"], train_acc=0.001), norms=dict(norm_ratio=1e-4))  # a collapsed corner
+    failed = dict(status="failed", error="RuntimeError: boom", seconds=1.0)
+    records[-1] = dict(id=records[-1]["id"], block="main", series="main", config=records[-1]["config"], **failed)
+    records += [dict(id=f"gone-s{s}", block="main", series="main", config=dict(p=809, weight_decay=1.0, seed=s),
+                     **failed) for s in range(2)]  # a cell where every run failed
     analysis = sweep.analyse(records, n_boot=100)
     paths = sweep.write_outputs(str(tmp_path), records, analysis)
     for name in ("phase_diagram", "lambda_k", "fractions"):
@@ -640,6 +644,19 @@ def test_figures_and_tables_render(tmp_path):
     fits = json.loads(open(paths["fits"]).read())
     assert fits["series"]["main"]["fit_lambda_crit"]["excluded"] == {"211": "no crossing"}
     assert "P=211" in sweep.summary_text(analysis) and "no crossing" in sweep.summary_text(analysis)
+
+
+def test_phase_cells_say_what_failed_collapsed_or_finished():
+    def rows(*phases):
+        return sweep.rows_of([dict(fake(31, 0.1, s, ph), id=f"r{s}") if ph != "failed" else
+                              dict(id=f"r{s}", status="failed", config=dict(p=31, weight_decay=0.1, seed=s))
+                              for s, ph in enumerate(phases)])
+
+    assert sweep.phase_cell(rows("failed", "failed")) == dict(kind="failed", failed=2, n=0, cyclic=0)
+    cell = sweep.phase_cell(rows("cyclic", "cyclic", "multi-frequency", "failed"))
+    assert cell == dict(kind="alive", failed=1, n=3, cyclic=2, freq_count=1.0)
+    assert sweep.phase_cell(rows("collapsed", "collapsed", "cyclic"))["kind"] == "collapsed"
+    assert sweep.phase_cell(rows("collapsed", "cyclic", "failed"))["kind"] == "alive"  # 1 of 2 finished at chance
 
 
 def test_reproduce_passes_retry_failed_and_threads_to_the_sweep(tmp_path, monkeypatch):
