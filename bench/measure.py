@@ -5,7 +5,9 @@ table rows and exit code share (``add_device_arguments``, ``setup_device``, ``no
 CUDA: ``triton.testing.do_bench`` (CUDA events, warm-up, the L2 cache flushed before every
 repetition so inputs that fit in cache do not flatter), medians and quartiles; peak memory from
 ``torch.cuda.max_memory_allocated`` relative to what was allocated before the call.
-CPU: ``time.perf_counter`` medians; peak memory as the growth of the process's peak RSS (Linux
+CPU: ``time.perf_counter`` medians, a 32 MiB buffer written before every repetition (untimed) so the
+inputs start outside the per-core caches (a shared L3 larger than that may still hold them; both sides
+of a comparison get the same treatment); peak memory as the growth of the process's peak RSS (Linux
 VmHWM, reset through /proc/self/clear_refs after returning freed memory with malloc_trim).
 
 Ceilings (``ceilings``), measured once per process and device and shared by every suite of a run:
@@ -41,6 +43,10 @@ import torch
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
+CPU_FLUSH_BYTES = 32 << 20
+_cpu_flush = None  # the buffer time_ms writes between CPU repetitions, made on first use
+
+
 def time_ms(fn, device: torch.device, *, min_reps: int = 5, budget_ms: float = 300.0) -> dict:
     """Median and quartiles (ms) of fn(), already warmed up by the caller."""
     if device.type == "cuda":
@@ -48,14 +54,15 @@ def time_ms(fn, device: torch.device, *, min_reps: int = 5, budget_ms: float = 3
 
         q25, median, q75 = triton.testing.do_bench(fn, warmup=25, rep=budget_ms, quantiles=[0.25, 0.5, 0.75])
         return {"median_ms": median, "q25_ms": q25, "q75_ms": q75}
+    global _cpu_flush
+    if _cpu_flush is None:
+        _cpu_flush = torch.empty(CPU_FLUSH_BYTES // 4, dtype=torch.float32)
     times = []
-    deadline = time.perf_counter() + budget_ms / 1e3
-    while len(times) < min_reps or time.perf_counter() < deadline:
+    while len(times) < min(min_reps, 50) or (sum(times) < budget_ms and len(times) < 50):
+        _cpu_flush.fill_(len(times))  # evict fn's inputs from L1/L2, as do_bench flushes the GPU's L2
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-        if len(times) >= 50:
-            break
     q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
     return {"median_ms": statistics.median(times), "q25_ms": q[0], "q75_ms": q[2]}
 

@@ -144,6 +144,17 @@ def test_record_schema_helpers():
     assert measure.telemetry(torch.device("cpu")) == "unavailable: not a CUDA run"
 
 
+def test_cpu_timing_writes_the_flush_buffer_before_every_repetition():
+    flush_writes = []
+
+    def fn():  # sees the value the buffer was last filled with: a new one every repetition
+        flush_writes.append(float(measure._cpu_flush[-1]))
+
+    timing = measure.time_ms(fn, torch.device("cpu"), min_reps=7, budget_ms=0.0)
+    assert flush_writes == list(range(7)) and measure._cpu_flush.numel() * 4 == measure.CPU_FLUSH_BYTES
+    assert timing["q25_ms"] <= timing["median_ms"] <= timing["q75_ms"]
+
+
 def test_result_files_are_replaced_whole(tmp_path):
     out = tmp_path / "res"
     records = [measure.complete({"bench": "x", "method": "m", "status": "ok", "target": {"median_ms": 1.0},
