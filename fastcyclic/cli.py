@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import typing
 
@@ -88,7 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
             ("all", all_suites, "ce, optim, train and geometry into one output directory")):
         module.add_arguments(suites.add_parser(name, help=help_text, description=module.__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    _read_negative_numbers_as_values(parser)
     return parser
+
+
+# argparse (before Python 3.13) takes "-1e-3" for an option, so `--weight-decay -1e-3` failed with
+# "expected one argument" instead of reaching the check that names the bad value.  No option of ours
+# looks like a number, so every token that does is a value.
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,.*)?$")
+
+
+def _read_negative_numbers_as_values(parser: argparse.ArgumentParser) -> None:
+    parser._negative_number_matcher = _NUMBER
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _read_negative_numbers_as_values(sub)
 
 
 def _run_directory(template: str, values: dict) -> str:

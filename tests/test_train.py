@@ -399,6 +399,18 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert code == 2 and "p must be an integer >= 3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--lr", "-1e-3"], "lr must be a finite number >= 0, got -0.001"),
+    (["train", "--weight-decay", "-.5"], "weight_decay must be a finite number >= 0, got -0.5"),
+    (["sweep", "--p", "31", "--weight-decay", "-1e-3,1e-2"], "every λ must be > 0 (λ_crit is interpolated in "
+                                                             "log λ), got -0.001"),
+])
+def test_cli_negative_numbers_reach_the_check_that_names_them(argv, message, tmp_path, capsys):
+    """argparse took "-1e-3" for an option and said only "expected one argument"."""
+    assert cli_main(argv + ["--out" if argv[0] == "sweep" else "--out-dir", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_and_fused_update_match_the_plain_loop(dtype):
