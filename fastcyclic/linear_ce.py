@@ -13,6 +13,7 @@ which is ``F.cross_entropy(z, y, label_smoothing=eps)`` plus PaLM's z-loss.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import operator
 from typing import Optional
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from fastcyclic.kernels import linear_ce as triton_impl
 from fastcyclic.kernels import linear_ce_chunked as torch_impl
+from fastcyclic.optim import FusedUpdate
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -65,6 +67,9 @@ def _result_dtype(dtype: torch.dtype) -> torch.dtype:
 def _check_options(reduction, label_smoothing, z_loss, backend) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not 0.0 <= float(z_loss) < float("inf"):
@@ -76,6 +81,8 @@ def _check_options(reduction, label_smoothing, z_loss, backend) -> None:
 def _check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
+    if not -2 ** 63 <= operator.index(ignore_index) < 2 ** 63:  # it is compared with int64 targets
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     return operator.index(ignore_index)
 
 
@@ -84,6 +91,9 @@ def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, b
     for name, t in (("h", h), ("weight", weight), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("h", h), ("weight", weight), ("target", target), ("bias", bias)):
+        if isinstance(t, Tensor) and t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if h.dim() != 2:
         raise ValueError(f"h must be 2-D (N, D), got shape {tuple(h.shape)}")
     if weight.dim() != 2:
@@ -354,7 +364,15 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     backend, target, ignore_index = _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing,
                                              z_loss, backend)
     options = (int(ignore_index), float(label_smoothing), float(z_loss), backend)
+    if fused_update is not None and not isinstance(fused_update, FusedUpdate):
+        raise TypeError(f"fused_update must be a handle from fastcyclic.optim.fused_update(optimizer, weight), "
+                        f"got {type(fused_update).__name__}")
     if fused_update is not None and torch.is_grad_enabled() and weight.requires_grad:
+        if bias is not None and bias.requires_grad and not bias.is_leaf:
+            raise ValueError(f"fused_update needs the bias as the parameter itself (a leaf tensor), got one computed "
+                             f"by {type(bias.grad_fn).__name__}: the fused backward writes bias.grad directly, so "
+                             "its gradient would not reach the parameter. Pass the parameter, or do not use "
+                             "fused_update")
         fused_update.check_forward(weight)
         loss_rows = _FusedUpdateLinearCE.apply(h, weight, bias, target, *options, bool(validate), fused_update)
     else:

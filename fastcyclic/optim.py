@@ -8,7 +8,7 @@ Both follow ``torch.optim.Optimizer``'s contract (param groups, ``zero_grad``, `
   moments: torch.optim.AdamW, SGDW) or "l2" (wd * p joins the gradient, the penalty wd/2 * |p|^2 in
   the loss: torch.optim.Adam(weight_decay=wd), torch.optim.SGD(weight_decay=wd)).  The theory's
   surrogate is the explicit penalty, and small runs only find few-frequency solutions with it.
-* backend "triton": one launch updates every tensor of a param group (``kernels.optim``), fp32 math
+* backend "triton": one launch updates every tensor of a param group of one dtype (``kernels.optim``), fp32 math
   and fp32 state for bf16/fp16 parameters; backend "torch": the same math in PyTorch ops (CPU, and
   the reference the kernels are tested against); "auto": triton for CUDA parameters.
 * Steps are CUDA-graph capturable: the step counts live on the device and lr / weight_decay may be
@@ -39,6 +39,13 @@ BACKENDS = ("auto", "triton", "torch")
 
 def _number(value) -> float:
     return float(value.detach().cpu()) if isinstance(value, Tensor) else float(value)
+
+
+def _check_real(name: str, value) -> None:
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        return  # torch.optim takes tensor betas; float() reads them
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
 
 
 def _check_common(lr, weight_decay, weight_decay_mode, backend) -> None:
@@ -110,7 +117,14 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         count moves to the parameter's device (graph-capturable)."""
         for group in state_dict["param_groups"]:
             _check_unsupported(group)
+        before = self.param_groups, self.state  # load_state_dict builds new ones: these stay as they were
         super().load_state_dict(state_dict)
+        try:
+            for group in self.param_groups:
+                self._check_group(group)  # what the constructor refuses (lr < 0, an unknown mode, ...)
+        except Exception:
+            self.param_groups, self.state = before
+            raise
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -211,23 +225,34 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for handle in self._fused_weights.values():
-            handle._before_step()  # before any parameter moves: a refusal leaves nothing half-stepped
-        skips = self._skip_flags()
+            handle._before_step()
+        # every refusal (sparse or complex gradients, non-contiguous tensors for backend="triton") comes
+        # from this first pass, before any parameter, moment or step count moves
+        launches = []
         for index, group in enumerate(self.param_groups):
             buckets: dict = {}
             for p, g in self._grads_with_params(group):
+                _check_floating(p)
                 buckets.setdefault((p.device, p.dtype, g.dtype) + self._bucket_extra(p), []).append((p, g))
             for key, pairs in buckets.items():
-                device, dtype = key[0], key[1]
-                backend = self._backend(group, device)
+                backend = self._backend(group, key[0])
                 if backend == "triton" and group["backend"] == "auto" and not all(
                         p.is_contiguous() and g.is_contiguous() for p, g in pairs):
                     backend = "torch"  # e.g. channels_last weights: the kernels take contiguous tensors only
-                if backend == "triton" and dtype != torch.float64:
-                    lr, weight_decay = self._device_scalars(index, group, device)
-                else:  # PyTorch ops take floats or tensors as they are, like torch.optim
-                    backend, lr, weight_decay = "torch", _scalar(group["lr"]), _scalar(group["weight_decay"])
-                self._update(index, key, group, pairs, lr, weight_decay, backend, skips.get(device))
+                if key[1] == torch.float64:
+                    backend = "torch"
+                if backend == "triton":
+                    for p, g in pairs:
+                        _check_contiguous(p)
+                        _check_contiguous(g)
+                launches.append((index, group, key, pairs, backend))
+        skips = self._skip_flags()
+        for index, group, key, pairs, backend in launches:
+            if backend == "triton":
+                lr, weight_decay = self._device_scalars(index, group, key[0])
+            else:  # PyTorch ops take floats or tensors as they are, like torch.optim
+                lr, weight_decay = _scalar(group["lr"]), _scalar(group["weight_decay"])
+            self._update(index, key, group, pairs, lr, weight_decay, backend, skips.get(key[0]))
         for handle in self._fused_weights.values():
             handle._after_step()
         return loss
@@ -314,8 +339,7 @@ class AdamW(_WeightDecayOptimizer):
                  weight_decay_mode: str = "decoupled", backend: str = "auto", skip_nonfinite: bool = False):
         _check_common(lr, weight_decay, weight_decay_mode, backend)
         _check_betas(betas)
-        if not eps > 0.0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        _check_eps(eps)
         defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=float(eps), weight_decay=weight_decay,
                         weight_decay_mode=weight_decay_mode, backend=backend)
         super().__init__(params, defaults, skip_nonfinite)
@@ -323,8 +347,7 @@ class AdamW(_WeightDecayOptimizer):
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
         _check_betas(group["betas"])
-        if not group["eps"] > 0.0:
-            raise ValueError(f"eps must be > 0, got {group['eps']}")
+        _check_eps(group["eps"])
 
     def _torch_weight_decay_mode(self, group: dict) -> str:
         if "decoupled_weight_decay" in group:  # torch.optim.Adam and AdamW say which rule they used
@@ -352,22 +375,32 @@ class AdamW(_WeightDecayOptimizer):
                                  group["eps"], decoupled, skip)
             return
         from fastcyclic.kernels import optim as kernels
-        rows = [(_contiguous(p), _contiguous(g), s["exp_avg"], s["exp_avg_sq"], s["step"])
-                for (p, g), s in zip(pairs, states)]
+        rows = [(p, g, s["exp_avg"], s["exp_avg_sq"], s["step"]) for (p, g), s in zip(pairs, states)]
         kernels.adamw_step(self._table(index, key), rows, lr, weight_decay, beta1, beta2, group["eps"],
                            decoupled, skip)
 
 
 def _check_betas(betas) -> None:
-    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
+    for b in betas:
+        _check_real("each of betas", b)
+    if not all(0.0 <= float(b) < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
 
 
-def _contiguous(t: Tensor) -> Tensor:
+def _check_eps(eps) -> None:
+    _check_real("eps", eps)
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+
+def _check_contiguous(t: Tensor) -> None:
     if not t.is_contiguous():
         raise ValueError(f"backend='triton' updates contiguous tensors only, got one of shape {tuple(t.shape)} "
                          f"and strides {t.stride()}; use backend='torch' for it")
-    return t
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,13 +460,12 @@ class SGDW(_WeightDecayOptimizer):
 
     def _bucket_extra(self, p: Tensor) -> tuple:
         # the first step sets buf = g; tensors on their first step go in a launch of their own
-        return ("momentum_buffer" not in self.state[p],)
+        return ("momentum_buffer" not in self.state.get(p, ()),)
 
     def _update(self, index, key, group, pairs, lr, weight_decay, backend, skip) -> None:
         momentum = group["momentum"]
         first_step = key[-1]
         buffers = [None] * len(pairs)
-        _check_floating(pairs[0][0])  # a bucket holds one parameter dtype (key[1])
         if momentum != 0:
             for i, (p, _) in enumerate(pairs):
                 state = self.state[p]
@@ -448,7 +480,7 @@ class SGDW(_WeightDecayOptimizer):
                 sgdw_reference_(p, g, buf, lr, weight_decay, *args, first_step, skip)
             return
         from fastcyclic.kernels import optim as kernels
-        rows = [(_contiguous(p), _contiguous(g), buf, None, None) for (p, g), buf in zip(pairs, buffers)]
+        rows = [(p, g, buf, None, None) for (p, g), buf in zip(pairs, buffers)]
         # one table for the first and later steps (the buffers keep their addresses), so a CUDA graph captured
         # after the first step finds it; the first step's kernel is a variant of its own, so warm up with two
         # steps before capturing
@@ -456,6 +488,8 @@ class SGDW(_WeightDecayOptimizer):
 
 
 def _check_momentum(momentum, dampening, nesterov) -> None:
+    _check_real("momentum", momentum)
+    _check_real("dampening", dampening)
     if not float(momentum) >= 0.0:
         raise ValueError(f"momentum must be >= 0, got {momentum}")
     if not 0.0 <= float(dampening) <= 1.0:
@@ -491,7 +525,8 @@ class FusedUpdate:
       among them changed before ``optimizer.step()`` makes the step refuse, before anything moves
       (a tensor lr changed in place in that window is not seen: change it before the forward).
     * The bias, if any, gets its gradient as usual (set in the same hook) and is stepped by
-      ``optimizer.step()`` with its own group's settings.
+      ``optimizer.step()`` with its own group's settings.  It must be the parameter itself: a bias
+      computed from it (scaled, cast) is refused at the forward, as its gradient could not reach it.
     Gradient clipping by global norm cannot be honoured (the update happens before the norm is
     known); ``max_grad_norm`` and ``grad_accumulation_steps`` are accepted only to refuse them
     clearly, as a configuration error, and ``skip_nonfinite`` optimizers are refused likewise.

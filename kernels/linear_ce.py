@@ -617,13 +617,14 @@ _NO_UPDATE = dict(UPDATE=0, DECOUPLED=False, HAS_MOMENTUM=False, FIRST_STEP=Fals
 FUSED_SHARED_BUDGET = 176 << 10
 
 
-def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype) -> TileConfig:
+def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype, *, on_gpu: bool = True) -> TileConfig:
     """The dW tile for the fused update: one program per class block over all of D and one split, so
     it alone reads and rewrites its w rows.  Its (BLOCK_K, D) w rows and (BLOCK_N, D) h slices sit in
     shared memory, about (BLOCK_K + BLOCK_N) * D * element bytes, and with TF32 (fp32 tensor-core dots,
     which take no transposed operand) a second, transposed copy of the h slice: (BLOCK_K + 2 BLOCK_N) *
     D * 4 (compiled for sm_90 without a GPU: exact fp32, D = 1024 takes 129 KiB at 16 + 16 rows; TF32,
-    D = 512 takes 290 KiB at 16 + 64 rows, 161 KiB at 16 + 32), so wide rows get short blocks."""
+    D = 512 takes 290 KiB at 16 + 64 rows, 161 KiB at 16 + 32), so wide rows get short blocks.  The
+    interpreter (on_gpu=False) has no shared memory, so there every D fits."""
     dp = _pow2(d)
     element_bytes = torch.tensor([], dtype=dtype).element_size()
     h_copies = 2 if dtype == torch.float32 and _precision(dtype) == "tf32" else 1
@@ -638,9 +639,10 @@ def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype) -> TileConfig:
     def shared_bytes(block_n):
         return (block_k + h_copies * block_n) * dp * element_bytes
 
-    while block_n > 16 and shared_bytes(block_n) > FUSED_SHARED_BUDGET:
+    budget = FUSED_SHARED_BUDGET if on_gpu else float("inf")
+    while block_n > 16 and shared_bytes(block_n) > budget:
         block_n //= 2
-    if shared_bytes(block_n) > FUSED_SHARED_BUDGET:
+    if shared_bytes(block_n) > budget:
         raise ValueError(f"the fused optimizer update does not fit D={d} in {dtype}{' with TF32' * (h_copies > 1)} "
                          "(at most D=1024 in float32, 512 in float32 with TF32, 2048 in bfloat16/float16); use "
                          "the ordinary backward and optimizer.step()")
@@ -690,7 +692,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
     if need_dw or need_db or update is not None:
         tc = config.backward_dw
         if update is not None:
-            tc = fused_update_tile(tc, d, h.dtype)
+            tc = fused_update_tile(tc, d, h.dtype, on_gpu=h.is_cuda)
         k_blocks, d_blocks = triton.cdiv(k, tc.block_owner), triton.cdiv(d, tc.block_ds)
         # split over rows only when the class blocks alone cannot fill the GPU; partials are fp32
         splits, rows_per_split = _split(k_blocks * d_blocks, n, tc.block_loop, tc.splits, h.device,

@@ -549,15 +549,15 @@ def test_argmax_ties_pick_first_index():
         assert argmax.tolist() == [5, 5, 5]
 
 
-@pytest.mark.parametrize("splits", [None, 3])
-def test_deterministic_mode_is_bitwise_repeatable(splits, gen):
+@pytest.mark.parametrize("backend,splits", [("triton", None), ("triton", 3), ("torch", None)])
+def test_deterministic_mode_is_bitwise_repeatable(backend, splits, gen):
     h, w, y, b = make_problem(gen, 70, 32, 400, torch.bfloat16, ignore_frac=0.1)
     grad_out = _grad_out(gen, "mean", 70)
     runs = []
     with tuning(config=None if splits is None else with_splits(SMALL_TILES, splits)):
         for _ in range(2):
             runs.append(_loss_and_grads(
-                lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend="triton", deterministic=True),
+                lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend=backend, deterministic=True),
                 h, w, y, b, grad_out))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
@@ -651,8 +651,10 @@ def _good():
     (lambda h, w, y: (h, w, y.float()), TypeError, "class indices"),
     (lambda h, w, y: (h.int(), w.int(), y), TypeError, "must be float32"),
     (lambda h, w, y: ([[1.0]], w, y), TypeError, "h must be a torch.Tensor"),
+    (lambda h, w, y: (h.to_sparse(), w, y), TypeError, "h must be a dense .* layout torch.sparse_coo"),
+    (lambda h, w, y: (h, w.to_sparse(), y), TypeError, "weight must be a dense .* layout torch.sparse_coo"),
 ], ids=["target-high", "target-negative", "h-rank", "w-rank", "target-len", "d-mismatch", "k-zero",
-        "dtype-mismatch", "float-target", "int-h", "not-tensor"])
+        "dtype-mismatch", "float-target", "int-h", "not-tensor", "sparse-h", "sparse-w"])
 def test_bad_input(backend, mutate, error, match, no_launch):
     h, w, y = mutate(*_good())
     with pytest.raises(error, match=match):
@@ -666,6 +668,10 @@ def test_bad_input(backend, mutate, error, match, no_launch):
     (dict(z_loss=-1.0), ValueError, "z_loss must be finite"),
     (dict(bias=torch.zeros(4)), ValueError, "bias must be 1-D of length K=5"),
     (dict(ignore_index=3.5), TypeError, "ignore_index must be an integer, got 3.5"),
+    (dict(ignore_index=2 ** 63), ValueError, "ignore_index must fit in int64, got 9223372036854775808"),
+    (dict(label_smoothing=None), TypeError, "label_smoothing must be a number, got None"),
+    (dict(z_loss="0.1"), TypeError, "z_loss must be a number, got '0.1'"),
+    (dict(fused_update=True), TypeError, "fused_update must be a handle .* got bool"),
 ])
 def test_bad_options(kwargs, error, match, no_launch):
     h, w, y = _good()
