@@ -137,6 +137,14 @@ def run_train(args: argparse.Namespace) -> int:
         print("fastcyclic train: interrupted; rerun the same command with --resume to continue from the last "
               "checkpoint", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError on CUDA; the CPU allocator's RuntimeError
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        first_line = (str(e) or type(e).__name__).splitlines()[0]
+        print(f"fastcyclic train: out of memory with P={values['p']}, d={values['d']}, hidden={values['hidden']}, "
+              f"batch_size={values['batch_size']} ({first_line}); try a smaller P, width or --batch-size",
+              file=sys.stderr)
+        return 1
     print(report(result))
     return 0
 

@@ -43,6 +43,7 @@ FIGURES = ("circles.png", "fourier.png", "curves.png", "geometry.png")  # what a
 # fields that may differ when a run is resumed: they change how long it runs and how it is logged,
 # not what a step computes
 RESUMABLE_CHANGES = ("steps", "eval_every", "geometry_every", "checkpoint_every", "out_dir", "progress")
+CUDA_ONLY = ("fused_update", "cuda_graph")  # no effect on CPU, so free to differ when resuming there
 
 
 def _option(default, help: str):
@@ -60,7 +61,7 @@ class TrainConfig:
     p: int = _option(97, "modulus: K = P classes and P tokens")
     model: str = _option("embed-mlp", "embed-sum: h = act(E[a] + E[b]); embed-mlp: h = act(U [E[a]; E[b]])")
     d: int = _option(2, "embedding width")
-    hidden: Optional[int] = _option(16, "hidden width m of embed-mlp (ignored by embed-sum)")
+    hidden: Optional[int] = _option(16, "hidden width m of embed-mlp (none: 4 d; ignored by embed-sum)")
     factorised: bool = _option(False, "logits = (h V^T) W^T, so W (K x d) lives in E's space and locking is defined")
     activation: str = _option("square", "relu, square (x^2) or gelu")
     bias: bool = _option(False, "give the classifier a bias (never weight-decayed)")
@@ -76,7 +77,8 @@ class TrainConfig:
                                            "decoupled: AdamW/SGDW")
     weight_decay_warmup: int = _option(500, "steps of linear ramp of lambda from 0 (lets large lambda survive)")
     init_scale: float = _option(0.5, "multiplies every initial standard deviation")
-    dtype: str = _option("float32", "float32, or bfloat16 compute with fp32 master weights")
+    dtype: str = _option("float32", "float32, or bfloat16: the classifier and loss in bf16 from fp32 master "
+                                    "weights (the embedding, hidden layer and evaluations stay fp32)")
     seed: int = _option(0, "seeds the split, the initialisation and the batches")
     deterministic: bool = _option(False, "bitwise reproducible on CUDA too (torch.use_deterministic_algorithms, "
                                          "process-wide); CPU runs always are")
@@ -85,7 +87,7 @@ class TrainConfig:
     fused_update: bool = _option(True, "on CUDA in float32, apply the classifier's update inside the CE backward")
     cuda_graph: bool = _option(True, "on CUDA with the triton backend, capture the training step once and replay it")
     eval_every: int = _option(100, "steps between evaluations (train/test loss and accuracy)")
-    geometry_every: int = _option(100, "steps between geometry summaries of W and E (at evaluations)")
+    geometry_every: int = _option(100, "steps between geometry summaries of W and E (each with an evaluation)")
     checkpoint_every: int = _option(500, "steps between checkpoints (0: none)")
     out_dir: Optional[str] = _option(None, "run directory (none: write nothing)")
     progress: bool = _option(True, "show a progress bar")
@@ -167,7 +169,16 @@ def validate(config: TrainConfig) -> None:
             raise ValueError(message)
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={c.device!r} but CUDA is not available")
-    if c.backend == "triton" and _resolve_device(c).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    device = _resolve_device(c)
+    if device.type == "cuda":
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={c.device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        capability = torch.cuda.get_device_capability(device)
+        if c.dtype == "bfloat16" and c.backend != "torch" and capability < (8, 0):
+            raise ValueError(f"dtype='bfloat16' needs a GPU of compute capability 8.0 or newer for the Triton "
+                             f"kernels' bf16 dots; {torch.cuda.get_device_name(device)} is {capability[0]}."
+                             f"{capability[1]}: use dtype='float32' (or backend='torch')")
+    if c.backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before "
                          "starting Python (or use backend='torch')")
 
@@ -179,6 +190,13 @@ def _resolve_device(config: TrainConfig) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(config.device)
+
+
+def _device_key(device: torch.device) -> str:
+    """cuda without an index is the current CUDA device: "cuda" and "cuda:0" may name one device."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
 
 
 def _check_out_dir(path: str) -> None:
@@ -452,10 +470,11 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         saved = dict(state["config"])
         mine = self.config.to_dict()
-        # "auto" and what it resolved to are the same choice
-        saved["device"] = str(_resolve_device(TrainConfig(device=saved.get("device", "auto"))))
-        mine["device"] = str(self.device)
-        different = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+        # "auto", "cuda" and the device they resolve to are the same choice
+        saved["device"] = _device_key(_resolve_device(TrainConfig(device=saved.get("device", "auto"))))
+        mine["device"] = _device_key(self.device)
+        free = RESUMABLE_CHANGES + (CUDA_ONLY if self.device.type == "cpu" else ())
+        different = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         if different:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in different)
             raise ValueError(f"cannot resume with a different config ({details})")
@@ -505,7 +524,7 @@ def load_checkpoint(path: str) -> dict:
     """A checkpoint's contents, or a ValueError saying why it cannot be used (nothing is written)."""
     try:
         _check_crc32s(path)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, damaged or foreign file: torch raises many kinds
         raise ValueError(f"checkpoint {path!r} is corrupt or unreadable ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("format") != 1 or "model" not in state:
@@ -583,7 +602,8 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
             trainer.step()
             if bar is not None:
                 bar.update(trainer.step_count - before)
-            due_eval = trainer.step_count % config.eval_every == 0 or trainer.step_count == config.steps
+            due_eval = (trainer.step_count % config.eval_every == 0 or trainer.step_count == config.steps
+                        or trainer.step_count % config.geometry_every == 0)  # a geometry record is an evaluation
             due_checkpoint = checkpoint and config.checkpoint_every and (
                 trainer.step_count % config.checkpoint_every == 0 or trainer.step_count == config.steps)
             if due_eval:
@@ -596,7 +616,10 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
         if bar is not None:
             bar.close()
 
-    final = trainer.history[-1] if trainer.history else trainer.evaluate(with_geometry=True)
+    if not trainer.history or trainer.history[-1]["step"] != trainer.step_count:
+        # resumed at steps = the checkpoint's step, which fell between evaluations: evaluate where the model is
+        _log(trainer, trainer.evaluate(with_geometry=True), paths, None)
+    final = trainer.history[-1]
     summary = trainer.summarize_geometry()
     t_w, t_e = geometry.layer_order([r for r in trainer.history if "rho2_W" in r])
     result = TrainResult(config=config, final=final, geometry=summary, history=list(trainer.history), t_W=t_w,

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from fastcyclic import training
 from fastcyclic.cli import main as cli_main
 from fastcyclic.training import (TrainConfig, Trainer, TrainingDiverged, TrainResult, load_checkpoint, report,
-                                 settling_step, train)
+                                 settling_step, train, validate)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # small and quick: P = 23 groks within a few hundred full-batch steps
@@ -40,7 +41,8 @@ def assert_bitwise_equal(a, b):
 
 
 def test_tiny_run_fits_the_train_set():
-    result = train(TrainConfig(**dict(TINY, steps=300, weight_decay_warmup=100, eval_every=100)), figures=False)
+    result = train(TrainConfig(**dict(TINY, steps=300, weight_decay_warmup=100, eval_every=100,
+                                      geometry_every=100)), figures=False)
     assert result.final["train_acc"] == 1.0
     assert result.final["step"] == 300
     assert result.geometry is not None and result.geometry.K == 23
@@ -217,6 +219,23 @@ def test_bad_configs_are_refused_before_training(changes, match, tmp_path):
     assert not out.exists() or not any(p.name != "never" for p in out.iterdir())
 
 
+@pytest.mark.parametrize("changes, match", [
+    (dict(device="cuda", dtype="bfloat16"), r"compute capability 8.0 or newer .* Tesla T4 is 7.5"),
+    (dict(device="cuda:1"), r"device='cuda:1' but this machine has 1 CUDA device"),
+])
+def test_a_cuda_device_that_cannot_run_the_config_is_refused(changes, match, monkeypatch, tmp_path):
+    """Checked against a pretend sm_75 GPU (Triton's bf16 dots need sm_80): refused before anything is written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match=match):
+        train(TrainConfig(**dict(TINY, out_dir=str(out), **changes)))
+    assert not out.exists()
+    validate(TrainConfig(**dict(TINY, device="cuda", dtype="bfloat16", backend="torch")))  # torch's bf16
+
+
 def test_numpy_scalars_in_a_config_become_python_numbers(tmp_path):
     """Grids built with numpy (np.arange, np.logspace) hand over numpy scalars; config.json must still be JSON."""
     config = TrainConfig(**dict(TINY, p=np.int64(23), weight_decay=np.float32(0.01), betas=(np.float32(0.9), 0.98),
@@ -246,6 +265,16 @@ def test_a_fresh_run_replaces_the_run_its_directory_held(tmp_path):
     assert train(TrainConfig(**changed), resume=True, figures=False).final["step"] == TINY["steps"]
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="on CUDA the flags change the step")
+def test_resume_on_cpu_ignores_the_cuda_only_flags(tmp_path):
+    out = tmp_path / "run"
+    config = dict(TINY, steps=40, out_dir=str(out))
+    reference = train(TrainConfig(**config), figures=False)
+    train(TrainConfig(**dict(config, steps=20)), figures=False)
+    resumed = train(TrainConfig(**dict(config, cuda_graph=False, fused_update=False)), resume=True, figures=False)
+    assert all(torch.equal(v, params(reference)[k]) for k, v in params(resumed).items())
+
+
 def test_resume_past_the_requested_steps_is_refused(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))), figures=False)
@@ -253,6 +282,30 @@ def test_resume_past_the_requested_steps_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at step 40, past steps=20"):
         train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), resume=True)
     assert (out / "config.json").read_bytes() == before
+
+
+def test_resume_at_the_checkpoint_step_reports_that_step(tmp_path):
+    """A run stopped after its step-14 checkpoint and resumed with steps=14: nothing to train, but its final record
+    and summary describe step 14, not the step-10 evaluation before it."""
+    out = tmp_path / "run"
+    config = dict(TINY, steps=40, eval_every=10, geometry_every=10, checkpoint_every=7, out_dir=str(out))
+
+    def stop_at_20(trainer, record):
+        if record["step"] == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**config), callbacks=[stop_at_20], figures=False)
+    result = train(TrainConfig(**dict(config, steps=14)), resume=True, figures=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert result.final["step"] == summary["final"]["step"] == summary["steps"] == 14
+    assert "rho2_W" in result.final and json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 14
+
+
+def test_geometry_every_that_is_not_a_multiple_of_eval_every():
+    result = train(TrainConfig(**dict(TINY, steps=60, eval_every=20, geometry_every=15)), figures=False)
+    assert [r["step"] for r in result.history if "rho2_W" in r] == [0, 15, 30, 45, 60]
+    assert [r["step"] for r in result.history] == [0, 15, 20, 30, 40, 45, 60]
 
 
 def test_a_loaded_state_starts_clean():
@@ -397,6 +450,19 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert (out / "summary.json").exists() and (out / "figures" / "circles.png").exists()
     code = cli_main(["train", "--p", "1", "--out-dir", str(tmp_path / "bad")])
     assert code == 2 and "p must be an integer >= 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 17179869176 bytes."),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB"), MemoryError()])
+def test_cli_out_of_memory_is_one_line_not_a_traceback(error, monkeypatch, tmp_path, capsys):
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(training, "train", no_memory)
+    assert cli_main(["train", "--p", "2147483647", "--batch-size", "8", "--out-dir", "none"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory with P=2147483647, d=2, hidden=16, batch_size=8" in err
 
 
 @pytest.mark.parametrize("argv, message", [
