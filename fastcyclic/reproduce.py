@@ -23,7 +23,8 @@ measured) evaluated often (for the layer order).  Verdict rules (thresholds in t
              Supported: at least half of the testable P show it.  Not supported: none does.  Otherwise, or nothing
              testable: inconclusive.
     claim 2  at the smallest λ of each testable P (most runs fit, 2+ λ), the share of cyclic runs.  Supported: below 1/2
-             at every such P.  Not supported: at least 1/2 at every such P.  Otherwise inconclusive.
+             at every such P, and at one of them at least a larger λ shows claim 1 (a contrast).  Not supported:
+             at least 1/2 at every such P.  Otherwise inconclusive.
     claim 3a per run that fits and did not collapse: t_W vs t_E (first evaluation with ρ₂ ≥ 0.9), or where either
              is missing, the settling steps (first evaluation from which ρ₂ stays within 0.05 of its end value).
              Supported: W first in ≥ 2/3 of the runs with an order (≥ MIN_ORDERED of them).  Not supported: E first
@@ -295,16 +296,21 @@ def claim_2(rows: list, main: str) -> Claim:
         lines.append(f"| {p} | {low['lam']:g} | {low['cyclic']} / {low['n']} | {low['fit']} | {_f(low['freq_W'])} / "
                      f"{_f(low['freq_E'])} | {_f(low['rho2_W'], '.2f')} | "
                      + (f"{_f(high['freq_W'])} (λ = {high['lam']:g})" if high else "–") + " |")
-    any_cyclic = any(r["phase"] == "cyclic" for r in mine)
+    # a contrast: at some P where low λ is not cyclic, a larger λ makes most runs cyclic and fit (claim 1's test)
+    contrast = [p for p in below if any(2 * c["cyclic_fit"] > c["n"] for c in _cells(mine, p)[1:])]
     if not ps:
         verdict, reason = "inconclusive", _none_finished(mine, main)
     elif not below and not above:
         verdict, reason = "inconclusive", "at no P do most runs at the smallest λ fit the train set"
+    elif below and not above and not contrast:
+        verdict = "inconclusive"
+        reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {', '.join(map(str, below))}, "
+                  "but no larger λ made most runs cyclic and fit either (claim 1): low λ is not told apart from "
+                  "high λ")
     elif below and not above:
         verdict = "supported"
-        reason = f"at the smallest λ fewer than half of the runs end cyclic at P = {', '.join(map(str, below))}"
-        if not any_cyclic:
-            reason += " (but no λ made them cyclic either, see claim 1: this is not a contrast)"
+        reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {', '.join(map(str, below))}, "
+                  f"while a larger λ made most runs cyclic and fit at P = {', '.join(map(str, contrast))}")
     elif above and not below:
         verdict, reason = "not supported", f"most runs end cyclic already at the smallest λ (P = {above})"
     else:
