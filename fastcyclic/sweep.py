@@ -1286,7 +1286,7 @@ def plot_phase_diagram(rows: list, analysis: dict, path: str) -> str:
                     else:
                         ax.scatter([lam], [y[p]], s=70, marker="o", facecolors="none", edgecolors="black")
                 else:
-                    ringed = cell["cyclic"] * 2 >= cell["n"]
+                    ringed = cell["cyclic"] * 2 > cell["n"]  # most, as claim 1 counts
                     mappable = ax.scatter([lam], [y[p]], s=420, marker="s", c=[cell["freq_count"]],
                                           cmap="viridis", norm=norm, edgecolors="red" if ringed else "none",
                                           linewidths=2.5 if ringed else 0)
@@ -1558,7 +1558,11 @@ def _main(args: argparse.Namespace) -> int:
                       "ignored", file=sys.stderr)
             records = load_records(args.out)
             _check_nothing_lost(args.out, records)
-            remaining, failed = None, sum(r["status"] == "failed" for r in records.values())
+            remaining = [s.id for s in stored_specs(load_sweep(args.out)) if s.id not in records]
+            failed = sum(r["status"] == "failed" for r in records.values())
+            if remaining:
+                print(f"{len(remaining)} of {len(records) + len(remaining)} runs have not finished (interrupted or "
+                      "out of time); rerun the sweep to finish them")
         else:
             check_pool_args(args)
             if args.run_minutes is not None and not args.run_minutes > 0:

@@ -280,6 +280,19 @@ def test_analyze_only_never_drops_runs_whose_records_are_missing(tmp_path, capsy
     assert sweep.main(sweep_args("--analyze-only", "--bootstrap", "-3", "--out", str(out))) == 2
 
 
+def test_analyze_only_says_how_many_runs_have_not_finished(tmp_path, capsys):
+    out = tmp_path / "half"
+    argv = ["--p", "5,7", "--weight-decay", "0.1", "--steps", "20", "--workers", "0", "--set", "d=8",
+            "--set", "hidden=16", "--no-figures", "--out", str(out)]
+    assert sweep.main(sweep_args(*argv)) == 0
+    # as a sweep stopped after its first run leaves it: one record, runs.csv not yet listing the other
+    next((out / "runs").glob("*.json")).unlink()
+    (out / "runs.csv").unlink()
+    capsys.readouterr()
+    assert sweep.main(sweep_args("--analyze-only", "--no-figures", "--out", str(out))) == 1
+    assert "1 of 2 runs have not finished" in capsys.readouterr().out
+
+
 def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     out = tmp_path / "crash"
     # batch 40 passes the grid checks but P = 7 has only ~20 train pairs: the trainer refuses it at run time
