@@ -23,8 +23,6 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 from fastcyclic.bench import measure
 
 SUITES = ("ce", "optim", "train", "geometry")
@@ -40,17 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "trainer step measured by train when train ran first)")
     parser.add_argument("--budget-s", type=float, default=None, metavar="S",
                         help="after S seconds, record the remaining cases as skipped instead of running them")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                        help="input dtype of ce, optim and train (each suite's default otherwise; geometry measures "
+                             "in fp32). Shapes differ per suite (NxDxK, sizes, PxD, KxD): give them to one suite")
     measure.add_out_argument(parser, ("all.json", "one subdirectory per suite"))
 
 
+DTYPE_SUITES = ("ce", "optim", "train")  # the suites --dtype reaches
+
+
 def suite_args(name: str, device: str, quick: bool, out: Path | None, threads: int | None = None,
-               ) -> tuple[object, argparse.Namespace]:
+               dtype: str | None = None) -> tuple[object, argparse.Namespace]:
     """The suite's module and its own defaults for this device, as its CLI would parse them."""
     module = importlib.import_module(MODULES[name])
     parser = argparse.ArgumentParser(prog=f"fastcyclic bench {name}")
     module.add_arguments(parser)
     argv = ["--device", device] + (["--quick"] if quick else []) + (["--out", str(out / name)] if out else [])
     argv += ["--threads", str(threads)] if threads else []
+    argv += ["--dtype", dtype] if dtype and name in DTYPE_SUITES else []
     return module, parser.parse_args(argv)
 
 
@@ -76,8 +81,8 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
     """(exit code, one summary entry per suite)."""
     try:
         device = measure.setup_device(args)
-        if device.type == "cuda":
-            measure.check_dtype(device, torch.bfloat16)  # the CUDA defaults of ce and train
+        if device.type == "cuda" or args.dtype:  # bf16: the CUDA defaults of ce and train
+            measure.check_dtype(device, measure.DTYPE_NAMES[args.dtype or "bf16"])
         if args.budget_s is not None and not args.budget_s > 0:
             raise measure.BenchInputError(f"--budget-s must be > 0, got {args.budget_s}")
     except measure.BenchInputError as exc:
@@ -109,7 +114,7 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
             summary.append(entry)
             save()  # a run killed from here on says which suite it was in
             try:
-                module, ns = suite_args(name, args.device, args.quick, args.out, args.threads)
+                module, ns = suite_args(name, args.device, args.quick, args.out, args.threads, args.dtype)
                 kwargs = {}
                 if name == "geometry" and device.type == "cuda":
                     step_ms, source = _train_step(train_records)

@@ -51,6 +51,14 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
 TF32_TOLERANCE = 5e-3
 LOSS_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 
+METHODS = ("fastcyclic", "eager", "compile", "torch_lce", "liger", "cce")
+CUDA_SHAPES = ((8192, 256, 65536), (8192, 512, 131072), (16384, 128, 262144))
+CPU_SHAPES = ((4096, 64, 65536),)
+INTERPRET_MAX_WORK = 1 << 28  # N*D*K under --interpret: 256x64x2048 (2^25, the default there) takes 9 s on 2 cores
+QUICK_SHAPES = {"cuda": ((4096, 128, 16384), (8192, 256, 65536)), "cpu": ((1024, 64, 16384),)}
+# the issue's targets on the H200, bf16 (ms)
+TARGET_MS = {(8192, 256, 65536): 2.2, (8192, 512, 131072): 7.0, (16384, 128, 262144): 9.0}
+
 
 def tf32(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.float32 and device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
@@ -58,12 +66,6 @@ def tf32(dtype: torch.dtype, device: torch.device) -> bool:
 
 def grad_tolerance(dtype: torch.dtype, device: torch.device) -> float:
     return TF32_TOLERANCE if tf32(dtype, device) else TOLERANCE[dtype]
-METHODS = ("fastcyclic", "eager", "compile", "torch_lce", "liger", "cce")
-CUDA_SHAPES = ((8192, 256, 65536), (8192, 512, 131072), (16384, 128, 262144))
-CPU_SHAPES = ((4096, 64, 65536),)
-QUICK_SHAPES = {"cuda": ((4096, 128, 16384), (8192, 256, 65536)), "cpu": ((1024, 64, 16384),)}
-# the issue's targets on the H200, bf16 (ms)
-TARGET_MS = {(8192, 256, 65536): 2.2, (8192, 512, 131072): 7.0, (16384, 128, 262144): 9.0}
 
 
 class Unavailable(Exception):
@@ -252,8 +254,8 @@ def run_case(method: str, fn, h, w, y, ref, *, quick: bool) -> dict:
 
 
 def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=False, log=print,
-        after_shape=None, ceil=None) -> tuple[list[dict], list[dict]]:
-    """All methods on all shapes; after_shape(records, tuning) is called whenever a shape is done.
+        after_case=None, ceil=None) -> tuple[list[dict], list[dict]]:
+    """All methods on all shapes; after_case(records, tuning) is called whenever a record is added.
     With tune (CUDA), each kernel's tiles are tuned first and fastcyclic runs both with the tuned
     and the default tiles.  ceil: measure.ceilings(...) for the fraction of the GEMM rate."""
     records, tunings = [], []
@@ -267,8 +269,8 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
             for method in methods:
                 records.append(measure.complete(dict(case, method=method, status="skipped", error=measure.SKIPPED)))
                 log(format_row(records[-1]))
-            if after_shape:
-                after_shape(records, tunings)
+            if after_case:
+                after_case(records, tunings)
             continue
         try:
             h, w, y = make_inputs(n, d, k, dtype, device)
@@ -279,8 +281,8 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
                                                      **measure.error_fields(exc, "inputs/reference: "))))
                 log(format_row(records[-1]))
             measure.release(device)
-            if after_shape:
-                after_shape(records, tunings)
+            if after_case:
+                after_case(records, tunings)
             continue
         tuned = None
         if tune:
@@ -334,11 +336,11 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
                 measure.release(device)
                 records.append(measure.complete(record))
                 log(format_row(record))
+                if after_case:
+                    _speedups(records)  # so that a run cut short leaves them for the cases it finished
+                    after_case(records, tunings)
         del h, w, y, ref
         measure.release(device)
-        if after_shape:
-            _speedups(records)  # so that a run cut short leaves them for the shapes it finished
-            after_shape(records, tunings)
     _speedups(records)
     return records, tunings
 
@@ -361,8 +363,8 @@ def _speedups(records: list[dict]) -> None:
 # output
 # --------------------------------------------------------------------------------------------
 
-CSV_FIELDS = ("N", "D", "K", "tflops_per_s", "err_loss", "err_dh", "err_dw", "target_ms", "speedup_vs_eager",
-              "speedup_vs_compile")
+CSV_FIELDS = ("N", "D", "K", "tflops_per_s", "err_loss", "err_dh", "err_dw", "target_ms") + tuple(
+    f"speedup_vs_{m}" for m in METHODS if m != "fastcyclic")
 FILES = ("ce.json", "ce.csv", "ce.png")
 PLOT = ("K", "K (classes)", "median time (ms), forward + backward")  # measure.write_plot's x, its label, y label
 
@@ -422,6 +424,12 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
             raise measure.BenchInputError("--tune needs CUDA")
         dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
         measure.check_dtype(device, dtype)
+        too_big = [f"{n}x{d}x{k}" for n, d, k in args.shapes or () if n * d * k > INTERPRET_MAX_WORK]
+        if args.interpret and too_big:
+            raise measure.BenchInputError(
+                f"--interpret runs the kernels in the Triton interpreter (milliseconds per program and loop step): "
+                f"N*D*K must be <= 2^{INTERPRET_MAX_WORK.bit_length() - 1} (e.g. 512x64x8192), got "
+                f"{', '.join(too_big)}")
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
     shapes = args.shapes or (QUICK_SHAPES[device.type] if args.quick else
@@ -434,12 +442,12 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     print(f"fastcyclic bench ce: {measure.machine_title(machine)}, {measure.dtype_name(dtype)}")
     ceil = measure.print_ceilings(device, quick=args.quick or args.interpret)
     print(header())
-    # results are rewritten (whole files, atomically) after every shape, so a run stopped by a time
+    # results are rewritten (whole files, atomically) after every case, so a run stopped by a time
     # limit keeps what it measured
     save = ((lambda records, tuning: write_results(args.out, machine, records, tuning, ceil, complete=False))
             if args.out else None)
     records, tunings = run(shapes, dtype, device, methods, quick=args.quick, interpret=args.interpret,
-                           tune=args.tune, after_shape=save, ceil=ceil)
+                           tune=args.tune, after_case=save, ceil=ceil)
     if args.out:  # once more, complete
         write_results(args.out, machine, records, tunings, ceil)
         print(measure.wrote(args.out, FILES))

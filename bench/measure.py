@@ -551,18 +551,23 @@ def plot_vs(records: list[dict], x: str, xlabel: str, time_label: str, title: st
         if r.get("status") == "ok" and r.get(x) is not None and r.get("median_ms") is not None:
             label = " ".join(str(v) for v in (r.get("optimizer"), r["method"], several_dtypes and r.get("dtype")) if v)
             lines.setdefault(label, []).append(r)
-    for label, rows in lines.items():
+    for i, (label, rows) in enumerate(lines.items()):
         rows.sort(key=lambda r: r[x])
-        ax_t.plot([r[x] for r in rows], [r["median_ms"] for r in rows], marker="o", label=label)
+        # one colour and marker per method in both panels (a method without memory figures must not shift them)
+        style = dict(color=f"C{i % 10}", marker="os^vD"[i // 10 % 5], label=label)
+        ax_t.plot([r[x] for r in rows], [r["median_ms"] for r in rows], **style)
         mem = [(r[x], r["peak_extra_gib"]) for r in rows if r.get("peak_extra_gib") is not None]
         if mem:
-            ax_m.plot([m[0] for m in mem], [max(m[1], 1e-6) for m in mem], marker="o", label=label)
+            ax_m.plot([m[0] for m in mem], [m[1] for m in mem], **style)
     for ax, label in ((ax_t, time_label), (ax_m, "peak extra memory (GiB)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         if lines:
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            if ax is ax_t:
+                ax.set_yscale("log")
+            else:  # linear near 0, where a method that allocates nothing extra sits
+                ax.set_yscale("symlog", linthresh=1e-3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
         else:

@@ -1489,9 +1489,13 @@ def blocks_from_args(args: argparse.Namespace) -> Optional[list[Block]]:
         if "steps" in fixed:
             raise ValueError("steps given by both --steps and --set")
         fixed["steps"] = args.steps
+    vary = parse_assignments(args.vary, vary=True)
+    for steps in (fixed.get("steps"),) + tuple(vary.get("steps", ())):
+        if isinstance(steps, int) and steps < 1:  # (other values are TrainConfig's to refuse)
+            raise ValueError(f"every run of a sweep needs steps >= 1 (a run of 0 steps measures its initialisation), "
+                             f"got {steps}")
     return [Block(ps=parse_ps(args.p), weight_decays=parse_weight_decays(args.weight_decay),
-                  seeds=parse_seeds(args.seeds if args.seeds is not None else "1"), fixed=fixed,
-                  vary=parse_assignments(args.vary, vary=True))]
+                  seeds=parse_seeds(args.seeds if args.seeds is not None else "1"), fixed=fixed, vary=vary)]
 
 
 def check_pool_args(args: argparse.Namespace) -> None:

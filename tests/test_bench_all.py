@@ -155,6 +155,12 @@ def test_cpu_timing_writes_the_flush_buffer_before_every_repetition():
     assert timing["q25_ms"] <= timing["median_ms"] <= timing["q75_ms"]
 
 
+def test_bench_all_passes_dtype_to_the_suites_that_take_one():
+    for name in all_suites.SUITES:
+        _, ns = all_suites.suite_args(name, "cpu", True, None, dtype="bf16")
+        assert ns.dtype == ({"ce": "bf16", "optim": "bf16", "train": ["bf16"]}.get(name) or "fp32"), name
+
+
 def test_result_files_are_replaced_whole(tmp_path):
     out = tmp_path / "res"
     records = [measure.complete({"bench": "x", "method": "m", "status": "ok", "target": {"median_ms": 1.0},
@@ -197,7 +203,7 @@ MALFORMED = {
                  ["--shapes", "8191xk"], ["--shapes", "1x2x3"],
                  ["--dtype", "bf16"],   # too coarse to measure in: summarize would upcast it
                  ["--train-step-ms", "fast"]],
-    "all": [["--suites", "nope"], ["--budget-s", "soon"]],
+    "all": [["--suites", "nope"], ["--budget-s", "soon"], ["--dtype", "fp16"]],
 }
 # and those of the options every suite shares (measure.add_device_arguments)
 MALFORMED_SHARED = [["--device", "tpu"], ["--threads", "many"]]
@@ -218,7 +224,9 @@ def test_malformed_arguments_exit_2_and_write_nothing(suite, argv, tmp_path, cap
 REFUSED = [("train", ["--device", "cpu", "--batch-size", "0"], "--batch-size"),
            ("geometry", ["--device", "cpu", "--train-step-ms", "-1"], "--train-step-ms"),
            ("geometry", ["--device", "cpu", "--train-step-ms", "inf"], "--train-step-ms"),
-           ("all", ["--device", "cpu", "--budget-s", "0"], "--budget-s")]
+           ("all", ["--device", "cpu", "--budget-s", "0"], "--budget-s"),
+           ("ce", ["--device", "cpu", "--interpret", "--shapes", "64x64x1024", "4096x64x65536"],
+            "N*D*K must be <= 2^28 (e.g. 512x64x8192), got 4096x64x65536")]
 REFUSED += [(suite, ["--device", "cpu", "--threads", "0"], "--threads") for suite in all_suites.SUITES + ("all",)]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 

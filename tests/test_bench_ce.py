@@ -74,6 +74,26 @@ def test_a_wrong_loss_is_reported_as_failing(dtype, tmp_path, monkeypatch, capsy
     assert "WRONG" in captured.out and "FAILED" in captured.err
 
 
+def test_a_run_stopped_mid_shape_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    from fastcyclic.bench import ce
+
+    real, calls = ce.run_case, []
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ce, "run_case", stopped_at_the_second)
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
+                 "--quick", "--out", str(out)]) == 130
+    results = json.loads((out / "ce.json").read_text())
+    assert results["complete"] is False and [r["method"] for r in results["records"]] == ["fastcyclic"]
+    assert "speedup_vs_liger" in (out / "ce.csv").read_text().splitlines()[0]
+
+
 def test_a_weight_off_by_4e_5_fails_in_fp32(tmp_path, monkeypatch):
     """Exact fp32 sits near 3e-7 (eager too): a kernel reading W 4e-5 too large must not pass."""
     import fastcyclic

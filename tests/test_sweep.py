@@ -158,7 +158,9 @@ def test_bad_input_writes_nothing(tmp_path, capsys):
                           (grid + ["--max-minutes", "-1"], "--max-minutes must be >= 0, got -1"),
                           # the optimizer's own settings are checked with the rest of the config, up front
                           (grid + ["--set", "betas=2,3"], "betas must be two numbers in [0, 1)"),
-                          (grid + ["--set", "optimizer=sgdw", "--set", "momentum=-1"], "momentum must be")):
+                          (grid + ["--set", "optimizer=sgdw", "--set", "momentum=-1"], "momentum must be"),
+                          (grid + ["--steps", "0"], "needs steps >= 1"),
+                          (grid + ["--vary", "steps=100,0"], "needs steps >= 1")):
         assert sweep.main(sweep_args(*argv, "--out", str(out))) == 2, argv
         assert not out.exists(), argv
         assert message.lower() in capsys.readouterr().err.lower(), argv
