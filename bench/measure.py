@@ -232,7 +232,7 @@ def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a dtype the device cannot compute in (bf16: torch emulates it on sm_7x, Triton's dots need sm_80)."""
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(False):
         raise BenchInputError(f"this GPU ({torch.cuda.get_device_name(device)}) does not support bfloat16; "
-                              "use --dtype fp16 or fp32")
+                              "use --dtype fp32 (or fp16, where the suite offers it)")
 
 
 def compile_static(fn):

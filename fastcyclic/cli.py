@@ -50,7 +50,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT_DIR/checkpoint.pt (the config may differ only in steps and "
-                             "logging intervals)")
+                             "logging intervals, and on CPU in the CUDA-only --fused-update and --cuda-graph)")
     # SUPPRESS: the defaults formatter would print "(default: True)" beside a flag that turns figures off
     parser.add_argument("--no-figures", dest="figures", action="store_false", default=argparse.SUPPRESS,
                         help="skip the PNG figures")

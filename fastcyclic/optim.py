@@ -381,8 +381,9 @@ class AdamW(_WeightDecayOptimizer):
 
 
 def _check_betas(betas) -> None:
-    if not isinstance(betas, (tuple, list)):
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__iter__"):
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    betas = tuple(betas)  # numpy arrays and 1-D tensors too, as torch.optim takes them
     if len(betas) != 2:
         raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
     for b in betas:

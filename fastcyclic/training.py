@@ -5,7 +5,7 @@
 One step: sample a batch (or take the full train set), h = model.features(a, b), the fused
 cross-entropy (its backward may apply the classifier's optimizer update itself), then the fused
 optimizer for the other parameters.  Nothing in the step reads a value back to the host: the loss
-and a NaN/Inf watch accumulate on the device and are read every ``eval_every`` steps, so on CUDA
+and a NaN/Inf watch accumulate on the device and are read at evaluations only, so on CUDA
 the whole step is captured once in a CUDA graph and replayed.  Weight decay is ramped on the device
 over ``weight_decay_warmup`` steps (large decay otherwise sends every weight to zero before
 features form).
@@ -417,6 +417,14 @@ class Trainer:
         n = max(a_all.shape[0], 1)
         return float(loss_sum) / n, int(correct) / n
 
+    def add_geometry(self, record: dict) -> dict:
+        """The geometry fields of an evaluation record, from the current W and E."""
+        summary = self.summarize_geometry()
+        record.update(rho2_W=summary.rho2_W, rho2_E=summary.rho2_E, locking=summary.locking,
+                      freq_count_W=summary.freq_count_W, freq_count_E=summary.freq_count_E,
+                      omega_W=summary.omega_W, omega_E=summary.omega_E, verdict=summary.verdict)
+        return record
+
     def summarize_geometry(self) -> geometry.GeometrySummary:
         """Geometry of the current W and E (``fastcyclic.geometry.summarize``)."""
         W, E = self.model.W.float(), self.model.E.float()
@@ -443,10 +451,7 @@ class Trainer:
         if with_geometry is None:
             with_geometry = self.step_count % self.config.geometry_every == 0 or self.step_count == self.config.steps
         if with_geometry:
-            summary = self.summarize_geometry()
-            record.update(rho2_W=summary.rho2_W, rho2_E=summary.rho2_E, locking=summary.locking,
-                          freq_count_W=summary.freq_count_W, freq_count_E=summary.freq_count_E,
-                          omega_W=summary.omega_W, omega_E=summary.omega_E, verdict=summary.verdict)
+            self.add_geometry(record)
         self.history.append(record)
         for callback in self.callbacks:
             callback(self, record)
@@ -584,9 +589,7 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
                 remove_temporaries(folder)
         paths.update(config=os.path.join(out, "config.json"), metrics=os.path.join(out, "metrics.jsonl"))
         write_json(paths["config"], config.to_dict())
-        # metrics.jsonl restarts from the checkpoint's history, so a resumed run has no duplicate lines
-        lines = "".join(json.dumps(r) + "\n" for r in trainer.history)
-        write_atomic(paths["metrics"], lambda f: f.write(lines.encode()))
+        _write_metrics(paths["metrics"], trainer.history)  # from the checkpoint's history: no duplicate lines
 
     bar = None
     if config.progress:
@@ -616,9 +619,14 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
         if bar is not None:
             bar.close()
 
+    # a resume with steps = the checkpoint's step ends where the last record may be older, or lack the
+    # geometry that a run's final record has: evaluate, or measure the geometry, where the model is
     if not trainer.history or trainer.history[-1]["step"] != trainer.step_count:
-        # resumed at steps = the checkpoint's step, which fell between evaluations: evaluate where the model is
         _log(trainer, trainer.evaluate(with_geometry=True), paths, None)
+    elif "rho2_W" not in trainer.history[-1]:
+        trainer.add_geometry(trainer.history[-1])
+        if "metrics" in paths:
+            _write_metrics(paths["metrics"], trainer.history)
     final = trainer.history[-1]
     summary = trainer.summarize_geometry()
     t_w, t_e = geometry.layer_order([r for r in trainer.history if "rho2_W" in r])
@@ -651,6 +659,11 @@ def settling_step(history: list, key: str, tolerance: float = 0.05) -> Optional[
             break
         settled = step
     return settled
+
+
+def _write_metrics(path: str, history: list) -> None:
+    lines = "".join(json.dumps(r) + "\n" for r in history)
+    write_atomic(path, lambda f: f.write(lines.encode()))
 
 
 def _log(trainer: Trainer, record: dict, paths: dict, bar) -> None:

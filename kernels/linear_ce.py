@@ -692,7 +692,9 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
     if need_dw or need_db or update is not None:
         tc = config.backward_dw
         if update is not None:
-            tc = fused_update_tile(tc, d, h.dtype, on_gpu=h.is_cuda)
+            # the interpreter has no shared memory; a launch captured for a GPU compile (bench/sm90.py, CPU
+            # tensors with the interpreter off) keeps the GPU's budget
+            tc = fused_update_tile(tc, d, h.dtype, on_gpu=h.is_cuda or not INTERPRETER)
         k_blocks, d_blocks = triton.cdiv(k, tc.block_owner), triton.cdiv(d, tc.block_ds)
         # split over rows only when the class blocks alone cannot fill the GPU; partials are fp32
         splits, rows_per_split = _split(k_blocks * d_blocks, n, tc.block_loop, tc.splits, h.device,

@@ -9,6 +9,7 @@ import gc
 import pickle
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -562,6 +563,12 @@ def test_hyperparameters_of_the_wrong_type_raise_at_construction(kwargs):
 def test_other_hyperparameters_of_the_wrong_type_name_the_value(make, match):
     with pytest.raises(TypeError, match=match):
         make([torch.zeros(3, requires_grad=True)])
+
+
+def test_betas_as_an_array_or_a_tensor_are_taken_as_torch_takes_them():
+    for betas in (np.array([0.9, 0.99]), torch.tensor([0.5, 0.75]), [0.9, 0.99]):
+        opt = AdamW([torch.zeros(3, requires_grad=True)], betas=betas)
+        assert opt.param_groups[0]["betas"] == tuple(float(b) for b in betas)
 
 
 def test_a_state_dict_with_bad_hyperparameters_is_refused_and_nothing_changes():

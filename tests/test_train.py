@@ -300,6 +300,20 @@ def test_resume_at_the_checkpoint_step_reports_that_step(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert result.final["step"] == summary["final"]["step"] == summary["steps"] == 14
     assert "rho2_W" in result.final and json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 14
+    # the checkpoint's step held an evaluation without geometry (neither a geometry step nor the end then): the
+    # final record gets it, as a run's final record always has, and metrics.jsonl keeps one line per step
+    out = tmp_path / "run2"
+    config = dict(TINY, steps=40, eval_every=7, geometry_every=10, checkpoint_every=7, out_dir=str(out))
+
+    def stop_at_21(trainer, record):
+        if record["step"] == 21:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**config), callbacks=[stop_at_21], figures=False)
+    result = train(TrainConfig(**dict(config, steps=14)), resume=True, figures=False)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 7, 10, 14] and "rho2_W" in lines[-1] and "rho2_W" in result.final
 
 
 def test_geometry_every_that_is_not_a_multiple_of_eval_every():
