@@ -284,34 +284,34 @@ def test_resume_past_the_requested_steps_is_refused(tmp_path):
     assert (out / "config.json").read_bytes() == before
 
 
-def test_resume_at_the_checkpoint_step_reports_that_step(tmp_path):
-    """A run stopped after its step-14 checkpoint and resumed with steps=14: nothing to train, but its final record
-    and summary describe step 14, not the step-10 evaluation before it."""
-    out = tmp_path / "run"
-    config = dict(TINY, steps=40, eval_every=10, geometry_every=10, checkpoint_every=7, out_dir=str(out))
+def _stopped_at_then_resumed_at_14(out, stop_at, **intervals):
+    """A run of 40 steps with a checkpoint every 7, stopped at the evaluation of step stop_at (so its last
+    checkpoint is at 14), then resumed with steps=14: nothing left to train."""
+    config = dict(TINY, steps=40, checkpoint_every=7, out_dir=str(out), **intervals)
 
-    def stop_at_20(trainer, record):
-        if record["step"] == 20:
+    def stop(trainer, record):
+        if record["step"] == stop_at:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**config), callbacks=[stop_at_20], figures=False)
-    result = train(TrainConfig(**dict(config, steps=14)), resume=True, figures=False)
+        train(TrainConfig(**config), callbacks=[stop], figures=False)
+    return train(TrainConfig(**dict(config, steps=14)), resume=True, figures=False)
+
+
+def test_resume_at_the_checkpoint_step_reports_that_step(tmp_path):
+    """Its final record and summary describe step 14, not the step-10 evaluation before it."""
+    out = tmp_path / "run"
+    result = _stopped_at_then_resumed_at_14(out, 20, eval_every=10, geometry_every=10)
     summary = json.loads((out / "summary.json").read_text())
     assert result.final["step"] == summary["final"]["step"] == summary["steps"] == 14
     assert "rho2_W" in result.final and json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 14
-    # the checkpoint's step held an evaluation without geometry (neither a geometry step nor the end then): the
-    # final record gets it, as a run's final record always has, and metrics.jsonl keeps one line per step
-    out = tmp_path / "run2"
-    config = dict(TINY, steps=40, eval_every=7, geometry_every=10, checkpoint_every=7, out_dir=str(out))
 
-    def stop_at_21(trainer, record):
-        if record["step"] == 21:
-            raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**config), callbacks=[stop_at_21], figures=False)
-    result = train(TrainConfig(**dict(config, steps=14)), resume=True, figures=False)
+def test_resume_at_the_checkpoint_step_completes_its_record(tmp_path):
+    """The checkpoint's step held an evaluation without geometry (neither a geometry step nor the end then): the
+    final record gets it, as a run's final record always has, and metrics.jsonl keeps one line per step."""
+    out = tmp_path / "run"
+    result = _stopped_at_then_resumed_at_14(out, 21, eval_every=7, geometry_every=10)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 7, 10, 14] and "rho2_W" in lines[-1] and "rho2_W" in result.final
 
