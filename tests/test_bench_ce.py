@@ -94,6 +94,18 @@ def test_a_run_stopped_mid_shape_keeps_the_cases_it_finished(tmp_path, monkeypat
     assert "speedup_vs_liger" in (out / "ce.csv").read_text().splitlines()[0]
 
 
+def test_the_reference_in_row_chunks_equals_one_chunk():
+    """The float64 reference sums dW over row chunks (the CPU default shape takes 8): a chunk must not replace
+    the others' sum."""
+    from fastcyclic.bench import ce
+
+    h, w, y = ce.make_inputs(50, 8, 301, torch.float32, torch.device("cpu"))
+    whole = ce.reference(h, w, y)
+    chunked = ce.reference(h, w, y, chunk_bytes=8 * 301 * 7)  # 7 rows a chunk
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 def test_a_weight_off_by_4e_5_fails_in_fp32(tmp_path, monkeypatch):
     """Exact fp32 sits near 3e-7 (eager too): a kernel reading W 4e-5 too large must not pass."""
     import fastcyclic

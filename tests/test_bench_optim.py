@@ -77,24 +77,43 @@ def test_bf16_counts_the_state_each_optimizer_keeps(tmp_path):
     assert "ce+step" not in records
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_a_wrong_optimizer_is_reported_as_failing(dtype, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("dtype, decay_kept", [("fp32", 0.0), ("bf16", 0.0), ("fp32", 0.99)])
+def test_a_wrong_optimizer_is_reported_as_failing(dtype, decay_kept, tmp_path, monkeypatch, capsys):
     """In bf16 too: its rounding at |p| ~ 4 is as large as a step, so bf16 methods are judged in ulps against the
-    fp32 rule rounded to bf16 after every step, where the right rule lands on the same bf16 numbers."""
+    fp32 rule rounded to bf16 after every step, where the right rule lands on the same bf16 numbers.  In fp32 a
+    weight decay 1 % off (3e-5) fails as well as one forgotten (3e-3)."""
     from fastcyclic.optim import AdamW
 
-    def no_decay(params, device, interpret):  # forgets the weight decay: off by lr * wd * p per step
-        return AdamW(params, lr=optim.LR, weight_decay=0.0, backend="torch")
+    def wrong_decay(params, device, interpret):  # off by lr * (1 - decay_kept) * wd * p per step
+        return AdamW(params, lr=optim.LR, weight_decay=optim.WEIGHT_DECAY * decay_kept, backend="torch")
 
-    monkeypatch.setitem(optim.STEP_METHODS, "fastcyclic_adamw", ("adamw", no_decay, False))
+    monkeypatch.setitem(optim.STEP_METHODS, "fastcyclic_adamw", ("adamw", wrong_decay, False))
     out = tmp_path / "res"
     assert run(["--device", "cpu", "--quick", "--dtype", dtype, "--sizes", "3000", "--methods", "fastcyclic_adamw",
                 "--out", str(out)]) == 1
     r = records_by_method(out)["fastcyclic_adamw"]
     assert r["status"] == "ok" and r["correct"] is False
-    assert r["rel_diff"] > 1e-4 if dtype == "fp32" else r["ulp_diff"] > optim.ULP_TOLERANCE
+    assert r["rel_diff"] > optim.TOLERANCE[torch.float32] if dtype == "fp32" else r["ulp_diff"] > optim.ULP_TOLERANCE
     captured = capsys.readouterr()
     assert "WRONG" in captured.out and "FAILED" in captured.err
+
+
+def test_a_wrong_fused_update_is_reported_as_failing(tmp_path, monkeypatch):
+    """The ce+fused_update check: a fused update that also shrinks W by 1e-3 a step ends 3e-3 off ce+step."""
+    from fastcyclic.optim import FusedUpdate
+
+    real = FusedUpdate._apply
+
+    def shrinking(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.weight.mul_(1 - 1e-3)
+
+    monkeypatch.setattr(FusedUpdate, "_apply", shrinking)
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--methods", "ce_update", "--ce-shape", "64x16x301",
+                "--out", str(out)]) == 1
+    r = records_by_method(out)["ce+fused_update"]
+    assert r["status"] == "ok" and r["correct"] is False and r["rel_diff"] > 10 * r["tolerance"]
 
 
 def test_a_refused_or_failing_method_gets_a_record_and_the_run_goes_on(tmp_path, monkeypatch):

@@ -96,6 +96,20 @@ def test_a_wrong_trainer_is_reported_as_failing(tmp_path, monkeypatch, capsys):
     assert "WRONG" in captured.out and "FAILED" in captured.err
 
 
+class WrongE(train.FastcyclicRunner):  # W right, E off by 1 %: the check must read both layers
+    def params(self):
+        E, W = super().params()
+        return E * 1.01, W
+
+
+def test_a_trainer_wrong_only_in_E_is_reported_as_failing(tmp_path, monkeypatch):
+    monkeypatch.setitem(train.METHODS, "fastcyclic", WrongE)
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--shapes", "31x8", "--methods", "fastcyclic", "--out", str(out)]) == 1
+    r = {r["method"]: r for r in load(out)["records"]}["fastcyclic"]
+    assert r["correct"] is False and r["err_W"] <= r["tolerance"] < r["err_E"]
+
+
 def test_our_trainer_out_of_memory_fails_the_suite(tmp_path, monkeypatch):
     def out_of_memory(spec):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
