@@ -307,6 +307,30 @@ def test_noncontiguous_inputs(backend, gen):
             check(backend, gen, h_strided, w_colmajor, y_strided, b_strided)
 
 
+# Every kernel loops over D (D = 32 > every block_d and block_ds) in whole chunks (EVEN_D): the row operand of
+# the logits dot is masked along its rows only.
+LOOPED_EVEN_D = LCEConfig(forward=TileConfig(32, 16, 16, 16), backward_dw=TileConfig(32, 16, 16, 16),
+                          backward_dh=TileConfig(32, 16, 16, 16))
+
+
+def test_no_read_past_the_last_row_of_h_or_w(gen):
+    """h and W as the first rows of larger buffers whose next row is NaN, N and K ragged in the tiles: a row mask
+    of `<=` instead of `<` (kernels.linear_ce._load_tile) reads that row into the dW kernel's logits (NaN dW
+    and dbias); zero padding, as in test_noncontiguous_inputs, hides it."""
+    n, d, k = 20, 32, 40
+    h, w, y, b = make_problem(gen, n, d, k, ignore_frac=0.1)
+    grad_out = torch.tensor(1.0, dtype=torch.float64)
+    h_buffer = torch.cat([h, torch.full((1, d), float("nan"), device=DEVICE)])
+    w_buffer = torch.cat([w, torch.full((1, d), float("nan"), device=DEVICE)])
+    fn = lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend="triton")  # noqa: E731
+    with tuning(config=LOOPED_EVEN_D):  # (_loss_and_grads keeps the leaves views of the buffers)
+        padded = _loss_and_grads(fn, h_buffer[:n], w_buffer[:k], y, b, grad_out)
+        alone = _loss_and_grads(fn, h, w, y, b, grad_out)
+    for name, ours, expected in zip(("loss", "dh", "dw", "db"), padded, alone):
+        assert torch.isfinite(ours).all(), f"{name} is not finite"
+        assert torch.equal(ours, expected), name
+
+
 # --------------------------------------------------------------------------------------------
 # hard cases
 # --------------------------------------------------------------------------------------------
@@ -543,10 +567,13 @@ def test_argmax_ties_pick_first_index():
     h = torch.ones(3, 4, device=DEVICE)
     w = torch.zeros(300, 4, device=DEVICE)
     w[[5, 17, 290]] = 1.0  # three equal maxima, two of them in other tiles
-    for backend in BACKENDS:
-        _, _, argmax = linear_cross_entropy_stats(h, w, torch.zeros(3, dtype=torch.long, device=DEVICE),
-                                                  backend=backend)
-        assert argmax.tolist() == [5, 5, 5]
+    # the torch backend in chunks of 7 classes too: its merge across chunks must keep the first maximum (`>`,
+    # not `>=`); with the default chunk all 300 classes are one chunk
+    for backend, context in [(b, tuning()) for b in BACKENDS] + [("torch", tuning(chunk_classes=7))]:
+        with context:
+            _, _, argmax = linear_cross_entropy_stats(h, w, torch.zeros(3, dtype=torch.long, device=DEVICE),
+                                                      backend=backend)
+        assert argmax.tolist() == [5, 5, 5], backend
 
 
 @pytest.mark.parametrize("backend,splits", [("triton", None), ("triton", 3), ("torch", None)])

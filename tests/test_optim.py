@@ -175,6 +175,20 @@ def test_low_precision_params_keep_fp32_state(backend, dtype, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_params_round_ties_to_even(backend):
+    """fp32 results exactly halfway between two bf16 values round to the even one, as torch and the GPU's
+    conversion do: 1 + 2^-8 to 1 (not up, as round-half-up gives) and 1 + 3 * 2^-8 to 1 + 2^-6 (not down, as
+    the interpreter's truncating store gives)."""
+    p = torch.ones(2, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    p.grad = torch.tensor([-2.0 ** -8, -3 * 2.0 ** -8], dtype=torch.bfloat16, device=DEVICE)  # exact in bf16
+    q.grad = p.grad.clone()
+    SGDW([p], lr=1.0, backend=backend).step()
+    torch.optim.SGD([q], lr=1.0).step()
+    assert p.detach().float().tolist() == [1.0, 1.0 + 2.0 ** -6] == q.detach().float().tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_param_groups_with_their_own_lr_and_decay_and_mixed_dtypes(backend, gen):
     w32 = torch.randn(33, 5, generator=gen).to(DEVICE)
     w16 = torch.randn(40, generator=gen).to(DEVICE, torch.bfloat16)
@@ -643,13 +657,13 @@ def _classifier_problem(gen, dtype=torch.float32, n=37, d=20, k=53):
     return (w, b, u), batches
 
 
-def _train(start, batches, make_opt, backend, fused, bias=True):
+def _train(start, batches, make_opt, backend, fused, bias=True, reduction="mean"):
     w, b, u = (t.clone().requires_grad_() for t in start)
     opt = make_opt([w, b, u] if bias else [w, u])
     handle = fused_update(opt, w) if fused else None
     for x, y in batches:
         loss = linear_cross_entropy(torch.tanh(x @ u), w, y, bias=b if bias else None, backend=backend,
-                                    fused_update=handle)
+                                    reduction=reduction, fused_update=handle)
         loss.backward()
         assert w.grad is None if fused else w.grad is not None
         opt.step()
@@ -662,6 +676,8 @@ OPTIMIZERS = {
     "adam-l2": lambda ps: AdamW([{"params": ps[:1]}, {"params": ps[1:], "weight_decay": 0.0}], lr=1e-2,
                                 weight_decay=0.5, weight_decay_mode="l2"),
     "sgdw-momentum": lambda ps: SGDW(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+    # dampening != 0: the first step must set buf = g, not damp it (the fused kernel's FIRST_STEP flag)
+    "sgdw-dampening": lambda ps: SGDW(ps, lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.1),
     "sgd-l2-nesterov": lambda ps: SGDW(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1,
                                        weight_decay_mode="l2"),
     "sgdw-plain": lambda ps: SGDW(ps, lr=0.1, weight_decay=0.1),
@@ -695,6 +711,20 @@ def test_fused_update_equals_backward_then_step(backend, optimizer, gen):
     assert w_state.keys() == w_state_ref.keys()
     for key in w_state:
         torch.testing.assert_close(w_state[key].float(), w_state_ref[key].float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgdw-dampening"])
+def test_fused_update_on_an_empty_batch_still_steps(backend, optimizer, gen):
+    """N = 0 with reduction="sum": dW is zero but the step still applies (weight decay, the step count, the
+    momentum buffer), as backward-then-step does; a launcher that skipped the dW kernel for no rows left W as it
+    was."""
+    start, batches = _classifier_problem(gen, n=0)
+    two_step = _train(start, batches, OPTIMIZERS[optimizer], backend, fused=False, reduction="sum")
+    fused = _train(start, batches, OPTIMIZERS[optimizer], backend, fused=True, reduction="sum")
+    for a, b in zip(fused[:3], two_step[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (fused[0] - start[0]).abs().max() > 1e-3  # the classifier did move (weight decay)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
