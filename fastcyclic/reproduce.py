@@ -312,9 +312,12 @@ def claim_2(rows: list, main: str) -> Claim:
         reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {', '.join(map(str, below))}, "
                   f"while a larger λ made most runs cyclic and fit at P = {', '.join(map(str, contrast))}")
     elif above and not below:
-        verdict, reason = "not supported", f"most runs end cyclic already at the smallest λ (P = {above})"
+        verdict = "not supported"
+        reason = f"at least half of the runs end cyclic already at the smallest λ (P = {', '.join(map(str, above))})"
     else:
-        verdict, reason = "inconclusive", f"cyclic at the smallest λ at P = {above}, not at P = {below}"
+        verdict = "inconclusive"
+        reason = (f"at least half of the runs end cyclic at the smallest λ at P = {', '.join(map(str, above))}, "
+                  f"fewer at P = {', '.join(map(str, below))}")
     return Claim("2", "At low λ, W and E do not end rank-2 cyclic.",
                  "Main block, at the smallest λ of each P where most runs fit the train set: the share of cyclic "
                  "runs among all its finished runs, with the number of Fourier frequencies holding 90 % of the power "

@@ -330,6 +330,20 @@ def test_one_frequency_holding_exactly_the_mass_is_cyclic():
         assert s.verdict == ("cyclic" if s.freq_count_W == 1 else "multi-frequency"), (n, s.rho2_W, s.freq_share_W)
 
 
+def test_verdict_thresholds_are_inclusive():
+    """The verdict rules' bounds hold at equality: axis ratio = CYCLIC_MIN_AXIS_RATIO is a circle, and
+    count = MULTI_MAX_FREQ_FRACTION · ⌊n/2⌋ is still multi-frequency (module docstring, rules 2 and 4)."""
+    far = 1.0  # dist(G, T_etf) above ETF_MAX_DISTANCE: rule 3 never applies
+    ratio = g.CYCLIC_MIN_AXIS_RATIO
+    assert g.classify(1.0, 1, 31, far, axis_ratio=ratio) == "cyclic"
+    assert g.classify(1.0, 1, 31, far, axis_ratio=math.nextafter(ratio, 0)) == "unstructured"
+    for n in (16, 97):  # ⌊n/2⌋ · 0.25 = 2 and 12
+        most = int(g.MULTI_MAX_FREQ_FRACTION * (n // 2))
+        assert most == g.MULTI_MAX_FREQ_FRACTION * (n // 2)
+        assert g.classify(0.5, most, n, far, axis_ratio=1.0) == "multi-frequency"
+        assert g.classify(0.5, most + 1, n, far, axis_ratio=1.0) == "unstructured"
+
+
 def test_wide_matrices_match_the_svd(gen):
     """d > n takes the n×n Gram (O(n²d), not O(d³)); its spectrum, plane and locking equal the SVD's."""
     n, d = 31, 200
@@ -501,6 +515,15 @@ def test_layer_order(gen):
     assert g.layer_order(snapshots) == (10, 20)
     summaries = [(step, g.summarize(W, E)) for step, W, E in snapshots]
     assert g.layer_order(summaries) == (10, 20)
+
+
+def test_layer_order_counts_reaching_the_threshold_exactly():
+    """t_W and t_E are the first steps at which ρ₂ reaches the threshold: equal to it counts."""
+    at = g.LAYER_ORDER_THRESHOLD
+    series = [dict(step=0, rho2_W=0.5, rho2_E=0.5), dict(step=100, rho2_W=at, rho2_E=0.8),
+              dict(step=200, rho2_W=0.95, rho2_E=at), dict(step=300, rho2_W=0.99, rho2_E=0.99)]
+    assert g.layer_order(series) == (100, 200)
+    assert g.layer_order(series, threshold=0.95) == (200, 300)
 
 
 # --------------------------------------------------------------------------------------------

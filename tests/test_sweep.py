@@ -430,6 +430,12 @@ def test_first_crossing():
     assert sweep.first_crossing([1, 2, 4, 8, 16], [0, float("nan"), 1, 0, 1]).bracket == (1, 4)
 
 
+def test_a_share_of_exactly_one_half_at_the_smallest_lambda_is_below_grid():
+    """f crosses 1/2 where f_i < 1/2 ≤ f_{i+1}: a share already equal to 1/2 at the smallest λ is "below-grid"."""
+    assert sweep.first_crossing([1, 2, 4], [0.5, 0.75, 1]).status == "below-grid"
+    assert sweep.estimate_edge({1.0: {0: 0, 1: 1}, 2.0: {0: 1, 1: 1}}, n_boot=0).crossing.status == "below-grid"
+
+
 def fake(p, lam, seed, phase, series="main", train_acc=1.0, locking=None, order=("settle", 300, 600)):
     """A run record in phase 'cyclic', 'multi-frequency' or 'collapsed'."""
     cyclic = phase == "cyclic"
@@ -517,6 +523,22 @@ def test_phases():
     assert sweep.phase_of(dict(base, shared_omega=False)) == "partly-cyclic"
     assert sweep.phase_of(dict(base, verdict_E="multi-frequency")) == "partly-cyclic"
     assert sweep.phase_of(dict(base, status="failed")) == "failed"
+
+
+def test_phase_boundaries_are_inclusive():
+    """Train accuracy equal to the chance threshold is at chance, and a norm ratio equal to COLLAPSE_NORM_RATIO
+    is a collapse (both "≤" in the module docstring)."""
+    base = sweep.flatten(fake(97, 0.01, 0, "cyclic"))
+    chance = sweep.chance_threshold(97)
+    assert chance == 2 / 97  # max(2/P, 0.01)
+    ratio = sweep.COLLAPSE_NORM_RATIO
+    assert sweep.phase_of(dict(base, train_acc=chance, norm_ratio=ratio)) == "collapsed"
+    assert sweep.phase_of(dict(base, train_acc=chance, norm_ratio=0.5)) == "unlearned"
+    assert sweep.phase_of(dict(base, train_acc=1e-4, norm_ratio=ratio)) == "collapsed"
+    # the floor: at P = 401, 2/P < 0.01 and an accuracy of exactly 0.01 is still chance
+    large = sweep.flatten(fake(401, 0.01, 0, "cyclic"))
+    assert sweep.chance_threshold(401) == sweep.CHANCE_FLOOR
+    assert sweep.phase_of(dict(large, train_acc=sweep.CHANCE_FLOOR, norm_ratio=0.5)) == "unlearned"
 
 
 class PresetStub:
@@ -621,6 +643,22 @@ def test_claims_1_and_2_need_a_majority_and_a_contrast():
     # claim 2: one λ per P is at once the "high" λ of claim 1 and the "low" λ of claim 2: no contrast
     one_lambda = [fake(p, 0.01, s, "cyclic") for p in (31, 61, 97) for s in range(3)]
     assert verdicts(one_lambda)["2"].verdict == "inconclusive"
+
+
+def test_claims_1_and_2_at_exactly_one_half():
+    """Claim 1 is supported when exactly half of the testable P show it ("at least half"); claim 2 is not supported
+    when exactly half of the runs at the smallest λ are cyclic at every P ("at least 1/2")."""
+    # P = 31 shows claim 1 at λ = 0.1; P = 61 fits everywhere (testable) and is never cyclic: 1 of 2
+    half_the_ps = [fake(p, lam, s, "cyclic" if p == 31 and lam == 0.1 else "multi-frequency")
+                   for p in (31, 61) for lam in (0.01, 0.1) for s in range(3)]
+    claim = verdicts(half_the_ps)["1"]
+    assert claim.verdict == "supported", claim.reason
+    # 2 of 4 runs cyclic (all fitting) at the smallest λ of every P, all 4 at the larger λ
+    half_the_runs = [fake(p, lam, s, "cyclic" if lam == 0.1 or s < 2 else "multi-frequency")
+                     for p in (31, 61, 97) for lam in (0.01, 0.1) for s in range(4)]
+    claim = verdicts(half_the_runs)["2"]
+    assert claim.verdict == "not supported", claim.reason
+    assert claim.reason == "at least half of the runs end cyclic already at the smallest λ (P = 31, 61, 97)"
 
 
 def test_claim_3_locking_and_order():
@@ -735,6 +773,37 @@ def test_reproduce_refuses_bad_input(tmp_path):
     if not torch.cuda.is_available():  # the gpu preset wants CUDA unless --device says otherwise
         assert reproduce.main(parser.parse_args(["--preset", "gpu", "--out", str(tmp_path / "g")])) == 2
         assert not (tmp_path / "g").exists()
+
+
+def test_edge_interval_is_the_2_5_to_97_5_percentile_of_the_bootstrap():
+    """The bootstrap interval of λ_crit is the 2.5–97.5 % percentiles (in log λ) of the replicates with a crossing."""
+    grid = [0.001 * 2 ** j for j in range(8)]
+    # eight seeds turning cyclic at eight different λ: the replicates spread over the whole grid
+    indicator = {lam: {s: int(j >= s) for s in range(8)} for j, lam in enumerate(grid)}
+    est = sweep.estimate_edge(indicator, n_boot=400, rng=np.random.default_rng(7))
+    finite = est.boot[np.isfinite(est.boot)]
+    assert len(est.boot) == 400 and est.boot_share == len(finite) / 400 and len(np.unique(finite)) > 10
+    assert grid[0] <= finite.min() and finite.max() <= grid[-1]
+    expected = np.exp(np.percentile(np.log(finite), [2.5, 97.5]))
+    assert est.ci == pytest.approx(tuple(expected), rel=1e-12)
+
+
+def test_loglog_fit_t_interval_on_four_points():
+    """The OLS slope interval is slope ± t_{0.975, n−2} · se, se² = (RSS / (n − 2)) / Σ(x − x̄)² (n = 4 here)."""
+    K = np.array([10.0, 20.0, 40.0, 80.0])
+    values = np.array([0.11, 0.047, 0.026, 0.0118])
+    fit = sweep.loglog_fit(K, values)
+    # independently: least squares in matrix form, covariance σ²(AᵀA)⁻¹ with σ² = RSS / (n − 2)
+    x, y = np.log(K), np.log(values)
+    A = np.stack([x, np.ones_like(x)], axis=1)
+    beta, rss, _, _ = np.linalg.lstsq(A, y, rcond=None)
+    se = math.sqrt(float(rss[0]) / (len(K) - 2) * np.linalg.inv(A.T @ A)[0, 0])
+    t = 4.302652729911275  # t_{0.975} with 2 degrees of freedom (sweep keeps 4.303)
+    assert fit["n"] == 4 and fit["slope"] == pytest.approx(beta[0], rel=1e-12)
+    assert fit["intercept"] == pytest.approx(beta[1], rel=1e-12)
+    lo, hi = fit["slope_ci_ols"]
+    assert (lo + hi) / 2 == pytest.approx(beta[0], rel=1e-12)
+    assert (hi - lo) / 2 == pytest.approx(t * se, rel=2e-4)
 
 
 def test_loglog_fit_refuses_values_without_a_logarithm():

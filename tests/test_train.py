@@ -344,6 +344,28 @@ def test_a_loaded_state_starts_clean():
     assert trainer.evaluate()["step"] == 6
 
 
+def test_weight_decay_ramp_reports_what_the_last_step_used():
+    """Step n of the warm-up uses λ · n / warmup (the first step already a nonzero λ), and evaluate reports it."""
+    trainer = Trainer(TrainConfig(**dict(TINY, weight_decay=0.02, weight_decay_warmup=40)))
+    assert trainer.evaluate()["weight_decay"] == 0.0  # no step yet
+    for _ in range(5):
+        trainer.step()
+    assert trainer.evaluate()["weight_decay"] == pytest.approx(5 / 40 * 0.02)
+
+
+def test_evaluation_in_chunks_sums_every_chunk():
+    """The evaluated loss and accuracy are over all pairs, whatever the chunk size (each chunk adds to the sum)."""
+    trainer = Trainer(TrainConfig(**TINY))
+    for _ in range(20):
+        trainer.step()
+    pairs = trainer.data.train_eval_pairs()
+    n = pairs[0].shape[0]
+    assert n > 7 and n % 7  # several chunks, the last one short
+    loss, acc = trainer._loss_and_accuracy(pairs, chunk=n)
+    chunked_loss, chunked_acc = trainer._loss_and_accuracy(pairs, chunk=7)
+    assert chunked_loss == pytest.approx(loss, rel=1e-6) and chunked_acc == acc
+
+
 def test_embed_mlp_reports_no_locking_even_when_its_widths_match():
     """embed-mlp's W reads the hidden layer, not E's space: locking is undefined however wide the layer is."""
     assert Trainer(TrainConfig(**dict(TINY, d=16, hidden=16))).summarize_geometry().locking is None
@@ -435,6 +457,8 @@ def test_settling_step():
     assert settling_step(records([0.3, 0.31, 0.1], steps=[200, 300, 100]), "rho2_W") == 200
     assert settling_step(records([0.1, 0.5, 0.52, float("nan")]), "rho2_W") == 100
     assert settling_step(records([0.5]), "rho2_W") is None and settling_step([], "rho2_W") is None
+    # exactly `tolerance` from the end value is within it (0.75 and 1.0 are exact in binary)
+    assert settling_step(records([0.1, 0.5, 0.75, 1.0]), "rho2_W", tolerance=0.25) == 200
     # the report orders a settled layer before one still moving
     final = dict(step=300, train_acc=1.0, test_acc=1.0, train_loss=0.1, test_loss=0.1)
     text = report(TrainResult(TrainConfig(p=97), final, None, settle_W=100, settle_E=None))
