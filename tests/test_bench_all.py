@@ -269,3 +269,56 @@ def test_micro_benchmarks_are_kept_out_of_the_default_run():
     assert files
     for path in files:
         assert "pytestmark = [pytest.mark.benchmark" in path.read_text()
+
+
+def test_cpu_timing_reports_median_and_quartiles_of_the_repetitions(monkeypatch):
+    """time_ms on CPU: the median and the 25/75 % quantiles of the repetitions, not their mean."""
+    durations = iter([1.0, 2.0, 3.0, 4.0, 100.0])  # ms, one per repetition
+    clock = [0.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+
+    def fn():
+        clock[0] += next(durations) / 1e3
+
+    timing = measure.time_ms(fn, torch.device("cpu"), min_reps=5, budget_ms=0.0)
+    assert timing == pytest.approx(dict(median_ms=3.0, q25_ms=1.5, q75_ms=52.0))
+
+
+def test_cpu_timing_repeats_until_the_budget_up_to_50_times(monkeypatch):
+    """Repetitions continue past min_reps until budget_ms is spent, and stop at 50."""
+    clock = [0.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock[0] += 1e-3  # 1 ms each
+
+    measure.time_ms(fn, torch.device("cpu"), min_reps=5, budget_ms=20.0)
+    assert len(calls) == 20
+    calls.clear()
+    measure.time_ms(fn, torch.device("cpu"), min_reps=5, budget_ms=1e6)
+    assert len(calls) == 50
+
+
+def test_write_atomic_replaces_the_file_rather_than_rewriting_it(tmp_path):
+    """A reader that opened the old result file reads it whole: the new one arrives by rename, not in place."""
+    path = tmp_path / "x.json"
+    path.write_bytes(b"old " * 1000)
+    with open(path, "rb") as reader:
+        assert measure.write_atomic(path, "new") == path
+        assert reader.read() == b"old " * 1000
+    assert path.read_text() == "new" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_cpu_peak_memory_counts_bytes():
+    """peak_extra_bytes on CPU: the growth of the peak RSS in bytes (/proc gives KiB)."""
+    size = 64 << 20
+
+    def fn():
+        torch.ones(size // 4)  # 64 MiB, touched
+
+    peak = measure.peak_extra_bytes(fn, torch.device("cpu"))
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 0.75 * size <= peak < 8 * size

@@ -165,6 +165,21 @@ def test_enumerated_sample_train_draws_from_the_train_set(gen):
     assert torch.equal(c, (a + b) % 23)
 
 
+def test_enumerate_limit_is_inclusive():
+    """P^2 == enumerate_limit still enumerates (the documented P^2 <= enumerate_limit), one less samples."""
+    p = 29
+    assert ModularAddition(p, 0.5, seed=0, enumerate_limit=p * p).enumerated
+    assert not ModularAddition(p, 0.5, seed=0, enumerate_limit=p * p - 1, test_sample=50).enumerated
+
+
+def test_hashed_sample_train_reaches_every_a_and_b(gen):
+    """Hashed batches draw a and b from all of [0, P): both ends of the range occur, for a and for b."""
+    p = 31
+    ds = ModularAddition(p, 0.5, seed=3, enumerate_limit=0, test_sample=50)
+    a, b, _ = ds.sample_train(4000, generator=gen)  # P(a value is missing) < 31 * (1 - 1/31)^4000 ~ 1e-55
+    assert set(a.tolist()) == set(range(p)) and set(b.tolist()) == set(range(p))
+
+
 @pytest.mark.parametrize("enumerate_limit", [1 << 22, 0])
 def test_eval_samples_are_fixed_distinct_and_on_the_right_side(enumerate_limit):
     p, n = 307, 2000  # 94249 pairs: both sides hold more than n, so both are samples
@@ -395,3 +410,13 @@ def test_tiny_full_batch_run_fits_the_train_set(model):
         if bool((argmax == c).all()):
             break
     assert bool((argmax == c).all()), f"train accuracy {(argmax == c).double().mean().item():.3f} after 400 steps"
+
+
+def test_bias_starts_at_zero_and_enters_the_logits(gen):
+    """The classifier bias is initialised to 0, and logits() adds it (the eager analysis path)."""
+    m = _model("embed-sum", False, True, dtype=torch.float64)
+    assert torch.equal(m.bias, torch.zeros(11, dtype=torch.float64))
+    with torch.no_grad():
+        m.bias.normal_(generator=gen)
+    a, b = torch.randint(0, 11, (8,), generator=gen), torch.randint(0, 11, (8,), generator=gen)
+    torch.testing.assert_close(m.logits(a, b), m.features(a, b) @ m.weight.T + m.bias, rtol=1e-12, atol=1e-12)

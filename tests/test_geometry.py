@@ -632,3 +632,14 @@ def test_nc_default_omega_is_the_nearest_circle(gen):
     assert default.cyclic == min(by_omega) and default.omega == 6
     for f, dist in zip(range(1, K // 2 + 1), by_omega):
         assert dist == pytest.approx(brute_nc(X, f)[1], abs=1e-7)
+
+
+def test_max_listed_caps_the_top_frequencies_but_not_the_count_or_overlap(gen):
+    """max_listed shortens top_freqs_W/E only; freq_count and freq_overlap still use every frequency."""
+    K = 61
+    W = embed(sinusoids(K, [3, 10, 17], amps=[1.0, 0.9, 0.8]), 8, gen)
+    E = embed(sinusoids(K, [17, 10, 3], amps=[1.0, 0.9, 0.8]), 8, gen)
+    full, capped = g.summarize(W, E), g.summarize(W, E, max_listed=2)
+    assert full.top_freqs_W == (3, 10, 17) and full.top_freqs_E == (17, 10, 3)
+    assert capped.top_freqs_W == (3, 10) and capped.top_freqs_E == (17, 10)
+    assert capped.freq_count_W == capped.freq_count_E == 3 and capped.freq_overlap == full.freq_overlap == 1.0

@@ -827,3 +827,109 @@ def test_presets_fit_their_budgets():
                                                         fixed=reproduce._model())])[0])
             core_seconds = unit * sum(sweep._cost(s) for s in specs)
             assert core_seconds / 2 < 25 * 60, f"the cpu preset needs ~{core_seconds / 120:.0f} min on 2 cores"
+
+
+def test_a_run_record_holds_its_norms_and_their_ratio(tmp_path):
+    """norm_ratio = final / initial norm of all parameters (below 1 when λ shrinks them); the initial norm is
+    the step-0 record's."""
+    spec = sweep.expand([tiny_block(ps=(11,), weight_decays=(1.0,), seeds=(0,))])[0]
+    (tmp_path / sweep.RUNS_DIR).mkdir()
+    assert sweep.execute(spec.to_dict(), str(tmp_path), "cpu")["status"] == "ok"
+    record = json.loads((tmp_path / sweep.RUNS_DIR / f"{spec.id}.json").read_text())
+    norms = record["norms"]
+    assert norms["norm_params_init"] == record["history"][0]["norm_params"]
+    assert norms["norm_params"] == pytest.approx(record["final"]["norm_params"])
+    assert norms["norm_ratio"] == pytest.approx(norms["norm_params"] / norms["norm_params_init"])
+    assert norms["norm_ratio"] < 1
+
+
+def test_preset_variants_change_what_their_notes_say():
+    """Each variant block is the main block's model with exactly the change its name and note describe."""
+    for name, make in reproduce.PRESETS.items():
+        preset = make()
+        blocks = {b.name: b for b in preset.blocks}
+        main = blocks[preset.main].fixed
+
+        def changed(block):
+            return {k: v for k, v in blocks[block].fixed.items() if main.get(k) != v}
+
+        assert changed("decoupled") == dict(weight_decay_mode="decoupled"), name
+        assert changed("no-warmup") == dict(weight_decay_warmup=0), name
+        assert set(changed("width")) == {"d"} and blocks["width"].fixed["d"] < main["d"], name
+        assert set(changed("length")) == {"steps"} and blocks["length"].fixed["steps"] > main["steps"], name
+        assert changed(preset.layer)["factorised"] is True, name
+        assert set(changed(preset.layer)) <= {"factorised", "eval_every", "geometry_every"}, name
+
+
+def test_locking_init_is_the_first_recorded_locking():
+    """runs.csv's locking_init is the earliest record's locking (step 0), skipping records without one."""
+    record = fake(101, 0.1, 0, "cyclic", locking=0.9)
+    record["history"] = [dict(step=0, locking=None), dict(step=10, locking=0.2), dict(step=20, locking=0.7),
+                         dict(step=30, locking=0.9)]
+    assert sweep.flatten(record)["locking_init"] == 0.2
+
+
+def test_claim_3a_at_exactly_two_thirds_and_at_a_tie():
+    """3a: W first in exactly 2/3 of the ordered runs supports; E first as often as W does not."""
+    def claim(w_first, e_first):
+        runs = [fake(97, 0.01, s, "cyclic", series="layer-order", order=("t", 300, 700)) for s in range(w_first)]
+        runs += [fake(97, 0.02, s, "cyclic", series="layer-order", order=("t", 700, 300)) for s in range(e_first)]
+        return reproduce.claim_3(sweep.rows_of(runs), "layer-order").reason
+
+    assert "3a supported: W first in 4 of 6" in claim(4, 2)
+    assert "3a not supported: E first in 3, W first in 3" in claim(3, 3)
+    assert "3a inconclusive" in claim(5, 3)  # 5 of 8 is below 2/3
+
+
+def test_claim_3b_with_exactly_three_locked_runs_two_of_them_rising():
+    """3b: three runs with a cyclic W (the minimum), locking up in exactly 2/3 of them, supports."""
+    runs = [fake(97, 0.01, s, "cyclic", series="layer-order", locking=0.8) for s in range(3)]
+    runs[2]["history"] = [dict(step=0, locking=0.9)]  # the one whose locking fell
+    assert "3b supported: median locking 0.80 in 3 runs with a cyclic W, up in 2" in \
+        reproduce.claim_3(sweep.rows_of(runs), "layer-order").reason
+
+
+def test_fits_json_carries_the_runs_per_hour_of_every_session(tmp_path):
+    """fits.json's throughput sums sessions.jsonl (a line cut by a kill skipped) into runs per hour."""
+    sessions = [dict(ran=2, seconds=1800.0, runs_per_hour=4.0, workers=2, device="cpu"),
+                dict(ran=4, seconds=1800.0, runs_per_hour=8.0, workers=1, device="cpu")]
+    (tmp_path / sweep.SESSIONS_FILE).write_text("".join(json.dumps(s) + "\n" for s in sessions) + '{"ran": 9, "sec')
+    records = synthetic((101,))
+    paths = sweep.write_outputs(str(tmp_path), records, sweep.analyse(records, n_boot=50), figures=False)
+    throughput = json.loads(open(paths["fits"]).read())["throughput"]
+    assert throughput["sessions"] == 2 and throughput["runs"] == 6 and throughput["seconds"] == 3600.0
+    assert throughput["runs_per_hour"] == pytest.approx(6.0)
+    assert (throughput["last_runs_per_hour"], throughput["last_workers"]) == (8.0, 1)
+
+
+def test_a_record_file_naming_another_run_is_redone(tmp_path):
+    """runs/<id>.json whose id is another run's (a copied file) is not taken as that run's result."""
+    spec = sweep.RunSpec("main-a", "main", "main", dict(p=11, weight_decay=0.1, seed=0))
+    (tmp_path / sweep.RUNS_DIR).mkdir()
+    (tmp_path / sweep.RUNS_DIR / "main-a.json").write_text(json.dumps(dict(fake(11, 0.1, 0, "cyclic"), id="main-b")))
+    warnings = []
+    assert sweep.load_records(str(tmp_path), [spec], warn=warnings.append) == {}
+    assert len(warnings) == 1 and "will be redone" in warnings[0]
+
+
+def test_csv_lists_top_frequencies_separated_by_spaces():
+    """runs.csv's top_freqs_W/E columns are the frequencies, space-separated, in order of energy."""
+    record = fake(97, 0.01, 0, "multi-frequency")
+    record["geometry"].update(top_freqs_W=[10, 3, 17], top_freqs_E=[])
+    row = sweep.flatten(record)
+    assert (row["top_freqs_W"], row["top_freqs_E"]) == ("10 3 17", "")
+
+
+def test_claim_3_is_not_supported_when_only_3b_fails():
+    """W first everywhere (3a supported) but E's energy stays out of W's plane (3b not supported): not supported."""
+    runs = [fake(97, 0.01, s, "cyclic", series="layer-order", locking=0.05, order=("t", 300, 700)) for s in range(5)]
+    claim = reproduce.claim_3(sweep.rows_of(runs), "layer-order")
+    assert "3a supported" in claim.reason and "3b not supported" in claim.reason
+    assert claim.verdict == "not supported"
+
+
+def test_claim_3_states_the_random_plane_share_as_2_over_d():
+    """A random 2-plane in d dimensions holds 2/d of E's energy: the claim-3 text quotes 2/64 for d = 64."""
+    runs = [fake(97, 0.01, s, "cyclic", series="layer-order", locking=0.8) for s in range(3)]
+    claim = reproduce.claim_3(sweep.rows_of(runs), "layer-order")
+    assert "random: 0.031" in claim.numbers

@@ -560,3 +560,117 @@ def test_default_config_claims_at_a_smaller_p():
         outcomes[seed] = (all(claims), result.final["test_acc"], g.verdict, g.verdict_E, g.omega_W, g.omega_E,
                           g.rho2_W, result.t_W, fitted)
     assert sum(outcome[0] for outcome in outcomes.values()) >= 2, outcomes
+
+
+@pytest.mark.parametrize("changes", [dict(lr=0.01), dict(seed=1), dict(optimizer="sgdw"), dict(batch_size=64),
+                                     dict(activation="relu"), dict(weight_decay_warmup=0), dict(bias=True)])
+def test_load_state_dict_refuses_every_field_that_changes_a_step(changes):
+    """Only RESUMABLE_CHANGES (and on CPU the CUDA-only flags) may differ from the checkpoint's config."""
+    state = Trainer(TrainConfig(**TINY)).state_dict()
+    field = next(iter(changes))
+    with pytest.raises(ValueError, match=f"cannot resume with a different config.*{field}"):
+        Trainer(TrainConfig(**dict(TINY, **changes))).load_state_dict(state)
+    Trainer(TrainConfig(**dict(TINY, steps=99, eval_every=7, geometry_every=9, checkpoint_every=3,
+                               progress=True))).load_state_dict(state)
+
+
+def test_a_fresh_run_rewrites_metrics_and_a_resume_keeps_no_line_past_its_checkpoint(tmp_path):
+    """metrics.jsonl holds the new run's records only, and after a resume one line per evaluated step."""
+    out = tmp_path / "run"
+    train(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))), figures=False)
+    train(TrainConfig(**dict(TINY, steps=20, lr=0.01, out_dir=str(out))), figures=False)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 20]
+
+    def stop(trainer, record):
+        if record["step"] == 40:
+            raise KeyboardInterrupt
+
+    config = dict(TINY, checkpoint_every=30, out_dir=str(out))
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**config), callbacks=[stop], figures=False)
+    train(TrainConfig(**config), resume=True, figures=False)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 20, 40, 60]
+
+
+def test_load_checkpoint_refuses_a_torch_file_that_is_not_a_training_checkpoint(tmp_path):
+    """A readable torch.save of another dict (no format 1) is named as foreign, not loaded."""
+    path = tmp_path / "other.pt"
+    torch.save(dict(model={}, step=3), path)
+    with pytest.raises(ValueError, match="not a fastcyclic training checkpoint"):
+        load_checkpoint(str(path))
+
+
+def test_summary_json_holds_what_the_result_says(tmp_path, monkeypatch):
+    """summary.json's t_W, t_E, settle_W, settle_E, steps and final are the result's (each under its own name)."""
+    monkeypatch.setattr(training, "settling_step", lambda history, key: {"rho2_W": 20, "rho2_E": 40}[key])
+    monkeypatch.setattr(training.geometry, "layer_order", lambda series: (0, 60))
+    out = tmp_path / "run"
+    result = train(TrainConfig(**dict(TINY, out_dir=str(out))), figures=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["t_W"], summary["t_E"], summary["settle_W"], summary["settle_E"]) == (0, 60, 20, 40)
+    assert (result.t_W, result.t_E, result.settle_W, result.settle_E) == (0, 60, 20, 40)
+    assert summary["steps"] == 60 and summary["final"] == result.final
+    assert summary["geometry"] == json.loads(json.dumps(result.geometry.to_dict()))
+
+
+def test_weight_decay_warmup_0_applies_the_full_lambda_from_the_first_step():
+    """weight_decay_warmup=0: no ramp, the first step already uses the whole λ."""
+    trainer = Trainer(TrainConfig(**dict(TINY, weight_decay=0.02, weight_decay_warmup=0)))
+    trainer.step()
+    assert trainer.evaluate()["weight_decay"] == pytest.approx(0.02)
+
+
+def test_the_bias_is_never_weight_decayed():
+    """The classifier bias sits in a group of its own with λ = 0, while every weight matrix gets λ."""
+    trainer = Trainer(TrainConfig(**dict(TINY, bias=True, weight_decay=0.5, weight_decay_warmup=0)))
+    trainer.step()
+    groups = trainer.optimizer.param_groups
+    bias_groups = [g for g in groups if any(p is trainer.model.bias for p in g["params"])]
+    assert len(bias_groups) == 1 and float(bias_groups[0]["weight_decay"]) == 0.0
+    others = [g for g in groups if g is not bias_groups[0]]
+    assert all(float(g["weight_decay"]) == 0.5 for g in others)
+    decayed = {id(p) for n, p in trainer.model.named_parameters() if n != "bias"}
+    assert {id(p) for g in others for p in g["params"]} == decayed
+
+
+def test_weight_decay_mode_reaches_the_optimizer():
+    """weight_decay_mode is the optimizer's: Adam + L2 and AdamW take different steps from the same start."""
+    weights = {}
+    for mode in ("l2", "decoupled"):
+        trainer = Trainer(TrainConfig(**dict(TINY, weight_decay=0.5, weight_decay_warmup=0, weight_decay_mode=mode)))
+        assert {g["weight_decay_mode"] for g in trainer.optimizer.param_groups} == {mode}
+        trainer.step()
+        weights[mode] = trainer.model.W.clone()
+    assert not torch.equal(weights["l2"], weights["decoupled"])
+
+
+def test_the_last_step_is_checkpointed_when_steps_is_not_a_multiple_of_checkpoint_every(tmp_path):
+    """steps=30 with checkpoint_every=20: the checkpoint holds step 30 (the end), not step 20."""
+    out = tmp_path / "run"
+    result = train(TrainConfig(**dict(TINY, steps=30, eval_every=10, geometry_every=10, out_dir=str(out))),
+                   figures=False)
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    assert state["step"] == 30 and result.paths["checkpoint"] == str(out / "checkpoint.pt")
+    assert_bitwise_equal(state["model"], params(result))
+
+
+def test_cli_flags_reach_the_config(monkeypatch, tmp_path):
+    """--out-dir's {p} and {seed}, 'none' for optional ints, --no-* flags, --resume and --no-figures reach train()."""
+    seen = {}
+
+    def fake_train(config, *, resume=False, figures=True, callbacks=None):
+        seen.update(config=config, resume=resume, figures=figures)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(training, "train", fake_train)
+    code = cli_main(["train", "--p", "31", "--seed", "5", "--out-dir", str(tmp_path / "p{p}-s{seed}"),
+                     "--batch-size", "none", "--hidden", "none", "--weight-decay", "0.02", "--no-progress",
+                     "--factorised", "--betas", "0.8", "0.9", "--resume", "--no-figures"])
+    assert code == 2
+    config = seen["config"]
+    assert config.out_dir == str(tmp_path / "p31-s5") and (config.p, config.seed) == (31, 5)
+    assert config.batch_size is None and config.hidden is None and config.betas == (0.8, 0.9)
+    assert config.progress is False and config.factorised is True and config.weight_decay == 0.02
+    assert seen["resume"] is True and seen["figures"] is False
