@@ -738,6 +738,84 @@ def test_bad_call_leaves_things_usable_and_validate_false_is_safe(backend, gen):
 
 
 # --------------------------------------------------------------------------------------------
+# more edge cases: stats options, autocast, the bias gradient alone, fully masked rows, splits past K
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_loss_takes_the_options(backend, gen):
+    """linear_cross_entropy_stats passes label_smoothing, z_loss and ignore_index on to its loss rows."""
+    opts = dict(label_smoothing=0.2, z_loss=1e-2, ignore_index=5)
+    h, w, y, b = make_problem(gen, 20, 8, 40, scale=2.0, ignore_frac=0.3, ignore_index=5)
+    rows, lse, _ = linear_cross_entropy_stats(h, w, y, bias=b, backend=backend, **opts)
+    ref_rows, ref_lse = reference_loss(h, w, y, b, reduction="none", **opts)
+    assert rel_err(rows, ref_rows) < 1e-5 and rel_err(lse, ref_lse) < 1e-6
+    assert torch.equal(rows, linear_cross_entropy(h, w, y, bias=b, reduction="none", backend=backend, **opts))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_casts_fp16_operands_and_the_stats_too(backend, gen):
+    """Under bf16 autocast an fp16 h is cast too (as F.linear casts it), and the stats function casts like the loss."""
+    h, w, y, b = make_problem(gen, 7, 16, 50)
+    expected = linear_cross_entropy(h.half().bfloat16(), w.bfloat16(), y, bias=b.bfloat16(), backend=backend)
+    expected_stats = linear_cross_entropy_stats(h.bfloat16(), w.bfloat16(), y, bias=b.bfloat16(), backend=backend)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h.half(), w, y, bias=b, backend=backend)
+        stats = linear_cross_entropy_stats(h.bfloat16(), w, y, bias=b, backend=backend)
+    assert torch.equal(loss, expected)
+    for ours, ref in zip(stats, expected_stats):
+        assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_gradient_alone(backend, gen):
+    """Only the bias requires grad (h and W frozen): on both backends dbias equals the full backward's."""
+    h, w, y, b = make_problem(gen, 20, 16, 60, scale=2.0, ignore_frac=0.2)
+    full = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend=backend),
+                           h, w, y, b, torch.tensor(1.0))
+    b_leaf = b.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(linear_cross_entropy(h, w, y, bias=b_leaf, backend=backend), b_leaf)
+    assert rel_err(grad, full[3]) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton-split"])
+def test_every_class_masked_gives_lse_minus_inf(backend, gen):
+    """Every class masked by a -inf bias: lse is -inf like torch.logsumexp, not NaN (the split merge shifts by 0)."""
+    h, w, _, _ = make_problem(gen, 5, 8, 40, bias=False)
+    b = torch.full((40,), float("-inf"), device=DEVICE)
+    y = torch.full((5,), -100, device=DEVICE)
+    context = tuning(config=with_splits(SMALL_TILES, 2)) if backend == "triton-split" else contextlib.nullcontext()
+    with context:
+        rows, lse, _ = linear_cross_entropy_stats(h, w, y, bias=b, backend=backend.removesuffix("-split"))
+    assert torch.all(lse == float("-inf")) and torch.all(rows == 0)
+
+
+def test_dh_split_past_the_last_class_with_all_logits_below_minus_88(gen):
+    """A dh split running past K (K a multiple of the tile, lse < -88.7) stops at K: no inf g times zero w rows."""
+    h, w, y, _ = make_problem(gen, 9, 16, 96, bias=False)
+    b = torch.full((96,), -100.0, device=DEVICE)
+    with tuning(config=with_splits(SMALL_TILES, 2)):  # dh class tiles of 32: splits of 64 and 32 (+32 past K)
+        errors = check("triton", gen, h, w, y, b)
+    assert all(math.isfinite(e) for e in errors.values())
+
+
+def test_torch_backend_negative_row_coefficient_keeps_far_probabilities_tiny(gen):
+    """The torch backend's per-row exp clamp uses |p_coef|: a negative one must not clamp far classes at exp(-17)."""
+    n, d, k = 8, 16, 4096
+    h = torch.randn(n, d, generator=gen).to(DEVICE)
+    w = (torch.randn(k, d, generator=gen) + 1.0).to(DEVICE)
+    b = torch.zeros(k, device=DEVICE)
+    b[0] = 300.0  # every other class ~300 below the max
+    y = torch.randint(1, k, (n,), generator=gen).to(DEVICE)
+    grad_out = -torch.rand(n, generator=gen, dtype=torch.float64) - 0.5
+    ours = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, reduction="none",
+                                                                   backend="torch"), h, w, y, b, grad_out)
+    ref = _loss_and_grads(lambda h, w, y, b: reference_loss(h, w, y, b, reduction="none")[0], h, w, y, b, grad_out,
+                          dtype=torch.float64)
+    assert rel_err(ours[1], ref[1]) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
 # GPU only: large shapes, N*K > 2^31, K*D > 2^31 (run by bench/gpu_check.sh)
 # --------------------------------------------------------------------------------------------
 

@@ -944,6 +944,77 @@ def test_fused_update_refuses_hyper_parameters_changed_before_step(gen):
 
 
 # --------------------------------------------------------------------------------------------
+# the fused update: group betas and eps, refusals, saved copies of W, a failed backward
+# --------------------------------------------------------------------------------------------
+
+
+def test_fused_update_uses_the_groups_betas_and_eps(gen):
+    """The fused AdamW epilogue takes the group's betas and eps, not the defaults."""
+    start, batches = _classifier_problem(gen, n=16, d=8, k=24)
+    make = lambda ps: AdamW(ps, lr=1e-2, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1)  # noqa: E731
+    two_step = _train(start, batches, make, "triton", fused=False)
+    fused = _train(start, batches, make, "triton", fused=True)
+    for a, b in zip(fused[:3], two_step[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value", [("weight_decay", 0.3), ("betas", (0.5, 0.9)), ("eps", 1e-3)])
+def test_fused_update_refuses_any_hyper_parameter_changed_before_step(key, value, gen):
+    """Not only lr: any float hyper-parameter changed between the fused backward and step() is refused."""
+    w, opt, handle, x, y = _fused_setup(gen)
+    linear_cross_entropy(x, w, y, fused_update=handle).backward()
+    updated = w.detach().clone()
+    opt.param_groups[0][key] = value
+    with pytest.raises(RuntimeError, match="changed .* between the fused backward and optimizer.step"):
+        opt.step()
+    assert torch.equal(w.detach(), updated)
+
+
+def test_fused_update_refuses_a_later_gradient_before_step(gen):
+    """An ordinary gradient reaching W after its fused update, before step(), is refused (it would step W twice)."""
+    w, opt, handle, x, y = _fused_setup(gen)
+    linear_cross_entropy(x, w, y, fused_update=handle).backward()
+    with pytest.raises(RuntimeError, match="received a gradient after its fused update"):
+        (w ** 2).sum().backward()
+
+
+def test_fused_update_invalidates_saved_copies_of_the_weight(gen):
+    """The fused kernel bumps W's version: a graph that saved W (a detached alias) fails loudly afterwards."""
+    w, opt, handle, x, y = _fused_setup(gen)
+    xr = x.clone().requires_grad_()
+    other = (xr @ w.detach().T).sum()  # saves W for xr's gradient
+    linear_cross_entropy(x, w, y, backend="triton", fused_update=handle).backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        other.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_update_bias_gradient_when_the_weight_is_not_reached(backend, gen):
+    """autograd.grad w.r.t. the bias alone (W not reached) gives the ordinary dbias and leaves W alone."""
+    w, opt, handle, x, y = _fused_setup(gen)
+    b = torch.randn(7, generator=gen).to(DEVICE).requires_grad_()
+    opt.add_param_group({"params": [b]})
+    before = w.detach().clone()
+    (grad,) = torch.autograd.grad(linear_cross_entropy(x, w, y, bias=b, backend=backend, fused_update=handle), [b])
+    (expected,) = torch.autograd.grad(linear_cross_entropy(x, w.detach(), y, bias=b, backend=backend), [b])
+    torch.testing.assert_close(grad, expected)
+    assert torch.equal(w.detach(), before) and w.grad is None
+
+
+def test_fused_update_forgets_a_deferred_update_at_step(gen):
+    """An update deferred by a backward that then failed is dropped at step(): a later plain gradient of W is kept."""
+    w, opt, handle, x, y = _fused_setup(gen)
+    before = w.detach().clone()
+    loss = _FailingBackward.apply(w).sum() + linear_cross_entropy(x, w, y, fused_update=handle)
+    with pytest.raises(RuntimeError, match="backward failed"):
+        loss.backward()  # (the fused loss's node runs first: it was recorded last)
+    assert torch.equal(w.detach(), before)
+    opt.step()
+    (w ** 2).sum().backward()
+    assert torch.equal(w.grad, 2 * w.detach())
+
+
+# --------------------------------------------------------------------------------------------
 # CUDA only: torch's fused AdamW and CUDA graph capture
 # --------------------------------------------------------------------------------------------
 
