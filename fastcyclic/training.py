@@ -236,6 +236,7 @@ class Trainer:
     ``trainer.model.W`` between steps."""
 
     def __init__(self, config: TrainConfig, *, callbacks: Optional[list] = None):
+        cuda_started = torch.cuda.is_initialized()  # before validate() and set_device() start it themselves
         validate(config)
         self.config = config
         self.callbacks = list(callbacks or [])
@@ -250,8 +251,7 @@ class Trainer:
             # the embedding's backward (index_put with accumulate) uses atomics on CUDA unless told not to;
             # cuBLAS needs a fixed workspace, read once when cuBLAS starts: setting it here only works if no
             # CUDA matmul ran before in this process (else torch raises at the first matmul)
-            if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and self.device.type == "cuda" \
-                    and torch.cuda.is_initialized():
+            if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and self.device.type == "cuda" and cuda_started:
                 warnings.warn("deterministic=True on CUDA: set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment "
                               "before the process's first CUDA matmul; setting it now works only if none ran yet")
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
