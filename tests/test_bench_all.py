@@ -322,3 +322,74 @@ def test_cpu_peak_memory_counts_bytes():
     if peak is None:
         pytest.skip("no /proc/self/clear_refs here")
     assert 0.75 * size <= peak < 8 * size
+
+
+def test_ceilings_prefer_the_inputs_dtype_and_skip_failed_measurements():
+    """gemm_ceiling takes the rate in the inputs' dtype first; a failed measurement is never a ceiling."""
+    ok = {"gemm_bfloat16": {"status": "ok", "tflops_per_s": 9.0}, "gemm_float32": {"status": "ok", "tflops_per_s": 3.0}}
+    assert measure.gemm_ceiling(ok, torch.float32) == ("gemm_float32", 3.0)
+    assert measure.gemm_ceiling(ok, torch.bfloat16) == ("gemm_bfloat16", 9.0)
+    assert measure.gemm_ceiling(dict(ok, gemm_bfloat16={"status": "oom"}), torch.bfloat16) == ("gemm_float32", 3.0)
+    assert measure.copy_ceiling({"copy": {"status": "failed", "gbps": 5.0}}) == (None, None)
+    assert measure.copy_ceiling({"copy": {"status": "ok", "gbps": 5.0}}) == ("copy", 5.0)
+
+
+def test_quick_and_full_ceilings_are_cached_apart(monkeypatch):
+    """A --quick measurement (small copy and GEMM) is not reused for a full-size run in the same process."""
+    monkeypatch.setattr(measure, "_CEILINGS", {})
+    monkeypatch.setattr(measure, "measure_copy", lambda device, numel, quick: {"status": "ok", "numel": numel})
+    monkeypatch.setattr(measure, "measure_gemm", lambda device, dtype, size, quick: {"status": "ok", "m": size})
+    cpu = torch.device("cpu")
+    assert measure.ceilings(cpu, quick=True)["copy"]["numel"] == measure.COPY_NUMEL["quick"]
+    full = measure.ceilings(cpu, quick=False)
+    assert full["copy"]["numel"] == measure.COPY_NUMEL["cpu"] and full["gemm_float32"]["m"] == measure.GEMM_SIZE["cpu"]
+
+
+def test_csv_cells_of_lists_are_json():
+    """A list field (geometry's mismatched) is a JSON cell in the CSV, as dicts are."""
+    text = measure.csv_text([{"method": "m", "mismatched": ["omega_W", "verdict"]}], ("method", "mismatched"))
+    row = next(csv.DictReader(text.splitlines()))
+    assert json.loads(row["mismatched"]) == ["omega_W", "verdict"]
+
+
+def test_the_geometry_suite_is_given_the_fastest_fastcyclic_step_at_its_case():
+    """_train_step: fastcyclic's fastest ok record at geometry.TRAIN_CASE, not another shape, method or a failure."""
+    p, d = geometry.TRAIN_CASE
+
+    def rec(method, status, ms, dtype, case=(p, d)):
+        return dict(method=method, status=status, median_ms=ms, dtype=dtype, batch=512, P=case[0], d=case[1])
+
+    records = [rec("fastcyclic", "ok", 5.0, "float32"), rec("fastcyclic", "ok", 3.0, "bfloat16"),
+               rec("fastcyclic", "failed", 1.0, "bfloat16"), rec("fastcyclic", "ok", 0.5, "float32", (113, 128)),
+               rec("eager", "ok", 0.2, "bfloat16")]
+    ms, source = all_suites._train_step(records)
+    assert ms == 3.0 and "bfloat16" in source and f"P={p} d={d}" in source
+    assert all_suites._train_step(records[2:]) == (None, "")
+
+
+def test_a_refusing_or_failing_suite_is_recorded_by_its_exit_code(tiny, tmp_path, monkeypatch):
+    """Each suite's status follows its exit code (1: fastcyclic wrong or failed, 2: refused); either fails the run."""
+    monkeypatch.setattr(optim, "run_suite", lambda args, **kwargs: (2, []))
+    monkeypatch.setattr(geometry, "run_suite",
+                        lambda args, **kwargs: (1, [{"status": "ok", "correct": False}, {"status": "oom"}]))
+    out = tmp_path / "res"
+    assert main(["bench", "all", "--device", "cpu", "--quick", "--suites", "optim", "geometry",
+                 "--out", str(out)]) == 1
+    summary = json.loads((out / "all.json").read_text())
+    assert summary["complete"] is True
+    suites = {s["suite"]: s for s in summary["suites"]}
+    assert (suites["optim"]["rc"], suites["optim"]["status"]) == (2, "refused")
+    assert (suites["geometry"]["rc"], suites["geometry"]["status"]) == (1, "fastcyclic wrong or failed")
+    assert suites["geometry"]["records"] == {"ok": 1, "oom": 1, "wrong": 1}
+
+
+def test_machine_facts_give_the_threads_torch_computes_with():
+    """cpu_threads is torch's thread count (--threads), not the machine's core count."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            facts = measure.machine_facts(torch.device("cpu"))
+            assert facts["cpu_threads"] == threads and facts["device"] == "cpu"
+    finally:
+        torch.set_num_threads(before)

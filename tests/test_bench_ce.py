@@ -152,3 +152,75 @@ def test_interpret_times_both_backward_strategies(tmp_path):
     assert records["fastcyclic[gemm-backward]"]["config"]["backward"] == "gemm"
     for r in records.values():
         assert r["status"] == "ok" and r["correct"] is True and "backend='triton'" in r["notes"]
+
+
+def test_speedups_are_the_baseline_median_over_fastcyclics_per_shape():
+    """speedup_vs_X = X's median / fastcyclic's, per case, against baselines only, from records that ran."""
+    from fastcyclic.bench import ce
+
+    records = [dict(case="a", method="fastcyclic", status="ok", median_ms=2.0),
+               dict(case="a", method="fastcyclic[gemm-backward]", status="ok", median_ms=4.0),
+               dict(case="a", method="eager", status="ok", median_ms=6.0),
+               dict(case="a", method="compile", status="failed", median_ms=None),
+               dict(case="b", method="fastcyclic", status="ok", median_ms=1.0),
+               dict(case="b", method="eager", status="ok", median_ms=5.0)]
+    ce._speedups(records)
+    a, gemm, eager, _, b, _ = records
+    assert a["speedup_vs_eager"] == 3.0 and gemm["speedup_vs_eager"] == 1.5 and b["speedup_vs_eager"] == 5.0
+    assert "speedup_vs_fastcyclic[gemm-backward]" not in a and "speedup_vs_compile" not in a
+    assert not any(k.startswith("speedup") for k in eager)
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("kernel exploded"), "failed"),
+                                           (torch.OutOfMemoryError("CUDA out of memory"), "oom")])
+def test_a_failing_fastcyclic_gets_a_record_and_fails_the_suite(error, status, tmp_path, monkeypatch):
+    """fastcyclic raising (or out of memory) is recorded as failed (oom) and exits 1; the baselines still run."""
+    from fastcyclic.bench import ce
+
+    real = ce.make_method
+
+    def make_method(name, device, interpret):
+        fn, notes = real(name, device, interpret)
+        if name == "fastcyclic":
+            def broken(h, w, y):
+                raise error
+            return broken, notes
+        return fn, notes
+
+    monkeypatch.setattr(ce, "make_method", make_method)
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
+                 "--quick", "--out", str(out)]) == 1
+    records = {r["method"]: r for r in json.loads((out / "ce.json").read_text())["records"]}
+    assert records["fastcyclic"]["status"] == status and str(error) in records["fastcyclic"]["error"]
+    assert records["eager"]["status"] == "ok" and records["eager"]["correct"] is True
+
+
+def test_a_wrong_baseline_is_reported_but_does_not_fail_the_suite(tmp_path, monkeypatch):
+    """Only fastcyclic's correctness decides the exit code: a baseline off by 1e-3 is marked, not failed."""
+    from fastcyclic.bench import ce
+
+    real = ce.make_method
+
+    def make_method(name, device, interpret):
+        fn, notes = real(name, device, interpret)
+        if name == "eager":
+            return (lambda h, w, y: fn(h, w, y) * 1.001), notes
+        return fn, notes
+
+    monkeypatch.setattr(ce, "make_method", make_method)
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
+                 "--quick", "--out", str(out)]) == 0
+    records = {r["method"]: r for r in json.loads((out / "ce.json").read_text())["records"]}
+    assert records["eager"]["correct"] is False and records["fastcyclic"]["correct"] is True
+
+
+def test_the_rate_counts_six_n_d_k_flops_per_median_step(tmp_path):
+    """TFLOP/s = 6*N*D*K (forward and two backward GEMMs) over the median time."""
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "--quick",
+                 "--out", str(out)]) == 0
+    r = json.loads((out / "ce.json").read_text())["records"][0]
+    assert r["flops"] == 6 * 48 * 16 * 301
+    assert r["tflops_per_s"] == pytest.approx(r["flops"] / (r["median_ms"] * 1e9))

@@ -97,3 +97,24 @@ def test_quick_cuda_run(tmp_path):
     assert r["status"] == "ok" and r["correct"] is True and r["device"] == "cuda"
     assert r["frac_of_100_train_steps"] == pytest.approx(r["median_ms"] / 400.0)
     assert set(r["telemetry"]) == {"before", "after"}
+
+
+def test_a_summary_wrong_in_the_reference_too_fails_on_the_planted_circle(tmp_path, monkeypatch):
+    """The float64 reference is the same summarize: a bug in both (E's rho2 too low) is caught by the planted check."""
+    from fastcyclic import geometry as fc_geometry
+
+    real = fc_geometry.summarize
+    monkeypatch.setattr(fc_geometry, "summarize", lambda W, E: dataclasses.replace(real(W, E), rho2_E=0.5))
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--shapes", "257x16", "--out", str(out)]) == 1
+    r = load(out)["records"][0]
+    assert r["status"] == "ok" and r["err"] <= geometry.TOLERANCE and r["mismatched"] is None
+    assert r["correct"] is False and any("rho2" in m for m in r["missed"])
+
+
+def test_compare_counts_a_non_finite_field_against_a_finite_reference():
+    """A summary field that comes back inf or nan where the reference is finite is an infinite difference."""
+    s = geometry.reference_summary(*geometry.planted(257, 16))
+    assert geometry.compare(s, s) == (0.0, [])
+    assert geometry.compare(dataclasses.replace(s, rho2_W=float("inf")), s)[0] == float("inf")
+    assert geometry.compare(dataclasses.replace(s, rho2_W=float("nan")), s)[0] == float("inf")

@@ -155,3 +155,30 @@ def test_split_sizes_is_model_like_and_sums_to_the_total(total):
 @pytest.mark.parametrize("text, value", [("2^25", 2**25), ("2**10", 1024), ("33554432", 2**25), ("1", 1)])
 def test_parse_size(text, value):
     assert optim.parse_size(text) == value
+
+
+def test_bandwidth_and_rates_follow_the_median(tmp_path):
+    """GB/s = bytes a step moves over the median, frac_copy against the copy's; ce_update TFLOP/s = 6NDK/median."""
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--sizes", "3000", "--ce-shape", "48x16x301", "--methods",
+                "fastcyclic_adamw", "ce_update", "--out", str(out)]) == 0
+    records = records_by_method(out)
+    r, copy = records["fastcyclic_adamw"], records["copy"]
+    assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e6)) and r["bytes"] == 28 * 3000
+    assert r["frac_copy"] == pytest.approx(r["gbps"] / copy["gbps"])
+    for name in ("ce+step", "ce+fused_update"):
+        ce = records[name]
+        assert ce["rate"] == pytest.approx(6 * 48 * 16 * 301 / (ce["median_ms"] * 1e9)) and ce["rate_unit"] == "TFLOP/s"
+
+
+def test_our_optimizer_out_of_memory_fails_the_suite(tmp_path, monkeypatch):
+    """A fastcyclic optimizer out of memory is recorded as "oom" and exits 1, as a failure does."""
+    def out_of_memory(params, device, interpret):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setitem(optim.STEP_METHODS, "fastcyclic_sgdw", ("sgd", out_of_memory, False))
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--sizes", "3000", "--methods", "fastcyclic_sgdw", "torch_sgd_foreach",
+                "--out", str(out)]) == 1
+    records = records_by_method(out)
+    assert records["fastcyclic_sgdw"]["status"] == "oom" and records["torch_sgd_foreach"]["status"] == "ok"

@@ -167,3 +167,51 @@ def test_quick_cuda_run_checks_the_captured_trainer(tmp_path):
     assert all(r["fused_update"] is True for r in ours if r["dtype"] == "float32")
     assert all(r["cuda_graph"] is False and r["peak_extra_gib"] == r["steady_peak_extra_gib"]
                for r in records if r["method"] == "eager")
+
+
+class _Fixed:
+    """A runner whose parameters are given: run_method's bookkeeping without training."""
+    notes, cuda_graph, fused_update = "fixed", False, False
+
+    def __init__(self, E, W):
+        self.E, self.W = E, W
+
+    def step(self):
+        pass
+
+    def timing_mode(self):
+        pass
+
+    def params(self):
+        return self.E, self.W
+
+    def state_bytes(self):
+        return 0
+
+
+def test_update_err_is_the_worse_layer_over_the_distance_the_reference_moved(monkeypatch):
+    """update_err = max(|E - E_ref|, |W - W_ref|) / max(|E_ref - E0|, |W_ref - W0|): W's error counts too."""
+    zeros, ones = torch.zeros(4, 2), torch.ones(4, 2, dtype=torch.float64)
+    monkeypatch.setitem(train.METHODS, "fixed", lambda spec: _Fixed(ones.float(), 1.5 * ones.float()))
+    spec = train.Spec(5, 2, torch.float32, torch.device("cpu"), None, 4, None, zeros, zeros)
+    r = train.run_method("fixed", spec, (ones, 2 * ones), quick=True)
+    assert r["update_err"] == pytest.approx(0.5 * 8 ** 0.5 / (2 * 8 ** 0.5))
+    assert (r["err_E"], r["err_W"]) == (0.0, pytest.approx(0.25)) and r["correct"] is False
+
+
+def test_speedups_are_the_baseline_median_over_fastcyclics():
+    """speedup_vs_X = X's median / fastcyclic's, per case and dtype."""
+    records = [dict(case="P=31 d=8", dtype="float32", method="fastcyclic", status="ok", median_ms=2.0),
+               dict(case="P=31 d=8", dtype="float32", method="eager", status="ok", median_ms=6.0),
+               dict(case="P=31 d=8", dtype="bfloat16", method="fastcyclic", status="ok", median_ms=1.0),
+               dict(case="P=31 d=8", dtype="bfloat16", method="eager", status="ok", median_ms=5.0)]
+    train._speedups(records)
+    assert records[0]["speedup_vs_eager"] == 3.0 and records[2]["speedup_vs_eager"] == 5.0
+
+
+def test_the_rate_counts_six_rows_d_p_flops_per_median_step(tmp_path):
+    """TFLOP/s = 6 * rows * d * P over the median time."""
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--shapes", "31x8", "--methods", "fastcyclic", "--out", str(out)]) == 0
+    r = load(out)["records"][0]
+    assert r["rate"] == pytest.approx(6 * r["batch"] * 8 * 31 / (r["median_ms"] * 1e9))

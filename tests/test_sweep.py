@@ -933,3 +933,36 @@ def test_claim_3_states_the_random_plane_share_as_2_over_d():
     runs = [fake(97, 0.01, s, "cyclic", series="layer-order", locking=0.8) for s in range(3)]
     claim = reproduce.claim_3(sweep.rows_of(runs), "layer-order")
     assert "random: 0.031" in claim.numbers
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_spent_deadline_starts_nothing_and_says_what_remains(tmp_path, workers):
+    """deadline_s: no run starts after it; outcome.remaining and the session line list every run not started."""
+    out = tmp_path / "late"
+    outcome = sweep.run_sweep(str(out), [tiny_block()], workers=workers, deadline_s=0.0, log=lambda *a: 0)
+    assert outcome.ran == [] and sorted(outcome.remaining) == sorted(s.id for s in outcome.specs)
+    assert len(outcome.remaining) == 12 and outcome.records == {}
+    session = json.loads((out / sweep.SESSIONS_FILE).read_text().splitlines()[-1])
+    assert (session["ran"], session["remaining"], session["runs_per_hour"]) == (0, 12, None)
+
+
+def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path):
+    """While one sweep holds DIR's lock, another one on DIR refuses to start (and runs nothing)."""
+    out = tmp_path / "locked"
+    sweep.run_sweep(str(out), [tiny_block()], workers=0, deadline_s=0.0, log=lambda *a: 0)
+    with sweep._Lock(str(out)):
+        with pytest.raises(ValueError, match="another sweep is running"):
+            sweep.run_sweep(str(out), None, workers=0, log=lambda *a: 0)
+    assert not list((out / sweep.RUNS_DIR).glob("*.json"))
+    assert sweep.run_sweep(str(out), None, workers=0, deadline_s=0.0, log=lambda *a: 0).ran == []  # released
+
+
+def test_every_session_appends_what_it_ran_and_what_remains(tmp_path):
+    """sessions.jsonl gains a line per session that had runs to do; a session that finished all says none remain."""
+    out = tmp_path / "sessions"
+    block = tiny_block(ps=(11,), weight_decays=(0.1,), seeds=(0,))
+    assert sweep.run_sweep(str(out), [block], workers=0, deadline_s=0.0, log=lambda *a: 0).remaining != []
+    outcome = sweep.run_sweep(str(out), None, workers=0, log=lambda *a: 0)
+    assert outcome.ran == [outcome.specs[0].id] and outcome.remaining == [] and outcome.skipped == 0
+    lines = [json.loads(line) for line in (out / sweep.SESSIONS_FILE).read_text().splitlines()]
+    assert [(s["ran"], s["remaining"]) for s in lines] == [(0, 1), (1, 0)] and lines[1]["runs_per_hour"] > 0
