@@ -49,25 +49,32 @@ def test_records_carry_the_common_schema_and_a_figure(tmp_path):
     assert (out / "ce.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_a_wrong_loss_is_reported_as_failing(dtype, tmp_path, monkeypatch, capsys):
-    """A loss off by 1e-3 relatively fails in bf16 too: fp32 accumulation gives ~1e-7 whatever the inputs, so the
-    loss has its own tolerance, not the bf16 gradients' rounding."""
+def run_with_one_method_changed(monkeypatch, tmp_path, method, change, dtype="fp32"):
+    """(exit code, records by method) of `bench ce` on 48x16x301, fastcyclic and eager, with `method`'s function
+    replaced by change(its function)."""
     from fastcyclic.bench import ce
 
     real = ce.make_method
 
     def make_method(name, device, interpret):
         fn, notes = real(name, device, interpret)
-        if name == "fastcyclic":  # a kernel that scales the loss (and so every gradient) by 1.001
-            return (lambda h, w, y: fn(h, w, y) * 1.001), notes
-        return fn, notes
+        return (change(fn) if name == method else fn), notes
 
     monkeypatch.setattr(ce, "make_method", make_method)
     out = tmp_path / "res"
-    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
-                 "--dtype", dtype, "--quick", "--out", str(out)]) == 1
-    records = {r["method"]: r for r in json.loads((out / "ce.json").read_text())["records"]}
+    code = main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
+                 "--dtype", dtype, "--quick", "--out", str(out)])
+    return code, {r["method"]: r for r in json.loads((out / "ce.json").read_text())["records"]}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_wrong_loss_is_reported_as_failing(dtype, tmp_path, monkeypatch, capsys):
+    """A loss off by 1e-3 relatively fails in bf16 too: fp32 accumulation gives ~1e-7 whatever the inputs, so the
+    loss has its own tolerance, not the bf16 gradients' rounding."""
+    # a kernel that scales the loss (and so every gradient) by 1.001
+    code, records = run_with_one_method_changed(monkeypatch, tmp_path, "fastcyclic",
+                                                lambda fn: (lambda h, w, y: fn(h, w, y) * 1.001), dtype)
+    assert code == 1
     assert records["fastcyclic"]["correct"] is False and records["fastcyclic"]["err_loss"] > 5e-4
     assert records["eager"]["correct"] is True
     captured = capsys.readouterr()
@@ -175,44 +182,22 @@ def test_speedups_are_the_baseline_median_over_fastcyclics_per_shape():
                                            (torch.OutOfMemoryError("CUDA out of memory"), "oom")])
 def test_a_failing_fastcyclic_gets_a_record_and_fails_the_suite(error, status, tmp_path, monkeypatch):
     """fastcyclic raising (or out of memory) is recorded as failed (oom) and exits 1; the baselines still run."""
-    from fastcyclic.bench import ce
+    def broken(fn):
+        def raising(h, w, y):
+            raise error
+        return raising
 
-    real = ce.make_method
-
-    def make_method(name, device, interpret):
-        fn, notes = real(name, device, interpret)
-        if name == "fastcyclic":
-            def broken(h, w, y):
-                raise error
-            return broken, notes
-        return fn, notes
-
-    monkeypatch.setattr(ce, "make_method", make_method)
-    out = tmp_path / "res"
-    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
-                 "--quick", "--out", str(out)]) == 1
-    records = {r["method"]: r for r in json.loads((out / "ce.json").read_text())["records"]}
+    code, records = run_with_one_method_changed(monkeypatch, tmp_path, "fastcyclic", broken)
+    assert code == 1
     assert records["fastcyclic"]["status"] == status and str(error) in records["fastcyclic"]["error"]
     assert records["eager"]["status"] == "ok" and records["eager"]["correct"] is True
 
 
 def test_a_wrong_baseline_is_reported_but_does_not_fail_the_suite(tmp_path, monkeypatch):
     """Only fastcyclic's correctness decides the exit code: a baseline off by 1e-3 is marked, not failed."""
-    from fastcyclic.bench import ce
-
-    real = ce.make_method
-
-    def make_method(name, device, interpret):
-        fn, notes = real(name, device, interpret)
-        if name == "eager":
-            return (lambda h, w, y: fn(h, w, y) * 1.001), notes
-        return fn, notes
-
-    monkeypatch.setattr(ce, "make_method", make_method)
-    out = tmp_path / "res"
-    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
-                 "--quick", "--out", str(out)]) == 0
-    records = {r["method"]: r for r in json.loads((out / "ce.json").read_text())["records"]}
+    code, records = run_with_one_method_changed(monkeypatch, tmp_path, "eager",
+                                                lambda fn: (lambda h, w, y: fn(h, w, y) * 1.001))
+    assert code == 0
     assert records["eager"]["correct"] is False and records["fastcyclic"]["correct"] is True
 
 
