@@ -81,9 +81,10 @@ def _check_options(reduction, label_smoothing, z_loss, backend) -> None:
 def _check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
-    if not -2 ** 63 <= operator.index(ignore_index) < 2 ** 63:  # it is compared with int64 targets
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    return operator.index(ignore_index)
+    index = operator.index(ignore_index)
+    if not -2 ** 63 <= index < 2 ** 63:  # it is compared with int64 targets
+        raise ValueError(f"ignore_index must fit in int64, got {index}")
+    return index
 
 
 def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, backend) -> str:

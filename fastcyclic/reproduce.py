@@ -146,7 +146,7 @@ def _gpu() -> Preset:
     blocks = [Block(name="main", ps=ps, weight_decays=lambdas, seeds=(0, 1, 2), fixed=base)]
     blocks += _variants(base, some, coarse, (0, 1), decoupled=(0.1, 0.3162, 1.0, 3.162, 10.0), width=16,
                         steps=9000, layer_ps=(ps[2], ps[4]), layer_lambdas=(1e-4, 1e-3), layer_every=50)
-    return Preset("gpu", f"P = {', '.join(map(str, ps))}, batch 4096, 3000 steps; {_count(blocks)} runs", blocks,
+    return Preset("gpu", f"P = {_join(ps)}, batch 4096, 3000 steps; {_count(blocks)} runs", blocks,
                   _notes(base, 16, 9000, 50), minutes=60, reserve_minutes=4, workers=4, device="cuda",
                   duration="not measured (no GPU in the session that wrote it); estimated from the kernel "
                            "benchmarks at ~35-40 min of runs one at a time, less with 4 processes sharing the GPU; "
@@ -217,6 +217,11 @@ def _cells(rows: list, p: int) -> list:
     return out
 
 
+def _join(values) -> str:
+    """31, 61, 97"""
+    return ", ".join(map(str, values))
+
+
 def _none_finished(rows: list, block: str) -> str:
     failed = sum(r["status"] == "failed" for r in rows)
     return f"no run of the {block} block finished" + (f" ({failed} failed)" if failed else "")
@@ -263,7 +268,7 @@ def claim_1(rows: list, main: str) -> Claim:
         verdict, reason = "inconclusive", "at no P do most runs at any λ fit the train set; train longer"
     elif shows and 2 * len([p for p in shows if p in testable]) >= len(testable):
         verdict = "supported"
-        reason = f"at P = {', '.join(map(str, shows))} most runs at some λ end cyclic (one shared frequency) and fit"
+        reason = f"at P = {_join(shows)} most runs at some λ end cyclic (one shared frequency) and fit"
     elif not shows:
         verdict = "not supported"
         reason = "no λ at any P made most runs end cyclic while fitting the train set"
@@ -271,7 +276,7 @@ def claim_1(rows: list, main: str) -> Claim:
             reason += f"; most runs end cyclic only where they do not fit: {'; '.join(unfit)}"
     else:
         verdict = "inconclusive"
-        reason = (f"only at P = {', '.join(map(str, shows))} of the testable {', '.join(map(str, testable))} do "
+        reason = (f"only at P = {_join(shows)} of the testable {_join(testable)} do "
                   "most runs end cyclic and fit")
     return Claim("1", "At high λ (below collapse), W and E end rank-2 cyclic with one shared frequency.",
                  f"Main block, per P and λ: the share of runs whose W and E both end with one frequency holding 90 % "
@@ -304,20 +309,20 @@ def claim_2(rows: list, main: str) -> Claim:
         verdict, reason = "inconclusive", "at no P do most runs at the smallest λ fit the train set"
     elif below and not above and not contrast:
         verdict = "inconclusive"
-        reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {', '.join(map(str, below))}, "
+        reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {_join(below)}, "
                   "but no larger λ made most runs cyclic and fit either (claim 1): low λ is not told apart from "
                   "high λ")
     elif below and not above:
         verdict = "supported"
-        reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {', '.join(map(str, below))}, "
-                  f"while a larger λ made most runs cyclic and fit at P = {', '.join(map(str, contrast))}")
+        reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {_join(below)}, "
+                  f"while a larger λ made most runs cyclic and fit at P = {_join(contrast)}")
     elif above and not below:
         verdict = "not supported"
-        reason = f"at least half of the runs end cyclic already at the smallest λ (P = {', '.join(map(str, above))})"
+        reason = f"at least half of the runs end cyclic already at the smallest λ (P = {_join(above)})"
     else:
         verdict = "inconclusive"
-        reason = (f"at least half of the runs end cyclic at the smallest λ at P = {', '.join(map(str, above))}, "
-                  f"fewer at P = {', '.join(map(str, below))}")
+        reason = (f"at least half of the runs end cyclic at the smallest λ at P = {_join(above)}, "
+                  f"fewer at P = {_join(below)}")
     return Claim("2", "At low λ, W and E do not end rank-2 cyclic.",
                  "Main block, at the smallest λ of each P where most runs fit the train set: the share of cyclic "
                  "runs among all its finished runs, with the number of Fourier frequencies holding 90 % of the power "

@@ -1553,7 +1553,8 @@ def _main(args: argparse.Namespace) -> int:
     """main, less the handling of an interrupt."""
     try:
         if args.analyze_only:
-            if load_sweep(args.out) is None:
+            state = load_sweep(args.out)
+            if state is None:
                 raise ValueError(f"{args.out!r} holds no sweep")
             if args.bootstrap < 0:
                 raise ValueError("--bootstrap must be >= 0")
@@ -1562,8 +1563,7 @@ def _main(args: argparse.Namespace) -> int:
                       "ignored", file=sys.stderr)
             records = load_records(args.out)
             _check_nothing_lost(args.out, records)
-            remaining = [s.id for s in stored_specs(load_sweep(args.out)) if s.id not in records]
-            failed = sum(r["status"] == "failed" for r in records.values())
+            remaining = [s.id for s in stored_specs(state) if s.id not in records]
             if remaining:
                 print(f"{len(remaining)} of {len(records) + len(remaining)} runs have not finished (interrupted or "
                       "out of time); rerun the sweep to finish them")
@@ -1578,10 +1578,10 @@ def _main(args: argparse.Namespace) -> int:
                                 deadline_s=args.max_minutes * 60 if args.max_minutes is not None else None,
                                 run_seconds=args.run_minutes * 60 if args.run_minutes is not None else None)
             records, remaining = outcome.records, outcome.remaining
-            failed = sum(r["status"] == "failed" for r in records.values())
     except ValueError as e:
         print(f"fastcyclic sweep: error: {e}", file=sys.stderr)
         return 2
+    failed = sum(r["status"] == "failed" for r in records.values())
     analysis = analyse(records, n_boot=args.bootstrap)
     paths = write_outputs(args.out, records, analysis, figures=args.figures)
     print(summary_text(analysis))
