@@ -1077,3 +1077,69 @@ def test_fused_update_wide_rows(d, gen):
     fused = _train(start, batches, OPTIMIZERS["adamw"], "triton", fused=True)
     for a, b in zip(fused[:3], two_step[:3]):
         assert (a - b).norm() <= 1e-4 * b.norm()
+
+
+def _cuda_generator(gen):
+    """A CUDA generator seeded from the test's CPU one: large inputs drawn on the device, still reproducible."""
+    return torch.Generator(DEVICE).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+
+
+def _ends(t, count):
+    """The first and last `count` entries along dim 0 (copies, so the big tensor can be freed)."""
+    return torch.cat([t[:count], t[-count:]]).clone()
+
+
+@pytest.mark.cuda
+@pytest.mark.xdist_group("large-gpu")
+@pytest.mark.parametrize("optimizer", ["adamw", "sgdw-momentum"])
+def test_cuda_multi_tensor_update_past_2_31_elements(optimizer, gen):
+    """int64 offsets in the multi-tensor kernels: one fp32 parameter of 2^31 + 1000 elements (four 8.6 GB
+    buffers), beside a small one, against the torch backend on copies of its two ends.  The update is
+    elementwise, so the ends' result depends on the ends alone; the last block is a masked one."""
+    cuda_gen = _cuda_generator(gen)
+    big = torch.randn(2**31 + 1000, device=DEVICE, generator=cuda_gen).requires_grad_()
+    small = torch.randn(17, device=DEVICE, generator=cuda_gen).requires_grad_()
+    ends = [_ends(big.detach(), 4099).requires_grad_(), small.detach().clone().requires_grad_()]
+    ours, reference = OPTIMIZERS[optimizer]([big, small]), OPTIMIZERS[optimizer](ends)
+    for group in reference.param_groups:
+        group["backend"] = "torch"
+    for _ in range(3):
+        big.grad = torch.randn(big.shape, device=DEVICE, generator=cuda_gen)
+        small.grad = torch.randn(small.shape, device=DEVICE, generator=cuda_gen)
+        ends[0].grad, ends[1].grad = _ends(big.grad, 4099), small.grad.clone()
+        ours.step()
+        reference.step()
+    assert_params_close([_ends(big.detach(), 4099), small], ends, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.xdist_group("large-gpu")
+def test_cuda_fused_update_with_k_times_d_past_2_31(gen):
+    """The fused epilogue's int64 offsets into W and its fp32 state: K*D > 2^31 (fp32 W, 8.6 GB), SGDW with
+    momentum fused into the backward against backward-then-step, compared on the first and last rows'
+    updates, with targets at the far end of W so the last rows get gradient."""
+    n, d, k = 64, 257, (2**31) // 257 + 1000
+    assert k * d > 2**31
+    seed = int(torch.randint(2**62, (1,), generator=gen))
+    batches = []
+    for _ in range(2):
+        y = torch.randint(0, k, (n,), generator=gen)
+        y[:6] = torch.tensor([k - 1, k - 2, k - 3, 0, 1, k // 2])
+        batches.append((torch.randn(n, d, generator=gen).to(DEVICE), y.to(DEVICE)))
+    updates = []
+    for fused in (False, True):
+        w = (torch.randn(k, d, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(seed)) * 0.05)
+        start = _ends(w, 8)
+        w.requires_grad_()
+        opt = OPTIMIZERS["sgdw-momentum"]([w])
+        handle = fused_update(opt, w) if fused else None
+        for x, y in batches:
+            linear_cross_entropy(x, w, y, backend="triton", fused_update=handle).backward()
+            opt.step()
+            opt.zero_grad()
+        updates.append(_ends(w.detach(), 8) - start)
+        del w, opt, handle
+        torch.cuda.empty_cache()
+    two_step, fused = updates
+    for rows in (slice(0, 8), slice(8, 16)):
+        assert (fused[rows] - two_step[rows]).norm() <= 1e-4 * two_step[rows].norm()
