@@ -388,11 +388,11 @@ def header() -> str:
 
 def write_results(out: Path, machine: dict, records: list[dict], tuning: list[dict] = (), ceil: dict | None = None,
                   complete: bool = True) -> list[Path]:
-    """ce.json, ce.csv and ce.png, each written to a temporary name and renamed: never half a file."""
+    """ce.json, ce.csv and (complete) ce.png, each written to a temporary name and renamed: never half a file."""
     extra = {"tuning": list(tuning)} if tuning else None
     paths = measure.write_suite(out, "ce", machine, records, ceil=ceil, csv_fields=CSV_FIELDS, extra=extra,
                                 complete=complete)
-    return paths + measure.write_plot(out, "ce", machine, records, *PLOT)
+    return paths + measure.write_plot(out, "ce", machine, records, *PLOT, complete=complete)
 
 
 # --------------------------------------------------------------------------------------------

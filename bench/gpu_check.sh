@@ -10,8 +10,9 @@
 # TOTAL_BUDGET leaves after the tests, at most 170), so one stage hanging leaves the others' results,
 # and the benchmark stops starting new cases after BENCH_BUDGET seconds (default: its limit less 35)
 # (they are recorded as "skipped"), so it normally ends on its own with complete files; every
-# suite also rewrites its files atomically after each case.  The suites run in the order of
-# BENCH_SUITES (default: train geometry optim ce: the ones never measured on a GPU first).
+# suite also rewrites its JSON and CSV atomically after each case (its PNG is drawn once, at the
+# end).  The suites run in the order of BENCH_SUITES (default: train geometry optim ce: the ones
+# never measured on a GPU first).
 # BENCH_ARGS adds arguments to `bench all` (e.g. "--quick"); TEST_ARGS to the first pytest run.
 #
 # The tests come in two runs.  "tests", first: every test that runs GPU code (kernels, optimizers,

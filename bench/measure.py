@@ -581,8 +581,13 @@ def plot_vs(records: list[dict], x: str, xlabel: str, time_label: str, title: st
 
 
 def write_plot(out: Path, name: str, machine: dict, records: list[dict], x: str, xlabel: str,
-               time_label: str) -> list[Path]:
-    """[NAME.png] (plot_vs, written atomically), or [] with a warning: a figure must not cost the measurements."""
+               time_label: str, complete: bool = True) -> list[Path]:
+    """[NAME.png] (plot_vs, written atomically), or [] with a warning: a figure must not cost the measurements.
+    complete=False (the rewrite after each case): no figure (drawing one takes ~0.3 s, out of the run's time
+    budget), and a figure of an earlier run in `out` is removed, so none disagrees with the new NAME.json."""
+    if not complete:
+        (Path(out) / f"{name}.png").unlink(missing_ok=True)
+        return []
     dtypes = ", ".join(dict.fromkeys(r["dtype"] for r in records if r.get("dtype")))
     title = f"fastcyclic bench {name}: {machine.get('gpu', machine.get('cpu', ''))}" + (f", {dtypes}" if dtypes else "")
     try:
@@ -598,9 +603,9 @@ def suite_writer(name: str, csv_fields, plot: tuple[str, str, str]):
     def write_results(out: Path, machine: dict, records: list[dict], ceil: dict | None = None,
                       complete: bool = True) -> list[Path]:
         return (write_suite(out, name, machine, records, ceil=ceil, csv_fields=csv_fields, complete=complete)
-                + write_plot(out, name, machine, records, *plot))
+                + write_plot(out, name, machine, records, *plot, complete=complete))
 
-    write_results.__doc__ = f"{name}.json, {name}.csv and {name}.png, each written atomically."
+    write_results.__doc__ = f"{name}.json, {name}.csv and (complete) {name}.png, each written atomically."
     return write_results
 
 

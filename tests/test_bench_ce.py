@@ -94,11 +94,16 @@ def test_a_run_stopped_mid_shape_keeps_the_cases_it_finished(tmp_path, monkeypat
 
     monkeypatch.setattr(ce, "run_case", stopped_at_the_second)
     out = tmp_path / "res"
+    out.mkdir()
+    (out / "ce.png").write_bytes(b"an earlier run's figure")
     assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
                  "--quick", "--out", str(out)]) == 130
     results = json.loads((out / "ce.json").read_text())
     assert results["complete"] is False and [r["method"] for r in results["records"]] == ["fastcyclic"]
     assert "speedup_vs_liger" in (out / "ce.csv").read_text().splitlines()[0]
+    # the figure is drawn once, when the run completes (~0.3 s each, out of the time budget), and none from an
+    # earlier run is left beside the new files
+    assert not (out / "ce.png").exists()
 
 
 def test_the_reference_in_row_chunks_equals_one_chunk():
