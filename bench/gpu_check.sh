@@ -16,7 +16,8 @@
 # BENCH_ARGS adds arguments to `bench all` (e.g. "--quick"); TEST_ARGS to the first pytest run.
 #
 # The tests come in two runs.  "tests", first: every test that runs GPU code (kernels, optimizers,
-# trainer, data, geometry, and every `cuda`-marked test).  "portable-tests", last, in what is left of
+# trainer, data, geometry, and every `cuda`-marked test; those GPU-only ones start first, see
+# tests/conftest.py, so a run stopped by its time limit has them).  "portable-tests", last, in what is left of
 # TOTAL_BUDGET seconds (default 360): the tests marked `portable` (CLIs, harness and sweep bookkeeping,
 # sm_90 compiles), whose code runs alike on any machine and which CPU CI runs in full.
 #

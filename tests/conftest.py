@@ -51,6 +51,9 @@ def gen(request):
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        # the tests that only a GPU runs go first, so a time-limited GPU session (bench/gpu_check.sh) reaches
+        # them before the rest, which CPU CI also runs (a stable sort: the same order in every xdist worker)
+        items.sort(key=lambda item: "cuda" not in item.keywords)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run by bench/gpu_check.sh)")
     for item in items:
