@@ -79,7 +79,8 @@ def _check_options(reduction, label_smoothing, z_loss, backend) -> None:
 
 
 def _check_ignore_index(ignore_index) -> int:
-    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
+    # isinstance first: torch.compile passes an int argument as a SymInt, and cannot trace hasattr on one
+    if isinstance(ignore_index, bool) or not (isinstance(ignore_index, int) or hasattr(ignore_index, "__index__")):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
     index = operator.index(ignore_index)
     if not -2 ** 63 <= index < 2 ** 63:  # it is compared with int64 targets
@@ -309,10 +310,16 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+def _autocast_enabled(h) -> bool:
+    """Whether torch.autocast is on for h's device (never for a device autocast does not know, e.g. "meta")."""
+    return (isinstance(h, Tensor) and torch.amp.is_autocast_available(h.device.type)
+            and torch.is_autocast_enabled(h.device.type))
+
+
 def _autocast(h, weight, bias):
     """Under torch.autocast, the operands of the matmul in the autocast dtype, as F.linear takes them (float64
     stays float64, as autocast leaves it); the logits still accumulate, and the loss is computed, in fp32."""
-    if not isinstance(h, Tensor) or not torch.is_autocast_enabled(h.device.type):
+    if not _autocast_enabled(h):
         return h, weight, bias
     dtype = torch.get_autocast_dtype(h.device.type)
 
@@ -358,7 +365,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or (N,) for reduction="none".
     """
-    if fused_update is not None and isinstance(h, Tensor) and torch.is_autocast_enabled(h.device.type):
+    if fused_update is not None and _autocast_enabled(h):
         raise ValueError("fused_update cannot run under torch.autocast: it updates the weight itself, not the "
                          "autocast copy the logits would use; call the loss outside the autocast region")
     h, weight, bias = _autocast(h, weight, bias)
@@ -406,14 +413,23 @@ class LinearCrossEntropy(nn.Module):
     """``nn.Module`` form of :func:`linear_cross_entropy`, holding its options (like
     ``nn.CrossEntropyLoss``).  Call it as ``module(h, weight, target, bias=None)``."""
 
+    OPTIONS = ("reduction", "ignore_index", "label_smoothing", "z_loss", "backend", "deterministic", "validate")
+
     def __init__(self, *, reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
                  z_loss: float = 0.0, backend: str = "auto", deterministic: bool = False,
                  validate: bool = True):
         super().__init__()
         _check_options(reduction, label_smoothing, z_loss, backend)
         _check_ignore_index(ignore_index)
-        self.options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                            z_loss=z_loss, backend=backend, deterministic=deterministic, validate=validate)
+        # plain attributes, as nn.CrossEntropyLoss has them: ``module.reduction = "none"`` takes effect (a bad
+        # value is refused at the next call)
+        self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
+        self.z_loss, self.backend, self.deterministic, self.validate = z_loss, backend, deterministic, validate
+
+    @property
+    def options(self) -> dict:
+        """The keyword arguments each call passes to :func:`linear_cross_entropy`."""
+        return {name: getattr(self, name) for name in self.OPTIONS}
 
     def forward(self, h: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return linear_cross_entropy(h, weight, target, bias=bias, **self.options)

@@ -599,6 +599,33 @@ def test_module_matches_function(gen):
     assert torch.equal(module(h, w, y, b), expected)
 
 
+def test_module_options_are_attributes_a_caller_can_change(gen):
+    """As on nn.CrossEntropyLoss: ``module.reduction = "none"`` takes effect (it was kept in a dict and ignored)."""
+    h, w, y, b = make_problem(gen, 10, 8, 40)
+    module = LinearCrossEntropy(backend="torch")
+    assert module.ignore_index == -100 and module.reduction == "mean"
+    module.reduction, module.ignore_index = "none", int(y[0])
+    assert torch.equal(module(h, w, y, b), linear_cross_entropy(h, w, y, bias=b, reduction="none",
+                                                                ignore_index=int(y[0]), backend="torch"))
+    assert "reduction='none'" in repr(module) and module.options["ignore_index"] == int(y[0])
+    module.label_smoothing = 2.0
+    with pytest.raises(ValueError, match="label_smoothing"):
+        module(h, w, y, b)
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_meta_tensors_give_shapes_as_f_cross_entropy_does(validate):
+    """Shape inference on the meta device (deferred initialisation): it crashed asking autocast about "meta"."""
+    h = torch.empty(8, 4, device="meta", requires_grad=True)
+    w = torch.empty(16, 4, device="meta", requires_grad=True)
+    y = torch.empty(8, dtype=torch.int64, device="meta")
+    for reduction, shape in (("mean", ()), ("none", (8,))):
+        loss = linear_cross_entropy(h, w, y, reduction=reduction, validate=validate)
+        assert loss.device.type == "meta" and loss.shape == shape and loss.dtype == torch.float32
+    loss.sum().backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape and w.grad.device.type == "meta"
+
+
 @pytest.mark.parametrize("options,error,match", [
     (dict(label_smoothing=2.0), ValueError, "label_smoothing"), (dict(z_loss=-1.0), ValueError, "z_loss"),
     (dict(ignore_index=3.5), TypeError, "ignore_index"), (dict(reduction="avg"), ValueError, "reduction")])
@@ -640,6 +667,21 @@ def test_torch_compile_keeps_the_op_in_one_graph(compile_backend, gen):
     expected = step(h, w, y, b)
     (expected_grad,) = torch.autograd.grad(expected, h)
     assert torch.allclose(loss, expected) and torch.allclose(grad, expected_grad)
+
+
+def test_torch_compile_with_ignore_index_as_an_argument(gen):
+    """A pad id passed to the compiled function arrives as a SymInt (dynamic=True, or once it changes between
+    calls): the ignore_index check could not be traced, and fullgraph=True failed."""
+    torch._dynamo.reset()
+    h, w, y, _ = make_problem(gen, 16, 8, 50)
+    backend = "triton" if DEVICE.type == "cuda" else "torch"
+
+    def loss(h, w, y, pad):
+        return linear_cross_entropy(h, w, y, ignore_index=pad, backend=backend)
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=True)
+    for pad in (int(y[0]), int(y[1]), -100):
+        assert torch.allclose(compiled(h, w, y, pad), loss(h, w, y, pad))
 
 
 # --------------------------------------------------------------------------------------------
