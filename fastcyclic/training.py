@@ -43,7 +43,8 @@ FIGURES = ("circles.png", "fourier.png", "curves.png", "geometry.png")  # what a
 # fields that may differ when a run is resumed: they change how long it runs and how it is logged,
 # not what a step computes
 RESUMABLE_CHANGES = ("steps", "eval_every", "geometry_every", "checkpoint_every", "out_dir", "progress")
-CUDA_ONLY = ("fused_update", "cuda_graph")  # no effect on CPU, so free to differ when resuming there
+# no effect on CPU (CPU runs are deterministic anyway), so free to differ when resuming there
+CPU_FREE = ("fused_update", "cuda_graph", "deterministic")
 
 
 def _option(default, help: str):
@@ -100,6 +101,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, np.generic):
                 setattr(self, f.name, value.item())
+        if isinstance(self.betas, np.ndarray):  # e.g. np.array([0.9, 0.98]): checkpoints hold Python numbers only
+            self.betas = tuple(self.betas.tolist())
         if isinstance(self.betas, (tuple, list)) and any(isinstance(b, np.generic) for b in self.betas):
             self.betas = tuple(b.item() if isinstance(b, np.generic) else b for b in self.betas)
 
@@ -199,6 +202,22 @@ def _device_key(device: torch.device) -> str:
     return str(device)
 
 
+def _as_resume_compares(config: dict, device: torch.device) -> dict:
+    """A config's fields as a resume compares them: choices that resolve alike ("auto" and what it picks,
+    "cuda" and "cuda:0", hidden None and 4 d) made equal, and fields the run ignores (hidden of embed-sum,
+    momentum of adamw, betas of sgdw) left out."""
+    view = dict(config)
+    view["device"] = _device_key(device)
+    if view.get("backend") == "auto":
+        view["backend"] = "triton" if device.type == "cuda" else "torch"
+    if view.get("model") != "embed-mlp":
+        view["hidden"] = None
+    elif view.get("hidden") is None:
+        view["hidden"] = 4 * view.get("d", 0)
+    view["momentum" if view.get("optimizer") == "adamw" else "betas"] = None
+    return view
+
+
 def _check_out_dir(path: str) -> None:
     """Create out_dir and prove it writable before any training starts."""
     try:
@@ -225,7 +244,7 @@ class TrainResult:
     settle_W: Optional[int] = None                # first step from which rho2(W) stays near its end value (None:
     settle_E: Optional[int] = None                # still moving at the end)
     paths: dict = field(default_factory=dict)     # what was written: config, metrics, summary, checkpoint, figures
-    seconds: float = 0.0
+    seconds: float = 0.0                          # wall time, including the runs it resumed
     trainer: Optional["Trainer"] = field(default=None, repr=False)  # to keep stepping or to analyse the model
 
 
@@ -305,6 +324,7 @@ class Trainer:
         self._keep_grads = False  # from the warm-up before a capture on: the graph reuses their memory
         self.history: list[dict] = []
         self._timer = (time.perf_counter(), 0)
+        self._seconds_before, self._built = 0.0, time.perf_counter()  # earlier segments (resumed), this one's start
         if config.out_dir is not None:  # last: a config refused above leaves no directory behind
             _check_out_dir(config.out_dir)
 
@@ -455,6 +475,11 @@ class Trainer:
         self.history.append(record)
         for callback in self.callbacks:
             callback(self, record)
+        # what callbacks added as NumPy or one-element torch numbers, as Python numbers: metrics.jsonl writes
+        # them, and a checkpoint (loaded with weights_only=True) could not hold NumPy objects
+        for key, value in record.items():
+            if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+                record[key] = value.item()
         self._timer = (time.perf_counter(), self.step_count)
         return record
 
@@ -469,16 +494,19 @@ class Trainer:
             cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             history=[dict(record) for record in self.history],
             # the mean training loss since the last evaluation spans the resume point
-            loss_sum=self._loss_sum.clone(), loss_steps=self._loss_steps,
+            loss_sum=self._loss_sum.clone(), loss_steps=self._loss_steps, seconds=self.seconds,
         )
 
+    @property
+    def seconds(self) -> float:
+        """Wall-clock seconds since this Trainer was built, plus those of the run it resumed."""
+        return self._seconds_before + time.perf_counter() - self._built
+
     def load_state_dict(self, state: dict) -> None:
-        saved = dict(state["config"])
-        mine = self.config.to_dict()
-        # "auto", "cuda" and the device they resolve to are the same choice
-        saved["device"] = _device_key(_resolve_device(TrainConfig(device=saved.get("device", "auto"))))
-        mine["device"] = _device_key(self.device)
-        free = RESUMABLE_CHANGES + (CUDA_ONLY if self.device.type == "cpu" else ())
+        saved_device = _resolve_device(TrainConfig(device=state["config"].get("device", "auto")))
+        saved = _as_resume_compares(state["config"], saved_device)
+        mine = _as_resume_compares(self.config.to_dict(), self.device)
+        free = RESUMABLE_CHANGES + (CPU_FREE if self.device.type == "cpu" else ())
         different = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         if different:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in different)
@@ -506,6 +534,7 @@ class Trainer:
         else:
             self._weight_decay.zero_()
         self._timer = (time.perf_counter(), self.step_count)
+        self._seconds_before, self._built = float(state.get("seconds", 0.0)), time.perf_counter()
 
     def save_checkpoint(self, path: str) -> None:
         state = self.state_dict()
@@ -558,7 +587,6 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
     """Run ``config`` to the end (see the module docstring).  ``resume=True`` continues from
     ``out_dir/checkpoint.pt`` when it exists.  ``callbacks``: functions ``f(trainer, record)`` called
     after every evaluation."""
-    started = time.perf_counter()
     trainer = Trainer(config, callbacks=callbacks)
     out = config.out_dir
     paths = {}
@@ -575,14 +603,20 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
             if trainer.step_count > config.steps:
                 raise ValueError(f"the checkpoint in {out!r} is at step {trainer.step_count}, past steps="
                                  f"{config.steps}: resume with steps >= {trainer.step_count}")
+        elif os.path.exists(os.path.join(out, "summary.json")):
+            # a finished run without a checkpoint (checkpoint_every=0): starting again would replace it
+            raise ValueError(f"resume=True: {out!r} holds a finished run but no {CHECKPOINT} to continue from "
+                             "(checkpoint_every=0?); run without resume to replace it, or use another out_dir")
+    stale = []
     if out and trainer.step_count == 0:
         # a fresh run replaces whatever run out_dir held: its checkpoint and results would otherwise sit beside
         # this run's config until this run overwrote them, and a resume after a kill would find them
         stale = [os.path.join(out, name) for name in (CHECKPOINT, "summary.json")]
+    if out and (trainer.step_count == 0 or not figures):  # figures of an earlier step would sit beside the new summary
         stale += [os.path.join(out, "figures", name) for name in FIGURES]
-        for path in stale:
-            if os.path.exists(path):
-                os.remove(path)
+    for path in stale:
+        if os.path.exists(path):
+            os.remove(path)
     if out:
         for folder in (out, os.path.join(out, "figures")):  # what a kill left mid-write (checkpoint, figures)
             if os.path.isdir(folder):
@@ -633,7 +667,7 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
     result = TrainResult(config=config, final=final, geometry=summary, history=list(trainer.history), t_W=t_w,
                          t_E=t_e, settle_W=settling_step(trainer.history, "rho2_W"),
                          settle_E=settling_step(trainer.history, "rho2_E"), paths=paths,
-                         seconds=time.perf_counter() - started, trainer=trainer)
+                         seconds=trainer.seconds, trainer=trainer)
     if out:
         paths["summary"] = os.path.join(out, "summary.json")
         write_json(paths["summary"], dict(final=final, geometry=summary.to_dict(), t_W=t_w, t_E=t_e,
@@ -691,9 +725,9 @@ def first_layer(step_w: Optional[int], step_e: Optional[int]) -> Optional[str]:
 def _settling_text(settle_w, settle_e) -> str:
     """Where rho2 settled in each layer, and which first (a layer still moving at the end settles last)."""
     def at(step):
-        return f"step {step}" if step is not None else "not yet (still moving at the end)"
+        return f"at step {step}" if step is not None else "not yet (still moving at the end)"
 
-    text = f"rho2 settles (within 0.05 of its end value) for W at {at(settle_w)}, for E at {at(settle_e)}"
+    text = f"rho2 settles (within 0.05 of its end value) for W {at(settle_w)}, for E {at(settle_e)}"
     first = first_layer(settle_w, settle_e)
     return text + ("" if first is None else " (together)" if first == "same" else f" ({first} first)")
 
@@ -723,8 +757,8 @@ def report(result: TrainResult) -> str:
     if narrow:
         layers = " and ".join(narrow)
         lines.append(f"note: {layers} {'have' if len(narrow) > 1 else 'has'} at most 2 columns, so rho2 of {layers} is "
-                     f"1 by construction: t and settling of {layers} and the layer order say nothing; a verdict "
-                     "there rests on the one frequency and the roundness")
+                     f"1 by construction (0 if all zero): t and settling of {layers} and the layer order say "
+                     "nothing; a verdict there rests on the one frequency and the roundness")
     if f["train_acc"] <= chance_threshold(result.config.p):
         # such runs can pass rho2 >= 0.9 while their weights decay toward zero: say what that is worth
         lines.append("note: train accuracy is at chance, so nothing was learned: the geometry above (and t_W, t_E) "

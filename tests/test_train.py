@@ -275,6 +275,83 @@ def test_resume_on_cpu_ignores_the_cuda_only_flags(tmp_path):
     assert all(torch.equal(v, params(reference)[k]) for k, v in params(resumed).items())
 
 
+def test_resume_accepts_choices_that_change_nothing(tmp_path):
+    """"auto" and what it resolves to, hidden None and 4 d, and fields the run ignores (hidden of embed-sum,
+    momentum of adamw, betas of sgdw, deterministic on CPU) were refused as "a different config"."""
+    def run_then_resume(first, then):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        base = dict(TINY, steps=40, out_dir=str(out))
+        reference = train(TrainConfig(**dict(base, **first)), figures=False)
+        train(TrainConfig(**dict(base, **first, steps=20)), figures=False)
+        resumed = train(TrainConfig(**dict(base, **then)), resume=True, figures=False)
+        assert all(torch.equal(v, params(reference)[k]) for k, v in params(resumed).items())
+
+    backend = "triton" if DEVICE == "cuda" else "torch"
+    run_then_resume(dict(backend="auto"), dict(backend=backend))
+    run_then_resume(dict(model="embed-mlp", d=8, hidden=None), dict(model="embed-mlp", d=8, hidden=32))
+    run_then_resume(dict(model="embed-sum", hidden=64), dict(model="embed-sum", hidden=7))
+    run_then_resume(dict(momentum=0.9), dict(momentum=0.5))  # adamw
+    run_then_resume(dict(optimizer="sgdw", lr=0.05), dict(optimizer="sgdw", lr=0.05, betas=(0.5, 0.5)))
+    if DEVICE == "cpu":
+        run_then_resume(dict(deterministic=False), dict(deterministic=True))
+    # what does change the run is still refused, with the resolved values named
+    with pytest.raises(ValueError, match="momentum: checkpoint 0.9 vs now 0.5"):
+        train(TrainConfig(**dict(TINY, optimizer="sgdw", lr=0.05, momentum=0.5, out_dir=str(tmp_path / "run4"))),
+              resume=True)
+    other = "torch" if DEVICE == "cuda" else "triton"
+    with pytest.raises(ValueError, match=f"backend: checkpoint {backend!r} vs now {other!r}"):
+        train(TrainConfig(**dict(TINY, backend=other, out_dir=str(tmp_path / "run0"))), resume=True)
+
+
+def test_resume_of_a_finished_run_without_a_checkpoint_is_refused(tmp_path):
+    """With checkpoint_every=0 there is nothing to continue from: resume=True started again from step 0 and
+    replaced the finished run's results."""
+    out = tmp_path / "run"
+    config = dict(TINY, steps=20, checkpoint_every=0, out_dir=str(out))
+    train(TrainConfig(**config), figures=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "summary.json" in before and "checkpoint.pt" not in before
+    with pytest.raises(ValueError, match="holds a finished run but no checkpoint.pt"):
+        train(TrainConfig(**dict(config, steps=40)), resume=True, figures=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_resume_without_figures_removes_the_earlier_figures(tmp_path):
+    out = tmp_path / "run"
+    config = dict(TINY, steps=20, out_dir=str(out))
+    train(TrainConfig(**config))
+    assert len(list((out / "figures").glob("*.png"))) == 4
+    train(TrainConfig(**dict(config, steps=40)), resume=True, figures=False)
+    assert not list((out / "figures").glob("*.png"))  # they showed step 20 beside a summary of step 40
+    assert (out / "checkpoint.pt").exists() and json.loads((out / "summary.json").read_text())["steps"] == 40
+
+
+def test_numpy_values_in_the_config_or_a_record_still_checkpoint_and_resume(tmp_path):
+    """np.array betas, or a callback adding NumPy numbers to its record: the checkpoint could not be loaded
+    (weights_only=True refuses NumPy objects) and an np.float32 crashed metrics.jsonl."""
+    out = tmp_path / "run"
+    config = dict(TINY, steps=20, out_dir=str(out))
+
+    def add_numbers(trainer, record):
+        record.update(w_norm=np.float32(1.5), count=np.int64(3), mean=torch.tensor(0.25))
+
+    train(TrainConfig(**dict(config, betas=np.array([0.9, 0.98]))), callbacks=[add_numbers], figures=False)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert (first["w_norm"], first["count"], first["mean"]) == (1.5, 3, 0.25)
+    resumed = train(TrainConfig(**dict(config, steps=40)), resume=True, figures=False)
+    assert resumed.history[0]["w_norm"] == 1.5 and resumed.config.betas == (0.9, 0.98)
+
+
+def test_a_resumed_run_reports_its_whole_time(tmp_path):
+    out = tmp_path / "run"
+    first = train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
+    saved = load_checkpoint(str(out / "checkpoint.pt"))["seconds"]  # at the last checkpoint, before the summary
+    resumed = train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), resume=True, figures=False)
+    # it counted only the resumed part (~0 s here: nothing left to train)
+    assert resumed.seconds > saved > 0.5 * first.seconds
+    assert json.loads((out / "summary.json").read_text())["seconds"] == resumed.seconds
+
+
 def test_resume_past_the_requested_steps_is_refused(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))), figures=False)
@@ -462,7 +539,7 @@ def test_settling_step():
     # the report orders a settled layer before one still moving
     final = dict(step=300, train_acc=1.0, test_acc=1.0, train_loss=0.1, test_loss=0.1)
     text = report(TrainResult(TrainConfig(p=97), final, None, settle_W=100, settle_E=None))
-    assert "for E at not yet (still moving at the end) (W first)" in text, text
+    assert "for W at step 100, for E not yet (still moving at the end) (W first)" in text, text
     # at width 2 rho2 is 1 by construction: the report names the layers where t and settling mean nothing
     assert "note: E has at most 2 columns" in text  # the default d = 2
     narrow = train(TrainConfig(p=13, model="embed-sum", hidden=None, d=2, steps=20, eval_every=10, geometry_every=10,
