@@ -28,8 +28,10 @@ With momentum 0 this is torch.optim.SGD(weight_decay=wd) up to rounding.
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -132,9 +134,10 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             if saved is None:
                 continue
             state = self.state[p]
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32  # as _init_state makes it
             for key in self._STATE_KEYS:
                 if saved.get(key) is not None:
-                    state[key] = saved[key].detach().to(device=p.device, dtype=torch.float32).clone()
+                    state[key] = saved[key].detach().to(device=p.device, dtype=dtype).clone()
             if "step" in saved:
                 state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to(p.device).clone()
         self._tables.clear()
@@ -249,6 +252,8 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         skips = self._skip_flags()
         for index, group, key, pairs, backend in launches:
             if backend == "triton":
+                for p, _ in pairs:
+                    self._contiguous_state(p)
                 lr, weight_decay = self._device_scalars(index, group, key[0])
             else:  # PyTorch ops take floats or tensors as they are, like torch.optim
                 lr, weight_decay = _scalar(group["lr"]), _scalar(group["weight_decay"])
@@ -259,6 +264,14 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
 
     def _bucket_extra(self, p: Tensor) -> tuple:
         return ()
+
+    def _contiguous_state(self, p: Tensor) -> None:
+        """The kernels index the state as they index p (contiguous).  State laid out otherwise (made by the torch
+        ops while p was channels_last, or loaded so) is copied to a contiguous layout first."""
+        state = self.state.get(p, {})
+        for key in self._STATE_KEYS:
+            if state.get(key) is not None and not state[key].is_contiguous():
+                state[key] = state[key].contiguous()
 
     def _update(self, index, key, group, pairs, lr, weight_decay, backend, skip) -> None:
         raise NotImplementedError
@@ -461,7 +474,8 @@ class SGDW(_WeightDecayOptimizer):
 
     def _bucket_extra(self, p: Tensor) -> tuple:
         # the first step sets buf = g; tensors on their first step go in a launch of their own
-        return ("momentum_buffer" not in self.state.get(p, ()),)
+        # (a buffer saved as None, as torch 1.x SGD saved it at momentum 0, is a first step too, as in torch)
+        return (self.state.get(p, {}).get("momentum_buffer") is None,)
 
     def _update(self, index, key, group, pairs, lr, weight_decay, backend, skip) -> None:
         momentum = group["momentum"]
@@ -489,6 +503,11 @@ class SGDW(_WeightDecayOptimizer):
 
 
 def _check_momentum(momentum, dampening, nesterov) -> None:
+    if not isinstance(nesterov, (bool, np.bool_)):
+        # torch.optim.SGD(params, lr, momentum, dampening, weight_decay) put positionally into SGDW lands the
+        # weight decay here: it turned Nesterov on and left the decay at 0, silently
+        raise TypeError(f"nesterov must be True or False, got {nesterov!r} (SGDW's order is lr, momentum, "
+                        "dampening, nesterov, weight_decay; torch.optim.SGD puts weight_decay before nesterov)")
     _check_real("momentum", momentum)
     _check_real("dampening", dampening)
     if not float(momentum) >= 0.0:
@@ -545,7 +564,9 @@ class FusedUpdate:
         self._pending_task = None  # the autograd graph task that deferred it
         self._hyper: dict = {}  # the group's float hyper-parameters the last update used
         self._stepped = True  # False between a fused update and the next optimizer.step()
-        self._hook = weight.register_hook(self._on_weight_gradient)
+        # the hook holds the handle weakly: the weight outlives an optimizer dropped for a new one (a new phase),
+        # and a strong reference would keep that optimizer, and all its state, alive with it
+        self._hook = weight.register_hook(_call_if_alive(weakref.ref(self)))
         optimizer._fused_weights[id(weight)] = self
 
     def remove(self) -> None:
@@ -636,6 +657,7 @@ class FusedUpdate:
                               "torch", None)
         else:
             from fastcyclic.kernels import linear_ce as kernels
+            optimizer._contiguous_state(weight)
             lr, weight_decay = optimizer._device_scalars(self.group_index, group, weight.device)
             if isinstance(optimizer, AdamW):
                 state = optimizer._init_state(weight)
@@ -645,7 +667,7 @@ class FusedUpdate:
                                                   state["exp_avg_sq"], (beta1, beta2, group["eps"]), decoupled)
             else:
                 state = optimizer.state[weight]
-                first_step = group["momentum"] != 0 and "momentum_buffer" not in state
+                first_step = group["momentum"] != 0 and state.get("momentum_buffer") is None
                 if first_step:
                     state["momentum_buffer"] = torch.zeros_like(weight, dtype=torch.float32)
                 update = kernels.ClassifierUpdate("sgdw", lr, weight_decay, None, state.get("momentum_buffer"),
@@ -660,6 +682,14 @@ class FusedUpdate:
                 bias.grad = db.detach()
             else:  # in place: a captured CUDA graph and the optimizer's tables hold its address
                 bias.grad.add_(db)
+
+
+def _call_if_alive(handle_ref):
+    """A gradient hook that passes W's gradient to the handle while the handle exists."""
+    def hook(grad):
+        handle = handle_ref()
+        return handle._on_weight_gradient(grad) if handle is not None else None
+    return hook
 
 
 def _hyper_snapshot(group: dict) -> dict:

@@ -410,6 +410,27 @@ def test_auto_backend_steps_non_contiguous_params_with_torch_ops(monkeypatch, ge
     assert_params_close([a], [b])
 
 
+def test_state_made_channels_last_is_read_right_once_the_weight_is_contiguous(monkeypatch, gen):
+    """State created by the torch ops for a channels_last weight keeps that layout; once the model is made
+    contiguous the kernels take the weight, and read the state as if it were laid out like it (0.2 off torch
+    after two steps).  Loading such a state dict did the same."""
+    monkeypatch.setattr(AdamW, "_backend", lambda self, group, device: "triton")
+    start = torch.randn(4, 3, 2, 2, generator=gen).to(DEVICE).to(memory_format=torch.channels_last)
+    a, b = start.clone().requires_grad_(), start.clone().requires_grad_()
+    opt_a, opt_b = AdamW([a], lr=0.1), torch.optim.AdamW([b], lr=0.1)
+    grads = [torch.randn(start.shape, generator=gen).to(DEVICE) for _ in range(5)]
+    for i, g in enumerate(grads):
+        if i == 3:  # model.to(memory_format=torch.contiguous_format)
+            a.data, b.data = a.data.contiguous(), b.data.contiguous()
+            loaded = AdamW([a], lr=0.1)
+            loaded.load_state_dict(opt_b.state_dict())  # torch's state, still channels_last
+            assert not opt_a.state[a]["exp_avg"].is_contiguous()
+        a.grad, b.grad = g.clone(), g.clone()
+        (opt_a if i < 3 else loaded).step()
+        opt_b.step()
+    assert_params_close([a], [b])
+
+
 # --------------------------------------------------------------------------------------------
 # state_dict interchange with torch
 # --------------------------------------------------------------------------------------------
@@ -479,6 +500,57 @@ def test_torch_sgd_state_dict_loads_as_l2_mode_and_continues(backend, gen):
         opt.step()
         same.step()
     assert_params_close(ours, theirs)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgdw"])
+def test_float64_state_survives_a_state_dict_round_trip(optimizer, gen):
+    """load_state_dict cast every state to float32: float64 AdamW then raised at its next step, and SGDW's
+    momentum went on in float32 (3e-8 off an uninterrupted run)."""
+    make = (lambda p: AdamW(p, lr=1e-2, weight_decay=0.1)) if optimizer == "adamw" else \
+        (lambda p: SGDW(p, lr=0.1, momentum=0.9, weight_decay=0.1))
+    start = [torch.randn(9, generator=gen, dtype=torch.float64).to(DEVICE)]
+    grads = [torch.randn(9, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(6)]
+    straight, resumed = clones(start), clones(start)
+    opt, first = make(straight), make(resumed)
+    for i, g in enumerate(grads):
+        if i == 3:
+            second = make(resumed)
+            second.load_state_dict(first.state_dict())
+            first = second
+        straight[0].grad, resumed[0].grad = g.clone(), g.clone()
+        opt.step()
+        first.step()
+    assert all(v.dtype == torch.float64 for k, v in first.state[resumed[0]].items() if k != "step")
+    assert torch.equal(resumed[0], straight[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_momentum_buffer_saved_as_none_is_a_first_step(backend, gen):
+    """torch 1.x SGD saved momentum_buffer=None at momentum 0; loaded into SGDW with momentum it crashed
+    (torch ops) or read address 0 (kernels).  torch's SGD starts the buffer, as SGDW now does."""
+    start = make_params(gen, [(6,)])
+    ours, theirs = clones(start), clones(start)
+    saved = {"state": {0: {"momentum_buffer": None}},
+             "param_groups": [dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                                   maximize=False, foreach=None, differentiable=False, fused=None, params=[0])]}
+    opt, reference = SGDW(ours, lr=0.1, momentum=0.9, backend=backend), torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    opt.load_state_dict(copy.deepcopy(saved))
+    reference.load_state_dict(copy.deepcopy(saved))
+    for _ in range(3):
+        g = torch.randn(6, generator=gen).to(DEVICE)
+        ours[0].grad, theirs[0].grad = g.clone(), g.clone()
+        opt.step()
+        reference.step()
+    assert_params_close(ours, theirs)
+
+
+def test_sgdw_refuses_torch_sgds_positional_order():
+    """SGD(params, lr, momentum, dampening, weight_decay) typed as SGDW put 5e-4 in nesterov: Nesterov on,
+    weight decay 0, silently."""
+    p = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(TypeError, match="nesterov must be True or False, got 0.0005.*weight_decay before nesterov"):
+        SGDW(p, 0.1, 0.9, 0, 5e-4)
+    assert SGDW(p, 0.1, 0.9, 0, np.bool_(True)).param_groups[0]["nesterov"] is True
 
 
 def test_torch_adam_state_dict_loads_as_l2_mode(gen):
@@ -1012,6 +1084,31 @@ def test_fused_update_forgets_a_deferred_update_at_step(gen):
     opt.step()
     (w ** 2).sum().backward()
     assert torch.equal(w.grad, 2 * w.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_optimizer_replaced_with_its_fused_update_is_freed(backend, gen):
+    """W's gradient hook held the handle, and the handle its optimizer: a new optimizer for a new phase left
+    the old one, with all its state (2x the classifier for Adam), alive as long as W."""
+    (w, _, u), batches = _classifier_problem(gen)
+    w.requires_grad_()
+
+    def phase(opt, handle):
+        x, y = batches[0]
+        linear_cross_entropy(x, w, y, backend=backend, fused_update=handle).backward()
+        opt.step()
+
+    opt = AdamW([w], lr=1e-2, backend=backend)
+    handle = fused_update(opt, w)
+    phase(opt, handle)
+    old = weakref.ref(opt)
+    opt = AdamW([w], lr=1e-3, backend=backend)
+    handle = fused_update(opt, w)
+    gc.collect()
+    assert old() is None
+    before = w.detach().clone()
+    phase(opt, handle)  # the new handle updates W; the old one's hook is gone with it
+    assert w.grad is None and not torch.equal(w, before)
 
 
 # --------------------------------------------------------------------------------------------
