@@ -36,14 +36,18 @@ def run_pair(gen, ours, theirs, sizes=SIZES, steps=STEPS, dtype=torch.float32, g
     """Step two optimizers on identical parameters and gradients; return both parameter lists."""
     start = make_params(gen, sizes, dtype)
     a, b = clones(start), clones(start)
-    opt_a, opt_b = ours(a), theirs(b)
+    step_alike(gen, a, b, ours(a), theirs(b), steps, grad_scale)
+    return a, b
+
+
+def step_alike(gen, a, b, opt_a, opt_b, steps, grad_scale=1.0):
+    """`steps` steps of two optimizers whose parameter lists a and b get the same fresh gradients."""
     for _ in range(steps):
-        grads = [torch.randn(p.shape, generator=gen).to(DEVICE, dtype) * grad_scale for p in start]
-        for pa, pb, g in zip(a, b, grads):
+        for pa, pb in zip(a, b):
+            g = torch.randn(pa.shape, generator=gen).to(DEVICE, pa.dtype) * grad_scale
             pa.grad, pb.grad = g.clone(), g.clone()
         opt_a.step()
         opt_b.step()
-    return a, b
 
 
 def assert_params_close(a, b, *, outliers_per_tensor=0, **tol):
@@ -494,11 +498,7 @@ def test_torch_sgd_state_dict_loads_as_l2_mode_and_continues(backend, gen):
     opt = SGDW(ours, lr=1.0, backend=backend)  # mode "decoupled" by default; the state dict says l2
     opt.load_state_dict(torch_opt.state_dict())
     assert opt.param_groups[0]["weight_decay_mode"] == "l2"
-    for _ in range(5):
-        g = torch.randn(17, generator=gen).to(DEVICE)
-        ours[0].grad, theirs[0].grad = g.clone(), g.clone()
-        opt.step()
-        same.step()
+    step_alike(gen, ours, theirs, opt, same, 5)
     assert_params_close(ours, theirs)
 
 
@@ -536,11 +536,7 @@ def test_a_momentum_buffer_saved_as_none_is_a_first_step(backend, gen):
     opt, reference = SGDW(ours, lr=0.1, momentum=0.9, backend=backend), torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
     opt.load_state_dict(copy.deepcopy(saved))
     reference.load_state_dict(copy.deepcopy(saved))
-    for _ in range(3):
-        g = torch.randn(6, generator=gen).to(DEVICE)
-        ours[0].grad, theirs[0].grad = g.clone(), g.clone()
-        opt.step()
-        reference.step()
+    step_alike(gen, ours, theirs, opt, reference, 3)
     assert_params_close(ours, theirs)
 
 
