@@ -114,8 +114,9 @@ class ModularAddition:
         seed: keys the split and the evaluation samples (any int; taken mod 2^64).
         device: where batches and evaluation sets live.
         enumerate_limit: enumerate all pairs when P^2 <= this.
-        test_sample: size of the fixed evaluation samples (``test_pairs``, ``train_eval_pairs``) when
-            a side has more pairs than this.
+        test_sample: size of the fixed evaluation samples (``test_pairs``, ``train_eval_pairs``): an
+            enumerated side with more pairs than this is sampled; a hashed side always is, with
+            min(test_sample, half its expected size) pairs.
 
     Attributes: ``p``, ``train_fraction``, ``seed``, ``device``, ``enumerated``, ``threshold`` (the
     hash cut-off), ``hash_fraction`` (= threshold / 2^32, the exact membership probability),
@@ -221,8 +222,10 @@ class ModularAddition:
     # ---- evaluation sets ----
 
     def test_pairs(self) -> Pairs:
-        """The held-out pairs (a, b, c) to measure test accuracy on: all of them when there are at most
-        ``test_sample``, else a fixed sample of that many distinct ones (the same on every device)."""
+        """The held-out pairs (a, b, c) to measure test accuracy on: when the pairs were enumerated, all of
+        them if there are at most ``test_sample``, else a fixed sample of that many distinct ones; when hashed,
+        a fixed sample of min(test_sample, half the expected test pairs) distinct ones.  The same on every
+        device."""
         return self._test
 
     def train_eval_pairs(self) -> Pairs:
@@ -282,14 +285,17 @@ class ModularAddition:
         draws cannot stall the loop (the cap only bites when P^2 barely exceeds enumerate_limit and
         train_fraction is near 0 or 1)."""
         fraction = self.hash_fraction if want_train else 1.0 - self.hash_fraction
+        side_name = "train" if want_train else "test"
+        if fraction * self.n_pairs < 1:  # drawing would spend the whole budget (minutes) to find nothing
+            raise ValueError(f"train_fraction={self.train_fraction} leaves {fraction * self.n_pairs:.2g} expected "
+                             f"{side_name} pairs of p^2 = {self.n_pairs}: choose a less extreme train_fraction")
         want = max(1, min(self.test_sample, int(fraction * self.n_pairs) // 2))
         gen = torch.Generator().manual_seed(seed_key(self.seed, stream))
         kept = torch.empty(0, dtype=torch.int64)
         drawn = 0
         while kept.numel() < want:
             if drawn >= _EVAL_BUDGET:
-                side = "train" if want_train else "test"
-                raise ValueError(f"found only {kept.numel()} of {want} {side} pairs in {drawn} draws: "
+                raise ValueError(f"found only {kept.numel()} of {want} {side_name} pairs in {drawn} draws: "
                                  f"train_fraction={self.train_fraction} is too extreme for p={self.p}; "
                                  "raise enumerate_limit or lower test_sample")
             chunk = min(_EVAL_CHUNK, math.ceil(1.5 * (want - kept.numel()) / fraction) + 1024)

@@ -14,7 +14,8 @@ TEMP_PREFIX, TEMP_SUFFIX = ".tmp-", ".tmp"  # write_atomic's temporary files (te
 def write_atomic(path: str, write: Callable[[BinaryIO], object]) -> str:
     """Call ``write(file)`` on a temporary file in path's folder, then rename it over path."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    # the folder as written, not abspath's: "new/../x.png" resolves through new/, which must then exist
+    folder = os.path.dirname(path) or os.curdir
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=folder)
     try:

@@ -12,6 +12,7 @@ that W and E can be taken out and analysed as matrices.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -68,8 +69,10 @@ class CyclicModel(nn.Module):
         if model == "embed-mlp":
             hidden = 4 * d if hidden is None else hidden
             hidden = _check_int("hidden", hidden, 1)
-        if not (isinstance(init_scale, (int, float)) and 0.0 <= init_scale < math.inf):
+        if isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real) \
+                or not 0.0 <= float(init_scale) < math.inf:  # NumPy numbers welcome (np.logspace sweeps)
             raise ValueError(f"init_scale must be finite and >= 0, got {init_scale!r}")
+        init_scale = float(init_scale)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.p, self.d, self.model, self.activation = p, d, model, activation

@@ -3,6 +3,8 @@ files, refusals of bad input, and the pytest-benchmark micro-benchmarks kept out
 import configparser
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,6 +263,11 @@ def test_every_subcommand_has_help(suite, capsys):
     assert "--out" in capsys.readouterr().out
 
 
+def test_python_dash_m_fastcyclic_is_the_command():
+    proc = subprocess.run([sys.executable, "-m", "fastcyclic", "bench", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: fastcyclic bench"), proc.stderr
+
+
 def test_micro_benchmarks_are_kept_out_of_the_default_run():
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
@@ -309,6 +316,15 @@ def test_write_atomic_replaces_the_file_rather_than_rewriting_it(tmp_path):
         assert measure.write_atomic(path, "new") == path
         assert reader.read() == b"old " * 1000
     assert path.read_text() == "new" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_write_atomic_through_a_new_folder_and_dot_dot(tmp_path, monkeypatch):
+    """"new/../x.png": abspath collapsed the "..", so new/ was never made and the rename through it failed."""
+    from fastcyclic.files import write_atomic
+
+    monkeypatch.chdir(tmp_path)
+    assert write_atomic("new/../x.png", lambda f: f.write(b"png")) == "new/../x.png"
+    assert (tmp_path / "x.png").read_bytes() == b"png" and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_cpu_peak_memory_counts_bytes():

@@ -217,6 +217,8 @@ def test_first_distinct_keeps_draw_order():
     (dict(p=7, train_fraction=float("nan")), "train_fraction"),
     (dict(p=7, train_fraction=1e-12), "32-bit"),
     (dict(p=2, train_fraction=1e-9), "no train pairs"),
+    # hashed (P^2 > enumerate_limit) with no test pair expected: refused at once (it drew 2^28 pairs first, 74 s)
+    (dict(p=3000, train_fraction=1 - 1e-9), "leaves 0.0084 expected test pairs"),
     (dict(p=7, train_fraction=0.5, test_sample=0), "test_sample"),
     (dict(p=True, train_fraction=0.5), "p must"),
     (dict(p=np.bool_(True), train_fraction=0.5), "p must"),
@@ -233,6 +235,11 @@ def test_numpy_integers_are_integers():
     assert ds.sample_train(np.int64(4))[0].shape == (4,)
     model = CyclicModel(np.int64(7), np.uint8(4), model="embed-mlp", hidden=np.int16(8))
     assert (type(model.p), type(model.d), type(model.hidden)) == (int, int, int)
+    # and NumPy floats and ints are numbers (init_scale=np.float32(0.5) was refused as not finite)
+    for scale in (np.float32(0.5), np.int64(1)):
+        ours, plain = (CyclicModel(7, 4, init_scale=s, generator=torch.Generator().manual_seed(0)) for s in
+                       (scale, float(scale)))
+        assert torch.equal(ours.W, plain.W) and torch.equal(ours.E, plain.E)
 
 
 def test_bad_batch_size():
@@ -388,6 +395,7 @@ def test_initialisation_is_reproducible_and_scaled():
     (dict(p=7, d=4, hidden=8), "hidden=8"),
     (dict(p=7, d=4, init_scale=-1.0), "init_scale"),
     (dict(p=7, d=4, init_scale=float("inf")), "init_scale"),
+    (dict(p=7, d=4, init_scale=True), "init_scale"),
     (dict(p=7, d=4, dtype=torch.int64), "dtype"),
 ])
 def test_bad_model_arguments(kwargs, match):
