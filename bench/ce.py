@@ -177,9 +177,15 @@ def make_method(name: str, device: torch.device, interpret: bool):
     if name == "torch_lce":
         if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
             raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy")
-        options = torch.nn.LinearCrossEntropyOptions(acc_policy="accurate")
+        # fp32 accumulation, as the other methods have: with an explicit policy torch accumulates in the input
+        # dtype unless acc_dtype says otherwise (its loss sum is bf16 in bf16 whatever the options)
+        kwargs = dict(acc_policy="accurate")
+        if "acc_dtype" in inspect.signature(torch.nn.LinearCrossEntropyOptions).parameters:
+            kwargs["acc_dtype"] = torch.float32
+        options = torch.nn.LinearCrossEntropyOptions(**kwargs)
+        described = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         return ((lambda h, w, y: F.linear_cross_entropy(h, w, y, options=options)),
-                "F.linear_cross_entropy(options=LinearCrossEntropyOptions(acc_policy='accurate'))")
+                f"F.linear_cross_entropy(options=LinearCrossEntropyOptions({described}))")
     if name == "liger":
         return _liger(device)
     if name == "cce":
@@ -224,10 +230,12 @@ def reference(h, w, y, *, chunk_bytes: int = 1 << 28):
 
 
 def rel_err(x, ref):
+    """||x - ref|| / ||ref||, or ||x - ref|| where ref is exactly zero (dW at K = 1: every softmax is 1)."""
     x = x.detach().double()
     if not torch.isfinite(x).all():
         return math.inf
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    scale = ref.norm()
+    return ((x - ref).norm() / (scale if scale > 0 else 1.0)).item()
 
 
 def run_case(method: str, fn, h, w, y, ref, *, quick: bool) -> dict:
@@ -267,7 +275,7 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
                     target_ms=TARGET_MS.get((n, d, k)) if device.type == "cuda" and dtype == torch.bfloat16 else None)
         if measure.out_of_time():
             for method in methods:
-                records.append(measure.complete(dict(case, method=method, status="skipped", error=measure.SKIPPED)))
+                records.append(measure.complete(dict(case, method=method, **_not_run(method, device, interpret))))
                 log(format_row(records[-1]))
             if after_case:
                 after_case(records, tunings)
@@ -309,13 +317,21 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
                 record = dict(case, method=label, config=dataclasses.asdict(cfg) if cfg else None)
                 if label.startswith("fastcyclic") and case["target_ms"]:
                     record["target"] = {"median_ms": case["target_ms"]}
+                before = measure.telemetry(device)
+                try:  # first, so that a baseline not installed says so even when the time budget is spent
+                    fn, record["notes"] = make_method(method, device, interpret)
+                except Exception as exc:  # not installed, or a baseline that cannot be set up: the run goes on
+                    record.update(dict(status="unavailable", error=str(exc)) if isinstance(exc, Unavailable) else
+                                  measure.error_fields(exc))
+                    measure.attach_telemetry(record, device, before)
+                    records.append(measure.complete(record))
+                    log(format_row(record))
+                    continue
                 if measure.out_of_time():
                     records.append(measure.complete(dict(record, status="skipped", error=measure.SKIPPED)))
                     log(format_row(records[-1]))
                     continue
-                before = measure.telemetry(device)
                 try:
-                    fn, record["notes"] = make_method(method, device, interpret)
                     if cfg is not None:
                         from fastcyclic.linear_ce import tuning as kernel_tuning
 
@@ -327,8 +343,6 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
                     record["tflops_per_s"] = record["flops"] / (record["median_ms"] * 1e9)
                     measure.set_rate(record, record["tflops_per_s"], "TFLOP/s", gemm)
                     record["err"] = max(record["err_loss"], record["err_dh"], record["err_dw"])
-                except Unavailable as exc:
-                    record.update(status="unavailable", error=str(exc))
                 except Exception as exc:  # out of memory, or a failing baseline: the run goes on
                     record.update(measure.error_fields(exc))
                 h.grad = w.grad = None
@@ -343,6 +357,17 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
         measure.release(device)
     _speedups(records)
     return records, tunings
+
+
+def _not_run(method: str, device: torch.device, interpret: bool) -> dict:
+    """The status of a case left out for lack of time: "unavailable" still, for a method that could not run."""
+    try:
+        make_method(method, device, interpret)
+    except Unavailable as exc:
+        return dict(status="unavailable", error=str(exc))
+    except Exception:  # a setup failure shows when the method runs
+        pass
+    return dict(status="skipped", error=measure.SKIPPED)
 
 
 def _speedups(records: list[dict]) -> None:
@@ -363,7 +388,7 @@ def _speedups(records: list[dict]) -> None:
 # output
 # --------------------------------------------------------------------------------------------
 
-CSV_FIELDS = ("N", "D", "K", "tflops_per_s", "err_loss", "err_dh", "err_dw", "target_ms") + tuple(
+CSV_FIELDS = ("N", "D", "K", "tflops_per_s", "err_loss", "loss_tolerance", "err_dh", "err_dw", "target_ms") + tuple(
     f"speedup_vs_{m}" for m in METHODS if m != "fastcyclic")
 FILES = ("ce.json", "ce.csv", "ce.png")
 PLOT = ("K", "K (classes)", "median time (ms), forward + backward")  # measure.write_plot's x, its label, y label
@@ -437,9 +462,13 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     if args.interpret and not args.shapes:
         shapes = ((256, 64, 2048),)
     methods = args.methods or [m for m in METHODS if not (m == "compile" and args.quick and device.type == "cpu")]
+    # a shape or method given twice is measured once (speedups pair each case's records by method)
+    shapes, methods = list(dict.fromkeys(shapes)), list(dict.fromkeys(methods))
 
     machine = machine or measure.machine_facts(device)
     print(f"fastcyclic bench ce: {measure.machine_title(machine)}, {measure.dtype_name(dtype)}")
+    if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
+        write_results(args.out, machine, [], complete=False)
     ceil = measure.print_ceilings(device, quick=args.quick or args.interpret)
     print(header())
     # results are rewritten (whole files, atomically) after every case, so a run stopped by a time

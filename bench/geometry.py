@@ -230,11 +230,13 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None, step_sou
             raise measure.BenchInputError(f"--train-step-ms must be > 0, got {args.train_step_ms}")
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
-    shapes = args.shapes or (QUICK_SHAPES[device.type] if args.quick else
-                             CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    shapes = list(dict.fromkeys(args.shapes or (QUICK_SHAPES[device.type] if args.quick else
+                                                CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)))
     machine = machine or measure.machine_facts(device)
     print(f"fastcyclic bench geometry: {measure.machine_title(machine, triton=False)}, "
           f"{measure.dtype_name(dtype)}, planted circle at omega {OMEGA}")
+    if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
+        write_results(args.out, machine, [], complete=False)
     ceil = measure.print_ceilings(device, quick=args.quick)
     step_ms = args.train_step_ms
     if device.type == "cuda" and step_ms is None and not measure.out_of_time():

@@ -502,10 +502,13 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     shapes = args.shapes or (QUICK_SHAPES[device.type] if args.quick else
                              CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
     methods = args.methods or [m for m in METHOD_NAMES if not (m == "compile" and args.quick and device.type == "cpu")]
+    shapes, methods = list(dict.fromkeys(shapes)), list(dict.fromkeys(methods))  # given twice: measured once
 
     machine = machine or measure.machine_facts(device)
     print(f"fastcyclic bench train: {measure.machine_title(machine)}, batch {args.batch_size}, AdamW lr {LR} "
           f"betas {BETAS} decoupled weight decay {WEIGHT_DECAY}")
+    if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
+        write_results(args.out, machine, [], complete=False)
     ceil = measure.print_ceilings(device, quick=args.quick)
     print(header())
     save = (lambda records: write_results(args.out, machine, records, ceil, complete=False)) if args.out else None

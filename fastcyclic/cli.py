@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         from fastcyclic.sweep import interruptible
 
         suites = {"ce": ce, "optim": optim, "train": train_bench, "geometry": geometry, "all": all_suites}
-        return interruptible(f"bench {args.suite}", suites[args.suite].main, args,
-                             hint="the files in --out hold the cases that finished (marked \"complete\": false)")
+        hint = ("the files in --out hold the cases that finished (marked \"complete\": false)" if args.out else
+                "nothing was written (no --out)")
+        return interruptible(f"bench {args.suite}", suites[args.suite].main, args, hint=hint)
     return 2
 
 

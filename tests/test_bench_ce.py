@@ -106,6 +106,75 @@ def test_a_run_stopped_mid_shape_keeps_the_cases_it_finished(tmp_path, monkeypat
     assert not (out / "ce.png").exists()
 
 
+def test_a_run_stopped_before_its_first_case_leaves_no_earlier_results(tmp_path, monkeypatch, capsys):
+    """An --out holding a finished run: stopped before its first case ended, the new run left those files, marked
+    complete, as if they were its own."""
+    from fastcyclic.bench import ce
+
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "eager", "--quick",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "ce.json").read_text())["complete"] is True and (out / "ce.png").exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ce, "run_case", interrupted)
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "64x16x515", "--methods", "eager", "--quick",
+                 "--out", str(out)]) == 130
+    results = json.loads((out / "ce.json").read_text())
+    assert results["complete"] is False and results["records"] == [] and not (out / "ce.png").exists()
+    assert (out / "ce.csv").read_text().count("\n") == 1  # the header only
+    capsys.readouterr()
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "64x16x515", "--methods", "eager", "--quick"]) == 130
+    assert "nothing was written (no --out)" in capsys.readouterr().err
+
+
+def test_repeated_shapes_and_methods_are_measured_once(tmp_path):
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "48x16x301", "--methods", "eager",
+                 "fastcyclic", "eager", "--quick", "--out", str(out)]) == 0
+    records = json.loads((out / "ce.json").read_text())["records"]
+    assert [r["method"] for r in records] == ["eager", "fastcyclic"]
+    assert "loss_tolerance" in (out / "ce.csv").read_text().splitlines()[0].split(",")  # the loss's own tolerance
+
+
+def test_a_baseline_not_installed_says_so_when_the_budget_is_spent(tmp_path, monkeypatch):
+    """With the time budget spent, a missing baseline was recorded as "skipped", hiding that it is missing."""
+    from fastcyclic.bench import ce, measure
+
+    def missing(name, device, interpret):
+        raise ce.Unavailable("liger-kernel is not installed")
+
+    monkeypatch.setattr(ce, "make_method", missing)
+    monkeypatch.setattr(measure, "out_of_time", lambda: True)
+    monkeypatch.setattr(ce.measure, "out_of_time", lambda: True)
+    records, _ = ce.run([(48, 16, 301)], torch.float32, torch.device("cpu"), ["liger"], quick=True, log=lambda *a: 0)
+    assert [(r["method"], r["status"]) for r in records] == [("liger", "unavailable")]
+
+
+def test_relative_error_against_an_exactly_zero_reference_is_absolute():
+    """At K = 1 every softmax is 1 and dW is exactly 0: dividing by ||0|| clamped to 1e-30 made rounding noise
+    (1e-8) an error of 1e22."""
+    from fastcyclic.bench.ce import rel_err
+
+    assert rel_err(torch.tensor([3e-8, 4e-8]), torch.zeros(2, dtype=torch.float64)) == pytest.approx(5e-8)
+    assert rel_err(torch.tensor([1.1]), torch.ones(1, dtype=torch.float64)) == pytest.approx(0.1)
+
+
+def test_torch_lce_accumulates_in_float32():
+    """With acc_policy="accurate" alone torch accumulates in the input dtype (bf16: loss 1.2e-2 off, WRONG)."""
+    from fastcyclic.bench import ce
+
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        pytest.skip(f"torch {torch.__version__} has no F.linear_cross_entropy")
+    _, notes = ce.make_method("torch_lce", torch.device("cpu"), False)
+    assert "acc_dtype=torch.float32" in notes
+    records, _ = ce.run([(48, 16, 301)], torch.bfloat16, torch.device("cpu"), ["torch_lce"], quick=True,
+                        log=lambda *a: 0)
+    assert records[0]["status"] == "ok" and records[0]["correct"], records[0]
+
+
 def test_the_reference_in_row_chunks_equals_one_chunk():
     """The float64 reference sums dW over row chunks (the CPU default shape takes 8): a chunk must not replace
     the others' sum."""

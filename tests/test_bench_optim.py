@@ -171,6 +171,19 @@ def test_bandwidth_and_rates_follow_the_median(tmp_path):
         assert ce["rate"] == pytest.approx(6 * 48 * 16 * 301 / (ce["median_ms"] * 1e9)) and ce["rate_unit"] == "TFLOP/s"
 
 
+def test_fastcyclic_without_a_reference_is_not_a_pass(tmp_path, monkeypatch):
+    """The reference (torch foreach) failing left fastcyclic unchecked, and the suite exited 0."""
+    def breaks(params, device, interpret):
+        raise RuntimeError("reference exploded")
+
+    monkeypatch.setitem(optim.STEP_METHODS, "torch_sgd_foreach", ("sgd", breaks, False))
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--sizes", "3000", "--methods", "fastcyclic_sgdw",
+                "--out", str(out)]) == 1
+    record = records_by_method(out)["fastcyclic_sgdw"]
+    assert record["correct"] is None and "no reference: RuntimeError: reference exploded" in record["error"]
+
+
 def test_our_optimizer_out_of_memory_fails_the_suite(tmp_path, monkeypatch):
     """A fastcyclic optimizer out of memory is recorded as "oom" and exits 1, as a failure does."""
     def out_of_memory(params, device, interpret):
