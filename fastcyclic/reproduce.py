@@ -423,7 +423,7 @@ def _slope_text(fit: dict) -> str:
         ("95 % bootstrap interval", fit.get("slope_ci")), ("95 % t interval", fit.get("slope_ci_ols")),
         ("grid range", fit.get("slope_range_grid"))) if v]
     return (f"slope {fit['slope']:.2f}" + (f" ({'; '.join(parts)})" if parts else "")
-            + f" over {_pvalues(fit['n'])}, R² {fit['r2']:.2f}")
+            + f" over {_pvalues(fit['n'])}, R² " + ("n/a (no spread)" if fit["r2"] is None else f"{fit['r2']:.2f}"))
 
 
 def slope_interval(fit: dict) -> Optional[tuple]:

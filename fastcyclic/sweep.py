@@ -73,6 +73,7 @@ import threading
 import time
 import traceback
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -92,7 +93,7 @@ SESSIONS_FILE = "sessions.jsonl"
 
 # set per run by the sweep itself, or by their own flags
 GRID_FIELDS = ("p", "weight_decay", "seed")
-FORBIDDEN_FIELDS = ("out_dir", "progress", "device")
+FORBIDDEN_FIELDS = ("out_dir", "progress", "device", "checkpoint_every")
 # how a run executes, not what it computes: left out of a run's identity, so a sweep started on CPU may be
 # resumed on a GPU (numbers then differ by rounding only)
 EXECUTION_FIELDS = ("device", "backend", "fused_update", "cuda_graph", "deterministic", "progress", "out_dir",
@@ -386,7 +387,7 @@ def expand(blocks: list[Block]) -> list[RunSpec]:
         raise ValueError("the grid is empty: give --p and --weight-decay")
     names = [b.name for b in blocks]
     _no_duplicates(names, "the sweep's block names")
-    specs, seen = [], {}
+    specs, seen, short_ramps, train_counts = [], {}, {}, {}
     for block in blocks:
         for axis, values in (("P", block.ps), ("weight decay", block.weight_decays), ("seeds", block.seeds)):
             if not values:
@@ -432,6 +433,18 @@ def expand(blocks: list[Block]) -> list[RunSpec]:
                                      f"give --set batch_size=N")
                 if config.batch_size is not None and config.batch_size > p * p:
                     raise ValueError(f"P={p}: batch_size={config.batch_size} exceeds the {p * p} pairs")
+                if config.batch_size is not None and p * p <= limit and \
+                        config.batch_size > 0.9 * config.train_fraction * p * p:  # near the split's exact size
+                    key = (p, config.train_fraction, seed)  # which depends on the seed: count it
+                    if key not in train_counts:
+                        from fastcyclic.data import ModularAddition
+
+                        train_counts[key] = ModularAddition(p, config.train_fraction, seed, "cpu").n_train
+                    if config.batch_size > train_counts[key]:
+                        raise ValueError(f"P={p}, seed {seed}: batch_size={config.batch_size} exceeds the "
+                                         f"{train_counts[key]} train pairs (train_fraction={config.train_fraction:g})")
+                if 0 < config.steps < config.weight_decay_warmup:
+                    short_ramps.setdefault(block.name, (config.steps, config.weight_decay_warmup))
                 d = config.to_dict()
                 rid = run_id(d)
                 if rid in seen:
@@ -439,6 +452,10 @@ def expand(blocks: list[Block]) -> list[RunSpec]:
                                      f"{seen[rid]!r} and {block.name!r})")
                 seen[rid] = block.name
                 specs.append(RunSpec(rid, block.name, series, d))
+    for name, (steps, warmup) in short_ramps.items():
+        warnings.warn(f"block {name!r}: weight_decay_warmup={warmup} is longer than steps={steps}, so λ ramps to "
+                      f"only {steps / warmup:.0%} of its value and the λ axis (λ_crit, λ₀) is nominal; set "
+                      f"weight_decay_warmup (--set weight_decay_warmup=N)", stacklevel=2)
     return specs
 
 
@@ -531,7 +548,7 @@ def prepare(out: str, blocks: Optional[list[Block]]) -> list[RunSpec]:
         old = stored_specs(state)
         if {s.id: s.series for s in old} != {s.id: s.series for s in specs}:
             raise ValueError(f"{out!r} holds a sweep with a different grid ({_describe_difference(old, specs)}); "
-                             "use another --out (`fastcyclic sweep` resumes it when given no grid options)")
+                             "use another --out (rerunning the command that made it resumes it)")
         return specs  # the same runs (ids hash what a run computes); this invocation's execution settings
     if os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"{out!r} is not empty and holds no sweep; refusing to write into it")
@@ -1080,7 +1097,8 @@ def loglog_fit(K, values) -> dict:
     intercept = float(ym - slope * xm)
     resid = y - (slope * x + intercept)
     ss_tot = float(((y - ym) ** 2).sum())
-    r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    # no spread in the values (every crossing at one grid point): R² is undefined, not a perfect fit
+    r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else None
     fit = dict(status="ok", n=n, slope=slope, intercept=intercept, r2=r2, slope_ci_ols=None)
     if n >= 3:
         se = math.sqrt(float((resid ** 2).sum()) / (n - 2) / sxx)
@@ -1404,7 +1422,7 @@ def plot_fractions(analysis: dict, path: str) -> str:
         ax.set_ylabel("share of runs")
         ax.set_title(name + ": cyclic (solid), collapsed (dashed)", fontsize=10)
         ax.grid(alpha=0.3)
-        if per_p:
+        if ax.get_legend_handles_labels()[0]:  # a series whose runs all failed draws nothing to label
             ax.legend(fontsize=7, loc="center left")
     fig.suptitle("Share of runs per phase against λ;\nλ_crit and λ₀ are where they cross 1/2", fontsize=10)
     return save_png(fig, path)

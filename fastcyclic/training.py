@@ -410,7 +410,8 @@ class Trainer:
         """Raise TrainingDiverged if any step so far had a NaN/Inf loss, or the parameters or the optimizer
         state are NaN/Inf now: an update can overflow the weights, and overflowing gradients (g^2 in Adam's
         second moment) freeze them, while the loss stays finite.  A sync: at evaluations and checkpoints."""
-        kept = "the metrics and the last good checkpoint (if one was written) are kept"
+        kept = ("the metrics and the last good checkpoint (if one was written) are kept" if self.config.out_dir else
+                "nothing was written (out_dir=None)")
         first_bad = int(self._first_bad_step)
         if first_bad >= 0:
             raise TrainingDiverged(f"the training loss became NaN/Inf at step {first_bad + 1}; {kept}")

@@ -135,10 +135,20 @@ def test_expand_is_the_cartesian_product_with_stable_ids():
     (dict(fixed=dict(TINY, nope=1)), "unknown TrainConfig field"),
     (dict(ps=(11, 4099)), "full-batch training"),
     (dict(fixed=dict(TINY, batch_size=500)), "exceeds the 121 pairs"),
+    # within the pairs but over a seed's train split (P = 11 at 50 %: about 60 pairs): runs failed at run time,
+    # and a small P runs last
+    (dict(fixed=dict(TINY, batch_size=100)), r"P=11, seed 0: batch_size=100 exceeds the \d+ train pairs"),
+    (dict(fixed=dict(TINY, checkpoint_every=10)), "checkpoint_every: the sweep sets it"),  # was silently 0
 ])
 def test_inconsistent_grids_are_refused(block, match):
     with pytest.raises(ValueError, match=match):
         sweep.expand([tiny_block(**block)])
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_about():
+    """λ ramps over weight_decay_warmup steps (default 500): a shorter run never reaches the λ its axis names."""
+    with pytest.warns(UserWarning, match=r"weight_decay_warmup=500 is longer than steps=60, so λ ramps to only 12%"):
+        sweep.expand([tiny_block(fixed={k: v for k, v in TINY.items() if k != "weight_decay_warmup"})])
 
 
 def test_the_same_run_twice_is_refused():
@@ -295,15 +305,24 @@ def test_analyze_only_says_how_many_runs_have_not_finished(tmp_path, capsys):
     assert "1 of 2 runs have not finished" in capsys.readouterr().out
 
 
-def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
+    from fastcyclic import training
+
     out = tmp_path / "crash"
-    # batch 40 passes the grid checks but P = 7 has only ~20 train pairs: the trainer refuses it at run time
-    argv = ["--p", "7,13", "--weight-decay", "0.1", "--steps", "40", "--workers", "0", "--set", "batch_size=40",
-            "--set", "d=8", "--set", "hidden=16", "--no-figures", "--out", str(out)]
+    real_train = training.train
+
+    def crashes_at_p_7(config, **kwargs):  # in process (--workers 0): the P = 7 run raises
+        if config.p == 7:
+            raise RuntimeError("the P=7 run crashed")
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(training, "train", crashes_at_p_7)
+    argv = ["--p", "7,13", "--weight-decay", "0.1", "--steps", "40", "--workers", "0", "--set", "d=8",
+            "--set", "hidden=16", "--no-figures", "--out", str(out)]
     assert sweep.main(sweep_args(*argv)) == 1
     records = sweep.load_records(str(out))
     by_p = {r["config"]["p"]: r for r in records.values()}
-    assert by_p[7]["status"] == "failed" and "larger than the train set" in by_p[7]["error"]
+    assert by_p[7]["status"] == "failed" and "RuntimeError: the P=7 run crashed" in by_p[7]["error"]
     assert by_p[13]["status"] == "ok"
     rows = list(csv.DictReader(open(out / "runs.csv")))
     assert {r["p"]: r["phase"] for r in rows} == {"7": "failed", "13": sweep.flatten(by_p[13])["phase"]}
@@ -810,6 +829,13 @@ def test_loglog_fit_refuses_values_without_a_logarithm():
     assert sweep.loglog_fit([10, 100, 1000], [0.1, 0.0, 0.001])["status"] == "not-positive"
     assert sweep.loglog_fit([10, 100, 1000], [0.1, float("nan"), 0.001])["status"] == "not-positive"
     assert sweep.loglog_fit([10, 100, 1000], [0.1, 0.01, 0.001])["slope"] == pytest.approx(-1)
+
+
+def test_loglog_fit_of_values_without_spread_has_no_r2():
+    """Every crossing at one grid point: R² is undefined (it said 1.00, a perfect fit), and the report says so."""
+    fit = sweep.loglog_fit([11, 13, 17], [0.1, 0.1, 0.1])
+    assert fit["slope"] == pytest.approx(0.0, abs=1e-12) and fit["r2"] is None
+    assert reproduce._slope_text(fit).endswith("R² n/a (no spread)")
 
 
 def test_presets_fit_their_budgets():

@@ -478,9 +478,12 @@ def test_parameters_that_overflow_under_a_finite_loss_are_never_checkpointed(tmp
     """The loss of step 1 is finite; the update it drives (lr 1e38) is not: the run stops before writing it."""
     out = tmp_path / "run"
     config = dict(TINY, lr=1e38, checkpoint_every=1, out_dir=str(out))
-    with pytest.raises(TrainingDiverged, match="parameters became NaN/Inf by step 1"):
+    with pytest.raises(TrainingDiverged, match="parameters became NaN/Inf by step 1.*checkpoint .* are kept"):
         train(TrainConfig(**config), figures=False)
     assert not (out / "checkpoint.pt").exists()
+    # a run that writes nothing (a sweep's) does not claim to keep anything
+    with pytest.raises(TrainingDiverged, match=r"NaN/Inf .*; nothing was written \(out_dir=None\)"):
+        train(TrainConfig(**dict(config, out_dir=None)), figures=False)
 
 
 def test_a_checkpoint_saved_without_crc32s_resumes(tmp_path):
