@@ -61,7 +61,9 @@ TARGET_MS = {(8192, 256, 65536): 2.2, (8192, 512, 131072): 7.0, (16384, 128, 262
 
 
 def tf32(dtype: torch.dtype, device: torch.device) -> bool:
-    return dtype == torch.float32 and device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+    from fastcyclic.kernels.linear_ce import tf32_allowed
+
+    return dtype == torch.float32 and device.type == "cuda" and tf32_allowed()
 
 
 def grad_tolerance(dtype: torch.dtype, device: torch.device) -> float:

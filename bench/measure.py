@@ -319,8 +319,13 @@ def measure_copy(device: torch.device, numel: int, *, quick: bool) -> dict:
 
 def measure_gemm(device: torch.device, dtype: torch.dtype, size: int, *, quick: bool) -> dict:
     """Rate of a square size^3 matmul in dtype (TFLOP/s = 2 size^3 / time)."""
+    tf32 = None
+    if device.type == "cuda":
+        from fastcyclic.kernels.linear_ce import tf32_allowed  # (triton: imported here on a GPU only)
+
+        tf32 = tf32_allowed()
     record = dict(method="gemm", m=size, n=size, k=size, dtype=dtype_name(dtype), device=device.type,
-                  allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None)
+                  allow_tf32=tf32)
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
         a = torch.randn(size, size, generator=g).to(device, dtype)

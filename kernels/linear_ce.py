@@ -270,7 +270,7 @@ def _backward_dw_kernel(
     if UPDATE == 0:
         out = dw_ptr + split.to(tl.int64) * stride_dw_split \
             + cols.to(tl.int64)[:, None] * stride_dwk + dcols.to(tl.int64)[None, :] * stride_dwd
-        tl.store(out, dw.to(dw_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(out, round_for_store(dw, dw_ptr.dtype.element_ty, UPCAST), mask=tile_mask)
     else:
         w_tile = w_ptr + cols.to(tl.int64)[:, None] * stride_wk + dcols.to(tl.int64)[None, :] * stride_wd
         state_offsets = cols.to(tl.int64)[:, None] * D + dcols.to(tl.int64)[None, :]  # contiguous fp32
@@ -295,8 +295,8 @@ def _backward_dw_kernel(
         tl.store(w_tile, round_for_store(p, w_ptr.dtype.element_ty, UPCAST), mask=tile_mask)
     if WANT_DB:
         if pid_d == 0:
-            tl.store(db_ptr + split.to(tl.int64) * stride_db_split + cols, db.to(db_ptr.dtype.element_ty),
-                     mask=cols < K)
+            tl.store(db_ptr + split.to(tl.int64) * stride_db_split + cols,
+                     round_for_store(db, db_ptr.dtype.element_ty, UPCAST), mask=cols < K)
 
 
 @triton.jit(do_not_specialize=["N", "K", "cols_per_split"])
@@ -343,7 +343,8 @@ def _backward_dh_kernel(
 
     out = dh_ptr + split.to(tl.int64) * stride_dh_split \
         + rows.to(tl.int64)[:, None] * stride_dhn + dcols.to(tl.int64)[None, :] * stride_dhd
-    tl.store(out, dh.to(dh_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (dcols < D)[None, :])
+    tl.store(out, round_for_store(dh, dh_ptr.dtype.element_ty, UPCAST),
+             mask=(rows < N)[:, None] & (dcols < D)[None, :])
 
 
 @triton.jit(do_not_specialize=["N", "K", "k_start", "k_end"])
@@ -374,7 +375,8 @@ def _logit_grad_kernel(
     g = _logit_grad(z, lse[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
                     cols[None, :] == target[:, None])
     out = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - k_start).to(tl.int64)[None, :]
-    tl.store(out, g.to(g_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < k_end)[None, :])
+    tl.store(out, round_for_store(g, g_ptr.dtype.element_ty, UPCAST),
+             mask=(rows < N)[:, None] & (cols < k_end)[None, :])
     if WANT_DB:  # rows past N have g = 0 exactly (see _row_terms)
         tl.store(db_ptr + pid_n.to(tl.int64) * stride_db + (cols - k_start), tl.sum(g, axis=0), mask=cols < k_end)
 
@@ -505,9 +507,18 @@ def _split(owner_blocks: int, loop_len: int, block_loop: int, splits: int | None
     return splits, blocks_per_split * block_loop
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch lets float32 matmuls use TF32: ``torch.backends.cuda.matmul.fp32_precision`` (set per matmul
+    or through ``torch.backends.fp32_precision``), else the legacy ``allow_tf32`` flag.  Reading the legacy flag
+    raises once the newer settings chose TF32, so it is read only when they say nothing."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    return precision == "tf32" if precision != "none" else bool(matmul.allow_tf32)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs follow PyTorch's own matmul setting, so the kernel is as exact as eager fp32
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 

@@ -378,14 +378,50 @@ def test_confident_logits(backend, dtype, gen):
     assert rel_err(rows, ref_rows) < 1e-4
 
 
+def test_tf32_chosen_through_pytorchs_newer_setting(gen):
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" (or torch.backends.fp32_precision): reading the legacy
+    allow_tf32 flag raises once the newer setting chose TF32, and every float32 call failed."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has only the legacy TF32 flag")
+    h, w, y, _ = make_problem(gen, 8, 16, 40)
+    expected = torch.nn.functional.cross_entropy(h.double() @ w.double().T, y)
+    try:
+        for setting, tf32 in (("tf32", True), ("ieee", False)):
+            matmul.fp32_precision = setting
+            assert triton_impl.tf32_allowed() is tf32
+            loss = linear_cross_entropy(h, w, y, backend="triton")
+            assert abs(float(loss) - float(expected)) <= 1e-2 * abs(float(expected))
+    finally:
+        matmul.fp32_precision = "none"
+    assert triton_impl.tf32_allowed() is bool(matmul.allow_tf32)
+
+
+@pytest.mark.parametrize("variant,share", [("triton", 0.9), ("triton-gemm", 0.6)])
+def test_bf16_gradients_are_rounded_to_nearest(variant, share, gen):
+    """Under the interpreter a float32 -> bf16 conversion truncates: dh, dW and dbias (and the gemm backward's g)
+    were stored truncated, about half of them one ulp off the float64 gradient rounded to bf16.  (On a GPU the
+    conversion rounds; round_for_store changes nothing there.)  share: what must match; the fp32 sums differ from
+    float64 near a rounding boundary now and then, and the gemm backward's dh and dW come from g rounded to bf16,
+    as eager's do (~0.7 match); truncated, ~0.45 did."""
+    h, w, y, b = make_problem(gen, 48, 32, 200, torch.bfloat16)
+    leaves = [t.detach().requires_grad_() for t in (h, w, b)]
+    backend, context = hard_case_backend(variant, h, w)
+    with context:
+        linear_cross_entropy(*leaves[:2], y, bias=leaves[2], backend=backend, reduction="sum").backward()
+    exact = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    torch.nn.functional.cross_entropy(exact[0] @ exact[1].T + exact[2], y, reduction="sum").backward()
+    for ours, ref in zip(leaves, exact):
+        assert (ours.grad == ref.grad.to(torch.bfloat16)).float().mean() > share
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["triton-gemm"])
 def test_extreme_logits(backend, gen):
     """|z| ~ 1e4: the online max keeps exp in range.
 
-    The backward recomputes z, in another order than the forward that gave lse (the interpreter's
-    numpy matmul blocks by shape), so z - lse may move by a few ulp(1e4) ~ 1e-3 and p by as much,
-    relatively: visible in the gradients when a row's top two logits happen to lie within a few
-    units (seed 1812221092).  Eager takes p and lse from one z and does not see this."""
+    The loss saves lse in float32, rounded by up to ulp(1e4) / 2 ~ 5e-4, so the backward's z - lse, and p
+    relatively, move by that much: visible in the gradients (about twice eager's error) when a row's top two
+    logits happen to lie within a few units (seed 1812221092).  Eager's softmax never rounds lse as a whole."""
     h, w, y, b = make_problem(gen, 20, 16, 300, scale=1e4)  # bias ~ 5e3: exp overflows where unmasked
     ulp_of_z = 2.0 ** -23 * float((h.float() @ w.float().T + b.float()).abs().max())
     backend, context = hard_case_backend(backend, h, w)
