@@ -2,12 +2,13 @@
 
     OUT/all.json            machine, ceilings, the suites asked for, "complete", and per suite: exit code,
                             status (ok, ..., running or interrupted in a run stopped early), seconds, record counts
-    OUT/ce/ce.json|csv|png  OUT/optim/optim.json|csv  OUT/train/train.json|csv  OUT/geometry/geometry.json|csv
+    OUT/ce/ce.json|csv|png  OUT/optim/optim.json|csv|png  OUT/train/train.json|csv|png
+    OUT/geometry/geometry.json|csv|png   (each png drawn when its suite completes)
 
 The ceilings (copy bandwidth, GEMM rates) are measured once and shared by every suite; the geometry
 suite compares the summary's cost with the trainer step the train suite measured.  A suite that
 fails, or crashes, is recorded in all.json and the run goes on with the next one; each suite's files
-are rewritten atomically as its cases finish.  With --budget-s, cases that would start after the
+(json and csv) are rewritten atomically as its cases finish.  With --budget-s, cases that would start after the
 budget is spent are recorded as "skipped" (so a run under an outer time limit ends with complete
 files).  Exit code: 0 when every suite passed, 1 when one found fastcyclic wrong or failed, 2 for
 bad input (nothing written).

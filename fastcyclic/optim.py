@@ -344,7 +344,7 @@ class AdamW(_WeightDecayOptimizer):
     with the L2 penalty in the gradient (``"l2"``, = torch.optim.Adam(weight_decay=...)).
 
     State per parameter, as torch's: ``step`` (fp32 0-dim, on the parameter's device),
-    ``exp_avg`` and ``exp_avg_sq`` (fp32, whatever the parameter's dtype)."""
+    ``exp_avg`` and ``exp_avg_sq`` (fp32 for every parameter dtype but float64, which keeps float64)."""
 
     _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -451,8 +451,8 @@ def sgdw_reference_(p: Tensor, g: Tensor, momentum_buffer: Optional[Tensor], lr,
 
 class SGDW(_WeightDecayOptimizer):
     """SGD with decoupled weight decay (default) or the L2 penalty (``"l2"``, = torch.optim.SGD);
-    the decoupled rule with momentum is in the module docstring.  State, as torch's:
-    ``momentum_buffer`` (fp32) when momentum != 0.  With momentum, the first step (buf = g) runs a kernel
+    the decoupled rule with momentum is in the module docstring.  State, as torch's: ``momentum_buffer`` (fp32;
+    float64 for float64 parameters) when momentum != 0.  With momentum, the first step (buf = g) runs a kernel
     variant of its own: capture a CUDA graph after two warm-up steps, so both are compiled."""
 
     _STATE_KEYS = ("momentum_buffer",)

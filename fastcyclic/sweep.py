@@ -1,7 +1,7 @@
 """``fastcyclic sweep``: many training runs over a grid of P, weight decay λ, seeds and other settings, and
 where in that grid W and E end rank-2 cyclic (λ_crit) or collapse to zero (λ₀).
 
-    fastcyclic sweep --p 31,61,97 --weight-decay log:1e-3:1e-1:7 --seeds 3 --steps 1500 --out DIR \
+    fastcyclic sweep --p 31,61,97 --weight-decay log:1e-3:1e-1:7 --seeds 3 --steps 1500 --out DIR \\
         --set d=64 --set hidden=256 --set lr=3e-3 --set init_scale=1 --set train_fraction=0.4
     fastcyclic sweep --out DIR                   resume DIR's sweep (finished runs are skipped)
     fastcyclic sweep --out DIR --analyze-only    redo the tables and figures from what DIR holds
