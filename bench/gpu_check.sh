@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, the test suite natively (in parallel with pytest-xdist when it is
-# installed), then `fastcyclic bench all --device cuda`, everything under one directory:
-#   machine.txt  check.log  tests.log  bench.log  cubins.txt (registers and spills of every compiled kernel)
-#   portable-tests.log  bench/all.json  bench/{ce,optim,train,geometry}/NAME.{json,csv,png}
+# installed), then `fastcyclic bench all --device cuda`, everything into one archive:
+#   OUT_DIR/gpu_check.tgz  (tar xzf it) holding
+#     machine.txt  check.log  tests.log  bench.log  cubins.txt (registers and spills of every compiled kernel)
+#     portable-tests.log  bench/all.json  bench/{ce,optim,train,geometry}/NAME.{json,csv,png}
+#   OUT_DIR/check.log      the stage log, also printed
 # Usage: bench/gpu_check.sh [OUT_DIR]     (default: $OUT, else ./bench-out)
+# The files are written to a temporary folder and packed into OUT_DIR after every stage: the device tool
+# brings back at most 8 files from $OUT, none deeper than $OUT/a/b/, so a run stopped at its time limit
+# still returns the stages it finished.
 #
 # Sized to end within 6 minutes on an H200, so a 15-minute GPU session can run it and rerun it:
 # each stage has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT seconds; the bench's default is what
@@ -13,7 +18,8 @@
 # suite also rewrites its JSON and CSV atomically after each case (its PNG is drawn once, at the
 # end).  The suites run in the order of BENCH_SUITES (default: train geometry optim ce: the ones
 # never measured on a GPU first).
-# BENCH_ARGS adds arguments to `bench all` (e.g. "--quick"); TEST_ARGS to the first pytest run.
+# BENCH_ARGS adds arguments to `bench all` (e.g. "--quick"); TEST_ARGS to the first pytest run (split on
+# spaces: a -k expression without spaces, e.g. TEST_ARGS="-k cuda_graph").
 #
 # The tests come in two runs.  "tests", first: every test that runs GPU code (kernels, optimizers,
 # trainer, data, geometry, and every `cuda`-marked test; those GPU-only ones start first, see
@@ -27,13 +33,19 @@
 # sweep-w4.log end with runs per hour. A second call can then run e.g. STAGES="sweep" or STAGES="bench"
 # BENCH_SUITES="ce".
 set -uo pipefail
+dest=${1:-${OUT:-bench-out}}
+mkdir -p "$dest" && dest=$(cd "$dest" && pwd)  # absolute: the script works from the repository root
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-bench-out}}
-mkdir -p "$out"
+out=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # the results' tree, packed into $dest by pack
 export PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # read at cuBLAS's start (deterministic runs)
 started=$(date +%s)
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$out/check.log"; }
+# pack: everything so far into $dest/gpu_check.tgz (renamed into place: never half an archive) and check.log
+pack() {
+    tar -czf "$dest/gpu_check.tgz.part" -C "$out" . && mv -f "$dest/gpu_check.tgz.part" "$dest/gpu_check.tgz"
+    cp -f "$out/check.log" "$dest/check.log"
+}
 
 log "machine"
 {
@@ -44,19 +56,18 @@ log "machine"
 } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt" | tee -a "$out/check.log"
 
-# The machine has no network: install in place without build isolation, or fall back to a copy
-# with the installed layout (fastcyclic.kernels = kernels/, fastcyclic.bench = bench/).
+# The machine has no network: install in place without build isolation, or fall back to the installed
+# layout (fastcyclic.kernels = kernels/, fastcyclic.bench = bench/) by links inside fastcyclic/ (a copy on
+# PYTHONPATH would not do: `python3 -m` puts the repository root, and its fastcyclic/, first on sys.path)
 if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$out/check.log" 2>&1; then
-    log "pip install failed; using a copy of the source tree"
-    site=$(mktemp -d)
-    cp -r fastcyclic "$site/fastcyclic" && cp -r kernels "$site/fastcyclic/kernels" && cp -r bench "$site/fastcyclic/bench"
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    log "pip install failed; linking kernels/ and bench/ into fastcyclic/"
+    ln -sfn ../kernels fastcyclic/kernels && ln -sfn ../bench fastcyclic/bench
 fi
 
 stages=" ${STAGES:-tests bench cubins portable-tests} "
 for stage in $stages; do
     case $stage in tests|bench|sweep|cubins|portable-tests) ;;
-        *) log "unknown stage '$stage' in STAGES (tests bench sweep cubins portable-tests)"; exit 2;;
+        *) log "unknown stage '$stage' in STAGES (tests bench sweep cubins portable-tests)"; pack; exit 2;;
     esac
 done
 
@@ -76,6 +87,7 @@ run_tests() {
         "$@" > "$out/$name.log" 2>&1
     local code=$?
     log "$name exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(tail -n 1 "$out/$name.log")"
+    pack
 }
 
 if [[ $stages == *" tests "* ]]; then
@@ -87,7 +99,7 @@ if [[ $stages == *" bench "* ]]; then
     # at most 170 s, and what TOTAL_BUDGET leaves after the tests less 50 s for the cubins stage (>= 60 s)
     left=$(( ${TOTAL_BUDGET:-360} - ($(date +%s) - started) - 50 ))
     bench_limit=${BENCH_TIMEOUT:-$(( left > 170 ? 170 : left < 60 ? 60 : left ))}
-    bench_budget=${BENCH_BUDGET:-$(( bench_limit - 35 ))}
+    bench_budget=${BENCH_BUDGET:-$(( bench_limit > 70 ? bench_limit - 35 : bench_limit / 2 ))}
     log "bench all (limit ${bench_limit}s, new cases until ${bench_budget}s)"
     # shellcheck disable=SC2086
     timeout -k 10 "$bench_limit" python3 -m fastcyclic.cli bench all --device cuda \
@@ -96,6 +108,7 @@ if [[ $stages == *" bench "* ]]; then
     code=$?
     log "bench exit code $code$([ $code -ge 124 ] && echo ' (time limit)')"
     cat "$out/bench.log"
+    pack
 fi
 
 if [[ $stages == *" sweep "* ]]; then
@@ -109,15 +122,18 @@ if [[ $stages == *" sweep "* ]]; then
             --seeds 2 --steps 300 --set batch_size=2048 --device "${SWEEP_DEVICE:-cuda}" --workers "$workers" \
             --max-minutes "$(python3 -c "print(max(0.1, ($sweep_limit - 25) / 60))")" \
             --no-figures --out "$out/sweep-w$workers" > "$out/sweep-w$workers.log" 2>&1
-        code=$?
+        code=$?  # 1 is expected: the runs left at --max-minutes count as unfinished
         log "sweep exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(grep 'runs in' "$out/sweep-w$workers.log")"
+        pack
     done
 fi
 
 if [[ $stages == *" cubins "* ]]; then
     log "compiled kernels: registers and spills (cuobjdump on triton's cache)"
     timeout -k 5 "${CUBINS_TIMEOUT:-40}" python3 -m fastcyclic.bench.sm90 --cache > "$out/cubins.txt" 2>&1
-    log "cubins.txt: $(wc -l < "$out/cubins.txt") kernels"
+    code=$?
+    log "cubins exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(grep -c ' shared ' "$out/cubins.txt") kernels"
+    pack
 fi
 if [[ $stages == *" portable-tests "* ]]; then
     left=$(( ${TOTAL_BUDGET:-360} - ($(date +%s) - started) ))
@@ -127,4 +143,5 @@ if [[ $stages == *" portable-tests "* ]]; then
         log "portable-tests skipped: ${left}s left of TOTAL_BUDGET=${TOTAL_BUDGET:-360}s (CPU CI runs them)"
     fi
 fi
-log "done in $(( $(date +%s) - started )) s; results in $out"
+log "done in $(( $(date +%s) - started )) s; results in $dest/gpu_check.tgz (tar xzf it)"
+pack
