@@ -27,7 +27,7 @@ import tempfile
 
 SHARED_LIMIT = 227 << 10  # bytes of shared memory an sm_90 block may use
 # pointer arguments that are not the input dtype, and float scalar arguments
-POINTERS = {"y_ptr": "*i64", "terms_ptr": "*fp32", "lr_ptr": "*fp32", "weight_decay_ptr": "*fp32",
+POINTERS = {"y_ptr": "*i64", "class_ptr": "*i32", "terms_ptr": "*fp32", "lr_ptr": "*fp32", "weight_decay_ptr": "*fp32",
             "step_ptr": "*fp32", "state0_ptr": "*fp32", "state1_ptr": "*fp32", "skip_ptr": "*fp32",
             "table_ptr": "*i64", "numel_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64"}
 FLOATS = {"beta2", "one_minus_beta1", "one_minus_beta2", "log_beta1", "log_beta2", "eps", "momentum", "dampening",

@@ -191,8 +191,11 @@ def _forward_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward.  Per-row terms, a (4, N) fp32 tensor: lse (+inf beyond N, so rows past the end get
-# g = 0 exactly and need no mask), p_coef, t_coef * eps / K, and g on the target column.
+# Backward.  Per-row data, built once per backward by ``_row_data``: a (4, R) fp32 tensor of terms -- lse,
+# p_coef, t_coef * eps / K, and g on the target column -- and an int32 vector of target classes (-1 for an
+# ignored or out-of-range target, so no class matches it).  R is N rounded up to a whole number of row blocks,
+# and the padding rows hold lse = +inf, zeros and class -1, so their g is 0 exactly: the kernels read these
+# vectors without masks or int64 comparisons (the dW kernel reads them for every logits tile).
 # Columns past K: their dW / dbias rows are not stored, and their w rows read as 0, but the dh kernel
 # still zeroes their g (EVEN_K): z = 0 there, and exp(0 - lse) overflows to inf when every logit of a
 # row is below -88 (a large negative bias), so inf * 0 would make dh NaN.
@@ -200,24 +203,24 @@ def _forward_kernel(
 
 
 @triton.jit
-def _row_terms(terms_ptr, rows, N):
-    mask = rows < N
-    rows = rows.to(tl.int64)  # 3 * N passes 2^31 at N ~ 7e8: every offset in int64, as the docstring says
-    lse = tl.load(terms_ptr + rows, mask=mask, other=float("inf"))
-    p_coef = tl.load(terms_ptr + (rows + N), mask=mask, other=0.0)
-    t_uniform = tl.load(terms_ptr + (rows + N + N), mask=mask, other=0.0)
-    g_target = tl.load(terms_ptr + (rows + N + N + N), mask=mask, other=0.0)
-    return lse, p_coef, t_uniform, g_target
+def _row_terms(terms_ptr, class_ptr, rows, R):
+    """lse, p_coef, t_uniform, g_target and the target class of ``rows`` (all < R: no mask needed)."""
+    row_stride = tl.cast(R, tl.int64)  # 3 R passes 2^31 at N ~ 7e8
+    lse = tl.load(terms_ptr + rows)
+    p_coef = tl.load(terms_ptr + row_stride + rows)
+    t_uniform = tl.load(terms_ptr + 2 * row_stride + rows)
+    g_target = tl.load(terms_ptr + 3 * row_stride + rows)
+    return lse, p_coef, t_uniform, g_target, tl.load(class_ptr + rows)
 
 
 @triton.jit(do_not_specialize=["N", "K", "rows_per_split"])
 def _backward_dw_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, terms_ptr,
+    h_ptr, w_ptr, b_ptr, class_ptr, terms_ptr,
     dw_ptr, db_ptr,
     lr_ptr, weight_decay_ptr, step_ptr, state0_ptr, state1_ptr,
     hyper0, hyper1, hyper2, hyper3, hyper4, hyper5,
-    N, K, D,
-    stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_y,
+    N, K, D, R,
+    stride_hn, stride_hd, stride_wk, stride_wd, stride_b,
     stride_dw_split, stride_dwk, stride_dwd, stride_db_split,
     rows_per_split,
     HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr,
@@ -257,8 +260,7 @@ def _backward_dw_kernel(
                           EVEN_D, BLOCK_D, UPCAST, PRECISION)
         if HAS_BIAS:
             z_t += bias[:, None]
-        lse, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
-        target = _load_target(y_ptr, rows, stride_y, rows < N, K)
+        lse, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R)
         g_t = _logit_grad(z_t, lse[None, :], p_coef[None, :], t_uniform[None, :], g_target[None, :],
                           cols[:, None] == target[None, :])
         # bf16/fp16 operands for the tensor cores, fp32 accumulation
@@ -301,10 +303,10 @@ def _backward_dw_kernel(
 
 @triton.jit(do_not_specialize=["N", "K", "cols_per_split"])
 def _backward_dh_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, terms_ptr,
+    h_ptr, w_ptr, b_ptr, class_ptr, terms_ptr,
     dh_ptr,
-    N, K, D,
-    stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_y,
+    N, K, D, R,
+    stride_hn, stride_hd, stride_wk, stride_wd, stride_b,
     stride_dh_split, stride_dhn, stride_dhd,
     cols_per_split,
     HAS_BIAS: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr,
@@ -317,8 +319,7 @@ def _backward_dh_kernel(
     split = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dcols = pid_d * BLOCK_DS + tl.arange(0, BLOCK_DS)
-    lse, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
-    target = _load_target(y_ptr, rows, stride_y, rows < N, K)
+    lse, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R)
     if RESIDENT:
         h_rows = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, UPCAST)
 
@@ -349,10 +350,10 @@ def _backward_dh_kernel(
 
 @triton.jit(do_not_specialize=["N", "K", "k_start", "k_end"])
 def _logit_grad_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, terms_ptr,
+    h_ptr, w_ptr, b_ptr, class_ptr, terms_ptr,
     g_ptr, db_ptr,
-    N, K, D, k_start, k_end,
-    stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_y, stride_gn, stride_db,
+    N, K, D, R, k_start, k_end,
+    stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_gn, stride_db,
     HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -370,8 +371,7 @@ def _logit_grad_kernel(
                 EVEN_D, BLOCK_D, UPCAST, PRECISION)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-    lse, p_coef, t_uniform, g_target = _row_terms(terms_ptr, rows, N)
-    target = _load_target(y_ptr, rows, stride_y, rows < N, K)
+    lse, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R)
     g = _logit_grad(z, lse[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
                     cols[None, :] == target[:, None])
     out = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - k_start).to(tl.int64)[None, :]
@@ -660,6 +660,21 @@ def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype, *, on_gpu: boo
     return dataclasses.replace(tc, block_owner=block_k, block_loop=block_n, block_ds=dp, splits=1, num_warps=8)
 
 
+def _row_data(target, lse, p_coef, t_uniform, g_target, k: int, config: LCEConfig):
+    """The backward kernels' per-row data (see _row_terms): int32 classes (R,) and fp32 terms (4, R), R = N
+    rounded up to the largest row block any backward kernel takes, the padding rows inert."""
+    n = target.shape[0]
+    block = max(config.backward_dw.block_loop, config.backward_dh.block_owner, config.backward_grad.block_owner)
+    r = triton.cdiv(max(n, 1), block) * block
+    classes = torch.full((r,), -1, dtype=torch.int32, device=target.device)
+    classes[:n] = torch.where((target >= 0) & (target < k), target, -1)
+    terms = torch.zeros(4, r, dtype=torch.float32, device=target.device)
+    terms[0, n:] = float("inf")
+    for row, term in enumerate((lse, p_coef, t_uniform, g_target)):
+        terms[row, :n] = term
+    return classes, terms
+
+
 @_on_device_of_h
 def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, *, config=None,
              need_dh=True, need_dw=True, need_db=True, update: ClassifierUpdate | None = None):
@@ -670,13 +685,13 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
     n, d = h.shape
     k = w.shape[0]
     config = config or default_config(n, d, k, h.dtype, h.device)
-    terms = torch.stack([lse, p_coef, t_coef * (label_smoothing / k), g_target]).float()
+    classes, terms = _row_data(target, lse, p_coef, t_coef * (label_smoothing / k), g_target, k, config)
     if config.backward == "gemm" and update is None:
-        return _backward_gemm(h, w, bias, target, terms, config, need_dh, need_dw, need_db)
+        return _backward_gemm(h, w, bias, classes, terms, config, need_dh, need_dw, need_db)
     b = bias if bias is not None else h
-    args = (h, w, b, target, terms)
-    strides = (h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0) if bias is not None else 0,
-               target.stride(0))
+    args = (h, w, b, classes, terms)
+    rows_and_strides = (n, k, d, terms.shape[1],
+                        h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0) if bias is not None else 0)
     dh = dw = db = None
 
     if need_dh:
@@ -690,7 +705,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
         if n > 0:
             _backward_dh_kernel[(n_blocks, d_blocks, splits)](
                 *args, dh3,
-                n, k, d, *strides,
+                *rows_and_strides,
                 dh3.stride(0), dh3.stride(1), dh3.stride(2),
                 cols_per_split,
                 HAS_BIAS=bias is not None, EVEN_DS=d % tc.block_ds == 0, EVEN_K=k % tc.block_loop == 0,
@@ -726,7 +741,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
             _backward_dw_kernel[(k_blocks, d_blocks, splits)](
                 *args, dw3, db_out if db_out is not None else dw3,
                 *update_pointers,
-                n, k, d, *strides,
+                *rows_and_strides,
                 dw3.stride(0), dw3.stride(1), dw3.stride(2),
                 db_out.stride(0) if (db_out is not None and splits > 1) else 0,
                 rows_per_split,
@@ -775,7 +790,7 @@ def _mm_fp32(a, b):
     return a.float() @ b.float()  # CPU (the interpreter's tests), or an older torch: upcast first
 
 
-def _backward_gemm(h, w, bias, target, terms, config, need_dh, need_dw, need_db):
+def _backward_gemm(h, w, bias, classes, terms, config, need_dh, need_dw, need_db):
     """The "gemm" backward (see LCEConfig): per block of classes, g from _logit_grad_kernel, then
     dW[block] = g^T h, complete (rounded once, like eager's), and dh += g W[block] in fp32, cast once
     at the end.  g is rounded to h's dtype for the products, exactly as the recompute kernels round it
@@ -802,10 +817,10 @@ def _backward_gemm(h, w, bias, target, terms, config, need_dh, need_dw, need_db)
         k1 = min(k, k0 + chunk)
         g_block = g[:, :k1 - k0]
         _logit_grad_kernel[(row_blocks, triton.cdiv(k1 - k0, tc.block_loop))](
-            h, w, b, target, terms, g_block, db_rows,
-            n, k, d, k0, k1,
+            h, w, b, classes, terms, g_block, db_rows,
+            n, k, d, terms.shape[1], k0, k1,
             h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0) if bias is not None else 0,
-            target.stride(0), g_block.stride(0), db_rows.stride(0),
+            g_block.stride(0), db_rows.stride(0),
             HAS_BIAS=bias is not None, WANT_DB=need_db, EVEN_D=d % tc.block_d == 0,
             BLOCK_N=tc.block_owner, BLOCK_K=tc.block_loop, BLOCK_D=tc.block_d,
             UPCAST=INTERPRETER, PRECISION=_precision(h.dtype), num_warps=tc.num_warps, num_stages=tc.num_stages,
