@@ -240,7 +240,7 @@ def rel_err(x, ref):
     return ((x - ref).norm() / (scale if scale > 0 else 1.0)).item()
 
 
-def run_case(method: str, fn, h, w, y, ref, *, quick: bool) -> dict:
+def run_case(fn, h, w, y, ref, *, quick: bool) -> dict:
     """Correctness, time and memory of one method on one problem."""
     def step():
         loss = fn(h, w, y)
@@ -265,7 +265,8 @@ def run_case(method: str, fn, h, w, y, ref, *, quick: bool) -> dict:
 
 def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=False, log=print,
         after_case=None, ceil=None) -> tuple[list[dict], list[dict]]:
-    """All methods on all shapes; after_case(records, tuning) is called whenever a record is added.
+    """All methods on all shapes; after_case(records, tuning) is called after each record of a method that
+    ran (or failed), and once per shape whose inputs failed or that the time budget skipped.
     With tune (CUDA), each kernel's tiles are tuned first and fastcyclic runs both with the tuned
     and the default tiles.  ceil: measure.ceilings(...) for the fraction of the GEMM rate."""
     records, tunings = [], []
@@ -338,9 +339,9 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
                         from fastcyclic.linear_ce import tuning as kernel_tuning
 
                         with kernel_tuning(config=cfg):
-                            record.update(run_case(label, fn, h, w, y, ref, quick=quick))
+                            record.update(run_case(fn, h, w, y, ref, quick=quick))
                     else:
-                        record.update(run_case(label, fn, h, w, y, ref, quick=quick))
+                        record.update(run_case(fn, h, w, y, ref, quick=quick))
                     record["status"] = "ok"
                     record["tflops_per_s"] = record["flops"] / (record["median_ms"] * 1e9)
                     measure.set_rate(record, record["tflops_per_s"], "TFLOP/s", gemm)

@@ -493,7 +493,8 @@ def add_out_argument(parser, files) -> None:
 
 
 def setup_device(args) -> torch.device:
-    """The device --device names, with --threads applied and --interpret (where offered) refused on CUDA."""
+    """The device --device names, with --threads applied, --interpret (where offered) refused on CUDA,
+    and --out (where given) checked to be a writable directory."""
     device = resolve_device(args.device)
     apply_threads(args)
     if getattr(args, "interpret", False) and device.type == "cuda":

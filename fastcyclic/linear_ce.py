@@ -365,7 +365,9 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or (N,) for reduction="none".
     """
-    if fused_update is not None and _autocast_enabled(h):
+    fusing = (fused_update is not None and torch.is_grad_enabled() and isinstance(weight, Tensor)
+              and weight.requires_grad)  # otherwise the handle is ignored (see fused_update above)
+    if fusing and _autocast_enabled(h):
         raise ValueError("fused_update cannot run under torch.autocast: it updates the weight itself, not the "
                          "autocast copy the logits would use; call the loss outside the autocast region")
     h, weight, bias = _autocast(h, weight, bias)
@@ -375,7 +377,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
     if fused_update is not None and not isinstance(fused_update, FusedUpdate):
         raise TypeError(f"fused_update must be a handle from fastcyclic.optim.fused_update(optimizer, weight), "
                         f"got {type(fused_update).__name__}")
-    if fused_update is not None and torch.is_grad_enabled() and weight.requires_grad:
+    if fusing:
         if bias is not None and bias.requires_grad and not bias.is_leaf:
             raise ValueError(f"fused_update needs the bias as the parameter itself (a leaf tensor), got one computed "
                              f"by {type(bias.grad_fn).__name__}: the fused backward writes bias.grad directly, so "

@@ -7,7 +7,7 @@ Both follow ``torch.optim.Optimizer``'s contract (param groups, ``zero_grad``, `
 * ``weight_decay_mode``: "decoupled" (default; the decay acts on the parameter, not through the
   moments: torch.optim.AdamW, SGDW) or "l2" (wd * p joins the gradient, the penalty wd/2 * |p|^2 in
   the loss: torch.optim.Adam(weight_decay=wd), torch.optim.SGD(weight_decay=wd)).  The theory's
-  surrogate is the explicit penalty, and small runs only find few-frequency solutions with it.
+  surrogate is the explicit penalty.
 * backend "triton": one launch updates every tensor of a param group of one dtype (``kernels.optim``), fp32 math
   and fp32 state for bf16/fp16 parameters; backend "torch": the same math in PyTorch ops (CPU, and
   the reference the kernels are tested against); "auto": triton for CUDA parameters.
@@ -16,7 +16,7 @@ Both follow ``torch.optim.Optimizer``'s contract (param groups, ``zero_grad``, `
 * ``skip_nonfinite=True``: a step whose gradients hold NaN or Inf is skipped on the device (no host
   sync) and counted in ``nonfinite_steps``.  The default propagates NaN/Inf into the parameters, as
   torch.optim does.  (One trace remains: SGDW's first momentum step, skipped, leaves a zero buffer, so the
-  next step starts it at (1 - dampening) * g instead of g; the same with dampening 0.)
+  next step starts it at (1 - dampening) * g instead of g; no trace when dampening is 0.)
 * The classifier's update can run inside the fused cross-entropy backward: :func:`fused_update`.
 
 The decoupled SGDW rule with momentum (torch's SGD couples the decay into the gradient):

@@ -680,7 +680,7 @@ def _init_worker(threads: int) -> None:
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent,), name="exit-with-sweep", daemon=True).start()
-    torch.set_num_threads(threads)  # one thread per process: processes, not threads, use the cores
+    torch.set_num_threads(threads)  # run_sweep's choice: cores / workers on CPU (processes use the cores), 2 on CUDA
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:
@@ -1428,7 +1428,7 @@ def plot_fractions(analysis: dict, path: str) -> str:
     return save_png(fig, path)
 
 
-def summary_text(analysis: dict, outcome: Optional[SweepOutcome] = None) -> str:
+def summary_text(analysis: dict) -> str:
     """A few lines per series: λ_crit and λ₀ per P, the slopes."""
     lines = []
     for name, entry in analysis["series"].items():
@@ -1477,7 +1477,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="runs at once, each in its own process (default: CPU cores on CPU, 1 on CUDA; "
                              "0 = one after another in this process)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores/workers)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: cores/workers on CPU, 2 on CUDA)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:n]")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="start no run after this many minutes (rerun to continue)")

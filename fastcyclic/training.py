@@ -634,7 +634,7 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
                    dynamic_ncols=True)
     try:
         if trainer.step_count == 0 and not trainer.history:
-            _log(trainer, trainer.evaluate(with_geometry=True), paths, bar)
+            _log(trainer.evaluate(with_geometry=True), paths, bar)
         while trainer.step_count < config.steps:
             before = trainer.step_count
             trainer.step()
@@ -645,7 +645,7 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
             due_checkpoint = checkpoint and config.checkpoint_every and (
                 trainer.step_count % config.checkpoint_every == 0 or trainer.step_count == config.steps)
             if due_eval:
-                _log(trainer, trainer.evaluate(), paths, bar)  # raises TrainingDiverged on NaN/Inf
+                _log(trainer.evaluate(), paths, bar)  # raises TrainingDiverged on NaN/Inf
             if due_checkpoint:
                 trainer.check_finite()  # a diverged state never overwrites the last good checkpoint
                 trainer.save_checkpoint(checkpoint)
@@ -657,7 +657,7 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
     # a resume with steps = the checkpoint's step ends where the last record may be older, or lack the
     # geometry that a run's final record has: evaluate, or measure the geometry, where the model is
     if not trainer.history or trainer.history[-1]["step"] != trainer.step_count:
-        _log(trainer, trainer.evaluate(with_geometry=True), paths, None)
+        _log(trainer.evaluate(with_geometry=True), paths, None)
     elif "rho2_W" not in trainer.history[-1]:
         trainer.add_geometry(trainer.history[-1])
         if "metrics" in paths:
@@ -701,7 +701,7 @@ def _write_metrics(path: str, history: list) -> None:
     write_atomic(path, lambda f: f.write(lines.encode()))
 
 
-def _log(trainer: Trainer, record: dict, paths: dict, bar) -> None:
+def _log(record: dict, paths: dict, bar) -> None:
     if "metrics" in paths:
         with open(paths["metrics"], "a") as f:
             f.write(json.dumps(record) + "\n")

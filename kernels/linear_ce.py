@@ -8,7 +8,7 @@ every output is written once, in a fixed order, with no atomics (bitwise determi
 * ``_forward_kernel``     owns a block of rows, loops over classes: online max and sum-exp, the
                           target logit, optionally the row sum of logits (label smoothing) and the
                           argmax.  The class axis can be split across programs; the per-split
-                          partials (O(splits * N)) are merged on the host.
+                          partials (O(splits * N)) are merged by PyTorch ops on the device.
 * ``_backward_dw_kernel`` owns a block of classes (dW and dbias rows), loops over rows: recomputes
                           the logits tile (transposed, as FlashAttention's dK/dV kernel does, so
                           g^T feeds the tensor cores straight from registers), accumulates dW += g^T h.
@@ -21,9 +21,9 @@ every output is written once, in a fixed order, with no atomics (bitwise determi
 
 The gradient of the logits is
     g[n, k] = p_coef[n] * softmax(z)[n, k] - t_coef[n] * ((1 - eps) * [k == y_n] + eps / K)
-with per-row coefficients computed on the host from the upstream gradients (see
-``fastcyclic.linear_ce``), so reductions, ignore_index, z-loss and gradients flowing into the LSE
-all reach the kernels as per-row vectors.  Nothing is filtered or approximated.  (An option that
+with per-row coefficients computed beforehand by PyTorch ops on the device from the upstream
+gradients (see ``fastcyclic.linear_ce``), so reductions, ignore_index, z-loss and gradients flowing
+into the LSE all reach the kernels as per-row vectors.  Nothing is filtered or approximated.  (An option that
 accumulated dh with atomics from the dW kernel, saving one logits recompute, measured 1.8-3.5x
 slower on an H200 and was removed: bench/results/2026-11-28-h200/run1.)
 
@@ -98,7 +98,7 @@ def _logit_grad(z, lse, p_coef, t_uniform, g_target, onehot):
     """g = p_coef * softmax(z) - t_uniform off the target, g_target on it (all already broadcast).
 
     (z - lse) is formed before scaling by log2(e): pre-scaling lse would round it to ulp(lse), 1e-3
-    at |z| ~ 1e4.  g_target comes from the host, free of the cancellation of p_y - 1 for confident
+    at |z| ~ 1e4.  g_target comes in precomputed, free of the cancellation of p_y - 1 for confident
     rows (see fastcyclic.linear_ce)."""
     p = tl.exp2((z - lse) * 1.4426950408889634)
     return tl.where(onehot, g_target, p_coef * p - t_uniform)
@@ -361,7 +361,7 @@ def _logit_grad_kernel(
     """For the "gemm" backward: g[rows, cols - k_start] for the classes [k_start, k_end), stored in
     h's dtype (what the tensor cores of the dW and dh GEMMs take).  A GEMM with the softmax
     gradient as its epilogue: one program per (rows, cols) tile, looping over D.  With WANT_DB it
-    also stores the fp32 column sums of its tile (row block pid_n), summed on the host into dbias:
+    also stores the fp32 column sums of its tile (row block pid_n), summed afterwards into dbias:
     from g before rounding, which in fp16 would flush the ~1/(N K) entries of a mean to zero."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -435,10 +435,11 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 
 def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device) -> LCEConfig:
-    """Tiles for a problem.  Under the interpreter every (program x loop step) costs ~5 ms, so the
-    tiles are as large as numpy handles comfortably.  On GPU they are the per-kernel winners of
-    ``fastcyclic bench ce --tune`` on an H200 (bench/results/2026-11-28-h200/run3), chosen by the
-    bytes of one row of h (fp32 with TF32 at D = 128 takes the tiles of bf16 at D = 256, and so on).
+    """Tiles for a problem; only d, dtype and device decide them today (n and k are there for a rule
+    that would).  Under the interpreter every (program x loop step) costs ~5 ms, so the tiles are as
+    large as numpy handles comfortably.  On GPU they are the per-kernel winners of ``fastcyclic bench
+    ce --tune`` on an H200 (bench/results/2026-11-28-h200/run3), chosen by the bytes of one row of h
+    (fp32 with TF32 at D = 128 takes the tiles of bf16 at D = 256, and so on).
     Exact fp32 ("ieee": CUDA-core FMA dots) has tiles of its own, chosen by compiling for sm_90."""
     dp = _pow2(d)
     if device.type != "cuda":
@@ -488,7 +489,7 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-# fp32 partial results of a split loop (merged on the host) may take at most this much memory
+# fp32 partial results of a split loop (merged by PyTorch ops on the device) may take at most this much memory
 PARTIAL_BUDGET_BYTES = 32 << 20
 
 
@@ -624,7 +625,8 @@ class ClassifierUpdate:
 _NO_UPDATE = dict(UPDATE=0, DECOUPLED=False, HAS_MOMENTUM=False, FIRST_STEP=False, NESTEROV=False)
 
 # shared memory one fused-update dW program may use by the estimate below: the H100/H200 limit is 227 KiB
-# per block, and compiled kernels take up to ~18 KiB more than the estimate
+# per block; compiled kernels took up to ~18 KiB more than the estimate (bench/sm90.py), and the rest of the
+# 51 KiB margin is room for another triton version's staging
 FUSED_SHARED_BUDGET = 176 << 10
 
 
@@ -836,7 +838,8 @@ def _backward_gemm(h, w, bias, classes, terms, config, need_dh, need_dw, need_db
 
 def with_splits(config: LCEConfig, splits: int | None) -> LCEConfig:
     """The same tiles with a fixed number of splits in every kernel (tests use it to reach the
-    partial-merge paths on CPU, where the default is one split)."""
+    partial-merge paths on CPU, where the default is one split unless a kernel has a single owner block:
+    then _split asks for two)."""
     return dataclasses.replace(config, **{name: dataclasses.replace(getattr(config, name), splits=splits)
                                           for name in ("forward", "backward_dw", "backward_dh")})
 

@@ -927,11 +927,17 @@ def test_fused_update_fits_says_which_widths_the_cuda_tile_takes():
 
 
 def test_fused_update_is_inert_without_grad_mode(gen):
+    """Evaluation with the training call's arguments: no grad mode (also under autocast, where a fusing call is
+    refused) leaves the handle unused."""
     w, opt, handle, x, y = _fused_setup(gen)
     before = w.detach().clone()
     with torch.no_grad():
         loss = linear_cross_entropy(x, w, y, fused_update=handle)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            autocast_loss = linear_cross_entropy(x, w, y, fused_update=handle)
     torch.testing.assert_close(loss, linear_cross_entropy(x, w.detach(), y))
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        torch.testing.assert_close(autocast_loss, linear_cross_entropy(x, w.detach(), y))
     assert torch.equal(w.detach(), before)
 
 
