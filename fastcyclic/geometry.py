@@ -503,9 +503,9 @@ def _unit_rows(c: _Centred) -> torch.Tensor:
 
 
 def _nc_distances(c: _Centred, omega: int) -> NCDistances:
-    K = c.x.shape[0]
+    K, d = c.x.shape
     m = _unit_rows(c)
-    S = m.T @ m
+    S = m @ m.T if d > K else m.T @ m  # the smaller Gram: ‖M̃M̃ᵀ‖_F = ‖M̃ᵀM̃‖_F, and the traces agree
     g_norm = float(torch.linalg.matrix_norm(S))  # ‖G‖_F
     if g_norm == 0.0:  # no rows left: resembles neither target
         return NCDistances(math.sqrt(2), math.sqrt(2), omega)

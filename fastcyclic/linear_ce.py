@@ -176,7 +176,8 @@ def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     # expm1(z_y - max)) keeps the ~1e-7 loss of a confident row accurate (there z_y == max exactly,
     # while lse - z_y would cancel to ulp(lse) ~ 2e-6)
     has_target = (target >= 0) & (target < num_classes)
-    shift = torch.where(has_target, target_logit - row_max, float("-inf"))
+    # a row whose logits are all -inf (every class masked): exp(shift) = 0, so lse = -inf as in logsumexp, not NaN
+    shift = torch.where(has_target & (row_max > float("-inf")), target_logit - row_max, float("-inf"))
     nll = (row_max - target_logit) + torch.log1p(rest + torch.expm1(shift))
     lse = row_max + torch.log(rest + torch.exp(shift))
     loss = nll

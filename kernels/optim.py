@@ -59,7 +59,7 @@ def adamw_math(p, g, m, v, lr, weight_decay, step,
     else:
         g = g + weight_decay * p
     m = m + one_minus_beta1 * (g - m)  # lerp, like torch
-    v = v * beta2 + one_minus_beta2 * (g * g)
+    v = v * beta2 + (one_minus_beta2 * g) * g  # torch's addcmul order: g * g alone overflows fp32 at |g| > 1.8e19
     bias_correction1 = _one_minus_power(step, log_beta1)
     bias_correction2_sqrt = tl.sqrt_rn(_one_minus_power(step, log_beta2))
     # correctly rounded sqrt and division, as torch's CUDA kernels: on a GPU tl.sqrt and `/` compile

@@ -470,6 +470,7 @@ def test_nc_distances_match_brute_force(gen, K, omega):
     M = torch.randn(K, 4, generator=gen, dtype=F64)
     M[0] = M[1:].mean(0)  # row 0 is the mean: a zero row after centring
     layouts.append(M)
+    layouts.append(torch.randn(K, 3 * K, generator=gen, dtype=F64))  # wider than tall: the K x K Gram
     for X in layouts:
         got = g.nc_distances(X, omega=omega)
         want = brute_nc(X, omega)

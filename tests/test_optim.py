@@ -575,6 +575,21 @@ def test_nonfinite_gradient_propagates_by_default_like_torch(backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_adamw_huge_gradients_step_like_torch(backend, gen):
+    """|g| ~ 1e20: g * g alone overflows fp32 (above 1.8e19), torch's ((1 - beta2) g) g does not; an inf second
+    moment would freeze the parameter for good."""
+    start = make_params(gen, [(8,)])
+    a, b = clones(start), clones(start)
+    opt_a, opt_b = AdamW(a, lr=0.1, backend=backend), torch.optim.AdamW(b, lr=0.1)
+    g = torch.randn(8, generator=gen).to(DEVICE) * 1e20
+    a[0].grad, b[0].grad = g.clone(), g.clone()
+    opt_a.step()
+    opt_b.step()
+    assert torch.isfinite(opt_a.state[a[0]]["exp_avg_sq"]).all()
+    torch.testing.assert_close(a[0], b[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer", ["adamw", "sgdw"])
 def test_skip_nonfinite_skips_the_whole_step_and_counts_it(backend, optimizer, gen):
     """A step with an Inf in any gradient changes no parameter or state; the run continues as if
