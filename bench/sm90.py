@@ -147,20 +147,20 @@ def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None,
         config = linear_ce.with_splits(config, 2)
     h, w = torch.zeros(n, d, dtype=dtype), torch.zeros(k, d, dtype=dtype)
     bias = torch.zeros(k, dtype=dtype) if ragged else None
-    target, terms = torch.zeros(n, dtype=torch.int64), torch.zeros(n)
+    target, terms, lse_parts = torch.zeros(n, dtype=torch.int64), torch.zeros(n), torch.zeros(2, n)
     smoothing = 0.1 if ragged else 0.0
     with captured_launches() as launches:
         if update is None:
             linear_ce.forward(h, w, bias, target, want_logit_sum=ragged, want_argmax=ragged, config=config)
-            linear_ce.backward(h, w, bias, target, terms, terms, terms, terms, smoothing, config=config)
-            linear_ce.backward(h, w, bias, target, terms, terms, terms, terms, smoothing,
+            linear_ce.backward(h, w, bias, target, lse_parts, terms, terms, terms, smoothing, config=config)
+            linear_ce.backward(h, w, bias, target, lse_parts, terms, terms, terms, smoothing,
                                config=dataclasses.replace(config, backward="gemm"), need_dh=False)
         else:
             scalar = torch.zeros(())
             state = [torch.zeros(k, d), torch.zeros(k, d) if update == "adamw" else None]
             step = linear_ce.ClassifierUpdate(update, scalar, scalar, scalar, *state,
                                               (0.9, 0.999, 1e-8) if update == "adamw" else (0.9, 0.0), True)
-            linear_ce.backward(h, w, None, target, terms, terms, terms, terms, 0.0, config=config,
+            linear_ce.backward(h, w, None, target, lse_parts, terms, terms, terms, 0.0, config=config,
                                need_dh=False, update=step)
     for fn, args, kwargs in launches:
         label = f"fused {update} dW" if update else fn.__name__.strip("_").replace("_kernel", "")

@@ -49,11 +49,13 @@ def tune_shape(h, w, y, *, rep_ms: float = 60.0, log=print) -> tuple[LCEConfig, 
 
     n, d = h.shape
     k = w.shape[0]
+    from fastcyclic.linear_ce import _linear_ce, _logit_grad_terms
+
     base = kernels.default_config(n, d, k, h.dtype, h.device)
-    row_max, rest, target_logit, _, _ = kernels.forward(h, w, None, y)
-    lse = row_max + torch.log(rest + torch.exp(target_logit - row_max))  # rest excludes the target
-    p_coef = torch.full_like(lse, 1.0 / n)
-    g_target = p_coef * torch.expm1(target_logit - lse)  # eps = 0: p_coef * (p_y - 1)
+    # the backward's inputs for the mean loss, as the loss's own backward forms them
+    _, _, _, saved = _linear_ce(h, w, None, y, -100, 0.0, 0.0, "triton", False, False)
+    p_coef, t_coef, g_target = _logit_grad_terms(torch.full((n,), 1.0 / n, device=h.device), None, y, saved, -100,
+                                                 0.0, 0.0, k)
 
     def launch(kernel: str, tile: TileConfig):
         config = dataclasses.replace(base, **{kernel: tile})
@@ -62,7 +64,7 @@ def tune_shape(h, w, y, *, rep_ms: float = 60.0, log=print) -> tuple[LCEConfig, 
         if kernel == "backward_grad":  # the whole "gemm" backward (its cuBLAS products do not depend on the tile)
             config = dataclasses.replace(config, backward="gemm")
         need_dh, need_dw = kernel != "backward_dw", kernel != "backward_dh"
-        return lambda: kernels.backward(h, w, None, y, lse, p_coef, p_coef, g_target, 0.0, config=config,
+        return lambda: kernels.backward(h, w, None, y, saved[1:], p_coef, t_coef, g_target, 0.0, config=config,
                                         need_dh=need_dh, need_dw=need_dw)
 
     timings, best = {}, {}

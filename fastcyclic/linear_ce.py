@@ -161,8 +161,9 @@ def _check_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
 def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                label_smoothing: float, z_loss: float, backend: str, want_argmax: bool,
                validate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-row (loss, lse, argmax, nll); argmax is empty unless asked for; nll = lse - z_y is kept
-    for the backward."""
+    """Per-row (loss, lse, argmax, saved); argmax is empty unless asked for; saved, for the backward, is
+    (3, N): nll = lse - z_y, the row max and log_sum = lse - max (lse is the sum of the last two, which
+    the backward needs unrounded: see kernels.linear_ce._logit_grad)."""
     num_classes = weight.shape[0]
     if validate:
         _check_targets(target, num_classes, ignore_index)
@@ -179,7 +180,8 @@ def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     # a row whose logits are all -inf (every class masked): exp(shift) = 0, so lse = -inf as in logsumexp, not NaN
     shift = torch.where(has_target & (row_max > float("-inf")), target_logit - row_max, float("-inf"))
     nll = (row_max - target_logit) + torch.log1p(rest + torch.expm1(shift))
-    lse = row_max + torch.log(rest + torch.exp(shift))
+    log_sum = torch.log(rest + torch.exp(shift))
+    lse = row_max + log_sum
     loss = nll
     if label_smoothing > 0:
         loss = loss + label_smoothing * (target_logit - logit_sum / num_classes)
@@ -188,7 +190,7 @@ def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     loss = torch.where(target != ignore_index, loss, 0.0)
     dtype = _result_dtype(h.dtype)
     argmax = argmax if want_argmax else torch.empty(0, dtype=torch.int64, device=h.device)
-    return loss.to(dtype), lse.to(dtype), argmax, nll.to(dtype)
+    return loss.to(dtype), lse.to(dtype), argmax, torch.stack([nll, row_max, log_sum]).to(dtype)
 
 
 @_linear_ce.register_fake
@@ -196,17 +198,18 @@ def _(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, w
     n = h.shape[0]
     dtype = _result_dtype(h.dtype)
     return (h.new_empty(n, dtype=dtype), h.new_empty(n, dtype=dtype),
-            h.new_empty(n if want_argmax else 0, dtype=torch.int64), h.new_empty(n, dtype=dtype))
+            h.new_empty(n if want_argmax else 0, dtype=torch.int64), h.new_empty(3, n, dtype=dtype))
 
 
 @torch.library.custom_op("fastcyclic::linear_ce_backward", mutates_args=())
-def _linear_ce_backward(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor,
+def _linear_ce_backward(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse_parts: Tensor,
                         p_coef: Tensor, t_coef: Tensor, g_target: Tensor, label_smoothing: float,
                         backend: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dh, dweight, dbias); a gradient not asked for (or a missing bias) is an empty tensor."""
+    """(dh, dweight, dbias); a gradient not asked for (or a missing bias) is an empty tensor.  lse_parts: the
+    row max and log_sum of the forward's saved tensor."""
     with torch.autocast(h.device.type, enabled=False):
         dh, dw, db = _impl(backend).backward(
-            h, weight, bias, target, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(),
+            h, weight, bias, target, lse_parts.contiguous(), p_coef.contiguous(), t_coef.contiguous(),
             g_target.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw, **_backend_kwargs(backend))
     # a fresh empty tensor for each missing gradient: a custom op's outputs may not alias each other
     return (dh if dh is not None else h.new_empty(0), dw if dw is not None else h.new_empty(0),
@@ -214,21 +217,21 @@ def _linear_ce_backward(h: Tensor, weight: Tensor, bias: Optional[Tensor], targe
 
 
 @_linear_ce_backward.register_fake
-def _(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, backend, need_dh, need_dw):
+def _(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing, backend, need_dh, need_dw):
     return (h.new_empty(h.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
             bias.new_empty(bias.shape) if bias is not None else h.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
     h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, _, _ = inputs
-    _, lse, _, nll = output
-    ctx.save_for_backward(h, weight, bias, target, lse, nll)
+    ctx.save_for_backward(h, weight, bias, target, output[3])
     ctx.options = (ignore_index, label_smoothing, z_loss, backend)
 
 
-def _logit_grad_terms(grad_loss, grad_lse, target, lse, nll, ignore_index, label_smoothing, z_loss, num_classes):
+def _logit_grad_terms(grad_loss, grad_lse, target, saved, ignore_index, label_smoothing, z_loss, num_classes):
     """Per-row (p_coef, t_coef, g_target) of g = dL/dz = p_coef * softmax(z) - t_coef * ((1-eps) onehot + eps/K),
-    with g_target its value in the target column."""
+    with g_target its value in the target column; saved is the forward's (nll, row max, log_sum)."""
+    nll, lse = saved[0], saved[1] + saved[2]  # the lse the forward returned
     # d loss_n / d z = t_coef_n * (softmax(z) * (1 + 2 z_loss lse_n) - (1-eps) onehot - eps/K)
     # and d lse_n / d z = softmax(z): both fold into g = p_coef * softmax - t_coef * (...)
     valid = target != ignore_index
@@ -243,15 +246,15 @@ def _logit_grad_terms(grad_loss, grad_lse, target, lse, nll, ignore_index, label
     return p_coef.to(lse.dtype), t_coef.to(lse.dtype), g_target.to(lse.dtype)
 
 
-def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_nll):
-    h, weight, bias, target, lse, nll = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_saved):
+    h, weight, bias, target, saved = ctx.saved_tensors
     ignore_index, label_smoothing, z_loss, backend = ctx.options
     need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
     if not (need_dh or need_dw or need_db):
         return (None,) * 10
-    p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, grad_lse, target, lse, nll, ignore_index,
+    p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, grad_lse, target, saved, ignore_index,
                                                  label_smoothing, z_loss, weight.shape[0])
-    dh, dw, db = _linear_ce_backward(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
+    dh, dw, db = _linear_ce_backward(h, weight, bias, target, saved[1:], p_coef, t_coef, g_target, label_smoothing,
                                      backend, need_dh, need_dw)
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + (None,) * 7
 
@@ -266,18 +269,19 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, validate, handle):
-        loss, lse, _, nll = _linear_ce(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend,
+        loss, _, _, saved = _linear_ce(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend,
                                        False, validate)
-        ctx.save_for_backward(h, weight, bias, target, lse, nll)
+        ctx.save_for_backward(h, weight, bias, target, saved)
         ctx.options = (ignore_index, label_smoothing, z_loss, backend, handle)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        h, weight, bias, target, lse, nll = ctx.saved_tensors
+        h, weight, bias, target, saved = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss, backend, handle = ctx.options
-        p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, None, target, lse, nll, ignore_index,
+        p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, None, target, saved, ignore_index,
                                                      label_smoothing, z_loss, weight.shape[0])
+        lse_parts = saved[1:]
         need_dh = ctx.needs_input_grad[0]
         try:  # False: this backward does not reach weight (backward(inputs=...), autograd.grad w.r.t. h)
             reaches_weight = torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(weight).node)
@@ -286,22 +290,22 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
                                "is never formed (the update is fused into .backward()); call the loss without "
                                "fused_update for this") from None
         if not reaches_weight:  # the ordinary gradients of h and bias; no update (weight gets no gradient)
-            dh, _, db = _linear_ce_backward(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
-                                            backend, need_dh, False)
+            dh, _, db = _linear_ce_backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
+                                            label_smoothing, backend, need_dh, False)
             return (dh if need_dh else None, None, db if ctx.needs_input_grad[2] else None) + (None,) * 7
         if backend == "triton":  # dh now, from the weight as it is; dW and the update in the hook
-            dh, _, _ = triton_impl.backward(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
-                                            need_dh=need_dh, need_dw=False, need_db=False,
+            dh, _, _ = triton_impl.backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
+                                            label_smoothing, need_dh=need_dh, need_dw=False, need_db=False,
                                             **_backend_kwargs(backend))
             torch_grads = None
         else:  # the chunked backend makes dh, dW and dbias in one pass; the hook steps on dW
             with torch.autocast(h.device.type, enabled=False):  # as in _linear_ce_backward
-                dh, dw, db = torch_impl.backward(h, weight, bias, target, lse, p_coef, t_coef, g_target,
+                dh, dw, db = torch_impl.backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
                                                  label_smoothing, need_dh=need_dh, need_dw=True,
                                                  **_backend_kwargs(backend))
             torch_grads = (dw, db)
-        handle.defer(dict(h=h, weight=weight, bias=bias, target=target, lse=lse, p_coef=p_coef, t_coef=t_coef,
-                          g_target=g_target, label_smoothing=label_smoothing, backend=backend,
+        handle.defer(dict(h=h, weight=weight, bias=bias, target=target, lse_parts=lse_parts, p_coef=p_coef,
+                          t_coef=t_coef, g_target=g_target, label_smoothing=label_smoothing, backend=backend,
                           torch_grads=torch_grads))
         return (dh if need_dh else None,) + (None,) * 9
 

@@ -645,7 +645,7 @@ class FusedUpdate:
     def _after_step(self) -> None:
         self._stepped = True
 
-    def _apply(self, h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, backend,
+    def _apply(self, h, weight, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing, backend,
                torch_grads) -> None:
         optimizer, group = self.optimizer, self.optimizer.param_groups[self.group_index]
         decoupled = group["weight_decay_mode"] == "decoupled"
@@ -673,7 +673,7 @@ class FusedUpdate:
                 update = kernels.ClassifierUpdate("sgdw", lr, weight_decay, None, state.get("momentum_buffer"),
                                                   None, (group["momentum"], group["dampening"]), decoupled,
                                                   first_step=first_step, nesterov=group["nesterov"])
-            _, _, db = kernels.backward(h, weight, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
+            _, _, db = kernels.backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing,
                                         need_dh=False, need_dw=False, need_db=bias is not None and bias.requires_grad,
                                         update=update)
         torch.autograd.graph.increment_version(weight)  # stale saved copies of weight now fail loudly

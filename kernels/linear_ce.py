@@ -94,13 +94,20 @@ def _load_target(y_ptr, rows, stride_y, mask, K):
 
 
 @triton.jit
-def _logit_grad(z, lse, p_coef, t_uniform, g_target, onehot):
+def _logit_grad(z, shift, log_sum, p_coef, t_uniform, g_target, onehot, EXACT_SHIFT: tl.constexpr):
     """g = p_coef * softmax(z) - t_uniform off the target, g_target on it (all already broadcast).
 
-    (z - lse) is formed before scaling by log2(e): pre-scaling lse would round it to ulp(lse), 1e-3
-    at |z| ~ 1e4.  g_target comes in precomputed, free of the cancellation of p_y - 1 for confident
-    rows (see fastcyclic.linear_ce)."""
-    p = tl.exp2((z - lse) * 1.4426950408889634)
+    softmax(z) = exp(z - lse).  With EXACT_SHIFT (fp32 inputs) lse comes as the row max (shift) and
+    log_sum = lse - max, and z - max - log_sum is formed as eager's log_softmax forms it: z - max is exact
+    near the max, while lse rounded to fp32 as a whole is off by up to ulp(lse) / 2, 5e-4 at |z| ~ 1e4 (2-5x
+    eager's gradient error there).  16-bit inputs take shift = lse: their g is rounded to 16 bits before
+    the dot, far coarser, and the subtraction is saved.  (z - lse) is formed before scaling by log2(e):
+    pre-scaling would round lse to ulp(lse).  g_target comes in precomputed, free of the cancellation of
+    p_y - 1 for confident rows (see fastcyclic.linear_ce)."""
+    x = z - shift
+    if EXACT_SHIFT:
+        x = x - log_sum
+    p = tl.exp2(x * 1.4426950408889634)
     return tl.where(onehot, g_target, p_coef * p - t_uniform)
 
 
@@ -191,11 +198,12 @@ def _forward_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward.  Per-row data, built once per backward by ``_row_data``: a (4, R) fp32 tensor of terms -- lse,
-# p_coef, t_coef * eps / K, and g on the target column -- and an int32 vector of target classes (-1 for an
-# ignored or out-of-range target, so no class matches it).  R is N rounded up to a whole number of row blocks,
-# and the padding rows hold lse = +inf, zeros and class -1, so their g is 0 exactly: the kernels read these
-# vectors without masks or int64 comparisons (the dW kernel reads them for every logits tile).
+# Backward.  Per-row data, built once per backward by ``_row_data``: a (5, R) fp32 tensor of terms -- the
+# shift and log_sum of _logit_grad, p_coef, t_coef * eps / K, and g on the target column -- and an int32
+# vector of target classes (-1 for an ignored or out-of-range target, so no class matches it).  R is N rounded
+# up to a whole number of row blocks, and the padding rows hold shift = +inf, zeros and class -1, so their g
+# is 0 exactly: the kernels read these vectors without masks or int64 comparisons (the dW kernel reads them
+# for every logits tile).
 # Columns past K: their dW / dbias rows are not stored, and their w rows read as 0, but the dh kernel
 # still zeroes their g (EVEN_K): z = 0 there, and exp(0 - lse) overflows to inf when every logit of a
 # row is below -88 (a large negative bias), so inf * 0 would make dh NaN.
@@ -203,14 +211,19 @@ def _forward_kernel(
 
 
 @triton.jit
-def _row_terms(terms_ptr, class_ptr, rows, R):
-    """lse, p_coef, t_uniform, g_target and the target class of ``rows`` (all < R: no mask needed)."""
-    row_stride = tl.cast(R, tl.int64)  # 3 R passes 2^31 at N ~ 7e8
-    lse = tl.load(terms_ptr + rows)
-    p_coef = tl.load(terms_ptr + row_stride + rows)
-    t_uniform = tl.load(terms_ptr + 2 * row_stride + rows)
-    g_target = tl.load(terms_ptr + 3 * row_stride + rows)
-    return lse, p_coef, t_uniform, g_target, tl.load(class_ptr + rows)
+def _row_terms(terms_ptr, class_ptr, rows, R, EXACT_SHIFT: tl.constexpr):
+    """shift, log_sum (0 unless EXACT_SHIFT), p_coef, t_uniform, g_target and the target class of ``rows``
+    (all < R: no mask needed)."""
+    row_stride = tl.cast(R, tl.int64)  # 4 R passes 2^31 at N ~ 5e8
+    shift = tl.load(terms_ptr + rows)
+    if EXACT_SHIFT:
+        log_sum = tl.load(terms_ptr + row_stride + rows)
+    else:
+        log_sum = tl.zeros_like(shift)
+    p_coef = tl.load(terms_ptr + 2 * row_stride + rows)
+    t_uniform = tl.load(terms_ptr + 3 * row_stride + rows)
+    g_target = tl.load(terms_ptr + 4 * row_stride + rows)
+    return shift, log_sum, p_coef, t_uniform, g_target, tl.load(class_ptr + rows)
 
 
 @triton.jit(do_not_specialize=["N", "K", "rows_per_split"])
@@ -223,8 +236,8 @@ def _backward_dw_kernel(
     stride_hn, stride_hd, stride_wk, stride_wd, stride_b,
     stride_dw_split, stride_dwk, stride_dwd, stride_db_split,
     rows_per_split,
-    HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_DS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, EXACT_SHIFT: tl.constexpr, RESIDENT: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     UPDATE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
     NESTEROV: tl.constexpr,
@@ -260,9 +273,10 @@ def _backward_dw_kernel(
                           EVEN_D, BLOCK_D, UPCAST, PRECISION)
         if HAS_BIAS:
             z_t += bias[:, None]
-        lse, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R)
-        g_t = _logit_grad(z_t, lse[None, :], p_coef[None, :], t_uniform[None, :], g_target[None, :],
-                          cols[:, None] == target[None, :])
+        shift, log_sum, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R,
+                                                                         EXACT_SHIFT)
+        g_t = _logit_grad(z_t, shift[None, :], log_sum[None, :], p_coef[None, :], t_uniform[None, :],
+                          g_target[None, :], cols[:, None] == target[None, :], EXACT_SHIFT)
         # bf16/fp16 operands for the tensor cores, fp32 accumulation
         dw = tl.dot(g_t.to(h_slice.dtype), h_slice, dw, input_precision=PRECISION)
         if WANT_DB:
@@ -309,8 +323,8 @@ def _backward_dh_kernel(
     stride_hn, stride_hd, stride_wk, stride_wd, stride_b,
     stride_dh_split, stride_dhn, stride_dhd,
     cols_per_split,
-    HAS_BIAS: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EXACT_SHIFT: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_DS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program owns dh[rows, dcols]."""
@@ -319,7 +333,7 @@ def _backward_dh_kernel(
     split = tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dcols = pid_d * BLOCK_DS + tl.arange(0, BLOCK_DS)
-    lse, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R)
+    shift, log_sum, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R, EXACT_SHIFT)
     if RESIDENT:
         h_rows = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, UPCAST)
 
@@ -336,8 +350,8 @@ def _backward_dh_kernel(
                         EVEN_D, BLOCK_D, UPCAST, PRECISION)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        g = _logit_grad(z, lse[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
-                        cols[None, :] == target[:, None])
+        g = _logit_grad(z, shift[:, None], log_sum[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
+                        cols[None, :] == target[:, None], EXACT_SHIFT)
         if not EVEN_K:
             g = tl.where((cols < K)[None, :], g, 0.0)
         dh = tl.dot(g.to(w_slice.dtype), w_slice, dh, input_precision=PRECISION)
@@ -354,7 +368,7 @@ def _logit_grad_kernel(
     g_ptr, db_ptr,
     N, K, D, R, k_start, k_end,
     stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_gn, stride_db,
-    HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, EXACT_SHIFT: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -371,9 +385,9 @@ def _logit_grad_kernel(
                 EVEN_D, BLOCK_D, UPCAST, PRECISION)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-    lse, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R)
-    g = _logit_grad(z, lse[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
-                    cols[None, :] == target[:, None])
+    shift, log_sum, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R, EXACT_SHIFT)
+    g = _logit_grad(z, shift[:, None], log_sum[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
+                    cols[None, :] == target[:, None], EXACT_SHIFT)
     out = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - k_start).to(tl.int64)[None, :]
     tl.store(out, round_for_store(g, g_ptr.dtype.element_ty, UPCAST),
              mask=(rows < N)[:, None] & (cols < k_end)[None, :])
@@ -662,32 +676,41 @@ def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype, *, on_gpu: boo
     return dataclasses.replace(tc, block_owner=block_k, block_loop=block_n, block_ds=dp, splits=1, num_warps=8)
 
 
-def _row_data(target, lse, p_coef, t_uniform, g_target, k: int, config: LCEConfig):
-    """The backward kernels' per-row data (see _row_terms): int32 classes (R,) and fp32 terms (4, R), R = N
+def exact_shift(dtype: torch.dtype) -> bool:
+    """Whether the backward forms z - lse as (z - max) - log_sum (fp32 inputs; see _logit_grad)."""
+    return dtype == torch.float32
+
+
+def _row_data(target, lse_parts, p_coef, t_uniform, g_target, k: int, config: LCEConfig, exact: bool):
+    """The backward kernels' per-row data (see _row_terms): int32 classes (R,) and fp32 terms (5, R), R = N
     rounded up to the largest row block any backward kernel takes, the padding rows inert."""
     n = target.shape[0]
     block = max(config.backward_dw.block_loop, config.backward_dh.block_owner, config.backward_grad.block_owner)
     r = triton.cdiv(max(n, 1), block) * block
     classes = torch.full((r,), -1, dtype=torch.int32, device=target.device)
     classes[:n] = torch.where((target >= 0) & (target < k), target, -1)
-    terms = torch.zeros(4, r, dtype=torch.float32, device=target.device)
+    terms = torch.zeros(5, r, dtype=torch.float32, device=target.device)
     terms[0, n:] = float("inf")
-    for row, term in enumerate((lse, p_coef, t_uniform, g_target)):
+    row_max, log_sum = lse_parts
+    shift, log_sum = (row_max, log_sum) if exact else (row_max + log_sum, torch.zeros_like(log_sum))
+    for row, term in enumerate((shift, log_sum, p_coef, t_uniform, g_target)):
         terms[row, :n] = term
     return classes, terms
 
 
 @_on_device_of_h
-def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, *, config=None,
+def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing, *, config=None,
              need_dh=True, need_dw=True, need_db=True, update: ClassifierUpdate | None = None):
     """Gradients (dh, dw, dbias) for the logit gradient described in the module docstring.
-    lse, p_coef, t_coef and g_target (g in the target column) are fp32 (N,) vectors; gradients not
+    lse_parts is (2, N): each row's max logit and log_sum = lse - max, unrounded (lse = their sum);
+    p_coef, t_coef and g_target (g in the target column) are fp32 (N,) vectors; gradients not
     asked for are returned as None (dbias also when need_db is False).  With ``update``, w is
     updated in place and dw is None; dh is computed first, from the old w."""
     n, d = h.shape
     k = w.shape[0]
     config = config or default_config(n, d, k, h.dtype, h.device)
-    classes, terms = _row_data(target, lse, p_coef, t_coef * (label_smoothing / k), g_target, k, config)
+    exact = exact_shift(h.dtype)
+    classes, terms = _row_data(target, lse_parts, p_coef, t_coef * (label_smoothing / k), g_target, k, config, exact)
     if config.backward == "gemm" and update is None:
         return _backward_gemm(h, w, bias, classes, terms, config, need_dh, need_dw, need_db)
     b = bias if bias is not None else h
@@ -710,7 +733,8 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
                 *rows_and_strides,
                 dh3.stride(0), dh3.stride(1), dh3.stride(2),
                 cols_per_split,
-                HAS_BIAS=bias is not None, EVEN_DS=d % tc.block_ds == 0, EVEN_K=k % tc.block_loop == 0,
+                HAS_BIAS=bias is not None, EXACT_SHIFT=exact, EVEN_DS=d % tc.block_ds == 0,
+                EVEN_K=k % tc.block_loop == 0,
                 BLOCK_N=tc.block_owner, BLOCK_K=tc.block_loop, BLOCK_D=tc.block_d, BLOCK_DS=tc.block_ds,
                 **_common(h, d, tc, tc.block_ds),
             )
@@ -747,7 +771,7 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
                 dw3.stride(0), dw3.stride(1), dw3.stride(2),
                 db_out.stride(0) if (db_out is not None and splits > 1) else 0,
                 rows_per_split,
-                HAS_BIAS=bias is not None, WANT_DB=need_db, EVEN_DS=d % tc.block_ds == 0,
+                HAS_BIAS=bias is not None, WANT_DB=need_db, EXACT_SHIFT=exact, EVEN_DS=d % tc.block_ds == 0,
                 BLOCK_K=tc.block_owner, BLOCK_N=tc.block_loop, BLOCK_D=tc.block_d, BLOCK_DS=tc.block_ds,
                 **_common(h, d, tc, tc.block_ds), **update_flags,
             )
@@ -823,7 +847,7 @@ def _backward_gemm(h, w, bias, classes, terms, config, need_dh, need_dw, need_db
             n, k, d, terms.shape[1], k0, k1,
             h.stride(0), h.stride(1), w.stride(0), w.stride(1), b.stride(0) if bias is not None else 0,
             g_block.stride(0), db_rows.stride(0),
-            HAS_BIAS=bias is not None, WANT_DB=need_db, EVEN_D=d % tc.block_d == 0,
+            HAS_BIAS=bias is not None, WANT_DB=need_db, EXACT_SHIFT=exact_shift(h.dtype), EVEN_D=d % tc.block_d == 0,
             BLOCK_N=tc.block_owner, BLOCK_K=tc.block_loop, BLOCK_D=tc.block_d,
             UPCAST=INTERPRETER, PRECISION=_precision(h.dtype), num_warps=tc.num_warps, num_stages=tc.num_stages,
         )

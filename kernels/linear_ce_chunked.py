@@ -102,8 +102,9 @@ def _exp_clamped(x, cut, masked, k0: int, k1: int):
     return x if masked is None else x.masked_fill_(masked[k0:k1], 0.0)
 
 
-def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing, *,
+def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing, *,
              need_dh=True, need_dw=True, chunk_rows=None, chunk_classes=None):
+    """As kernels.linear_ce.backward, and like it, float32 inputs form z - lse as (z - max) - log_sum."""
     n, d = h.shape
     k = w.shape[0]
     acc = _compute_dtype(h.dtype)
@@ -117,7 +118,8 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
         r1 = min(n, r0 + rows)
         h_rows = h[r0:r1].to(acc)
         y = target[r0:r1]
-        lse_rows = lse[r0:r1].to(acc)[:, None]
+        row_max, log_sum = (part[r0:r1].to(acc)[:, None] for part in lse_parts)
+        shift = row_max if h.dtype == torch.float32 else row_max + log_sum
         p_rows = p_coef[r0:r1].to(acc)[:, None]
         t_rows = t_coef[r0:r1].to(acc)
         g_target_rows = g_target[r0:r1].to(acc)
@@ -127,7 +129,10 @@ def backward(h, w, bias, target, lse, p_coef, t_coef, g_target, label_smoothing,
             k1 = min(k, k0 + classes)
             # g = p_coef * softmax - t_coef * ((1 - eps) * onehot + eps / K), built in place
             g = _logits_block(h_rows, w, bias, k0, k1)
-            g = _exp_clamped(g.sub_(lse_rows), cut_rows, masked, k0, k1).mul_(p_rows)
+            g.sub_(shift)
+            if h.dtype == torch.float32:
+                g.sub_(log_sum)
+            g = _exp_clamped(g, cut_rows, masked, k0, k1).mul_(p_rows)
             if uniform:
                 g.sub_((t_rows * uniform)[:, None])
             in_block = ((y >= k0) & (y < k1)).nonzero().squeeze(1)
