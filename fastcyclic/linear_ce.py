@@ -273,12 +273,18 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
                                        False, validate)
         ctx.save_for_backward(h, weight, bias, target, saved)
         ctx.options = (ignore_index, label_smoothing, z_loss, backend, handle)
+        ctx.bias_param = bias  # a leaf (checked by the caller): the tensor whose .grad the hook sets
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        h, weight, bias, target, saved = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss, backend, handle = ctx.options
+        handle.check_backward()
+        h, weight, bias, target, saved = ctx.saved_tensors
+        # the parameters themselves, not the unpacked saved tensors: saved-tensor hooks (checkpoint, save_on_cpu,
+        # offloading) hand back another tensor object, or a copy, and the update, the optimizer's state (keyed by
+        # the parameter) and bias.grad must land on the parameters (the unpacking above still checks versions)
+        weight, bias = handle.weight, ctx.bias_param
         p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, None, target, saved, ignore_index,
                                                      label_smoothing, z_loss, weight.shape[0])
         lse_parts = saved[1:]

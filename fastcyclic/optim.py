@@ -596,6 +596,12 @@ class FusedUpdate:
                 "the classifier weight already holds a gradient (accumulated, or from another loss): the fused "
                 "update would ignore it; call optimizer.zero_grad(set_to_none=True) first")
 
+    # called by the loss's backward before it unpacks its saved tensors: two fused forwards, then two
+    # backwards, would otherwise meet torch's in-place version error for the weight the first one updated
+    def check_backward(self) -> None:
+        if not self._stepped:
+            self._check_can_update()
+
     # called by the loss's backward (kernels.* tensors and coefficients), then by autograd's hook
     def defer(self, pending: dict) -> None:
         self._check_can_update()
@@ -636,11 +642,15 @@ class FusedUpdate:
         self._pending = None
         if not self._stepped:
             group = self.optimizer.param_groups[self.group_index]
-            if _hyper_snapshot(group) != self._hyper:
+            now = _hyper_snapshot(group)
+            if now != self._hyper:
+                changed = ", ".join(f"{k}={self._hyper.get(k)!r} -> {now.get(k)!r}"
+                                    for k in sorted(set(now) | set(self._hyper)) if now.get(k) != self._hyper.get(k))
                 raise RuntimeError(
-                    "the classifier's param group changed (lr, weight_decay, ...) between the fused backward and "
-                    "optimizer.step(): the fused update already used the old values. Change them before the "
-                    "forward (or after step()), or do not use fused_update")
+                    f"the classifier's param group changed between the fused backward and optimizer.step() "
+                    f"({changed}): the fused update already used the old values. Restore them and call step() "
+                    f"(nothing has moved since); change such values before the forward or after step(), or do not "
+                    f"use fused_update")
 
     def _after_step(self) -> None:
         self._stepped = True

@@ -797,6 +797,38 @@ def test_fused_update_equals_backward_then_step(backend, optimizer, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgdw-momentum"])
+@pytest.mark.parametrize("saving", ["checkpoint", "copy-hooks"])
+def test_fused_update_under_saved_tensor_hooks(backend, optimizer, saving, gen):
+    """Saved-tensor hooks (torch.utils.checkpoint, save_on_cpu, offloading) hand the backward another tensor
+    object than the parameter, or a copy: the update, the optimizer state and the bias gradient must still land
+    on the parameters themselves."""
+    from torch.utils.checkpoint import checkpoint
+
+    start, batches = _classifier_problem(gen)
+    two_step = _train(start, batches, OPTIMIZERS[optimizer], backend, fused=False)
+    w, b, u = (t.clone().requires_grad_() for t in start)
+    opt = OPTIMIZERS[optimizer]([w, b, u])
+    handle = fused_update(opt, w)
+    for x, y in batches:
+        def loss_of(feat):
+            return linear_cross_entropy(feat, w, y, bias=b, backend=backend, fused_update=handle)
+        feat = torch.tanh(x @ u)
+        if saving == "checkpoint":
+            loss = checkpoint(loss_of, feat, use_reentrant=False)
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+                loss = loss_of(feat)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for a, ref in zip((w, b, u), two_step[:3]):
+        torch.testing.assert_close(a.detach(), ref, rtol=1e-5, atol=1e-6)
+    assert len(opt.state) == 3  # no state keyed by stray tensors
+    opt.state_dict()  # every state key is a parameter
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer", ["adamw", "sgdw-dampening"])
 def test_fused_update_on_an_empty_batch_still_steps(backend, optimizer, gen):
     """N = 0 with reduction="sum": dW is zero but the step still applies (weight decay, the step count, the
@@ -872,7 +904,8 @@ def _fused_setup(gen):
     return w, opt, fused_update(opt, w), x, y
 
 
-@pytest.mark.parametrize("case", ["penalty", "tied", "accumulation", "grad_present"])
+@pytest.mark.parametrize("case", ["penalty", "tied", "accumulation", "two_forwards_then_two_backwards",
+                                  "grad_present"])
 def test_fused_update_refuses_what_it_cannot_honour(case, gen):
     w, opt, handle, x, y = _fused_setup(gen)
     before = w.detach().clone()
@@ -887,6 +920,12 @@ def test_fused_update_refuses_what_it_cannot_honour(case, gen):
         before = w.detach().clone()
         with pytest.raises(RuntimeError, match="gradient accumulation across micro-batches cannot be fused"):
             linear_cross_entropy(x, w, y, fused_update=handle)
+    elif case == "two_forwards_then_two_backwards":  # our message, not torch's in-place version error
+        first, second = (linear_cross_entropy(x, w, y, fused_update=handle) for _ in range(2))
+        first.backward()
+        before = w.detach().clone()
+        with pytest.raises(RuntimeError, match="gradient accumulation across micro-batches cannot be fused"):
+            second.backward()
     else:
         w.grad = torch.zeros_like(w)
         with pytest.raises(RuntimeError, match="already holds a gradient"):
@@ -1023,9 +1062,15 @@ def test_fused_update_refuses_hyper_parameters_changed_before_step(gen):
     linear_cross_entropy(x, w, y, fused_update=handle).backward()
     updated = w.detach().clone()
     opt.param_groups[0]["lr"] = 0.5
-    with pytest.raises(RuntimeError, match="changed .* between the fused backward and optimizer.step"):
+    with pytest.raises(RuntimeError, match=r"changed between the fused backward and optimizer.step\(\) \(lr=0.1 -> "
+                                           r"0.5\).*Restore them and call step\(\)"):
         opt.step()
     assert torch.equal(w.detach(), updated)
+    opt.param_groups[0]["lr"] = 0.1  # the way out the message names
+    opt.step()
+    assert torch.equal(w.detach(), updated)  # W moved in the backward, once
+    linear_cross_entropy(x, w, y, fused_update=handle).backward()  # and fusing goes on
+    assert not torch.equal(w.detach(), updated)
     w2, opt2, handle2, x, y = _fused_setup(gen)
     opt2.skip_nonfinite = True
     with pytest.raises(ValueError, match="skip_nonfinite"):
@@ -1054,7 +1099,7 @@ def test_fused_update_refuses_any_hyper_parameter_changed_before_step(key, value
     linear_cross_entropy(x, w, y, fused_update=handle).backward()
     updated = w.detach().clone()
     opt.param_groups[0][key] = value
-    with pytest.raises(RuntimeError, match="changed .* between the fused backward and optimizer.step"):
+    with pytest.raises(RuntimeError, match="changed between the fused backward and optimizer.step"):
         opt.step()
     assert torch.equal(w.detach(), updated)
 
