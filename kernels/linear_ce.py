@@ -55,9 +55,10 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _load_tile(ptr, idx0, idx1, stride0, stride1, size0, size1,
-               MASK0: tl.constexpr, MASK1: tl.constexpr, UPCAST: tl.constexpr):
+               MASK0: tl.constexpr, MASK1: tl.constexpr, INTERPRET: tl.constexpr):
     """A (len(idx0), len(idx1)) tile of a strided 2-D tensor; out-of-range reads give 0.  An axis
-    known to be in range is not masked, so loads along the contiguous axis stay 16 bytes wide."""
+    known to be in range is not masked, so loads along the contiguous axis stay 16 bytes wide.  Under the
+    interpreter (INTERPRET, as in every kernel here) the tile is upcast to fp32: its bf16 dot is wrong."""
     offsets = idx0.to(tl.int64)[:, None] * stride0 + idx1.to(tl.int64)[None, :] * stride1
     if MASK0 and MASK1:
         tile = tl.load(ptr + offsets, mask=(idx0[:, None] < size0) & (idx1[None, :] < size1), other=0.0)
@@ -67,20 +68,20 @@ def _load_tile(ptr, idx0, idx1, stride0, stride1, size0, size1,
         tile = tl.load(ptr + offsets, mask=idx1[None, :] < size1, other=0.0)
     else:
         tile = tl.load(ptr + offsets)
-    if UPCAST:
+    if INTERPRET:
         tile = tile.to(tl.float32)
     return tile
 
 
 @triton.jit
 def _logits(a_ptr, b_ptr, a_idx, b_idx, A, B, D, stride_a0, stride_a1, stride_b0, stride_b1,
-            EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+            EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """a[a_idx] @ b[b_idx].T in fp32, looping over D in BLOCK_D chunks (h and w, either way round)."""
     acc = tl.zeros((a_idx.shape[0], b_idx.shape[0]), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        a = _load_tile(a_ptr, a_idx, d, stride_a0, stride_a1, A, D, True, not EVEN_D, UPCAST)
-        b_t = _load_tile(b_ptr, d, b_idx, stride_b1, stride_b0, D, B, not EVEN_D, True, UPCAST)
+        a = _load_tile(a_ptr, a_idx, d, stride_a0, stride_a1, A, D, True, not EVEN_D, INTERPRET)
+        b_t = _load_tile(b_ptr, d, b_idx, stride_b1, stride_b0, D, B, not EVEN_D, True, INTERPRET)
         acc = tl.dot(a, b_t, acc, input_precision=PRECISION)
     return acc
 
@@ -126,7 +127,7 @@ def _forward_kernel(
     HAS_BIAS: tl.constexpr, WANT_LOGIT_SUM: tl.constexpr, WANT_ARGMAX: tl.constexpr,
     RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per row: the max logit m, the target logit z_y and rest = sum of exp(z - m) over every class
     but the target, so lse = m + log(rest + exp(z_y - m)).  Keeping the target out of the sum keeps
@@ -140,7 +141,7 @@ def _forward_kernel(
 
     if RESIDENT:  # the whole (BLOCK_N, D) row block is loaded once and reused for every class tile
         h_rows = _load_tile(h_ptr, rows, tl.arange(0, BLOCK_D), stride_hn, stride_hd, N, D,
-                            True, not EVEN_D, UPCAST)
+                            True, not EVEN_D, INTERPRET)
 
     running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     rest = tl.zeros((BLOCK_N,), tl.float32)
@@ -154,11 +155,11 @@ def _forward_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         if RESIDENT:
             w_t = _load_tile(w_ptr, tl.arange(0, BLOCK_D), cols, stride_wd, stride_wk, D, K,
-                             not EVEN_D, True, UPCAST)
+                             not EVEN_D, True, INTERPRET)
             z = tl.dot(h_rows, w_t, input_precision=PRECISION)
         else:
             z = _logits(h_ptr, w_ptr, rows, cols, N, K, D, stride_hn, stride_hd, stride_wk, stride_wd,
-                        EVEN_D, BLOCK_D, UPCAST, PRECISION)
+                        EVEN_D, BLOCK_D, INTERPRET, PRECISION)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
         # a target >= K (possible with validate=False) must not pick a padding column
@@ -238,7 +239,7 @@ def _backward_dw_kernel(
     rows_per_split,
     HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, EXACT_SHIFT: tl.constexpr, RESIDENT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     UPDATE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
     NESTEROV: tl.constexpr,
 ):
@@ -257,7 +258,7 @@ def _backward_dw_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)
     if RESIDENT:  # this program's w rows cover all of D: load them once, for every logits tile
-        w_rows = _load_tile(w_ptr, cols, dcols, stride_wk, stride_wd, K, D, True, not EVEN_DS, UPCAST)
+        w_rows = _load_tile(w_ptr, cols, dcols, stride_wk, stride_wd, K, D, True, not EVEN_DS, INTERPRET)
 
     dw = tl.zeros((BLOCK_K, BLOCK_DS), tl.float32)
     db = tl.zeros((BLOCK_K,), tl.float32)
@@ -265,12 +266,12 @@ def _backward_dw_kernel(
     n_end = tl.minimum(N, n_start + rows_per_split)
     for n0 in range(n_start, n_end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        h_slice = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, UPCAST)
+        h_slice = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, INTERPRET)
         if RESIDENT:
             z_t = tl.dot(w_rows, tl.trans(h_slice), input_precision=PRECISION)
         else:
             z_t = _logits(w_ptr, h_ptr, cols, rows, K, N, D, stride_wk, stride_wd, stride_hn, stride_hd,
-                          EVEN_D, BLOCK_D, UPCAST, PRECISION)
+                          EVEN_D, BLOCK_D, INTERPRET, PRECISION)
         if HAS_BIAS:
             z_t += bias[:, None]
         shift, log_sum, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R,
@@ -286,7 +287,7 @@ def _backward_dw_kernel(
     if UPDATE == 0:
         out = dw_ptr + split.to(tl.int64) * stride_dw_split \
             + cols.to(tl.int64)[:, None] * stride_dwk + dcols.to(tl.int64)[None, :] * stride_dwd
-        tl.store(out, round_for_store(dw, dw_ptr.dtype.element_ty, UPCAST), mask=tile_mask)
+        tl.store(out, round_for_store(dw, dw_ptr.dtype.element_ty, INTERPRET), mask=tile_mask)
     else:
         w_tile = w_ptr + cols.to(tl.int64)[:, None] * stride_wk + dcols.to(tl.int64)[None, :] * stride_wd
         state_offsets = cols.to(tl.int64)[:, None] * D + dcols.to(tl.int64)[None, :]  # contiguous fp32
@@ -308,11 +309,11 @@ def _backward_dw_kernel(
                                DECOUPLED, HAS_MOMENTUM, FIRST_STEP, NESTEROV)
             if HAS_MOMENTUM:
                 tl.store(state0_ptr + state_offsets, buf, mask=tile_mask)
-        tl.store(w_tile, round_for_store(p, w_ptr.dtype.element_ty, UPCAST), mask=tile_mask)
+        tl.store(w_tile, round_for_store(p, w_ptr.dtype.element_ty, INTERPRET), mask=tile_mask)
     if WANT_DB:
         if pid_d == 0:
             tl.store(db_ptr + split.to(tl.int64) * stride_db_split + cols,
-                     round_for_store(db, db_ptr.dtype.element_ty, UPCAST), mask=cols < K)
+                     round_for_store(db, db_ptr.dtype.element_ty, INTERPRET), mask=cols < K)
 
 
 @triton.jit(do_not_specialize=["N", "K", "cols_per_split"])
@@ -325,7 +326,7 @@ def _backward_dh_kernel(
     cols_per_split,
     HAS_BIAS: tl.constexpr, EXACT_SHIFT: tl.constexpr, RESIDENT: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_DS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program owns dh[rows, dcols]."""
     pid_n = tl.program_id(0)
@@ -335,19 +336,19 @@ def _backward_dh_kernel(
     dcols = pid_d * BLOCK_DS + tl.arange(0, BLOCK_DS)
     shift, log_sum, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R, EXACT_SHIFT)
     if RESIDENT:
-        h_rows = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, UPCAST)
+        h_rows = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, INTERPRET)
 
     dh = tl.zeros((BLOCK_N, BLOCK_DS), tl.float32)
     k_start = split * cols_per_split
     k_end = tl.minimum(K, k_start + cols_per_split)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        w_slice = _load_tile(w_ptr, cols, dcols, stride_wk, stride_wd, K, D, True, not EVEN_DS, UPCAST)
+        w_slice = _load_tile(w_ptr, cols, dcols, stride_wk, stride_wd, K, D, True, not EVEN_DS, INTERPRET)
         if RESIDENT:
             z = tl.dot(h_rows, tl.trans(w_slice), input_precision=PRECISION)
         else:
             z = _logits(h_ptr, w_ptr, rows, cols, N, K, D, stride_hn, stride_hd, stride_wk, stride_wd,
-                        EVEN_D, BLOCK_D, UPCAST, PRECISION)
+                        EVEN_D, BLOCK_D, INTERPRET, PRECISION)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
         g = _logit_grad(z, shift[:, None], log_sum[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
@@ -358,7 +359,7 @@ def _backward_dh_kernel(
 
     out = dh_ptr + split.to(tl.int64) * stride_dh_split \
         + rows.to(tl.int64)[:, None] * stride_dhn + dcols.to(tl.int64)[None, :] * stride_dhd
-    tl.store(out, round_for_store(dh, dh_ptr.dtype.element_ty, UPCAST),
+    tl.store(out, round_for_store(dh, dh_ptr.dtype.element_ty, INTERPRET),
              mask=(rows < N)[:, None] & (dcols < D)[None, :])
 
 
@@ -370,7 +371,7 @@ def _logit_grad_kernel(
     stride_hn, stride_hd, stride_wk, stride_wd, stride_b, stride_gn, stride_db,
     HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, EXACT_SHIFT: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """For the "gemm" backward: g[rows, cols - k_start] for the classes [k_start, k_end), stored in
     h's dtype (what the tensor cores of the dW and dh GEMMs take).  A GEMM with the softmax
@@ -382,14 +383,14 @@ def _logit_grad_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = k_start + pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     z = _logits(h_ptr, w_ptr, rows, cols, N, K, D, stride_hn, stride_hd, stride_wk, stride_wd,
-                EVEN_D, BLOCK_D, UPCAST, PRECISION)
+                EVEN_D, BLOCK_D, INTERPRET, PRECISION)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols.to(tl.int64) * stride_b, mask=cols < K, other=0.0).to(tl.float32)[None, :]
     shift, log_sum, p_coef, t_uniform, g_target, target = _row_terms(terms_ptr, class_ptr, rows, R, EXACT_SHIFT)
     g = _logit_grad(z, shift[:, None], log_sum[:, None], p_coef[:, None], t_uniform[:, None], g_target[:, None],
                     cols[None, :] == target[:, None], EXACT_SHIFT)
     out = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - k_start).to(tl.int64)[None, :]
-    tl.store(out, round_for_store(g, g_ptr.dtype.element_ty, UPCAST),
+    tl.store(out, round_for_store(g, g_ptr.dtype.element_ty, INTERPRET),
              mask=(rows < N)[:, None] & (cols < k_end)[None, :])
     if WANT_DB:  # rows past N have g = 0 exactly (see _row_terms)
         tl.store(db_ptr + pid_n.to(tl.int64) * stride_db + (cols - k_start), tl.sum(g, axis=0), mask=cols < k_end)
@@ -539,7 +540,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _common(h, d, tc, resident_width):
-    return dict(UPCAST=INTERPRETER, PRECISION=_precision(h.dtype), EVEN_D=d % tc.block_d == 0,
+    return dict(INTERPRET=INTERPRETER, PRECISION=_precision(h.dtype), EVEN_D=d % tc.block_d == 0,
                 RESIDENT=d <= resident_width, num_warps=tc.num_warps, num_stages=tc.num_stages)
 
 
@@ -849,7 +850,7 @@ def _backward_gemm(h, w, bias, classes, terms, config, need_dh, need_dw, need_db
             g_block.stride(0), db_rows.stride(0),
             HAS_BIAS=bias is not None, WANT_DB=need_db, EXACT_SHIFT=exact_shift(h.dtype), EVEN_D=d % tc.block_d == 0,
             BLOCK_N=tc.block_owner, BLOCK_K=tc.block_loop, BLOCK_D=tc.block_d,
-            UPCAST=INTERPRETER, PRECISION=_precision(h.dtype), num_warps=tc.num_warps, num_stages=tc.num_stages,
+            INTERPRET=INTERPRETER, PRECISION=_precision(h.dtype), num_warps=tc.num_warps, num_stages=tc.num_stages,
         )
         if need_dw:
             dw[k0:k1] = _mm_fp32(g_block.t(), h)
