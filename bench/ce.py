@@ -70,16 +70,11 @@ def grad_tolerance(dtype: torch.dtype, device: torch.device) -> float:
     return TF32_TOLERANCE if tf32(dtype, device) else TOLERANCE[dtype]
 
 
-class Unavailable(Exception):
-    """The method cannot run here (not installed, not supported by this torch)."""
+Unavailable = measure.Unavailable
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        n, d, k = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like NxDxK (e.g. 8192x256x65536), got {text!r}")
+    n, d, k = measure.parse_dims(text, "NxDxK", "8192x256x65536")
     if n < 1 or d < 1 or k < 1:
         raise argparse.ArgumentTypeError(f"shape sizes must be positive, got {text!r}")
     return n, d, k

@@ -38,11 +38,7 @@ METHOD = "summarize"
 
 def parse_shape(text: str) -> tuple[int, int]:
     """K x d, e.g. 131072x256."""
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        k, d = (int(part) for part in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like KxD (e.g. 131072x256), got {text!r}")
+    k, d = measure.parse_dims(text, "KxD", "131072x256")
     if k < 2 * OMEGA + 1 or d < 2:
         raise argparse.ArgumentTypeError(f"shape needs K >= {2 * OMEGA + 1} and d >= 2, got {text!r}")
     return k, d

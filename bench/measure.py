@@ -23,6 +23,7 @@ Record schema (``COMMON_FIELDS``, present in every record of every suite; suites
 """
 from __future__ import annotations
 
+import argparse
 import atexit
 import csv
 import ctypes
@@ -202,6 +203,23 @@ def _text(value) -> str:
 
 class BenchInputError(ValueError):
     """A command line the benchmark refuses (exit code 2, nothing written)."""
+
+
+class Unavailable(Exception):
+    """A method that cannot run here (not installed, not supported by this torch or device): recorded as
+    "unavailable", not as a failure."""
+
+
+def parse_dims(text: str, form: str, example: str) -> tuple[int, ...]:
+    """The sizes of a shape written as ``form`` (e.g. "NxDxK"), separated by x or commas; an
+    argparse.ArgumentTypeError naming the form otherwise."""
+    try:
+        dims = tuple(int(part) for part in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) != len(form.split("x")):
+        raise argparse.ArgumentTypeError(f"shape must look like {form} (e.g. {example}), got {text!r}")
+    return dims
 
 
 def resolve_device(name: str) -> torch.device:

@@ -75,8 +75,7 @@ TARGET_GBPS = {("fastcyclic_adamw", torch.float32): 3900.0}
 TARGET_SAVING_PCT = {(8192, 256, 65536): 10.0}
 
 
-class Unavailable(Exception):
-    """The method cannot run here (this torch does not support it)."""
+Unavailable = measure.Unavailable
 
 
 def parse_size(text: str) -> int:

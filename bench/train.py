@@ -76,17 +76,12 @@ ANCHORS = {(113, 128, None): {"eager": {"median_ms": 1.92}, "compile": {"median_
                                       "compile": {"median_ms": 6.16, "peak_extra_gib": 1.94}}}
 
 
-class Unavailable(Exception):
-    """The method cannot run here."""
+Unavailable = measure.Unavailable
 
 
 def parse_shape(text: str) -> tuple[int, int]:
     """P x d, e.g. 8191x128."""
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        p, d = (int(part) for part in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like PxD (e.g. 8191x128), got {text!r}")
+    p, d = measure.parse_dims(text, "PxD", "8191x128")
     if p < 3 or d < 1:
         raise argparse.ArgumentTypeError(f"shape needs P >= 3 and d >= 1, got {text!r}")
     return p, d

@@ -1,5 +1,6 @@
 """The `fastcyclic bench train` suite on CPU: records, files, correctness detection (refusals of bad input:
 test_bench_all.py)."""
+import argparse
 import csv
 import json
 
@@ -147,6 +148,12 @@ def test_budget_exhausted_records_skipped_cases(tmp_path):
                                          ("8191,128", (8191, 128))])
 def test_parse_shape(text, value):
     assert train.parse_shape(text) == value
+
+
+@pytest.mark.parametrize("text", ["113", "113x128x2", "axb", "113x", "2x128"])
+def test_parse_shape_refuses_with_the_form(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"PxD|P >= 3"):
+        train.parse_shape(text)
 
 
 @pytest.mark.cuda
