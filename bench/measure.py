@@ -529,7 +529,10 @@ def check_out_dir(out) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BenchInputError(f"--out {str(out)!r} is a file, not a directory")
-    existing = next(p for p in (out, *out.parents) if p.exists())
+    existing = next(p for p in (out, *out.parents) if os.path.lexists(p))  # a broken link exists too
+    if not existing.is_dir():
+        raise BenchInputError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is not a directory (a broken "
+                              "or looping symbolic link?)")
     try:  # a directory made and removed again: the one test of writability that holds for root and /proc alike
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".fastcyclic-write-test-"))
     except OSError as e:

@@ -135,10 +135,20 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fastcyclic train: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fastcyclic train: interrupted; rerun the same command with --resume to continue from the last "
-              "checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main runs this under sweep.interruptible)
+        if values["out_dir"] is None or not values["checkpoint_every"]:
+            hint = "nothing was checkpointed (no --out-dir, or --checkpoint-every 0): a rerun starts from step 0"
+        else:
+            hint = "rerun the same command with --resume to continue from the last checkpoint"
+        print(f"fastcyclic train: interrupted; {hint}", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, read-only folder: one line; the checkpoint before it is intact
+        from fastcyclic.files import write_error_text
+
+        if write_error_text(e) is None:
+            raise
+        print(f"fastcyclic train: error: {write_error_text(e)}", file=sys.stderr)
+        return 1
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError on CUDA; the CPU allocator's RuntimeError
         if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
@@ -154,7 +164,9 @@ def run_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        return run_train(args)
+        from fastcyclic.sweep import interruptible
+
+        return interruptible("train", run_train, args)  # SIGTERM (kill, a job scheduler) stops it like Ctrl-C
     if args.command in ("sweep", "reproduce"):
         from fastcyclic import reproduce, sweep
 

@@ -2,6 +2,7 @@
 new one, never half of one (temporary file beside the target, fsync, rename, fsync the folder)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -43,6 +44,18 @@ def remove_temporaries(folder: str) -> None:
     for name in os.listdir(folder):
         if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
             os.remove(os.path.join(folder, name))
+
+
+# what a full disk, a quota, a read-only or unwritable folder raise: the command says so in one line
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def write_error_text(e: BaseException) -> str | None:
+    """"cannot write PATH: REASON" for an OSError of WRITE_ERRNOS, else None (a bug keeps its traceback)."""
+    if not isinstance(e, OSError) or e.errno not in WRITE_ERRNOS:
+        return None
+    where = f" {e.filename!r}" if e.filename else ""
+    return f"cannot write{where}: {e.strerror or e}"
 
 
 def write_bytes(path: str, data: bytes) -> str:

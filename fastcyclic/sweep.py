@@ -125,6 +125,7 @@ def _t975(df: int) -> float:
 
 
 MAX_PRIME_BOUND = 10 ** 7  # primes:LO:HI takes HI up to this (a 10 MB sieve, under a second)
+MAX_GRID_VALUES = 1000  # values one grid option (--p, --weight-decay, --seeds) may list
 
 
 def primes_between(lo: int, hi: int) -> list[int]:
@@ -181,7 +182,14 @@ def _log_range(text: str, what: str) -> tuple[float, float, int]:
         raise ValueError(f"{what}: a log grid needs positive bounds, got {text!r}")
     if n < 1 or (n == 1 and lo != hi) or (n > 1 and lo >= hi):
         raise ValueError(f"{what}: {text!r} needs N >= 2 and LO < HI (or N = 1 and LO = HI)")
+    _check_grid_size(n, text, what)
     return lo, hi, n
+
+
+def _check_grid_size(n: int, text: str, what: str) -> None:
+    """Refused before a list of n values is made: a typo (an extra zero or ten) must not fill the memory."""
+    if n > MAX_GRID_VALUES:
+        raise ValueError(f"{what}: {text!r} asks for {n:,} values; at most {MAX_GRID_VALUES:,} per option")
 
 
 def parse_ps(text: str) -> tuple[int, ...]:
@@ -200,8 +208,10 @@ def parse_ps(text: str) -> tuple[int, ...]:
         count = _number(parts[3], int, what) if len(parts) == 4 else None
         if count is not None and count < 1:
             raise ValueError(f"--p: {text!r} asks for {count} primes; N must be >= 1")
+        if count is not None:
+            _check_grid_size(count, text, what)
         values = log_primes(lo, hi, count) if count is not None else primes_between(lo, hi)
-        if len(values) > 1000:
+        if len(values) > MAX_GRID_VALUES:
             raise ValueError(f"--p: {text!r} holds {len(values)} primes; give a count (primes:LO:HI:N)")
     elif text.startswith("log:"):
         lo, hi, n = _log_range(text, what)
@@ -224,6 +234,7 @@ def parse_weight_decays(text: str) -> tuple[float, ...]:
     if text.startswith("log:"):
         lo, hi, n = _log_range(text, what)
         values = [float(f"{v:.4g}") for v in np.geomspace(lo, hi, n)]
+        _no_duplicates(values, f"--weight-decay {text!r} (after rounding to 4 significant digits)")
     else:
         values = [_number(t, float, what) for t in text.split(",") if t.strip()]
     if not values:
@@ -243,11 +254,14 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         if len(parts) != 2:
             raise ValueError(f"--seeds: {text!r} should look like START:STOP")
         start, stop = (_number(t, int, what) for t in parts)
+        _check_grid_size(stop - start, text, what)
         values = list(range(start, stop))
     elif "," in text:
         values = [_number(t, int, what) for t in text.split(",") if t.strip()]
     else:
-        values = list(range(_number(text, int, what)))
+        count = _number(text, int, what)
+        _check_grid_size(count, text, what)
+        values = list(range(count))
     if not values:
         raise ValueError(f"--seeds: {text!r} gives no seed")
     if min(values) < 0:
@@ -767,6 +781,9 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
     device = resolve_device(device)
     specs = prepare(out, blocks)
     with _Lock(out):
+        for folder in (out, os.path.join(out, RUNS_DIR), os.path.join(out, "figures")):
+            if os.path.isdir(folder):  # what a kill left mid-write (no other sweep writes here: the lock)
+                files.remove_temporaries(folder)
         records = load_records(out, specs, warn=log)
         finished = {i for i, r in records.items() if r["status"] == "ok" or (r["status"] == "failed"
                                                                              and not retry_failed)}
@@ -1473,7 +1490,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="fix a TrainConfig field for every run (repeatable), e.g. --set optimizer=sgdw")
     grid.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                       help="make a TrainConfig field a grid axis (repeatable), e.g. --vary d=16,64")
-    parser.add_argument("--out", required=True, help="the sweep directory (created; a rerun resumes it)")
+    parser.add_argument("--out", required=True, type=directory_name,
+                        help="the sweep directory (created; a rerun resumes it)")
     parser.add_argument("--workers", type=int, default=None,
                         help="runs at once, each in its own process (default: CPU cores on CPU, 1 on CUDA; "
                              "0 = one after another in this process)")
@@ -1531,6 +1549,13 @@ def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def directory_name(text: str) -> str:
+    """--out's type: "" would mean the current directory without the emptiness check that "." gets."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must name a directory (use . for this one), got {text!r}")
+    return text
+
+
 def interruptible(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                   hint: str = "rerun the same command to continue") -> int:
     """body(args), or exit code 130 with a message on Ctrl-C or SIGTERM (`kill`, a job scheduler), while running
@@ -1543,6 +1568,11 @@ def interruptible(command: str, body: Callable[[argparse.Namespace], int], args:
     except KeyboardInterrupt:
         print(f"fastcyclic {command}: interrupted; {hint}", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk or read-only folder: one line (records written so far stay whole)
+        if files.write_error_text(e) is None:
+            raise
+        print(f"fastcyclic {command}: error: {files.write_error_text(e)}", file=sys.stderr)
+        return 1
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -15,10 +15,13 @@ checkpoint.pt (atomic: temporary file, fsync, rename), figures/*.png.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import tempfile
 import time
 import warnings
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from fastcyclic import geometry
-from fastcyclic.data import ModularAddition, is_integer
+from fastcyclic.data import MAX_P, ModularAddition, is_integer
 from fastcyclic.files import remove_temporaries, write_atomic, write_json
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
 from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update, fused_update_fits
@@ -122,7 +125,7 @@ def validate(config: TrainConfig) -> None:
     c = config
     checks = [
         # P = 2 trains, but its geometry (a circle, a simplex) needs three classes
-        (lambda: is_integer(c.p) and c.p >= 3, f"p must be an integer >= 3, got {c.p!r}"),
+        (lambda: is_integer(c.p) and 3 <= c.p <= MAX_P, f"p must be an integer in [3, 2^31], got {c.p!r}"),
         (lambda: is_integer(c.d) and c.d >= 1, f"d must be an integer >= 1, got {c.d!r}"),
         (lambda: c.hidden is None or (is_integer(c.hidden) and c.hidden >= 1),
          f"hidden must be None or an integer >= 1, got {c.hidden!r}"),
@@ -539,7 +542,22 @@ class Trainer:
 
     def save_checkpoint(self, path: str) -> None:
         state = self.state_dict()
-        write_atomic(path, lambda f: torch.save(state, f))
+        # Ctrl-C or SIGTERM inside torch.save's zip writer surfaces as a RuntimeError ("unexpected pos"), not as
+        # KeyboardInterrupt: hold them until the write is done (a few ms to a second)
+        with _signals_held():
+            write_atomic(path, lambda f: torch.save(state, f))
+
+
+@contextlib.contextmanager
+def _signals_held():
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _check_crc32s(path: str) -> None:
@@ -590,6 +608,31 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
     after every evaluation."""
     trainer = Trainer(config, callbacks=callbacks)
     out = config.out_dir
+    with _exclusive(out):
+        return _train(trainer, config, callbacks=callbacks, resume=resume, figures=figures)
+
+
+@contextlib.contextmanager
+def _exclusive(out):
+    """An exclusive flock on the run directory itself: two runs must not write one out_dir at once."""
+    if not out:
+        yield
+        return
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"another run is writing to out_dir {out!r}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _train(trainer, config, *, callbacks, resume, figures):
+    out = config.out_dir
     paths = {}
     checkpoint = os.path.join(out, CHECKPOINT) if out else None
     if resume:
@@ -613,7 +656,8 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
         # a fresh run replaces whatever run out_dir held: its checkpoint and results would otherwise sit beside
         # this run's config until this run overwrote them, and a resume after a kill would find them
         stale = [os.path.join(out, name) for name in (CHECKPOINT, "summary.json")]
-    if out and (trainer.step_count == 0 or not figures):  # figures of an earlier step would sit beside the new summary
+    if out and (trainer.step_count == 0 or (not figures and trainer.step_count < config.steps)):
+        # figures of an earlier step would sit beside the new summary (a finished run resumed keeps its own)
         stale += [os.path.join(out, "figures", name) for name in FIGURES]
     for path in stale:
         if os.path.exists(path):
@@ -701,10 +745,25 @@ def _write_metrics(path: str, history: list) -> None:
     write_atomic(path, lambda f: f.write(lines.encode()))
 
 
+def _append_line(path: str, line: str) -> None:
+    """Append one whole line, or nothing: a write cut short (disk full, Ctrl-C) is cut back off."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        data = memoryview(line.encode())
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
 def _log(record: dict, paths: dict, bar) -> None:
     if "metrics" in paths:
-        with open(paths["metrics"], "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append_line(paths["metrics"], json.dumps(record) + "\n")
     if bar is not None:
         shown = dict(loss=f"{record['train_loss']:.3g}", train=f"{record['train_acc']:.3f}",
                      test=f"{record['test_acc']:.3f}")

@@ -268,11 +268,14 @@ def test_refusals_after_parsing_exit_2_and_write_nothing(suite, argv, message, t
 def test_an_out_that_cannot_be_a_directory_is_refused_before_anything_runs(suite, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("mine")
-    for out, message in ((blocker, "is a file, not a directory"), (blocker / "res", "cannot be created")):
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere" / "dir")  # passed the check, then failed after the measurements
+    for out, message in ((blocker, "is a file, not a directory"), (blocker / "res", "cannot be created"),
+                         (dangling, "cannot be created"), (dangling / "sub", "cannot be created")):
         assert main(["bench", suite, "--device", "cpu", "--quick", "--out", str(out)]) == 2
         printed = capsys.readouterr()
         assert message in printed.err and "ceilings" not in printed.out  # nothing was measured
-    assert [p.name for p in tmp_path.iterdir()] == ["file"] and blocker.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file"] and blocker.read_text() == "mine"
 
 
 @pytest.mark.parametrize("suite", ["ce", "optim", "train", "geometry", "all"])

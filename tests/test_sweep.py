@@ -84,6 +84,13 @@ def test_grid_values_parse():
     (sweep.parse_weight_decays, "log:1e-1:1e-3:3", "LO < HI"),
     (sweep.parse_seeds, "0", "no seed"),
     (sweep.parse_seeds, "1,1", "more than once"),
+    # a typo must not fill the memory before anything is said
+    (sweep.parse_seeds, "1000000000000", "asks for 1,000,000,000,000 values; at most 1,000"),
+    (sweep.parse_seeds, "0:30000000", "asks for 30,000,000 values"),
+    (sweep.parse_ps, "log:3:1000:1000000000000", "at most 1,000 per option"),
+    (sweep.parse_ps, "primes:3:100000:5000", "at most 1,000 per option"),
+    (sweep.parse_weight_decays, "log:1e-3:1:1000000000000", "at most 1,000 per option"),
+    (sweep.parse_weight_decays, "log:1e-3:1.0001e-3:50", r"after rounding to 4 significant digits"),
 ])
 def test_bad_grid_values_are_refused(parse, text, match):
     with pytest.raises(ValueError, match=match):
@@ -774,6 +781,28 @@ def test_report_from_a_tiny_real_sweep(tmp_path, capsys):
     assert files(out / "sweep" / "runs") == before
 
 
+@pytest.mark.parametrize("module", [sweep, reproduce])
+def test_an_empty_out_is_refused(module, tmp_path, monkeypatch, capsys):
+    """--out '' meant the current directory without the not-empty check that '.' gets."""
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "", "--preset", "tiny"] if module is reproduce else ["--out", ""])
+    assert "must name a directory (use . for this one)" in capsys.readouterr().err
+
+
+def test_a_write_error_is_one_line(tmp_path, capsys):
+    """A full disk or read-only folder during a sweep: one line and exit 1 (records so far stay whole)."""
+    def full(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "runs" / "x.json"))
+
+    assert sweep.interruptible("sweep", full, argparse.Namespace()) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fastcyclic sweep: error: cannot write" in err and "No space left" in err
+    with pytest.raises(FileNotFoundError):  # an error that is not about writing keeps its traceback
+        sweep.interruptible("sweep", lambda args: open(tmp_path / "missing"), argparse.Namespace())
+
+
 def test_reproduce_refuses_bad_input(tmp_path):
     parser = argparse.ArgumentParser()
     reproduce.add_arguments(parser)
@@ -959,6 +988,19 @@ def test_claim_3_states_the_random_plane_share_as_2_over_d():
     runs = [fake(97, 0.01, s, "cyclic", series="layer-order", locking=0.8) for s in range(3)]
     claim = reproduce.claim_3(sweep.rows_of(runs), "layer-order")
     assert "random: 0.031" in claim.numbers
+
+
+def test_a_rerun_removes_what_a_kill_left_mid_write(tmp_path):
+    """A sweep killed while writing a record or a figure leaves temporary files; the rerun (holding the lock)
+    removes them, as train does in its out_dir."""
+    out = tmp_path / "s"
+    sweep.run_sweep(str(out), [tiny_block()], workers=0, deadline_s=0.0, log=lambda *a: 0)
+    leftovers = [out / ".tmp-a.tmp", out / sweep.RUNS_DIR / ".tmp-b.tmp", out / "figures" / ".tmp-c.tmp"]
+    for path in leftovers:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half")
+    sweep.run_sweep(str(out), None, workers=0, deadline_s=0.0, log=lambda *a: 0)
+    assert not any(path.exists() for path in leftovers)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

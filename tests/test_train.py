@@ -2,6 +2,7 @@
 after SIGKILL), bad configs are refused before anything runs, and the CLI works end to end."""
 import copy
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -188,8 +189,9 @@ def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(p=1), "p must be an integer >= 3, got 1"),
-    (dict(p=2), "p must be an integer >= 3, got 2"),  # trains, but a circle or a simplex needs three classes
+    (dict(p=1), r"p must be an integer in \[3, 2\^31\], got 1"),
+    (dict(p=2), r"p must be an integer in \[3, 2\^31\], got 2"),  # trains, but a circle or simplex needs 3 classes
+    (dict(p=2**40), r"p must be an integer in \[3, 2\^31\], got 1099511627776"),
     (dict(d=0), "d must be an integer >= 1, got 0"),
     (dict(train_fraction=1.0), r"train_fraction must be in \(0, 1\), got 1.0"),
     (dict(train_fraction=0.0), "train_fraction"),
@@ -567,7 +569,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "accuracy: train" in printed and "geometry: W" in printed and "layer order" in printed
     assert (out / "summary.json").exists() and (out / "figures" / "circles.png").exists()
     code = cli_main(["train", "--p", "1", "--out-dir", str(tmp_path / "bad")])
-    assert code == 2 and "p must be an integer >= 3" in capsys.readouterr().err
+    assert code == 2 and "p must be an integer in [3, 2^31]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("error", [
@@ -581,6 +583,91 @@ def test_cli_out_of_memory_is_one_line_not_a_traceback(error, monkeypatch, tmp_p
     assert cli_main(["train", "--p", "2147483647", "--batch-size", "8", "--out-dir", "none"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "out of memory with P=2147483647, d=2, hidden=16, batch_size=8" in err
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the subprocess runs the CPU path")
+def test_sigterm_stops_train_like_ctrl_c(tmp_path):
+    """SIGTERM (kill, a job scheduler) ended the process at once: no message, and temporary files of a checkpoint
+    or figure mid-write left behind.  It now stops like Ctrl-C: exit 130, the hint, nothing partial."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fastcyclic.cli", "train", "--p", "23", "--steps", "100000",
+                             "--checkpoint-every", "5", "--eval-every", "5", "--no-progress", "--no-figures",
+                             "--out-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "checkpoint.pt").exists():
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err.decode()
+    assert "interrupted; rerun the same command with --resume" in err.decode()
+    assert not list(out.rglob("*.tmp")) and load_checkpoint(str(out / "checkpoint.pt"))["step"] >= 5
+
+
+def test_resuming_a_finished_run_without_figures_keeps_its_figures(tmp_path):
+    """Nothing is retrained, so the figures of the finished run still describe it."""
+    out = tmp_path / "run"
+    config = TrainConfig(p=7, d=4, steps=4, eval_every=2, progress=False, out_dir=str(out))
+    train(config)
+    before = {p.name: p.read_bytes() for p in (out / "figures").iterdir()}
+    train(config, resume=True, figures=False)
+    assert before and {p.name: p.read_bytes() for p in (out / "figures").iterdir()} == before
+
+
+def test_interrupt_hint_when_nothing_was_checkpointed(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert cli_main(["train", "--out-dir", "none"]) == 130
+    assert "nothing was checkpointed" in capsys.readouterr().err
+
+
+def test_two_runs_in_one_out_dir_are_refused(tmp_path):
+    """The second of two concurrent runs into one out_dir is refused before it writes (metrics of two seeds
+    interleaved, one run deleting the other's temporary checkpoint)."""
+    out = str(tmp_path / "run")
+    config = TrainConfig(p=7, d=4, steps=4, eval_every=2, progress=False, out_dir=out)
+    inner = []
+
+    def second_run(trainer, record):
+        if not inner:
+            with pytest.raises(ValueError, match="another run is writing to out_dir"):
+                train(dataclasses.replace(config, seed=1), figures=False)
+            inner.append(record["step"])
+
+    train(config, callbacks=[second_run], figures=False)
+    assert inner == [0]
+    assert json.load(open(os.path.join(out, "config.json")))["seed"] == 0
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [0, 2, 4]
+    train(dataclasses.replace(config, seed=1), figures=False)  # after the first one ended: fine
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EROFS])
+def test_a_full_disk_is_one_line_and_no_partial_metrics_line(errno_, monkeypatch, tmp_path, capsys):
+    """Disk full (or a read-only folder) mid-run: one line and exit 1, not a traceback, and metrics.jsonl keeps
+    whole lines (a cut-off line was left before)."""
+    out = tmp_path / "run"
+    real_write, calls = os.write, []
+
+    def write(fd, data):
+        calls.append(1)
+        if len(calls) == 3:  # the third metrics line: half of it, then the disk is full
+            real_write(fd, bytes(data)[:10])
+            raise OSError(errno_, os.strerror(errno_), str(out / "metrics.jsonl"))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(training.os, "write", write)
+    code = cli_main(["train", "--p", "7", "--d", "4", "--steps", "10", "--eval-every", "2", "--no-progress",
+                     "--no-figures", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and f"cannot write '{out / 'metrics.jsonl'}'" in err
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["step"] in (0, 2) for line in lines)
 
 
 @pytest.mark.parametrize("argv, message", [
