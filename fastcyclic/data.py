@@ -128,8 +128,11 @@ class ModularAddition:
                  enumerate_limit: int = ENUMERATE_LIMIT, test_sample: int = 65536):
         if not is_integer(p) or not 2 <= p <= MAX_P:
             raise ValueError(f"p must be an integer in [2, 2^31], got {p!r}")
-        if not 0.0 < float(train_fraction) < 1.0:  # NaN fails too
-            raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction!r}")
+        if isinstance(train_fraction, bool) or not isinstance(train_fraction, numbers.Real) \
+                or not 0.0 < float(train_fraction) < 1.0:  # NaN fails too
+            raise ValueError(f"train_fraction must be a number in (0, 1), got {train_fraction!r}")
+        if not is_integer(seed):  # int(1.9) would quietly give seed 1's split
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         if not is_integer(test_sample) or test_sample < 1:
             raise ValueError(f"test_sample must be a positive integer, got {test_sample!r}")
         p, test_sample = int(p), int(test_sample)

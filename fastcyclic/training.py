@@ -255,17 +255,22 @@ class Trainer:
     """The training loop, usable step by step: ``step()``, ``evaluate()``, ``state_dict()``.
 
     ``fastcyclic.train`` runs it to the end; research code can drive it directly, e.g. to look at
-    ``trainer.model.W`` between steps."""
+    ``trainer.model.W`` between steps.  It keeps its own copy of ``config``.  On CPU it turns on
+    ``torch.set_flush_denormal(True)`` for the process (weights decaying toward zero go denormal and make
+    CPU arithmetic ~10x slower)."""
 
     def __init__(self, config: TrainConfig, *, callbacks: Optional[list] = None):
         cuda_started = torch.cuda.is_initialized()  # before validate() and set_device() start it themselves
+        # the run's own copy: a caller reusing its config (config.weight_decay = wd in a loop) changes neither this
+        # run nor its TrainResult; replace() re-runs __post_init__, which makes NumPy scalars assigned after
+        # construction Python numbers (a checkpoint loads with weights_only=True)
+        config = dataclasses.replace(config)
         validate(config)
         self.config = config
         self.callbacks = list(callbacks or [])
         self.device = _resolve_device(config)
         if self.device.type == "cpu":
-            # weights decaying toward zero go denormal and make CPU arithmetic ~10x slower
-            torch.set_flush_denormal(True)
+            torch.set_flush_denormal(True)  # see the class docstring
         elif self.device.type == "cuda" and self.device.index is not None:
             # streams, graph capture and Triton launches use the current device, not the tensors'
             torch.cuda.set_device(self.device)
@@ -482,7 +487,8 @@ class Trainer:
         # what callbacks added as NumPy or one-element torch numbers, as Python numbers: metrics.jsonl writes
         # them, and a checkpoint (loaded with weights_only=True) could not hold NumPy objects
         for key, value in record.items():
-            if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+            if (isinstance(value, (np.generic, np.ndarray)) and value.size == 1) or \
+                    (isinstance(value, torch.Tensor) and value.numel() == 1):  # an ndarray: what tensor.numpy() gives
                 record[key] = value.item()
         self._timer = (time.perf_counter(), self.step_count)
         return record
@@ -494,8 +500,8 @@ class Trainer:
         return dict(
             format=1, config=self.config.to_dict(), step=self.step_count,
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-            batch_generator=self.batch_generator.get_state(), torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            # every random draw has its own seeded generator: the global RNGs, which the caller owns, are left alone
+            batch_generator=self.batch_generator.get_state(),
             history=[dict(record) for record in self.history],
             # the mean training loss since the last evaluation spans the resume point
             loss_sum=self._loss_sum.clone(), loss_steps=self._loss_steps, seconds=self.seconds,
@@ -522,9 +528,6 @@ class Trainer:
         # the loaded groups hold a copy of the lambda tensor; the ramp writes ours
         self.optimizer.param_groups[0]["weight_decay"] = self._weight_decay
         self.batch_generator.set_state(state["batch_generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step_count = int(state["step"])
         self._step.fill_(self.step_count)
         self.history = [dict(record) for record in state["history"]]
@@ -607,9 +610,8 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
     ``out_dir/checkpoint.pt`` when it exists.  ``callbacks``: functions ``f(trainer, record)`` called
     after every evaluation."""
     trainer = Trainer(config, callbacks=callbacks)
-    out = config.out_dir
-    with _exclusive(out):
-        return _train(trainer, config, callbacks=callbacks, resume=resume, figures=figures)
+    with _exclusive(trainer.config.out_dir):  # another run writing there is refused (ValueError)
+        return _train(trainer, resume=resume, figures=figures)
 
 
 @contextlib.contextmanager
@@ -631,7 +633,8 @@ def _exclusive(out):
         os.close(fd)
 
 
-def _train(trainer, config, *, callbacks, resume, figures):
+def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
+    config = trainer.config
     out = config.out_dir
     paths = {}
     checkpoint = os.path.join(out, CHECKPOINT) if out else None
@@ -706,6 +709,9 @@ def _train(trainer, config, *, callbacks, resume, figures):
         trainer.add_geometry(trainer.history[-1])
         if "metrics" in paths:
             _write_metrics(paths["metrics"], trainer.history)
+    if checkpoint and config.checkpoint_every and trainer.step_count == 0:  # steps=0: the loop saved nothing
+        trainer.save_checkpoint(checkpoint)
+        paths["checkpoint"] = checkpoint
     final = trainer.history[-1]
     summary = trainer.summarize_geometry()
     t_w, t_e = geometry.layer_order([r for r in trainer.history if "rho2_W" in r])

@@ -222,10 +222,19 @@ def test_first_distinct_keeps_draw_order():
     (dict(p=7, train_fraction=0.5, test_sample=0), "test_sample"),
     (dict(p=True, train_fraction=0.5), "p must"),
     (dict(p=np.bool_(True), train_fraction=0.5), "p must"),
+    (dict(p=7, train_fraction="0.5"), "train_fraction must be a number"),  # float("0.5") took it
+    (dict(p=7, train_fraction=True), "train_fraction must be a number"),
 ])
 def test_bad_data_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModularAddition(seed=0, **kwargs)
+
+
+@pytest.mark.parametrize("seed", [1.9, "1", True])
+def test_a_seed_that_is_not_an_integer_is_refused(seed):
+    """int(1.9) gave seed 1's split without a word."""
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        ModularAddition(7, 0.5, seed=seed)
 
 
 def test_numpy_integers_are_integers():

@@ -335,13 +335,50 @@ def test_numpy_values_in_the_config_or_a_record_still_checkpoint_and_resume(tmp_
     config = dict(TINY, steps=20, out_dir=str(out))
 
     def add_numbers(trainer, record):
-        record.update(w_norm=np.float32(1.5), count=np.int64(3), mean=torch.tensor(0.25))
+        record.update(w_norm=np.float32(1.5), count=np.int64(3), mean=torch.tensor(0.25),
+                      norm=torch.tensor(2.0).numpy())  # a 0-d ndarray, not an np.generic
 
     train(TrainConfig(**dict(config, betas=np.array([0.9, 0.98]))), callbacks=[add_numbers], figures=False)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert (first["w_norm"], first["count"], first["mean"]) == (1.5, 3, 0.25)
+    assert (first["w_norm"], first["count"], first["mean"], first["norm"]) == (1.5, 3, 0.25, 2.0)
     resumed = train(TrainConfig(**dict(config, steps=40)), resume=True, figures=False)
     assert resumed.history[0]["w_norm"] == 1.5 and resumed.config.betas == (0.9, 0.98)
+
+
+def test_a_run_owns_its_config(tmp_path):
+    """A loop reusing one config object (config.weight_decay = wd; train(config)) changed the results already
+    returned and the finished trainers' next steps; a NumPy value assigned after construction reached the
+    checkpoint, which then could not be loaded."""
+    config = TrainConfig(**dict(TINY, steps=4, weight_decay_warmup=0, out_dir=str(tmp_path / "run")))
+    results = []
+    for wd in (0.0, 0.5):
+        config.weight_decay = wd
+        results.append(train(config, figures=False))
+    assert [r.config.weight_decay for r in results] == [0.0, 0.5]
+    assert results[0].trainer.config.weight_decay == 0.0
+    config.lr, config.steps = np.array([config.lr])[0], 8  # the same lr, as an np.float64
+    resumed = train(config, resume=True, figures=False)
+    assert type(resumed.config.lr) is float and resumed.history[-1]["step"] == 8
+
+
+def test_a_run_of_zero_steps_can_be_resumed(tmp_path):
+    config = dict(TINY, checkpoint_every=5, out_dir=str(tmp_path / "run"))
+    train(TrainConfig(**dict(config, steps=0)), figures=False)
+    resumed = train(TrainConfig(**dict(config, steps=10)), resume=True, figures=False)
+    straight = train(TrainConfig(**dict(config, steps=10, out_dir=None)), figures=False)
+    assert_bitwise_equal(params(resumed), params(straight))
+
+
+def test_the_global_rng_is_left_alone(tmp_path):
+    """Every draw has its own generator; restoring a checkpoint's global RNG state overwrote the caller's."""
+    out = tmp_path / "run"
+    train(TrainConfig(**dict(TINY, steps=4, out_dir=str(out))), figures=False)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    trainer = Trainer(TrainConfig(**dict(TINY, steps=8, out_dir=str(out))))
+    trainer.load_state_dict(load_checkpoint(str(out / "checkpoint.pt")))
+    assert torch.equal(torch.rand(1), expected)
 
 
 def test_a_resumed_run_reports_its_whole_time(tmp_path):
