@@ -35,7 +35,8 @@ _tuning: dict = {}
 @contextlib.contextmanager
 def tuning(*, config: Optional[triton_impl.LCEConfig] = None, chunk_rows: Optional[int] = None,
            chunk_classes: Optional[int] = None):
-    """Temporarily force the Triton tile configuration or the torch backend's chunk sizes."""
+    """Temporarily force the Triton tile configuration or the torch backend's chunk sizes, for the kernels
+    launched inside the block (call the backward there too)."""
     saved = dict(_tuning)
     _tuning.update(config=config, chunk_rows=chunk_rows, chunk_classes=chunk_classes)
     try:
@@ -312,7 +313,7 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
             torch_grads = (dw, db)
         handle.defer(dict(h=h, weight=weight, bias=bias, target=target, lse_parts=lse_parts, p_coef=p_coef,
                           t_coef=t_coef, g_target=g_target, label_smoothing=label_smoothing, backend=backend,
-                          torch_grads=torch_grads))
+                          torch_grads=torch_grads, config=_backend_kwargs("triton")["config"]))
         return (dh if need_dh else None,) + (None,) * 9
 
 

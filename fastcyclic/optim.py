@@ -656,7 +656,7 @@ class FusedUpdate:
         self._stepped = True
 
     def _apply(self, h, weight, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing, backend,
-               torch_grads) -> None:
+               torch_grads, config) -> None:
         optimizer, group = self.optimizer, self.optimizer.param_groups[self.group_index]
         decoupled = group["weight_decay_mode"] == "decoupled"
         if backend == "torch":
@@ -685,7 +685,7 @@ class FusedUpdate:
                                                   first_step=first_step, nesterov=group["nesterov"])
             _, _, db = kernels.backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing,
                                         need_dh=False, need_dw=False, need_db=bias is not None and bias.requires_grad,
-                                        update=update)
+                                        update=update, config=config)
         torch.autograd.graph.increment_version(weight)  # stale saved copies of weight now fail loudly
         if bias is not None and bias.requires_grad and db is not None:
             if bias.grad is None:

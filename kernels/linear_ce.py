@@ -429,7 +429,13 @@ class LCEConfig:
     block of ``grad_chunk`` classes at a time, ``_logit_grad_kernel`` (tile ``backward_grad``)
     writes g (N x grad_chunk, in h's dtype) and cuBLAS computes dW[block] = g^T h and dh += g W[block]
     (fp32): four GEMMs' worth, the last two at cuBLAS's rate, for N x grad_chunk elements of memory.
-    ``grad_chunk=None`` sizes the block to GRAD_CHUNK_BYTES."""
+    ``grad_chunk=None`` sizes the block to GRAD_CHUNK_BYTES.
+
+    fp32 inputs: the backward forms z - max with the forward's max (see _logit_grad), so its logits must
+    reproduce the forward's bit for bit.  On a GPU a dot accumulates over D in the same order however D is
+    chunked; under the interpreter (numpy matmuls) the chunks must match: D resident in every kernel or
+    the same block_d, as default_config's CPU tiles are (else fp32 gradients at |z| ~ 1e3 lose eager's
+    accuracy there)."""
 
     forward: TileConfig
     backward_dw: TileConfig

@@ -796,6 +796,27 @@ def test_fused_update_equals_backward_then_step(backend, optimizer, gen):
         torch.testing.assert_close(w_state[key].float(), w_state_ref[key].float(), rtol=1e-5, atol=1e-6)
 
 
+def test_fused_update_takes_the_tuned_tiles(gen, monkeypatch):
+    """tuning(config=...) reached dh but not the fused dW pass (run at the end of the backward), which took the
+    default tiles: a tuned or tested tile never ran there."""
+    from fastcyclic.kernels import linear_ce as kernels
+    from fastcyclic.linear_ce import tuning
+
+    tile = kernels.TileConfig(32, 16, 16, 32)
+    config = kernels.LCEConfig(forward=tile, backward_dw=tile, backward_dh=tile)
+    seen, real = [], kernels.backward
+
+    def backward(*args, **kwargs):
+        seen.append((kwargs.get("update") is not None, kwargs.get("config")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "backward", backward)
+    w, opt, handle, x, y = _fused_setup(gen)
+    with tuning(config=config):
+        linear_cross_entropy(x, w, y, backend="triton", fused_update=handle).backward()
+    assert seen == [(False, config), (True, config)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer", ["adamw", "sgdw-momentum"])
 @pytest.mark.parametrize("saving", ["checkpoint", "copy-hooks"])
