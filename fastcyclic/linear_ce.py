@@ -184,8 +184,8 @@ def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     log_sum = torch.log(rest + torch.exp(shift))
     lse = row_max + log_sum
     loss = nll
-    if label_smoothing > 0:
-        loss = loss + label_smoothing * (target_logit - logit_sum / num_classes)
+    if label_smoothing > 0:  # (1 - eps) nll + eps (lse - mean z): a masked (-inf) target gives inf, as in F.ce
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - logit_sum / num_classes)
     if z_loss > 0:
         loss = loss + z_loss * lse * lse
     loss = torch.where(target != ignore_index, loss, 0.0)

@@ -419,6 +419,20 @@ class TileConfig:
     num_stages: int = 2
     splits: int | None = None
 
+    def __post_init__(self):
+        # tl.arange takes powers of two, tl.dot at least 16; _row_data pads rows to the largest block, a
+        # multiple of every other one only because all are powers of two
+        for name in ("block_owner", "block_loop", "block_d", "block_ds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value!r}")
+        if isinstance(self.num_warps, bool) or not isinstance(self.num_warps, int) or self.num_warps < 1 \
+                or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"TileConfig.num_warps must be a power of two, got {self.num_warps!r}")
+        if self.splits is not None and (isinstance(self.splits, bool) or not isinstance(self.splits, int)
+                                        or self.splits < 1):
+            raise ValueError(f"TileConfig.splits must be None or an integer >= 1, got {self.splits!r}")
+
 
 @dataclass(frozen=True)
 class LCEConfig:

@@ -276,6 +276,18 @@ def test_cuda_fp32_far_logits_with_the_default_tiles(d, backward, gen):
         check("triton", gen, h, w, y, b)
 
 
+@pytest.mark.parametrize("fields, match", [
+    (dict(block_owner=48), "block_owner must be a power of two >= 16, got 48"),  # tl.arange failed in the kernel
+    (dict(block_loop=0), "block_loop must be a power of two >= 16, got 0"),  # a ZeroDivisionError
+    (dict(block_d=8), "block_d must be a power of two >= 16, got 8"),  # ran under the interpreter, not on a GPU
+    (dict(num_warps=3), "num_warps must be a power of two, got 3"),
+    (dict(splits=0), "splits must be None or an integer >= 1, got 0"),
+])
+def test_tile_configs_are_checked(fields, match):
+    with pytest.raises(ValueError, match=match):
+        TileConfig(**{**dict(block_owner=16, block_loop=16, block_d=16, block_ds=16), **fields})
+
+
 def test_gemm_backward_block_size():
     """Blocks of g hold GRAD_CHUNK_BYTES (a whole number of class tiles, at least one, at most K and
     at most 65535 tiles)."""
@@ -551,6 +563,20 @@ def test_classes_masked_by_a_minus_inf_bias(backend, gen):
     assert torch.equal(argmax.cpu(), logits64.argmax(dim=1).cpu())
     # nothing flows to a masked class: its W rows and bias get exactly zero gradient
     assert not w_leaf.grad[masked].any() and not b_leaf.grad[masked].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_masked_target_with_label_smoothing_is_inf_like_f_cross_entropy(backend):
+    """A target on a -inf class: the loss is inf, as in F.cross_entropy; with label smoothing it was NaN (the
+    smoothing term took z_y - mean z = -inf - -inf)."""
+    h, w = torch.ones(2, 2, device=DEVICE), torch.ones(3, 2, device=DEVICE)
+    b = torch.tensor([0.0, float("-inf"), 0.0], device=DEVICE)
+    y = torch.tensor([1, 0], device=DEVICE)
+    for eps in (0.0, 0.1):
+        ours = linear_cross_entropy(h, w, y, bias=b, label_smoothing=eps, backend=backend, reduction="none")
+        eager = torch.nn.functional.cross_entropy(h @ w.T + b, y, label_smoothing=eps, reduction="none")
+        assert torch.equal(ours.isinf(), eager.isinf()) and ours[0] == float("inf")
+        torch.testing.assert_close(ours[1], eager[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["triton-gemm"])
