@@ -156,15 +156,20 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
 
     def _device_scalars(self, index: int, group: dict, device: torch.device) -> tuple[Tensor, Tensor]:
         """lr and weight_decay as fp32 device scalars.  Tensors are copied on the device (capturable);
-        floats are written only when they change (see refresh_scalars for captured graphs)."""
+        floats are written only when they change, and never inside a CUDA graph capture: a write recorded
+        there would put the value of the capture back at every replay (refresh_scalars writes them)."""
         entry = self._scalars.get((index, device))
+        capturing = _capturing()
         if entry is None:
+            if capturing:  # its first fill (and the state of a first step) would be replayed too
+                raise RuntimeError("a CUDA graph capture of an optimizer step needs a warm-up step first (outside "
+                                   "the capture, e.g. on a side stream): the first step creates the state")
             entry = self._scalars[(index, device)] = [torch.full((2,), float("nan"), device=device), [None, None]]
-        self._write_scalars(entry, group, tensors=True)
+        self._write_scalars(entry, group, tensors=True, floats=not capturing)
         return entry[0][0], entry[0][1]
 
     @staticmethod
-    def _write_scalars(entry: list, group: dict, *, tensors: bool) -> None:
+    def _write_scalars(entry: list, group: dict, *, tensors: bool, floats: bool = True) -> None:
         buffer, host = entry
         for slot, key in enumerate(("lr", "weight_decay")):
             value = group[key]
@@ -172,7 +177,7 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
                 if tensors:
                     buffer[slot].copy_(value.reshape(()))
                     host[slot] = None  # the buffer no longer holds the last float
-            elif host[slot] != float(value):
+            elif floats and host[slot] != float(value):
                 buffer[slot].fill_(float(value))
                 host[slot] = float(value)
 
@@ -670,6 +675,9 @@ class FusedUpdate:
             optimizer._contiguous_state(weight)
             lr, weight_decay = optimizer._device_scalars(self.group_index, group, weight.device)
             if isinstance(optimizer, AdamW):
+                if _capturing() and weight not in optimizer.state:  # zeros made in a capture: reset at every replay
+                    raise RuntimeError("a CUDA graph capture of a fused update needs a warm-up step first (outside "
+                                       "the capture): the first step creates the optimizer state")
                 state = optimizer._init_state(weight)
                 optimizer._advance([state["step"]], None)
                 beta1, beta2 = group["betas"]
@@ -700,6 +708,11 @@ def _call_if_alive(handle_ref):
         handle = handle_ref()
         return handle._on_weight_gradient(grad) if handle is not None else None
     return hook
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph capture is under way on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _hyper_snapshot(group: dict) -> dict:

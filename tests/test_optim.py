@@ -574,6 +574,40 @@ def test_nonfinite_gradient_propagates_by_default_like_torch(backend, gen):
     assert torch.equal(a[0].isnan(), b[0].isnan()) and a[0].isnan().sum() == 1
 
 
+def test_a_float_lr_changed_before_a_capture_is_not_recorded_in_it(gen, monkeypatch):
+    """A float lr changed (a scheduler) right before the step a CUDA graph captures: its write was recorded in the
+    graph, so every replay put that value back after refresh_scalars() had written the current one.  Inside a
+    capture float values are not written (simulated here: _capturing patched); refresh_scalars() writes them."""
+    from fastcyclic import optim
+
+    params = clones(make_params(gen, [(8,)]))
+    opt = AdamW(params, lr=1e-3, backend="triton")
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    opt.param_groups[0]["lr"] = 5e-4
+    monkeypatch.setattr(optim, "_capturing", lambda: True)
+    lr_buffer, _ = opt._device_scalars(0, opt.param_groups[0], params[0].device)
+    assert lr_buffer.item() == pytest.approx(1e-3)  # nothing written (recorded) inside the capture
+    monkeypatch.setattr(optim, "_capturing", lambda: False)
+    opt.refresh_scalars()  # before each replay
+    assert lr_buffer.item() == pytest.approx(5e-4)
+
+
+def test_a_first_step_cannot_be_captured(gen, monkeypatch):
+    """A capture of a first step would record the creation of its state and scalars: every replay would reset them."""
+    from fastcyclic import optim
+
+    params = clones(make_params(gen, [(8,)]))
+    opt = AdamW(params, lr=1e-3, backend="triton")
+    params[0].grad = torch.ones_like(params[0])
+    monkeypatch.setattr(optim, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="needs a warm-up step first"):
+        opt.step()
+    w, opt, handle, x, y = _fused_setup(gen)
+    with pytest.raises(RuntimeError, match="needs a warm-up step first"):
+        linear_cross_entropy(x, w, y, backend="triton", fused_update=handle).backward()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adamw_huge_gradients_step_like_torch(backend, gen):
     """|g| ~ 1e20: g * g alone overflows fp32 (above 1.8e19), torch's ((1 - beta2) g) g does not; an inf second
@@ -1240,6 +1274,36 @@ def test_cuda_graph_replay_equals_eager_steps(optimizer, gen):
             p.grad.copy_(g)
             q.grad.copy_(g)
         opt_e.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    assert_params_close(graphed, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_with_float_lrs_changed_before_and_after_capture(gen):
+    """Float lrs (a scheduler's) changed before the capture and between replays: refresh_scalars() before each
+    replay gives the eager steps (the change just before the capture was recorded in the graph and put back)."""
+    start = make_params(gen, [(1000,), (33, 17)])
+    grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in start] for _ in range(6)]
+    eager, graphed = clones(start), clones(start)
+    opt_e, opt_g = AdamW(eager, lr=1e-2, weight_decay=0.1), AdamW(graphed, lr=1e-2, weight_decay=0.1)
+    for params in (eager, graphed):
+        for p, g in zip(params, grads[0]):
+            p.grad = g.clone()
+    opt_e.step()
+    opt_g.step()  # the warm-up
+    opt_g.param_groups[0]["lr"] = 5e-3
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step()
+    for i, gs in enumerate(grads[1:]):
+        for opt in (opt_e, opt_g):
+            opt.param_groups[0]["lr"] = 1e-3 / (1 + i)
+        for p, q, g in zip(eager, graphed, gs):
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        opt_e.step()
+        opt_g.refresh_scalars()
         graph.replay()
     torch.cuda.synchronize()
     assert_params_close(graphed, eager, rtol=1e-6, atol=1e-6)
