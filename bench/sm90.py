@@ -1,5 +1,5 @@
 """Compile the Triton kernels for an H100/H200 (sm_90) on any machine, GPU or not, and report each
-configuration's shared memory, registers and spill stack.
+configuration's shared memory, registers, spill stack and the instructions of its main loop.
 
     python -m fastcyclic.bench.sm90 [--quick]     (TRITON_INTERPRET must not be set)
     python -m fastcyclic.bench.sm90 --cache [DIR]  (the same figures for every kernel in triton's cache)
@@ -55,10 +55,10 @@ def compile_sm90(fn, data_ptr: str, constexprs: dict, num_warps: int, num_stages
 
 
 def cubin_usage(cubin: bytes) -> str:
-    """'REG:n STACK:n SPILLS:n (n in loops)' of a cubin, from triton's bundled cuobjdump ('' where it
+    """'REG:n STACK:n SPILLS:n (n in loops) LOOP:n' of a cubin, from triton's bundled cuobjdump ('' where it
     cannot run).  SPILLS counts the local-memory loads and stores (LDL/STL) in the code, and those
     between a backward branch and its target: a spill inside the main loop costs every iteration,
-    one in the epilogue once per program."""
+    one in the epilogue once per program.  LOOP: see sass_summary."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -71,18 +71,21 @@ def cubin_usage(cubin: bytes) -> str:
         except (OSError, subprocess.SubprocessError):
             return ""
     fields = [w for line in usage.splitlines() if "REG:" in line for w in line.split() if w[:4] in ("REG:", "STAC")]
-    return " ".join(fields[:2] + [spill_text(sass)])
+    return " ".join(fields[:2] + [sass_summary(sass)])
 
 
-def spill_text(sass: str) -> str:
-    """'SPILLS:n (m in loops)' from cuobjdump -sass text: instructions are '/*addr*/ OPCODE ... ;'."""
+def sass_summary(sass: str) -> str:
+    """'SPILLS:n (m in loops) LOOP:k' from cuobjdump -sass text (instructions are '/*addr*/ OPCODE ... ;'):
+    the local-memory loads and stores, and the instructions of the longest loop, the main loop's cost per
+    iteration in issue slots (a static count: the ALU work per tile, not a time)."""
     instructions = [(int(address, 16), text) for address, text in
                     re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = [(int(target, 16), address) for address, text in instructions
              for target in re.findall(r"\bBRA\b.*?0x([0-9a-f]+)\s*$", text) if int(target, 16) < address]
     spills = [address for address, text in instructions if re.search(r"\b(LDL|STL)\b", text)]
     in_loops = sum(any(start <= address <= end for start, end in loops) for address in spills)
-    return f"SPILLS:{len(spills)} ({in_loops} in loops)"
+    longest = max((sum(start <= address <= end for address, _ in instructions) for start, end in loops), default=0)
+    return f"SPILLS:{len(spills)} ({in_loops} in loops) LOOP:{longest}"
 
 
 def resource_usage(kernel) -> str:

@@ -35,7 +35,7 @@ def test_every_kernel_kind_compiles_for_sm90():
 
 
 def test_spill_count_tells_loops_from_epilogue():
-    from fastcyclic.bench.sm90 import spill_text
+    from fastcyclic.bench.sm90 import sass_summary
 
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;                  /* 0x00000a0000017a02 */
@@ -47,7 +47,7 @@ def test_spill_count_tells_loops_from_epilogue():
         /*0060*/              @P1 BRA 0x80 ;                               /* 0x0000001000041947 */
         /*0070*/                   EXIT ;                                  /* 0x000000000000794d */
     """
-    assert spill_text(sass) == "SPILLS:3 (1 in loops)"
+    assert sass_summary(sass) == "SPILLS:3 (1 in loops) LOOP:3"
 
 
 def test_the_check_compiles_what_a_launch_compiles():
