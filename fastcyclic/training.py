@@ -553,14 +553,27 @@ class Trainer:
 
 @contextlib.contextmanager
 def _signals_held():
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """SIGINT and SIGTERM arriving inside the block are handled when it ends.  (Masking them with pthread_sigmask
+    is not enough: the kernel then hands a process-directed signal to another thread -- torch's intra-op workers,
+    tqdm's monitor -- whose C handler still makes the main thread raise at its next bytecode.)"""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append((signum, frame)))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if received:
+            signum, frame = received[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _check_crc32s(path: str) -> None:
