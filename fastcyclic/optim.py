@@ -686,6 +686,9 @@ class FusedUpdate:
             else:
                 state = optimizer.state[weight]
                 first_step = group["momentum"] != 0 and state.get("momentum_buffer") is None
+                if first_step and _capturing():  # buf = g and the zeros would be replayed as a first step every time
+                    raise RuntimeError("a CUDA graph capture of a fused update needs a warm-up step first (outside "
+                                       "the capture): the first step creates the optimizer state")
                 if first_step:
                     state["momentum_buffer"] = torch.zeros_like(weight, dtype=torch.float32)
                 update = kernels.ClassifierUpdate("sgdw", lr, weight_decay, None, state.get("momentum_buffer"),

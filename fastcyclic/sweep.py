@@ -781,9 +781,11 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
     device = resolve_device(device)
     specs = prepare(out, blocks)
     with _Lock(out):
-        for folder in (out, os.path.join(out, RUNS_DIR), os.path.join(out, "figures")):
-            if os.path.isdir(folder):  # what a kill left mid-write (no other sweep writes here: the lock)
-                files.remove_temporaries(folder)
+        # records a kill left mid-write: only a sweep holding the lock writes runs/ (the analysis files and
+        # figures are written unlocked, also by --analyze-only, so their temporaries are left alone)
+        runs = os.path.join(out, RUNS_DIR)
+        if os.path.isdir(runs):
+            files.remove_temporaries(runs)
         records = load_records(out, specs, warn=log)
         finished = {i for i, r in records.items() if r["status"] == "ok" or (r["status"] == "failed"
                                                                              and not retry_failed)}

@@ -639,8 +639,10 @@ def _exclusive(out):
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             raise ValueError(f"another run is writing to out_dir {out!r}") from None
+        except OSError:  # no flock on a read-only descriptor here (some network filesystems): run unlocked
+            pass
         yield
     finally:
         os.close(fd)

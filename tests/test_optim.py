@@ -606,6 +606,17 @@ def test_a_first_step_cannot_be_captured(gen, monkeypatch):
     w, opt, handle, x, y = _fused_setup(gen)
     with pytest.raises(RuntimeError, match="needs a warm-up step first"):
         linear_cross_entropy(x, w, y, backend="triton", fused_update=handle).backward()
+    # SGDW with momentum: its group has stepped (another parameter warmed up), the fused weight has no buffer yet
+    w = torch.randn(7, 4, generator=gen).to(DEVICE).requires_grad_()
+    other = torch.zeros(3, device=DEVICE, requires_grad=True)
+    opt = SGDW([w, other], lr=0.1, momentum=0.9, backend="triton")
+    handle = fused_update(opt, w)
+    monkeypatch.setattr(optim, "_capturing", lambda: False)
+    other.grad = torch.ones_like(other)
+    opt.step()
+    monkeypatch.setattr(optim, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="needs a warm-up step first"):
+        linear_cross_entropy(x, w, y, backend="triton", fused_update=handle).backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

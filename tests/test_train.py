@@ -707,6 +707,19 @@ def test_two_runs_in_one_out_dir_are_refused(tmp_path):
     train(dataclasses.replace(config, seed=1), figures=False)  # after the first one ended: fine
 
 
+def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch):
+    """Only "held by another process" refuses a run: a filesystem where flock fails otherwise (EBADF, ENOLCK on
+    some network filesystems) would have refused every run as 'another run is writing'."""
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    train(TrainConfig(p=7, d=4, steps=2, eval_every=2, progress=False, out_dir=str(tmp_path / "run")), figures=False)
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
 @pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EROFS])
 def test_a_full_disk_is_one_line_and_no_partial_metrics_line(errno_, monkeypatch, tmp_path, capsys):
     """Disk full (or a read-only folder) mid-run: one line and exit 1, not a traceback, and metrics.jsonl keeps
