@@ -162,8 +162,7 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         capturing = _capturing()
         if entry is None:
             if capturing:  # its first fill (and the state of a first step) would be replayed too
-                raise RuntimeError("a CUDA graph capture of an optimizer step needs a warm-up step first (outside "
-                                   "the capture, e.g. on a side stream): the first step creates the state")
+                raise RuntimeError(_FIRST_STEP_IN_CAPTURE)
             entry = self._scalars[(index, device)] = [torch.full((2,), float("nan"), device=device), [None, None]]
         self._write_scalars(entry, group, tensors=True, floats=not capturing)
         return entry[0][0], entry[0][1]
@@ -385,6 +384,8 @@ class AdamW(_WeightDecayOptimizer):
     def _update(self, index, key, group, pairs, lr, weight_decay, backend, skip) -> None:
         beta1, beta2 = group["betas"]
         decoupled = group["weight_decay_mode"] == "decoupled"
+        if _capturing() and any(not self.state[p] for p, _ in pairs):  # (no gradient in the warm-up)
+            raise RuntimeError(_FIRST_STEP_IN_CAPTURE)
         states = [self._init_state(p) for p, _ in pairs]
         self._advance([s["step"] for s in states], skip)
         if backend == "torch":
@@ -485,6 +486,8 @@ class SGDW(_WeightDecayOptimizer):
     def _update(self, index, key, group, pairs, lr, weight_decay, backend, skip) -> None:
         momentum = group["momentum"]
         first_step = key[-1]
+        if first_step and momentum != 0 and _capturing():  # (no gradient in the warm-up)
+            raise RuntimeError(_FIRST_STEP_IN_CAPTURE)
         buffers = [None] * len(pairs)
         if momentum != 0:
             for i, (p, _) in enumerate(pairs):
@@ -676,8 +679,7 @@ class FusedUpdate:
             lr, weight_decay = optimizer._device_scalars(self.group_index, group, weight.device)
             if isinstance(optimizer, AdamW):
                 if _capturing() and weight not in optimizer.state:  # zeros made in a capture: reset at every replay
-                    raise RuntimeError("a CUDA graph capture of a fused update needs a warm-up step first (outside "
-                                       "the capture): the first step creates the optimizer state")
+                    raise RuntimeError(_FIRST_STEP_IN_CAPTURE)
                 state = optimizer._init_state(weight)
                 optimizer._advance([state["step"]], None)
                 beta1, beta2 = group["betas"]
@@ -687,8 +689,7 @@ class FusedUpdate:
                 state = optimizer.state[weight]
                 first_step = group["momentum"] != 0 and state.get("momentum_buffer") is None
                 if first_step and _capturing():  # buf = g and the zeros would be replayed as a first step every time
-                    raise RuntimeError("a CUDA graph capture of a fused update needs a warm-up step first (outside "
-                                       "the capture): the first step creates the optimizer state")
+                    raise RuntimeError(_FIRST_STEP_IN_CAPTURE)
                 if first_step:
                     state["momentum_buffer"] = torch.zeros_like(weight, dtype=torch.float32)
                 update = kernels.ClassifierUpdate("sgdw", lr, weight_decay, None, state.get("momentum_buffer"),
@@ -711,6 +712,12 @@ def _call_if_alive(handle_ref):
         handle = handle_ref()
         return handle._on_weight_gradient(grad) if handle is not None else None
     return hook
+
+
+# a first step creates state (and SGDW's sets buf = g): captured, every replay would do it again
+_FIRST_STEP_IN_CAPTURE = ("a CUDA graph capture of an optimizer step needs a warm-up step first, outside the capture "
+                          "(e.g. on a side stream), in which every parameter gets a gradient: a first step creates "
+                          "the optimizer state")
 
 
 def _capturing() -> bool:

@@ -603,6 +603,19 @@ def test_a_first_step_cannot_be_captured(gen, monkeypatch):
     monkeypatch.setattr(optim, "_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="needs a warm-up step first"):
         opt.step()
+    # a parameter without a gradient in the warm-up gets its first step in the capture
+    for make in (lambda ps: AdamW(ps, lr=1e-3, backend="triton"),
+                 lambda ps: SGDW(ps, lr=1e-3, momentum=0.9, backend="triton")):
+        params = clones(make_params(gen, [(8,), (5,)]))
+        opt = make(params)
+        monkeypatch.setattr(optim, "_capturing", lambda: False)
+        params[0].grad = torch.ones_like(params[0])
+        opt.step()
+        opt.step()  # SGDW: past its own first step
+        params[1].grad = torch.ones_like(params[1])
+        monkeypatch.setattr(optim, "_capturing", lambda: True)
+        with pytest.raises(RuntimeError, match="needs a warm-up step first"):
+            opt.step()
     w, opt, handle, x, y = _fused_setup(gen)
     with pytest.raises(RuntimeError, match="needs a warm-up step first"):
         linear_cross_entropy(x, w, y, backend="triton", fused_update=handle).backward()
