@@ -142,13 +142,6 @@ def run_train(args: argparse.Namespace) -> int:
             hint = "rerun the same command with --resume to continue from the last checkpoint"
         print(f"fastcyclic train: interrupted; {hint}", file=sys.stderr)
         return 130
-    except OSError as e:  # disk full, read-only folder: one line; the checkpoint before it is intact
-        from fastcyclic.files import write_error_text
-
-        if write_error_text(e) is None:
-            raise
-        print(f"fastcyclic train: error: {write_error_text(e)}", file=sys.stderr)
-        return 1
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError on CUDA; the CPU allocator's RuntimeError
         if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
@@ -166,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from fastcyclic.sweep import interruptible
 
-        return interruptible("train", run_train, args)  # SIGTERM (kill, a job scheduler) stops it like Ctrl-C
+        # SIGTERM (kill, a job scheduler) stops it like Ctrl-C; a full disk or read-only folder is one line
+        return interruptible("train", run_train, args)
     if args.command in ("sweep", "reproduce"):
         from fastcyclic import reproduce, sweep
 

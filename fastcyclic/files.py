@@ -2,6 +2,7 @@
 new one, never half of one (temporary file beside the target, fsync, rename, fsync the folder)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -44,6 +45,25 @@ def remove_temporaries(folder: str) -> None:
     for name in os.listdir(folder):
         if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
             os.remove(os.path.join(folder, name))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str, busy: str):
+    """An exclusive flock on path (a directory, or a file made if missing) for the block: ValueError(busy) when
+    another process holds it.  Where flock itself fails (some network filesystems) the block runs unlocked."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY) if os.path.isdir(path) else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(busy) from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # which releases the lock
 
 
 # what a full disk, a quota, a read-only or unwritable folder raise: the command says so in one line

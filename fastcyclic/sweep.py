@@ -58,7 +58,6 @@ import concurrent.futures as cf
 import csv
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import io
 import itertools
@@ -746,25 +745,9 @@ class SweepOutcome:
     device: str
 
 
-class _Lock:
+def _lock(out: str):
     """An exclusive flock on DIR/sweep.lock: two sweeps must not run the same directory at once."""
-
-    def __init__(self, out: str):
-        self.path = os.path.join(out, LOCK_FILE)
-        self.fd = None
-
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            raise ValueError(f"another sweep is running in {os.path.dirname(self.path)!r}") from None
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+    return files.exclusive_lock(os.path.join(out, LOCK_FILE), f"another sweep is running in {out!r}")
 
 
 def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Optional[int] = None,
@@ -780,7 +763,7 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
     started, started_at = time.perf_counter(), _now()
     device = resolve_device(device)
     specs = prepare(out, blocks)
-    with _Lock(out):
+    with _lock(out):
         # records a kill left mid-write: only a sweep holding the lock writes runs/ (the analysis files and
         # figures are written unlocked, also by --analyze-only, so their temporaries are left alone)
         runs = os.path.join(out, RUNS_DIR)

@@ -21,8 +21,8 @@ import json
 import math
 import os
 import signal
-import threading
 import tempfile
+import threading
 import time
 import warnings
 import zipfile
@@ -34,7 +34,7 @@ import torch
 
 from fastcyclic import geometry
 from fastcyclic.data import MAX_P, ModularAddition, is_integer
-from fastcyclic.files import remove_temporaries, write_atomic, write_json
+from fastcyclic.files import exclusive_lock, remove_temporaries, write_atomic, write_json
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
 from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update, fused_update_fits
 from fastcyclic.sweep import chance_threshold
@@ -623,29 +623,10 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
     ``out_dir/checkpoint.pt`` when it exists.  ``callbacks``: functions ``f(trainer, record)`` called
     after every evaluation."""
     trainer = Trainer(config, callbacks=callbacks)
-    with _exclusive(trainer.config.out_dir):  # another run writing there is refused (ValueError)
+    out = trainer.config.out_dir
+    # two runs must not write one out_dir at once: the lock is on the directory itself
+    with exclusive_lock(out, f"another run is writing to out_dir {out!r}") if out else contextlib.nullcontext():
         return _train(trainer, resume=resume, figures=figures)
-
-
-@contextlib.contextmanager
-def _exclusive(out):
-    """An exclusive flock on the run directory itself: two runs must not write one out_dir at once."""
-    if not out:
-        yield
-        return
-    import fcntl
-
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another run is writing to out_dir {out!r}") from None
-        except OSError:  # no flock on a read-only descriptor here (some network filesystems): run unlocked
-            pass
-        yield
-    finally:
-        os.close(fd)
 
 
 def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:

@@ -713,8 +713,10 @@ def _row_data(target, lse_parts, p_coef, t_uniform, g_target, k: int, config: LC
     terms = torch.zeros(5, r, dtype=torch.float32, device=target.device)
     terms[0, n:] = float("inf")
     row_max, log_sum = lse_parts
-    shift, log_sum = (row_max, log_sum) if exact else (row_max + log_sum, torch.zeros_like(log_sum))
-    for row, term in enumerate((shift, log_sum, p_coef, t_uniform, g_target)):
+    terms[0, :n] = row_max if exact else row_max + log_sum
+    if exact:  # else row 1 stays 0, unread
+        terms[1, :n] = log_sum
+    for row, term in enumerate((p_coef, t_uniform, g_target), start=2):
         terms[row, :n] = term
     return classes, terms
 

@@ -108,6 +108,7 @@ def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoo
     n, d = h.shape
     k = w.shape[0]
     acc = _compute_dtype(h.dtype)
+    exact = h.dtype == torch.float32  # the rule of kernels.linear_ce.exact_shift
     rows, classes = _chunks(n, k, chunk_rows, chunk_classes)
     uniform = label_smoothing / k
     exp_floor, masked = _exp_floor(acc), _masked_classes(bias)
@@ -119,7 +120,7 @@ def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoo
         h_rows = h[r0:r1].to(acc)
         y = target[r0:r1]
         row_max, log_sum = (part[r0:r1].to(acc)[:, None] for part in lse_parts)
-        shift = row_max if h.dtype == torch.float32 else row_max + log_sum
+        shift = row_max if exact else row_max + log_sum
         p_rows = p_coef[r0:r1].to(acc)[:, None]
         t_rows = t_coef[r0:r1].to(acc)
         g_target_rows = g_target[r0:r1].to(acc)
@@ -130,7 +131,7 @@ def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoo
             # g = p_coef * softmax - t_coef * ((1 - eps) * onehot + eps / K), built in place
             g = _logits_block(h_rows, w, bias, k0, k1)
             g.sub_(shift)
-            if h.dtype == torch.float32:
+            if exact:
                 g.sub_(log_sum)
             g = _exp_clamped(g, cut_rows, masked, k0, k1).mul_(p_rows)
             if uniform:

@@ -1019,7 +1019,7 @@ def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path):
     """While one sweep holds DIR's lock, another one on DIR refuses to start (and runs nothing)."""
     out = tmp_path / "locked"
     sweep.run_sweep(str(out), [tiny_block()], workers=0, deadline_s=0.0, log=lambda *a: 0)
-    with sweep._Lock(str(out)):
+    with sweep._lock(str(out)):
         with pytest.raises(ValueError, match="another sweep is running"):
             sweep.run_sweep(str(out), None, workers=0, log=lambda *a: 0)
     assert not list((out / sweep.RUNS_DIR).glob("*.json"))
