@@ -316,6 +316,14 @@ def _compute_view(t: Tensor) -> tuple[Tensor, torch.dtype]:
     return (t if t.dtype == compute else t.to(compute)), compute
 
 
+def _with_l2(grad: Tensor, param: Tensor, weight_decay) -> Tensor:
+    """grad + wd * param, left out at wd = 0 as torch does: 0 * inf would turn an infinite parameter into NaN.
+    A tensor wd is tested on the device (no host sync: the step stays capturable)."""
+    if isinstance(weight_decay, Tensor):
+        return torch.where(weight_decay != 0, grad + weight_decay * param, grad)
+    return grad + weight_decay * param if weight_decay != 0 else grad
+
+
 def adamw_reference_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr, weight_decay,
                      beta1: float, beta2: float, eps: float, decoupled: bool, skip: Optional[Tensor] = None) -> None:
     """One Adam step in PyTorch ops, in place, written as torch.optim's single-tensor Adam (fp32 math
@@ -327,7 +335,7 @@ def adamw_reference_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
     if decoupled:
         param.mul_(1.0 - lr * weight_decay)
     else:
-        grad = grad + weight_decay * param
+        grad = _with_l2(grad, param, weight_decay)
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     t = step.double()
@@ -436,7 +444,7 @@ def sgdw_reference_(p: Tensor, g: Tensor, momentum_buffer: Optional[Tensor], lr,
     param, compute = _compute_view(p)
     grad = g.to(compute)
     if not decoupled:
-        grad = grad + weight_decay * param
+        grad = _with_l2(grad, param, weight_decay)
     if momentum != 0:
         if first_step:
             momentum_buffer.copy_(grad)

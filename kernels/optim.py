@@ -49,6 +49,12 @@ def _one_minus_power(step, log_beta):
 
 
 @triton.jit
+def _with_l2(g, p, weight_decay):
+    """g + wd * p, left out at wd = 0 as torch does: 0 * inf would turn an infinite parameter into NaN."""
+    return tl.where(weight_decay != 0.0, g + weight_decay * p, g)
+
+
+@triton.jit
 def adamw_math(p, g, m, v, lr, weight_decay, step,
                beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, eps, DECOUPLED: tl.constexpr):
     """One Adam step.  DECOUPLED: p *= 1 - lr * wd before the step (torch.optim.AdamW); otherwise
@@ -57,7 +63,7 @@ def adamw_math(p, g, m, v, lr, weight_decay, step,
     if DECOUPLED:
         p = p * (1.0 - lr * weight_decay)
     else:
-        g = g + weight_decay * p
+        g = _with_l2(g, p, weight_decay)
     m = m + one_minus_beta1 * (g - m)  # lerp, like torch
     v = v * beta2 + (one_minus_beta2 * g) * g  # torch's addcmul order: g * g alone overflows fp32 at |g| > 1.8e19
     bias_correction1 = _one_minus_power(step, log_beta1)
@@ -85,7 +91,7 @@ def sgdw_math(p, g, buf, lr, weight_decay, momentum, dampening,
     gradient and p *= 1 - lr * wd is applied beside the step, p = p * (1 - lr*wd) - lr * d; with
     momentum 0 the two agree, as torch.optim.SGD.  The first step sets buf = g, like torch."""
     if not DECOUPLED:
-        g = g + weight_decay * p
+        g = _with_l2(g, p, weight_decay)
     if HAS_MOMENTUM:
         if FIRST_STEP:
             buf = g

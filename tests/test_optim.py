@@ -574,6 +574,26 @@ def test_nonfinite_gradient_propagates_by_default_like_torch(backend, gen):
     assert torch.equal(a[0].isnan(), b[0].isnan()) and a[0].isnan().sum() == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zero", [0.0, "tensor"])
+@pytest.mark.parametrize("ours,theirs", [
+    (lambda ps, b, wd: AdamW(ps, weight_decay=wd, weight_decay_mode="l2", backend=b),
+     lambda ps: torch.optim.Adam(ps, weight_decay=0.0)),
+    (lambda ps, b, wd: SGDW(ps, lr=0.1, momentum=0.9, weight_decay=wd, weight_decay_mode="l2", backend=b),
+     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.0)),
+], ids=["adam", "sgd"])
+def test_an_l2_decay_of_zero_leaves_an_infinite_param_infinite_like_torch(ours, theirs, zero, backend, gen):
+    """torch adds wd * p only when wd != 0: with wd = 0, 0 * inf would turn an infinite entry into NaN."""
+    zero = torch.tensor(0.0, device=DEVICE) if zero == "tensor" else zero
+    start = make_params(gen, [(8,)])
+    start[0][2] = float("inf")
+    a, b = clones(start), clones(start)
+    step_alike(gen, a, b, ours(a, backend, zero), theirs(b), steps=2)
+    assert a[0][2].item() == b[0][2].item() == float("inf")
+    finite = torch.arange(8, device=DEVICE) != 2
+    assert_params_close([a[0][finite]], [b[0][finite]])
+
+
 def test_a_float_lr_changed_before_a_capture_is_not_recorded_in_it(gen, monkeypatch):
     """A float lr changed (a scheduler) right before the step a CUDA graph captures: its write was recorded in the
     graph, so every replay put that value back after refresh_scalars() had written the current one.  Inside a
