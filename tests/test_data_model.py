@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcyclic.data import MAX_P, ModularAddition, _first_distinct, _fmix32_int, pair_hash, seed_key
+from fastcyclic.data import _STREAM_TEST, MAX_P, ModularAddition, _first_distinct, _fmix32_int, pair_hash, seed_key
 from fastcyclic.model import CyclicModel
 
 
@@ -437,3 +437,55 @@ def test_bias_starts_at_zero_and_enters_the_logits(gen):
         m.bias.normal_(generator=gen)
     a, b = torch.randint(0, 11, (8,), generator=gen), torch.randint(0, 11, (8,), generator=gen)
     torch.testing.assert_close(m.logits(a, b), m.features(a, b) @ m.weight.T + m.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_membership_is_strictly_below_the_threshold():
+    """A pair whose hash equals the threshold is a test pair: membership is hash < threshold, so the exact
+    membership probability is threshold / 2^32 (hash_fraction)."""
+    p, seed = 11, 4
+    key = seed_key(seed)
+    a, b = torch.tensor([3]), torch.tensor([5])
+    h = int(pair_hash(a, b, key))
+    ds = ModularAddition(p, h / 2**32, seed=seed)  # threshold = round(h / 2^32 · 2^32) = h, exactly
+    assert ds.threshold == h
+    assert not bool(ds.is_train(a, b))
+    assert int(pair_hash(a, b, key)) < ModularAddition(p, (h + 1) / 2**32, seed=seed).threshold
+
+
+def test_hashed_eval_samples_reach_every_a_and_b():
+    p = 61  # 930 pairs a side: P(some a or b missing from a uniform sample) ~ 1e-5 (the sample is fixed by the seed)
+    ds = ModularAddition(p, 0.5, seed=3, enumerate_limit=0, test_sample=2000)
+    for a, b, _ in (ds.test_pairs(), ds.train_eval_pairs()):
+        assert len(a) == 930
+        assert set(a.tolist()) == set(range(p)) and set(b.tolist()) == set(range(p))
+
+
+def test_eval_sets_are_drawn_from_their_own_streams():
+    """The two evaluation samples use distinct streams of the seed (module constants), so they are independent
+    draws: the test sample is what stream _STREAM_TEST alone gives."""
+    p, n, seed = 307, 2000, 21
+    ds = ModularAddition(p, 0.4, seed=seed, test_sample=n)  # enumerated
+    aa = torch.arange(p).repeat_interleave(p)
+    bb = torch.arange(p).repeat(p)
+    test_index = (aa * p + bb)[~ds.is_train(aa, bb)]
+    gen = torch.Generator().manual_seed(seed_key(seed, _STREAM_TEST))
+    pick = torch.randperm(test_index.numel(), generator=gen)[:n]
+    expected = test_index[pick.sort().values]
+    ta, tb, _ = ds.test_pairs()
+    assert torch.equal(ta * p + tb, expected)
+    # hashed: the test sample is stream _STREAM_TEST's draw, not a by-product of the train sample's draws
+    hashed = ModularAddition(p, 0.4, seed=seed, test_sample=n, enumerate_limit=0)
+    drawn = hashed._pairs(hashed._sample_distinct(False, _STREAM_TEST))
+    assert all(torch.equal(x, y) for x, y in zip(hashed.test_pairs(), drawn))
+
+
+def test_initialisation_draw_order_is_e_u_v_w():
+    """The documented draw order (E, U, V, W from one generator): a seed's parameters are fixed across versions."""
+    gen = torch.Generator().manual_seed(7)
+    E = torch.randn((13, 4), generator=gen)
+    U = torch.randn((16, 8), generator=gen) * (1.0 / math.sqrt(8))
+    V = torch.randn((4, 16), generator=gen) * (1.0 / math.sqrt(16))
+    W = torch.randn((13, 4), generator=gen) * (1.0 / math.sqrt(4))
+    m = CyclicModel(13, 4, model="embed-mlp", hidden=16, factorised=True, generator=torch.Generator().manual_seed(7))
+    for got, want in ((m.embedding, E), (m.U, U), (m.readout, V), (m.weight, W)):
+        assert torch.equal(got.detach(), want)

@@ -644,3 +644,36 @@ def test_max_listed_caps_the_top_frequencies_but_not_the_count_or_overlap(gen):
     assert full.top_freqs_W == (3, 10, 17) and full.top_freqs_E == (17, 10, 3)
     assert capped.top_freqs_W == (3, 10) and capped.top_freqs_E == (17, 10)
     assert capped.freq_count_W == capped.freq_count_E == 3 and capped.freq_overlap == full.freq_overlap == 1.0
+
+
+def test_etf_threshold_is_inclusive_and_etf_rule_precedes_multi_frequency():
+    far = 1.0
+    # dist(G, T_etf) == ETF_MAX_DISTANCE is still etf-like (docstring: "dist <= ETF_MAX_DISTANCE")
+    assert g.classify(0.5, 40, 97, g.ETF_MAX_DISTANCE, axis_ratio=1.0) == "etf-like"
+    assert g.classify(0.5, 40, 97, math.nextafter(g.ETF_MAX_DISTANCE, 1), axis_ratio=1.0) == "unstructured"
+    # rule 3 comes before rule 4: a count that would be multi-frequency with an ETF-close Gram is etf-like
+    assert g.classify(0.5, 3, 97, 0.1, axis_ratio=1.0) == "etf-like"
+    assert g.classify(0.5, 3, 97, far, axis_ratio=1.0) == "multi-frequency"
+
+
+@pytest.mark.parametrize("amp", [0.3, 1.15])
+def test_nc_default_omega_weighs_the_nyquist_bin(gen, amp):
+    """1 < p_2/p_6 = amp² < √2: the Nyquist circle (‖T‖ = K) is still nearer than f = 2 (‖T‖ = K/√2)."""
+    K = 12
+    alt = torch.tensor([(-1.0) ** k for k in range(K)], dtype=F64).unsqueeze(1)
+    X = embed(torch.cat([alt, amp * sinusoids(K, [2])], 1), 5, gen)
+    default = g.nc_distances(X)
+    by_omega = [g.nc_distances(X, omega=f).cyclic for f in range(1, K // 2 + 1)]
+    assert default.omega == 6 and default.cyclic == min(by_omega)
+
+
+@pytest.mark.parametrize("K,omega,gcd", [(12, 4, 4), (12, 3, 3), (30, 10, 10), (12, 6, 6)])
+def test_circle_with_coincident_rows_at_composite_n(gen, K, omega, gcd):
+    """Module docstring: at composite n a circle at ω with g = gcd(ω, n) > 1 is "cyclic" and its gap error is
+    2(1 − 1/g) (mean over the n gaps, not the worst gap)."""
+    W = embed(2.0 * sinusoids(K, [omega]), 8, gen)
+    s = g.summarize(W, W)
+    fit = g.circle_fit(W)
+    assert fit.gap_error == pytest.approx(2 * (1 - 1 / gcd), abs=1e-9)
+    if 2 * omega != K:
+        assert s.verdict == "cyclic"

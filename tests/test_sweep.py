@@ -1035,3 +1035,58 @@ def test_every_session_appends_what_it_ran_and_what_remains(tmp_path):
     assert outcome.ran == [outcome.specs[0].id] and outcome.remaining == [] and outcome.skipped == 0
     lines = [json.loads(line) for line in (out / sweep.SESSIONS_FILE).read_text().splitlines()]
     assert [(s["ran"], s["remaining"]) for s in lines] == [(0, 1), (1, 0)] and lines[1]["runs_per_hour"] > 0
+
+
+def test_a_share_of_exactly_one_half_inside_the_grid_is_the_crossing_at_that_point():
+    """f_i < 1/2 <= f_{i+1}: a share reaching exactly 1/2 at λ_{i+1} crosses there, bracketed by (λ_i, λ_{i+1})."""
+    c = sweep.first_crossing([1, 2, 4], [0, 0.5, 1])
+    assert c.value == pytest.approx(2) and c.bracket == (1, 2)
+    last = sweep.first_crossing([1, 2], [0, 0.5])
+    assert last.status == "crossing" and last.value == pytest.approx(2) and last.bracket == (1, 2)
+
+
+def test_partly_cyclic_runs_do_not_count_towards_lambda_crit():
+    records = []
+    for lam in (0.01, 0.02, 0.04):
+        for s in range(4):
+            r = fake(31, lam, s, "cyclic" if lam == 0.04 else "multi-frequency")
+            if lam == 0.02:  # W cyclic, E not: partly-cyclic
+                r["geometry"].update(verdict="cyclic", freq_count_W=1, rho2_W=0.95)
+            records.append(r)
+    assert {sweep.flatten(r)["phase"] for r in records if r["config"]["weight_decay"] == 0.02} == {"partly-cyclic"}
+    crit = sweep.analyse(records, n_boot=0)["series"]["main"]["per_p"][0]["lambda_crit"]
+    assert crit["fractions"] == [0.0, 0.0, 1.0]
+    assert crit["bracket"] == [0.02, 0.04]
+
+
+def test_shares_are_over_finished_runs_only():
+    """A failed (or not yet finished) run is left out of the share at its λ, not counted as 'not cyclic'."""
+    records = [fake(31, 0.01, s, "multi-frequency") for s in range(3)]
+    records += [fake(31, 0.02, s, "cyclic" if s == 0 else "multi-frequency") for s in range(2)]
+    records.append(dict(id="f", block="main", series="main", status="failed", error="out of memory",
+                        config=dict(p=31, weight_decay=0.02, seed=2)))
+    crit = sweep.analyse(records, n_boot=0)["series"]["main"]["per_p"][0]["lambda_crit"]
+    assert crit["counts"] == [3, 2] and crit["fractions"] == [0.0, 0.5]
+    assert crit["status"] == "crossing" and crit["value"] == pytest.approx(0.02)
+
+
+def test_the_bootstrap_resamples_the_same_seeds_at_every_lambda():
+    """Seed 0 turns cyclic at λ = 4, seed 1 leaves: a replicate crosses only when it draws seed 0 twice (same
+    rows at both λ), and then at √(1·4) = 2, with share 1/4 of the replicates."""
+    est = sweep.estimate_edge({1.0: {0: 0, 1: 1}, 4.0: {0: 1, 1: 0}}, n_boot=2000, rng=np.random.default_rng(3))
+    finite = est.boot[np.isfinite(est.boot)]
+    assert len(finite) > 0 and np.allclose(finite, 2.0)
+    assert est.boot_share == pytest.approx(0.25, abs=0.05)
+
+
+@pytest.mark.parametrize("rng_seed", [1, 2, 4])
+def test_edge_interval_is_taken_in_log_lambda(rng_seed):
+    """As test_edge_interval_is_the_2_5_to_97_5_percentile_of_the_bootstrap, with replicates whose percentiles fall
+    between two different crossings, where interpolating in log λ and in λ differ (rng seed 7 there: they agree)."""
+    grid = [0.001 * 2 ** j for j in range(8)]
+    indicator = {lam: {s: int(j >= s) for s in range(8)} for j, lam in enumerate(grid)}
+    est = sweep.estimate_edge(indicator, n_boot=400, rng=np.random.default_rng(rng_seed))
+    finite = est.boot[np.isfinite(est.boot)]
+    expected = np.exp(np.percentile(np.log(finite), [2.5, 97.5]))
+    assert not np.allclose(expected, np.percentile(finite, [2.5, 97.5]), rtol=1e-6)  # the check can tell them apart
+    assert est.ci == pytest.approx(tuple(expected), rel=1e-12)

@@ -914,3 +914,94 @@ def test_cli_flags_reach_the_config(monkeypatch, tmp_path):
     assert config.batch_size is None and config.hidden is None and config.betas == (0.8, 0.9)
     assert config.progress is False and config.factorised is True and config.weight_decay == 0.02
     assert seen["resume"] is True and seen["figures"] is False
+
+
+def test_evaluate_measures_each_split_on_its_own_pairs():
+    trainer = Trainer(TrainConfig(**dict(TINY, train_fraction=0.3)))
+    for _ in range(30):
+        trainer.step()
+    record = trainer.evaluate()
+    assert (record["train_loss"], record["train_acc"]) == trainer._loss_and_accuracy(trainer.data.train_eval_pairs())
+    assert (record["test_loss"], record["test_acc"]) == trainer._loss_and_accuracy(trainer.data.test_pairs())
+    assert record["test_loss"] != record["train_loss"]
+
+
+def test_batch_loss_is_the_mean_since_the_last_evaluation():
+    """lr = 0: every full-batch step sees the same loss L, so each record's batch_loss is L, not a running sum."""
+    trainer = Trainer(TrainConfig(**dict(TINY, lr=0.0)))
+    for _ in range(3):
+        trainer.step()
+    first = trainer.evaluate()
+    for _ in range(2):
+        trainer.step()
+    second = trainer.evaluate()
+    assert first["batch_loss"] == pytest.approx(first["train_loss"], rel=1e-5)
+    assert second["batch_loss"] == pytest.approx(first["batch_loss"], rel=1e-9)
+
+
+def test_the_seed_changes_the_initialisation_and_batches_have_their_own_stream():
+    one, other = (Trainer(TrainConfig(**dict(TINY, seed=s, batch_size=16))) for s in (0, 1))
+    assert not torch.equal(one.model.E, other.model.E) and not torch.equal(one.model.W, other.model.W)
+    # the batch sampler does not replay the initialisation's stream
+    init = torch.Generator().manual_seed(0)
+    assert not torch.equal(one.batch_generator.get_state(), init.get_state())
+
+
+def test_geometry_record_fields_are_the_summary_fields():
+    trainer = Trainer(TrainConfig(**dict(TINY, model="embed-sum", hidden=None)))
+    for _ in range(10):
+        trainer.step()
+    record = trainer.evaluate(with_geometry=True)
+    s = trainer.summarize_geometry()
+    assert s.rho2_W != s.rho2_E
+    for key in ("rho2_W", "rho2_E", "locking", "freq_count_W", "freq_count_E", "omega_W", "omega_E"):
+        assert record[key] == getattr(s, key), key
+    assert record["verdict"] == s.verdict
+
+
+def test_the_final_checkpoint_holds_the_final_record(tmp_path):
+    """steps=30, eval_every=20: the record of step 30 is in the checkpoint written at step 30, so a resume to more
+    steps keeps it in metrics.jsonl."""
+    out = tmp_path / "run"
+    config = TrainConfig(**dict(TINY, steps=30, eval_every=20, geometry_every=20, checkpoint_every=20,
+                                out_dir=str(out)))
+    train(config, figures=False)
+    assert [r["step"] for r in load_checkpoint(str(out / "checkpoint.pt"))["history"]] == [0, 20, 30]
+    train(dataclasses.replace(config, steps=40), resume=True, figures=False)
+    lines = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [0, 20, 30, 40]
+
+
+def test_embed_sum_reports_locking():
+    """embed-sum's W reads act(E[a] + E[b]), a vector of E's space: locking is defined."""
+    assert Trainer(TrainConfig(**dict(TINY, model="embed-sum", hidden=None))).summarize_geometry().locking is not None
+
+
+def test_the_report_counts_chance_accuracy_inclusively():
+    final = dict(step=100, train_acc=2 / 97, test_acc=0.01, train_loss=4.5, test_loss=4.6)
+    assert "at chance, so nothing was learned" in report(TrainResult(TrainConfig(p=97), final, None))
+
+
+def test_layers_settling_at_the_same_step_are_reported_together():
+    assert training.first_layer(100, 100) == "same"
+    assert training.first_layer(100, 200) == "W" and training.first_layer(None, 5) == "E"
+    final = dict(step=300, train_acc=1.0, test_acc=1.0, train_loss=0.1, test_loss=0.1)
+    text = report(TrainResult(TrainConfig(p=97), final, None, settle_W=100, settle_E=100))
+    assert "(together)" in text and "W first" not in text
+
+
+def test_layer_order_counts_the_initial_record():
+    """With 2 columns, rho2 is 1 from the start: t_W = t_E = 0 (the step-0 record counts)."""
+    result = train(TrainConfig(**dict(TINY, model="embed-sum", hidden=None, d=2, steps=20, eval_every=10,
+                                      geometry_every=10)), figures=False)
+    assert result.history[0]["step"] == 0 and result.history[0]["rho2_E"] >= 0.9
+    assert result.t_E == 0 and result.t_W == 0
+
+
+def test_the_weight_decay_ramp_reaches_lambda_and_stays_there():
+    trainer = Trainer(TrainConfig(**dict(TINY, weight_decay=0.5, weight_decay_warmup=4)))
+    seen = []
+    for _ in range(8):
+        trainer.step()
+        seen.append(trainer.evaluate()["weight_decay"])
+    assert seen == pytest.approx([0.5 * min(step / 4, 1.0) for step in range(1, 9)])
