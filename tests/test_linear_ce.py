@@ -282,6 +282,8 @@ def test_cuda_fp32_far_logits_with_the_default_tiles(d, backward, gen):
     (dict(block_d=8), "block_d must be a power of two >= 16, got 8"),  # ran under the interpreter, not on a GPU
     (dict(num_warps=3), "num_warps must be a power of two, got 3"),
     (dict(splits=0), "splits must be None or an integer >= 1, got 0"),
+    (dict(num_warps=0), "num_warps must be a power of two, got 0"),
+    (dict(splits=True), "splits must be None or an integer >= 1, got True"),
 ])
 def test_tile_configs_are_checked(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -832,10 +834,16 @@ def test_bad_input(backend, mutate, error, match, no_launch):
     (dict(label_smoothing=None), TypeError, "label_smoothing must be a number, got None"),
     (dict(z_loss="0.1"), TypeError, "z_loss must be a number, got '0.1'"),
     (dict(fused_update=True), TypeError, "fused_update must be a handle .* got bool"),
+    (dict(z_loss=float("inf")), ValueError, "z_loss must be finite and >= 0, got inf"),
+    (dict(ignore_index=-2 ** 63 - 1), ValueError, "ignore_index must fit in int64"),
+    (dict(ignore_index=True), TypeError, "ignore_index must be an integer, got True"),
+    (dict(bias=torch.zeros(5, dtype=torch.float16)), TypeError,
+     "dtype mismatch: h is torch.float32 but bias is torch.float16"),
+    (dict(bias=torch.zeros(5, device="meta")), ValueError, "all tensors must be on one device"),
 ])
 def test_bad_options(kwargs, error, match, no_launch):
     h, w, y = _good()
-    if "bias" in kwargs:
+    if "bias" in kwargs and kwargs["bias"].device.type != "meta":  # meta: the one other device a CPU has
         kwargs["bias"] = kwargs["bias"].to(DEVICE)
     with pytest.raises(error, match=match):
         linear_cross_entropy(h, w, y, **kwargs)
@@ -1050,3 +1058,104 @@ def test_cuda_k_times_d_over_2_31(gen):
         assert rel_err(o, r) < 1e-2
     # the last rows of dW (beyond 2^31 elements) received their gradient
     assert ours[2][-2:].float().abs().sum() > 0
+
+
+# check()'s fp32 slack (1e-5) is ~50x eager's own error: log2(e) cut to 1.4427 in the backward (10x eager's
+# error) passed it.  This bounds the error by eager's own.
+@pytest.mark.parametrize("config", ["default", "small-split", "gemm"])
+def test_fp32_gradients_as_accurate_as_eager(config, gen):
+    h, w, y, b = make_problem(gen, 33, 24, 211, scale=3.0, ignore_frac=0.25)
+    grad_out = _grad_out(gen, "sum", 33)
+    configs = {"default": None, "small-split": with_splits(SMALL_TILES, 3), "gemm": GEMM_BACKWARD}
+    with tuning(config=configs[config]):
+        ours = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, reduction="sum",
+                                                                       backend="triton"), h, w, y, b, grad_out)
+    ref = _loss_and_grads(lambda h, w, y, b: reference_loss(h, w, y, b, reduction="sum")[0], h, w, y, b, grad_out,
+                          dtype=torch.float64)
+    eager = _loss_and_grads(lambda h, w, y, b: eager_loss(h, w, y, b, reduction="sum")[0], h, w, y, b, grad_out)
+    for name, o, r, e, scale in zip(("dh", "dw", "db"), ours[1:], ref[1:], eager[1:],
+                                    term_scales(h, w, y, b, grad_out, reduction="sum")):
+        err, eager_err = rel_err(o, r, scale), rel_err(e, r, scale)
+        assert err <= 4 * eager_err + 1e-7, f"{name}: {err:.3g} vs eager {eager_err:.3g}"
+
+
+# test_argmax_ties_pick_first_index puts its ties in different splits: this one ties across tiles of one split
+@pytest.mark.parametrize("splits", [1, 3])
+def test_argmax_ties_across_tiles_of_one_split_pick_first_index(splits):
+    h = torch.ones(3, 4, device=DEVICE)
+    w = torch.zeros(300, 4, device=DEVICE)
+    w[[5, 17, 100, 290]] = 1.0  # tiles of 32 classes: 0, 0, 3, 9; with 3 splits of 128: 0, 0, 0, 2
+    with tuning(config=with_splits(SMALL_TILES, splits)):
+        _, _, argmax = linear_cross_entropy_stats(h, w, torch.zeros(3, dtype=torch.long, device=DEVICE),
+                                                  backend="triton")
+    assert argmax.tolist() == [5, 5, 5]
+
+
+# label smoothing's mean-logit term: random logits have a mean near 0, where an error in it cannot show
+@pytest.mark.parametrize("k", [256, 250], ids=["even-k", "ragged-k"])
+def test_label_smoothing_with_logits_far_from_zero(k, gen):
+    h, w, y, b = make_problem(gen, 40, 24, k, ignore_frac=0.1)
+    b = b + 50.0
+    rows, _, _ = linear_cross_entropy_stats(h, w, y, bias=b, label_smoothing=0.1, backend="triton")
+    ref_rows, _ = reference_loss(h, w, y, b, reduction="none", label_smoothing=0.1)
+    assert rel_err(rows, ref_rows) < 1e-5
+
+
+# the dW kernel's row loop must stop at N: with splits, the last split's rows can run past the padded row data
+def test_dw_split_past_the_padded_rows(gen):
+    tile = TileConfig(16, 16, 16, 16)
+    config = LCEConfig(tile, tile, tile, backward_grad=tile)  # R = N rounded up to 16 only
+    h, w, y, b = make_problem(gen, 40, 16, 50, scale=2.0)  # 3 row blocks, 2 splits of 2 blocks: rows to 64 > R = 48
+    grad_out = torch.tensor(1.0, dtype=torch.float64)
+    fn = lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend="triton")  # noqa: E731
+    with tuning(config=with_splits(config, 2)):
+        split = _loss_and_grads(fn, h, w, y, b, grad_out)
+    with tuning(config=with_splits(config, 1)):
+        whole = _loss_and_grads(fn, h, w, y, b, grad_out)
+    for name, s, o in zip(("loss", "dh", "dw", "db"), split, whole):
+        assert rel_err(s, o) < 1e-6, name
+
+
+# validate=False with an out-of-range target: the loss is lse, and so must the gradient be (the backward's int32
+# classes must not narrow 2^40 to class 0)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton-gemm"])
+def test_validate_false_out_of_range_target_gets_the_lse_gradient(backend, gen):
+    h, w, _, b = make_problem(gen, 4, 8, 40)
+    bad = torch.tensor([2**40, 40, 2**32 + 1, -7], device=DEVICE)  # 2^40 and 2^32 + 1 narrow to classes 0 and 1
+    grad_out = torch.tensor(1.0, dtype=torch.float64)
+    backend, context = hard_case_backend(backend, h, w)
+    with context:
+        ours = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, reduction="sum",
+                                                                       backend=backend, validate=False),
+                               h, w, bad, b, grad_out)
+    ref = _loss_and_grads(lambda h, w, y, b: torch.logsumexp(h @ w.T + b, dim=1).sum(), h, w, bad, b, grad_out,
+                          dtype=torch.float64)
+    for name, o, r in zip(("loss", "dh", "dw", "db"), ours, ref):
+        assert rel_err(o, r) < 1e-5, name
+
+
+# exact fp32 dots unless PyTorch allows TF32 (the interpreter ignores the precision: checked on the choice)
+def test_fp32_dot_precision_follows_pytorchs_tf32_setting(monkeypatch):
+    for allowed, expected in ((False, "ieee"), (True, "tf32")):
+        monkeypatch.setattr(triton_impl, "tf32_allowed", lambda: allowed)
+        assert triton_impl._precision(torch.float32) == expected
+        assert triton_impl._precision(torch.bfloat16) == "tf32"
+
+
+# label_smoothing = 1.0 is in F.cross_entropy's range
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_smoothing_one_is_accepted(backend, gen):
+    h, w, y, b = make_problem(gen, 10, 8, 40, ignore_frac=0.2)
+    ours = linear_cross_entropy(h, w, y, bias=b, label_smoothing=1.0, backend=backend)
+    expected = torch.nn.functional.cross_entropy(h.double() @ w.double().T + b.double(), y, label_smoothing=1.0)
+    assert abs(float(ours) - float(expected)) < 1e-5 * abs(float(expected))
+
+
+# the least int64 is a valid ignore_index
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_least_int64(backend, gen):
+    h, w, y, b = make_problem(gen, 10, 8, 40)
+    y[:3] = -2 ** 63
+    loss = linear_cross_entropy(h, w, y, bias=b, ignore_index=-2 ** 63, backend=backend, reduction="sum")
+    expected = linear_cross_entropy(h[3:], w, y[3:], bias=b, backend=backend, reduction="sum")
+    assert torch.allclose(loss, expected)
