@@ -206,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", type=parse_shape, nargs="+", metavar="KxD",
                         help="K = P rows and width d of W and E (default: 8191x256 65521x256 131072x256 on CUDA, "
                              "8191x256 131072x256 on CPU)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of W and E")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of W and E (default fp32)")
     measure.add_device_arguments(parser)
     measure.add_quick_argument(parser, "cases")
     parser.add_argument("--train-step-ms", type=float, default=None, metavar="MS",

@@ -507,7 +507,8 @@ def add_quick_argument(parser, what: str) -> None:
 
 def add_out_argument(parser, files) -> None:
     """--out DIR, its help naming the files written there."""
-    parser.add_argument("--out", type=Path, default=None, help=f"directory for {_and_list(files)}")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"directory for {_and_list(files)} (without it, nothing is written)")
 
 
 def setup_device(args) -> torch.device:

@@ -19,6 +19,11 @@ import sys
 import typing
 
 
+def _help_text(docstring: str) -> str:
+    """A module docstring as --help shows it: without reST's double backticks."""
+    return docstring.replace("``", "")
+
+
 def _parse_optional_int(text: str):
     return None if text.lower() in ("none", "full") else int(text)
 
@@ -56,10 +61,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: the defaults formatter would print "(default: True)" beside a flag that turns figures off
     parser.add_argument("--no-figures", dest="figures", action="store_false", default=argparse.SUPPRESS,
                         help="skip the PNG figures")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's, one per core). On a CPU that other jobs share, "
+                             "use 1: threads waiting for a descheduled one can make a run many times slower")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastcyclic", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fastcyclic", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train (a + b) mod P at large K with fused Triton kernels, sweep the weight decay, test the "
+                    "paper's claims, and benchmark the kernels against eager PyTorch.",
+        epilog="examples:\n" + _help_text(__doc__.split("\n", 1)[1].strip("\n")))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser(
         "train", help="train (a + b) mod P and report whether W and E end rank-2 cyclic",
@@ -73,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep.add_arguments(commands.add_parser(
         "sweep", help="a grid of training runs over P, weight decay and seeds; lambda_crit and the collapse edge",
-        description=sweep.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+        description=_help_text(sweep.__doc__), formatter_class=argparse.RawDescriptionHelpFormatter))
     reproduce.add_arguments(commands.add_parser(
         "reproduce", help="a preset sweep and report.md with a verdict on each of the paper's claims",
-        description=reproduce.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+        description=_help_text(reproduce.__doc__), formatter_class=argparse.RawDescriptionHelpFormatter))
     bench = commands.add_parser("bench", help="check fused kernels against eager PyTorch and time them")
     suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
     # import no kernels: fastcyclic's API is loaded on first use
@@ -89,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("train", train_bench, "the fastcyclic trainer's step vs a plain PyTorch loop and torch.compile"),
             ("geometry", geometry, "cost of fastcyclic.geometry.summarize at large K"),
             ("all", all_suites, "ce, optim, train and geometry into one output directory")):
-        module.add_arguments(suites.add_parser(name, help=help_text, description=module.__doc__,
+        module.add_arguments(suites.add_parser(name, help=help_text, description=_help_text(module.__doc__),
                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     _read_negative_numbers_as_values(parser)
     return parser
@@ -119,6 +131,21 @@ def _run_directory(template: str, values: dict) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """`fastcyclic train`, with --threads set for the run (and put back: tests call main in-process)."""
+    import torch
+
+    if args.threads is not None and args.threads < 1:
+        print(f"fastcyclic train: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        return _train_and_report(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_report(args: argparse.Namespace) -> int:
     from fastcyclic.training import TrainConfig, TrainingDiverged, report, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}

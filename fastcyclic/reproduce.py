@@ -681,7 +681,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="start no sweep run after this many minutes (default: the preset's budget minus a reserve "
                              "for the report)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for the intervals (default 1000)")
     parser.add_argument("--retry-failed", action="store_true", help="rerun the sweep's runs recorded as failed")
     parser.add_argument("--no-showcase", dest="showcase", action="store_false",
                         help="skip the extra run that draws circles and spectra")

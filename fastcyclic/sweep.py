@@ -1490,7 +1490,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "record it as failed")
     parser.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
     parser.add_argument("--analyze-only", action="store_true", help="run nothing; redo tables and figures")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for the intervals (default 1000)")
     parser.add_argument("--no-figures", dest="figures", action="store_false", help="skip the PNG figures")
 
 

@@ -610,6 +610,17 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert code == 2 and "p must be an integer in [3, 2^31]" in capsys.readouterr().err
 
 
+def test_cli_threads_are_set_for_the_run_and_put_back(monkeypatch, tmp_path, capsys):
+    seen = []
+    monkeypatch.setattr(training, "train", lambda *args, **kwargs: seen.append(torch.get_num_threads()) or 1 / 0)
+    before = torch.get_num_threads()
+    with pytest.raises(ZeroDivisionError):
+        cli_main(["train", "--threads", "1", "--out-dir", "none"])
+    assert seen == [1] and torch.get_num_threads() == before
+    assert cli_main(["train", "--threads", "0", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("error", [
     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 17179869176 bytes."),
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB"), MemoryError()])
