@@ -15,6 +15,7 @@ import torch
 
 from fastcyclic import linear_cross_entropy
 from fastcyclic.bench.sm90 import allow_tf32
+from fastcyclic.kernels import optim as kernels
 from fastcyclic.optim import SGDW, AdamW, _fused_update_tile, fused_update, fused_update_fits
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1431,3 +1432,248 @@ def test_cuda_fused_update_with_k_times_d_past_2_31(gen):
     two_step, fused = updates
     for rows in (slice(0, 8), slice(8, 16)):
         assert (fused[rows] - two_step[rows]).norm() <= 1e-4 * two_step[rows].norm()
+
+
+# --------------------------------------------------------------------------------------------
+# cases found by mutation testing: each fails if the rule named in its comment is broken
+# --------------------------------------------------------------------------------------------
+
+
+def _pair(gen, n, dtype=torch.float32):
+    start = torch.randn(n, generator=gen, dtype=dtype).to(DEVICE)
+    return start, start.clone().requires_grad_(), start.clone().requires_grad_()
+
+
+def _step_both(gen, a, b, opt_a, opt_b, steps, scale=1.0):
+    for _ in range(steps):
+        g = torch.randn(a.shape, generator=gen, dtype=a.dtype).to(DEVICE) * scale
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+
+
+# ln(0) passed as 0 instead of -1e30 (beta^t taken as 1: 0/0 bias correction)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("betas", [(0.0, 0.999), (0.9, 0.0)])
+def test_adamw_with_a_zero_beta_matches_torch(backend, betas, gen):
+    kw = dict(lr=1e-2, betas=betas, weight_decay=0.1)
+    start, a, b = _pair(gen, 33)
+    _step_both(gen, a, b, AdamW([a], **kw, backend=backend), torch.optim.AdamW([b], **kw), 3)
+    torch.testing.assert_close(a.detach() - start, b.detach() - start, rtol=1e-4, atol=1e-7)
+
+
+# 1 - beta2^t computed as 1 - exp(t ln beta2) in fp32 (cancellation)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adamw_bias_correction_is_accurate_for_beta2_near_one(backend, gen):
+    """beta2 = 0.99999: 1 - exp(ln beta2) in fp32 is 3e-3 off, the step 1.5e-3 off; the series is exact."""
+    kw = dict(lr=1.0, betas=(0.9, 0.99999), weight_decay=0.0)
+    start, a, b = _pair(gen, 64)
+    _step_both(gen, a, b, AdamW([a], **kw, backend=backend), torch.optim.AdamW([b], **kw), 2)
+    torch.testing.assert_close(a.detach() - start, b.detach() - start, rtol=2e-5, atol=1e-6)
+
+
+# a block wholly inside the tensor when it is one element short (start + BLOCK - 1 <= numel)
+def test_a_tensor_one_short_of_a_block_is_not_written_past_its_end():
+    n = kernels.BLOCK - 1
+    buffer = torch.zeros(n + 1, device=DEVICE)  # the parameter, then one element that is not
+    grads = torch.ones(n + 1, device=DEVICE)
+    p = buffer[:n].requires_grad_()
+    p.grad = grads[:n]
+    SGDW([p], lr=0.1, backend="triton").step()
+    assert float(buffer[n]) == 0.0
+    assert torch.equal(p.detach(), torch.full((n,), -0.1, device=DEVICE))
+
+
+# only parameter addresses checked for 16-byte alignment
+@pytest.mark.parametrize("make", [lambda ps: SGDW(ps, lr=0.1, momentum=0.9, backend="triton"),
+                                  lambda ps: AdamW(ps, lr=0.1, backend="triton")], ids=["sgdw", "adamw"])
+def test_an_unaligned_gradient_alone_takes_the_unaligned_kernel(make, gen):
+    p = torch.randn(33, generator=gen).to(DEVICE).requires_grad_()
+    grads = torch.randn(34, generator=gen).to(DEVICE)
+    p.grad = grads[1:]
+    assert p.data_ptr() % 16 == 0 and p.grad.data_ptr() % 16
+    opt = make([p])
+    opt.step()
+    assert not any(table.aligned for table in opt._tables.values())
+
+
+# the table rebuilt (a host-to-device upload) during a CUDA graph capture
+def test_the_launch_table_refuses_to_rebuild_during_a_capture(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    p = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="changed address during CUDA graph capture"):
+        kernels.TensorTable().update([(p, p, None, None, None)], torch.device("cuda"))
+
+
+# the table key without the element counts
+def test_a_parameter_that_shrinks_in_place_gets_a_new_table():
+    storage, grads = torch.zeros(20, device=DEVICE), torch.ones(20, device=DEVICE)
+    p = torch.nn.Parameter(storage[:20])
+    p.grad = grads[:20]
+    opt = SGDW([p], lr=0.1, backend="triton")
+    opt.step()
+    p.grad = None
+    p.data = storage[:5]  # same address, fewer elements
+    p.grad = grads[:5]
+    opt.step()
+    assert torch.allclose(storage[:5], torch.tensor(-0.2)) and torch.allclose(storage[5:], torch.tensor(-0.1))
+
+
+# NaN weight decay, a many-element tensor lr
+@pytest.mark.parametrize("make,match", [
+    (lambda p: AdamW(p, weight_decay=float("nan")), "weight_decay must be >= 0, got nan"),
+    (lambda p: SGDW(p, lr=0.1, weight_decay=float("nan")), "weight_decay must be >= 0, got nan"),
+    (lambda p: AdamW(p, lr=torch.tensor([0.1, 0.2])), r"a tensor lr must hold one value, got shape \(2,\)"),
+    (lambda p: AdamW(p, weight_decay=torch.zeros(2)), r"a tensor weight_decay must hold one value"),
+    (lambda p: SGDW(p, lr=0.1, momentum=0.9, dampening=1.5), r"dampening must be in \[0, 1\], got 1.5"),
+    (lambda p: SGDW(p, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+     "nesterov needs momentum > 0 and dampening 0"),
+    (lambda p: AdamW(p, betas=(0.9, 0.99, 0.5)), r"betas must be two numbers in \[0, 1\), got \(0.9, 0.99, 0.5\)"),
+    (lambda p: AdamW([{"params": p, "differentiable": True}]), "differentiable=True is not supported"),
+])
+def test_more_bad_hyperparameters_raise_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make([torch.zeros(3, requires_grad=True)])
+
+
+# only Inf, not NaN, detected by skip_nonfinite
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgdw"])
+def test_skip_nonfinite_skips_a_nan_gradient(backend, optimizer, gen):
+    p = torch.randn(8, generator=gen).to(DEVICE).requires_grad_()
+    before = p.detach().clone()
+    opt = (AdamW([p], lr=0.1, backend=backend, skip_nonfinite=True) if optimizer == "adamw" else
+           SGDW([p], lr=0.1, momentum=0.9, backend=backend, skip_nonfinite=True))
+    p.grad = torch.randn(8, generator=gen).to(DEVICE)
+    p.grad[2] = float("nan")
+    opt.step()
+    assert opt.nonfinite_steps == 1 and torch.equal(p.detach(), before)
+
+
+# float64 parameters sent to the kernels with backend="triton"
+@pytest.mark.parametrize("make,reference", [
+    (lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, backend="triton"),
+     lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)),
+    (lambda ps: SGDW(ps, lr=0.1, momentum=0.9, backend="triton"), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+], ids=["adamw", "sgdw"])
+def test_float64_params_with_backend_triton_step_like_torch(make, reference, gen):
+    start, a, b = _pair(gen, 9, torch.float64)
+    _step_both(gen, a, b, make([a]), reference([b]), 3)
+    torch.testing.assert_close(a, b)
+
+
+# device scalars first created inside a capture (after load_state_dict, no warm-up): NaN lr at every replay
+def test_a_captured_first_step_after_load_state_dict_is_refused(gen, monkeypatch):
+    from fastcyclic import optim
+
+    p = torch.randn(8, generator=gen).to(DEVICE).requires_grad_()
+    opt = AdamW([p], lr=1e-2, backend="triton")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    loaded = AdamW([p], lr=1e-2, backend="triton")
+    loaded.load_state_dict(opt.state_dict())
+    before = p.detach().clone()
+    monkeypatch.setattr(optim, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="needs a warm-up step first"):
+        loaded.step()
+    assert torch.equal(p.detach(), before)
+
+
+# the fused backward's dbias replaces a bias gradient from another term instead of adding to it
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_update_adds_dbias_to_a_bias_gradient_from_elsewhere(backend, gen):
+    w0 = torch.randn(7, 4, generator=gen).to(DEVICE)
+    b0 = torch.randn(7, generator=gen).to(DEVICE)
+    x, y = torch.randn(8, 4, generator=gen).to(DEVICE), torch.randint(0, 7, (8,), generator=gen).to(DEVICE)
+    results = []
+    for fused in (True, False):
+        w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        opt = SGDW([w, b], lr=0.1)
+        handle = fused_update(opt, w) if fused else None
+        (linear_cross_entropy(x, w, y, bias=b, backend=backend, fused_update=handle) + (b ** 2).sum()).backward()
+        opt.step()
+        results.append((w.detach(), b.detach()))
+    for a, r in zip(*results):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+# a second handle for one weight
+def test_a_second_fused_update_handle_for_one_weight_is_refused(gen):
+    w = torch.randn(7, 4, generator=gen).to(DEVICE).requires_grad_()
+    opt = AdamW([w])
+    fused_update(opt, w)
+    with pytest.raises(ValueError, match="already has a fused_update handle"):
+        fused_update(opt, w)
+
+
+# "auto" must pick the kernels for CUDA parameters
+def test_auto_backend_picks_the_kernels_for_cuda_parameters():
+    opt = AdamW([torch.zeros(3, requires_grad=True)])
+    assert opt._backend(opt.param_groups[0], torch.device("cuda")) == "triton"
+    assert opt._backend(opt.param_groups[0], torch.device("cpu")) == "torch"
+
+
+# SGDW's own hyper-parameters (and the decay mode) changed between the fused backward and step()
+@pytest.mark.parametrize("key,value", [("momentum", 0.5), ("dampening", 0.5), ("nesterov", True),
+                                       ("weight_decay_mode", "l2")])
+def test_fused_sgdw_refuses_its_hyper_parameters_changed_before_step(key, value, gen):
+    w = torch.randn(7, 4, generator=gen).to(DEVICE).requires_grad_()
+    opt = SGDW([w], lr=0.1, momentum=0.9)
+    handle = fused_update(opt, w)
+    x, y = torch.randn(8, 4, generator=gen).to(DEVICE), torch.randint(0, 7, (8,), generator=gen).to(DEVICE)
+    linear_cross_entropy(x, w, y, fused_update=handle).backward()
+    opt.param_groups[0][key] = value
+    with pytest.raises(RuntimeError, match=f"changed between the fused backward and optimizer.step.*{key}="):
+        opt.step()
+
+
+# an integer step count (torch 1.x state dicts) loaded as int64 and read by the kernel as fp32 bits
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_integer_step_in_a_state_dict_loads_as_fp32(backend, gen):
+    start, a, b = _pair(gen, 17)
+    opt_a, opt_b = AdamW([a], lr=1e-2, backend=backend), torch.optim.AdamW([b], lr=1e-2)
+    _step_both(gen, a, b, opt_a, opt_b, 3)
+    saved = copy.deepcopy(opt_b.state_dict())
+    saved["state"][0]["step"] = 3  # as torch 1.x saved it
+    opt_a = AdamW([a], lr=1e-2, backend=backend)
+    opt_a.load_state_dict(saved)
+    assert opt_a.state[a]["step"].dtype == torch.float32
+    _step_both(gen, a, b, opt_a, opt_b, 2)
+    torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+# remove() must stop fusing for good (hook gone, handle unregistered)
+def test_a_removed_fused_update_handle_is_refused_and_the_weight_trains_normally(gen):
+    w = torch.randn(7, 4, generator=gen).to(DEVICE).requires_grad_()
+    opt = SGDW([w], lr=0.1)
+    handle = fused_update(opt, w)
+    x, y = torch.randn(8, 4, generator=gen).to(DEVICE), torch.randint(0, 7, (8,), generator=gen).to(DEVICE)
+    linear_cross_entropy(x, w, y, fused_update=handle).backward()  # fused, then removed before step()
+    handle.remove()
+    opt.step()
+    with pytest.raises(ValueError, match="this fused_update handle was removed"):
+        linear_cross_entropy(x, w, y, fused_update=handle)
+    before = w.detach().clone()
+    linear_cross_entropy(x, w, y).backward()  # an ordinary gradient again
+    assert w.grad is not None
+    opt.step()
+    assert not torch.equal(w.detach(), before)
+    opt.zero_grad()
+    fused_update(opt, w)  # and a new handle may be made
+
+
+# the handle used with another weight
+def test_a_fused_update_handle_is_refused_for_another_weight(gen):
+    w = torch.randn(7, 4, generator=gen).to(DEVICE).requires_grad_()
+    other = w.detach().clone().requires_grad_()
+    handle = fused_update(AdamW([w, other]), w)
+    x, y = torch.randn(8, 4, generator=gen).to(DEVICE), torch.randint(0, 7, (8,), generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="created for another weight"):
+        linear_cross_entropy(x, other, y, fused_update=handle)
+
+
+# a weight that is not 2-D
+def test_fused_update_refuses_a_weight_that_is_not_2d():
+    w = torch.zeros(7, requires_grad=True)
+    with pytest.raises(ValueError, match="2-D leaf tensor"):
+        fused_update(AdamW([w]), w)
