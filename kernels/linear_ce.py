@@ -401,6 +401,10 @@ def _logit_grad_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """Tiles of one kernel.  ``block_owner`` is the block of the axis the program owns (rows for the
@@ -424,13 +428,11 @@ class TileConfig:
         # multiple of every other one only because all are powers of two
         for name in ("block_owner", "block_loop", "block_d", "block_ds"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+            if not _positive_int(value) or value < 16 or value & (value - 1):
                 raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value!r}")
-        if isinstance(self.num_warps, bool) or not isinstance(self.num_warps, int) or self.num_warps < 1 \
-                or self.num_warps & (self.num_warps - 1):
+        if not _positive_int(self.num_warps) or self.num_warps & (self.num_warps - 1):
             raise ValueError(f"TileConfig.num_warps must be a power of two, got {self.num_warps!r}")
-        if self.splits is not None and (isinstance(self.splits, bool) or not isinstance(self.splits, int)
-                                        or self.splits < 1):
+        if self.splits is not None and not _positive_int(self.splits):
             raise ValueError(f"TileConfig.splits must be None or an integer >= 1, got {self.splits!r}")
 
 

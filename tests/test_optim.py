@@ -1440,16 +1440,10 @@ def test_cuda_fused_update_with_k_times_d_past_2_31(gen):
 
 
 def _pair(gen, n, dtype=torch.float32):
-    start = torch.randn(n, generator=gen, dtype=dtype).to(DEVICE)
-    return start, start.clone().requires_grad_(), start.clone().requires_grad_()
-
-
-def _step_both(gen, a, b, opt_a, opt_b, steps, scale=1.0):
-    for _ in range(steps):
-        g = torch.randn(a.shape, generator=gen, dtype=a.dtype).to(DEVICE) * scale
-        a.grad, b.grad = g.clone(), g.clone()
-        opt_a.step()
-        opt_b.step()
+    """A start tensor of n elements and two trainable copies of it."""
+    (start,) = make_params(gen, [(n,)], dtype)
+    (a,), (b,) = clones([start]), clones([start])
+    return start, a, b
 
 
 # ln(0) passed as 0 instead of -1e30 (beta^t taken as 1: 0/0 bias correction)
@@ -1458,7 +1452,7 @@ def _step_both(gen, a, b, opt_a, opt_b, steps, scale=1.0):
 def test_adamw_with_a_zero_beta_matches_torch(backend, betas, gen):
     kw = dict(lr=1e-2, betas=betas, weight_decay=0.1)
     start, a, b = _pair(gen, 33)
-    _step_both(gen, a, b, AdamW([a], **kw, backend=backend), torch.optim.AdamW([b], **kw), 3)
+    step_alike(gen, [a], [b], AdamW([a], **kw, backend=backend), torch.optim.AdamW([b], **kw), 3)
     torch.testing.assert_close(a.detach() - start, b.detach() - start, rtol=1e-4, atol=1e-7)
 
 
@@ -1468,7 +1462,7 @@ def test_adamw_bias_correction_is_accurate_for_beta2_near_one(backend, gen):
     """beta2 = 0.99999: 1 - exp(ln beta2) in fp32 is 3e-3 off, the step 1.5e-3 off; the series is exact."""
     kw = dict(lr=1.0, betas=(0.9, 0.99999), weight_decay=0.0)
     start, a, b = _pair(gen, 64)
-    _step_both(gen, a, b, AdamW([a], **kw, backend=backend), torch.optim.AdamW([b], **kw), 2)
+    step_alike(gen, [a], [b], AdamW([a], **kw, backend=backend), torch.optim.AdamW([b], **kw), 2)
     torch.testing.assert_close(a.detach() - start, b.detach() - start, rtol=2e-5, atol=1e-6)
 
 
@@ -1558,7 +1552,7 @@ def test_skip_nonfinite_skips_a_nan_gradient(backend, optimizer, gen):
 ], ids=["adamw", "sgdw"])
 def test_float64_params_with_backend_triton_step_like_torch(make, reference, gen):
     start, a, b = _pair(gen, 9, torch.float64)
-    _step_both(gen, a, b, make([a]), reference([b]), 3)
+    step_alike(gen, [a], [b], make([a]), reference([b]), 3)
     torch.testing.assert_close(a, b)
 
 
@@ -1632,13 +1626,13 @@ def test_fused_sgdw_refuses_its_hyper_parameters_changed_before_step(key, value,
 def test_an_integer_step_in_a_state_dict_loads_as_fp32(backend, gen):
     start, a, b = _pair(gen, 17)
     opt_a, opt_b = AdamW([a], lr=1e-2, backend=backend), torch.optim.AdamW([b], lr=1e-2)
-    _step_both(gen, a, b, opt_a, opt_b, 3)
+    step_alike(gen, [a], [b], opt_a, opt_b, 3)
     saved = copy.deepcopy(opt_b.state_dict())
     saved["state"][0]["step"] = 3  # as torch 1.x saved it
     opt_a = AdamW([a], lr=1e-2, backend=backend)
     opt_a.load_state_dict(saved)
     assert opt_a.state[a]["step"].dtype == torch.float32
-    _step_both(gen, a, b, opt_a, opt_b, 2)
+    step_alike(gen, [a], [b], opt_a, opt_b, 2)
     torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
 
