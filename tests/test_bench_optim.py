@@ -74,6 +74,9 @@ def test_bf16_counts_the_state_each_optimizer_keeps(tmp_path):
     assert records["fastcyclic_sgdw"]["bytes_per_param"] == 14.0
     for name in ("fastcyclic_adamw", "fastcyclic_sgdw"):
         assert records[name]["correct"] is True and records[name]["reference"].endswith("[fp32]")
+    # torch's bf16 state is another rule: its distance is reported, never a verdict
+    theirs = records["torch_adamw_foreach"]
+    assert theirs["correct"] is None and theirs["ulp_diff"] is not None and "not judged" in theirs["notes"]
     assert "ce+step" not in records
 
 
@@ -94,6 +97,7 @@ def test_a_wrong_optimizer_is_reported_as_failing(dtype, decay_kept, tmp_path, m
     r = records_by_method(out)["fastcyclic_adamw"]
     assert r["status"] == "ok" and r["correct"] is False
     assert r["rel_diff"] > optim.TOLERANCE[torch.float32] if dtype == "fp32" else r["ulp_diff"] > optim.ULP_TOLERANCE
+    assert r["err"] == r["rel_diff" if dtype == "fp32" else "ulp_diff"]  # the judged error, in its units
     captured = capsys.readouterr()
     assert "WRONG" in captured.out and "FAILED" in captured.err
 
@@ -114,6 +118,48 @@ def test_a_wrong_fused_update_is_reported_as_failing(tmp_path, monkeypatch):
                 "--out", str(out)]) == 1
     r = records_by_method(out)["ce+fused_update"]
     assert r["status"] == "ok" and r["correct"] is False and r["rel_diff"] > 10 * r["tolerance"]
+
+
+def test_a_fused_update_that_forgets_the_decay_is_reported_as_failing_in_bf16(tmp_path, monkeypatch):
+    """CE_WEIGHT_DECAY is large enough that a fused update without the decay ends 3e-2 of |W| off ce+step, outside
+    bf16's 1e-2 (at WEIGHT_DECAY it would end 3.5e-3 off, inside)."""
+    from fastcyclic.optim import FusedUpdate
+
+    real = FusedUpdate._apply
+
+    def without_decay(self, *args, **kwargs):
+        group = self.optimizer.param_groups[self.group_index]
+        decay, group["weight_decay"] = group["weight_decay"], 0.0
+        try:
+            real(self, *args, **kwargs)
+        finally:
+            group["weight_decay"] = decay  # as it was: step() refuses a group changed since the fused update
+
+    monkeypatch.setattr(FusedUpdate, "_apply", without_decay)
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--dtype", "bf16", "--methods", "ce_update", "--ce-shape", "64x16x301",
+                "--out", str(out)]) == 1
+    r = records_by_method(out)["ce+fused_update"]
+    assert r["status"] == "ok" and r["correct"] is False and r["rel_diff"] > r["tolerance"] == 1e-2
+
+
+def test_a_fused_update_within_the_tolerance_of_w_passes(tmp_path, monkeypatch):
+    """The ce_update verdict is |W_fused - W_step| / |W_step| <= 1e-4 (fp32), not the difference over the distance W
+    moved (update_rel_diff, recorded): shrinking W by 2e-5 a step ends ~6e-5 of |W| off, ~5x that of the update."""
+    from fastcyclic.optim import FusedUpdate
+
+    real = FusedUpdate._apply
+
+    def shrinking(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.weight.mul_(1 - 2e-5)
+
+    monkeypatch.setattr(FusedUpdate, "_apply", shrinking)
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--methods", "ce_update", "--ce-shape", "64x16x301",
+                "--out", str(out)]) == 0
+    r = records_by_method(out)["ce+fused_update"]
+    assert r["correct"] is True and r["rel_diff"] <= r["tolerance"] < r["update_rel_diff"]
 
 
 def test_a_refused_or_failing_method_gets_a_record_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -152,6 +198,38 @@ def test_split_sizes_is_model_like_and_sums_to_the_total(total):
     assert sizes[0] == max(sizes)
 
 
+def test_the_check_flips_and_halves_the_gradients_and_rounds_after_every_step(monkeypatch):
+    """stepped(): CHECK_STEPS steps, the gradients times -0.5 between them (so the moments see sign changes), and with
+    round_to the parameters rounded to it after every step.  SGD at lr 1 makes each step exactly p -= g."""
+    def plain_sgd(params, device, interpret):
+        return torch.optim.SGD(params, lr=1.0)
+
+    monkeypatch.setitem(optim.STEP_METHODS, "plain_sgd", ("sgd", plain_sgd, False))
+    cpu = torch.device("cpu")
+    start, grads = optim.make_params(3000, torch.float32, cpu)
+    for round_to in (None, torch.bfloat16):
+        _, params = optim.stepped("plain_sgd", start, grads, cpu, False, round_to=round_to)
+        for p, s, g in zip(params, start, grads):
+            expected = s
+            for i in range(optim.CHECK_STEPS):
+                expected = expected - g * (-0.5) ** i
+                expected = expected if round_to is None else expected.to(round_to).float()
+            assert torch.equal(p.detach(), expected)
+
+
+def test_errors_read_every_tensor_against_the_largest_reference_value():
+    """max_diff: max|p - ref| over all tensors (the small ones too) and that over max|ref|; max_ulps: elementwise in
+    units of the dtype's eps times |ref|; a NaN is an infinite error."""
+    ref = [torch.tensor([4.0, -2.0]), torch.tensor([1.0])]
+    assert optim.max_diff([torch.tensor([4.0, -2.0]), torch.tensor([1.5])], ref) == (0.5, 0.125)
+    eps = torch.finfo(torch.bfloat16).eps
+    bf16_ref = [r.bfloat16() for r in ref]
+    off = [torch.tensor([4.0, -2.0 - 2 * eps * 2]).bfloat16(), torch.tensor([1.0 + eps]).bfloat16()]  # 2 ulps, 1 ulp
+    assert optim.max_ulps(off, bf16_ref, torch.bfloat16) == 2.0
+    assert optim.max_ulps([torch.tensor([float("nan")]).bfloat16()], [torch.ones(1).bfloat16()], torch.bfloat16) \
+        == float("inf")
+
+
 @pytest.mark.parametrize("text, value", [("2^25", 2**25), ("2**10", 1024), ("33554432", 2**25), ("1", 1)])
 def test_parse_size(text, value):
     assert optim.parse_size(text) == value
@@ -165,6 +243,7 @@ def test_bandwidth_and_rates_follow_the_median(tmp_path):
     records = records_by_method(out)
     r, copy = records["fastcyclic_adamw"], records["copy"]
     assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e6)) and r["bytes"] == 28 * 3000
+    assert copy["bytes_per_param"] == 8.0  # an fp32 element read and written
     assert r["frac_copy"] == pytest.approx(r["gbps"] / copy["gbps"])
     for name in ("ce+step", "ce+fused_update"):
         ce = records[name]
