@@ -230,6 +230,37 @@ def test_errors_read_every_tensor_against_the_largest_reference_value():
         == float("inf")
 
 
+def test_a_nan_in_any_tensor_is_an_infinite_error():
+    """Python's max() keeps its first argument over a later NaN (NaN > x is False): a NaN in a tensor after the first
+    gave an error of 0 and a pass."""
+    ref = [torch.tensor([4.0, -2.0]), torch.tensor([1.0])]
+    nan_in_the_last = [torch.tensor([4.0, -2.0]), torch.tensor([float("nan")])]
+    assert optim.max_diff(nan_in_the_last, ref) == (float("inf"), float("inf"))
+    assert optim.max_ulps([p.bfloat16() for p in nan_in_the_last], [r.bfloat16() for r in ref], torch.bfloat16) \
+        == float("inf")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_an_optimizer_that_writes_nan_into_a_small_tensor_is_reported_as_failing(dtype, tmp_path, monkeypatch):
+    from fastcyclic.optim import AdamW
+
+    class NanInTheLast(AdamW):
+        def step(self, closure=None):
+            super().step(closure)
+            with torch.no_grad():
+                self.param_groups[0]["params"][-1].fill_(float("nan"))  # a bias-sized tensor, not the first
+
+    def nan_in_the_last(params, device, interpret):
+        return NanInTheLast(params, lr=optim.LR, weight_decay=optim.WEIGHT_DECAY, backend="torch")
+
+    monkeypatch.setitem(optim.STEP_METHODS, "fastcyclic_adamw", ("adamw", nan_in_the_last, False))
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--dtype", dtype, "--sizes", "3000", "--methods", "fastcyclic_adamw",
+                "--out", str(out)]) == 1  # was 0
+    r = records_by_method(out)["fastcyclic_adamw"]
+    assert r["status"] == "ok" and r["correct"] is False and r["err"] == "inf"  # strict JSON
+
+
 @pytest.mark.parametrize("text, value", [("2^25", 2**25), ("2**10", 1024), ("33554432", 2**25), ("1", 1)])
 def test_parse_size(text, value):
     assert optim.parse_size(text) == value
