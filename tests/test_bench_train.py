@@ -47,6 +47,7 @@ def test_quick_cpu_run_writes_complete_records(tmp_path, capsys):
         assert r["steps_per_s"] == pytest.approx(1e3 / r["median_ms"])
         assert r["rate_unit"] == "TFLOP/s" and r["ceiling"] == "gemm_float32" and r["frac_ceiling"] > 0
         assert r["flops"] == 6 * r["batch"] * r["d"] * r["P"]
+        assert r["state_gib"] == 2 * 2 * r["P"] * r["d"] * 4 / 2**30  # fp32 exp_avg, exp_avg_sq of E and W
         assert r["telemetry"].startswith("unavailable")
         assert r["target"] is None  # the targets are the H200's
         assert r["notes"]
@@ -95,6 +96,46 @@ def test_a_wrong_trainer_is_reported_as_failing(tmp_path, monkeypatch, capsys):
     assert r["eager"]["correct"] is True
     captured = capsys.readouterr()
     assert "WRONG" in captured.out and "FAILED" in captured.err
+
+
+def test_a_wrong_trainer_in_bf16_is_reported_as_failing(tmp_path, monkeypatch):
+    """bf16's tolerance (2e-3) leaves a forgotten weight decay (1e-2 of |X| after CHECK_STEPS) outside."""
+    monkeypatch.setitem(train.METHODS, "fastcyclic", NoDecay)
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--quick", "--shapes", "31x8", "--dtype", "bf16", "--methods", "fastcyclic",
+                "--out", str(out)]) == 1
+    r = load(out)["records"][0]
+    assert r["status"] == "ok" and r["correct"] is False and r["err"] > r["tolerance"]
+
+
+def small_spec(dtype=torch.float32):
+    cpu = torch.device("cpu")
+    data, batch_size, rows, E0, W0 = train.make_problem(31, 8, cpu, 512)
+    return train.Spec(31, 8, dtype, cpu, batch_size, rows, data, E0, W0)
+
+
+def test_the_plain_loops_run_the_trainers_adamw():
+    """The eager loop and the float64 reference use the trainer's AdamW settings (a beta2 of torch's default 0.999
+    moves X by less than the check's tolerance, so only this catches it), decoupled, and the reference is float64."""
+    spec = small_spec()
+    fastcyclic = train.FastcyclicRunner(spec)
+    fastcyclic.step()  # the trainer writes the (scheduled) weight decay into its group at a step
+    ours = fastcyclic.trainer.optimizer.param_groups[0]
+    for runner in (train.PlainRunner(spec), train.PlainRunner(spec, reference=True)):
+        group = runner.optimizer.param_groups[0]
+        assert (group["lr"], group["betas"], group["eps"]) == (ours["lr"], ours["betas"], ours["eps"])
+        assert group["weight_decay"] == float(ours["weight_decay"]) == train.WEIGHT_DECAY
+        assert isinstance(runner.optimizer, torch.optim.AdamW) and ours["weight_decay_mode"] == "decoupled"
+    assert all(x.dtype == torch.float64 for x in train.PlainRunner(spec, reference=True).params())
+    assert all(x.dtype == torch.float64 for x in train.reference_params(spec))
+
+
+def test_a_trainer_that_starts_elsewhere_is_refused():
+    """The comparison needs one start: the trainer's initial parameters must be the plain loop's E0 and W0."""
+    spec = small_spec()
+    spec.E0 = spec.E0 * 1.01
+    with pytest.raises(RuntimeError, match="initial parameters differ"):
+        train.FastcyclicRunner(spec)
 
 
 class WrongE(train.FastcyclicRunner):  # W right, E off by 1 %: the check must read both layers
