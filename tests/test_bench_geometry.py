@@ -66,14 +66,18 @@ def test_given_train_step_gives_the_fraction_of_100_steps(tmp_path):
     assert r["target"] is None  # the 2 % target is for K = 65521, d = 256
 
 
-@pytest.mark.parametrize("how", ["rho2", "omega"])
+@pytest.mark.parametrize("how", ["rho2", "rho2 by 3e-5", "omega", "dim_count"])
 def test_a_wrong_summary_is_reported_as_failing(how, tmp_path, monkeypatch, capsys):
+    """Off in a float field by more than TOLERANCE (3x it too), in the planted frequency, or in a count that the
+    planted check does not read (found by the comparison with the float64 summary alone)."""
     real = geometry.summarize
 
     def wrong(W, E):
         s = real(W, E)
-        if how == "rho2":
-            return dataclasses.replace(s, rho2_W=s.rho2_W * 0.999)
+        if how.startswith("rho2"):
+            return dataclasses.replace(s, rho2_W=s.rho2_W * (0.999 if how == "rho2" else 1 - 3e-5))
+        if how == "dim_count":
+            return dataclasses.replace(s, dim_count_W=s.dim_count_W + 1)
         return dataclasses.replace(s, omega_W=s.omega_W + 1, shared_omega=False)
 
     monkeypatch.setattr(geometry, "summarize", wrong)
@@ -81,8 +85,10 @@ def test_a_wrong_summary_is_reported_as_failing(how, tmp_path, monkeypatch, caps
     assert run(["--device", "cpu", "--quick", "--shapes", "257x16", "--out", str(out)]) == 1
     r = load(out)["records"][0]
     assert r["status"] == "ok" and r["correct"] is False
-    if how == "rho2":
+    if how.startswith("rho2"):
         assert r["err"] > geometry.TOLERANCE
+    elif how == "dim_count":
+        assert r["mismatched"] == ["dim_count_W"] and r["missed"] is None and r["err"] <= geometry.TOLERANCE
     else:
         assert "omega_W" in r["mismatched"] and r["missed"]
     captured = capsys.readouterr()
@@ -113,8 +119,57 @@ def test_a_summary_wrong_in_the_reference_too_fails_on_the_planted_circle(tmp_pa
 
 
 def test_compare_counts_a_non_finite_field_against_a_finite_reference():
-    """A summary field that comes back inf or nan where the reference is finite is an infinite difference."""
+    """A summary field that comes back inf or nan where the reference is finite (or finite where the reference is
+    not) is an infinite difference."""
     s = geometry.reference_summary(*geometry.planted(257, 16))
     assert geometry.compare(s, s) == (0.0, [])
     assert geometry.compare(dataclasses.replace(s, rho2_W=float("inf")), s)[0] == float("inf")
     assert geometry.compare(dataclasses.replace(s, rho2_W=float("nan")), s)[0] == float("inf")
+    assert geometry.compare(s, dataclasses.replace(s, rho2_W=float("inf")))[0] == float("inf")  # and the other way
+
+
+def test_compare_is_relative_to_the_reference_and_exact_elsewhere():
+    """Float fields: |mine - ref| / max(1, |ref|); every other field (int, bool, str, tuple) must be equal."""
+    s = geometry.reference_summary(*geometry.planted(257, 16))
+    assert geometry.compare(dataclasses.replace(s, rho2_W=s.rho2_W + 0.5), s)[0] == pytest.approx(0.5)
+    assert geometry.compare(dataclasses.replace(s, gap_error_W=4.0), dataclasses.replace(s, gap_error_W=2.0))[0] \
+        == pytest.approx(1.0)
+    changed = dataclasses.replace(s, shared_omega=not s.shared_omega, verdict_E="etf-like", top_freqs_W=(1,))
+    assert geometry.compare(changed, s) == (0.0, ["verdict_E", "top_freqs_W", "shared_omega"])
+
+
+@pytest.mark.parametrize("field, value", [("verdict", "etf-like"), ("verdict_E", "multi-frequency"),
+                                          ("omega_W", geometry.OMEGA + 1), ("omega_E", geometry.OMEGA - 1),
+                                          ("shared_omega", False), ("rho2_W", 0.98), ("rho2_E", 0.98)])
+def test_the_planted_check_reads_both_layers(field, value):
+    """planted_found: both verdicts cyclic, both omegas the planted one and shared, both rho2 >= 0.99."""
+    s = geometry.reference_summary(*geometry.planted(257, 16))
+    assert geometry.planted_found(s) == []
+    assert geometry.planted_found(dataclasses.replace(s, **{field: value}))
+
+
+def test_the_reference_summarizes_the_float64_planted_layout(monkeypatch):
+    """The reference reads the planted float64 W and E, not their copies rounded to the benchmark dtype."""
+    seen = []
+    real = geometry.reference_summary
+
+    def spy(W, E):
+        seen.append((W, E))
+        return real(W, E)
+
+    monkeypatch.setattr(geometry, "reference_summary", spy)
+    (record,) = geometry.run([(257, 16)], torch.float32, torch.device("cpu"), quick=True, log=lambda row: None)
+    assert record["status"] == "ok" and len(seen) == 1
+    for given, planted in zip(seen[0], geometry.planted(257, 16)):
+        assert given.dtype == torch.float64 and torch.equal(given, planted)
+
+
+def test_the_target_is_judged_at_the_train_case(tmp_path, monkeypatch):
+    """At TRAIN_CASE the record carries the 2 % target and whether 100 trainer steps' share stays under it."""
+    monkeypatch.setattr(geometry, "TRAIN_CASE", (257, 16))
+    for step_ms, met in (("1e6", True), ("1e-6", False)):
+        out = tmp_path / step_ms
+        assert run(["--device", "cpu", "--quick", "--shapes", "257x16", "--train-step-ms", step_ms,
+                    "--out", str(out)]) == 0
+        r = load(out)["records"][0]
+        assert r["target"] == {"frac_of_100_train_steps": geometry.TARGET_FRAC} and r["meets_target"] is met
