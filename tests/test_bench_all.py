@@ -216,12 +216,15 @@ def test_unknown_subcommands_exit_2(argv, capsys):
 # each suite's arguments that argparse refuses
 MALFORMED = {
     "ce": [["--shapes", "8x16"], ["--shapes", "0x16x10"], ["--dtype", "fp8"]],
-    "optim": [["--sizes", "-5"], ["--sizes", "0"], ["--sizes", "2^x"], ["--sizes", "2^-3"], ["--dtype", "fp8"],
+    "optim": [["--sizes", "-5"], ["--sizes", "0"], ["--sizes", "2^x"], ["--sizes", "2^-3"],
+              ["--sizes", "1^-2"],  # 1.0, a float: a negative exponent is refused whatever the base
+              ["--dtype", "fp8"],
               ["--methods", "nope"], ["--ce-shape", "8x16"]],
     "train": [["--shapes", "113"], ["--shapes", "2x8"], ["--shapes", "axb"], ["--shapes", "113x0"],
               ["--dtype", "fp16"], ["--methods", "nope"], ["--batch-size", "many"]],
     "geometry": [["--shapes", "8191"],
                  ["--shapes", "8x64"],  # fewer rows than the planted frequency needs
+                 ["--shapes", "8191x1"],  # no plane for the circle
                  ["--shapes", "8191xk"], ["--shapes", "1x2x3"],
                  ["--dtype", "bf16"],   # too coarse to measure in: summarize would upcast it
                  ["--train-step-ms", "fast"]],
@@ -246,6 +249,7 @@ def test_malformed_arguments_exit_2_and_write_nothing(suite, argv, tmp_path, cap
 REFUSED = [("train", ["--device", "cpu", "--batch-size", "0"], "--batch-size"),
            ("geometry", ["--device", "cpu", "--train-step-ms", "-1"], "--train-step-ms"),
            ("geometry", ["--device", "cpu", "--train-step-ms", "inf"], "--train-step-ms"),
+           ("geometry", ["--device", "cpu", "--train-step-ms", "0"], "--train-step-ms"),
            ("all", ["--device", "cpu", "--budget-s", "0"], "--budget-s"),
            ("ce", ["--device", "cpu", "--interpret", "--shapes", "64x64x1024", "4096x64x65536"],
             "N*D*K must be <= 2^28 (e.g. 512x64x8192), got 4096x64x65536")]
@@ -420,6 +424,44 @@ def test_a_refusing_or_failing_suite_is_recorded_by_its_exit_code(tiny, tmp_path
     assert (suites["optim"]["rc"], suites["optim"]["status"]) == (2, "refused")
     assert (suites["geometry"]["rc"], suites["geometry"]["status"]) == (1, "fastcyclic wrong or failed")
     assert suites["geometry"]["records"] == {"ok": 1, "oom": 1, "wrong": 1}
+
+
+def test_the_summary_counts_as_wrong_only_a_verdict_of_wrong():
+    """A record not judged (correct None: torch's bf16 optimizers, a baseline without a reference) is not wrong."""
+    records = [{"status": "ok", "correct": None}, {"status": "ok", "correct": True}, {"status": "ok", "correct": False},
+               {"status": "failed", "correct": False}]
+    assert all_suites._count(records) == {"ok": 3, "failed": 1, "wrong": 1}
+
+
+def test_a_suite_named_twice_runs_once(tiny, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(geometry, "run_suite", lambda args, **kwargs: (calls.append(1), (0, []))[1])
+    assert main(["bench", "all", "--device", "cpu", "--quick", "--suites", "geometry", "geometry",
+                 "--out", str(tmp_path / "res")]) == 0
+    assert len(calls) == 1
+    assert [s["suite"] for s in json.loads((tmp_path / "res" / "all.json").read_text())["suites"]] == ["geometry"]
+
+
+def test_on_cuda_the_geometry_suite_is_given_the_step_the_train_suite_measured(monkeypatch):
+    """bench all on a GPU: geometry compares the summary with the trainer step of this run's train suite (not one
+    it measures again).  The GPU is faked: only the hand-over between the suites is under test."""
+    p, d = geometry.TRAIN_CASE
+    monkeypatch.setattr(measure, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(measure, "check_dtype", lambda device, dtype: None)
+    monkeypatch.setattr(measure, "machine_facts", lambda device: {"cpu": "x", "torch": "t", "triton": "t"})
+    monkeypatch.setattr(measure, "print_ceilings", lambda device, quick: {})
+    monkeypatch.setattr(measure, "release", lambda device: None)
+    measured = dict(method="fastcyclic", status="ok", median_ms=4.0, dtype="bfloat16", batch=8192, P=p, d=d)
+    monkeypatch.setattr(train, "run_suite", lambda args, **kwargs: (0, [measured]))
+    given = {}
+
+    def geometry_suite(args, **kwargs):
+        given.update(kwargs, train_step_ms=args.train_step_ms)
+        return 0, []
+
+    monkeypatch.setattr(geometry, "run_suite", geometry_suite)
+    assert main(["bench", "all", "--device", "cuda", "--suites", "train", "geometry"]) == 0
+    assert given["train_step_ms"] == 4.0 and "fastcyclic bench train in this run" in given["step_source"]
 
 
 def test_machine_facts_give_the_threads_torch_computes_with():
