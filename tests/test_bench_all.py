@@ -1,5 +1,6 @@
 """`fastcyclic bench all` and what every suite shares: the record schema, ceilings, telemetry, atomic
 files, refusals of bad input, and the pytest-benchmark micro-benchmarks kept out of the default run."""
+import argparse
 import configparser
 import csv
 import json
@@ -215,7 +216,8 @@ def test_unknown_subcommands_exit_2(argv, capsys):
 
 # each suite's arguments that argparse refuses
 MALFORMED = {
-    "ce": [["--shapes", "8x16"], ["--shapes", "0x16x10"], ["--dtype", "fp8"]],
+    "ce": [["--shapes", "8x16"], ["--shapes", "8x16x10x4"], ["--shapes", "0x16x10"], ["--shapes", "8x0x10"],
+           ["--shapes", "8x16x0"], ["--dtype", "fp8"]],
     "optim": [["--sizes", "-5"], ["--sizes", "0"], ["--sizes", "2^x"], ["--sizes", "2^-3"],
               ["--sizes", "1^-2"],  # 1.0, a float: a negative exponent is refused whatever the base
               ["--dtype", "fp8"],
@@ -251,6 +253,8 @@ REFUSED = [("train", ["--device", "cpu", "--batch-size", "0"], "--batch-size"),
            ("geometry", ["--device", "cpu", "--train-step-ms", "inf"], "--train-step-ms"),
            ("geometry", ["--device", "cpu", "--train-step-ms", "0"], "--train-step-ms"),
            ("all", ["--device", "cpu", "--budget-s", "0"], "--budget-s"),
+           ("ce", ["--device", "cpu", "--tune", "--shapes", "48x16x301", "--methods", "eager", "--quick"],
+            "--tune needs CUDA"),
            ("ce", ["--device", "cpu", "--interpret", "--shapes", "64x64x1024", "4096x64x65536"],
             "N*D*K must be <= 2^28 (e.g. 512x64x8192), got 4096x64x65536")]
 REFUSED += [(suite, ["--device", "cpu", "--threads", "0"], "--threads") for suite in all_suites.SUITES + ("all",)]
@@ -474,3 +478,64 @@ def test_machine_facts_give_the_threads_torch_computes_with():
             assert facts["cpu_threads"] == threads and facts["device"] == "cpu"
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_peak_memory_is_the_peak_rss_growth_over_the_rss_before_in_bytes(monkeypatch):
+    """(VmHWM after fn - VmRSS before fn) KiB * 1024: outputs still alive after fn must not shrink it."""
+    status = {"VmRSS": 1000, "VmHWM": 1000}
+
+    def fn():  # 64 KiB at its peak, 10 KiB of it still held when it returns
+        status.update(VmHWM=1064, VmRSS=1010)
+
+    monkeypatch.setattr(measure, "_proc_status_kib", lambda field: status[field])
+    peak = measure.peak_extra_bytes(fn, torch.device("cpu"))
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert peak == 64 * 1024
+
+
+def test_ceiling_rates_count_bytes_and_flops_per_median_time(monkeypatch):
+    """copy: 2 x the bytes (read and written) in GB/s = 1e9 B/s; GEMM: 2 size^3 FLOPs in TFLOP/s."""
+    monkeypatch.setattr(measure, "time_ms", lambda fn, device, **kw: dict(median_ms=2.0, q25_ms=1.0, q75_ms=3.0))
+    copy = measure.measure_copy(torch.device("cpu"), 1000, quick=True)
+    assert copy["status"] == "ok" and copy["bytes"] == 2 * 1000 * 4
+    assert copy["gbps"] == pytest.approx(8000 / 2e-3 / 1e9)
+    gemm = measure.measure_gemm(torch.device("cpu"), torch.float32, 16, quick=True)
+    assert gemm["status"] == "ok" and gemm["flops"] == 2 * 16**3
+    assert gemm["tflops_per_s"] == pytest.approx(2 * 16**3 / 2e-3 / 1e12)
+
+
+def test_json_keeps_the_sign_of_infinity_and_the_extra_sections(tmp_path):
+    """-inf is written "-inf" (not "inf"); a suite's extra sections (ce's tuning) reach NAME.json."""
+    assert measure._json_safe({"a": [float("-inf"), float("nan")], "b": (float("inf"), 1.0)}) == \
+        {"a": ["-inf", None], "b": ["inf", 1.0]}
+    measure.write_suite(tmp_path, "x", {}, [], extra={"tuning": [{"N": 8}]})
+    assert json.loads((tmp_path / "x.json").read_text())["tuning"] == [{"N": 8}]
+
+
+def test_telemetry_on_cuda_keeps_before_and_after(monkeypatch):
+    monkeypatch.setattr(measure, "telemetry", lambda device: "after")
+    record = measure.attach_telemetry({}, torch.device("cuda"), "before")
+    assert record["telemetry"] == {"before": "before", "after": "after"}
+    assert measure.attach_telemetry({}, torch.device("cpu"), "before")["telemetry"] == "after"
+
+
+def test_error_text_is_the_type_and_the_first_line_cut_to_300_characters():
+    assert measure.error_text(RuntimeError("x" * 400 + "\nsecond line")) == "RuntimeError: " + "x" * 300
+    assert measure.error_text(ValueError()) == "ValueError: "
+
+
+def test_interpret_is_refused_on_cuda(monkeypatch, tmp_path, capsys):
+    """--interpret runs the Triton kernels on CPU: with CUDA chosen it is refused before anything runs."""
+    monkeypatch.setattr(measure, "resolve_device", lambda name: torch.device("cuda"))
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cuda", "--interpret", "--out", str(out)]) == 2
+    assert "--interpret runs the Triton kernels on CPU" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_shape_of_the_wrong_length_is_refused_naming_its_form():
+    """Not argparse's "invalid value" from unpacking the sizes: the message says what a shape looks like."""
+    for text in ("8x16", "8x16x10x4", "8xy16"):
+        with pytest.raises(argparse.ArgumentTypeError, match="shape must look like NxDxK"):
+            measure.parse_dims(text, "NxDxK", "8192x256x65536")
+    assert measure.parse_dims("8,16X10", "NxDxK", "") == (8, 16, 10)

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastcyclic.cli import main
 
@@ -283,3 +284,217 @@ def test_the_rate_counts_six_n_d_k_flops_per_median_step(tmp_path):
     r = json.loads((out / "ce.json").read_text())["records"][0]
     assert r["flops"] == 6 * 48 * 16 * 301
     assert r["tflops_per_s"] == pytest.approx(r["flops"] / (r["median_ms"] * 1e9))
+
+
+def change_backward(monkeypatch, grad, change):
+    """The torch backend's backward (what fastcyclic runs on CPU) with its dh or dW passed through change."""
+    from fastcyclic import linear_ce
+
+    real = linear_ce.torch_impl.backward
+
+    def backward(*args, **kwargs):
+        dh, dw, db = real(*args, **kwargs)
+        if grad == "dh" and dh is not None:
+            dh = change(dh)
+        if grad == "dw" and dw is not None:
+            dw = change(dw)
+        return dh, dw, db
+
+    monkeypatch.setattr(linear_ce.torch_impl, "backward", backward)
+
+
+@pytest.mark.parametrize("grad", ["dh", "dw"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_one_gradient_off_by_3_percent_alone_fails(grad, dtype, tmp_path, monkeypatch):
+    """Each gradient is judged on its own, in bf16 too (its tolerance 8e-3 sits above bf16's rounding, 1.7e-3)."""
+    from fastcyclic.bench import ce
+
+    change_backward(monkeypatch, grad, lambda g: g * 1.03)
+    code, records = run_with_one_method_changed(monkeypatch, tmp_path, "fastcyclic", lambda fn: fn, dtype)
+    assert code == 1
+    wrong = records["fastcyclic"]
+    assert wrong["correct"] is False and wrong["err"] == wrong[f"err_{grad}"] > 1e-2 and wrong["err_loss"] < 1e-5
+    assert wrong["tolerance"] == ce.TOLERANCE[ce.DTYPES[dtype]]
+    assert wrong["loss_tolerance"] == ce.LOSS_TOLERANCE[ce.DTYPES[dtype]]
+    assert records["eager"]["correct"] is True
+
+
+@pytest.mark.parametrize("grad", ["dh", "dw"])
+def test_a_nan_gradient_fails_with_an_infinite_error(grad, tmp_path, monkeypatch):
+    """NaN compares false with everything: as an error it could pass max() and the tolerance unseen."""
+    change_backward(monkeypatch, grad, lambda g: g * float("nan"))
+    code, records = run_with_one_method_changed(monkeypatch, tmp_path, "fastcyclic", lambda fn: fn)
+    assert code == 1
+    wrong = records["fastcyclic"]
+    assert wrong["correct"] is False and wrong[f"err_{grad}"] == wrong["err"] == "inf"  # JSON's spelling
+
+
+@pytest.mark.parametrize("dtype, off", [("fp32", 5e-5), ("bf16", 5e-4)])
+def test_a_loss_off_with_right_gradients_fails(dtype, off, tmp_path, monkeypatch):
+    """The loss has its own tolerance (fp32 1e-5, bf16 1e-4): a loss 5x past it fails though dh and dW are exact."""
+    def off_loss(fn):
+        def loss(h, w, y):
+            value = fn(h, w, y)
+            return value + off * value.detach()  # the value changes, the gradients do not
+        return loss
+
+    code, records = run_with_one_method_changed(monkeypatch, tmp_path, "fastcyclic", off_loss, dtype)
+    assert code == 1
+    wrong = records["fastcyclic"]
+    assert wrong["correct"] is False and wrong["err_loss"] == pytest.approx(off, rel=0.2)
+
+
+def test_the_reference_is_float64_cross_entropy():
+    """The mean over rows of lse - z_y, and dh and dW from the softmax, to float64 precision (fp32: 1e-7 off)."""
+    from fastcyclic.bench import ce
+
+    h, w, y = ce.make_inputs(3, 4, 7, torch.float32, torch.device("cpu"))
+    z = h.detach().double() @ w.detach().double().T
+    p = torch.softmax(z, dim=1)
+    expected_loss = (torch.logsumexp(z, dim=1) - z[torch.arange(3), y]).mean()
+    g = (p - F.one_hot(y, 7).double()) / 3
+    loss, dh, dw = ce.reference(h, w, y)
+    assert loss.dtype == dh.dtype == dw.dtype == torch.float64
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(dh, g @ w.detach().double(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(dw, g.T @ h.detach().double(), rtol=1e-12, atol=1e-15)
+
+
+def test_tf32_dots_are_judged_at_the_tf32_tolerance(monkeypatch):
+    """fp32 on CUDA with TF32 allowed rounds the dots' inputs to 10 bits: TF32_TOLERANCE; other dtypes, or CPU, not."""
+    from fastcyclic.bench import ce
+    from fastcyclic.kernels import linear_ce as kernels
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for allowed in (True, False):
+        monkeypatch.setattr(kernels, "tf32_allowed", lambda: allowed)
+        assert ce.grad_tolerance(torch.float32, cuda) == (ce.TF32_TOLERANCE if allowed else 1e-5)
+        assert ce.grad_tolerance(torch.bfloat16, cuda) == ce.TOLERANCE[torch.bfloat16]
+        assert ce.grad_tolerance(torch.float32, cpu) == 1e-5
+
+
+def test_peak_memory_is_recorded_in_gib(monkeypatch):
+    from fastcyclic.bench import ce
+
+    monkeypatch.setattr(ce.measure, "peak_extra_bytes", lambda fn, device: 3 * 2**30)
+    records, _ = ce.run([(48, 16, 301)], torch.float32, torch.device("cpu"), ["eager"], quick=True, log=lambda *a: 0)
+    assert records[0]["peak_extra_gib"] == 3.0
+
+
+def fake_run_case(fn, h, w, y, ref, *, quick):
+    """run_case's record without computing anything, noting the tile configuration in force."""
+    from fastcyclic import linear_ce
+
+    return dict(err_loss=0.0, err_dh=0.0, err_dw=0.0, loss_tolerance=1e-5, correct=True, median_ms=1.0, q25_ms=1.0,
+                q75_ms=1.0, peak_extra_gib=0.0, config_in_force=linear_ce._tuning.get("config"))
+
+
+@pytest.mark.parametrize("tuning_fails", [False, True])
+def test_tuned_tiles_are_run_and_recorded(tuning_fails, monkeypatch):
+    """--tune: fastcyclic runs with the default and the tuned tiles, and the gemm backward on the tuned ones; a tuning
+    that fails is recorded and the default tiles are run."""
+    import dataclasses
+
+    from fastcyclic.bench import ce, tune
+    from fastcyclic.kernels.linear_ce import default_config
+
+    tuned = dataclasses.replace(default_config(48, 16, 301, torch.float32, torch.device("cpu")), grad_chunk=64)
+
+    def tune_shape(h, w, y, log):
+        if tuning_fails:
+            raise RuntimeError("no tile fits")
+        return tuned, {"forward": []}
+
+    monkeypatch.setattr(tune, "tune_shape", tune_shape)
+    monkeypatch.setattr(ce, "run_case", fake_run_case)
+    records, tunings = ce.run([(48, 16, 301)], torch.float32, torch.device("cpu"), ["fastcyclic"], interpret=True,
+                              tune=True, log=lambda *a: 0)
+    gemm = dataclasses.replace(default_config(48, 16, 301, torch.float32, torch.device("cpu")), backward="gemm")
+    if tuning_fails:
+        assert tunings == [dict(N=48, D=16, K=301, dtype="float32", error="RuntimeError: no tile fits")]
+        expected = {"fastcyclic": None, "fastcyclic[gemm-backward]": gemm}
+    else:
+        assert tunings == [dict(N=48, D=16, K=301, dtype="float32", tuned=dataclasses.asdict(tuned),
+                                timings={"forward": []})]
+        expected = {"fastcyclic[default]": None, "fastcyclic[tuned]": tuned,
+                    "fastcyclic[gemm-backward]": dataclasses.replace(tuned, backward="gemm")}
+    assert [r["method"] for r in records] == list(expected)
+    for r in records:
+        config = expected[r["method"]]
+        assert r["status"] == "ok" and r["config_in_force"] == config
+        assert r["config"] == (dataclasses.asdict(config) if config else None)
+
+
+def test_ce_json_keeps_the_tuning(tmp_path):
+    from fastcyclic.bench import ce
+
+    ce.write_results(tmp_path, {"cpu": "x"}, [], tuning=[{"N": 48, "tuned": {"backward": "gemm"}}], complete=False)
+    assert json.loads((tmp_path / "ce.json").read_text())["tuning"] == [{"N": 48, "tuned": {"backward": "gemm"}}]
+
+
+@pytest.mark.parametrize("method, status, correct, code", [
+    ("fastcyclic", "ok", True, 0), ("fastcyclic", "ok", False, 1), ("fastcyclic[gemm-backward]", "ok", False, 1),
+    ("fastcyclic[tuned]", "oom", None, 1), ("fastcyclic", "failed", None, 1), ("fastcyclic", "skipped", None, 0),
+    ("eager", "ok", False, 0), ("eager", "oom", None, 0), ("liger", "unavailable", None, 0)])
+def test_the_exit_code_is_fastcyclics_verdict(method, status, correct, code, monkeypatch, capsys):
+    """1 when any fastcyclic variant is wrong, failed or out of memory; a baseline's verdict never decides it."""
+    from fastcyclic.bench import ce
+
+    record = dict(method=method, status=status, correct=correct)
+    monkeypatch.setattr(ce.measure, "print_ceilings", lambda device, quick: {})
+    monkeypatch.setattr(ce, "run", lambda *args, **kwargs: ([record], []))
+    assert main(["bench", "ce", "--device", "cpu", "--quick"]) == code
+    assert ("FAILED" in capsys.readouterr().err) == bool(code)
+
+
+def test_a_reference_out_of_memory_is_recorded_for_every_method(tmp_path, monkeypatch):
+    from fastcyclic.bench import ce
+
+    def reference(h, w, y):
+        raise torch.OutOfMemoryError("no room for the float64 reference")
+
+    monkeypatch.setattr(ce, "reference", reference)
+    out = tmp_path / "res"
+    assert main(["bench", "ce", "--device", "cpu", "--shapes", "48x16x301", "--methods", "fastcyclic", "eager",
+                 "--quick", "--out", str(out)]) == 1
+    records = json.loads((out / "ce.json").read_text())["records"]
+    assert [(r["method"], r["status"]) for r in records] == [("fastcyclic", "oom"), ("eager", "oom")]
+    assert all(r["error"].startswith("inputs/reference: OutOfMemoryError") for r in records)
+
+
+def test_a_fastcyclic_that_cannot_be_set_up_fails_the_suite(tmp_path, monkeypatch):
+    """A setup error is a failure, not "unavailable" (which only Unavailable, e.g. a baseline not installed, is)."""
+    from fastcyclic.bench import ce
+
+    real = ce.make_method
+
+    def make_method(name, device, interpret):
+        if name == "fastcyclic":
+            raise ImportError("fastcyclic kernels failed to import")
+        return real(name, device, interpret)
+
+    monkeypatch.setattr(ce, "make_method", make_method)
+    records, _ = ce.run([(48, 16, 301)], torch.float32, torch.device("cpu"), ["fastcyclic", "eager"], quick=True,
+                        log=lambda *a: 0)
+    assert [(r["method"], r["status"]) for r in records] == [("fastcyclic", "failed"), ("eager", "ok")]
+    assert "failed to import" in records[0]["error"]
+
+
+def test_the_budget_spent_between_methods_skips_the_rest(monkeypatch):
+    from fastcyclic.bench import ce
+
+    checks = iter([False, False, True, True])  # the shape's check, the first method's, the second's, ...
+    monkeypatch.setattr(ce.measure, "out_of_time", lambda: next(checks))
+    monkeypatch.setattr(ce, "run_case", fake_run_case)
+    records, _ = ce.run([(48, 16, 301)], torch.float32, torch.device("cpu"), ["eager", "fastcyclic"], quick=True,
+                        log=lambda *a: 0)
+    assert [(r["method"], r["status"]) for r in records] == [("eager", "ok"), ("fastcyclic", "skipped")]
+
+
+def test_the_interpreters_size_limit_is_inclusive(monkeypatch):
+    """--interpret refuses N*D*K above 2^28, as its message says ("<="): 2^28 itself is run."""
+    from fastcyclic.bench import ce
+
+    monkeypatch.setattr(ce.measure, "print_ceilings", lambda device, quick: {})
+    monkeypatch.setattr(ce, "run", lambda *args, **kwargs: ([], []))
+    assert main(["bench", "ce", "--device", "cpu", "--interpret", "--shapes", "4096x64x1024"]) == 0
