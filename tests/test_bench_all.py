@@ -4,6 +4,8 @@ import argparse
 import configparser
 import csv
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -356,6 +358,84 @@ def test_write_atomic_through_a_new_folder_and_dot_dot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert write_atomic("new/../x.png", lambda f: f.write(b"png")) == "new/../x.png"
     assert (tmp_path / "x.png").read_bytes() == b"png" and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_write_atomic_syncs_the_whole_file_then_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """The data is on disk before the rename and the rename before the return (a crash leaves the old file or the
+    new one, whole), from a temporary file in the target's own folder (os.replace cannot cross filesystems); the
+    folder's descriptor is closed again."""
+    from fastcyclic import files
+
+    path = tmp_path / "x.json"
+    path.write_bytes(b"old")
+    synced, real_fsync = [], files.os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        kind, size = ("folder", None) if stat.S_ISDIR(st.st_mode) else ("file", st.st_size)
+        synced.append((kind, size, path.read_bytes()))  # what is synced, and what a reader of path sees then
+        real_fsync(fd)
+
+    def write(f):
+        temporaries = [p.name for p in tmp_path.iterdir() if p.name != "x.json"]
+        assert len(temporaries) == 1 and temporaries[0].startswith(files.TEMP_PREFIX), temporaries
+        f.write(b"new data")
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    open_before = len(os.listdir("/proc/self/fd"))
+    files.write_atomic(str(path), write)
+    assert synced == [("file", len(b"new data"), b"old"), ("folder", None, b"new data")]
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    # results are for reading: not mkstemp's owner-only mode
+    assert path.stat().st_mode & 0o777 == 0o644 and sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+@pytest.mark.parametrize("error", [ValueError("bad figure"), KeyboardInterrupt()])
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(error, tmp_path):
+    """Also on Ctrl-C (a KeyboardInterrupt is no Exception) the temporary file goes and the error goes on."""
+    from fastcyclic.files import write_atomic
+
+    path = tmp_path / "x.json"
+    path.write_bytes(b"old")
+
+    def half_then_fail(f):
+        f.write(b"half")
+        raise error
+
+    with pytest.raises(type(error)):
+        write_atomic(str(path), half_then_fail)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_remove_temporaries_removes_only_write_atomics_files(tmp_path):
+    from fastcyclic.files import TEMP_PREFIX, TEMP_SUFFIX, remove_temporaries
+
+    names = [f"{TEMP_PREFIX}killed{TEMP_SUFFIX}", "notes.tmp", f"{TEMP_PREFIX}mine.txt", "metrics.jsonl"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    remove_temporaries(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
+@pytest.mark.parametrize("errno_", ["ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO"])
+def test_write_errors_are_named_in_one_line(errno_):
+    import errno
+
+    from fastcyclic.files import write_error_text
+
+    code = getattr(errno, errno_)
+    text = os.strerror(code)
+    assert write_error_text(OSError(code, text, "/out/x.json")) == f"cannot write '/out/x.json': {text}"
+    assert write_error_text(OSError(code, text)) == f"cannot write: {text}"
+    assert write_error_text(OSError(errno.ENOENT, "No such file or directory", "/x")) is None  # a bug: traceback
+    assert write_error_text(ValueError("not an OSError")) is None
+
+
+def test_write_json_ends_with_a_newline(tmp_path):
+    from fastcyclic.files import write_json
+
+    path = write_json(str(tmp_path / "x.json"), {"a": [1, 2]})
+    assert open(path).read() == '{\n  "a": [\n    1,\n    2\n  ]\n}\n'
 
 
 def test_cpu_peak_memory_counts_bytes():

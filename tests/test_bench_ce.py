@@ -1,5 +1,6 @@
 """The `fastcyclic bench ce` command on CPU: records and files (refusals of bad input: test_bench_all.py)."""
 import json
+import os
 
 import pytest
 import torch
@@ -234,6 +235,18 @@ def test_interpret_times_both_backward_strategies(tmp_path):
     assert records["fastcyclic[gemm-backward]"]["config"]["backward"] == "gemm"
     for r in records.values():
         assert r["status"] == "ok" and r["correct"] is True and "backend='triton'" in r["notes"]
+
+
+def test_interpret_sets_triton_interpret_before_the_suite_runs(monkeypatch):
+    """--interpret is TRITON_INTERPRET=1 for the run (here conftest.py has set it already: removed for the test)."""
+    from fastcyclic.bench import ce
+
+    seen = []
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ce, "main", lambda args: seen.append(os.environ.get("TRITON_INTERPRET")) or 0)
+    assert main(["bench", "ce", "--device", "cpu", "--quick"]) == 0
+    assert main(["bench", "ce", "--device", "cpu", "--quick", "--interpret"]) == 0
+    assert seen == [None, "1"]
 
 
 def test_speedups_are_the_baseline_median_over_fastcyclics_per_shape():

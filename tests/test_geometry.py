@@ -618,6 +618,69 @@ def test_figures_take_their_format_from_the_extension(gen, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pdf"]
 
 
+def drawn(monkeypatch, draw):
+    """The figure a plots function draws, taken before it is saved."""
+    from fastcyclic import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: figures.append(fig) or path)
+    draw(plots, "unused.png")
+    return figures[0]
+
+
+def lines_by_label(ax):
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_figures_without_an_extension_are_png_and_extensions_are_case_blind(gen, tmp_path):
+    from fastcyclic import plots
+
+    W = torch.randn(31, 4, generator=gen, dtype=F64)
+    plots.plot_training_curves([{"step": 0, "train_loss": 1.0}], tmp_path / "curves")
+    plots.plot_circles(W, W, tmp_path / "C.PDF")
+    assert (tmp_path / "curves").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "C.PDF").read_bytes().startswith(b"%PDF")
+
+
+def test_loss_axis_is_logarithmic_only_when_every_loss_is_positive(monkeypatch):
+    def scale(losses):
+        history = [{"step": s, "train_loss": v} for s, v in enumerate(losses)]
+        return drawn(monkeypatch, lambda plots, path: plots.plot_training_curves(history, path)).axes[0].get_yscale()
+
+    assert (scale([2.0, 0.5]), scale([2.0, 0.0])) == ("log", "linear")
+
+
+def test_geometry_history_is_drawn_in_step_order_without_non_finite_values(monkeypatch):
+    """Records in any order, a NaN skipped; t_W = t_E: the title claims no order."""
+    history = [{"step": 20, "rho2_W": 0.95, "rho2_E": 0.95}, {"step": 0, "rho2_W": 0.1, "rho2_E": float("nan")},
+               {"step": 10, "rho2_W": 0.5, "rho2_E": 0.5}]
+    ax = drawn(monkeypatch, lambda plots, path: plots.plot_geometry_history(history, path)).axes[0]
+    lines = lines_by_label(ax)
+    assert list(lines["ρ₂(W) classifier"].get_xdata()) == [0, 10, 20]
+    assert list(lines["ρ₂(E) embedding"].get_xdata()) == [10, 20]
+    assert "t_W = 20" in lines and "t_E = 20" in lines
+    assert ax.get_title() == "Rank-2 energy share over training"
+
+
+def test_circles_draw_every_ceil_n_over_max_points_th_row(gen, monkeypatch):
+    W = embed(sinusoids(61, [5]), 4, gen)
+    fig = drawn(monkeypatch, lambda plots, path: plots.plot_circles(W, W, path, max_points=20))
+    assert len(fig.axes[0].collections[0].get_offsets()) == 16  # rows 0, 4, ..., 60
+
+
+def test_fourier_panel_shows_shares_of_the_energy_and_marks_omega(gen, monkeypatch):
+    """Shares summing to 1, ω's marker on ω's bar, "1 frequency holds"; a matrix without energy stays linear."""
+    W = embed(sinusoids(61, [5]), 4, gen)
+    Z = torch.zeros(61, 4, dtype=F64)
+    fig = drawn(monkeypatch, lambda plots, path: plots.plot_fourier(W, Z, path, log=True))
+    ax_w, ax_z = fig.axes[:2]
+    tops = [segment[1][1] for segment in ax_w.collections[0].get_segments()]
+    assert sum(tops) == pytest.approx(1.0) and ax_w.get_title() == "W: 1 frequency holds 90 % of the energy"
+    marker = next(line for label, line in lines_by_label(ax_w).items() if label.startswith("ω = 5"))
+    assert list(marker.get_xdata()) == [5] and list(marker.get_ydata()) == [pytest.approx(max(tops))]
+    assert (ax_w.get_yscale(), ax_z.get_yscale()) == ("log", "linear")
+
+
 def test_geometry_does_not_import_matplotlib():
     code = "import sys, fastcyclic.geometry; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

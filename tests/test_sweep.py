@@ -756,6 +756,102 @@ def test_reproduce_passes_retry_failed_and_threads_to_the_sweep(tmp_path, monkey
     assert seen["retry_failed"] is False and seen["threads"] == 2
 
 
+def test_reproduce_passes_its_budget_workers_and_device_to_the_sweep(tmp_path, monkeypatch):
+    """The budget less the reserve for the report unless --max-minutes says otherwise; --workers and --device
+    over the preset's."""
+    seen = []
+
+    def fake_run_sweep(out, blocks, **kwargs):
+        seen.append(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    parser = argparse.ArgumentParser()
+    reproduce.add_arguments(parser)
+    tiny = reproduce.PRESETS["tiny"]()
+    for argv in ([], ["--workers", "2", "--max-minutes", "0.5"], ["--preset", "gpu", "--device", "cpu"]):
+        assert reproduce.main(parser.parse_args(["--preset", "tiny", "--out", str(tmp_path / "r"), *argv])) == 2
+    assert (seen[0]["deadline_s"], seen[0]["workers"]) == ((tiny.minutes - tiny.reserve_minutes) * 60, tiny.workers)
+    assert (seen[1]["deadline_s"], seen[1]["workers"]) == (30.0, 2)
+    assert seen[2]["device"] == "cpu"  # the gpu preset's cuda, overridden
+
+
+def reproduce_on(records, tmp_path, monkeypatch, *argv, remaining=(), showcase=None):
+    """`fastcyclic reproduce --preset tiny ARGV` whose sweep returns these records and leaves `remaining` unstarted;
+    (exit code, report.md, n_boot of the analysis, the rows run_showcase was called with)."""
+    ids = [r["id"] for r in records] + list(remaining)
+    outcome = sweep.SweepOutcome(specs=ids, records={r["id"]: r for r in records}, ran=[], skipped=len(records),
+                                 remaining=list(remaining), seconds=1.0, runs_per_hour=None, workers=0, device="cpu")
+    monkeypatch.setattr(sweep, "run_sweep", lambda out, blocks, **kwargs: os.makedirs(out, exist_ok=True) or outcome)
+    n_boots, real_analyse = [], sweep.analyse
+    monkeypatch.setattr(sweep, "analyse", lambda records, n_boot: n_boots.append(n_boot) or real_analyse(
+        records, n_boot=n_boot))
+    shown = []
+    monkeypatch.setattr(reproduce, "run_showcase", lambda row, *args: shown.append(row) or showcase)
+    parser = argparse.ArgumentParser()
+    reproduce.add_arguments(parser)
+    out = tmp_path / f"rep{len(os.listdir(tmp_path))}"  # a fresh one per call: the fake sweep leaves no state
+    code = reproduce.main(parser.parse_args(["--preset", "tiny", "--out", str(out), *argv]))
+    return code, (out / "report.md").read_text(), n_boots, shown
+
+
+def test_reproduce_exits_1_and_says_so_when_runs_failed_or_were_not_started(tmp_path, monkeypatch):
+    records = synthetic((101,))
+    records[-1] = dict(id=records[-1]["id"], block="main", series="main", config=records[-1]["config"],
+                       status="failed", error="RuntimeError: boom", seconds=1.0)
+    code, report, n_boot, _ = reproduce_on(records, tmp_path, monkeypatch, "--bootstrap", "0", "--no-showcase",
+                                           remaining=["a", "b"])
+    assert code == 1 and n_boot == [0]  # --bootstrap 0: no intervals, allowed
+    n = len(records)
+    assert f"- Runs: {n - 1} finished, 1 failed, 2 not run, of {n + 2}" in report
+    assert "- Note: 2 runs were not started within the time budget" in report
+    code, report, _, _ = reproduce_on(records[:-1], tmp_path, monkeypatch, "--bootstrap", "0", "--no-showcase",
+                                      remaining=["a"])
+    assert code == 1 and f"- Runs: {n - 1} finished, 0 failed, 1 not run, of {n}" in report
+
+
+def test_the_showcase_runs_when_asked_and_when_the_budget_allows(tmp_path, monkeypatch):
+    """A showcase run longer than what is left of the preset's budget is skipped, unless --max-minutes (the
+    user's budget) was given; --no-showcase skips it."""
+    records = [dict(r, seconds=1e6) for r in synthetic((101,))]
+    common = ["--bootstrap", "0"]
+    _, report, _, shown = reproduce_on(records, tmp_path, monkeypatch, *common)
+    assert not shown and "- Note: the showcase run was skipped: not enough of the time budget left" in report
+    _, report, _, shown = reproduce_on(records, tmp_path, monkeypatch, *common, "--max-minutes", "60", showcase={})
+    assert [r["id"] for r in shown] == [reproduce.pick_showcase(sweep.rows_of(records), "main")["id"]]
+    assert "showcase figures: run " in report
+    _, report, _, shown = reproduce_on(records, tmp_path, monkeypatch, *common, "--max-minutes", "60", "--no-showcase")
+    assert not shown and "showcase" not in report
+
+
+def test_reproduce_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    reproduce.add_arguments(parser)
+    out = tmp_path / "file"
+    out.write_text("mine")
+    assert reproduce.main(parser.parse_args(["--preset", "tiny", "--out", str(out)])) == 2
+    assert f"--out {str(out)!r} is a file" in capsys.readouterr().err and out.read_text() == "mine"
+
+
+def test_a_showcase_with_some_figures_missing_is_retrained(tmp_path, monkeypatch):
+    from fastcyclic import training
+
+    record = fake(31, 0.1, 0, "cyclic")
+    record["config"] = training.TrainConfig(p=31, weight_decay=0.1).to_dict()
+    folder = tmp_path / "showcase" / record["id"] / "figures"
+    folder.mkdir(parents=True)
+    (folder / "circles.png").write_bytes(PNG)
+    trained = []
+    monkeypatch.setattr(training, "train", lambda config, **kwargs: trained.append(config))
+    shown = reproduce.run_showcase(dict(id=record["id"]), {record["id"]: record}, str(tmp_path), "cpu")
+    assert len(trained) == 1 and trained[0].out_dir == str(tmp_path / "showcase" / record["id"])
+    assert shown == {"circles": str(folder / "circles.png")}
+    for name in ("fourier", "geometry"):
+        (folder / f"{name}.png").write_bytes(PNG)
+    assert len(reproduce.run_showcase(dict(id=record["id"]), {record["id"]: record}, str(tmp_path), "cpu")) == 3
+    assert len(trained) == 1  # all there: not retrained
+
+
 def test_report_from_a_tiny_real_sweep(tmp_path, capsys):
     out = tmp_path / "rep"
     parser = argparse.ArgumentParser()
@@ -988,6 +1084,120 @@ def test_claim_3_states_the_random_plane_share_as_2_over_d():
     runs = [fake(97, 0.01, s, "cyclic", series="layer-order", locking=0.8) for s in range(3)]
     claim = reproduce.claim_3(sweep.rows_of(runs), "layer-order")
     assert "random: 0.031" in claim.numbers
+
+
+def test_a_run_at_exactly_the_fit_accuracy_fits():
+    """A run fits when its train accuracy is ≥ FIT_ACC (the report's definition), so these runs show claim 1."""
+    records = [dict(r, final=dict(r["final"], train_acc=reproduce.FIT_ACC)) for r in synthetic((101, 211, 401))]
+    claim = verdicts(records)["1"]
+    assert claim.verdict == "supported", claim.reason
+
+
+def test_half_of_the_runs_fitting_is_not_most():
+    """Claims 1 and 2 test a P only where most (more than half) of the runs at a λ fit: 2 of 4 is not enough."""
+    records = [fake(p, lam, s, "cyclic", train_acc=1.0 if s < 2 else 0.5)
+               for p in (31, 61) for lam in (0.01, 0.1) for s in range(4)]
+    claims = verdicts(records)
+    assert (claims["1"].verdict, claims["1"].reason) == (
+        "inconclusive", "at no P do most runs at any λ fit the train set; train longer")
+    assert (claims["2"].verdict, claims["2"].reason) == (
+        "inconclusive", "at no P do most runs at the smallest λ fit the train set")
+
+
+def test_claim_1_counts_only_the_testable_p_values():
+    """P = 31 shows claim 1; at P = 61 and 97 nothing fits (untestable): supported, 1 of 1 testable P."""
+    records = [fake(31, lam, s, "cyclic" if lam == 0.1 else "multi-frequency") for lam in (0.01, 0.1) for s in range(3)]
+    records += [fake(p, lam, s, "multi-frequency", train_acc=0.5) for p in (61, 97) for lam in (0.01, 0.1)
+                for s in range(3)]
+    claim = verdicts(records)["1"]
+    assert claim.verdict == "supported", claim.reason
+
+
+def test_claim_2_shares_are_over_the_finished_runs():
+    """2 of the 3 finished runs at the smallest λ are cyclic (at least half: not supported); the 2 failed runs
+    there are no evidence either way."""
+    records = [fake(p, lam, s, "cyclic" if lam == 0.1 or s < 2 else "multi-frequency")
+               for p in (31, 61, 97) for lam in (0.01, 0.1) for s in range(3)]
+    records += [dict(id=f"f-{p}-{s}", block="main", series="main", status="failed", error="out of memory",
+                     config=dict(p=p, weight_decay=0.01, seed=s)) for p in (31, 61, 97) for s in (3, 4)]
+    claim = verdicts(records)["2"]
+    assert claim.verdict == "not supported", claim.reason
+    assert "| 31 | 0.01 | 2 / 3 | 3 |" in claim.numbers
+
+
+def test_claim_2_table_reads_w_at_the_largest_lambda_that_did_not_collapse():
+    records = [fake(31, lam, s, phase) for lam, phase in ((0.01, "multi-frequency"), (0.03, "cyclic"), (0.1, "cyclic"),
+                                                          (0.3, "collapsed")) for s in range(3)]
+    assert "| 1 (λ = 0.1) |" in verdicts(records)["2"].numbers
+
+
+def test_runs_that_learned_nothing_say_nothing_about_locking():
+    """Runs at chance accuracy with their weights intact (unlearned) are left out of 3b like collapsed ones."""
+    runs = [fake(97, 0.01, s, "cyclic", series="layer-order", locking=0.8, train_acc=0.01) for s in range(3)]
+    rows = sweep.rows_of(runs)
+    assert {r["phase"] for r in rows} == {"unlearned"}
+    assert "3b inconclusive: no run had W and E in one space" in reproduce.claim_3(rows, "layer-order").reason
+
+
+def test_claim_3b_thresholds_are_inclusive_and_need_a_rise_and_a_cyclic_w():
+    def reason_3b(lockings, init=0.05, phase="cyclic"):
+        runs = [fake(97, 0.01, s, phase, series="layer-order", locking=v) for s, v in enumerate(lockings)]
+        for r in runs:
+            r["history"] = [dict(step=0, locking=init)]
+        return reproduce.claim_3(sweep.rows_of(runs), "layer-order").reason.split("3b ")[1]
+
+    assert reason_3b([0.5] * 3).startswith("supported: median locking 0.50")  # ≥ LOCK_HIGH
+    assert reason_3b([0.2] * 3).startswith("inconclusive: median locking 0.20")  # not below LOCK_LOW
+    assert reason_3b([0.8] * 3, init=0.8) == "inconclusive: median locking 0.80, up in 0 of 3 runs with a cyclic W."
+    assert reason_3b([0.8] * 3, phase="multi-frequency").startswith("inconclusive: W ended cyclic in only 0 of 3 runs")
+
+
+def test_claim_3a_orders_only_runs_that_fit():
+    runs = [fake(97, 0.01, s, "cyclic", series="layer-order", train_acc=0.5, order=("t", 300, 700)) for s in range(5)]
+    assert "3a inconclusive: only 0 runs have an order" in reproduce.claim_3(sweep.rows_of(runs), "layer-order").reason
+
+
+def test_claim_4_needs_three_p_values_with_a_crossing():
+    claim = verdicts(synthetic((101, 401)))["4"]
+    assert claim.verdict == "inconclusive" and claim.reason.startswith("λ_crit exists at 2 of 2 P values")
+    assert reproduce._judge_slope(sweep.analyse(synthetic((101, 401)), n_boot=50)["series"]["main"][
+        "fit_lambda_crit"]) == ("inconclusive", "only 2 P values with a crossing (3 needed)")
+
+
+@pytest.mark.parametrize("interval, verdict", [((-1.5, -0.5), "supported"), ((-0.9, -0.7), "not supported"),
+                                               ((-1.2, -0.4), "inconclusive")])
+def test_claim_4_slope_band_is_closed_and_minus_one_must_be_inside(interval, verdict):
+    fit = dict(status="ok", n=4, slope=sum(interval) / 2, r2=0.9, slope_ci=interval)
+    assert reproduce._judge_slope(fit)[0] == verdict
+
+
+def test_slope_text_shows_the_grid_range():
+    fit = dict(status="ok", n=3, slope=-1.0, r2=0.99, slope_ci=(-1.1, -0.9), slope_range_grid=(-1.3, -0.8))
+    assert reproduce._slope_text(fit) == ("slope -1.00 (95 % bootstrap interval -1.10 to -0.90; grid range -1.30 to "
+                                          "-0.80) over 3 P values, R² 0.99")
+
+
+def test_claim_4_says_whether_the_collapse_edge_falls_like_1_over_K():
+    def reason(exponent):
+        records = []
+        for p in (100, 400, 1600):
+            for j, n in CYCLIC_SHARE.items():  # the collapse share crosses 1/2 at λ₀ ∝ P^exponent
+                lam = 3.0 * p ** exponent * 2.0 ** j
+                records += [fake(p, lam, s, "collapsed" if s < n else "multi-frequency") for s in range(4)]
+        return reproduce.claim_4(sweep.analyse(records, n_boot=100), "main").reason
+
+    assert "The collapse edge λ₀ falls like 1/K (slope -1.00" in reason(-1.0)
+    assert "The collapse edge λ₀ does not fall like 1/K (slope -0.50" in reason(-0.5)
+
+
+def test_the_showcase_is_seed_0_at_the_largest_p_and_its_most_cyclic_lambda():
+    records = [fake(p, lam, s, "cyclic" if lam == 0.03 else "multi-frequency")
+               for p in (31, 61) for lam in (0.01, 0.03, 0.1) for s in (2, 0, 1)]
+    choice = reproduce.pick_showcase(sweep.rows_of(records), "main")
+    assert (choice["p"], choice["weight_decay"], choice["seed"]) == (61, 0.03, 0)
+    # ties in cyclic runs: the largest λ
+    records = [fake(31, lam, s, "cyclic") for lam in (0.01, 0.03, 0.1) for s in range(2)]
+    assert reproduce.pick_showcase(sweep.rows_of(records), "main")["weight_decay"] == 0.1
 
 
 def test_a_rerun_removes_what_a_kill_left_mid_write(tmp_path):

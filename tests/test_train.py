@@ -927,6 +927,71 @@ def test_cli_flags_reach_the_config(monkeypatch, tmp_path):
     assert seen["resume"] is True and seen["figures"] is False
 
 
+def _config_the_cli_passes(monkeypatch, argv):
+    """The TrainConfig that `fastcyclic train ARGV` hands to train() (which then stops)."""
+    seen = []
+
+    def fake_train(config, **kwargs):
+        seen.append((config, torch.get_num_threads()))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(training, "train", fake_train)
+    assert cli_main(["train", *argv]) == 2
+    return seen[0]
+
+
+def test_cli_defaults_and_spellings_of_none(monkeypatch):
+    """No --out-dir: runs/p{P}-seed{SEED}, as the README says; "none" and "full" in any case are None; no --threads:
+    torch's own thread count."""
+    before = torch.get_num_threads()
+    config, threads = _config_the_cli_passes(monkeypatch, ["--p", "31", "--seed", "2"])
+    assert config.out_dir == "runs/p31-seed2" and threads == before
+    config, _ = _config_the_cli_passes(monkeypatch, ["--batch-size", "FULL", "--hidden", "None", "--out-dir", "NONE"])
+    assert config.batch_size is None and config.hidden is None and config.out_dir is None
+
+
+@pytest.mark.parametrize("template", ["runs/{q}", "runs/{0}", "runs/{p"])
+def test_cli_out_dir_with_other_braces_is_refused(template, capsys):
+    assert cli_main(["train", "--out-dir", template]) == 2
+    assert f"--out-dir {template!r}: only {{p}} and {{seed}} may appear in braces" in capsys.readouterr().err
+
+
+def test_cli_exit_codes_of_a_diverged_run_and_of_an_error_that_is_not_memory(monkeypatch, capsys):
+    """A NaN/Inf loss exits 3 (README); a RuntimeError that is not out of memory is a bug: its traceback stays."""
+    def diverged(*args, **kwargs):
+        raise TrainingDiverged("the loss is nan at step 7")
+
+    monkeypatch.setattr(training, "train", diverged)
+    assert cli_main(["train", "--out-dir", "none"]) == 3
+    assert "fastcyclic train: the loss is nan at step 7" in capsys.readouterr().err
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(training, "train", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli_main(["train", "--out-dir", "none"])
+
+
+def test_interrupt_hint_when_checkpoints_are_off(monkeypatch, capsys, tmp_path):
+    """An out_dir but --checkpoint-every 0: nothing to resume from, so no --resume hint."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert cli_main(["train", "--checkpoint-every", "0", "--out-dir", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "nothing was checkpointed" in err and "--resume" not in err
+
+
+def test_help_shows_no_rest_backticks(capsys):
+    for command in ("sweep", "reproduce"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        text = capsys.readouterr().out
+        assert f"fastcyclic {command}" in text and "``" not in text, command
+
+
 def test_evaluate_measures_each_split_on_its_own_pairs():
     trainer = Trainer(TrainConfig(**dict(TINY, train_fraction=0.3)))
     for _ in range(30):
