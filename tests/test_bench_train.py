@@ -3,6 +3,7 @@ test_bench_all.py)."""
 import argparse
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -245,6 +246,16 @@ def test_update_err_is_the_worse_layer_over_the_distance_the_reference_moved(mon
     r = train.run_method("fixed", spec, (ones, 2 * ones), quick=True)
     assert r["update_err"] == pytest.approx(0.5 * 8 ** 0.5 / (2 * 8 ** 0.5))
     assert (r["err_E"], r["err_W"]) == (0.0, pytest.approx(0.25)) and r["correct"] is False
+
+
+def test_a_nan_in_w_is_an_infinite_update_err(monkeypatch):
+    """max() keeps E's finite distance over W's NaN: update_err read finite while W was NaN."""
+    zeros, ones = torch.zeros(4, 2), torch.ones(4, 2, dtype=torch.float64)
+    nan_w = torch.full((4, 2), float("nan"))
+    monkeypatch.setitem(train.METHODS, "nan_w", lambda spec: _Fixed(ones.float(), nan_w))
+    spec = train.Spec(5, 2, torch.float32, torch.device("cpu"), None, 4, None, zeros, zeros)
+    r = train.run_method("nan_w", spec, (ones, 2 * ones), quick=True)
+    assert r["update_err"] == math.inf and r["err"] == math.inf and r["correct"] is False
 
 
 def test_speedups_are_the_baseline_median_over_fastcyclics():
