@@ -594,6 +594,7 @@ def test_json_keeps_the_sign_of_infinity_and_the_extra_sections(tmp_path):
 
 
 def test_telemetry_on_cuda_keeps_before_and_after(monkeypatch):
+    """A CUDA record holds NVML's readings from before and after its case; a CPU record only says why there are none."""
     monkeypatch.setattr(measure, "telemetry", lambda device: "after")
     record = measure.attach_telemetry({}, torch.device("cuda"), "before")
     assert record["telemetry"] == {"before": "before", "after": "after"}
