@@ -102,21 +102,26 @@ def test_a_wrong_optimizer_is_reported_as_failing(dtype, decay_kept, tmp_path, m
     assert "WRONG" in captured.out and "FAILED" in captured.err
 
 
-def test_a_wrong_fused_update_is_reported_as_failing(tmp_path, monkeypatch):
-    """The ce+fused_update check: a fused update that also shrinks W by 1e-3 a step ends 3e-3 off ce+step."""
+def run_with_a_shrinking_fused_update(tmp_path, monkeypatch, shrink: float, expected_exit: int) -> dict:
+    """The ce+fused_update record when the fused update also multiplies W by (1 - shrink) each step."""
     from fastcyclic.optim import FusedUpdate
 
     real = FusedUpdate._apply
 
     def shrinking(self, *args, **kwargs):
         real(self, *args, **kwargs)
-        self.weight.mul_(1 - 1e-3)
+        self.weight.mul_(1 - shrink)
 
     monkeypatch.setattr(FusedUpdate, "_apply", shrinking)
     out = tmp_path / "res"
     assert run(["--device", "cpu", "--quick", "--methods", "ce_update", "--ce-shape", "64x16x301",
-                "--out", str(out)]) == 1
-    r = records_by_method(out)["ce+fused_update"]
+                "--out", str(out)]) == expected_exit
+    return records_by_method(out)["ce+fused_update"]
+
+
+def test_a_wrong_fused_update_is_reported_as_failing(tmp_path, monkeypatch):
+    """The ce+fused_update check: a fused update that also shrinks W by 1e-3 a step ends 3e-3 off ce+step."""
+    r = run_with_a_shrinking_fused_update(tmp_path, monkeypatch, 1e-3, expected_exit=1)
     assert r["status"] == "ok" and r["correct"] is False and r["rel_diff"] > 10 * r["tolerance"]
 
 
@@ -146,19 +151,7 @@ def test_a_fused_update_that_forgets_the_decay_is_reported_as_failing_in_bf16(tm
 def test_a_fused_update_within_the_tolerance_of_w_passes(tmp_path, monkeypatch):
     """The ce_update verdict is |W_fused - W_step| / |W_step| <= 1e-4 (fp32), not the difference over the distance W
     moved (update_rel_diff, recorded): shrinking W by 2e-5 a step ends ~6e-5 of |W| off, ~5x that of the update."""
-    from fastcyclic.optim import FusedUpdate
-
-    real = FusedUpdate._apply
-
-    def shrinking(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        self.weight.mul_(1 - 2e-5)
-
-    monkeypatch.setattr(FusedUpdate, "_apply", shrinking)
-    out = tmp_path / "res"
-    assert run(["--device", "cpu", "--quick", "--methods", "ce_update", "--ce-shape", "64x16x301",
-                "--out", str(out)]) == 0
-    r = records_by_method(out)["ce+fused_update"]
+    r = run_with_a_shrinking_fused_update(tmp_path, monkeypatch, 2e-5, expected_exit=0)
     assert r["correct"] is True and r["rel_diff"] <= r["tolerance"] < r["update_rel_diff"]
 
 
