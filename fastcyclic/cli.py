@@ -125,7 +125,8 @@ def _run_directory(template: str, values: dict) -> str:
     """--out-dir with {p} and {seed} filled in; ValueError for any other use of braces."""
     try:
         return template.format(p=values["p"], seed=values["seed"])
-    except (KeyError, IndexError, ValueError) as e:
+    # what {q}, {0}, {p (unclosed), {p.x} and {p[0]} raise
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise ValueError(f"--out-dir {template!r}: only {{p}} and {{seed}} may appear in braces (write {{{{ and }}}} "
                          f"for a literal brace): {type(e).__name__}: {e}") from None
 

@@ -950,7 +950,7 @@ def test_cli_defaults_and_spellings_of_none(monkeypatch):
     assert config.batch_size is None and config.hidden is None and config.out_dir is None
 
 
-@pytest.mark.parametrize("template", ["runs/{q}", "runs/{0}", "runs/{p"])
+@pytest.mark.parametrize("template", ["runs/{q}", "runs/{0}", "runs/{p", "runs/{p.x}", "runs/{seed[0]}"])
 def test_cli_out_dir_with_other_braces_is_refused(template, capsys):
     assert cli_main(["train", "--out-dir", template]) == 2
     assert f"--out-dir {template!r}: only {{p}} and {{seed}} may appear in braces" in capsys.readouterr().err
