@@ -210,6 +210,13 @@ class Unavailable(Exception):
     "unavailable", not as a failure."""
 
 
+def finite_max(values) -> float:
+    """The largest value, or inf if any is NaN or infinite: max() keeps a finite first value over a later NaN
+    (NaN > x is False), so an error in the second tensor would go unseen."""
+    values = list(values)
+    return max(values) if all(math.isfinite(v) for v in values) else math.inf
+
+
 def parse_dims(text: str, form: str, example: str) -> tuple[int, ...]:
     """The sizes of a shape written as ``form`` (e.g. "NxDxK"), separated by x or commas; an
     argparse.ArgumentTypeError naming the form otherwise."""

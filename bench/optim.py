@@ -199,10 +199,9 @@ def _round(params, dtype) -> None:
 def max_ulps(params, ref, dtype) -> float:
     """max over elements of |p - ref| / (eps(dtype) * |ref|)."""
     eps = torch.finfo(dtype).eps
-    worst = [((p.detach().float() - r.float()).abs() / (eps * r.float().abs()).clamp_min(1e-30)).max().item()
-             for p, r in zip(params, ref)]
-    # each tensor checked: max() keeps a finite first value over a later NaN (NaN > x is False)
-    return max(worst) if all(math.isfinite(w) for w in worst) else math.inf
+    return measure.finite_max(
+        ((p.detach().float() - r.float()).abs() / (eps * r.float().abs()).clamp_min(1e-30)).max().item()
+        for p, r in zip(params, ref))
 
 
 def step_bytes(params, optimizer) -> int:
@@ -218,10 +217,10 @@ def step_bytes(params, optimizer) -> int:
 
 def max_diff(params, ref) -> tuple[float, float]:
     """max|p - ref| and that over max|ref|."""
-    diffs = [(p.detach().float() - r.float()).abs().max().item() for p, r in zip(params, ref)]
-    if not all(math.isfinite(d) for d in diffs):  # each one: max() would drop a NaN that is not first
+    diff = measure.finite_max((p.detach().float() - r.float()).abs().max().item() for p, r in zip(params, ref))
+    if not math.isfinite(diff):
         return math.inf, math.inf
-    diff, scale = max(diffs), max(r.float().abs().max().item() for r in ref)
+    scale = max(r.float().abs().max().item() for r in ref)
     return diff, diff / max(scale, 1e-30)
 
 
