@@ -739,26 +739,8 @@ def test_phase_cells_say_what_failed_collapsed_or_finished():
     assert sweep.phase_cell(rows("collapsed", "cyclic", "failed"))["kind"] == "alive"  # 1 of 2 finished at chance
 
 
-def test_reproduce_passes_retry_failed_and_threads_to_the_sweep(tmp_path, monkeypatch):
-    seen = {}
-
-    def fake_run_sweep(out, blocks, **kwargs):
-        seen.update(kwargs)
-        raise ValueError("stop here")
-
-    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
-    parser = argparse.ArgumentParser()
-    reproduce.add_arguments(parser)
-    args = ["--preset", "tiny", "--out", str(tmp_path / "r")]
-    assert reproduce.main(parser.parse_args(args + ["--retry-failed"])) == 2
-    assert seen["retry_failed"] is True and seen["threads"] == 1  # the tiny preset's one thread
-    assert reproduce.main(parser.parse_args(args + ["--threads", "2"])) == 2
-    assert seen["retry_failed"] is False and seen["threads"] == 2
-
-
-def test_reproduce_passes_its_budget_workers_and_device_to_the_sweep(tmp_path, monkeypatch):
-    """The budget less the reserve for the report unless --max-minutes says otherwise; --workers and --device
-    over the preset's."""
+def sweep_options_of_reproduce(tmp_path, monkeypatch, *argvs) -> list:
+    """The keyword options `fastcyclic reproduce --preset tiny ARGV` hands run_sweep (which then stops), per ARGV."""
     seen = []
 
     def fake_run_sweep(out, blocks, **kwargs):
@@ -768,9 +750,23 @@ def test_reproduce_passes_its_budget_workers_and_device_to_the_sweep(tmp_path, m
     monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
     parser = argparse.ArgumentParser()
     reproduce.add_arguments(parser)
-    tiny = reproduce.PRESETS["tiny"]()
-    for argv in ([], ["--workers", "2", "--max-minutes", "0.5"], ["--preset", "gpu", "--device", "cpu"]):
+    for argv in argvs:
         assert reproduce.main(parser.parse_args(["--preset", "tiny", "--out", str(tmp_path / "r"), *argv])) == 2
+    return seen
+
+
+def test_reproduce_passes_retry_failed_and_threads_to_the_sweep(tmp_path, monkeypatch):
+    retry, threads = sweep_options_of_reproduce(tmp_path, monkeypatch, ["--retry-failed"], ["--threads", "2"])
+    assert retry["retry_failed"] is True and retry["threads"] == 1  # the tiny preset's one thread
+    assert threads["retry_failed"] is False and threads["threads"] == 2
+
+
+def test_reproduce_passes_its_budget_workers_and_device_to_the_sweep(tmp_path, monkeypatch):
+    """The budget less the reserve for the report unless --max-minutes says otherwise; --workers and --device
+    over the preset's."""
+    tiny = reproduce.PRESETS["tiny"]()
+    seen = sweep_options_of_reproduce(tmp_path, monkeypatch, [], ["--workers", "2", "--max-minutes", "0.5"],
+                                      ["--preset", "gpu", "--device", "cpu"])
     assert (seen[0]["deadline_s"], seen[0]["workers"]) == ((tiny.minutes - tiny.reserve_minutes) * 60, tiny.workers)
     assert (seen[1]["deadline_s"], seen[1]["workers"]) == (30.0, 2)
     assert seen[2]["device"] == "cpu"  # the gpu preset's cuda, overridden
