@@ -322,10 +322,18 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+# torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (a graph break, an error under fullgraph=True):
+# the common device types are asked once, here, and a compiled call on them never reaches it
+_AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda") if torch.amp.is_autocast_available(t))
+
+
 def _autocast_enabled(h) -> bool:
     """Whether torch.autocast is on for h's device (never for a device autocast does not know, e.g. "meta")."""
-    return (isinstance(h, Tensor) and torch.amp.is_autocast_available(h.device.type)
-            and torch.is_autocast_enabled(h.device.type))
+    if not isinstance(h, Tensor):
+        return False
+    device_type = h.device.type
+    available = device_type in _AUTOCAST_DEVICE_TYPES or torch.amp.is_autocast_available(device_type)
+    return available and torch.is_autocast_enabled(device_type)
 
 
 def _autocast(h, weight, bias):
