@@ -35,8 +35,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +48,21 @@ from fastcyclic.kernels.optim import adam_constants, adamw_math, on_device, roun
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # triton.jit reads the variable when the kernels below are defined, so this is fixed at import
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why the Triton interpreter of this version cannot run these kernels, or None.  Each kernel loops over a
+    range that starts at a multiple of a tl.program_id; triton 3.6's interpreter turns that bound into an int
+    with int() of a one-element numpy array, which numpy 2.4 refuses (triton 3.7 squeezes it first)."""
+    def major_minor(version):
+        match = re.match(r"(\d+)\.(\d+)", version)
+        return (int(match[1]), int(match[2])) if match else None
+    triton_mm, numpy_mm = major_minor(triton_version), major_minor(numpy_version)
+    if triton_mm is None or numpy_mm is None or triton_mm >= (3, 7) or numpy_mm < (2, 4):
+        return None
+    return (f"the Triton {triton_version} interpreter (TRITON_INTERPRET=1) cannot run fastcyclic's cross-entropy "
+            f"kernels with numpy {numpy_version}: it fails on their loop bounds (fixed in triton 3.7). "
+            f"Install 'triton>=3.7' or 'numpy<2.4', or use backend='torch' on CPU")
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,6 +592,9 @@ def _on_device_of_h(launcher):
     """Run a launcher with h's CUDA device current (see kernels.optim.on_device)."""
     @functools.wraps(launcher)
     def launch(h, *args, **kwargs):
+        problem = INTERPRETER and interpreter_problem(triton.__version__, np.__version__)
+        if problem:
+            raise RuntimeError(problem)
         with on_device(h):
             return launcher(h, *args, **kwargs)
     return launch

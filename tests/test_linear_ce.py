@@ -863,6 +863,35 @@ def test_triton_without_cuda_or_interpreter_is_refused(monkeypatch, no_launch):
         linear_cross_entropy(*_good(), backend="triton")
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.1", "2.5.0.dev0", True), ("3.5.1", "3.0.0", True),
+    ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.7.1+git1a2b3c", "2.4.0", False),
+    ("4.0.0", "2.4.0", False),
+])
+def test_the_triton_3_6_interpreter_with_numpy_2_4_is_named(triton_version, numpy_version, refused):
+    problem = triton_impl.interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert triton_version in problem and numpy_version in problem and "numpy<2.4" in problem
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_refused_before_a_launch(monkeypatch):
+    """With triton 3.6 and numpy 2.4 the interpreter fails inside the first kernel with "only 0-dimensional
+    arrays can be converted to Python scalars"; the launcher says why instead, and launches nothing.
+    Compiled kernels (a GPU, where triton may be 3.6) are not refused."""
+    monkeypatch.setattr(triton_impl.np, "__version__", "2.4.6")
+    h, w, y = _good()
+    if not triton_impl.INTERPRETER:
+        assert torch.isfinite(linear_cross_entropy(h, w, y, backend="triton"))
+        return
+    monkeypatch.setattr(triton_impl.triton, "__version__", "3.6.0")
+    launches = []
+    monkeypatch.setattr(triton_impl, "_forward_kernel", launches)  # a launch would index it: a TypeError
+    with pytest.raises(RuntimeError, match=r"Triton 3\.6\.0 interpreter .* numpy 2\.4\.6"):
+        linear_cross_entropy(h, w, y, backend="triton")
+    assert launches == []
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_call_leaves_things_usable_and_validate_false_is_safe(backend, gen):
     h, w, y = _good()
