@@ -248,6 +248,7 @@ class TrainResult:
     settle_E: Optional[int] = None                # still moving at the end)
     paths: dict = field(default_factory=dict)     # what was written: config, metrics, summary, checkpoint, figures
     seconds: float = 0.0                          # wall time, including the runs it resumed
+    stopped_early: bool = False                   # a callback set trainer.should_stop before config.steps
     trainer: Optional["Trainer"] = field(default=None, repr=False)  # to keep stepping or to analyse the model
 
 
@@ -255,7 +256,9 @@ class Trainer:
     """The training loop, usable step by step: ``step()``, ``evaluate()``, ``state_dict()``.
 
     ``fastcyclic.train`` runs it to the end; research code can drive it directly, e.g. to look at
-    ``trainer.model.W`` between steps.  It keeps its own copy of ``config``.  On CPU it turns on
+    ``trainer.model.W`` between steps.  It keeps its own copy of ``config``.  A callback may set
+    ``trainer.should_stop = True``: ``fastcyclic.train`` then ends after that evaluation, writing the checkpoint,
+    summary and figures as at the last step (a resume continues from there).  On CPU it turns on
     ``torch.set_flush_denormal(True)`` for the process (weights decaying toward zero go denormal and make
     CPU arithmetic ~10x slower)."""
 
@@ -268,6 +271,7 @@ class Trainer:
         validate(config)
         self.config = config
         self.callbacks = list(callbacks or [])
+        self.should_stop = False  # set by a callback: fastcyclic.train ends after this evaluation
         self.device = _resolve_device(config)
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # see the class docstring
@@ -621,7 +625,7 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
           figures: bool = True) -> TrainResult:
     """Run ``config`` to the end (see the module docstring).  ``resume=True`` continues from
     ``out_dir/checkpoint.pt`` when it exists.  ``callbacks``: functions ``f(trainer, record)`` called
-    after every evaluation."""
+    after every evaluation; one may set ``trainer.should_stop = True`` to end the run there (see Trainer)."""
     trainer = Trainer(config, callbacks=callbacks)
     out = trainer.config.out_dir
     # two runs must not write one out_dir at once: the lock is on the directory itself
@@ -678,7 +682,7 @@ def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
     try:
         if trainer.step_count == 0 and not trainer.history:
             _log(trainer.evaluate(with_geometry=True), paths, bar)
-        while trainer.step_count < config.steps:
+        while trainer.step_count < config.steps and not trainer.should_stop:
             before = trainer.step_count
             trainer.step()
             if bar is not None:
@@ -689,6 +693,7 @@ def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
                 trainer.step_count % config.checkpoint_every == 0 or trainer.step_count == config.steps)
             if due_eval:
                 _log(trainer.evaluate(), paths, bar)  # raises TrainingDiverged on NaN/Inf
+                due_checkpoint = due_checkpoint or (checkpoint and config.checkpoint_every and trainer.should_stop)
             if due_checkpoint:
                 trainer.check_finite()  # a diverged state never overwrites the last good checkpoint
                 trainer.save_checkpoint(checkpoint)
@@ -714,12 +719,13 @@ def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
     result = TrainResult(config=config, final=final, geometry=summary, history=list(trainer.history), t_W=t_w,
                          t_E=t_e, settle_W=settling_step(trainer.history, "rho2_W"),
                          settle_E=settling_step(trainer.history, "rho2_E"), paths=paths,
-                         seconds=trainer.seconds, trainer=trainer)
+                         seconds=trainer.seconds, stopped_early=trainer.step_count < config.steps, trainer=trainer)
     if out:
         paths["summary"] = os.path.join(out, "summary.json")
         write_json(paths["summary"], dict(final=final, geometry=summary.to_dict(), t_W=t_w, t_E=t_e,
                                           settle_W=result.settle_W, settle_E=result.settle_E,
-                                          seconds=result.seconds, steps=trainer.step_count))
+                                          seconds=result.seconds, steps=trainer.step_count,
+                                          stopped_early=result.stopped_early))
         if figures:
             paths["figures"] = _figures(trainer, os.path.join(out, "figures"))
     return result

@@ -104,6 +104,42 @@ def test_resume_between_evaluations_keeps_the_history_exact(tmp_path):
     assert untimed(resumed.history) == untimed(straight.history)
 
 
+def test_a_callback_stops_the_run_and_a_resume_continues_it(tmp_path):
+    """trainer.should_stop, set by a callback at step 20 (between checkpoints every 15 steps): the run ends
+    there with its checkpoint, summary and figures at step 20; resumed, it ends where an unstopped run does."""
+    config = dict(EXACT, checkpoint_every=15)
+    straight = train(TrainConfig(**config), figures=False)
+    out = tmp_path / "run"
+    seen = []
+
+    def stop_at_20(trainer, record):
+        seen.append(record["step"])
+        trainer.should_stop = record["step"] == 20
+
+    stopped = train(TrainConfig(**dict(config, out_dir=str(out))), callbacks=[stop_at_20])
+    assert seen == [0, 20] and stopped.stopped_early
+    assert stopped.final["step"] == 20 and "rho2_W" in stopped.final
+    assert [r["step"] for r in stopped.history] == [0, 20]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["stopped_early"] is True
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 20
+    assert (out / "figures" / "circles.png").exists()
+    resumed = train(TrainConfig(**dict(config, out_dir=str(out))), resume=True, figures=False)
+    assert not resumed.stopped_early and resumed.final["step"] == 60
+    assert not json.loads((out / "summary.json").read_text())["stopped_early"]
+    assert_bitwise_equal(params(resumed), params(straight))
+    assert not straight.stopped_early
+
+
+def test_a_callback_can_stop_a_run_before_its_first_step(tmp_path):
+    def stop(trainer, record):
+        trainer.should_stop = True
+
+    result = train(TrainConfig(**dict(TINY, out_dir=str(tmp_path / "run"))), callbacks=[stop], figures=False)
+    assert result.stopped_early and result.final["step"] == 0 and result.trainer.step_count == 0
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["step"] == 0
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU threads; CUDA is bitwise with deterministic=True")
 def test_cpu_runs_are_bitwise_repeatable_on_several_threads():
     """The previous default model (d = 64) at P = 97 on 2 threads: the embedding's gradient (3763 rows into 97)
