@@ -19,7 +19,8 @@ Record schema (``COMMON_FIELDS``, present in every record of every suite; suites
   bench, kind, case, method, dtype, device, status ("ok", "failed", "oom", "unavailable", "skipped"),
   median_ms, q25_ms, q75_ms, rate, rate_unit ("TFLOP/s" or "GB/s"), ceiling, ceiling_rate,
   frac_ceiling, peak_extra_gib, err, tolerance, correct (None: no check), reference, target, notes,
-  error, telemetry (CUDA: NVML before and after the case; else "unavailable: ...").
+  error, telemetry (CUDA: NVML before and after the case; else "unavailable: ..."; None for a case
+  skipped for lack of time, which ran nothing).
 """
 from __future__ import annotations
 
