@@ -272,7 +272,10 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
     def forward(ctx, h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, validate, handle):
         loss, _, _, saved = _linear_ce(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend,
                                        False, validate)
-        ctx.save_for_backward(h, weight, bias, target, saved)
+        # weight is not saved, its version is checked by hand: torch 2.5-2.8 (not 2.10) never call a leaf's gradient
+        # hook, which runs the update, when saved-tensor hooks (checkpoint, save_on_cpu) packed that leaf
+        ctx.save_for_backward(h, bias, target, saved)
+        ctx.weight_version = weight._version
         ctx.options = (ignore_index, label_smoothing, z_loss, backend, handle)
         ctx.bias_param = bias  # a leaf (checked by the caller): the tensor whose .grad the hook sets
         return loss
@@ -281,11 +284,16 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         ignore_index, label_smoothing, z_loss, backend, handle = ctx.options
         handle.check_backward()
-        h, weight, bias, target, saved = ctx.saved_tensors
+        h, bias, target, saved = ctx.saved_tensors
         # the parameters themselves, not the unpacked saved tensors: saved-tensor hooks (checkpoint, save_on_cpu,
         # offloading) hand back another tensor object, or a copy, and the update, the optimizer's state (keyed by
-        # the parameter) and bias.grad must land on the parameters (the unpacking above still checks versions)
+        # the parameter) and bias.grad must land on the parameters (the unpacking above checks bias's version)
         weight, bias = handle.weight, ctx.bias_param
+        if weight._version != ctx.weight_version:  # what torch's check of a saved weight would say
+            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                               f"inplace operation: the classifier weight {tuple(weight.shape)} is at version "
+                               f"{weight._version}; the fused cross-entropy's forward used version "
+                               f"{ctx.weight_version}")
         p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, None, target, saved, ignore_index,
                                                      label_smoothing, z_loss, weight.shape[0])
         lse_parts = saved[1:]

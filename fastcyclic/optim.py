@@ -630,6 +630,17 @@ class FusedUpdate:
                 "nothing was updated. Concatenate the rows into one call, or do not use fused_update")
         self._pending, self._pending_task = pending, task
 
+        def check_hook_ran():  # queued now, so it runs at the end of this backward, before the hook's update
+            # autograd never called weight's hook, so nothing would update the classifier (torch 2.8 did so when
+            # saved-tensor hooks packed the weight, which the fused loss no longer saves)
+            if self._pending is pending:
+                self._pending = None
+                raise RuntimeError(
+                    f"the classifier weight's fused update did not run: autograd (torch {torch.__version__}) never "
+                    "called the weight's gradient hook, which runs it. Nothing was updated; do not use fused_update "
+                    "here")
+        torch.autograd.Variable._execution_engine.queue_callback(check_hook_ran)
+
     def _on_weight_gradient(self, grad: Optional[Tensor]) -> None:
         pending, self._pending = self._pending, None
         if pending is None:

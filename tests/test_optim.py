@@ -1004,6 +1004,35 @@ def _fused_setup(gen):
     return w, opt, fused_update(opt, w), x, y
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_update_refuses_a_weight_changed_in_place_after_the_forward(backend, gen):
+    """The fused loss does not save W (see _FusedUpdateLinearCE.forward) but checks its version as torch would:
+    a W changed in place between forward and backward fails the backward, and nothing is updated."""
+    w, opt, handle, x, y = _fused_setup(gen)
+    loss = linear_cross_entropy(x, w, y, backend=backend, fused_update=handle)
+    with torch.no_grad():
+        w.mul_(2.0)
+    changed = w.detach().clone()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation: the classifier weight"):
+        loss.backward()
+    opt.step()
+    assert torch.equal(w.detach(), changed) and not opt.state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_weight_hook_that_never_runs_fails_the_backward(backend, gen):
+    """torch 2.8 never called the weight's gradient hook once saved-tensor hooks had packed W, and the classifier
+    was silently left unstepped under torch.utils.checkpoint.  The loss no longer saves W, and a hook that never
+    runs fails the backward (here the hook is removed)."""
+    w, opt, handle, x, y = _fused_setup(gen)
+    before = w.detach().clone()
+    handle._hook.remove()
+    with pytest.raises(RuntimeError, match="fused update did not run.*Nothing was updated"):
+        linear_cross_entropy(x, w, y, backend=backend, fused_update=handle).backward()
+    opt.step()
+    assert torch.equal(w.detach(), before) and not opt.state
+
+
 @pytest.mark.parametrize("case", ["penalty", "tied", "accumulation", "two_forwards_then_two_backwards",
                                   "grad_present"])
 def test_fused_update_refuses_what_it_cannot_honour(case, gen):
