@@ -51,8 +51,8 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
-    """Why the Triton interpreter of this version cannot run these kernels, or None.  Each kernel loops over a
-    range that starts at a multiple of a tl.program_id; triton 3.6's interpreter turns that bound into an int
+    """Why the Triton interpreter of this version cannot run these kernels, or None.  The kernels loop over
+    ranges that start at a multiple of a tl.program_id; triton 3.6's interpreter turns such a bound into an int
     with int() of a one-element numpy array, which numpy 2.4 refuses (triton 3.7 squeezes it first)."""
     def major_minor(version):
         match = re.match(r"(\d+)\.(\d+)", version)
