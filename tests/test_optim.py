@@ -898,11 +898,11 @@ def test_fused_update_takes_the_tuned_tiles(gen, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer", ["adamw", "sgdw-momentum"])
-@pytest.mark.parametrize("saving", ["checkpoint", "copy-hooks"])
+@pytest.mark.parametrize("saving", ["checkpoint", "checkpoint-reentrant", "copy-hooks"])
 def test_fused_update_under_saved_tensor_hooks(backend, optimizer, saving, gen):
     """Saved-tensor hooks (torch.utils.checkpoint, save_on_cpu, offloading) hand the backward another tensor
     object than the parameter, or a copy: the update, the optimizer state and the bias gradient must still land
-    on the parameters themselves."""
+    on the parameters themselves.  The reentrant checkpoint runs the fused backward in a nested backward."""
     from torch.utils.checkpoint import checkpoint
 
     start, batches = _classifier_problem(gen)
@@ -914,8 +914,8 @@ def test_fused_update_under_saved_tensor_hooks(backend, optimizer, saving, gen):
         def loss_of(feat):
             return linear_cross_entropy(feat, w, y, bias=b, backend=backend, fused_update=handle)
         feat = torch.tanh(x @ u)
-        if saving == "checkpoint":
-            loss = checkpoint(loss_of, feat, use_reentrant=False)
+        if saving.startswith("checkpoint"):
+            loss = checkpoint(loss_of, feat, use_reentrant=saving == "checkpoint-reentrant")
         else:
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
                 loss = loss_of(feat)
