@@ -689,11 +689,11 @@ def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
                 bar.update(trainer.step_count - before)
             due_eval = (trainer.step_count % config.eval_every == 0 or trainer.step_count == config.steps
                         or trainer.step_count % config.geometry_every == 0)  # a geometry record is an evaluation
-            due_checkpoint = checkpoint and config.checkpoint_every and (
-                trainer.step_count % config.checkpoint_every == 0 or trainer.step_count == config.steps)
             if due_eval:
-                _log(trainer.evaluate(), paths, bar)  # raises TrainingDiverged on NaN/Inf
-                due_checkpoint = due_checkpoint or (checkpoint and config.checkpoint_every and trainer.should_stop)
+                _log(trainer.evaluate(), paths, bar)  # raises TrainingDiverged on NaN/Inf; callbacks may stop the run
+            due_checkpoint = checkpoint and config.checkpoint_every and (
+                trainer.step_count % config.checkpoint_every == 0 or trainer.step_count == config.steps
+                or trainer.should_stop)
             if due_checkpoint:
                 trainer.check_finite()  # a diverged state never overwrites the last good checkpoint
                 trainer.save_checkpoint(checkpoint)
