@@ -14,9 +14,10 @@ Both follow ``torch.optim.Optimizer``'s contract (param groups, ``zero_grad``, `
 * Steps are CUDA-graph capturable: the step counts live on the device and lr / weight_decay may be
   0-dim device tensors (update them in place between replays; a float is read when it changes).
 * ``skip_nonfinite=True``: a step whose gradients hold NaN or Inf is skipped on the device (no host
-  sync) and counted in ``nonfinite_steps``.  The default propagates NaN/Inf into the parameters, as
-  torch.optim does.  (One trace remains: SGDW's first momentum step, skipped, leaves a zero buffer, so the
-  next step starts it at (1 - dampening) * g instead of g; no trace when dampening is 0.)
+  sync) and counted in ``nonfinite_steps`` (kept in the state dict).  The default propagates NaN/Inf
+  into the parameters, as torch.optim does.  (One trace remains: SGDW's first momentum step, skipped,
+  leaves a zero buffer, so the next step starts it at (1 - dampening) * g instead of g; no trace when
+  dampening is 0.)
 * The classifier's update can run inside the fused cross-entropy backward: :func:`fused_update`.
 
 The decoupled SGDW rule with momentum (torch's SGD couples the decay into the gradient):
@@ -113,10 +114,20 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
     def _torch_weight_decay_mode(self, group: dict) -> str:
         return self.defaults["weight_decay_mode"]
 
+    def state_dict(self) -> dict:
+        """torch.optim's state dict, plus ``nonfinite_steps`` (reading it syncs) so that a resumed run
+        keeps counting skipped steps; torch.optim's load_state_dict ignores the extra key."""
+        return {**super().state_dict(), "nonfinite_steps": self.nonfinite_steps}
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this class or of the matching torch.optim class.  torch casts state
         to the parameter's dtype; here state stays fp32 (bf16 moments lose the update), and the step
-        count moves to the parameter's device (graph-capturable)."""
+        count moves to the parameter's device (graph-capturable).  The skipped-step count is the
+        dict's (0 for a torch.optim dict)."""
+        nonfinite_steps = state_dict.get("nonfinite_steps", 0)
+        if isinstance(nonfinite_steps, bool) or not isinstance(nonfinite_steps, numbers.Integral) \
+                or nonfinite_steps < 0:
+            raise ValueError(f"state_dict['nonfinite_steps'] must be an integer >= 0, got {nonfinite_steps!r}")
         for group in state_dict["param_groups"]:
             _check_unsupported(group)
         before = self.param_groups, self.state  # load_state_dict builds new ones: these stay as they were
@@ -141,6 +152,9 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             if "step" in saved:
                 state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to(p.device).clone()
         self._tables.clear()
+        self._nonfinite_steps.clear()
+        if nonfinite_steps and params:  # counted on one device: the property sums over devices
+            self._nonfinite_steps[params[0].device] = torch.tensor(float(nonfinite_steps), device=params[0].device)
 
     # -- per-step helpers -----------------------------------------------------------------------
     def _backend(self, group: dict, device: torch.device) -> str:

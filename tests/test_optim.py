@@ -7,6 +7,7 @@ to one bf16 ulp.
 import copy
 import gc
 import pickle
+import re
 import weakref
 
 import numpy as np
@@ -694,6 +695,33 @@ def test_skip_nonfinite_skips_the_whole_step_and_counts_it(backend, optimizer, g
         opt_b.step()
     assert opt_a.nonfinite_steps == 2
     assert_params_close(a, b)
+
+
+def test_the_skipped_step_count_survives_a_state_dict_round_trip(gen):
+    """A resumed run keeps counting; a torch.optim dict (no count) starts it at 0; a bad count is refused
+    before anything moves."""
+    p = torch.randn(8, generator=gen).to(DEVICE).requires_grad_()
+    opt = AdamW([p], lr=0.1, skip_nonfinite=True)
+    for bad in (True, False, True):
+        p.grad = torch.full_like(p, float("nan") if bad else 1.0)
+        opt.step()
+    saved = opt.state_dict()
+    assert saved["nonfinite_steps"] == 2
+    resumed = AdamW([p], lr=0.1, skip_nonfinite=True)
+    resumed.load_state_dict(saved)
+    p.grad = torch.full_like(p, float("inf"))
+    resumed.step()
+    assert resumed.nonfinite_steps == 3
+    torch.optim.AdamW([p], lr=0.1).load_state_dict(saved)  # torch ignores the extra key
+    resumed.load_state_dict(torch.optim.AdamW([p], lr=0.1).state_dict())
+    assert resumed.nonfinite_steps == 0
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    for value in (-1, 1.5, "2", True):
+        with pytest.raises(ValueError, match=r"nonfinite_steps.*must be an integer >= 0, got " +
+                           re.escape(repr(value))):
+            opt.load_state_dict({**saved, "nonfinite_steps": value})
+        assert opt.nonfinite_steps == 2
+        assert all(torch.equal(opt.state[p][k], v) for k, v in before.items())
 
 
 # --------------------------------------------------------------------------------------------
