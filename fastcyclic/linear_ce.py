@@ -272,7 +272,7 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
     def forward(ctx, h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, validate, handle):
         loss, _, _, saved = _linear_ce(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend,
                                        False, validate)
-        # weight is not saved, its version is checked by hand: torch 2.5-2.8 (not 2.10) never call a leaf's gradient
+        # weight is not saved, its version is checked by hand: torch 2.5-2.9 (not 2.10) never call a leaf's gradient
         # hook, which runs the update, when saved-tensor hooks (checkpoint, save_on_cpu) packed that leaf
         ctx.save_for_backward(h, bias, target, saved)
         ctx.weight_version = weight._version

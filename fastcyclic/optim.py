@@ -645,7 +645,7 @@ class FusedUpdate:
         self._pending, self._pending_task = pending, task
 
         def check_hook_ran():  # queued now, so it runs at the end of this backward, before the hook's update
-            # autograd never called weight's hook, so nothing would update the classifier (torch 2.8 did so when
+            # autograd never called weight's hook, so nothing would update the classifier (torch 2.9 did so when
             # saved-tensor hooks packed the weight, which the fused loss no longer saves)
             if self._pending is pending:
                 self._pending = None

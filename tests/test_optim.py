@@ -1049,9 +1049,9 @@ def test_fused_update_refuses_a_weight_changed_in_place_after_the_forward(backen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_weight_hook_that_never_runs_fails_the_backward(backend, gen):
-    """torch 2.8 never called the weight's gradient hook once saved-tensor hooks had packed W, and the classifier
-    was silently left unstepped under torch.utils.checkpoint.  The loss no longer saves W, and a hook that never
-    runs fails the backward (here the hook is removed)."""
+    """torch 2.8 and 2.9 never called the weight's gradient hook once saved-tensor hooks had packed W, and the
+    classifier was silently left unstepped under torch.utils.checkpoint.  The loss no longer saves W, and a hook
+    that never runs fails the backward (here the hook is removed)."""
     w, opt, handle, x, y = _fused_setup(gen)
     before = w.detach().clone()
     handle._hook.remove()
