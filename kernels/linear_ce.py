@@ -52,8 +52,8 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     """Why the Triton interpreter of this version cannot run these kernels, or None.  The kernels loop over
-    ranges that start at a multiple of a tl.program_id; triton 3.6's interpreter turns such a bound into an int
-    with int() of a one-element numpy array, which numpy 2.4 refuses (triton 3.7 squeezes it first)."""
+    ranges that start at a multiple of a tl.program_id; the interpreters of triton 3.5 and 3.6 turn such a bound into
+    an int with int() of a one-element numpy array, which numpy 2.4 refuses (triton 3.7 squeezes it first)."""
     def major_minor(version):
         match = re.match(r"(\d+)\.(\d+)", version)
         return (int(match[1]), int(match[2])) if match else None
@@ -848,17 +848,13 @@ def grad_chunk(config: LCEConfig, n: int, k: int, dtype: torch.dtype) -> int:
     return max(block, min(triton.cdiv(k, block) * block, chunk // block * block, MAX_GRID_Y * block))
 
 
-# torch.mm(..., out_dtype=torch.float32) for 16-bit CUDA operands arrived in torch 2.8
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-
-
 def _mm_fp32(a, b):
     """a @ b with an fp32 result (fp32 accumulation) for fp32/fp16/bf16 operands."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and _MM_OUT_DTYPE:
-        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS, fp32 accumulation and output
-    return a.float() @ b.float()  # CPU (the interpreter's tests), or an older torch: upcast first
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS, fp32 accumulation and output (torch >= 2.8)
+    return a.float() @ b.float()  # CPU (the interpreter's tests): upcast first
 
 
 def _backward_gemm(h, w, bias, classes, terms, config, need_dh, need_dw, need_db):
