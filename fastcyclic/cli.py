@@ -66,12 +66,30 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "use 1: threads waiting for a descheduled one can make a run many times slower")
 
 
+def versions() -> str:
+    """fastcyclic's version and those of what it runs on, for a bug report (``fastcyclic --version``)."""
+    import platform
+    from importlib import metadata
+
+    from fastcyclic import __version__
+
+    parts = [f"fastcyclic {__version__}"]
+    for package in ("torch", "triton", "numpy"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    return ", ".join(parts + [f"Python {platform.python_version()}"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastcyclic", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train (a + b) mod P at large K with fused Triton kernels, sweep the weight decay, test the "
                     "paper's claims, and benchmark the kernels against eager PyTorch.",
         epilog="examples:\n" + _help_text(__doc__.split("\n", 1)[1].strip("\n")))
+    parser.add_argument("--version", action="version", version=versions(),
+                        help="print the versions of fastcyclic, torch, triton, numpy and Python, and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser(
         "train", help="train (a + b) mod P and report whether W and E end rank-2 cyclic",

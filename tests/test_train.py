@@ -790,6 +790,19 @@ def test_a_full_disk_is_one_line_and_no_partial_metrics_line(errno_, monkeypatch
     assert len(lines) == 2 and all(json.loads(line)["step"] in (0, 2) for line in lines)
 
 
+def test_cli_version_names_what_it_runs_on(capsys):
+    import triton
+
+    import fastcyclic
+
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"fastcyclic {fastcyclic.__version__}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"numpy {np.__version__}, Python {'.'.join(map(str, sys.version_info[:3]))}")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--lr", "-1e-3"], "lr must be a finite number >= 0, got -0.001"),
     (["train", "--weight-decay", "-.5"], "weight_decay must be a finite number >= 0, got -0.5"),
