@@ -61,9 +61,11 @@ TARGET_MS = {(8192, 256, 65536): 2.2, (8192, 512, 131072): 7.0, (16384, 128, 262
 
 
 def tf32(dtype: torch.dtype, device: torch.device) -> bool:
-    from fastcyclic.kernels.linear_ce import tf32_allowed
+    if dtype != torch.float32 or device.type != "cuda":
+        return False
+    from fastcyclic.kernels.linear_ce import tf32_allowed  # (triton: imported on a GPU only)
 
-    return dtype == torch.float32 and device.type == "cuda" and tf32_allowed()
+    return tf32_allowed()
 
 
 def grad_tolerance(dtype: torch.dtype, device: torch.device) -> float:

@@ -29,6 +29,7 @@ import atexit
 import csv
 import ctypes
 import gc
+import importlib
 import io
 import json
 import math
@@ -107,12 +108,12 @@ def peak_extra_bytes(fn, device: torch.device) -> int | None:
 
 def machine_facts(device: torch.device) -> dict:
     """Versions and hardware, written at the top of every result file."""
-    import triton
+    from fastcyclic.kernels import TRITON_INSTALLED
 
     facts = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": importlib.import_module("triton").__version__ if TRITON_INSTALLED else "not installed",
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
@@ -345,8 +346,10 @@ def measure_copy(device: torch.device, numel: int, *, quick: bool) -> dict:
 
 def measure_gemm(device: torch.device, dtype: torch.dtype, size: int, *, quick: bool) -> dict:
     """Rate of a square size^3 matmul in dtype (TFLOP/s = 2 size^3 / time)."""
+    from fastcyclic.kernels import TRITON_INSTALLED
+
     tf32 = None
-    if device.type == "cuda":
+    if device.type == "cuda" and TRITON_INSTALLED:
         from fastcyclic.kernels.linear_ce import tf32_allowed  # (triton: imported here on a GPU only)
 
         tf32 = tf32_allowed()
@@ -526,6 +529,12 @@ def setup_device(args) -> torch.device:
     apply_threads(args)
     if getattr(args, "interpret", False) and device.type == "cuda":
         raise BenchInputError("--interpret runs the Triton kernels on CPU; use it with --device cpu")
+    if getattr(args, "interpret", False):
+        from fastcyclic.kernels import TRITON_INSTALLED
+
+        if not TRITON_INSTALLED:
+            raise BenchInputError("--interpret runs the Triton kernels, but the triton package is not installed "
+                                  "(pip installs it with fastcyclic on Linux only)")
     check_out_dir(getattr(args, "out", None))
     return device
 

@@ -20,9 +20,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastcyclic.kernels import linear_ce as triton_impl
+from fastcyclic.kernels import TRITON_INSTALLED, auto_backend, require_triton
 from fastcyclic.kernels import linear_ce_chunked as torch_impl
 from fastcyclic.optim import FusedUpdate
+
+if TRITON_INSTALLED:  # Linux; elsewhere only the torch backend runs
+    from fastcyclic.kernels import linear_ce as triton_impl
+else:
+    triton_impl = None
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels take (float64: torch backend)
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -112,7 +119,7 @@ def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, b
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must be 1-D of length K={weight.shape[0]}, got shape {tuple(bias.shape)}")
-    if not h.dtype.is_floating_point or h.dtype not in triton_impl.SUPPORTED_DTYPES + (torch.float64,):
+    if not h.dtype.is_floating_point or h.dtype not in FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"h must be float32, float16, bfloat16 or float64, got {h.dtype}")
     if weight.dtype != h.dtype:
         raise TypeError(f"dtype mismatch: h is {h.dtype} but weight is {weight.dtype}")
@@ -131,12 +138,13 @@ def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, b
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
     _check_options(reduction, label_smoothing, z_loss, backend)
     if backend == "auto":
-        backend = "triton" if h.is_cuda and h.dtype != torch.float64 else "torch"
+        backend = auto_backend(h.device) if h.dtype != torch.float64 else "torch"
     if backend == "triton":
+        require_triton()
         if not (h.is_cuda or triton_impl.INTERPRETER):
             raise ValueError(f"backend='triton' needs CUDA tensors (got {h.device}), or TRITON_INTERPRET=1 "
                              "set before fastcyclic is imported to run the kernels on CPU")
-        if h.dtype not in triton_impl.SUPPORTED_DTYPES:
+        if h.dtype not in FLOAT_DTYPES:
             raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {h.dtype}; "
                             "use backend='torch' for float64")
         if h.shape[1] == 0:  # no features: every logit is the bias (or 0), as torch computes it; no kernel tile fits
@@ -352,7 +360,7 @@ def _autocast(h, weight, bias):
     dtype = torch.get_autocast_dtype(h.device.type)
 
     def cast(t):
-        return t.to(dtype) if isinstance(t, Tensor) and t.dtype in triton_impl.SUPPORTED_DTYPES else t
+        return t.to(dtype) if isinstance(t, Tensor) and t.dtype in FLOAT_DTYPES else t
     return cast(h), cast(weight), cast(bias)
 
 
@@ -376,7 +384,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
         label_smoothing: eps in [0, 1], as in ``F.cross_entropy``.
         z_loss: adds z_loss * lse**2 per non-ignored row (PaLM).
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked PyTorch), or
-            "auto" (triton on CUDA, torch otherwise).
+            "auto" (triton on CUDA, torch otherwise, and when triton is not installed).
         deterministic: bitwise-reproducible results.  Both backends always are (every output tile
             has one owner, no atomics); the flag is accepted so callers can state the requirement.
         validate: check that targets are in [0, K) or ignore_index (one device sync).  Turn it off

@@ -10,7 +10,7 @@ Both follow ``torch.optim.Optimizer``'s contract (param groups, ``zero_grad``, `
   surrogate is the explicit penalty.
 * backend "triton": one launch updates every tensor of a param group of one dtype (``kernels.optim``), fp32 math
   and fp32 state for bf16/fp16 parameters; backend "torch": the same math in PyTorch ops (CPU, and
-  the reference the kernels are tested against); "auto": triton for CUDA parameters.
+  the reference the kernels are tested against); "auto": triton for CUDA parameters (torch without triton).
 * Steps are CUDA-graph capturable: the step counts live on the device and lr / weight_decay may be
   0-dim device tensors (update them in place between replays; a float is read when it changes).
 * ``skip_nonfinite=True``: a step whose gradients hold NaN or Inf is skipped on the device (no host
@@ -35,6 +35,8 @@ from typing import Optional
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastcyclic.kernels import TRITON_INSTALLED, auto_backend, require_triton
 
 WEIGHT_DECAY_MODES = ("decoupled", "l2")
 BACKENDS = ("auto", "triton", "torch")
@@ -160,7 +162,9 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
     def _backend(self, group: dict, device: torch.device) -> str:
         backend = group["backend"]
         if backend == "auto":
-            return "triton" if device.type == "cuda" else "torch"
+            return auto_backend(device)
+        if backend == "triton":
+            require_triton()
         if backend == "triton" and device.type != "cuda":
             from fastcyclic.kernels import optim as kernels
             if not kernels.INTERPRETER:
@@ -792,7 +796,7 @@ def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accum
         raise ValueError(f"the weight of shape {tuple(weight.shape)} is not a parameter of this optimizer")
     if id(weight) in optimizer._fused_weights:
         raise ValueError("this weight already has a fused_update handle")
-    if weight.is_cuda:  # the Triton path: the dW tile over all of D must fit in shared memory
+    if weight.is_cuda and TRITON_INSTALLED:  # the Triton path: the dW tile over all of D must fit in shared memory
         _fused_update_tile(weight.shape[1], weight.dtype, weight.device)
     return FusedUpdate(optimizer, weight)
 
@@ -810,7 +814,7 @@ def fused_update_fits(d: int, dtype: torch.dtype, device) -> bool:
     device: always on CPU; on CUDA its dW tile over all of D must fit in shared memory (D <= 1024 in
     float32, <= 512 in float32 with TF32 allowed, <= 2048 in bfloat16/float16).  For callers that fall
     back to ``optimizer.step()``."""
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or not TRITON_INSTALLED:
         return True
     try:
         _fused_update_tile(d, dtype, device)

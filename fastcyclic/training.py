@@ -35,6 +35,7 @@ import torch
 from fastcyclic import geometry
 from fastcyclic.data import MAX_P, ModularAddition, is_integer
 from fastcyclic.files import exclusive_lock, remove_temporaries, write_atomic, write_json
+from fastcyclic.kernels import auto_backend, require_triton
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
 from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update, fused_update_fits
 from fastcyclic.sweep import chance_threshold
@@ -87,7 +88,8 @@ class TrainConfig:
     deterministic: bool = _option(False, "bitwise reproducible on CUDA too (torch.use_deterministic_algorithms, "
                                          "process-wide); CPU runs always are")
     device: str = _option("auto", "auto (cuda when available), cpu or cuda[:n]")
-    backend: str = _option("auto", "kernels: auto (triton on CUDA, torch on CPU), triton or torch")
+    backend: str = _option("auto", "kernels: auto (triton on CUDA, torch on CPU or without triton), triton "
+                                   "or torch")
     fused_update: bool = _option(True, "on CUDA in float32, apply the classifier's update inside the CE backward")
     cuda_graph: bool = _option(True, "on CUDA with the triton backend, capture the training step once and replay it")
     eval_every: int = _option(100, "steps between evaluations (train/test loss and accuracy)")
@@ -176,15 +178,18 @@ def validate(config: TrainConfig) -> None:
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={c.device!r} but CUDA is not available")
     device = _resolve_device(c)
+    backend = auto_backend(device) if c.backend == "auto" else c.backend
+    if backend == "triton":
+        require_triton()
     if device.type == "cuda":
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device={c.device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
         capability = torch.cuda.get_device_capability(device)
-        if c.dtype == "bfloat16" and c.backend != "torch" and capability < (8, 0):
+        if c.dtype == "bfloat16" and backend == "triton" and capability < (8, 0):
             raise ValueError(f"dtype='bfloat16' needs a GPU of compute capability 8.0 or newer for the Triton "
                              f"kernels' bf16 dots; {torch.cuda.get_device_name(device)} is {capability[0]}."
                              f"{capability[1]}: use dtype='float32' (or backend='torch')")
-    if c.backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before "
                          "starting Python (or use backend='torch')")
 
@@ -212,7 +217,7 @@ def _as_resume_compares(config: dict, device: torch.device) -> dict:
     view = dict(config)
     view["device"] = _device_key(device)
     if view.get("backend") == "auto":
-        view["backend"] = "triton" if device.type == "cuda" else "torch"
+        view["backend"] = auto_backend(device)
     if view.get("model") != "embed-mlp":
         view["hidden"] = None
     elif view.get("hidden") is None:
@@ -300,9 +305,7 @@ class Trainer:
                                  hidden=config.hidden if config.model == "embed-mlp" else None,
                                  activation=config.activation, bias=config.bias, factorised=config.factorised,
                                  init_scale=config.init_scale, device=self.device, generator=init)
-        self.backend = config.backend
-        if self.backend == "auto":
-            self.backend = "triton" if self.device.type == "cuda" else "torch"
+        self.backend = auto_backend(self.device) if config.backend == "auto" else config.backend
         self.batch_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
 
         # lambda lives on the device (ramped there, readable by a captured graph)

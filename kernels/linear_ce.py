@@ -45,7 +45,6 @@ import triton.language as tl
 
 from fastcyclic.kernels.optim import adam_constants, adamw_math, on_device, round_for_store, sgdw_math
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # triton.jit reads the variable when the kernels below are defined, so this is fixed at import
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -910,4 +909,4 @@ def with_splits(config: LCEConfig, splits: int | None) -> LCEConfig:
 
 
 __all__ = ["ClassifierUpdate", "fused_update_tile", "grad_chunk", "LCEConfig", "TileConfig", "default_config",
-           "forward", "backward", "merge_splits", "with_splits", "SUPPORTED_DTYPES", "INTERPRETER"]
+           "forward", "backward", "merge_splits", "with_splits", "INTERPRETER"]
