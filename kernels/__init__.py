@@ -1,8 +1,8 @@
 """Triton kernels (installed as ``fastcyclic.kernels``), each beside its PyTorch fallback and an
 eager reference.
 
-pyproject.toml installs triton on Linux only: elsewhere (macOS, Windows) fastcyclic runs its PyTorch
-backends, and the kernel modules (``linear_ce``, ``optim``) are never imported."""
+pyproject.toml installs triton on Linux only: elsewhere (macOS) fastcyclic runs its PyTorch backends,
+and the kernel modules (``linear_ce``, ``optim``) are never imported."""
 import importlib.util
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None

@@ -1,4 +1,4 @@
-"""pyproject.toml installs triton on Linux only: on macOS and Windows fastcyclic must run its PyTorch
+"""pyproject.toml installs triton on Linux only: on macOS fastcyclic must run its PyTorch
 backends, and refuse backend="triton" by name.  Each check runs in a subprocess in which importing
 triton fails (sys.modules["triton"] = None, as when it is not installed)."""
 import os
