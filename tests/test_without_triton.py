@@ -61,6 +61,6 @@ def test_the_cli_says_what_is_missing():
     assert done.returncode == 2, done.stdout + done.stderr
     assert "backend='triton' needs the triton package, which is not installed" in done.stderr
     done = run_without_triton("from fastcyclic.cli import main\nsys.exit(main(sys.argv[1:]))",
-                              "bench", "ce", "--interpret", "--quick")
+                              "bench", "ce", "--interpret", "--quick", "--device", "cpu")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "the triton package is not installed" in done.stdout + done.stderr
