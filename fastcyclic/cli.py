@@ -67,19 +67,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def versions() -> str:
-    """fastcyclic's version and those of what it runs on, for a bug report (``fastcyclic --version``)."""
+    """fastcyclic's version and those of what it runs on, for a bug report (``fastcyclic --version``).
+    Read from the modules: triton may come from another distribution (pytorch-triton)."""
+    import importlib
     import platform
-    from importlib import metadata
 
     from fastcyclic import __version__
 
     parts = [f"fastcyclic {__version__}"]
-    for package in ("torch", "triton", "numpy"):
+    for module in ("torch", "triton", "numpy"):
         try:
-            parts.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{package} not installed")
+            parts.append(f"{module} {importlib.import_module(module).__version__}")
+        except ImportError:
+            parts.append(f"{module} not installed")
     return ", ".join(parts + [f"Python {platform.python_version()}"])
+
+
+class _PrintVersions(argparse.Action):
+    """--version: like argparse's "version" action, with the versions read only when asked (importing triton
+    takes a while)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train (a + b) mod P at large K with fused Triton kernels, sweep the weight decay, test the "
                     "paper's claims, and benchmark the kernels against eager PyTorch.",
         epilog="examples:\n" + _help_text(__doc__.split("\n", 1)[1].strip("\n")))
-    parser.add_argument("--version", action="version", version=versions(),
+    parser.add_argument("--version", action=_PrintVersions,
                         help="print the versions of fastcyclic, torch, triton, numpy and Python, and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser(
