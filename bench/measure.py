@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from fastcyclic.kernels import TRITON_INSTALLED  # (the package only: triton itself is not imported)
+
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
@@ -108,8 +110,6 @@ def peak_extra_bytes(fn, device: torch.device) -> int | None:
 
 def machine_facts(device: torch.device) -> dict:
     """Versions and hardware, written at the top of every result file."""
-    from fastcyclic.kernels import TRITON_INSTALLED
-
     facts = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
@@ -346,8 +346,6 @@ def measure_copy(device: torch.device, numel: int, *, quick: bool) -> dict:
 
 def measure_gemm(device: torch.device, dtype: torch.dtype, size: int, *, quick: bool) -> dict:
     """Rate of a square size^3 matmul in dtype (TFLOP/s = 2 size^3 / time)."""
-    from fastcyclic.kernels import TRITON_INSTALLED
-
     tf32 = None
     if device.type == "cuda" and TRITON_INSTALLED:
         from fastcyclic.kernels.linear_ce import tf32_allowed  # (triton: imported here on a GPU only)
@@ -529,12 +527,9 @@ def setup_device(args) -> torch.device:
     apply_threads(args)
     if getattr(args, "interpret", False) and device.type == "cuda":
         raise BenchInputError("--interpret runs the Triton kernels on CPU; use it with --device cpu")
-    if getattr(args, "interpret", False):
-        from fastcyclic.kernels import TRITON_INSTALLED
-
-        if not TRITON_INSTALLED:
-            raise BenchInputError("--interpret runs the Triton kernels, but the triton package is not installed "
-                                  "(pip installs it with fastcyclic on Linux only)")
+    if getattr(args, "interpret", False) and not TRITON_INSTALLED:
+        raise BenchInputError("--interpret runs the Triton kernels, but the triton package is not installed "
+                              "(pip installs it with fastcyclic on Linux only)")
     check_out_dir(getattr(args, "out", None))
     return device
 

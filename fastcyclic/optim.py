@@ -165,9 +165,8 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             return auto_backend(device)
         if backend == "triton":
             require_triton()
-        if backend == "triton" and device.type != "cuda":
             from fastcyclic.kernels import optim as kernels
-            if not kernels.INTERPRETER:
+            if device.type != "cuda" and not kernels.INTERPRETER:
                 raise ValueError(f"backend='triton' needs CUDA parameters (got {device}), or TRITON_INTERPRET=1 "
                                  "set before fastcyclic is imported")
         return backend

@@ -178,7 +178,7 @@ def validate(config: TrainConfig) -> None:
     if c.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={c.device!r} but CUDA is not available")
     device = _resolve_device(c)
-    backend = auto_backend(device) if c.backend == "auto" else c.backend
+    backend = _resolve_backend(c, device)
     if backend == "triton":
         require_triton()
     if device.type == "cuda":
@@ -201,6 +201,10 @@ def _resolve_device(config: TrainConfig) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(config.device)
+
+
+def _resolve_backend(config: TrainConfig, device: torch.device) -> str:
+    return auto_backend(device) if config.backend == "auto" else config.backend
 
 
 def _device_key(device: torch.device) -> str:
@@ -305,7 +309,7 @@ class Trainer:
                                  hidden=config.hidden if config.model == "embed-mlp" else None,
                                  activation=config.activation, bias=config.bias, factorised=config.factorised,
                                  init_scale=config.init_scale, device=self.device, generator=init)
-        self.backend = auto_backend(self.device) if config.backend == "auto" else config.backend
+        self.backend = _resolve_backend(config, self.device)
         self.batch_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
 
         # lambda lives on the device (ramped there, readable by a captured graph)

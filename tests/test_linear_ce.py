@@ -868,7 +868,7 @@ def test_triton_without_cuda_or_interpreter_is_refused(monkeypatch, no_launch):
     ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.7.1+git1a2b3c", "2.4.0", False),
     ("4.0.0", "2.4.0", False),
 ])
-def test_the_triton_3_6_interpreter_with_numpy_2_4_is_named(triton_version, numpy_version, refused):
+def test_a_triton_before_3_7_interpreter_with_numpy_2_4_is_named(triton_version, numpy_version, refused):
     problem = triton_impl.interpreter_problem(triton_version, numpy_version)
     assert (problem is not None) == refused
     if refused:
