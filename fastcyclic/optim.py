@@ -2,7 +2,9 @@
 
 Both follow ``torch.optim.Optimizer``'s contract (param groups, ``zero_grad``, ``state_dict`` /
 ``load_state_dict``, step hooks) and its state layout, so an AdamW state dict loads into
-``torch.optim.AdamW`` and back.  What they add:
+``torch.optim.AdamW`` and back.  Its groups carry torch's ``decoupled_weight_decay`` flag too, so
+``torch.optim.Adam`` continues it with the same rule (``torch.optim.AdamW`` always decouples), and a
+param group's flag picks the rule here.  What they add:
 
 * ``weight_decay_mode``: "decoupled" (default; the decay acts on the parameter, not through the
   moments: torch.optim.AdamW, SGDW) or "l2" (wd * p joins the gradient, the penalty wd/2 * |p|^2 in
@@ -327,6 +329,10 @@ def _check_floating(p: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _mode_of_flag(decoupled_weight_decay) -> str:
+    return "decoupled" if decoupled_weight_decay else "l2"
+
+
 def _compute_view(t: Tensor) -> tuple[Tensor, torch.dtype]:
     """t itself when it already has the compute dtype (updated in place), else an fp32 copy."""
     compute = torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -386,15 +392,38 @@ class AdamW(_WeightDecayOptimizer):
                         weight_decay_mode=weight_decay_mode, backend=backend)
         super().__init__(params, defaults, skip_nonfinite)
 
+    # torch.optim.Adam and AdamW name their rule with a flag, decoupled_weight_decay: a param group or a state
+    # dict may carry it.  It is read as weight_decay_mode (refused where the two disagree) and not kept in
+    # the groups (it would go stale when the mode changes); state_dict() writes it, so that torch keeps the rule.
+    def add_param_group(self, param_group: dict) -> None:
+        if "decoupled_weight_decay" in param_group:
+            param_group = dict(param_group)
+            mode = _mode_of_flag(param_group.pop("decoupled_weight_decay"))
+            if param_group.setdefault("weight_decay_mode", mode) != mode:
+                raise ValueError(f"a param group's decoupled_weight_decay={mode == 'decoupled'} contradicts its "
+                                 f"weight_decay_mode={param_group['weight_decay_mode']!r}")
+        super().add_param_group(param_group)
+
     def _check_group(self, group: dict) -> None:
+        if "decoupled_weight_decay" in group:  # from a loaded state dict
+            mode = _mode_of_flag(group.pop("decoupled_weight_decay"))
+            if group["weight_decay_mode"] != mode:
+                raise ValueError(f"the state dict's decoupled_weight_decay={mode == 'decoupled'} contradicts its "
+                                 f"weight_decay_mode={group['weight_decay_mode']!r}")
         super()._check_group(group)
         _check_betas(group["betas"])
         _check_eps(group["eps"])
 
     def _torch_weight_decay_mode(self, group: dict) -> str:
-        if "decoupled_weight_decay" in group:  # torch.optim.Adam and AdamW say which rule they used
-            return "decoupled" if group["decoupled_weight_decay"] else "l2"
+        if "decoupled_weight_decay" in group:
+            return _mode_of_flag(group["decoupled_weight_decay"])
         return super()._torch_weight_decay_mode(group)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            group["decoupled_weight_decay"] = group["weight_decay_mode"] == "decoupled"
+        return state
 
     def _init_state(self, p: Tensor) -> dict:
         state = self.state[p]

@@ -558,6 +558,54 @@ def test_torch_adam_state_dict_loads_as_l2_mode(gen):
     assert opt.param_groups[0]["weight_decay_mode"] == "l2"
 
 
+@pytest.mark.parametrize("mode", ["l2", "decoupled"])
+def test_torch_adam_continues_our_state_dict_with_its_rule(mode, gen):
+    """torch.optim.Adam reads the rule from a group's decoupled_weight_decay (default False, L2): our dict
+    names it, so Adam continues a decoupled run decoupled, and ours reads the rule back.  (torch.optim.AdamW
+    sets the flag to True on load: it decays decoupled whatever the dict says.)"""
+    kw = dict(lr=1e-2, weight_decay=0.3)
+    start = make_params(gen, [(17,), (4, 6)])
+    grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in start] for _ in range(6)]
+
+    def train(params, opt, steps):
+        for gs in steps:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    straight = clones(start)
+    train(straight, AdamW(straight, **kw, weight_decay_mode=mode, backend="torch"), grads)
+    switched = clones(start)
+    opt = AdamW(switched, **kw, weight_decay_mode=mode, backend="torch")
+    train(switched, opt, grads[:2])
+    theirs = torch.optim.Adam(switched, **kw)
+    theirs.load_state_dict(opt.state_dict())
+    train(switched, theirs, grads[2:4])
+    ours = AdamW(switched, **kw, weight_decay_mode="l2" if mode == "decoupled" else "decoupled", backend="torch")
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.param_groups[0]["weight_decay_mode"] == mode
+    assert "decoupled_weight_decay" not in ours.param_groups[0]  # it would go stale when the mode changes
+    train(switched, ours, grads[4:])
+    assert_params_close(switched, straight)
+
+
+def test_a_param_groups_decoupled_weight_decay_flag_picks_the_rule(gen):
+    """torch.optim's name for the rule in a param group is honoured, not ignored."""
+    a, b = run_pair(gen, lambda p: AdamW([{"params": p, "decoupled_weight_decay": False}], lr=1e-2,
+                                         weight_decay=0.3, backend="torch"),
+                    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.3), sizes=[(17,)], steps=4)
+    assert_params_close(a, b)
+    p = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="decoupled_weight_decay=True contradicts its weight_decay_mode='l2'"):
+        AdamW([{"params": [p], "decoupled_weight_decay": True, "weight_decay_mode": "l2"}])
+    opt = AdamW([p], backend="torch")
+    saved = opt.state_dict()
+    saved["param_groups"][0]["weight_decay_mode"] = "l2"  # and decoupled_weight_decay stays True
+    with pytest.raises(ValueError, match="decoupled_weight_decay=True contradicts"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["weight_decay_mode"] == "decoupled"
+
+
 # --------------------------------------------------------------------------------------------
 # non-finite gradients
 # --------------------------------------------------------------------------------------------
