@@ -47,7 +47,8 @@ FIGURES = ("circles.png", "fourier.png", "curves.png", "geometry.png")  # what a
 # fields that may differ when a run is resumed: they change how long it runs and how it is logged,
 # not what a step computes
 RESUMABLE_CHANGES = ("steps", "eval_every", "geometry_every", "checkpoint_every", "out_dir", "progress")
-# no effect on CPU (CPU runs are deterministic anyway), so free to differ when resuming there
+# no effect on CPU (CPU runs are deterministic anyway, for a given number of threads), so free to differ
+# when resuming there
 CPU_FREE = ("fused_update", "cuda_graph", "deterministic")
 
 
@@ -86,7 +87,7 @@ class TrainConfig:
                                     "weights (the embedding, hidden layer and evaluations stay fp32)")
     seed: int = _option(0, "seeds the split, the initialisation and the batches")
     deterministic: bool = _option(False, "bitwise reproducible on CUDA too (torch.use_deterministic_algorithms, "
-                                         "process-wide); CPU runs always are")
+                                         "process-wide); CPU runs always are, on the same number of threads")
     device: str = _option("auto", "auto (cuda when available), cpu or cuda[:n]")
     backend: str = _option("auto", "kernels: auto (triton on CUDA, torch on CPU or without triton), triton "
                                    "or torch")
@@ -516,6 +517,7 @@ class Trainer:
             history=[dict(record) for record in self.history],
             # the mean training loss since the last evaluation spans the resume point
             loss_sum=self._loss_sum.clone(), loss_steps=self._loss_steps, seconds=self.seconds,
+            cpu_threads=torch.get_num_threads(),
         )
 
     @property
@@ -534,6 +536,13 @@ class Trainer:
             raise ValueError(f"cannot resume with a different config ({details})")
         if self._graph is not None:
             raise RuntimeError("load_state_dict must come before the first step")
+        saved_threads = state.get("cpu_threads")
+        if self.device.type == "cpu" and saved_threads not in (None, torch.get_num_threads()):
+            # a CPU matmul sums in an order that depends on how many threads share it
+            warnings.warn(f"resuming on {torch.get_num_threads()} CPU threads a run checkpointed on {saved_threads}: "
+                          "it continues, but not bit for bit as the uninterrupted run would; "
+                          f"torch.set_num_threads({saved_threads}) (fastcyclic train --threads {saved_threads}) "
+                          "would", stacklevel=2)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         # the loaded groups hold a copy of the lambda tensor; the ramp writes ours

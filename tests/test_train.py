@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -154,6 +155,25 @@ def test_cpu_runs_are_bitwise_repeatable_on_several_threads():
         torch.set_num_threads(threads)
     for run in runs[1:]:
         assert_bitwise_equal(params(run), params(runs[0]))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU threads")
+def test_a_resume_on_another_number_of_cpu_threads_warns(tmp_path):
+    """A CPU matmul's sums depend on the thread count: a resume on another one is not bit for bit, and says so."""
+    out = str(tmp_path / "run")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(TrainConfig(**dict(TINY, steps=20, out_dir=out)), figures=False)
+        torch.set_num_threads(1)
+        with pytest.warns(UserWarning, match=r"resuming on 1 CPU threads a run checkpointed on 2: .*"
+                                             r"torch.set_num_threads\(2\)"):
+            train(TrainConfig(**dict(TINY, steps=40, out_dir=out)), resume=True, figures=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same number: no warning
+            train(TrainConfig(**dict(TINY, steps=60, out_dir=out)), resume=True, figures=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_sampled_batches_resume_bit_for_bit(tmp_path):
