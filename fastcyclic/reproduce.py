@@ -25,15 +25,18 @@ measured) evaluated often (for the layer order).  Verdict rules (thresholds in t
     claim 2  at the smallest λ of each testable P (most runs fit, 2+ λ), the share of cyclic runs.  Supported: below 1/2
              at every such P, and at one of them at least a larger λ shows claim 1 (a contrast).  Not supported:
              at least 1/2 at every such P.  Otherwise inconclusive.
-    claim 3a per run that fits and did not collapse: t_W vs t_E (first evaluation with ρ₂ ≥ 0.9), or where either
-             is missing, the settling steps (first evaluation from which ρ₂ stays within 0.05 of its end value).
+    claim 3a per run that fits and did not collapse: t_W vs t_E (first evaluation with ρ₂ ≥ 0.9; a layer that never
+             gets there comes last), or where neither gets there, the settling steps (first evaluation from which
+             ρ₂ stays within 0.05 of its end value).
              Supported: W first in ≥ 2/3 of the runs with an order (≥ MIN_ORDERED of them).  Not supported: E first
              at least as often as W.  Otherwise inconclusive.
     claim 3b runs with W and E in one space (locking defined) whose W ended cyclic and did not collapse: locking =
              share of E's energy in W's top-2 plane.  Supported: median end locking ≥ 0.5 and higher than at step 0
              in ≥ 2/3 of them (≥ 3 runs).  Not supported: median end locking < 0.2.  Otherwise, or fewer than 3 such
              runs, inconclusive.  Claim 3 = both parts (not supported if either is not supported).
-    claim 4  the slope of log λ_crit vs log K (main block, P values with a crossing, at least 3) and its interval:
+    claim 4  the slope of log λ_crit vs log K (main block, P values with a crossing, at least 3) and its interval;
+             λ_crit here is fastcyclic.sweep's λ_crit_fit, the edge of runs that end cyclic and fit, as claim 1
+             counts them (the sweep's λ_crit, any cyclic run, is shown beside it):
              the bootstrap 95 % interval over seeds widened to the t interval (3+ points) and to the grid range
              (fastcyclic.sweep.fit_edges).
              Supported: the interval contains −1 and lies within [−1.5, −0.5].  Not supported: it excludes −1.
@@ -56,7 +59,7 @@ import numpy as np
 from fastcyclic import files, geometry, sweep
 from fastcyclic.sweep import Block
 
-FIT_ACC = 0.9          # train accuracy from which a run "fits the train set"
+FIT_ACC = sweep.FIT_ACC  # train accuracy from which a run "fits the train set"
 ORDER_SHARE = 2 / 3    # claim 3a: W first in at least this share of the ordered runs
 MIN_ORDERED = 5
 LOCK_HIGH, LOCK_LOW = 0.5, 0.2
@@ -331,11 +334,12 @@ def claim_2(rows: list, main: str) -> Claim:
 
 
 def _order(row: dict) -> Optional[tuple]:
-    """(which, source): which of W and E got there first by t (ρ₂ ≥ 0.9) or, where that is missing, settling
-    (a layer still moving at the end, settle None, settles after one that did settle)."""
+    """(which, source): which of W and E got there first by t (ρ₂ ≥ 0.9; a layer that never got there comes
+    last) or, where neither got there, by settling (a layer still moving at the end, settle None, settles after
+    one that did settle)."""
     from fastcyclic.training import first_layer
 
-    if row["t_W"] is not None and row["t_E"] is not None:
+    if row["t_W"] is not None or row["t_E"] is not None:
         return first_layer(row["t_W"], row["t_E"]), "t"
     first = first_layer(row["settle_W"], row["settle_E"])
     return None if first is None else (first, "settling")
@@ -391,7 +395,7 @@ def claim_3(rows: list, layer: str) -> Claim:
     lines = ["| block | W first | same evaluation | E first |", "|---|---|---|---|"]
     lines += [f"| {k} | {v[0]} | {v[1]} | {v[2]} |" for k, v in by_series.items()]
     lines.append("")
-    lines.append(f"By t_W/t_E (both reached ρ₂ ≥ 0.9): W first {counts['W', 't']}, same {counts['same', 't']}, "
+    lines.append(f"By t_W/t_E (one or both reached ρ₂ ≥ 0.9): W first {counts['W', 't']}, same {counts['same', 't']}, "
                  f"E first {counts['E', 't']}; by settling steps (the rest): W first {counts['W', 'settling']}, same "
                  f"{counts['same', 'settling']}, E first {counts['E', 'settling']}.")
     layer_rows = [r for r in same_space if r["series"] == layer]
@@ -404,8 +408,9 @@ def claim_3(rows: list, layer: str) -> Claim:
                      + (f", median at the end {end:.3f}" if locked else "") + ".")
     return Claim("3", "W reaches rank 2 before E (3a), and E's energy moves into W's plane (3b).",
                  "3a: in every run that fits the train set and did not collapse, which of W and E reaches ρ₂ ≥ 0.9 "
-                 "first (t_W vs t_E) or, where either never does, which settles first (ρ₂ within 0.05 of its end "
-                 "value; a layer still moving at the end settles last; resolution: the evaluation interval). "
+                 "first (t_W vs t_E; a layer that never does comes last) or, where neither does, which settles "
+                 "first (ρ₂ within 0.05 of its end value; a layer still moving at the end settles last; resolution: "
+                 "the evaluation interval). "
                  "3b: in runs with W and E in one space (factorised head) whose W ends cyclic, the share of E's "
                  "centred energy in W's top-2 plane, at the end vs at step 0.",
                  "\n".join(lines), verdict, f"3a {v_a}: {r_a}. 3b {v_b}: {r_b}.")
@@ -452,18 +457,22 @@ def claim_4(analysis: dict, main: str) -> Claim:
     entry = analysis["series"].get(main)
     if entry is None:
         return Claim("4", "λ_crit·K is roughly constant across K.", "–", "no runs", "inconclusive", "no runs")
-    lines = ["| P = K | λ_crit (95 % bootstrap; grid points around it) | λ_crit·K | λ₀ (same) | λ₀·K |",
-             "|---|---|---|---|---|"]
+    lines = ["| P = K | λ_crit: cyclic and fitting (95 % bootstrap; grid points around it) | λ_crit·K | "
+             "cyclic, fitting or not (same) | λ₀ (same) | λ₀·K |", "|---|---|---|---|---|---|"]
     for e in entry["per_p"]:
         cells = []
-        for key in ("lambda_crit", "lambda_0"):
+        for key in ("lambda_crit_fit", "lambda_crit", "lambda_0"):
             d = e[key]
-            ci = f" ({d['ci'][0]:.3g}–{d['ci'][1]:.3g})" if d["ci"] and d["status"] == "crossing" else ""
             grid = f"; grid {d['bracket'][0]:g}–{d['bracket'][1]:g}" if d["bracket"] else ""
-            cells += [d["text"] + ci + grid, _f(d["times_K"])]
+            cells.append(d["text"] + sweep.interval_text(d) + grid)
+            if key != "lambda_crit":
+                cells.append(_f(d["times_K"]))
         lines.append(f"| {e['p']} | " + " | ".join(cells) + " |")
-    fc, f0 = entry["fit_lambda_crit"], entry["fit_lambda_0"]
+    # judged on the runs claim 1 counts: cyclic and fitting.  Cyclic runs at low accuracy (next to collapse), and
+    # runs that never left chance (too short to tell), would put the edge where runs stop or start learning.
+    fc, f0 = entry["fit_lambda_crit_fit"], entry["fit_lambda_0"]
     lines += ["", f"log λ_crit vs log K: {_slope_text(fc)}.",
+              f"(Counting every cyclic run, fitting or not: {_slope_text(entry['fit_lambda_crit'])}.)",
               f"log λ₀ vs log K (the collapse edge): {_slope_text(f0)}."]
     verdict, reason = _judge_slope(fc)
     v0, r0 = _judge_slope(f0)
@@ -474,7 +483,8 @@ def claim_4(analysis: dict, main: str) -> Claim:
     if f0.get("status") == "ok":
         reason += f". The collapse edge λ₀ {edge} ({r0})"
     return Claim("4", "λ_crit·K is roughly constant across K (the slope of log λ_crit vs log K is near −1).",
-                 "Main block: λ_crit per P where the share of cyclic runs crosses 1/2 (interpolated in log λ; "
+                 "Main block: λ_crit per P where the share of runs that end cyclic and fit the train set (as claim 1 "
+                 "counts them; runs still at chance are left out) crosses 1/2 (interpolated in log λ; "
                  "bootstrap over seeds), the least-squares slope of log λ_crit against log K; its interval spans the "
                  "bootstrap interval, the t interval and the grid range (each crossing anywhere between its two grid "
                  "points). The same for the collapse edge λ₀.", "\n".join(lines), verdict, reason)

@@ -19,7 +19,8 @@ The sweep directory:
                       t_W, t_E, settling steps, parameter norms, the evaluation history) or failed (the error)
     sessions.jsonl    one line per invocation: runs done, wall time, runs per hour
     runs.csv          every finished run, one row each, with its phase (below)
-    fits.json         per series and P: λ_crit and λ₀ with bootstrap intervals, λ·K; log-log fits against K
+    fits.json         per series and P: λ_crit, λ₀ and λ_crit_fit with bootstrap intervals, λ·K; log-log fits
+                      against K
     figures/          phase_diagram.png, lambda_k.png, fractions.png
 
 A killed sweep loses only the runs in flight: a run counts as finished once its JSON exists, so a rerun skips
@@ -41,6 +42,10 @@ Estimators, per series (a block and its --vary values) and P, with runs grouped 
     λ_crit = the first λ, going up, where f crosses 1/2: between grid points λ_i < λ_{i+1} with
              f_i < 1/2 ≤ f_{i+1}, log λ_crit = log λ_i + (1/2 − f_i)/(f_{i+1} − f_i) · (log λ_{i+1} − log λ_i)
     λ₀     = the same for the share of "collapsed" runs (the collapse edge)
+    λ_crit_fit = the same for the share of runs that end cyclic and fit the train set (train accuracy ≥
+             FIT_ACC), among the runs that left chance (unlearned ones are left out): the paper's cyclic solution
+             solves the task, and a cyclic run at low accuracy, or a λ where runs only start to learn, is not that
+             edge (``fastcyclic reproduce`` judges claim 4 on it)
 A P whose share is ≥ 1/2 already at the smallest λ reports "below-grid"; one that never reaches 1/2 reports
 "none": not numbers, and left out of the fits.  Intervals: 2.5–97.5 % percentiles over bootstrap resamples of the
 seeds (the same resampled seeds at every λ; resamples without a crossing are left out, their share is reported).
@@ -108,7 +113,24 @@ COLLAPSE_NORM_RATIO = 0.1
 LEVEL = 0.5
 PHASES = ("cyclic", "partly-cyclic", "multi-frequency", "etf-like", "unstructured", "unlearned", "collapsed",
           "failed")
-ESTIMATORS = {"lambda_crit": "cyclic", "lambda_0": "collapsed"}
+FIT_ACC = 0.9
+"""Train accuracy from which a run "fits the train set"."""
+
+
+def _in_phase(phase: str):
+    return lambda row: int(row["phase"] == phase)
+
+
+def _cyclic_and_fitting(row: dict) -> Optional[int]:
+    if row["phase"] == "unlearned":
+        return None  # it never left chance: whether it would have ended cyclic is unknown
+    return int(row["phase"] == "cyclic" and row["train_acc"] is not None and row["train_acc"] >= FIT_ACC)
+
+
+# name -> the indicator of a finished run: 1 (in the phase), 0, or None (left out); see the module docstring
+ESTIMATORS = {"lambda_crit": _in_phase("cyclic"), "lambda_0": _in_phase("collapsed"),
+              "lambda_crit_fit": _cyclic_and_fitting}
+EDGE_LABELS = {"lambda_crit": "λ_crit", "lambda_crit_fit": "λ_crit (fitting)", "lambda_0": "λ₀"}
 # two-sided 95 % t quantiles for 1 … 30 degrees of freedom (least-squares intervals without scipy)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -1147,7 +1169,7 @@ def analyse(records, *, n_boot: int = 1000, seed: int = 0) -> dict:
     rows = rows_of(records)
     rng = np.random.default_rng(seed)
     result = dict(level=LEVEL, thresholds=dict(chance_factor=CHANCE_FACTOR, chance_floor=CHANCE_FLOOR,
-                                               collapse_norm_ratio=COLLAPSE_NORM_RATIO), series={})
+                                               collapse_norm_ratio=COLLAPSE_NORM_RATIO, fit_acc=FIT_ACC), series={})
     for series in dict.fromkeys(r["series"] for r in rows):
         mine = [r for r in rows if r["series"] == series]
         ok = [r for r in mine if r["status"] == "ok"]
@@ -1159,10 +1181,11 @@ def analyse(records, *, n_boot: int = 1000, seed: int = 0) -> dict:
         for p in ps:
             at_p = [r for r in ok if r["p"] == p]
             per_p = dict(p=p, K=p, runs=len(at_p))
-            for name, phase in ESTIMATORS.items():
+            for name, in_phase in ESTIMATORS.items():
                 indicator: dict = {}
                 for r in at_p:
-                    indicator.setdefault(r["weight_decay"], {})[r["seed"]] = int(r["phase"] == phase)
+                    if in_phase(r) is not None:
+                        indicator.setdefault(r["weight_decay"], {})[r["seed"]] = in_phase(r)
                 est = estimate_edge(indicator, n_boot=n_boot, rng=rng)
                 estimates[name].append(est)
                 per_p[name] = est.to_dict(p)
@@ -1338,8 +1361,8 @@ def plot_phase_diagram(rows: list, analysis: dict, path: str) -> str:
 
 
 def plot_lambda_k(analysis: dict, path: str) -> str:
-    """Per series: λ_crit·K and λ₀·K against K (log-log) with bootstrap intervals and the fitted power laws;
-    a flat line is λ ∝ 1/K."""
+    """Per series: λ_crit·K (any cyclic run, and cyclic runs that fit) and λ₀·K against K (log-log) with bootstrap
+    intervals and the fitted power laws; a flat line is λ ∝ 1/K."""
     from fastcyclic.plots import save_png
 
     series = list(analysis["series"])
@@ -1348,9 +1371,10 @@ def plot_lambda_k(analysis: dict, path: str) -> str:
         entry = analysis["series"][name]
         missing = []
         for key, color, marker, label in (("lambda_crit", "tab:red", "o", "λ_crit·K"),
+                                          ("lambda_crit_fit", "tab:blue", "^", "λ_crit·K, runs that fit"),
                                           ("lambda_0", "black", "s", "λ₀·K")):
             pts = [(e["p"], e[key]) for e in entry["per_p"] if e[key]["status"] == "crossing"]
-            missing += [f"{label[:-2]} at P={e['p']}: {e[key]['text']}" for e in entry["per_p"]
+            missing += [f"{EDGE_LABELS[key]} at P={e['p']}: {e[key]['text']}" for e in entry["per_p"]
                         if e[key]["status"] != "crossing"]
             if not pts:
                 continue
@@ -1430,23 +1454,32 @@ def plot_fractions(analysis: dict, path: str) -> str:
     return save_png(fig, path)
 
 
+def interval_text(edge: dict) -> str:
+    """An edge's bootstrap interval, " [low, high]", naming the share of resamples it comes from when some had no
+    crossing (the rest put the edge outside the grid: the interval alone would look tighter than it is)."""
+    if not edge["ci"] or edge["status"] != "crossing":
+        return ""
+    share = f" from {edge['boot_share']:.0%} of resamples" if edge["boot_share"] < 1 else ""
+    return f" [{edge['ci'][0]:.3g}, {edge['ci'][1]:.3g}{share}]"
+
+
 def summary_text(analysis: dict) -> str:
-    """A few lines per series: λ_crit and λ₀ per P, the slopes."""
+    """A few lines per series: λ_crit, λ_crit among fitting runs and λ₀ per P, the slopes."""
     lines = []
     for name, entry in analysis["series"].items():
         phases = ", ".join(f"{k} {v}" for k, v in entry["phases"].items())
         lines.append(f"{name}: {entry['runs']} runs ({phases})")
         for e in entry["per_p"]:
             parts = []
-            for key, label in (("lambda_crit", "λ_crit"), ("lambda_0", "λ₀")):
+            for key, label in EDGE_LABELS.items():
                 d = e[key]
-                ci = f" [{d['ci'][0]:.3g}, {d['ci'][1]:.3g}]" if d["ci"] and d["status"] == "crossing" else ""
+                ci = interval_text(d)
                 if d["bracket"]:
                     ci += f" (grid {d['bracket'][0]:g}-{d['bracket'][1]:g})"
                 kk = f", ·K = {d['times_K']:.3g}" if d["times_K"] is not None else ""
                 parts.append(f"{label} {d['text']}{ci}{kk}")
             lines.append(f"  P={e['p']:<6} " + ";  ".join(parts))
-        for key, label in (("lambda_crit", "λ_crit"), ("lambda_0", "λ₀")):
+        for key, label in EDGE_LABELS.items():
             fit = entry["fit_" + key]
             if fit.get("status") == "ok":
                 intervals = ", ".join(f"{name} [{v[0]:.2f}, {v[1]:.2f}]" for name, v in (

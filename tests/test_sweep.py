@@ -9,6 +9,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -698,6 +699,9 @@ def test_claim_3_locking_and_order():
     assert reproduce._order(dict(t_W=None, t_E=None, settle_W=None, settle_E=300)) == ("E", "settling")
     assert reproduce._order(dict(t_W=None, t_E=None, settle_W=None, settle_E=None)) is None
     assert reproduce._order(dict(t_W=200, t_E=100, settle_W=None, settle_E=300)) == ("E", "t")
+    # one layer reached rank 2 and the other never did: that one was first, whatever settled first
+    assert reproduce._order(dict(t_W=300, t_E=None, settle_W=1400, settle_E=200)) == ("W", "t")
+    assert reproduce._order(dict(t_W=None, t_E=1100, settle_W=700, settle_E=1500)) == ("E", "t")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1158,6 +1162,42 @@ def test_claim_4_needs_three_p_values_with_a_crossing():
     assert claim.verdict == "inconclusive" and claim.reason.startswith("λ_crit exists at 2 of 2 P values")
     assert reproduce._judge_slope(sweep.analyse(synthetic((101, 401)), n_boot=50)["series"]["main"][
         "fit_lambda_crit"]) == ("inconclusive", "only 2 P values with a crossing (3 needed)")
+
+
+def test_claim_4_counts_only_cyclic_runs_that_fit():
+    """The same cyclic edge, but the cyclic runs reach train accuracy 0.2: the sweep's λ_crit still falls like 1/K,
+    yet claim 1 says no run fits, so claim 4 has no λ_crit to judge (it was "supported")."""
+    records = synthetic((101, 211, 401, 809))
+    for r in records:
+        if r["geometry"]["verdict"] == "cyclic":
+            r["final"] = dict(r["final"], train_acc=0.2)
+    entry = sweep.analyse(records, n_boot=50)["series"]["main"]
+    assert entry["fit_lambda_crit"]["slope"] == pytest.approx(-1.0)  # the issue's λ_crit: any cyclic run
+    assert all(e["lambda_crit_fit"]["status"] == "none" for e in entry["per_p"])
+    claim = verdicts(records)["4"]
+    assert claim.verdict == "inconclusive" and claim.reason.startswith("λ_crit exists at 0 of 4 P values"), claim.reason
+    assert "(Counting every cyclic run, fitting or not: slope -1.00" in claim.numbers
+
+
+def test_runs_still_at_chance_are_left_out_of_claim_4s_edge():
+    """Below the cyclic edge the runs never leave chance (unlearned, weights intact): the share of cyclic runs
+    jumps where runs start to learn, which says nothing about λ_crit.  Left out, every P is below-grid."""
+    records = synthetic((101, 211, 401, 809))
+    for r in records:
+        if r["geometry"]["verdict"] != "cyclic":
+            r["final"] = dict(r["final"], train_acc=0.0)  # unlearned: at chance, norm ratio 0.3
+    entry = sweep.analyse(records, n_boot=50)["series"]["main"]
+    assert {r["phase"] for r in sweep.rows_of(records)} == {"cyclic", "unlearned"}
+    assert entry["fit_lambda_crit"]["n"] == 4  # where runs start to learn
+    assert {e["lambda_crit_fit"]["status"] for e in entry["per_p"]} == {"below-grid"}
+    assert verdicts(records)["4"].verdict == "inconclusive"
+
+
+def test_an_interval_from_some_resamples_says_so():
+    edge = sweep.estimate_edge({1e-3: {0: 1, 1: 0, 2: 0}, 1e-2: {0: 1, 1: 1, 2: 1}}, n_boot=400,
+                               rng=np.random.default_rng(0)).to_dict(11)
+    assert 0.6 < edge["boot_share"] < 0.8  # a resample of seeds {0, 0, x} is cyclic at the smallest λ already
+    assert re.fullmatch(r" \[0\.00\d+, 0\.00\d+ from \d\d% of resamples\]", sweep.interval_text(edge))
 
 
 @pytest.mark.parametrize("interval, verdict", [((-1.5, -0.5), "supported"), ((-0.9, -0.7), "not supported"),
