@@ -714,7 +714,8 @@ def _main(args: argparse.Namespace) -> int:
         device = sweep.resolve_device(args.device or ("cuda" if preset.device == "cuda" else "auto"))
         if os.path.exists(out) and not os.path.isdir(out):
             raise ValueError(f"--out {out!r} is a file")
-        if os.path.isdir(out) and os.listdir(out) and sweep.load_sweep(sweep_dir) is None:
+        contents = set(os.listdir(out)) if os.path.isdir(out) else set()
+        if sweep.load_sweep(sweep_dir) is None and not (contents <= {"sweep"} and sweep.is_unstarted(sweep_dir)):
             raise ValueError(f"{out!r} is not empty and holds no reproduce run; refusing to write into it")
         sweep.check_pool_args(args)
         if args.bootstrap < 0:

@@ -567,33 +567,50 @@ def _describe_difference(old: list[RunSpec], new: list[RunSpec]) -> str:
     return "; ".join(parts)
 
 
-def prepare(out: str, blocks: Optional[list[Block]]) -> list[RunSpec]:
-    """The runs of DIR's sweep, creating DIR and sweep.json for a new one.  blocks=None resumes what DIR holds.
-    Every refusal (empty or inconsistent grid, DIR holding another grid or other files) happens before anything
-    is written."""
+def is_unstarted(out: str) -> bool:
+    """DIR is absent, empty, or holds only the lock file of a start that wrote nothing (sweep.json failed)."""
+    return not os.path.isdir(out) or not set(os.listdir(out)) - {LOCK_FILE}
+
+
+def plan(out: str, blocks: Optional[list[Block]]) -> tuple[list[RunSpec], Optional[dict]]:
+    """The runs of DIR's sweep and, for a new sweep, the sweep.json to write.  blocks=None resumes what DIR holds.
+    Every refusal (empty or inconsistent grid, DIR holding another grid or other files); nothing is written."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file, not a directory")
     state = load_sweep(out) if os.path.isdir(out) else None
     if blocks is None:
         if state is None:
             raise ValueError(f"{out!r} holds no sweep to resume; give a grid (--p and --weight-decay)")
-        return stored_specs(state)
+        return stored_specs(state), None
     specs = expand(blocks)
     if state is not None:
         old = stored_specs(state)
         if {s.id: s.series for s in old} != {s.id: s.series for s in specs}:
             raise ValueError(f"{out!r} holds a sweep with a different grid ({_describe_difference(old, specs)}); "
                              "use another --out (rerunning the command that made it resumes it)")
-        return specs  # the same runs (ids hash what a run computes); this invocation's execution settings
-    if os.path.isdir(out) and os.listdir(out):
+        return specs, None  # the same runs (ids hash what a run computes); this invocation's execution settings
+    if not is_unstarted(out):
         raise ValueError(f"{out!r} is not empty and holds no sweep; refusing to write into it")
-    state = dict(kind="fastcyclic-sweep", format=FORMAT, created=_now(), blocks=[b.to_dict() for b in blocks],
-                 runs=[s.to_dict() for s in specs])
+    return specs, dict(kind="fastcyclic-sweep", format=FORMAT, created=_now(), blocks=[b.to_dict() for b in blocks],
+                       runs=[s.to_dict() for s in specs])
+
+
+def _make_dir(out: str) -> None:
     try:
-        os.makedirs(os.path.join(out, RUNS_DIR), exist_ok=True)
+        os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out!r} cannot be created: {e}") from e
-    write_json(os.path.join(out, SWEEP_FILE), state)
+
+
+def prepare(out: str, blocks: Optional[list[Block]]) -> list[RunSpec]:
+    """plan(), then for a new sweep DIR/sweep.json and DIR/runs/ (the JSON first: a DIR holding only runs/ would
+    be refused as foreign).  run_sweep calls it holding DIR's lock, so that of two sweeps started together in a
+    new DIR, one writes its grid and the other is refused."""
+    specs, new_state = plan(out, blocks)
+    if new_state is not None:
+        _make_dir(out)
+        write_json(os.path.join(out, SWEEP_FILE), new_state)
+        os.makedirs(os.path.join(out, RUNS_DIR), exist_ok=True)
     return specs
 
 
@@ -784,8 +801,10 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
     stopped at its next evaluation and recorded as failed."""
     started, started_at = time.perf_counter(), _now()
     device = resolve_device(device)
-    specs = prepare(out, blocks)
+    plan(out, blocks)  # the refusals, before DIR (and its lock file) is made
+    _make_dir(out)
     with _lock(out):
+        specs = prepare(out, blocks)  # again under the lock: another sweep may have started here since
         # records a kill left mid-write: only a sweep holding the lock writes runs/ (the analysis files and
         # figures are written unlocked, also by --analyze-only, so their temporaries are left alone)
         runs = os.path.join(out, RUNS_DIR)

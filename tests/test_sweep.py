@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import errno
 import json
 import math
 import os
@@ -1270,6 +1271,52 @@ def test_a_second_sweep_in_the_same_directory_is_refused(tmp_path):
             sweep.run_sweep(str(out), None, workers=0, log=lambda *a: 0)
     assert not list((out / sweep.RUNS_DIR).glob("*.json"))
     assert sweep.run_sweep(str(out), None, workers=0, deadline_s=0.0, log=lambda *a: 0).ran == []  # released
+
+
+def test_two_sweeps_started_together_in_a_new_directory_do_not_mix_their_grids(tmp_path, monkeypatch):
+    """The other sweep starts between this one's checks and its lock: this one, once it holds the lock, finds the
+    other's grid and is refused; sweep.json stays the other's (it was overwritten, and the winner's runs lost)."""
+    out = str(tmp_path / "new")
+    plan, started = sweep.plan, []
+
+    def plan_then_another_sweep_starts(*args):
+        result = plan(*args)
+        if not started:
+            started.append(True)
+            sweep.run_sweep(out, [tiny_block(weight_decays=(0.2,))], workers=0, deadline_s=0.0, log=lambda *a: 0)
+        return result
+
+    monkeypatch.setattr(sweep, "plan", plan_then_another_sweep_starts)
+    with pytest.raises(ValueError, match="holds a sweep with a different grid"):
+        sweep.run_sweep(out, [tiny_block(weight_decays=(0.1,))], workers=0, deadline_s=0.0, log=lambda *a: 0)
+    assert json.loads(open(os.path.join(out, sweep.SWEEP_FILE)).read())["blocks"][0]["weight_decays"] == [0.2]
+
+
+def test_a_sweep_whose_grid_could_not_be_written_starts_again(tmp_path, monkeypatch):
+    """sweep.json is written first: a failed write (a full disk) leaves no runs/ that would make the next try refuse
+    the directory as foreign."""
+    out = str(tmp_path / "new")
+    write_json = sweep.write_json
+
+    def full_disk(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(sweep, "write_json", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        sweep.run_sweep(out, [tiny_block()], workers=0, deadline_s=0.0, log=lambda *a: 0)
+    monkeypatch.setattr(sweep, "write_json", write_json)
+    outcome = sweep.run_sweep(out, [tiny_block()], workers=0, deadline_s=0.0, log=lambda *a: 0)
+    assert len(outcome.remaining) == 12 and os.path.isfile(os.path.join(out, sweep.SWEEP_FILE))
+    # reproduce's DIR holds sweep/ with its lock file only: not foreign either
+    parser = argparse.ArgumentParser()
+    reproduce.add_arguments(parser)
+    args = ["--preset", "tiny", "--out", str(tmp_path / "rep"), "--max-minutes", "0", "--no-showcase"]
+    monkeypatch.setattr(sweep, "write_json", full_disk)
+    assert reproduce.main(parser.parse_args(args)) == 1
+    assert files(tmp_path / "rep") == {os.path.join("sweep", sweep.LOCK_FILE): b""}
+    monkeypatch.setattr(sweep, "write_json", write_json)
+    assert reproduce.main(parser.parse_args(args)) == 1  # (its runs not started: --max-minutes 0), not 2: refused
+    assert (tmp_path / "rep" / "report.md").is_file()
 
 
 def test_every_session_appends_what_it_ran_and_what_remains(tmp_path):
