@@ -231,6 +231,9 @@ def parse_ps(text: str) -> tuple[int, ...]:
             raise ValueError(f"--p: {text!r} asks for {count} primes; N must be >= 1")
         if count is not None:
             _check_grid_size(count, text, what)
+            if lo < 2:  # (math.log would fail with "math domain error")
+                raise ValueError(f"--p: {text!r}: LO must be >= 2 with a count N (the N points are log-spaced "
+                                 "from LO to HI)")
         values = log_primes(lo, hi, count) if count is not None else primes_between(lo, hi)
         if len(values) > MAX_GRID_VALUES:
             raise ValueError(f"--p: {text!r} holds {len(values)} primes; give a count (primes:LO:HI:N)")
@@ -413,8 +416,9 @@ def run_id(config: dict) -> str:
     return f"p{config['p']}-wd{config['weight_decay']:.4g}-s{config['seed']}-{digest}"
 
 
-def expand(blocks: list[Block]) -> list[RunSpec]:
-    """Every run of the blocks, each config validated; ValueError for an empty or inconsistent grid."""
+def expand(blocks: list[Block], device: str = "cpu") -> list[RunSpec]:
+    """Every run of the blocks, each config validated to run on `device`; ValueError for an empty or inconsistent
+    grid."""
     from fastcyclic.data import ENUMERATE_LIMIT as limit  # full batch needs the enumerated split
     from fastcyclic.training import TrainConfig, validate
 
@@ -460,7 +464,7 @@ def expand(blocks: list[Block]) -> list[RunSpec]:
                           "device": "auto", "progress": False, "out_dir": None, "checkpoint_every": 0}
                 config = TrainConfig(**values)
                 try:
-                    validate(dataclasses.replace(config, device="cpu"))
+                    validate(dataclasses.replace(config, device=device))
                 except ValueError as e:
                     raise ValueError(f"block {block.name!r}, P={p}, λ={wd:g}, seed {seed}: {e}") from None
                 if config.batch_size is None and p * p > limit:
@@ -572,9 +576,10 @@ def is_unstarted(out: str) -> bool:
     return not os.path.isdir(out) or not set(os.listdir(out)) - {LOCK_FILE}
 
 
-def plan(out: str, blocks: Optional[list[Block]]) -> tuple[list[RunSpec], Optional[dict]]:
+def plan(out: str, blocks: Optional[list[Block]], device: str = "cpu") -> tuple[list[RunSpec], Optional[dict]]:
     """The runs of DIR's sweep and, for a new sweep, the sweep.json to write.  blocks=None resumes what DIR holds.
-    Every refusal (empty or inconsistent grid, DIR holding another grid or other files); nothing is written."""
+    Every refusal (empty or inconsistent grid, DIR holding another grid or other files, a new grid's run that
+    cannot run on `device`); nothing is written."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file, not a directory")
     state = load_sweep(out) if os.path.isdir(out) else None
@@ -582,7 +587,7 @@ def plan(out: str, blocks: Optional[list[Block]]) -> tuple[list[RunSpec], Option
         if state is None:
             raise ValueError(f"{out!r} holds no sweep to resume; give a grid (--p and --weight-decay)")
         return stored_specs(state), None
-    specs = expand(blocks)
+    specs = expand(blocks, device)
     if state is not None:
         old = stored_specs(state)
         if {s.id: s.series for s in old} != {s.id: s.series for s in specs}:
@@ -595,6 +600,18 @@ def plan(out: str, blocks: Optional[list[Block]]) -> tuple[list[RunSpec], Option
                        runs=[s.to_dict() for s in specs])
 
 
+def _check_runs_on(specs: list[RunSpec], device: str) -> None:
+    """The runs to do, on this invocation's device (a grid with backend=triton made on a GPU and resumed on CPU):
+    refused before any starts, not recorded as failed run after run."""
+    from fastcyclic.training import TrainConfig, validate
+
+    for spec in specs:
+        try:
+            validate(TrainConfig(**{**spec.config, "device": device}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"run {spec.id} cannot run on {device}: {e}") from None
+
+
 def _make_dir(out: str) -> None:
     try:
         os.makedirs(out, exist_ok=True)
@@ -602,11 +619,11 @@ def _make_dir(out: str) -> None:
         raise ValueError(f"--out {out!r} cannot be created: {e}") from e
 
 
-def prepare(out: str, blocks: Optional[list[Block]]) -> list[RunSpec]:
+def prepare(out: str, blocks: Optional[list[Block]], device: str = "cpu") -> list[RunSpec]:
     """plan(), then for a new sweep DIR/sweep.json and DIR/runs/ (the JSON first: a DIR holding only runs/ would
     be refused as foreign).  run_sweep calls it holding DIR's lock, so that of two sweeps started together in a
     new DIR, one writes its grid and the other is refused."""
-    specs, new_state = plan(out, blocks)
+    specs, new_state = plan(out, blocks, device)
     if new_state is not None:
         _make_dir(out)
         write_json(os.path.join(out, SWEEP_FILE), new_state)
@@ -752,15 +769,14 @@ def cpu_count() -> int:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """--device checked (a CUDA index this machine lacks too), "auto" resolved."""
+    from fastcyclic.training import check_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} but CUDA is not available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda[:n], got {device!r}")
-    return device
+    try:
+        resolved = check_device(device)
+    except ValueError as e:
+        raise ValueError(f"--device: {e}") from None
+    return resolved.type if device == "auto" else device
 
 
 def _cost(spec: RunSpec) -> float:
@@ -801,10 +817,10 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
     stopped at its next evaluation and recorded as failed."""
     started, started_at = time.perf_counter(), _now()
     device = resolve_device(device)
-    plan(out, blocks)  # the refusals, before DIR (and its lock file) is made
+    plan(out, blocks, device)  # the refusals, before DIR (and its lock file) is made
     _make_dir(out)
     with _lock(out):
-        specs = prepare(out, blocks)  # again under the lock: another sweep may have started here since
+        specs = prepare(out, blocks, device)  # again under the lock: another sweep may have started here since
         # records a kill left mid-write: only a sweep holding the lock writes runs/ (the analysis files and
         # figures are written unlocked, also by --analyze-only, so their temporaries are left alone)
         runs = os.path.join(out, RUNS_DIR)
@@ -815,6 +831,7 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
                                                                              and not retry_failed)}
         order = {b: i for i, b in enumerate(dict.fromkeys(s.block for s in specs))}
         pending = sorted((s for s in specs if s.id not in finished), key=lambda s: (order[s.block], -_cost(s)))
+        _check_runs_on(pending, device)
         if workers is None:
             workers = cpu_count() if device == "cpu" else 1
         workers = max(0, min(workers, len(pending))) if pending else 0

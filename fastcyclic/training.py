@@ -156,8 +156,6 @@ def validate(config: TrainConfig) -> None:
         (lambda: is_integer(c.seed) and -2**63 <= c.seed < 2**63 - 1,  # torch.manual_seed(seed + 1) takes int64
          f"seed must be an integer in [-2^63, 2^63 - 2], got {c.seed!r}"),
         (lambda: c.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {c.dtype!r}"),
-        (lambda: c.device in ("auto", "cpu") or c.device.startswith("cuda"),
-         f"device must be 'auto', 'cpu' or 'cuda[:n]', got {c.device!r}"),
         (lambda: c.backend in ("auto", "triton", "torch"),
          f"backend must be 'auto', 'triton' or 'torch', got {c.backend!r}"),
         (lambda: all(is_integer(v) and v >= 1 for v in (c.eval_every, c.geometry_every)),
@@ -176,15 +174,11 @@ def validate(config: TrainConfig) -> None:
             passed = False
         if not passed:
             raise ValueError(message)
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={c.device!r} but CUDA is not available")
-    device = _resolve_device(c)
+    device = check_device(c.device)
     backend = _resolve_backend(c, device)
     if backend == "triton":
         require_triton()
     if device.type == "cuda":
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={c.device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
         capability = torch.cuda.get_device_capability(device)
         if c.dtype == "bfloat16" and backend == "triton" and capability < (8, 0):
             raise ValueError(f"dtype='bfloat16' needs a GPU of compute capability 8.0 or newer for the Triton "
@@ -196,6 +190,24 @@ def validate(config: TrainConfig) -> None:
 
 
 _FLAGS = ("factorised", "bias", "deterministic", "fused_update", "cuda_graph", "progress")
+
+
+def check_device(name: str) -> torch.device:
+    """The device that a config's ``device`` names, "auto" resolved; ValueError for a name other than auto, cpu
+    and cuda[:n], and for a CUDA device this machine lacks."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # "cudax", None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _resolve_device(config: TrainConfig) -> torch.device:

@@ -76,6 +76,8 @@ def test_grid_values_parse():
     (sweep.parse_ps, "", "no P value"),
     (sweep.parse_ps, "31,abc", "not an integer"),
     (sweep.parse_ps, "primes:3:7:10", "only 3"),
+    (sweep.parse_ps, "primes:0:100:3", "LO must be >= 2 with a count N"),  # was "math domain error"
+    (sweep.parse_ps, "primes:-5:100:3", "LO must be >= 2 with a count N"),
     (sweep.parse_ps, "log:1:2:5", "more than once"),
     (sweep.parse_ps, "primes:3:100:0", "N must be >= 1"),
     (sweep.parse_ps, "primes:3:4000000000:5", "HI above 10,000,000"),
@@ -1317,6 +1319,48 @@ def test_a_sweep_whose_grid_could_not_be_written_starts_again(tmp_path, monkeypa
     monkeypatch.setattr(sweep, "write_json", write_json)
     assert reproduce.main(parser.parse_args(args)) == 1  # (its runs not started: --max-minutes 0), not 2: refused
     assert (tmp_path / "rep" / "report.md").is_file()
+
+
+def one_gpu(monkeypatch):
+    """This machine as one with a single sm_90 GPU, for the checks that run before anything touches it."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_a_grid_is_checked_on_the_device_it_will_run_on(tmp_path, monkeypatch):
+    """--set backend=triton is refused on CPU without the interpreter, but not on a GPU (it was checked on CPU)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    block = tiny_block(fixed=dict(TINY, backend="triton"))
+    with pytest.raises(ValueError, match="backend='triton' on CPU needs the Triton interpreter"):
+        sweep.expand([block])
+    one_gpu(monkeypatch)
+    assert len(sweep.expand([block], "cuda")) == 12
+
+
+def test_a_cuda_device_the_machine_lacks_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """cuda:5 on a one-GPU machine recorded every run as failed (and a rerun then skipped them all)."""
+    one_gpu(monkeypatch)
+    for bad in ("cuda:5", "cuda:abc", "cudax"):
+        with pytest.raises(ValueError, match="^--device: device"):
+            sweep.run_sweep(str(tmp_path / "s"), [tiny_block()], device=bad, workers=0, log=lambda *a: 0)
+    assert not (tmp_path / "s").exists()
+    assert sweep.resolve_device("cuda:0") == "cuda:0" and sweep.resolve_device("auto") == "cuda"
+
+
+def test_a_resumed_grid_that_cannot_run_here_is_refused_before_any_run(tmp_path, monkeypatch):
+    """Made with backend=triton where it could run (here: the interpreter), resumed where it cannot: refused, and no
+    run is recorded as failed."""
+    out = str(tmp_path / "s")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sweep.run_sweep(out, [tiny_block(fixed=dict(TINY, backend="triton"))], workers=0, deadline_s=0.0,
+                    log=lambda *a: 0)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match=r"^run p1[13]-\S+ cannot run on cpu: backend='triton' on CPU needs"):
+        sweep.run_sweep(out, None, workers=0, log=lambda *a: 0)
+    assert os.listdir(os.path.join(out, sweep.RUNS_DIR)) == []
 
 
 def test_every_session_appends_what_it_ran_and_what_remains(tmp_path):

@@ -281,6 +281,7 @@ def test_bad_configs_are_refused_before_training(changes, match, tmp_path):
 @pytest.mark.parametrize("changes, match", [
     (dict(device="cuda", dtype="bfloat16"), r"compute capability 8.0 or newer .* Tesla T4 is 7.5"),
     (dict(device="cuda:1"), r"device='cuda:1' but this machine has 1 CUDA device"),
+    (dict(device="cudax"), r"device must be 'auto', 'cpu' or 'cuda\[:n\]', got 'cudax'"),  # was torch's RuntimeError
 ])
 def test_a_cuda_device_that_cannot_run_the_config_is_refused(changes, match, monkeypatch, tmp_path):
     """Checked against a pretend sm_75 GPU (Triton's bf16 dots need sm_80): refused before anything is written."""
