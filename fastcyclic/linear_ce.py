@@ -72,7 +72,7 @@ def _result_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_options(reduction, label_smoothing, z_loss, backend) -> None:
+def _check_options(reduction, label_smoothing, z_loss, backend, deterministic, validate) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
@@ -84,6 +84,9 @@ def _check_options(reduction, label_smoothing, z_loss, backend) -> None:
         raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, value in (("deterministic", deterministic), ("validate", validate)):
+        if not isinstance(value, bool):  # validate=None would silently switch the target check off
+            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_ignore_index(ignore_index) -> int:
@@ -96,7 +99,8 @@ def _check_ignore_index(ignore_index) -> int:
     return index
 
 
-def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, backend) -> str:
+def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, backend, deterministic,
+                  validate) -> str:
     """Shape, dtype, device and option checks (no device sync).  Returns the concrete backend."""
     for name, t in (("h", h), ("weight", weight), ("target", target)):
         if not isinstance(t, Tensor):
@@ -136,7 +140,7 @@ def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, b
     devices = {t.device for t in (h, weight, target) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    _check_options(reduction, label_smoothing, z_loss, backend)
+    _check_options(reduction, label_smoothing, z_loss, backend, deterministic, validate)
     if backend == "auto":
         backend = auto_backend(h.device) if h.dtype != torch.float64 else "torch"
     if backend == "triton":
@@ -213,22 +217,24 @@ def _(h, weight, bias, target, ignore_index, label_smoothing, z_loss, backend, w
 @torch.library.custom_op("fastcyclic::linear_ce_backward", mutates_args=())
 def _linear_ce_backward(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse_parts: Tensor,
                         p_coef: Tensor, t_coef: Tensor, g_target: Tensor, label_smoothing: float,
-                        backend: str, need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+                        backend: str, need_dh: bool, need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dh, dweight, dbias); a gradient not asked for (or a missing bias) is an empty tensor.  lse_parts: the
     row max and log_sum of the forward's saved tensor."""
     with torch.autocast(h.device.type, enabled=False):
         dh, dw, db = _impl(backend).backward(
             h, weight, bias, target, lse_parts.contiguous(), p_coef.contiguous(), t_coef.contiguous(),
-            g_target.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw, **_backend_kwargs(backend))
+            g_target.contiguous(), label_smoothing, need_dh=need_dh, need_dw=need_dw, need_db=need_db,
+            **_backend_kwargs(backend))
     # a fresh empty tensor for each missing gradient: a custom op's outputs may not alias each other
     return (dh if dh is not None else h.new_empty(0), dw if dw is not None else h.new_empty(0),
             db if db is not None else h.new_empty(0))
 
 
 @_linear_ce_backward.register_fake
-def _(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing, backend, need_dh, need_dw):
+def _(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing, backend, need_dh, need_dw,
+      need_db):
     return (h.new_empty(h.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
-            bias.new_empty(bias.shape) if bias is not None else h.new_empty(0))
+            bias.new_empty(bias.shape) if bias is not None and need_db else h.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -263,8 +269,9 @@ def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_saved):
         return (None,) * 10
     p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, grad_lse, target, saved, ignore_index,
                                                  label_smoothing, z_loss, weight.shape[0])
+    # (a frozen weight and bias: no dW kernel at all, which dbias alone would launch)
     dh, dw, db = _linear_ce_backward(h, weight, bias, target, saved[1:], p_coef, t_coef, g_target, label_smoothing,
-                                     backend, need_dh, need_dw)
+                                     backend, need_dh, need_dw, need_db)
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + (None,) * 7
 
 
@@ -314,7 +321,7 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
                                "fused_update for this") from None
         if not reaches_weight:  # the ordinary gradients of h and bias; no update (weight gets no gradient)
             dh, _, db = _linear_ce_backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
-                                            label_smoothing, backend, need_dh, False)
+                                            label_smoothing, backend, need_dh, False, ctx.needs_input_grad[2])
             return (dh if need_dh else None, None, db if ctx.needs_input_grad[2] else None) + (None,) * 7
         if backend == "triton":  # dh now, from the weight as it is; dW and the update in the hook
             dh, _, _ = triton_impl.backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
@@ -364,8 +371,10 @@ def _autocast(h, weight, bias):
     return cast(h), cast(weight), cast(bias)
 
 
-def _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, backend):
-    backend = _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, backend)
+def _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, backend, deterministic,
+             validate):
+    backend = _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, backend, deterministic,
+                            validate)
     return backend, target.long(), _check_ignore_index(ignore_index)
 
 
@@ -408,7 +417,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
                          "autocast copy the logits would use; call the loss outside the autocast region")
     h, weight, bias = _autocast(h, weight, bias)
     backend, target, ignore_index = _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing,
-                                             z_loss, backend)
+                                             z_loss, backend, deterministic, validate)
     options = (int(ignore_index), float(label_smoothing), float(z_loss), backend)
     if fused_update is not None and not isinstance(fused_update, FusedUpdate):
         raise TypeError(f"fused_update must be a handle from fastcyclic.optim.fused_update(optimizer, weight), "
@@ -420,9 +429,9 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
                              "its gradient would not reach the parameter. Pass the parameter, or do not use "
                              "fused_update")
         fused_update.check_forward(weight)
-        loss_rows = _FusedUpdateLinearCE.apply(h, weight, bias, target, *options, bool(validate), fused_update)
+        loss_rows = _FusedUpdateLinearCE.apply(h, weight, bias, target, *options, validate, fused_update)
     else:
-        loss_rows, _, _, _ = _linear_ce(h, weight, bias, target, *options, False, bool(validate))
+        loss_rows, _, _, _ = _linear_ce(h, weight, bias, target, *options, False, validate)
     if reduction == "none":
         return loss_rows
     if reduction == "sum":
@@ -438,12 +447,13 @@ def linear_cross_entropy_stats(h: Tensor, weight: Tensor, target: Tensor, *, bia
 
     ``loss`` is ``linear_cross_entropy(..., reduction="none")``; ``lse`` is the log-sum-exp of
     every row's logits (ignored rows too); ``argmax`` is the predicted class (first maximum), so
-    accuracy is ``(argmax == target).float().mean()``.  ``loss`` and ``lse`` are differentiable."""
+    accuracy is ``(argmax == target).float().mean()``.  ``loss`` and ``lse`` are differentiable.  (A row whose
+    logits hold NaN has NaN loss and lse; its argmax is then unspecified, where torch.argmax gives the NaN.)"""
     h, weight, bias = _autocast(h, weight, bias)
     backend, target, ignore_index = _prepare(h, weight, target, bias, "none", ignore_index, label_smoothing,
-                                             z_loss, backend)
+                                             z_loss, backend, deterministic, validate)
     loss_rows, lse, argmax, _ = _linear_ce(h, weight, bias, target, int(ignore_index), float(label_smoothing),
-                                           float(z_loss), backend, True, bool(validate))
+                                           float(z_loss), backend, True, validate)
     return loss_rows, lse, argmax
 
 
@@ -457,7 +467,7 @@ class LinearCrossEntropy(nn.Module):
                  z_loss: float = 0.0, backend: str = "auto", deterministic: bool = False,
                  validate: bool = True):
         super().__init__()
-        _check_options(reduction, label_smoothing, z_loss, backend)
+        _check_options(reduction, label_smoothing, z_loss, backend, deterministic, validate)
         _check_ignore_index(ignore_index)
         # plain attributes, as nn.CrossEntropyLoss has them: ``module.reduction = "none"`` takes effect (a bad
         # value is refused at the next call)

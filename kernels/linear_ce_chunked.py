@@ -103,7 +103,7 @@ def _exp_clamped(x, cut, masked, k0: int, k1: int):
 
 
 def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing, *,
-             need_dh=True, need_dw=True, chunk_rows=None, chunk_classes=None):
+             need_dh=True, need_dw=True, need_db=True, chunk_rows=None, chunk_classes=None):
     """As kernels.linear_ce.backward, and like it, float32 inputs form z - lse as (z - max) - log_sum."""
     n, d = h.shape
     k = w.shape[0]
@@ -114,7 +114,7 @@ def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoo
     exp_floor, masked = _exp_floor(acc), _masked_classes(bias)
     dh = torch.zeros(n, d, dtype=acc, device=h.device) if need_dh else None
     dw = torch.zeros(k, d, dtype=acc, device=h.device) if need_dw else None
-    db = torch.zeros(k, dtype=acc, device=h.device) if bias is not None else None
+    db = torch.zeros(k, dtype=acc, device=h.device) if bias is not None and need_db else None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h_rows = h[r0:r1].to(acc)

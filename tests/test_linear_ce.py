@@ -721,7 +721,8 @@ def test_meta_tensors_give_shapes_as_f_cross_entropy_does(validate):
 
 @pytest.mark.parametrize("options,error,match", [
     (dict(label_smoothing=2.0), ValueError, "label_smoothing"), (dict(z_loss=-1.0), ValueError, "z_loss"),
-    (dict(ignore_index=3.5), TypeError, "ignore_index"), (dict(reduction="avg"), ValueError, "reduction")])
+    (dict(ignore_index=3.5), TypeError, "ignore_index"), (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(validate=0), TypeError, "validate must be True or False")])
 def test_module_checks_its_options_when_built(options, error, match):
     with pytest.raises(error, match=match):
         LinearCrossEntropy(**options)
@@ -840,6 +841,8 @@ def test_bad_input(backend, mutate, error, match, no_launch):
     (dict(bias=torch.zeros(5, dtype=torch.float16)), TypeError,
      "dtype mismatch: h is torch.float32 but bias is torch.float16"),
     (dict(bias=torch.zeros(5, device="meta")), ValueError, "all tensors must be on one device"),
+    (dict(validate=None), TypeError, "validate must be True or False, got None"),  # was: no target check
+    (dict(deterministic="off"), TypeError, "deterministic must be True or False, got 'off'"),
 ])
 def test_bad_options(kwargs, error, match, no_launch):
     h, w, y = _good()
@@ -946,6 +949,19 @@ def test_bias_gradient_alone(backend, gen):
     b_leaf = b.detach().requires_grad_()
     (grad,) = torch.autograd.grad(linear_cross_entropy(h, w, y, bias=b_leaf, backend=backend), b_leaf)
     assert rel_err(grad, full[3]) < 1e-6
+
+
+def test_a_frozen_weight_and_bias_launch_no_dw_kernel(gen, monkeypatch):
+    """Only h requires grad, beside a bias: dh alone is made.  A dbias not asked for launched the dW kernel, a
+    second pass over every logits tile whose result was thrown away."""
+    h, w, y, b = make_problem(gen, 20, 16, 60, scale=2.0, ignore_frac=0.2)
+    full = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend="triton"),
+                           h, w, y, b, torch.tensor(1.0))
+    launches = []
+    monkeypatch.setattr(triton_impl, "_backward_dw_kernel", launches)  # a launch would index it: a TypeError
+    h_leaf = h.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(linear_cross_entropy(h_leaf, w, y, bias=b, backend="triton"), h_leaf)
+    assert rel_err(grad, full[1]) < 1e-6 and launches == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["triton-split"])
