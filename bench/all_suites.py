@@ -11,7 +11,7 @@ fails, or crashes, is recorded in all.json and the run goes on with the next one
 (json and csv) are rewritten atomically as its cases finish.  With --budget-s, cases that would start after the
 budget is spent are recorded as "skipped" (so a run under an outer time limit ends with complete
 files).  Exit code: 0 when every suite passed, 1 when one found fastcyclic wrong or failed, 2 for
-bad input (nothing written).
+bad input (nothing written), 3 when nothing was wrong but the budget skipped cases of ours (incomplete).
 """
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
                 rc, records = module.run_suite(ns, machine=machine, **kwargs)
                 if name == "train":
                     train_records = records
-                entry.update(rc=rc, status={0: "ok", 1: "fastcyclic wrong or failed"}.get(rc, "refused"),
+                entry.update(rc=rc, status={0: "ok", 1: "fastcyclic wrong or failed",
+                                            measure.INCOMPLETE: "incomplete (time budget)"}.get(rc, "refused"),
                              records=_count(records))
             except Exception as exc:  # a crashing suite is recorded; the next one runs
                 entry.update(rc=None, status="crashed", error=measure.error_text(exc),
@@ -148,7 +149,8 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted((e.get("records") or {}).items()) if v)
         print(f"{e['suite']:<10} {e['status']:<28} {e['seconds']:8.1f}  {counts or e.get('error', '')}")
     print(f"total {time.monotonic() - start:.1f} s" + (f"; wrote {args.out}/all.json" if args.out else ""))
-    return (0 if all(e.get("rc") == 0 for e in summary) else 1), summary
+    codes = {e.get("rc") for e in summary}
+    return (0 if codes <= {0} else measure.INCOMPLETE if codes <= {0, measure.INCOMPLETE} else 1), summary
 
 
 def main(args: argparse.Namespace) -> int:

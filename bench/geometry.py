@@ -247,7 +247,9 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None, step_sou
         print(measure.wrote(args.out, FILES))
     wrong = [r for r in records if r["status"] == "ok" and not r["correct"]]
     failed = [r for r in records if r["status"] in measure.FAILED]
-    return measure.exit_status(wrong, failed, "summarize was wrong in {wrong} case(s) and failed in {failed}"), records
+    skipped = [r for r in records if r["status"] == "skipped"]
+    return measure.exit_status(wrong, failed, "summarize was wrong in {wrong} case(s) and failed in {failed}",
+                               skipped), records
 
 
 def main(args: argparse.Namespace) -> int:

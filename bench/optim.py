@@ -537,8 +537,9 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     unchecked = [r for r in ours if r["status"] == "ok" and r["method"].startswith("fastcyclic")
                  and r.get("correct") is None]
     failed = [r for r in ours if r["status"] in measure.FAILED] + unchecked
+    skipped = [r for r in ours if r["status"] == "skipped"]
     return measure.exit_status(wrong, failed, "fastcyclic was wrong in {wrong} case(s) and failed (or could not be "
-                                              "checked) in {failed}"), records
+                                              "checked) in {failed}", skipped), records
 
 
 def main(args: argparse.Namespace) -> int:

@@ -515,8 +515,9 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     ours = [r for r in records if r["method"] == "fastcyclic"]
     wrong = [r for r in ours if r["status"] == "ok" and not r["correct"]]
     failed = [r for r in ours if r["status"] in measure.FAILED]
+    skipped = [r for r in ours if r["status"] == "skipped"]
     return measure.exit_status(wrong, failed, "the fastcyclic trainer was wrong in {wrong} case(s) and failed "
-                                              "(or ran out of memory) in {failed}"), records
+                                              "(or ran out of memory) in {failed}", skipped), records
 
 
 def main(args: argparse.Namespace) -> int:

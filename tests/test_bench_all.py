@@ -101,10 +101,14 @@ def test_an_interrupted_run_says_where_it_stopped(tiny, tmp_path, monkeypatch, c
 
 
 def test_budget_spent_records_every_case_as_skipped(tiny, tmp_path):
+    """Nothing of ours was run, so nothing was checked: exit 3 (incomplete), where it was 0 and every suite "ok"."""
     out = tmp_path / "res"
     assert main(["bench", "all", "--device", "cpu", "--quick", "--budget-s", "1e-9", "--suites", "ce", "train",
-                 "geometry", "--out", str(out)]) == 0
+                 "geometry", "--out", str(out)]) == measure.INCOMPLETE == 3
     assert not measure.out_of_time()  # the budget ends with the command
+    suites = json.loads((out / "all.json").read_text())["suites"]
+    assert [(e["suite"], e["status"], e["rc"]) for e in suites] == [
+        (name, "incomplete (time budget)", 3) for name in ("ce", "train", "geometry")]
     for name in ("ce", "train", "geometry"):
         records = json.loads((out / name / f"{name}.json").read_text())["records"]
         assert records and {r["status"] for r in records if r["status"] != "unavailable"} == {"skipped"}
