@@ -68,6 +68,7 @@ CUDA_SIZES = (2**25, 2**27)
 CPU_SIZES = (2**22,)
 QUICK_SIZES = {"cuda": (2**25,), "cpu": (2**18,)}
 INTERPRET_SIZES = (2**18,)
+INTERPRET_MAX_SIZE = 2**22  # --sizes under --interpret: one AdamW step of 2^18 parameters takes ~0.5 s there
 CE_SHAPE = {"cuda": (8192, 256, 65536), "cpu": (1024, 64, 8192), "quick": (256, 32, 2048),
             "interpret": (256, 64, 2048)}
 # the issue's targets on the H200
@@ -78,13 +79,16 @@ TARGET_SAVING_PCT = {(8192, 256, 65536): 10.0}
 Unavailable = measure.Unavailable
 
 
+MAX_SIZE = 2**40  # parameters: 4 TiB of fp32 values, beyond any one device
+
+
 def parse_size(text: str) -> int:
     """A parameter count: an integer, or a power written 2^25 / 2**25."""
     spelled = text.strip().lower().replace("**", "^")
     try:
         if "^" in spelled:
             base, exponent = (int(part) for part in spelled.split("^"))
-            if base < 1 or exponent < 0:
+            if base < 1 or not 0 <= exponent <= MAX_SIZE.bit_length():  # (2^10^9 would compute for minutes)
                 raise ValueError
             value = base**exponent
         else:
@@ -93,6 +97,8 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"size must be a positive integer or a power like 2^25, got {text!r}")
     if value < 1:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    if value > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size must be at most 2^{MAX_SIZE.bit_length() - 1}, got {text!r}")
     return value
 
 
@@ -491,6 +497,15 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
         ce_dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         for t in (dtype, ce_dtype):
             measure.check_dtype(device, t)
+        if args.interpret:  # the Triton interpreter takes milliseconds per program: hours at the CUDA sizes
+            too_big = [str(n) for n in args.sizes or () if n > INTERPRET_MAX_SIZE]
+            if too_big:
+                raise measure.BenchInputError(f"--interpret: --sizes must be <= 2^{INTERPRET_MAX_SIZE.bit_length() - 1}"
+                                              f", got {', '.join(too_big)}")
+            if args.ce_shape and math.prod(args.ce_shape) > ce_bench.INTERPRET_MAX_WORK:
+                raise measure.BenchInputError(
+                    f"--interpret: --ce-shape N*D*K must be <= 2^{ce_bench.INTERPRET_MAX_WORK.bit_length() - 1}, got "
+                    + "x".join(map(str, args.ce_shape)))
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
     if args.interpret:

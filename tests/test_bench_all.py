@@ -223,11 +223,14 @@ def test_unknown_subcommands_exit_2(argv, capsys):
 # each suite's arguments that argparse refuses
 MALFORMED = {
     "ce": [["--shapes", "8x16"], ["--shapes", "8x16x10x4"], ["--shapes", "0x16x10"], ["--shapes", "8x0x10"],
-           ["--shapes", "8x16x0"], ["--dtype", "fp8"]],
+           ["--shapes", "8x16x0"], ["--dtype", "fp8"],
+           ["--shapes", "99999999999999999999x1x1"]],  # was recorded as a failed case, exit 0
     "optim": [["--sizes", "-5"], ["--sizes", "0"], ["--sizes", "2^x"], ["--sizes", "2^-3"],
               ["--sizes", "1^-2"],  # 1.0, a float: a negative exponent is refused whatever the base
               ["--dtype", "fp8"],
-              ["--methods", "nope"], ["--ce-shape", "8x16"]],
+              ["--methods", "nope"], ["--ce-shape", "8x16"],
+              ["--sizes", "2^20000"],  # crashed the suite formatting a 6000-digit number
+              ["--sizes", "2^70"]],  # failed in randn after the ceilings were measured
     "train": [["--shapes", "113"], ["--shapes", "2x8"], ["--shapes", "axb"], ["--shapes", "113x0"],
               ["--dtype", "fp16"], ["--methods", "nope"], ["--batch-size", "many"]],
     "geometry": [["--shapes", "8191"],
@@ -262,7 +265,10 @@ REFUSED = [("train", ["--device", "cpu", "--batch-size", "0"], "--batch-size"),
            ("ce", ["--device", "cpu", "--tune", "--shapes", "48x16x301", "--methods", "eager", "--quick"],
             "--tune needs CUDA"),
            ("ce", ["--device", "cpu", "--interpret", "--shapes", "64x64x1024", "4096x64x65536"],
-            "N*D*K must be <= 2^28 (e.g. 512x64x8192), got 4096x64x65536")]
+            "N*D*K must be <= 2^28 (e.g. 512x64x8192), got 4096x64x65536"),
+           ("optim", ["--device", "cpu", "--interpret", "--sizes", "2^25"], "--sizes must be <= 2^22, got 33554432"),
+           ("optim", ["--device", "cpu", "--interpret", "--ce-shape", "8192x256x65536"],
+            "--ce-shape N*D*K must be <= 2^28, got 8192x256x65536")]
 REFUSED += [(suite, ["--device", "cpu", "--threads", "0"], "--threads") for suite in all_suites.SUITES + ("all",)]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
