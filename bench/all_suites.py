@@ -86,9 +86,11 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
             measure.check_dtype(device, measure.DTYPE_NAMES[args.dtype or "bf16"])
         if args.budget_s is not None and not args.budget_s > 0:
             raise measure.BenchInputError(f"--budget-s must be > 0, got {args.budget_s}")
+        names = list(dict.fromkeys(args.suites or SUITES))  # in the order given
+        for name in names if args.out else ():  # each suite's folder, before all.json or any suite is written
+            measure.check_out_dir(args.out / name)
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
-    names = list(dict.fromkeys(args.suites or SUITES))  # in the order given
     measure.set_budget(args.budget_s)
     start = time.monotonic()
     machine = measure.machine_facts(device)

@@ -100,6 +100,17 @@ def test_an_interrupted_run_says_where_it_stopped(tiny, tmp_path, monkeypatch, c
     assert "fastcyclic bench all: interrupted" in capsys.readouterr().err
 
 
+def test_a_suite_folder_that_is_a_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    """It was found when that suite started: after the ceilings, with all.json already written (exit 1)."""
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "geometry").write_text("mine")
+    assert main(["bench", "all", "--device", "cpu", "--quick", "--suites", "train", "geometry", "--out",
+                 str(out)]) == 2
+    assert f"--out {str(out / 'geometry')!r} is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["geometry"]
+
+
 def test_budget_spent_records_every_case_as_skipped(tiny, tmp_path):
     """Nothing of ours was run, so nothing was checked: exit 3 (incomplete), where it was 0 and every suite "ok"."""
     out = tmp_path / "res"
