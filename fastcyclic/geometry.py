@@ -65,10 +65,13 @@ Verdict for one matrix (summarize reports W's as `verdict` and E's as `verdict_E
                           (ρ₂ ≥ share always; with CYCLIC_RHO2 ≤ mass the ρ₂ test only guards rounding, with a
                           larger one a count-1 layout below it ends in rule 5)
     3. "etf-like"         dist(G, T_etf) ≤ ETF_MAX_DISTANCE        a simplex (needs d ≥ K − 1)
-    4. "multi-frequency"  2 ≤ count ≤ MULTI_MAX_FREQ_FRACTION · ⌊n/2⌋   a few circles, rank ≤ 2·count
+    4. "multi-frequency"  2 ≤ count ≤ MULTI_MAX_FREQ_FRACTION · ⌊n/2⌋, axis ratio ≥ CYCLIC_MIN_AXIS_RATIO
+                          a few circles, rank ≤ 2·count (the strongest circle gives σ₁ ≈ σ₂)
     5. "unstructured"     otherwise (white noise needs 2/3 to 9/10 of all frequencies to hold 90 % of its power)
 One frequency on a line is not a circle (ρ₂ is trivially 1 at rank 1): e.g. a single cosine column, or the Nyquist
-frequency at even n, whose sinusoids span one direction. It fails rule 2 and, having one frequency, ends in rule 5.
+frequency at even n, whose sinusoids span one direction. It fails rule 2 and, having one frequency, ends in rule 5;
+so do several frequencies on a line (a ramp k·v needs about 6 at any n; two cosines summed in one column), by rule
+4's axis ratio.
 At composite n a circle at ω with g = gcd(ω, n) > 1 has only n/g distinct points (g rows on each): rule 2 calls it
 "cyclic", and its gap error, 2(1 − 1/g), shows the coincident rows. At prime n = P every ω is coprime to n.
 """
@@ -584,7 +587,7 @@ def classify(rho2: float, freq_count: int, n: int, etf_distance: float, *, axis_
         return "cyclic"
     if etf_distance <= etf_max_distance:
         return "etf-like"
-    if 2 <= freq_count <= multi_max_freq_fraction * (n // 2):
+    if 2 <= freq_count <= multi_max_freq_fraction * (n // 2) and axis_ratio >= cyclic_min_axis_ratio:
         return "multi-frequency"
     return "unstructured"
 

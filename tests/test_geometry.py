@@ -124,6 +124,20 @@ def test_nyquist_frequency_is_a_line_not_a_circle(gen):
     assert s.verdict == "unstructured"
 
 
+@pytest.mark.parametrize("K", [61, 1031])
+def test_several_frequencies_on_a_line_are_not_circles(K, gen):
+    """A ramp k·v (its energy falls as 1/f², ~6 frequencies at any K) and two cosines summed in one column: rank 1,
+    so not the "few circles" of multi-frequency (they were), as one frequency on a line is not cyclic."""
+    k = torch.arange(K, dtype=F64)[:, None]
+    angle = 2 * math.pi * k / K
+    for column in (k, torch.cos(3 * angle) + torch.cos(7 * angle)):
+        s = g.summarize(embed(column, 8, gen), embed(column, 8, gen))
+        assert s.freq_count_W >= 2 and s.dim_count_W == 1 and s.axis_ratio_W < 1e-6
+        assert s.verdict == s.verdict_E == "unstructured"
+    two_circles = embed(sinusoids(K, [3, 7], amps=[1.0, 0.6]), 8, gen)  # the real thing still is multi-frequency
+    assert g.summarize(two_circles, two_circles).verdict == "multi-frequency"
+
+
 def test_circle_direction_and_phase(gen):
     """Angles that run with +ω or with −ω (rows in reverse order) both fit exactly, and the fitted
     direction s and offset φ reproduce the angles seen in the top-2 plane."""
