@@ -52,6 +52,14 @@ def step_alike(gen, a, b, opt_a, opt_b, steps, grad_scale=1.0):
         opt_b.step()
 
 
+def step_through(params, opt, grads):
+    """One step of opt per entry of grads, a list of gradients for params."""
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
 def assert_params_close(a, b, *, outliers_per_tensor=0, **tol):
     """Elementwise within tolerance, except for one in 100,000 (at least one): where a gradient entry is within
     rounding of zero, Adam's m / sqrt(v) (about +-1 whatever |g| is) turns a last-bit difference into a
@@ -452,21 +460,15 @@ def test_adamw_state_dict_is_interchangeable_with_torch(backend, direction, gen)
     start = make_params(gen, [(17,), (4, 6)])
     grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in start] for _ in range(10)]
 
-    def train(params, opt, steps):
-        for gs in steps:
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            opt.step()
-
     straight = clones(start)
     opt = first(straight)
-    train(straight, opt, grads)
+    step_through(straight, opt, grads)
     switched = clones(start)
     opt = first(switched)
-    train(switched, opt, grads[:5])
+    step_through(switched, opt, grads[:5])
     resumed = second(switched)
     resumed.load_state_dict(opt.state_dict())
-    train(switched, resumed, grads[5:])
+    step_through(switched, resumed, grads[5:])
     assert_params_close(switched, straight)
 
 
@@ -567,25 +569,19 @@ def test_torch_adam_continues_our_state_dict_with_its_rule(mode, gen):
     start = make_params(gen, [(17,), (4, 6)])
     grads = [[torch.randn(p.shape, generator=gen).to(DEVICE) for p in start] for _ in range(6)]
 
-    def train(params, opt, steps):
-        for gs in steps:
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            opt.step()
-
     straight = clones(start)
-    train(straight, AdamW(straight, **kw, weight_decay_mode=mode, backend="torch"), grads)
+    step_through(straight, AdamW(straight, **kw, weight_decay_mode=mode, backend="torch"), grads)
     switched = clones(start)
     opt = AdamW(switched, **kw, weight_decay_mode=mode, backend="torch")
-    train(switched, opt, grads[:2])
+    step_through(switched, opt, grads[:2])
     theirs = torch.optim.Adam(switched, **kw)
     theirs.load_state_dict(opt.state_dict())
-    train(switched, theirs, grads[2:4])
+    step_through(switched, theirs, grads[2:4])
     ours = AdamW(switched, **kw, weight_decay_mode="l2" if mode == "decoupled" else "decoupled", backend="torch")
     ours.load_state_dict(theirs.state_dict())
     assert ours.param_groups[0]["weight_decay_mode"] == mode
     assert "decoupled_weight_decay" not in ours.param_groups[0]  # it would go stale when the mode changes
-    train(switched, ours, grads[4:])
+    step_through(switched, ours, grads[4:])
     assert_params_close(switched, straight)
 
 
