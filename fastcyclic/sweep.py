@@ -1220,8 +1220,9 @@ def analyse(records, *, n_boot: int = 1000, seed: int = 0) -> dict:
             for name, in_phase in ESTIMATORS.items():
                 indicator: dict = {}
                 for r in at_p:
-                    if in_phase(r) is not None:
-                        indicator.setdefault(r["weight_decay"], {})[r["seed"]] = in_phase(r)
+                    value = in_phase(r)
+                    if value is not None:
+                        indicator.setdefault(r["weight_decay"], {})[r["seed"]] = value
                 est = estimate_edge(indicator, n_boot=n_boot, rng=rng)
                 estimates[name].append(est)
                 per_p[name] = est.to_dict(p)
