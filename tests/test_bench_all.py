@@ -58,7 +58,9 @@ def test_quick_cpu_run_of_every_suite_into_one_directory(tiny, tmp_path, capsys)
                 assert r["median_ms"] > 0 and r["rate"] > 0 and r["rate_unit"] in ("TFLOP/s", "GB/s")
                 assert r["ceiling"] and r["frac_ceiling"] == pytest.approx(r["rate"] / r["ceiling_rate"])
                 if r.get("kind") != "ceiling":
-                    assert r["correct"] is True and r["err"] is not None and r["tolerance"] is not None
+                    assert r["err"] is not None and r["tolerance"] is not None
+                    # (optim's torch reference is compared with itself: not judged)
+                    assert r["correct"] is True or r["notes"] == "the reference itself: not judged", r
         header = next(csv.reader((out / name / f"{name}.csv").open()))
         assert header[:len(measure.CSV_COMMON)] == list(measure.CSV_COMMON)
         assert not list((out / name).glob("*.tmp"))
