@@ -333,6 +333,15 @@ def _mode_of_flag(decoupled_weight_decay) -> str:
     return "decoupled" if decoupled_weight_decay else "l2"
 
 
+def _take_decoupled_flag(group: dict, where: str) -> None:
+    """torch's decoupled_weight_decay read into weight_decay_mode (which it sets where missing) and removed;
+    ValueError where the two disagree."""
+    mode = _mode_of_flag(group.pop("decoupled_weight_decay"))
+    if group.setdefault("weight_decay_mode", mode) != mode:
+        raise ValueError(f"{where}'s decoupled_weight_decay={mode == 'decoupled'} contradicts its "
+                         f"weight_decay_mode={group['weight_decay_mode']!r}")
+
+
 def _compute_view(t: Tensor) -> tuple[Tensor, torch.dtype]:
     """t itself when it already has the compute dtype (updated in place), else an fp32 copy."""
     compute = torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -396,20 +405,14 @@ class AdamW(_WeightDecayOptimizer):
     # dict may carry it.  It is read as weight_decay_mode (refused where the two disagree) and not kept in
     # the groups (it would go stale when the mode changes); state_dict() writes it, so that torch keeps the rule.
     def add_param_group(self, param_group: dict) -> None:
-        if "decoupled_weight_decay" in param_group:
+        if "decoupled_weight_decay" in param_group:  # before the defaults fill in weight_decay_mode
             param_group = dict(param_group)
-            mode = _mode_of_flag(param_group.pop("decoupled_weight_decay"))
-            if param_group.setdefault("weight_decay_mode", mode) != mode:
-                raise ValueError(f"a param group's decoupled_weight_decay={mode == 'decoupled'} contradicts its "
-                                 f"weight_decay_mode={param_group['weight_decay_mode']!r}")
+            _take_decoupled_flag(param_group, "a param group")
         super().add_param_group(param_group)
 
     def _check_group(self, group: dict) -> None:
-        if "decoupled_weight_decay" in group:  # from a loaded state dict
-            mode = _mode_of_flag(group.pop("decoupled_weight_decay"))
-            if group["weight_decay_mode"] != mode:
-                raise ValueError(f"the state dict's decoupled_weight_decay={mode == 'decoupled'} contradicts its "
-                                 f"weight_decay_mode={group['weight_decay_mode']!r}")
+        if "decoupled_weight_decay" in group:
+            _take_decoupled_flag(group, "the state dict")
         super()._check_group(group)
         _check_betas(group["betas"])
         _check_eps(group["eps"])

@@ -211,9 +211,8 @@ def check_device(name: str) -> torch.device:
 
 
 def _resolve_device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    """As check_device, unchecked (a checkpoint's device may be one this machine lacks)."""
+    return check_device("auto") if config.device == "auto" else torch.device(config.device)
 
 
 def _resolve_backend(config: TrainConfig, device: torch.device) -> str:
