@@ -253,9 +253,9 @@ def _backward_dw_kernel(
     stride_hn, stride_hd, stride_wk, stride_wd, stride_b,
     stride_dw_split, stride_dwk, stride_dwd, stride_db_split,
     rows_per_split,
-    HAS_BIAS: tl.constexpr, WANT_DB: tl.constexpr, EXACT_SHIFT: tl.constexpr, RESIDENT: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, EXACT_SHIFT: tl.constexpr,
+    RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     UPDATE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
     NESTEROV: tl.constexpr,
 ):
@@ -265,7 +265,9 @@ def _backward_dw_kernel(
     UPDATE = 0 stores dW.  UPDATE = 1 (AdamW: hyper = kernels.optim.adam_constants) or 2 (SGDW:
     hyper = momentum, dampening, ...) applies the optimizer step to w[cols, dcols] instead, with the fp32 dW
     still in registers: dW never touches memory.  The launcher then gives every program all of D
-    (one program per class block), so no program reads w rows another one is rewriting."""
+    (one program per class block), so no program reads w rows another one is rewriting.
+    WANT_DW = False (UPDATE = 0, a frozen weight): dbias alone, no dW product, and one program per class
+    block, since the logits need all of D whatever the slice."""
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     split = tl.program_id(2)
@@ -282,7 +284,8 @@ def _backward_dw_kernel(
     n_end = tl.minimum(N, n_start + rows_per_split)
     for n0 in range(n_start, n_end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        h_slice = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, INTERPRET)
+        if RESIDENT or WANT_DW:
+            h_slice = _load_tile(h_ptr, rows, dcols, stride_hn, stride_hd, N, D, True, not EVEN_DS, INTERPRET)
         if RESIDENT:
             z_t = tl.dot(w_rows, tl.trans(h_slice), input_precision=PRECISION)
         else:
@@ -295,15 +298,17 @@ def _backward_dw_kernel(
         g_t = _logit_grad(z_t, shift[None, :], log_sum[None, :], p_coef[None, :], t_uniform[None, :],
                           g_target[None, :], cols[:, None] == target[None, :], EXACT_SHIFT)
         # bf16/fp16 operands for the tensor cores, fp32 accumulation
-        dw = tl.dot(g_t.to(h_slice.dtype), h_slice, dw, input_precision=PRECISION)
+        if WANT_DW:
+            dw = tl.dot(g_t.to(h_slice.dtype), h_slice, dw, input_precision=PRECISION)
         if WANT_DB:
             db += tl.sum(g_t, axis=1)
 
     tile_mask = (cols < K)[:, None] & (dcols < D)[None, :]
     if UPDATE == 0:
-        out = dw_ptr + split.to(tl.int64) * stride_dw_split \
-            + cols.to(tl.int64)[:, None] * stride_dwk + dcols.to(tl.int64)[None, :] * stride_dwd
-        tl.store(out, round_for_store(dw, dw_ptr.dtype.element_ty, INTERPRET), mask=tile_mask)
+        if WANT_DW:
+            out = dw_ptr + split.to(tl.int64) * stride_dw_split \
+                + cols.to(tl.int64)[:, None] * stride_dwk + dcols.to(tl.int64)[None, :] * stride_dwd
+            tl.store(out, round_for_store(dw, dw_ptr.dtype.element_ty, INTERPRET), mask=tile_mask)
     else:
         w_tile = w_ptr + cols.to(tl.int64)[:, None] * stride_wk + dcols.to(tl.int64)[None, :] * stride_wd
         state_offsets = cols.to(tl.int64)[:, None] * D + dcols.to(tl.int64)[None, :]  # contiguous fp32
@@ -785,26 +790,28 @@ def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoo
         dh = dh_out if splits == 1 else dh_out.sum(dim=0).to(h.dtype)
 
     need_db = bias is not None and need_db
-    if need_dw or need_db or update is not None:
+    store_dw = need_dw and update is None
+    form_dw = store_dw or update is not None  # dW to store, or to step on
+    if form_dw or need_db:
         tc = config.backward_dw
         if update is not None:
             # the interpreter has no shared memory; a launch captured for a GPU compile (bench/sm90.py, CPU
             # tensors with the interpreter off) keeps the GPU's budget
             tc = fused_update_tile(tc, d, h.dtype, on_gpu=h.is_cuda or not INTERPRETER)
-        k_blocks, d_blocks = triton.cdiv(k, tc.block_owner), triton.cdiv(d, tc.block_ds)
+        # dbias alone (a frozen weight): one program per class block, whose logits cover all of D anyway
+        k_blocks, d_blocks = triton.cdiv(k, tc.block_owner), triton.cdiv(d, tc.block_ds) if form_dw else 1
         # split over rows only when the class blocks alone cannot fill the GPU; partials are fp32
         splits, rows_per_split = _split(k_blocks * d_blocks, n, tc.block_loop, tc.splits, h.device,
-                                        partial_bytes=4 * k * (d + 1))
-        if update is not None:
-            dw_out = torch.empty(0, 0, dtype=w.dtype, device=w.device)
+                                        partial_bytes=4 * k * ((d if form_dw else 0) + 1))
+        if not store_dw:
+            dw3 = torch.empty(1, 0, 0, dtype=w.dtype, device=w.device)
         else:
-            dw_out = torch.empty(k, d, dtype=w.dtype, device=w.device) if splits == 1 else \
+            dw3 = torch.empty(1, k, d, dtype=w.dtype, device=w.device) if splits == 1 else \
                 torch.empty(splits, k, d, dtype=torch.float32, device=w.device)
         db_out = None
         if need_db:
             db_out = torch.empty(k, dtype=bias.dtype, device=w.device) if splits == 1 else \
                 torch.empty(splits, k, dtype=torch.float32, device=w.device)
-        dw3 = dw_out if splits > 1 else dw_out.unsqueeze(0)
         update_pointers, update_flags = update.kernel_args() if update is not None else \
             ((terms,) * 5 + (0.0,) * 6, _NO_UPDATE)
         if n > 0 or update is not None:  # (with no rows the update still applies weight decay)
@@ -815,7 +822,8 @@ def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoo
                 dw3.stride(0), dw3.stride(1), dw3.stride(2),
                 db_out.stride(0) if (db_out is not None and splits > 1) else 0,
                 rows_per_split,
-                HAS_BIAS=bias is not None, WANT_DB=need_db, EXACT_SHIFT=exact, EVEN_DS=d % tc.block_ds == 0,
+                HAS_BIAS=bias is not None, WANT_DW=form_dw, WANT_DB=need_db, EXACT_SHIFT=exact,
+                EVEN_DS=d % tc.block_ds == 0,
                 BLOCK_K=tc.block_owner, BLOCK_N=tc.block_loop, BLOCK_D=tc.block_d, BLOCK_DS=tc.block_ds,
                 **_common(h, d, tc, tc.block_ds), **update_flags,
             )
@@ -823,8 +831,8 @@ def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoo
             dw3.zero_()
             if db_out is not None:
                 db_out.zero_()
-        if update is None:
-            dw = dw_out if splits == 1 else dw_out.sum(dim=0).to(w.dtype)
+        if store_dw:
+            dw = dw3[0] if splits == 1 else dw3.sum(dim=0).to(w.dtype)
         if need_db:
             db = db_out if splits == 1 else db_out.sum(dim=0).to(bias.dtype)
 

@@ -951,6 +951,30 @@ def test_bias_gradient_alone(backend, gen):
     assert rel_err(grad, full[3]) < 1e-6
 
 
+@pytest.mark.parametrize("d", [16, 80])  # D in one slice (resident), and in three slices of 32
+def test_bias_gradient_alone_forms_no_dw(d, gen, monkeypatch):
+    """dbias alone (a frozen weight) from the dW kernel: one program per class block and row split, none per D
+    slice, and no dW product (it ran the full dW pass and threw dW away); dbias still the full backward's."""
+    h, w, y, b = make_problem(gen, 20, d, 60, scale=2.0, ignore_frac=0.2)
+    real_kernel, launches = triton_impl._backward_dw_kernel, []
+
+    class RecordedKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs["WANT_DW"]))
+                return real_kernel[grid](*args, **kwargs)
+            return launch
+
+    with tuning(config=with_splits(SMALL_TILES, 2)):  # 2 class blocks of 32, rows in 2 splits
+        full = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, backend="triton"),
+                               h, w, y, b, torch.tensor(1.0))
+        monkeypatch.setattr(triton_impl, "_backward_dw_kernel", RecordedKernel())
+        b_leaf = b.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(linear_cross_entropy(h, w, y, bias=b_leaf, backend="triton"), b_leaf)
+    assert launches == [((2, 1, 2), False)]
+    assert rel_err(grad, full[3]) < 1e-6
+
+
 def test_a_frozen_weight_and_bias_launch_no_dw_kernel(gen, monkeypatch):
     """Only h requires grad, beside a bias: dh alone is made.  A dbias not asked for launched the dW kernel, a
     second pass over every logits tile whose result was thrown away."""
