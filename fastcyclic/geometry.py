@@ -120,6 +120,9 @@ VERDICTS = ("cyclic", "multi-frequency", "etf-like", "unstructured")
 
 # Centred energy below this fraction of the raw energy is rounding left by subtracting the mean: rows are equal.
 _DEGENERATE = 1e-20
+# Below this max |x| (≈ 1e-146) squares fall under float64's normal range (times 2⁵²): the Gram loses precision and,
+# further down, all of it (a circle at 1e-200 read as ρ₂ = 0). float32 never gets there.
+_SQUARE_FLOOR = 2.0 ** -485
 
 _THREADS_LOCK = threading.Lock()  # callers in several Python threads must not interleave set_num_threads
 
@@ -195,6 +198,10 @@ def _centre(X: torch.Tensor, name: str) -> _Centred:
     x = X.to(torch.float64, copy=True)  # the one float64 copy; centred in place below
     col_sums = x.sum(dim=0)
     _check_finite(X, name, col_sums)
+    max_abs = float(X.abs().max())
+    if 0 < max_abs < _SQUARE_FLOOR:
+        raise ValueError(f"{name} has entries too small to square in float64 (max |x| = {max_abs:.3g}); the measures "
+                         f"do not depend on scale: multiply it by a power of two first")
     mean = col_sums / n
     x.sub_(mean)
     wide = d > n  # then the n×n Gram X̄X̄ᵀ is the smaller one: O(n²d) instead of O(d³)

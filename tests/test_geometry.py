@@ -332,6 +332,13 @@ def test_float64_too_large_to_square_is_a_value_error():
         g.summarize(sinusoids(31, [3]) * 1e200, sinusoids(31, [3]))
 
 
+def test_float64_too_small_to_square_is_a_value_error():
+    """A circle at 1e-200 in float64: its Gram underflowed and it was read as ρ₂ = 0 ("unstructured")."""
+    with pytest.raises(ValueError, match="E has entries too small to square in float64 \\(max \\|x\\| = 1e-200"):
+        g.summarize(sinusoids(31, [3]), sinusoids(31, [3]) * 1e-200)
+    g.summarize(sinusoids(31, [3]) * 1e-140, sinusoids(31, [3]))  # still far enough from the floor
+
+
 def test_one_frequency_holding_exactly_the_mass_is_cyclic():
     """Share = ρ₂ = 0.9 exactly (amplitudes 1 and 1/3): count was 1 (the share reaches 90 %) while ρ₂, computed in
     another way, came out a rounding below 0.9, so the verdict fell through to "unstructured".  (In float32 the
