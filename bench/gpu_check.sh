@@ -71,6 +71,21 @@ for stage in $stages; do
     esac
 done
 
+# limited LIMIT COMMAND...: COMMAND with a time limit (TERM, then KILL 10 s later), then KILL to whatever it left
+# running in its process group: pytest-xdist workers outlive a stopped controller (a test may turn SIGTERM into
+# KeyboardInterrupt and go on), and would hold GPU memory into the next stage. Returns COMMAND's exit code
+# (124 or 137 at the limit). timeout makes its own process group, whose id is its pid.
+limited() {
+    local limit=$1
+    shift
+    timeout -k 10 "$limit" "$@" &
+    local pid=$!
+    wait "$pid"
+    local code=$?
+    kill -KILL -- "-$pid" 2> /dev/null
+    return $code
+}
+
 parallel=()
 if python3 -c "import xdist" > /dev/null 2>&1; then
     parallel=(-n "${WORKERS:-8}" --dist loadgroup)
@@ -83,7 +98,7 @@ run_tests() {
     shift 2
     log "$name (limit ${limit}s, ${parallel[*]:-serial}): $*"
     # -v: one line per finished test, so a run stopped by the time limit still shows what passed and failed
-    timeout -k 10 "$limit" python3 -m pytest tests -v -rfEs -p no:cacheprovider "${parallel[@]}" --durations=15 \
+    limited "$limit" python3 -m pytest tests -v -rfEs -p no:cacheprovider "${parallel[@]}" --durations=15 \
         "$@" > "$out/$name.log" 2>&1
     local code=$?
     log "$name exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(tail -n 1 "$out/$name.log")"
@@ -102,7 +117,7 @@ if [[ $stages == *" bench "* ]]; then
     bench_budget=${BENCH_BUDGET:-$(( bench_limit > 70 ? bench_limit - 35 : bench_limit / 2 ))}
     log "bench all (limit ${bench_limit}s, new cases until ${bench_budget}s)"
     # shellcheck disable=SC2086
-    timeout -k 10 "$bench_limit" python3 -m fastcyclic.cli bench all --device cuda \
+    limited "$bench_limit" python3 -m fastcyclic.cli bench all --device cuda \
         --suites ${BENCH_SUITES:-train geometry optim ce} --budget-s "$bench_budget" --out "$out/bench" \
         ${BENCH_ARGS:-} > "$out/bench.log" 2>&1
     code=$?
@@ -118,7 +133,7 @@ if [[ $stages == *" sweep "* ]]; then
         # a fresh directory (a rerun would resume and measure nothing); the sweep stops starting runs 25 s before
         # the limit, so it ends on its own and prints its runs per hour
         rm -rf "$out/sweep-w$workers"
-        timeout -k 10 "$sweep_limit" python3 -m fastcyclic.cli sweep --p 127,1543 --weight-decay 1e-4,1e-2 \
+        limited "$sweep_limit" python3 -m fastcyclic.cli sweep --p 127,1543 --weight-decay 1e-4,1e-2 \
             --seeds 2 --steps 300 --set batch_size=2048 --device "${SWEEP_DEVICE:-cuda}" --workers "$workers" \
             --max-minutes "$(python3 -c "print(max(0.1, ($sweep_limit - 25) / 60))")" \
             --no-figures --out "$out/sweep-w$workers" > "$out/sweep-w$workers.log" 2>&1
@@ -130,7 +145,7 @@ fi
 
 if [[ $stages == *" cubins "* ]]; then
     log "compiled kernels: registers and spills (cuobjdump on triton's cache)"
-    timeout -k 5 "${CUBINS_TIMEOUT:-40}" python3 -m fastcyclic.bench.sm90 --cache > "$out/cubins.txt" 2>&1
+    limited "${CUBINS_TIMEOUT:-40}" python3 -m fastcyclic.bench.sm90 --cache > "$out/cubins.txt" 2>&1
     code=$?
     log "cubins exit code $code$([ $code -ge 124 ] && echo ' (time limit)'): $(grep -c ' shared ' "$out/cubins.txt") kernels"
     pack

@@ -26,7 +26,8 @@ def test_every_kernel_kind_compiles_for_sm90():
     assert len(lines) >= 6 and all(line.startswith("ok") for line in lines), lines
     for kernel in ("forward bfloat16 D=256", "backward_dw bfloat16 D=256", "backward_dh float32 D=128",
                    "logit_grad bfloat16", "fused adamw dW float32 D=1024", "forward bfloat16 D=256 K=4097 bias",
-                   "logit_grad bfloat16 D=256 K=4097 bias splits=2"):
+                   "logit_grad bfloat16 D=256 K=4097 bias splits=2",
+                   "backward_dw (dbias alone) bfloat16 D=256 K=4097 bias splits=2"):
         assert any(kernel in line for line in lines), (kernel, lines)
     # the fused update's N loop holds the dW tile in registers: no spills in it at these widths (fp32 D = 512
     # with 64 h rows per step spilled 158 local loads/stores per iteration)
@@ -63,14 +64,18 @@ def test_the_check_compiles_what_a_launch_compiles():
 
 
 def test_cache_report_lists_what_was_compiled(tmp_path):
-    """--cache reports the kernels in a triton cache (bench/gpu_check.sh runs it on the GPU's own)."""
-    without_interpreter(cache=tmp_path, code=(
-        "import torch\nfrom fastcyclic.bench import sm90\n"
+    """--cache reports the kernels in a triton cache (bench/gpu_check.sh runs it on the GPU's own), ours first: a
+    report stopped by its time limit keeps them, whatever torch.compile (or anyone) compiled besides."""
+    (tmp_path / "other.py").write_text(
+        "import triton\n\n\n@triton.jit\ndef _a_kernel_of_someone_else(x_ptr):\n    x_ptr += 0\n")
+    without_interpreter(cache=tmp_path / "cache", code=(
+        f"import sys, torch\nsys.path.insert(0, {str(tmp_path)!r})\nimport other\nfrom fastcyclic.bench import sm90\n"
         "for _, fn, args, kwargs in sm90.linear_ce_launches(32, torch.bfloat16):\n"
-        "    sm90.compile_launch(fn, args, kwargs)\n"))
-    lines = without_interpreter("--cache", str(tmp_path)).stdout.splitlines()
-    kernels = sorted(line.split()[0] for line in lines)
-    assert kernels == ["_backward_dh_kernel", "_backward_dw_kernel", "_forward_kernel", "_logit_grad_kernel"]
+        "    sm90.compile_launch(fn, args, kwargs)\n"
+        "sm90.compile_sm90(other._a_kernel_of_someone_else, '*fp32', {}, 1)\n"))
+    lines = without_interpreter("--cache", str(tmp_path / "cache")).stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["_backward_dh_kernel", "_backward_dw_kernel", "_forward_kernel",
+                                                   "_logit_grad_kernel", "_a_kernel_of_someone_else"]
     assert all("KiB REG:" in line for line in lines), lines
 
 
