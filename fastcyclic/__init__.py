@@ -9,8 +9,30 @@ The public names below are imported on first use (PEP 562): importing the packag
 Triton kernels, so that ``fastcyclic bench --interpret`` can set TRITON_INTERPRET=1 first.
 """
 import importlib
+import importlib.util
+import os
+import sys
 
 __version__ = "0.1.0"
+
+
+def _load_checkout_subpackages():
+    """fastcyclic.kernels and fastcyclic.bench are the repository's top-level kernels/ and bench/, which
+    pyproject's package-dir maps into an install (editable or not). Imported from a checkout that is not what is
+    installed (``python -m`` or ``-c`` in the repository root put this directory first on sys.path, ahead of an
+    installed wheel, or nothing is installed), this package finds them beside it instead."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("kernels", "bench"):
+        init = os.path.join(root, name, "__init__.py")
+        if importlib.util.find_spec(f"{__name__}.{name}") is None and os.path.isfile(init):
+            spec = importlib.util.spec_from_file_location(f"{__name__}.{name}", init,
+                                                          submodule_search_locations=[os.path.dirname(init)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+
+
+_load_checkout_subpackages()
 
 _PUBLIC = {
     "linear_cross_entropy": "fastcyclic.linear_ce",

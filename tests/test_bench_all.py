@@ -324,6 +324,16 @@ def test_python_dash_m_fastcyclic_is_the_command():
     assert proc.returncode == 0 and proc.stdout.startswith("usage: fastcyclic bench"), proc.stderr
 
 
+def test_a_checkout_finds_its_kernels_and_bench_without_an_install():
+    """In the repository root with nothing installed (python -S: no site-packages, so no editable install), as
+    ahead of an installed wheel (python -m puts the checkout's fastcyclic/ first), fastcyclic.kernels and
+    fastcyclic.bench are the top-level kernels/ and bench/: they were "No module named 'fastcyclic.kernels'"."""
+    code = "import fastcyclic.kernels as k, fastcyclic.bench as b; print(k.__file__); print(b.__file__)"
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(ROOT / "kernels" / "__init__.py"), str(ROOT / "bench" / "__init__.py")]
+
+
 def test_micro_benchmarks_are_kept_out_of_the_default_run():
     config = configparser.ConfigParser()
     config.read(ROOT / "setup.cfg")
