@@ -162,6 +162,19 @@ def test_a_warm_up_longer_than_the_run_is_warned_about():
         sweep.expand([tiny_block(fixed={k: v for k, v in TINY.items() if k != "weight_decay_warmup"})])
 
 
+def test_the_command_line_prints_a_warning_as_one_line(tmp_path):
+    """The command line shows a warning like its errors: it printed our source's path, line and code as well."""
+    done = subprocess.run([sys.executable, "-m", "fastcyclic", "sweep", "--p", "11", "--weight-decay", "0.01",
+                           "--seeds", "1", "--steps", "4", "--set", "d=8", "--set", "hidden=16", "--set",
+                           "weight_decay_warmup=10", "--workers", "0", "--no-figures", "--out", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
+    assert warning == ["fastcyclic sweep: warning: block 'sweep': weight_decay_warmup=10 is longer than steps=4, so "
+                       "λ ramps to only 40% of its value and the λ axis (λ_crit, λ₀) is nominal; set "
+                       "weight_decay_warmup (--set weight_decay_warmup=N)"], done.stderr
+
+
 def test_the_same_run_twice_is_refused():
     with pytest.raises(ValueError, match="same run twice"):
         sweep.expand([tiny_block(name="a"), tiny_block(name="b")])
