@@ -26,8 +26,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["triton", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # one ulp of the output dtype (the interpreter truncates fp32 -> bf16/fp16 stores); fp32 allows for
-# a different summation order
-SLACK = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+# a different summation order: 10x the largest excess over eager seen in 500 checks (1.9e-7, on CPU)
+SLACK = {torch.float32: 2e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 # Tiles smaller than the problem in every axis: several row/class blocks, a D loop (non-resident
 # operands), several D slices, ragged edges everywhere.
