@@ -49,11 +49,21 @@ def gen(request):
     return torch.Generator().manual_seed(SEED + zlib.crc32(request.node.nodeid.encode()))
 
 
+# On a GPU, after the GPU-only tests: the files whose CUDA paths had never run on one (the trainer's CUDA graphs,
+# the optimizers), then the kernels' (natively compiled there, interpreted on CPU), then the rest
+GPU_FILE_ORDER = ("test_train.py", "test_optim.py", "test_linear_ce.py")
+
+
+def _gpu_order(item) -> tuple:
+    name = item.path.name
+    return "cuda" not in item.keywords, GPU_FILE_ORDER.index(name) if name in GPU_FILE_ORDER else len(GPU_FILE_ORDER)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         # the tests that only a GPU runs go first, so a time-limited GPU session (bench/gpu_check.sh) reaches
         # them before the rest, which CPU CI also runs (a stable sort: the same order in every xdist worker)
-        items.sort(key=lambda item: "cuda" not in item.keywords)
+        items.sort(key=_gpu_order)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run by bench/gpu_check.sh)")
     for item in items:
