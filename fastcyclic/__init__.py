@@ -18,18 +18,26 @@ __version__ = "0.1.0"
 
 def _load_checkout_subpackages():
     """fastcyclic.kernels and fastcyclic.bench are the repository's top-level kernels/ and bench/, which
-    pyproject's package-dir maps into an install (editable or not). Imported from a checkout that is not what is
-    installed (``python -m`` or ``-c`` in the repository root put this directory first on sys.path, ahead of an
-    installed wheel, or nothing is installed), this package finds them beside it instead."""
+    pyproject's package-dir maps into an install. A checkout imported by path (``python -m`` or ``-c`` in its
+    root puts this directory first on sys.path) takes them from beside it, not from what is installed: a wheel's,
+    another checkout's editable install, or nothing (then the import failed)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "pyproject.toml")):  # installed: site-packages holds the layout
+        return
     for name in ("kernels", "bench"):
-        init = os.path.join(root, name, "__init__.py")
-        if importlib.util.find_spec(f"{__name__}.{name}") is None and os.path.isfile(init):
-            spec = importlib.util.spec_from_file_location(f"{__name__}.{name}", init,
-                                                          submodule_search_locations=[os.path.dirname(init)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
+        init, full = os.path.join(root, name, "__init__.py"), f"{__name__}.{name}"
+        found = importlib.util.find_spec(full)
+        if not os.path.isfile(init) or (found is not None and found.origin and os.path.samefile(found.origin, init)):
+            continue  # (this checkout's editable install finds them itself)
+        spec = importlib.util.spec_from_file_location(full, init, submodule_search_locations=[os.path.dirname(init)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        try:
             spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[full]
+            raise
+        setattr(sys.modules[__name__], name, module)  # as an import of a submodule does
 
 
 _load_checkout_subpackages()

@@ -5,6 +5,7 @@ import configparser
 import csv
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -329,10 +330,24 @@ def test_a_checkout_finds_its_kernels_and_bench_without_an_install():
     """In the repository root with nothing installed (python -S: no site-packages, so no editable install), as
     ahead of an installed wheel (python -m puts the checkout's fastcyclic/ first), fastcyclic.kernels and
     fastcyclic.bench are the top-level kernels/ and bench/: they were "No module named 'fastcyclic.kernels'"."""
-    code = "import fastcyclic.kernels as k, fastcyclic.bench as b; print(k.__file__); print(b.__file__)"
+    code = "import fastcyclic.kernels, fastcyclic.bench as b; print(fastcyclic.kernels.__file__); print(b.__file__)"
     done = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [str(ROOT / "kernels" / "__init__.py"), str(ROOT / "bench" / "__init__.py")]
+
+
+def test_a_second_checkout_runs_its_own_kernels(tmp_path):
+    """A second checkout (a clone, a git worktree) imported by path runs its own kernels/ and bench/, not those
+    of the checkout pip installed in editable mode (its finder maps fastcyclic.kernels there): its tests ran the
+    other tree's kernels."""
+    for name in ("fastcyclic", "kernels", "bench"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    code = "import fastcyclic.kernels.reference as r, fastcyclic.bench as b; print(r.__file__); print(b.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(tmp_path / "kernels" / "reference.py"),
+                                        str(tmp_path / "bench" / "__init__.py")]
 
 
 def test_micro_benchmarks_are_kept_out_of_the_default_run():
