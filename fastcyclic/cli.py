@@ -17,7 +17,6 @@ import os
 import re
 import sys
 import typing
-import warnings
 
 
 def _help_text(docstring: str) -> str:
@@ -216,16 +215,6 @@ def _train_and_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # warnings as one line, like the errors: what happened, not the line of our source that raised it
-    formatwarning = warnings.formatwarning
-    warnings.formatwarning = lambda message, *_, **__: f"fastcyclic {args.command}: warning: {message}\n"
-    try:
-        return _run(args)
-    finally:
-        warnings.formatwarning = formatwarning
-
-
-def _run(args) -> int:
     if args.command == "train":
         from fastcyclic.sweep import interruptible
 

@@ -741,8 +741,11 @@ def _exit_with(parent) -> None:
     os._exit(1)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, formatwarning: Optional[OneLineWarnings]) -> None:
     import torch
+
+    if formatwarning is not None:  # the sweep command's
+        warnings.formatwarning = formatwarning
 
     # a sweep killed outright (SIGKILL, OOM killer) cannot stop its workers: each one ends itself when the sweep
     # process goes, instead of training on unseen and writing a record that a rerun's worker writes again
@@ -888,13 +891,14 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
     deaths: dict = {}
     returned = recorded = 0  # runs workers brought back; runs recorded as killing their worker
     context = multiprocessing.get_context("spawn")  # fork would copy this process's threads and CUDA state
+    formatwarning = warnings.formatwarning if isinstance(warnings.formatwarning, OneLineWarnings) else None
 
     def time_left() -> bool:
         return deadline_s is None or time.perf_counter() - started <= deadline_s
 
     while queue and time_left():
         pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                      initargs=(threads,))
+                                      initargs=(threads, formatwarning))
         in_flight: dict = {}
         broken = False
         try:
@@ -1612,13 +1616,38 @@ def directory_name(text: str) -> str:
     return text
 
 
+_STANDARD_FORMATWARNING = warnings.formatwarning
+
+
+class OneLineWarnings:
+    """A warnings.formatwarning for a command: a warning raised by our code prints as one line, like the command's
+    errors ('fastcyclic sweep: warning: ...'), not with the path, line and source that raised it; other libraries'
+    warnings keep their usual form.  Picklable, so that sweep workers print theirs alike."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __call__(self, message, category, filename, lineno, line=None) -> str:
+        import fastcyclic
+        import fastcyclic.bench
+        import fastcyclic.kernels
+
+        ours = tuple(os.path.dirname(os.path.abspath(package.__file__)) + os.sep
+                     for package in (fastcyclic, fastcyclic.kernels, fastcyclic.bench))
+        if os.path.abspath(filename).startswith(ours):
+            return f"fastcyclic {self.command}: warning: {message}\n"
+        return _STANDARD_FORMATWARNING(message, category, filename, lineno, line)
+
+
 def interruptible(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                   hint: str = "rerun the same command to continue") -> int:
     """body(args), or exit code 130 with a message on Ctrl-C or SIGTERM (`kill`, a job scheduler), while running
     or while writing the analysis: the workers are stopped, the session is logged, and a rerun picks up from the
-    records (`fastcyclic sweep` and `fastcyclic reproduce`; `fastcyclic bench` with its own hint)."""
+    records (`fastcyclic sweep` and `fastcyclic reproduce`; `fastcyclic bench` with its own hint).  Our warnings
+    print as one line meanwhile (OneLineWarnings)."""
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if in_main_thread else None
+    formatwarning, warnings.formatwarning = warnings.formatwarning, OneLineWarnings(command)
     try:
         return body(args)
     except KeyboardInterrupt:
@@ -1630,6 +1659,7 @@ def interruptible(command: str, body: Callable[[argparse.Namespace], int], args:
         print(f"fastcyclic {command}: error: {files.write_error_text(e)}", file=sys.stderr)
         return 1
     finally:
+        warnings.formatwarning = formatwarning
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
 

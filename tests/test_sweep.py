@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -173,6 +174,18 @@ def test_the_command_line_prints_a_warning_as_one_line(tmp_path):
     assert warning == ["fastcyclic sweep: warning: block 'sweep': weight_decay_warmup=10 is longer than steps=4, so "
                        "λ ramps to only 40% of its value and the λ axis (λ_crit, λ₀) is nominal; set "
                        "weight_decay_warmup (--set weight_decay_warmup=N)"], done.stderr
+
+
+def test_only_our_warnings_print_as_one_line_in_the_command_and_its_workers():
+    """Another library's warning keeps its usual form (it was relabelled as ours).  The formatter is pickled to the
+    spawned sweep workers (whose trainer warnings printed our source's path and code): a sweep with workers, e.g.
+    test_a_killed_sweep_leaves_no_worker_running, fails if it cannot be."""
+    from fastcyclic import training
+
+    formatter = pickle.loads(pickle.dumps(sweep.OneLineWarnings("reproduce")))  # as the workers get it
+    assert formatter("λ ramps", UserWarning, training.__file__, 553) == "fastcyclic reproduce: warning: λ ramps\n"
+    theirs = formatter("deprecated", FutureWarning, np.__file__, 7, "")
+    assert theirs.startswith(f"{np.__file__}:7: FutureWarning: deprecated")
 
 
 def test_the_same_run_twice_is_refused():
