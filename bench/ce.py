@@ -108,7 +108,7 @@ def _installed(module: str) -> bool:
 def _require(module: str, dist: str, device: torch.device) -> None:
     """Unavailable unless module is installed and the device is CUDA (both baselines are Triton/CUDA)."""
     if not _installed(module):
-        raise Unavailable(f"not installed: {dist} (pip install {dist}; from a checkout, pip install '.[bench]')")
+        raise Unavailable(f"not installed: {dist} (pip install {dist}; from a checkout, pip install -e '.[bench]')")
     if device.type != "cuda":
         raise Unavailable(f"{dist} runs on CUDA only")
 

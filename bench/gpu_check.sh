@@ -51,15 +51,15 @@ pack() {
 log "machine"
 {
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv
-    python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
-                'triton', triton.__version__, 'cuda', torch.version.cuda)"
+    python3 -c "import sys, setuptools, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+                'triton', triton.__version__, 'cuda', torch.version.cuda, 'setuptools', setuptools.__version__)"
     git log -1 --format='commit %H %s' 2>/dev/null
 } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt" | tee -a "$out/check.log"
 
-# The machine has no network: install in place without build isolation (for the `fastcyclic` command). Without
-# it everything here still runs: `python3 -m` in the repository root imports the checkout, which finds its
-# kernels/ and bench/ (fastcyclic/__init__.py)
+# The machine has no network: install in place without build isolation (for the `fastcyclic` command; it needs
+# setuptools >= 77 there). Without it everything here still runs: `python3 -m` in the repository root imports
+# the checkout, which finds its kernels/ and bench/ (fastcyclic/__init__.py)
 if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$out/check.log" 2>&1; then
     log "pip install failed (see above); running from the checkout"
 fi

@@ -145,10 +145,11 @@ def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None,
 
     from fastcyclic.kernels import linear_ce
 
-    n, k = 64, 4097 if ragged else 4096
     config = config or linear_ce.default_config(8192, d, 65536, dtype, torch.device("cuda"))
     if ragged:
         config = linear_ce.with_splits(config, 2)
+    # (the dW kernel loops over rows: two of its row blocks, so that it does split in two)
+    n, k = (2 * config.backward_dw.block_loop, 4097) if ragged else (64, 4096)
     h, w = torch.zeros(n, d, dtype=dtype), torch.zeros(k, d, dtype=dtype)
     bias = torch.zeros(k, dtype=dtype) if ragged else None
     target, terms, lse_parts = torch.zeros(n, dtype=torch.int64), torch.zeros(n), torch.zeros(2, n)
@@ -243,7 +244,7 @@ def cache_report(cache_dir: str):
     import json
     from pathlib import Path
 
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import KernelInterface  # a JITFunction, or under TRITON_INTERPRET an InterpretedFunction
 
     from fastcyclic.kernels import linear_ce, optim
 
@@ -256,7 +257,7 @@ def cache_report(cache_dir: str):
         kernels.append((meta.get("name", meta_path.stem), meta_path.parent.name, meta, cubin))
     # ours first (a report cut off by its time limit keeps them), then torch.compile's, each by name
     ours = {name for module in (linear_ce, optim) for name, value in vars(module).items()
-            if isinstance(value, JITFunction)}
+            if isinstance(value, KernelInterface)}
     kernels.sort(key=lambda kernel: (kernel[0] not in ours,) + kernel[:2])
     # cuobjdump -sass takes ~0.3 s a kernel: run them on every core (a GPU run's cache holds a few hundred)
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

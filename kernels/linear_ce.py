@@ -799,7 +799,7 @@ def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoo
             # tensors with the interpreter off) keeps the GPU's budget
             tc = fused_update_tile(tc, d, h.dtype, on_gpu=h.is_cuda or not INTERPRETER)
         # dbias alone (a frozen weight): one program per class block, whose logits cover all of D anyway
-        k_blocks, d_blocks = triton.cdiv(k, tc.block_owner), triton.cdiv(d, tc.block_ds) if form_dw else 1
+        k_blocks, d_blocks = triton.cdiv(k, tc.block_owner), (triton.cdiv(d, tc.block_ds) if form_dw else 1)
         # split over rows only when the class blocks alone cannot fill the GPU; partials are fp32
         splits, rows_per_split = _split(k_blocks * d_blocks, n, tc.block_loop, tc.splits, h.device,
                                         partial_bytes=4 * k * ((d if form_dw else 0) + 1))

@@ -866,7 +866,7 @@ def test_fastcyclic_train_is_the_function_whatever_was_imported_first():
 
 
 def test_default_config_claims_at_a_smaller_p():
-    """The README's claims for the default run (P = 97, ~25 s a seed), checked at P = 59 (~11 s a seed): it
+    """The README's claims for the default run (P = 97, ~35 s a seed), checked at P = 59 (~11 s a seed): it
     groks and W and E end rank-2 cyclic on one shared frequency, W reaching rho2 >= 0.9 before the test set
     is fitted.  At P = 59 seeds 0-2 all do on CPU; on a GPU rounding differs and so do the trajectories, so
     two of three must (at P = 47, 2 of 3 seeds did)."""
