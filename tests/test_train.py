@@ -3,6 +3,7 @@ after SIGKILL), bad configs are refused before anything runs, and the CLI works 
 import copy
 import dataclasses
 import errno
+import functools
 import io
 import json
 import math
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcyclic import training
+from fastcyclic import data, training
 from fastcyclic.cli import main as cli_main
 from fastcyclic.training import (TrainConfig, Trainer, TrainingDiverged, TrainResult, load_checkpoint, report,
                                  settling_step, train, validate)
@@ -67,6 +68,19 @@ def test_run_directory_contents(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 60
     assert result.paths["checkpoint"] == str(out / "checkpoint.pt")
+
+
+def test_a_large_p_trains_on_the_hashed_split(monkeypatch):
+    """Above data.ENUMERATE_LIMIT pairs (P > 2048) the trainer samples hashed pairs, never the list of P² pairs, and
+    evaluates on fixed samples; full batch is refused there.  (P = 23 made to take that path: P = 2053 takes 20 s.)"""
+    monkeypatch.setattr(training, "ModularAddition", functools.partial(data.ModularAddition, enumerate_limit=0))
+    with pytest.raises(ValueError, match=r"batch_size=None \(full batch\) needs the enumerated split, but P=23 has "
+                                         r"529 pairs; set batch_size"):
+        Trainer(TrainConfig(**TINY))
+    result = train(TrainConfig(**dict(TINY, batch_size=64, steps=300, eval_every=100, geometry_every=100)),
+                   figures=False)
+    assert not result.trainer.data.enumerated and [r["step"] for r in result.history] == [0, 100, 200, 300]
+    assert result.final["train_acc"] > 0.5  # it learns from the sampled batches
 
 
 # bit-for-bit resumption is promised in deterministic mode (the CPU is always deterministic)
