@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train (a + b) mod P and report whether W and E end rank-2 cyclic",
         description="Train an embedding + classifier model on (a + b) mod P with K = P classes, then report "
                     "accuracies and the geometry of the classifier W and the embedding E. With no arguments: "
-                    "the embedded default (P = 97, about 20 s on a 2-core CPU; it ends rank-2 cyclic), written to "
+                    "the embedded default (P = 97, about 35 s on a 2-core CPU; it ends rank-2 cyclic), written to "
                     "runs/p97-seed0.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(train)
