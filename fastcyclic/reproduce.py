@@ -24,7 +24,8 @@ measured) evaluated often (for the layer order).  Verdict rules (thresholds in t
              testable: inconclusive.
     claim 2  at the smallest λ of each testable P (most runs fit, 2+ λ), the share of cyclic runs.  Supported: below 1/2
              at every such P, and at one of them at least a larger λ shows claim 1 (a contrast).  Not supported:
-             at least 1/2 at every such P.  Otherwise inconclusive.
+             at least 1/2 at every such P.  Otherwise inconclusive.  Stated beside it, not judged: at which P W has
+             fewer frequencies at the largest λ that did not collapse than at the smallest.
     claim 3a per run that fits and did not collapse: t_W vs t_E (first evaluation with ρ₂ ≥ 0.9; a layer that never
              gets there comes last), or where neither gets there, the settling steps (first evaluation from which
              ρ₂ stays within 0.05 of its end value).
@@ -40,7 +41,8 @@ measured) evaluated often (for the layer order).  Verdict rules (thresholds in t
              the bootstrap 95 % interval over seeds widened to the t interval (3+ points) and to the grid range
              (fastcyclic.sweep.fit_edges).
              Supported: the interval contains −1 and lies within [−1.5, −0.5].  Not supported: it excludes −1.
-             Otherwise (too wide, or fewer than 3 P with a λ_crit) inconclusive.
+             Otherwise (too wide, or fewer than 3 P with a λ_crit) inconclusive.  The collapse edge λ₀ is judged
+             alike and stated beside it, with "a fall like P^−0.5" where its interval excludes −1 and holds −0.5.
 """
 from __future__ import annotations
 
@@ -294,16 +296,23 @@ def claim_2(rows: list, main: str) -> Claim:
     lines = ["| P | smallest λ | cyclic / runs | fitting | frequencies W / E (median) | ρ₂(W) | frequencies of W at "
              "the largest λ that did not collapse |", "|---|---|---|---|---|---|---|"]
     below, above = [], []
+    fewer, not_fewer = [], []  # W's frequency count at the largest λ that did not collapse, against the smallest λ
     for p in ps:
         cells = _cells(mine, p)
         low = cells[0]
         alive = [c for c in cells if 2 * c["collapsed"] < c["n"] and c["freq_W"] is not None]
         high = alive[-1] if alive else None
+        if high is not None and high is not low and low["freq_W"] is not None:
+            (fewer if high["freq_W"] < low["freq_W"] else not_fewer).append(p)
         if 2 * low["fit"] > low["n"] and len(cells) >= 2:  # one λ is no contrast between low and high
             (above if 2 * low["cyclic"] >= low["n"] else below).append(p)
         lines.append(f"| {p} | {low['lam']:g} | {low['cyclic']} / {low['n']} | {low['fit']} | {_f(low['freq_W'])} / "
                      f"{_f(low['freq_E'])} | {_f(low['rho2_W'], '.2f')} | "
                      + (f"{_f(high['freq_W'])} (λ = {high['lam']:g})" if high else "–") + " |")
+    if fewer or not_fewer:
+        trend = [f"{word} at P = {_join(ps_)}" for word, ps_ in (("fewer", fewer), ("not fewer", not_fewer)) if ps_]
+        lines += ["", "Frequencies of W as λ grows (median at the smallest λ against the largest that did not "
+                  f"collapse): {'; '.join(trend)}."]
     # a contrast: at some P where low λ is not cyclic, a larger λ makes most runs cyclic and fit (claim 1's test)
     contrast = [p for p in below if any(2 * c["cyclic_fit"] > c["n"] for c in _cells(mine, p)[1:])]
     if not ps:
@@ -482,6 +491,9 @@ def claim_4(analysis: dict, main: str) -> Claim:
             "inconclusive": "cannot be told from 1/K"}[v0]
     if f0.get("status") == "ok":
         reason += f". The collapse edge λ₀ {edge} ({r0})"
+        interval0 = slope_interval(f0)
+        if v0 == "not supported" and interval0[0] <= -0.5 <= interval0[1]:  # (an interval holding −1 too tells nothing)
+            reason += "; its slope interval holds −0.5, a fall like P^−0.5"
     return Claim("4", "λ_crit·K is roughly constant across K (the slope of log λ_crit vs log K is near −1).",
                  "Main block: λ_crit per P where the share of runs that end cyclic and fit the train set (as claim 1 "
                  "counts them; runs still at chance are left out) crosses 1/2 (interpolated in log λ; "

@@ -1157,7 +1157,11 @@ def test_claim_2_shares_are_over_the_finished_runs():
 def test_claim_2_table_reads_w_at_the_largest_lambda_that_did_not_collapse():
     records = [fake(31, lam, s, phase) for lam, phase in ((0.01, "multi-frequency"), (0.03, "cyclic"), (0.1, "cyclic"),
                                                           (0.3, "collapsed")) for s in range(3)]
-    assert "| 1 (λ = 0.1) |" in verdicts(records)["2"].numbers
+    numbers = verdicts(records)["2"].numbers
+    assert "| 1 (λ = 0.1) |" in numbers
+    # the "fewer frequencies as λ grows", stated (4 at λ = 0.01, 1 at 0.1)
+    assert numbers.endswith("\nFrequencies of W as λ grows (median at the smallest λ against the largest that did not "
+                            "collapse): fewer at P = 31.")
 
 
 def test_runs_that_learned_nothing_say_nothing_about_locking():
@@ -1251,8 +1255,9 @@ def test_claim_4_says_whether_the_collapse_edge_falls_like_1_over_K():
                 records += [fake(p, lam, s, "collapsed" if s < n else "multi-frequency") for s in range(4)]
         return reproduce.claim_4(sweep.analyse(records, n_boot=100), "main").reason
 
-    assert "The collapse edge λ₀ falls like 1/K (slope -1.00" in reason(-1.0)
+    assert "The collapse edge λ₀ falls like 1/K (slope -1.00" in reason(-1.0) and "−0.5" not in reason(-1.0)
     assert "The collapse edge λ₀ does not fall like 1/K (slope -0.50" in reason(-0.5)
+    assert reason(-0.5).endswith("; its slope interval holds −0.5, a fall like P^−0.5")  # what DESIGN.md §1 found
 
 
 def test_the_showcase_is_seed_0_at_the_largest_p_and_its_most_cyclic_lambda():
