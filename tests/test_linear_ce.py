@@ -110,8 +110,8 @@ def _loss_and_grads(fn, h, w, y, b, grad_out, dtype=None):
 
 
 def check(backend, gen, h, w, y, b=None, *, reduction="mean", recompute_slack=0.0, **opts):
-    """Loss and every gradient vs float64, within eager's own error + slack (+ recompute_slack for
-    the gradients).  Returns the errors."""
+    """Loss, every gradient and every row's lse vs float64, within eager's own error + slack (+ recompute_slack
+    for the gradients).  Returns the errors."""
     grad_out = _grad_out(gen, reduction, h.shape[0])
     ours = _loss_and_grads(lambda h, w, y, b: linear_cross_entropy(h, w, y, bias=b, reduction=reduction,
                                                                    backend=backend, **opts), h, w, y, b, grad_out)
@@ -129,6 +129,12 @@ def check(backend, gen, h, w, y, b=None, *, reduction="mean", recompute_slack=0.
         assert err <= eager_err + SLACK[h.dtype] + (recompute_slack if name != "loss" else 0.0), \
             f"{name}: error {err:.3g} vs float64, eager {h.dtype} has {eager_err:.3g}"
         errors[name] = err
+    # every row's lse (linear_cross_entropy_stats), held to the same rule
+    _, lse, _ = linear_cross_entropy_stats(h, w, y, bias=b, backend=backend, **opts)
+    ref_lse, eager_lse = (loss(h, w, y, b, reduction="none", **opts)[1] for loss in (reference_loss, eager_loss))
+    err, eager_err = rel_err(lse, ref_lse), rel_err(eager_lse, ref_lse)
+    assert err <= eager_err + SLACK[h.dtype], f"lse: error {err:.3g} vs float64, eager {h.dtype} has {eager_err:.3g}"
+    errors["lse"] = err
     return errors
 
 
