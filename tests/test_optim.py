@@ -887,7 +887,7 @@ def _classifier_problem(gen, dtype=torch.float32, n=37, d=20, k=53):
     b = (torch.randn(k, generator=gen) * 0.1).to(DEVICE, dtype)
     u = (torch.randn(d, d, generator=gen) / d ** 0.5).to(DEVICE, dtype)
     batches = [(torch.randn(n, d, generator=gen).to(DEVICE, dtype), torch.randint(0, k, (n,), generator=gen)
-                .to(DEVICE)) for _ in range(6)]
+                .to(DEVICE)) for _ in range(STEPS)]  # the issue's >= 10 steps
     return (w, b, u), batches
 
 
