@@ -267,6 +267,32 @@ def test_speedups_are_the_baseline_median_over_fastcyclics_per_shape():
     assert not any(k.startswith("speedup") for k in eager)
 
 
+def test_memory_ratios_and_the_issues_targets_are_judged_per_shape():
+    """memory_vs_X = fastcyclic's peak extra memory / X's; meets_target holds every bound of the issue's target (time
+    and memory at most, speedup at least), and a missing figure fails it."""
+    from fastcyclic.bench import ce
+
+    cpu = ce.target(4096, 64, 65536, torch.float32, torch.device("cpu"))
+    assert cpu == {"memory_vs_eager": 0.10, "speedup_vs_eager": 1.0}
+    assert ce.target(8192, 256, 65536, torch.bfloat16, torch.device("cuda")) == {"median_ms": 2.2,
+                                                                                  "memory_vs_eager": 0.01}
+    assert ce.target(8192, 256, 65536, torch.float32, torch.device("cuda")) is None
+    gpu = {"median_ms": 2.2, "memory_vs_eager": 0.01}
+    records = [dict(case="a", method="fastcyclic", status="ok", median_ms=2.0, peak_extra_gib=0.1, target=cpu),
+               dict(case="a", method="eager", status="ok", median_ms=6.0, peak_extra_gib=3.0),
+               dict(case="b", method="fastcyclic", status="ok", median_ms=3.0, peak_extra_gib=0.1, target=cpu),
+               dict(case="b", method="eager", status="ok", median_ms=2.0, peak_extra_gib=3.0),
+               dict(case="c", method="fastcyclic", status="ok", median_ms=2.0, peak_extra_gib=None, target=gpu),
+               dict(case="c", method="eager", status="ok", median_ms=5.0, peak_extra_gib=1.0)]
+    ce._speedups(records)
+    a, _, b, _, c, _ = records
+    assert a["memory_vs_eager"] == pytest.approx(1 / 30) and a["meets_target"] is True
+    assert b["memory_vs_eager"] == pytest.approx(1 / 30) and b["meets_target"] is False  # slower than eager
+    assert "memory_vs_eager" not in c and c["meets_target"] is False  # no memory figure: not met
+    assert "target {'memory_vs_eager': 0.1, 'speedup_vs_eager': 1.0}: met" in ce.format_row(
+        dict(a, N=4096, D=64, K=65536, tflops_per_s=1.0, err_loss=0.0, err_dh=0.0, err_dw=0.0, correct=True))
+
+
 @pytest.mark.parametrize("error, status", [(RuntimeError("kernel exploded"), "failed"),
                                            (torch.OutOfMemoryError("CUDA out of memory"), "oom")])
 def test_a_failing_fastcyclic_gets_a_record_and_fails_the_suite(error, status, tmp_path, monkeypatch):
