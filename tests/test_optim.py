@@ -82,6 +82,38 @@ def assert_params_close(a, b, *, outliers_per_tensor=0, **tol):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_the_optimizer_contract_closure_hooks_and_a_scheduler(backend, gen):
+    """torch.optim's contract: step(closure) re-evaluates the loss with gradients on and returns it, step hooks
+    run around the step, and an LR scheduler's lr reaches the kernels: as torch's AdamW, step for step."""
+    start = make_params(gen, [(17,)])[0]
+    x = torch.randn(17, generator=gen).to(DEVICE)
+    losses, calls = {}, []
+    for name, make in (("ours", lambda ps: AdamW(ps, lr=0.1, weight_decay=0.1, backend=backend)),
+                       ("torch", lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1))):
+        p = start.clone().requires_grad_()
+        opt = make([p])
+        if name == "ours":
+            opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+            opt.register_step_post_hook(lambda *_: calls.append("post"))
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+        def closure():
+            opt.zero_grad()
+            loss = ((p - x) ** 2).sum()
+            loss.backward()
+            return loss
+
+        losses[name] = []
+        for _ in range(3):
+            losses[name].append(opt.step(closure).item())
+            scheduler.step()  # lr 0.1, 0.05, 0.025
+        losses[name + " end"] = p.detach().clone()
+    assert calls == ["pre", "post"] * 3
+    assert losses["ours"] == pytest.approx(losses["torch"], rel=1e-6)
+    torch.testing.assert_close(losses["ours end"], losses["torch end"], **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_matches_torch_adamw(backend, weight_decay, gen):
     kw = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
