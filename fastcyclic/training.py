@@ -64,7 +64,7 @@ class TrainConfig:
     Fourier frequency.  The width-2 embedding is what makes it cyclic (E can hold one circle only);
     with room for more (d >= 4: README) the same model ends with a few frequencies."""
 
-    p: int = _option(97, "modulus: K = P classes and P tokens")
+    p: int = _option(97, "modulus: K = P classes and P tokens (3 to 2^31: a circle needs 3 points)")
     model: str = _option("embed-mlp", "embed-sum: h = act(E[a] + E[b]); embed-mlp: h = act(U [E[a]; E[b]])")
     d: int = _option(2, "embedding width")
     hidden: Optional[int] = _option(16, "hidden width m of embed-mlp (none: 4 d; ignored by embed-sum)")
