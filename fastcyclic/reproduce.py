@@ -42,7 +42,7 @@ measured) evaluated often (for the layer order).  Verdict rules (thresholds in t
              (fastcyclic.sweep.fit_edges).
              Supported: the interval contains −1 and lies within [−1.5, −0.5].  Not supported: it excludes −1.
              Otherwise (too wide, or fewer than 3 P with a λ_crit) inconclusive.  The collapse edge λ₀ is judged
-             alike and stated beside it, with "a fall like P^−0.5" where its interval excludes −1 and holds −0.5.
+             alike and stated beside it, with "a fall like P^−0.5" where its interval lies in (−1, 0) and holds −0.5.
 """
 from __future__ import annotations
 
@@ -492,7 +492,7 @@ def claim_4(analysis: dict, main: str) -> Claim:
     if f0.get("status") == "ok":
         reason += f". The collapse edge λ₀ {edge} ({r0})"
         interval0 = slope_interval(f0)
-        if v0 == "not supported" and interval0[0] <= -0.5 <= interval0[1]:  # (an interval holding −1 too tells nothing)
+        if v0 == "not supported" and interval0[0] <= -0.5 <= interval0[1] < 0:  # it falls, slower than 1/K
             reason += "; its slope interval holds −0.5, a fall like P^−0.5"
     return Claim("4", "λ_crit·K is roughly constant across K (the slope of log λ_crit vs log K is near −1).",
                  "Main block: λ_crit per P where the share of runs that end cyclic and fit the train set (as claim 1 "

@@ -1257,7 +1257,11 @@ def test_claim_4_says_whether_the_collapse_edge_falls_like_1_over_K():
 
     assert "The collapse edge λ₀ falls like 1/K (slope -1.00" in reason(-1.0) and "−0.5" not in reason(-1.0)
     assert "The collapse edge λ₀ does not fall like 1/K (slope -0.50" in reason(-0.5)
-    assert reason(-0.5).endswith("; its slope interval holds −0.5, a fall like P^−0.5")  # what DESIGN.md §1 found
+    assert reason(-0.5).endswith("; its slope interval holds −0.5, a fall like P^−0.5")  # our CPU experiments' edge
+    flat = dict(status="ok", n=3, slope=0.3, r2=0.5, slope_ci=(-0.9, 1.5))  # holds −0.5, and 0: no fall claimed
+    assert "P^−0.5" not in reproduce.claim_4(dict(series=dict(main=dict(
+        per_p=[], fit_lambda_crit_fit=dict(status="none", n=0), fit_lambda_crit=dict(status="none", n=0),
+        fit_lambda_0=flat))), "main").reason
 
 
 def test_the_showcase_is_seed_0_at_the_largest_p_and_its_most_cyclic_lambda():
