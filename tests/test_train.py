@@ -71,8 +71,8 @@ def test_run_directory_contents(tmp_path):
 
 
 def test_a_large_p_trains_on_the_hashed_split(monkeypatch):
-    """Above data.ENUMERATE_LIMIT pairs (P > 2048) the trainer samples hashed pairs, never the list of P² pairs, and
-    evaluates on fixed samples; full batch is refused there.  (P = 23 made to take that path: P = 2053 takes 20 s.)"""
+    """Above data.ENUMERATE_LIMIT pairs (P > 2048) the trainer samples hashed pairs, never the list of P² pairs;
+    full batch is refused there.  (P = 23 made to take that path: P = 2053 takes 20 s.)"""
     monkeypatch.setattr(training, "ModularAddition", functools.partial(data.ModularAddition, enumerate_limit=0))
     with pytest.raises(ValueError, match=r"batch_size=None \(full batch\) needs the enumerated split, but P=23 has "
                                          r"529 pairs; set batch_size"):
