@@ -1,7 +1,8 @@
 """fastcyclic.geometry and fastcyclic.plots on matrices whose geometry is known exactly.
 
-Facts used (the project's design notes, §1): an ideal cyclic W (rows r·(cos 2πωk/K, sin 2πωk/K), rotated into d dimensions) has two
-singular values r√(K/2), so ρ₂ = 1; an ideal simplex ETF has K − 1 singular values r√(K/(K − 1)), so ρ₂ = 2/(K − 1).
+Facts used (the project's design notes, §1): an ideal cyclic W (rows r·(cos 2πωk/K, sin 2πωk/K), rotated into d
+dimensions) has two singular values r√(K/2), so ρ₂ = 1; an ideal simplex ETF has K − 1 singular values
+r√(K/(K − 1)), so ρ₂ = 2/(K − 1).
 The neural-collapse distances are checked against the K×K Gram matrices, formed here only, at small K.
 """
 import json
