@@ -1495,8 +1495,11 @@ def test_fused_update_wide_rows(d, gen):
     interpreter any D: fused_update_fits says "always" on CPU)."""
     n, k = (517, 4099) if DEVICE.type == "cuda" else (37, 53)
     start, batches = _classifier_problem(gen, n=n, d=d, k=k)
-    two_step = _train(start, batches, OPTIMIZERS["adamw"], "triton", fused=False)
-    fused = _train(start, batches, OPTIMIZERS["adamw"], "triton", fused=True)
+    # eps 1e-3: Adam's step g / (|g| + eps) turns the rounding of a gradient near eps into a step of up to lr, and a
+    # W of 58300 entries has some (with eps 1e-8 one seed in many differed by 3e-4 of the norm at the first step)
+    adamw = lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, eps=1e-3)  # noqa: E731
+    two_step = _train(start, batches, adamw, "triton", fused=False)
+    fused = _train(start, batches, adamw, "triton", fused=True)
     for a, b in zip(fused[:3], two_step[:3]):
         assert (a - b).norm() <= 1e-4 * b.norm()
 
