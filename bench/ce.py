@@ -287,11 +287,10 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
     records, tunings = [], []
     gemm = measure.gemm_ceiling(ceil, dtype)
     for n, d, k in shapes:
+        case_target = target(n, d, k, dtype, device)
         case = dict(bench="ce", kind="case", case=f"{n}x{d}x{k}", N=n, D=d, K=k, dtype=measure.dtype_name(dtype),
                     device=device.type, flops=6 * n * d * k, reference="float64 (F.cross_entropy, row chunks)",
-                    tolerance=grad_tolerance(dtype, device),
-                    target_ms=TARGET_MS.get((n, d, k)) if device.type == "cuda" and dtype == torch.bfloat16 else None)
-        case_target = target(n, d, k, dtype, device)
+                    tolerance=grad_tolerance(dtype, device), target_ms=(case_target or {}).get("median_ms"))
         if measure.out_of_time():
             for method in methods:
                 records.append(measure.complete(dict(case, method=method, **_not_run(method, device, interpret))))
