@@ -867,6 +867,22 @@ def test_a_state_dict_with_bad_hyperparameters_is_refused_and_nothing_changes():
         assert opt.param_groups[0]["params"][0] is p and float(opt.state[p]["exp_avg"][0]) != 7.0
 
 
+@pytest.mark.parametrize("make,change,match", [
+    (lambda ps: AdamW(ps, lr=0.1), dict(betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\)"),
+    (lambda ps: SGDW(ps, lr=0.1, momentum=0.9), dict(momentum=-1.0), "momentum must be >= 0, got -1.0"),
+    (lambda ps: SGDW(ps, lr=0.1, momentum=0.9), dict(dampening=2.0), r"dampening must be in \[0, 1\], got 2.0"),
+    (lambda ps: SGDW(ps, lr=0.1, momentum=0.9), dict(nesterov=True, dampening=0.5), "nesterov needs"),
+], ids=["adamw-betas", "sgdw-momentum", "sgdw-dampening", "sgdw-nesterov"])
+def test_a_state_dict_with_bad_betas_or_momentum_is_refused(make, change, match):
+    p = torch.zeros(3, requires_grad=True)
+    opt = make([p])
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0].update(change)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved)
+    assert all(opt.param_groups[0][k] == v for k, v in make([p]).param_groups[0].items() if k != "params")
+
+
 @pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1), lambda ps: SGDW(ps, lr=0.1, momentum=0.9)],
                          ids=["adamw", "sgdw"])
 @pytest.mark.parametrize("bad", ["complex", "sparse"])
@@ -1656,6 +1672,11 @@ def test_a_parameter_that_shrinks_in_place_gets_a_new_table():
     (lambda p: AdamW(p, lr=torch.tensor([0.1, 0.2])), r"a tensor lr must hold one value, got shape \(2,\)"),
     (lambda p: AdamW(p, weight_decay=torch.zeros(2)), r"a tensor weight_decay must hold one value"),
     (lambda p: SGDW(p, lr=0.1, momentum=0.9, dampening=1.5), r"dampening must be in \[0, 1\], got 1.5"),
+    (lambda p: SGDW(p, lr=0.1, momentum=0.9, dampening=-0.5), r"dampening must be in \[0, 1\], got -0.5"),
+    # a param group's own values are checked as the constructor's are
+    (lambda p: AdamW([{"params": p, "betas": (0.9, 1.0)}]), r"betas must be two numbers in \[0, 1\)"),
+    (lambda p: SGDW([{"params": p, "momentum": -1.0}], lr=0.1), "momentum must be >= 0, got -1.0"),
+    (lambda p: SGDW([{"params": p, "nesterov": True}], lr=0.1), "nesterov needs momentum > 0"),
     (lambda p: SGDW(p, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
      "nesterov needs momentum > 0 and dampening 0"),
     (lambda p: AdamW(p, betas=(0.9, 0.99, 0.5)), r"betas must be two numbers in \[0, 1\), got \(0.9, 0.99, 0.5\)"),
