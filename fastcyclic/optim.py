@@ -30,6 +30,7 @@ With momentum 0 this is torch.optim.SGD(weight_decay=wd) up to rounding.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import weakref
 from typing import Optional
@@ -48,6 +49,12 @@ def _number(value) -> float:
     return float(value.detach().cpu()) if isinstance(value, Tensor) else float(value)
 
 
+def _holds_tensors(group: dict) -> bool:
+    """Some hyperparameter of the group is a tensor (a device scalar: reading it would sync the device)."""
+    return any(isinstance(v, Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(x, Tensor) for x in v))
+               for k, v in group.items() if k != "params")
+
+
 def _check_real(name: str, value) -> None:
     if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
         return  # torch.optim takes tensor betas; float() reads them
@@ -63,10 +70,14 @@ def _check_common(lr, weight_decay, weight_decay_mode, backend) -> None:
         raise ValueError(f"a tensor lr must hold one value, got shape {tuple(lr.shape)}")
     if not _number(lr) >= 0.0:
         raise ValueError(f"lr must be >= 0, got {_number(lr)}")
+    if not math.isfinite(_number(lr)):
+        raise ValueError(f"lr must be finite, got {_number(lr)}")
     if isinstance(weight_decay, Tensor) and weight_decay.numel() != 1:
         raise ValueError(f"a tensor weight_decay must hold one value, got shape {tuple(weight_decay.shape)}")
     if not _number(weight_decay) >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {_number(weight_decay)}")
+    if not math.isfinite(_number(weight_decay)):
+        raise ValueError(f"weight_decay must be finite, got {_number(weight_decay)}")
     if weight_decay_mode not in WEIGHT_DECAY_MODES:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
     if backend not in BACKENDS:
@@ -136,14 +147,21 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             _check_unsupported(group)
         before = self.param_groups, self.state  # load_state_dict builds new ones: these stay as they were
         super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
         try:
             for group in self.param_groups:
                 self._check_group(group)  # what the constructor refuses (lr < 0, an unknown mode, ...)
+            for position, (saved_id, p) in enumerate(zip(saved_ids, params)):
+                # a moment of another shape would fail the step halfway, after earlier tensors had moved
+                for key in self._STATE_KEYS:
+                    saved = state_dict["state"].get(saved_id, {}).get(key)
+                    if saved is not None and tuple(saved.shape) != tuple(p.shape):
+                        raise ValueError(f"state_dict's {key} of parameter {position} has shape "
+                                         f"{tuple(saved.shape)}, but the parameter has shape {tuple(p.shape)}")
         except Exception:
             self.param_groups, self.state = before
             raise
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
@@ -256,6 +274,8 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         # from this first pass, before any parameter, moment or step count moves
         launches = []
         for index, group in enumerate(self.param_groups):
+            if not _holds_tensors(group):  # a scheduler, or a user, may have written any value into the group
+                self._check_group(group)
             buckets: dict = {}
             for p, g in self._grads_with_params(group):
                 _check_floating(p)
@@ -470,8 +490,8 @@ def _check_betas(betas) -> None:
 
 def _check_eps(eps) -> None:
     _check_real("eps", eps)
-    if not eps > 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if not 0.0 < float(eps) < math.inf:
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
 
 
 def _check_contiguous(t: Tensor) -> None:
@@ -575,8 +595,8 @@ def _check_momentum(momentum, dampening, nesterov) -> None:
                         "dampening, nesterov, weight_decay; torch.optim.SGD puts weight_decay before nesterov)")
     _check_real("momentum", momentum)
     _check_real("dampening", dampening)
-    if not float(momentum) >= 0.0:
-        raise ValueError(f"momentum must be >= 0, got {momentum}")
+    if not 0.0 <= float(momentum) < math.inf:
+        raise ValueError(f"momentum must be finite and >= 0, got {momentum}")
     if not 0.0 <= float(dampening) <= 1.0:
         raise ValueError(f"dampening must be in [0, 1], got {dampening}")
     if nesterov and (float(momentum) <= 0.0 or float(dampening) != 0.0):

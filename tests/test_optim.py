@@ -809,13 +809,13 @@ def test_the_skipped_step_count_survives_a_state_dict_round_trip(gen):
     (lambda p: AdamW(p, lr=-1.0), "lr must be >= 0, got -1.0"),
     (lambda p: AdamW(p, betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
     (lambda p: AdamW(p, betas=(-0.1, 0.9)), "betas must be"),
-    (lambda p: AdamW(p, eps=0.0), "eps must be > 0, got 0.0"),
+    (lambda p: AdamW(p, eps=0.0), "eps must be finite and > 0, got 0.0"),
     (lambda p: AdamW(p, weight_decay=-0.01), "weight_decay must be >= 0, got -0.01"),
     (lambda p: AdamW(p, weight_decay_mode="coupled"), "weight_decay_mode must be one of"),
     (lambda p: AdamW(p, backend="cuda"), "backend must be one of"),
     (lambda p: AdamW(p, lr=float("nan")), "lr must be >= 0, got nan"),
     (lambda p: SGDW(p, lr=-0.1), "lr must be >= 0"),
-    (lambda p: SGDW(p, lr=0.1, momentum=-0.5), "momentum must be >= 0, got -0.5"),
+    (lambda p: SGDW(p, lr=0.1, momentum=-0.5), "momentum must be finite and >= 0, got -0.5"),
     (lambda p: SGDW(p, lr=0.1, nesterov=True), "nesterov needs momentum > 0"),
     (lambda p: SGDW(p, lr=0.1, weight_decay_mode="L2"), "weight_decay_mode must be one of"),
     (lambda p: AdamW([{"params": p, "lr": -3.0}]), "lr must be >= 0, got -3.0"),
@@ -857,7 +857,7 @@ def test_a_state_dict_with_bad_hyperparameters_is_refused_and_nothing_changes():
     p.grad = torch.ones(3)
     opt.step()
     for change, match in ((dict(lr=-1.0), "lr must be >= 0"), (dict(weight_decay_mode="bogus"), "weight_decay_mode"),
-                          (dict(eps=0.0), "eps must be > 0")):
+                          (dict(eps=0.0), "eps must be finite and > 0")):
         saved = copy.deepcopy(opt.state_dict())  # state_dict() shares the live state's dicts
         saved["param_groups"][0].update(change)
         saved["state"][0]["exp_avg"] = torch.full((3,), 7.0)
@@ -869,7 +869,7 @@ def test_a_state_dict_with_bad_hyperparameters_is_refused_and_nothing_changes():
 
 @pytest.mark.parametrize("make,change,match", [
     (lambda ps: AdamW(ps, lr=0.1), dict(betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\)"),
-    (lambda ps: SGDW(ps, lr=0.1, momentum=0.9), dict(momentum=-1.0), "momentum must be >= 0, got -1.0"),
+    (lambda ps: SGDW(ps, lr=0.1, momentum=0.9), dict(momentum=-1.0), "momentum must be finite and >= 0, got -1.0"),
     (lambda ps: SGDW(ps, lr=0.1, momentum=0.9), dict(dampening=2.0), r"dampening must be in \[0, 1\], got 2.0"),
     (lambda ps: SGDW(ps, lr=0.1, momentum=0.9), dict(nesterov=True, dampening=0.5), "nesterov needs"),
 ], ids=["adamw-betas", "sgdw-momentum", "sgdw-dampening", "sgdw-nesterov"])
@@ -1675,7 +1675,7 @@ def test_a_parameter_that_shrinks_in_place_gets_a_new_table():
     (lambda p: SGDW(p, lr=0.1, momentum=0.9, dampening=-0.5), r"dampening must be in \[0, 1\], got -0.5"),
     # a param group's own values are checked as the constructor's are
     (lambda p: AdamW([{"params": p, "betas": (0.9, 1.0)}]), r"betas must be two numbers in \[0, 1\)"),
-    (lambda p: SGDW([{"params": p, "momentum": -1.0}], lr=0.1), "momentum must be >= 0, got -1.0"),
+    (lambda p: SGDW([{"params": p, "momentum": -1.0}], lr=0.1), "momentum must be finite and >= 0, got -1.0"),
     (lambda p: SGDW([{"params": p, "nesterov": True}], lr=0.1), "nesterov needs momentum > 0"),
     (lambda p: SGDW(p, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
      "nesterov needs momentum > 0 and dampening 0"),
@@ -1685,6 +1685,58 @@ def test_a_parameter_that_shrinks_in_place_gets_a_new_table():
 def test_more_bad_hyperparameters_raise_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make([torch.zeros(3, requires_grad=True)])
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: AdamW(p, lr=float("inf")), "lr must be finite, got inf"),
+    (lambda p: SGDW(p, lr=float("inf")), "lr must be finite, got inf"),
+    (lambda p: AdamW(p, weight_decay=float("inf")), "weight_decay must be finite, got inf"),
+    (lambda p: AdamW(p, eps=float("inf")), "eps must be finite and > 0, got inf"),
+    (lambda p: SGDW(p, lr=0.1, momentum=float("inf")), "momentum must be finite and >= 0, got inf"),
+])
+def test_infinite_hyperparameters_are_refused(make, match):
+    """An infinite lr, decay or momentum turns the parameters into inf or NaN at the first steps."""
+    with pytest.raises(ValueError, match=match):
+        make([torch.zeros(3, requires_grad=True)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make,change,match", [
+    (lambda ps, b: AdamW(ps, lr=0.1, backend=b), dict(lr=-1.0), "lr must be >= 0, got -1.0"),
+    (lambda ps, b: AdamW(ps, lr=0.1, backend=b), dict(betas=(0.9, 1.5)), r"betas must be two numbers in \[0, 1\)"),
+    (lambda ps, b: SGDW(ps, lr=0.1, momentum=0.9, backend=b), dict(momentum=float("nan")), "momentum must be"),
+], ids=["adamw-lr", "adamw-betas", "sgdw-momentum"])
+def test_a_value_written_into_a_group_is_checked_at_the_step(backend, make, change, match):
+    """Schedulers and users write group["lr"] directly; a bad value is refused before anything moves (it
+    moved the parameter uphill, or made it NaN)."""
+    p = torch.ones(3, device=DEVICE, requires_grad=True)
+    opt = make([p], backend)
+    p.grad = torch.ones(3, device=DEVICE)
+    opt.step()
+    before = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    opt.param_groups[0].update(change)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert torch.equal(p.detach(), before[0]) and all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+
+
+@pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1), lambda ps: SGDW(ps, lr=0.1, momentum=0.9)],
+                         ids=["adamw", "sgdw"])
+def test_a_state_dict_whose_moments_do_not_fit_the_parameters_is_refused(make):
+    """A moment of another shape failed the step halfway: the first tensors had moved, the rest had not."""
+    ps = [torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)]
+    opt = make(ps)
+    for p in ps:
+        p.grad = torch.ones(3)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    key = "exp_avg" if isinstance(opt, AdamW) else "momentum_buffer"
+    saved["state"][1][key] = torch.ones(7)
+    fresh = [torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)]
+    other = make(fresh)
+    with pytest.raises(ValueError, match=rf"{key} of parameter 1 has shape \(7,\), but the parameter has shape \(3,\)"):
+        other.load_state_dict(saved)
+    assert not other.state and other.param_groups[0]["params"] == fresh
 
 
 # only Inf, not NaN, detected by skip_nonfinite
