@@ -229,7 +229,7 @@ def parse_dims(text: str, form: str, example: str) -> tuple[int, ...]:
     if len(dims) != len(form.split("x")):
         raise argparse.ArgumentTypeError(f"shape must look like {form} (e.g. {example}), got {text!r}")
     if any(not 0 <= n < 2**31 for n in dims):  # (so that products of two sizes fit int64 offsets)
-        raise argparse.ArgumentTypeError(f"every size in {form} must be below 2^31, got {text!r}")
+        raise argparse.ArgumentTypeError(f"every size in {form} must be in [0, 2^31), got {text!r}")
     return dims
 
 

@@ -88,9 +88,10 @@ def parse_size(text: str) -> int:
     try:
         if "^" in spelled:
             base, exponent = (int(part) for part in spelled.split("^"))
-            if base < 1 or not 0 <= exponent <= MAX_SIZE.bit_length():  # (2^10^9 would compute for minutes)
+            if base < 1 or exponent < 0:
                 raise ValueError
-            value = base**exponent
+            # past MAX_SIZE's bit length any base > 1 is too large (and 2^10^9 would compute for minutes)
+            value = base ** min(exponent, MAX_SIZE.bit_length() + 1)
         else:
             value = int(spelled)
     except ValueError:

@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # argparse (before Python 3.13) takes "-1e-3" for an option, so `--weight-decay -1e-3` failed with
 # "expected one argument" instead of reaching the check that names the bad value.  No option of ours
-# looks like a number, so every token that does is a value.
-_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(,.*)?$")
+# starts with "-" and a digit, so every such token is a value: -1e-3, -0.5,1, and also -1:3 or -4x4x4.
+_NUMBER = re.compile(r"^-\.?\d")
 
 
 def _read_negative_numbers_as_values(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +197,8 @@ def _train_and_report(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main runs this under sweep.interruptible)
         if values["out_dir"] is None or not values["checkpoint_every"]:
             hint = "nothing was checkpointed (no --out-dir, or --checkpoint-every 0): a rerun starts from step 0"
+        elif not os.path.exists(os.path.join(values["out_dir"], "checkpoint.pt")):
+            hint = "stopped before its first checkpoint: a rerun starts from step 0"
         else:
             hint = "rerun the same command with --resume to continue from the last checkpoint"
         print(f"fastcyclic train: interrupted; {hint}", file=sys.stderr)

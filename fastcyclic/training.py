@@ -34,7 +34,7 @@ import torch
 
 from fastcyclic import geometry
 from fastcyclic.data import MAX_P, ModularAddition, is_integer
-from fastcyclic.files import exclusive_lock, remove_temporaries, write_atomic, write_json
+from fastcyclic.files import exclusive_lock, is_temporary, remove_temporaries, write_atomic, write_json
 from fastcyclic.kernels import auto_backend, require_triton
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
 from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update, fused_update_fits
@@ -243,13 +243,32 @@ def _as_resume_compares(config: dict, device: torch.device) -> dict:
 
 
 def _check_out_dir(path: str) -> None:
-    """Create out_dir and prove it writable before any training starts."""
+    """Create out_dir and prove it writable before any training starts.  A directory that holds files but no
+    run is refused: a fresh run removes and replaces a run's files (checkpoint, summary, figures), which in
+    someone else's folder are not ours to remove."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"out_dir {path!r} is a file, not a directory")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as e:
         raise ValueError(f"out_dir {path!r} is not writable: {e}") from e
+    others = sorted(name for name in os.listdir(path) if not is_temporary(name))
+    if others and not _holds_a_run(path):
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(f"out_dir {path!r} is not empty ({shown}) and holds no fastcyclic run (no run's "
+                         "config.json); refusing to write into it: give a new or empty directory")
+
+
+def _holds_a_run(path: str) -> bool:
+    """path/config.json is a run's config (the file a run writes first)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"p", "seed", "weight_decay", "out_dir"} <= set(saved)
 
 
 class TrainingDiverged(RuntimeError):
@@ -291,7 +310,12 @@ class Trainer:
         config = dataclasses.replace(config)
         validate(config)
         self.config = config
+        if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+            raise TypeError(f"callbacks must be a list of functions f(trainer, record), got {callbacks!r}")
         self.callbacks = list(callbacks or [])
+        for callback in self.callbacks:
+            if not callable(callback):
+                raise TypeError(f"each callback must be a function f(trainer, record), got {callback!r}")
         self.should_stop = False  # set by a callback: fastcyclic.train ends after this evaluation
         self.device = _resolve_device(config)
         if self.device.type == "cpu":
@@ -537,6 +561,10 @@ class Trainer:
         return self._seconds_before + time.perf_counter() - self._built
 
     def load_state_dict(self, state: dict) -> None:
+        keys = ("config", "model", "optimizer", "batch_generator", "step", "history")
+        if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and all(k in state for k in keys)):
+            shown = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a Trainer state dict (one has the keys {', '.join(keys)}, ...), got {shown}")
         saved_device = _resolve_device(TrainConfig(device=state["config"].get("device", "auto")))
         saved = _as_resume_compares(state["config"], saved_device)
         mine = _as_resume_compares(self.config.to_dict(), self.device)
@@ -689,6 +717,9 @@ def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
     if out and (trainer.step_count == 0 or (not figures and trainer.step_count < config.steps)):
         # figures of an earlier step would sit beside the new summary (a finished run resumed keeps its own)
         stale += [os.path.join(out, "figures", name) for name in FIGURES]
+    for path in stale:
+        if os.path.isdir(path):  # before anything is removed
+            raise ValueError(f"{path!r} is a directory, where the run writes a file; move it away")
     for path in stale:
         if os.path.exists(path):
             os.remove(path)

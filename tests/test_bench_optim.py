@@ -1,7 +1,9 @@
 """The `fastcyclic bench optim` suite on CPU: records, files, correctness detection (refusals of bad input:
 test_bench_all.py)."""
+import argparse
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -261,6 +263,14 @@ def test_an_optimizer_that_writes_nan_into_a_small_tensor_is_reported_as_failing
 @pytest.mark.parametrize("text, value", [("2^25", 2**25), ("2**10", 1024), ("33554432", 2**25), ("1", 1)])
 def test_parse_size(text, value):
     assert optim.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text, message", [("2^70", "at most 2^40, got '2^70'"), ("3^40", "at most 2^40"),
+                                           ("2^-1", "a positive integer or a power"), ("0", "must be positive")])
+def test_parse_size_names_what_is_wrong(text, message):
+    """2^70 was called "not a positive integer or a power": it is one, only too large."""
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+        optim.parse_size(text)
 
 
 def test_bandwidth_and_rates_follow_the_median(tmp_path):

@@ -567,6 +567,55 @@ def test_unwritable_out_dir_is_refused(tmp_path):
         Trainer(TrainConfig(**dict(TINY, out_dir=str(blocker / "run"))))
 
 
+@pytest.mark.parametrize("callbacks,match", [
+    ([1], "each callback must be a function .* got 1"), (5, "callbacks must be a list of functions .* got 5"),
+    (print, "callbacks must be a list")])
+def test_callbacks_that_are_not_functions_are_refused_before_anything_is_written(tmp_path, callbacks, match):
+    """[1] failed at the first evaluation, after config.json and metrics.jsonl were written."""
+    with pytest.raises(TypeError, match=match):
+        train(TrainConfig(**dict(TINY, out_dir=str(tmp_path / "run"))), callbacks=callbacks)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("state", [{"config": [1]}, [], {"config": {}, "model": {}}])
+def test_a_state_dict_that_is_not_a_trainers_is_named(state):
+    with pytest.raises(ValueError, match="not a Trainer state dict"):
+        Trainer(TrainConfig(**TINY)).load_state_dict(state)
+
+
+def test_an_out_dir_that_is_a_file_is_named_so(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="out_dir .*file' is a file, not a directory"):
+        Trainer(TrainConfig(**dict(TINY, out_dir=str(tmp_path / "file"))))
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("files", [{"checkpoint.pt": "mine", "summary.json": "{}", "config.json": "keep"},
+                                   {"notes.txt": "mine"}, {"sweep.json": "{}"}],
+                         ids=["run-file-names", "other-file", "a-sweep"])
+def test_a_directory_that_holds_no_run_is_not_written_into(tmp_path, files):
+    """A fresh run removes the checkpoint, summary and figures of the run its directory held: in a folder of
+    someone else's files, it deleted them (and put a run beside a sweep)."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    with pytest.raises(ValueError, match="is not empty .* and holds no fastcyclic run"):
+        train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_a_directory_where_the_run_writes_a_file_is_refused_before_anything_is_removed(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
+    (out / "summary.json").write_text("the old summary")
+    (out / "checkpoint.pt").unlink()
+    (out / "checkpoint.pt").mkdir()
+    with pytest.raises(ValueError, match="checkpoint.pt' is a directory"):
+        train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
+    assert (out / "summary.json").read_text() == "the old summary"
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     config = dict(TINY, steps=200, optimizer="sgdw", momentum=0.0, weight_decay=0.0, checkpoint_every=10,
@@ -703,6 +752,17 @@ def test_cli_out_of_memory_is_one_line_not_a_traceback(error, monkeypatch, tmp_p
     assert cli_main(["train", "--p", "2147483647", "--batch-size", "8", "--out-dir", "none"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "out of memory with P=2147483647, d=2, hidden=16, batch_size=8" in err
+
+
+def test_cli_ctrl_c_before_the_first_checkpoint_does_not_offer_a_resume(monkeypatch, tmp_path, capsys):
+    """The hint said "rerun with --resume to continue from the last checkpoint" where none had been written."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert cli_main(["train", "--p", "23", "--out-dir", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "stopped before its first checkpoint: a rerun starts from step 0" in err and "--resume" not in err
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the subprocess runs the CPU path")
@@ -843,10 +903,17 @@ def test_cli_version_names_what_it_runs_on(capsys):
     (["train", "--weight-decay", "-.5"], "weight_decay must be a finite number >= 0, got -0.5"),
     (["sweep", "--p", "31", "--weight-decay", "-1e-3,1e-2"], "every λ must be > 0 (λ_crit is interpolated in "
                                                              "log λ), got -0.001"),
+    (["sweep", "--p", "31", "--weight-decay", "1e-3", "--seeds", "-1:3"], "seeds must be >= 0, got -1"),
+    (["bench", "ce", "--shapes", "-4x4x4"], "every size in NxDxK must be in [0, 2^31), got '-4x4x4'"),
+    (["bench", "geometry", "--shapes", "-16x4"], "every size in KxD must be in [0, 2^31), got '-16x4'"),
 ])
 def test_cli_negative_numbers_reach_the_check_that_names_them(argv, message, tmp_path, capsys):
     """argparse took "-1e-3" for an option and said only "expected one argument"."""
-    assert cli_main(argv + ["--out" if argv[0] == "sweep" else "--out-dir", str(tmp_path / "x")]) == 2
+    out = ["--out" if argv[0] in ("sweep", "bench") else "--out-dir", str(tmp_path / "x")]
+    try:
+        assert cli_main(argv + out) == 2
+    except SystemExit as stop:  # argparse's own refusal (an option's type)
+        assert stop.code == 2
     assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
