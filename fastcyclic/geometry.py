@@ -80,6 +80,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -240,6 +241,23 @@ def _count_for_mass(values_desc: torch.Tensor, mass: float) -> int:
 def _check_mass(mass: float) -> None:
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
+
+
+def _check_omega(omega, n: int) -> None:
+    """A frequency the caller chose: 1 … n−1 (ω and n−ω are one circle, run the other way)."""
+    if isinstance(omega, bool) or not isinstance(omega, numbers.Integral):
+        raise TypeError(f"omega must be an integer frequency, got {omega!r}")
+    if not 1 <= omega < n:
+        raise ValueError(f"omega must be in [1, {n - 1}] for {n} rows, got {omega}")
+
+
+def _check_rule(cyclic_rho2, cyclic_min_axis_ratio, etf_max_distance, multi_max_freq_fraction) -> None:
+    """The verdict rule's thresholds (module docstring): shares and ratios in [0, 1], a distance >= 0."""
+    for name, value, top in (("cyclic_rho2", cyclic_rho2, 1.0), ("cyclic_min_axis_ratio", cyclic_min_axis_ratio, 1.0),
+                             ("etf_max_distance", etf_max_distance, math.inf),
+                             ("multi_max_freq_fraction", multi_max_freq_fraction, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= top:
+            raise ValueError(f"{name} must be a number in [0, {top:g}], got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,6 +428,8 @@ def circle_fit(X, omega: int | None = None) -> CircleFit:
     c = _centre(_as_matrix(X, "X"), "X")
     if omega is None:
         omega = _fourier(c, FREQ_MASS).omega
+    else:
+        _check_omega(omega, c.x.shape[0])
     return _circle_fit(c, int(omega))
 
 
@@ -544,12 +564,17 @@ def nc_distances(M, omega: int | None = None) -> NCDistances:
         else:
             score = _power(unit.raw).cpu()[1:] / _weights(c.x.shape[0], "cpu")[1:].sqrt()
             omega = int(score.argmax()) + 1
+    else:
+        _check_omega(omega, c.x.shape[0])
     return _nc_distances(c, int(omega))
 
 
 def class_means(h, labels, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(K×d float64 class means, K per-class counts) of features h (N×d); classes without samples get a zero row."""
     h = _as_features(h)
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     K = num_classes if num_classes is not None else int(torch.as_tensor(labels).max()) + 1
     labels = _labels(labels, h.shape[0], K, h.device)
     counts = torch.bincount(labels, minlength=K)
@@ -586,6 +611,7 @@ def classify(rho2: float, freq_count: int, n: int, etf_distance: float, *, axis_
              cyclic_min_axis_ratio: float = CYCLIC_MIN_AXIS_RATIO, etf_max_distance: float = ETF_MAX_DISTANCE,
              multi_max_freq_fraction: float = MULTI_MAX_FREQ_FRACTION) -> str:
     """The verdict rule of the module docstring, for one matrix with n rows."""
+    _check_rule(cyclic_rho2, cyclic_min_axis_ratio, etf_max_distance, multi_max_freq_fraction)
     if degenerate or freq_count == 0:
         return "unstructured"
     # ρ₂ ≥ share holds exactly, but share comes from an FFT and ρ₂ from a Gram: at share = ρ₂ = 0.9 the two
@@ -674,6 +700,11 @@ def summarize(W, E, *, h=None, labels=None, mass: float = FREQ_MASS, cyclic_rho2
     embed-mlp's W is K×m while E is P×d); their widths may differ and locking is None (frequencies are still
     compared). With the default True, different widths are a ValueError."""
     _check_mass(mass)
+    _check_rule(cyclic_rho2, cyclic_min_axis_ratio, etf_max_distance, multi_max_freq_fraction)
+    if not isinstance(same_space, bool):
+        raise TypeError(f"same_space must be True or False, got {same_space!r}")
+    if isinstance(max_listed, bool) or not isinstance(max_listed, numbers.Integral) or max_listed < 0:
+        raise ValueError(f"max_listed must be an integer >= 0, got {max_listed!r}")
     W, E = _as_matrix(W, "W"), _as_matrix(E, "E")
     if same_space:
         _check_same_d(W, E, "E", hint="; for W and E in different spaces (embed-mlp) pass same_space=False")
@@ -722,13 +753,16 @@ def _rho2_pair(item) -> tuple[int, float | None, float | None]:
     """(step, ρ₂(W), ρ₂(E)) from one entry of a training series (see layer_order)."""
     if isinstance(item, Mapping):
         return int(item["step"]), item.get("rho2_W"), item.get("rho2_E")
-    item = tuple(item)
+    expected = "a series entry must be (step, summary), (step, W, E) or a dict with 'step'"
+    try:
+        item = tuple(item)
+    except TypeError:
+        raise ValueError(f"{expected}, got {item!r}") from None
     if len(item) == 3:
         step, W, E = item
         return int(step), spectrum(W).rho2, spectrum(E).rho2
     if len(item) != 2:
-        raise ValueError(f"a series entry must be (step, summary), (step, W, E) or a dict with 'step', "
-                         f"got a sequence of length {len(item)}")
+        raise ValueError(f"{expected}, got a sequence of length {len(item)}")
     step, s = item
     if isinstance(s, GeometrySummary):
         return int(step), s.rho2_W, s.rho2_E

@@ -315,6 +315,30 @@ def test_bad_input():
         g.summarize(ok, ok, h=torch.randn(3, 4))
 
 
+@pytest.mark.parametrize("call,error,match", [
+    (lambda X: g.circle_fit(X, omega=0), ValueError, r"omega must be in \[1, 6\] for 7 rows, got 0"),
+    (lambda X: g.circle_fit(X, omega=7), ValueError, "omega must be in"),
+    (lambda X: g.circle_fit(X, omega=1.5), TypeError, "omega must be an integer frequency, got 1.5"),
+    (lambda X: g.nc_distances(X, omega=-1), ValueError, "omega must be in .* got -1"),
+    (lambda X: g.summarize(X, X, cyclic_rho2=float("nan")), ValueError, r"cyclic_rho2 must be a number in \[0, 1\]"),
+    (lambda X: g.summarize(X, X, etf_max_distance=-0.1), ValueError,
+     r"etf_max_distance must be a number in \[0, inf\]"),
+    (lambda X: g.classify(0.95, 1, 7, 0.5, axis_ratio=1.0, cyclic_min_axis_ratio=2), ValueError,
+     "cyclic_min_axis_ratio must be"),
+    (lambda X: g.summarize(X, X, same_space="no"), TypeError, "same_space must be True or False, got 'no'"),
+    (lambda X: g.summarize(X, X, max_listed=-1), ValueError, "max_listed must be an integer >= 0, got -1"),
+    (lambda X: g.layer_order([1, 2, 3]), ValueError, "a series entry must be .* got 1"),
+    (lambda X: g.class_means(X, torch.tensor([0, 1, 2, 0, 1, 2, 0]), num_classes=-1), ValueError,
+     "num_classes must be an integer >= 1, got -1"),
+    (lambda X: g.nc1(X, torch.tensor([0, 1, 2, 0, 1, 2, 0]), num_classes=1.5), ValueError, "num_classes must be"),
+], ids=["omega-0", "omega-n", "omega-float", "nc-omega", "rho2-nan", "etf-negative", "classify-ratio",
+        "same-space", "max-listed", "layer-order-entry", "num-classes", "nc1-num-classes"])
+def test_bad_options_are_named(call, error, match):
+    """Each of these returned a meaningless fit or verdict, or failed inside with another error."""
+    with pytest.raises(error, match=match):
+        call(torch.randn(7, 4, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e-34, 1e20, 1e30])  # normal floats (a trainer sets flush-denormal)
 def test_float32_at_extreme_scales(gen, scale):
     """Weights decayed to 1e-30 (or blown up to 1e30) in float32: the FFT's sum of squares in float32 underflowed
