@@ -52,6 +52,18 @@ def is_integer(value) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def check_pair_tokens(a, b) -> None:
+    """a and b are integer tensors of one shape (token ids).  Their values, which must lie in [0, p), are not
+    checked: reading them would sync the device in every step."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of token ids, got "
+                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have one shape (one pair per entry), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+
+
 def _mul32(x: Tensor, c: int) -> Tensor:
     """``(x * c) mod 2^32`` for x in [0, 2^32) and a constant c < 2^32, without int64 overflow.
 
@@ -164,10 +176,12 @@ class ModularAddition:
     def is_train(self, a: Tensor, b: Tensor) -> Tensor:
         """Bool tensor: which pairs (a, b) are train pairs.  a, b must lie in [0, p) (not checked:
         a check would sync the host)."""
+        check_pair_tokens(a, b)
         return pair_hash(a, b, self.key) < self.threshold
 
     def label(self, a: Tensor, b: Tensor) -> Tensor:
-        """The class of each pair, (a + b) mod p."""
+        """The class of each pair, (a + b) mod p (a, b in [0, p): not checked, as in is_train)."""
+        check_pair_tokens(a, b)
         return (a + b) % self.p
 
     # ---- training batches ----

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastcyclic.data import is_integer
+from fastcyclic.data import check_pair_tokens, is_integer
 
 MODELS = ("embed-sum", "embed-mlp")
 ACTIVATIONS = ("relu", "square", "gelu")
@@ -129,7 +129,9 @@ class CyclicModel(nn.Module):
         return self.embedding[tokens]
 
     def features(self, a: Tensor, b: Tensor) -> Tensor:
-        """h_out (N x out_dim): the vector that meets W, after the readout V when factorised."""
+        """h_out (N x out_dim): the vector that meets W, after the readout V when factorised.  a, b: integer
+        tensors of one shape, values in [0, p) (not checked: that would sync the device)."""
+        check_pair_tokens(a, b)  # tensors of two lengths would broadcast into a wrong batch
         ea, eb = self._rows(a), self._rows(b)
         if self.model == "embed-sum":
             h = self._act(ea + eb)

@@ -412,6 +412,18 @@ def test_bad_model_arguments(kwargs, match):
         CyclicModel(**kwargs)
 
 
+@pytest.mark.parametrize("a,b,error,match", [
+    (torch.tensor([1, 2]), torch.tensor([0]), ValueError, r"a and b must have one shape .* got \(2,\) and \(1,\)"),
+    (torch.tensor([1.0]), torch.tensor([0]), TypeError, "a must be an integer tensor of token ids, got torch.float32"),
+    ([1], torch.tensor([0]), TypeError, "a must be an integer tensor .* got list"),
+], ids=["two-lengths", "float", "list"])
+def test_token_tensors_of_another_shape_or_dtype_are_refused(a, b, error, match):
+    """Two lengths broadcast into a batch of the wrong pairs; float tokens gave a label of 5.5."""
+    for call in (CyclicModel(7, 4).features, ModularAddition(7, 0.5, 0).label, ModularAddition(7, 0.5, 0).is_train):
+        with pytest.raises(error, match=match):
+            call(a, b)
+
+
 @pytest.mark.parametrize("model", ["embed-sum", "embed-mlp"])
 def test_tiny_full_batch_run_fits_the_train_set(model):
     torch.manual_seed(0)
