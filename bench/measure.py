@@ -33,6 +33,7 @@ import importlib
 import io
 import json
 import math
+import re
 import os
 import platform
 import statistics
@@ -280,8 +281,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# the CPU allocator's RuntimeError, after "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+_CPU_OUT_OF_MEMORY = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
+
+
 def error_text(exc: BaseException) -> str:
-    """The exception's type and first line, short enough for a table and a CSV cell."""
+    """The exception's type and first line, short enough for a table and a CSV cell; the CPU allocator's
+    out-of-memory error as the size it asked for (its first 80 characters are an assertion's location)."""
+    cpu_request = _CPU_OUT_OF_MEMORY.search(str(exc))
+    if cpu_request:
+        return f"{type(exc).__name__}: out of memory: tried to allocate {int(cpu_request[1]) / 2**30:.4g} GiB"
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
@@ -291,8 +300,8 @@ FAILED = ("failed", "oom")  # statuses of a case that did not run through (our m
 
 def error_fields(exc: BaseException, context: str = "") -> dict:
     """status ("oom" or "failed") and error (context, then error_text) of a case that exc stopped."""
-    return {"status": "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed",
-            "error": context + error_text(exc)}
+    out_of_memory = isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or bool(_CPU_OUT_OF_MEMORY.search(str(exc)))
+    return {"status": "oom" if out_of_memory else "failed", "error": context + error_text(exc)}
 
 
 def release(device: torch.device) -> None:
