@@ -33,9 +33,9 @@ import importlib
 import io
 import json
 import math
-import re
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
