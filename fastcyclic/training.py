@@ -242,6 +242,9 @@ def _as_resume_compares(config: dict, device: torch.device) -> dict:
     return view
 
 
+_WRITE_TEST = ".write-test-"  # the file _check_out_dir writes (a kill could leave it)
+
+
 def _check_out_dir(path: str) -> None:
     """Create out_dir and prove it writable before any training starts.  A directory that holds files but no
     run is refused: a fresh run removes and replaces a run's files (checkpoint, summary, figures), which in
@@ -250,11 +253,11 @@ def _check_out_dir(path: str) -> None:
         raise ValueError(f"out_dir {path!r} is a file, not a directory")
     try:
         os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=path, prefix=_WRITE_TEST):
             pass
     except OSError as e:
         raise ValueError(f"out_dir {path!r} is not writable: {e}") from e
-    others = sorted(name for name in os.listdir(path) if not is_temporary(name))
+    others = sorted(name for name in os.listdir(path) if not (is_temporary(name) or name.startswith(_WRITE_TEST)))
     if others and not _holds_a_run(path):
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise ValueError(f"out_dir {path!r} is not empty ({shown}) and holds no fastcyclic run (no run's "
@@ -563,7 +566,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         keys = ("config", "model", "optimizer", "batch_generator", "step", "history")
         if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and all(k in state for k in keys)):
-            shown = sorted(state) if isinstance(state, dict) else type(state).__name__
+            shown = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"not a Trainer state dict (one has the keys {', '.join(keys)}, ...), got {shown}")
         saved_device = _resolve_device(TrainConfig(device=state["config"].get("device", "auto")))
         saved = _as_resume_compares(state["config"], saved_device)
