@@ -113,6 +113,13 @@ def test_enumerated_and_hashed_paths_agree():
     assert big.n_train + big.n_test == p * p
 
 
+def test_the_hashed_train_count_is_the_expectation_rounded():
+    """hash_fraction · P² = 2938880.6998 at P = 2049, 70 %: truncating it gave 2938880."""
+    p = 2049
+    ds = ModularAddition(p, 0.7, seed=0, enumerate_limit=p * p - 1, test_sample=50)
+    assert ds.n_train == round(ds.hash_fraction * p * p) == 2938881 and ds.n_train + ds.n_test == p * p
+
+
 def test_hashed_sample_train_gives_train_pairs_with_labels(gen):
     p = 4099  # P^2 > the default enumerate_limit
     ds = ModularAddition(p, 0.3, seed=1, test_sample=1000)

@@ -169,6 +169,9 @@ def test_circle_fit_detects_uneven_points(gen):
     fit = g.circle_fit(embed(torch.stack([torch.cos(angle), torch.sin(angle)], 1), 5, gen))
     assert fit.gap_error > 0.05
     assert 0.5 < fit.phase_r2 < 0.999
+    # phase_r2 is |mean e^(i·phase error)|², not its modulus (0.978 here); up to the shift of the centring
+    expected = float(torch.polar(torch.ones(K, dtype=F64), 0.3 * torch.sin(2 * math.pi * k / K)).mean().abs()) ** 2
+    assert fit.phase_r2 == pytest.approx(expected, abs=1e-5) and expected == pytest.approx(0.9558, abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,6 +391,15 @@ def test_verdict_thresholds_are_inclusive():
         assert most == g.MULTI_MAX_FREQ_FRACTION * (n // 2)
         assert g.classify(0.5, most, n, far, axis_ratio=1.0) == "multi-frequency"
         assert g.classify(0.5, most + 1, n, far, axis_ratio=1.0) == "unstructured"
+    # one frequency below the cyclic rho2 is not "multi-frequency" (rule 4 needs two): it ends in rule 5
+    assert g.classify(0.5, 1, 97, far, axis_ratio=1.0) == "unstructured"
+
+
+def test_the_frequency_count_forgives_a_rounding_at_exactly_the_mass():
+    """mass = a/(a+b) reached by the first value alone: mass·total rounds a hair above a in 6 % of such pairs."""
+    a, b = 0.4765969541523558, 0.2780381031114573
+    assert a / (a + b) * (a + b) > a  # the case: without the slack the count would be 2
+    assert g._count_for_mass(torch.tensor([a, b], dtype=F64), a / (a + b)) == 1
 
 
 def test_wide_matrices_match_the_svd(gen):
@@ -541,6 +553,10 @@ def test_nc1(gen):
     assert g.nc1(h, labels) == pytest.approx(want, rel=1e-9)
     cm, counts = g.class_means(h, labels)
     assert torch.allclose(cm, mu) and counts.tolist() == [per] * K
+    # classes without samples (a sample of h that misses some) are left out of Σ_B's mean, not counted as zeros
+    present = labels < K - 2
+    assert g.nc1(h[present], labels[present], num_classes=K) == pytest.approx(g.nc1(h[present], labels[present]),
+                                                                              rel=1e-12)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1093,6 +1093,18 @@ def test_a_record_file_naming_another_run_is_redone(tmp_path):
     assert len(warnings) == 1 and "will be redone" in warnings[0]
 
 
+@pytest.mark.parametrize("status", ["running", None])
+def test_a_record_that_is_neither_ok_nor_failed_is_redone(tmp_path, status):
+    """A record of its own id but no final status: --analyze-only counted it as a failed run."""
+    spec = sweep.RunSpec("main-a", "main", "main", dict(p=11, weight_decay=0.1, seed=0))
+    (tmp_path / sweep.RUNS_DIR).mkdir()
+    record = dict(fake(11, 0.1, 0, "cyclic"), id="main-a", status=status)
+    (tmp_path / sweep.RUNS_DIR / "main-a.json").write_text(json.dumps(record))
+    warnings = []
+    assert sweep.load_records(str(tmp_path), [spec], warn=warnings.append) == {}
+    assert len(warnings) == 1 and "will be redone" in warnings[0]
+
+
 def test_csv_lists_top_frequencies_separated_by_spaces():
     """runs.csv's top_freqs_W/E columns are the frequencies, space-separated, in order of energy."""
     record = fake(97, 0.01, 0, "multi-frequency")
