@@ -754,17 +754,6 @@ def test_cli_out_of_memory_is_one_line_not_a_traceback(error, monkeypatch, tmp_p
     assert err.count("\n") == 1 and "out of memory with P=2147483647, d=2, hidden=16, batch_size=8" in err
 
 
-def test_cli_ctrl_c_before_the_first_checkpoint_does_not_offer_a_resume(monkeypatch, tmp_path, capsys):
-    """The hint said "rerun with --resume to continue from the last checkpoint" where none had been written."""
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "train", interrupted)
-    assert cli_main(["train", "--p", "23", "--out-dir", str(tmp_path / "run")]) == 130
-    err = capsys.readouterr().err
-    assert "stopped before its first checkpoint: a rerun starts from step 0" in err and "--resume" not in err
-
-
 @pytest.mark.skipif(DEVICE != "cpu", reason="the subprocess runs the CPU path")
 def test_sigterm_stops_train_like_ctrl_c(tmp_path):
     """SIGTERM (kill, a job scheduler) ended the process at once: no message, and temporary files of a checkpoint
@@ -1124,15 +1113,19 @@ def test_cli_exit_codes_of_a_diverged_run_and_of_an_error_that_is_not_memory(mon
         cli_main(["train", "--out-dir", "none"])
 
 
-def test_interrupt_hint_when_checkpoints_are_off(monkeypatch, capsys, tmp_path):
-    """An out_dir but --checkpoint-every 0: nothing to resume from, so no --resume hint."""
+@pytest.mark.parametrize("options, hint", [
+    (["--checkpoint-every", "0"], "nothing was checkpointed"),
+    # stopped before its first checkpoint: the hint offered "--resume to continue from the last checkpoint"
+    ([], "stopped before its first checkpoint: a rerun starts from step 0")])
+def test_interrupt_hint_when_there_is_no_checkpoint(monkeypatch, capsys, tmp_path, options, hint):
+    """An out_dir but no checkpoint in it: nothing to resume from, so no --resume hint."""
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "train", interrupted)
-    assert cli_main(["train", "--checkpoint-every", "0", "--out-dir", str(tmp_path / "run")]) == 130
+    assert cli_main(["train", *options, "--out-dir", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
-    assert "nothing was checkpointed" in err and "--resume" not in err
+    assert hint in err and "--resume" not in err
 
 
 def test_help_shows_no_rest_backticks(capsys):
