@@ -49,12 +49,6 @@ def _number(value) -> float:
     return float(value.detach().cpu()) if isinstance(value, Tensor) else float(value)
 
 
-def _holds_tensors(group: dict) -> bool:
-    """Some hyperparameter of the group is a tensor (a device scalar: reading it would sync the device)."""
-    return any(isinstance(v, Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(x, Tensor) for x in v))
-               for k, v in group.items() if k != "params")
-
-
 def _check_real(name: str, value) -> None:
     if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
         return  # torch.optim takes tensor betas; float() reads them
@@ -96,6 +90,7 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         self._tables: dict = {}  # bucket -> kernels.optim.TensorTable
         self._nonfinite_steps: dict = {}  # device -> 0-dim count
         self._fused_weights: dict = {}  # id(weight) -> FusedUpdate handle, see fused_update()
+        self._checked: dict = {}  # group index -> the float hyperparameters last checked (check_values)
         super().__init__(params, defaults)
 
     # -- param groups ---------------------------------------------------------------------------
@@ -107,9 +102,23 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()  # a refused group must not stay (its params would be stepped)
             raise
 
-    def _check_group(self, group: dict) -> None:
+    def _check_group(self, group: dict, *, at_step: bool = False) -> None:
         _check_unsupported(group)
         _check_common(group["lr"], group["weight_decay"], group["weight_decay_mode"], group["backend"])
+
+    def check_values(self, index: int) -> None:
+        """Check group ``index`` again before an update uses it: a scheduler, or a user, may have written any
+        value into it since.  Only float values are read (a tensor would sync the device), and only when they
+        changed; a group holding a tensor hyperparameter is left as its construction checked it."""
+        group = self.param_groups[index]
+        values = _hyper_snapshot(group)
+        if len(values) < len(group) - 1 or self._checked.get(index) == values:  # a tensor among them, or checked
+            return
+        try:
+            self._check_group(group, at_step=True)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"param_groups[{index}], as the update found it: {e}") from None
+        self._checked[index] = values
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite}
@@ -118,7 +127,7 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         # caches of device scalars and launch tables are rebuilt (a copy or an unpickled optimizer)
         self.__dict__.setdefault("skip_nonfinite", False)
-        for name in ("_scalars", "_tables", "_nonfinite_steps", "_fused_weights"):
+        for name in ("_scalars", "_tables", "_nonfinite_steps", "_fused_weights", "_checked"):
             self.__dict__.setdefault(name, {})
         for group in self.param_groups:
             if "weight_decay_mode" not in group:  # a torch.optim state dict: which rule did it use?
@@ -274,8 +283,7 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         # from this first pass, before any parameter, moment or step count moves
         launches = []
         for index, group in enumerate(self.param_groups):
-            if not _holds_tensors(group):  # a scheduler, or a user, may have written any value into the group
-                self._check_group(group)
+            self.check_values(index)
             buckets: dict = {}
             for p, g in self._grads_with_params(group):
                 _check_floating(p)
@@ -430,7 +438,7 @@ class AdamW(_WeightDecayOptimizer):
             _take_decoupled_flag(param_group, "a param group")
         super().add_param_group(param_group)
 
-    def _check_group(self, group: dict) -> None:
+    def _check_group(self, group: dict, *, at_step: bool = False) -> None:
         if "decoupled_weight_decay" in group:
             _take_decoupled_flag(group, "the state dict")
         super()._check_group(group)
@@ -548,9 +556,10 @@ class SGDW(_WeightDecayOptimizer):
                         weight_decay=weight_decay, weight_decay_mode=weight_decay_mode, backend=backend)
         super().__init__(params, defaults, skip_nonfinite)
 
-    def _check_group(self, group: dict) -> None:
+    def _check_group(self, group: dict, *, at_step: bool = False) -> None:
         super()._check_group(group)
-        _check_momentum(group["momentum"], group["dampening"], group["nesterov"])
+        # a scheduler may cycle momentum down to 0 under nesterov (OneCycleLR, CyclicLR): plain SGD, as in torch
+        _check_momentum(group["momentum"], group["dampening"], group["nesterov"] and not at_step)
 
     def _torch_weight_decay_mode(self, group: dict) -> str:
         return "l2"  # torch.optim.SGD's weight decay joins the gradient
@@ -668,6 +677,7 @@ class FusedUpdate:
         if self.optimizer.skip_nonfinite:
             raise ValueError("the fused update cannot skip a step for non-finite gradients it has not seen yet "
                              "(optimizer.skip_nonfinite was set to True)")
+        self.optimizer.check_values(self.group_index)  # the backward updates the weight with these values
         self._check_can_update()
 
     def _check_can_update(self) -> None:
@@ -814,8 +824,11 @@ def _capturing() -> bool:
 
 
 def _hyper_snapshot(group: dict) -> dict:
-    # float hyper-parameters only: a tensor lr changed in place is read on the device (no host sync here)
-    return {k: v for k, v in group.items() if k != "params" and not isinstance(v, Tensor)}
+    # float hyper-parameters only (and tuples of them, betas): a tensor lr changed in place is read on the
+    # device (no host sync here)
+    def holds_tensor(v):
+        return isinstance(v, Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(x, Tensor) for x in v))
+    return {k: v for k, v in group.items() if k != "params" and not holds_tensor(v)}
 
 
 def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accumulation_steps: int = 1,

@@ -1720,6 +1720,40 @@ def test_a_value_written_into_a_group_is_checked_at_the_step(backend, make, chan
     assert torch.equal(p.detach(), before[0]) and all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_value_written_into_the_classifiers_group_is_checked_before_the_fused_backward(backend, gen):
+    """The fused update steps W inside the backward: an lr of inf moved W there, and step() then refused the rest."""
+    W = torch.randn(7, 4, device=DEVICE, generator=gen).requires_grad_()
+    E = torch.randn(10, 4, device=DEVICE, generator=gen).requires_grad_()
+    opt = AdamW([W, E], lr=1e-2, backend=backend)
+    handle = fused_update(opt, W)
+    tokens, target = torch.randint(0, 10, (5,), device=DEVICE), torch.randint(0, 7, (5,), device=DEVICE)
+    linear_cross_entropy(E[tokens], W, target, backend=backend, fused_update=handle).backward()
+    opt.step()
+    opt.zero_grad()
+    before = W.detach().clone(), E.detach().clone()
+    opt.param_groups[0]["lr"] = float("inf")
+    with pytest.raises(ValueError, match=r"param_groups\[0\], as the update found it: lr must be finite, got inf"):
+        linear_cross_entropy(E[tokens], W, target, backend=backend, fused_update=handle).backward()
+    assert torch.equal(W.detach(), before[0]) and torch.equal(E.detach(), before[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nesterov_with_momentum_cycled_to_zero_steps_like_torch(backend):
+    """OneCycleLR(base_momentum=0) or CyclicLR bring momentum to 0 mid-run: plain SGD in torch, refused here."""
+    ours, theirs = (torch.ones(3, device=DEVICE, requires_grad=True) for _ in range(2))
+    opts = (SGDW([ours], lr=0.1, momentum=0.9, nesterov=True, backend=backend),
+            torch.optim.SGD([theirs], lr=0.1, momentum=0.9, nesterov=True))
+    for momentum in (0.9, 0.0, 0.5):
+        for opt, p in zip(opts, (ours, theirs)):
+            opt.param_groups[0]["momentum"] = momentum
+            p.grad = torch.full((3,), 0.5, device=DEVICE)
+            opt.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0"):
+        SGDW([ours], lr=0.1, momentum=0.0, nesterov=True)  # at construction it is still a contradiction
+
+
 @pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1), lambda ps: SGDW(ps, lr=0.1, momentum=0.9)],
                          ids=["adamw", "sgdw"])
 def test_a_state_dict_whose_moments_do_not_fit_the_parameters_is_refused(make):
