@@ -39,16 +39,11 @@ def write_atomic(path: str, write: Callable[[BinaryIO], object]) -> str:
     return path
 
 
-def is_temporary(name: str) -> bool:
-    """A file name write_atomic uses for its temporary files."""
-    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
-
-
 def remove_temporaries(folder: str) -> None:
     """Delete the temporary files of writes a SIGKILL interrupted in folder (write_atomic's cleanup never ran):
     a checkpoint's size each.  Only for a folder no other process is writing to."""
     for name in os.listdir(folder):
-        if is_temporary(name):
+        if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
             os.remove(os.path.join(folder, name))
 
 

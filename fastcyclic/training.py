@@ -34,7 +34,7 @@ import torch
 
 from fastcyclic import geometry
 from fastcyclic.data import MAX_P, ModularAddition, is_integer
-from fastcyclic.files import exclusive_lock, is_temporary, remove_temporaries, write_atomic, write_json
+from fastcyclic.files import exclusive_lock, remove_temporaries, write_atomic, write_json
 from fastcyclic.kernels import auto_backend, require_triton
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
 from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update, fused_update_fits
@@ -242,32 +242,38 @@ def _as_resume_compares(config: dict, device: torch.device) -> dict:
     return view
 
 
-_WRITE_TEST = ".write-test-"  # the file _check_out_dir writes (a kill could leave it)
-
-
 def _check_out_dir(path: str) -> None:
-    """Create out_dir and prove it writable before any training starts.  A directory that holds files but no
-    run is refused: a fresh run removes and replaces a run's files (checkpoint, summary, figures), which in
-    someone else's folder are not ours to remove."""
+    """Create out_dir and prove it writable before any training starts."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"out_dir {path!r} is a file, not a directory")
     try:
         os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=_WRITE_TEST):
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as e:
         raise ValueError(f"out_dir {path!r} is not writable: {e}") from e
-    others = sorted(name for name in os.listdir(path) if not (is_temporary(name) or name.startswith(_WRITE_TEST)))
-    if others and not _holds_a_run(path):
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise ValueError(f"out_dir {path!r} is not empty ({shown}) and holds no fastcyclic run (no run's "
-                         "config.json); refusing to write into it: give a new or empty directory")
 
 
-def _holds_a_run(path: str) -> bool:
-    """path/config.json is a run's config (the file a run writes first)."""
+def _check_holds_a_run_or_nothing(path: str) -> None:
+    """A fresh run removes and replaces a run's files (checkpoint, summary, figures): in a folder that holds
+    other files and no run, they are someone else's.  Hidden files (.gitkeep, our temporaries) do not count."""
+    others = sorted(name for name in os.listdir(path) if not name.startswith("."))
+    if not others or _is_run_config(os.path.join(path, "config.json")):
+        return
+    if os.path.exists(os.path.join(path, CHECKPOINT)):  # a Trainer's own save_checkpoint, without train()
+        with contextlib.suppress(ValueError):
+            load_checkpoint(os.path.join(path, CHECKPOINT))
+            return
+    shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    raise ValueError(f"out_dir {path!r} is not empty ({shown}) and holds no fastcyclic run (neither a run's "
+                     f"config.json nor a training {CHECKPOINT}); refusing to write into it: give a new or empty "
+                     "directory")
+
+
+def _is_run_config(path: str) -> bool:
+    """path is a run's config.json (TrainConfig.to_dict, the file a run writes first)."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
+        with open(path) as f:
             saved = json.load(f)
     except (OSError, ValueError):
         return False
@@ -696,6 +702,8 @@ def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
     out = config.out_dir
     paths = {}
     checkpoint = os.path.join(out, CHECKPOINT) if out else None
+    if out:
+        _check_holds_a_run_or_nothing(out)  # under the lock, before anything in out_dir is removed or written
     if resume:
         if not out:
             raise ValueError("resume=True needs out_dir")

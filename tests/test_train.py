@@ -605,6 +605,21 @@ def test_a_directory_that_holds_no_run_is_not_written_into(tmp_path, files):
     assert {p.name: p.read_text() for p in out.iterdir()} == files
 
 
+def test_a_directory_with_hidden_files_or_a_trainers_own_checkpoint_is_written_into(tmp_path):
+    """A .gitkeep is no one's run; nor is a checkpoint that Trainer.save_checkpoint wrote without train() (the
+    research loop), which train(resume=True) continues."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".gitkeep").write_text("")
+    assert train(TrainConfig(**dict(TINY, steps=20, out_dir=str(hidden))), figures=False).final["step"] == 20
+    out = tmp_path / "research"
+    trainer = Trainer(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))))
+    for _ in range(20):
+        trainer.step()
+    trainer.save_checkpoint(str(out / "checkpoint.pt"))
+    assert train(TrainConfig(**dict(TINY, steps=40, out_dir=str(out))), resume=True, figures=False).final["step"] == 40
+
+
 def test_a_directory_where_the_run_writes_a_file_is_refused_before_anything_is_removed(tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(**dict(TINY, steps=20, out_dir=str(out))), figures=False)
