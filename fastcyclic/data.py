@@ -53,15 +53,18 @@ def is_integer(value) -> bool:
 
 
 def check_pair_tokens(a, b) -> None:
-    """a and b are integer tensors of one shape (token ids).  Their values, which must lie in [0, p), are not
-    checked: reading them would sync the device in every step."""
+    """a and b are integer tensors of token ids whose shapes broadcast (a[:, None] and a[None, :] give the
+    table of all pairs).  Their values, which must lie in [0, p), are not checked: reading them would sync the
+    device in every step."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor of token ids, got "
                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have one shape (one pair per entry), got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(f"a and b must have shapes that broadcast (one pair per entry), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}") from None
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:

@@ -130,8 +130,8 @@ class CyclicModel(nn.Module):
 
     def features(self, a: Tensor, b: Tensor) -> Tensor:
         """h_out (N x out_dim): the vector that meets W, after the readout V when factorised.  a, b: integer
-        tensors of one shape, values in [0, p) (not checked: that would sync the device)."""
-        check_pair_tokens(a, b)  # tensors of two lengths would broadcast into a wrong batch
+        tensors whose shapes broadcast, values in [0, p) (not checked: that would sync the device)."""
+        check_pair_tokens(a, b)  # float tokens, or shapes that do not broadcast, fail deep inside torch
         ea, eb = self._rows(a), self._rows(b)
         if self.model == "embed-sum":
             h = self._act(ea + eb)

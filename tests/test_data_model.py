@@ -420,15 +420,25 @@ def test_bad_model_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize("a,b,error,match", [
-    (torch.tensor([1, 2]), torch.tensor([0]), ValueError, r"a and b must have one shape .* got \(2,\) and \(1,\)"),
+    (torch.tensor([1, 2]), torch.tensor([0, 1, 2]), ValueError,
+     r"a and b must have shapes that broadcast .* got \(2,\) and \(3,\)"),
     (torch.tensor([1.0]), torch.tensor([0]), TypeError, "a must be an integer tensor of token ids, got torch.float32"),
     ([1], torch.tensor([0]), TypeError, "a must be an integer tensor .* got list"),
 ], ids=["two-lengths", "float", "list"])
 def test_token_tensors_of_another_shape_or_dtype_are_refused(a, b, error, match):
-    """Two lengths broadcast into a batch of the wrong pairs; float tokens gave a label of 5.5."""
+    """Float tokens gave a label of 5.5; lengths that do not broadcast failed deep inside torch."""
     for call in (CyclicModel(7, 4).features, ModularAddition(7, 0.5, 0).label, ModularAddition(7, 0.5, 0).is_train):
         with pytest.raises(error, match=match):
             call(a, b)
+
+
+def test_token_tensors_that_broadcast_give_the_table_of_pairs():
+    p = 7
+    a = torch.arange(p)
+    data, model = ModularAddition(p, 0.5, 0), CyclicModel(p, 4)
+    assert torch.equal(data.label(a[:, None], a[None, :]), (a[:, None] + a[None, :]) % p)
+    assert data.is_train(a[:, None], a[None, :]).shape == (p, p)
+    assert torch.equal(model.features(a, torch.tensor(3)), model.features(a, torch.full((p,), 3)))
 
 
 @pytest.mark.parametrize("model", ["embed-sum", "embed-mlp"])
