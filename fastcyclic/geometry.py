@@ -81,10 +81,12 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import operator
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -243,12 +245,18 @@ def _check_mass(mass: float) -> None:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
 
 
-def _check_omega(omega, n: int) -> None:
-    """A frequency the caller chose: 1 … n−1 (ω and n−ω are one circle, run the other way)."""
-    if isinstance(omega, bool) or not isinstance(omega, numbers.Integral):
-        raise TypeError(f"omega must be an integer frequency, got {omega!r}")
+def _check_omega(omega, n: int) -> int:
+    """A frequency the caller chose (an int, a NumPy integer, a 0-dim integer tensor): 1 … n−1 (ω and n−ω are
+    one circle, run the other way)."""
+    try:
+        if isinstance(omega, bool):
+            raise TypeError
+        omega = operator.index(omega)
+    except TypeError:
+        raise TypeError(f"omega must be an integer frequency, got {omega!r}") from None
     if not 1 <= omega < n:
         raise ValueError(f"omega must be in [1, {n - 1}] for {n} rows, got {omega}")
+    return omega
 
 
 def _check_rule(cyclic_rho2, cyclic_min_axis_ratio, etf_max_distance, multi_max_freq_fraction) -> None:
@@ -256,7 +264,9 @@ def _check_rule(cyclic_rho2, cyclic_min_axis_ratio, etf_max_distance, multi_max_
     for name, value, top in (("cyclic_rho2", cyclic_rho2, 1.0), ("cyclic_min_axis_ratio", cyclic_min_axis_ratio, 1.0),
                              ("etf_max_distance", etf_max_distance, math.inf),
                              ("multi_max_freq_fraction", multi_max_freq_fraction, 1.0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= top:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number in [0, {top:g}], got {value!r}")
+        if not 0.0 <= value <= top:
             raise ValueError(f"{name} must be a number in [0, {top:g}], got {value!r}")
 
 
@@ -429,7 +439,7 @@ def circle_fit(X, omega: int | None = None) -> CircleFit:
     if omega is None:
         omega = _fourier(c, FREQ_MASS).omega
     else:
-        _check_omega(omega, c.x.shape[0])
+        omega = _check_omega(omega, c.x.shape[0])
     return _circle_fit(c, int(omega))
 
 
@@ -565,7 +575,7 @@ def nc_distances(M, omega: int | None = None) -> NCDistances:
             score = _power(unit.raw).cpu()[1:] / _weights(c.x.shape[0], "cpu")[1:].sqrt()
             omega = int(score.argmax()) + 1
     else:
-        _check_omega(omega, c.x.shape[0])
+        omega = _check_omega(omega, c.x.shape[0])
     return _nc_distances(c, int(omega))
 
 
@@ -701,7 +711,7 @@ def summarize(W, E, *, h=None, labels=None, mass: float = FREQ_MASS, cyclic_rho2
     compared). With the default True, different widths are a ValueError."""
     _check_mass(mass)
     _check_rule(cyclic_rho2, cyclic_min_axis_ratio, etf_max_distance, multi_max_freq_fraction)
-    if not isinstance(same_space, bool):
+    if not isinstance(same_space, (bool, np.bool_)):
         raise TypeError(f"same_space must be True or False, got {same_space!r}")
     if isinstance(max_listed, bool) or not isinstance(max_listed, numbers.Integral) or max_listed < 0:
         raise ValueError(f"max_listed must be an integer >= 0, got {max_listed!r}")

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -340,6 +341,14 @@ def test_bad_options_are_named(call, error, match):
     """Each of these returned a meaningless fit or verdict, or failed inside with another error."""
     with pytest.raises(error, match=match):
         call(torch.randn(7, 4, dtype=torch.float64))
+
+
+def test_integer_omegas_of_numpy_and_torch_and_a_numpy_bool_are_taken():
+    X = torch.randn(7, 4, dtype=torch.float64)
+    fits = [g.circle_fit(X, omega=w) for w in (2, np.int64(2), torch.tensor(2))]
+    assert all(f == fits[0] for f in fits) and fits[0].omega == 2
+    assert g.nc_distances(X, omega=torch.tensor(3)) == g.nc_distances(X, omega=3)
+    assert g.summarize(X, X, same_space=np.bool_(True)).locking is not None
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-34, 1e20, 1e30])  # normal floats (a trainer sets flush-denormal)
