@@ -178,7 +178,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train_and_report(args: argparse.Namespace) -> int:
-    from fastcyclic.training import TrainConfig, TrainingDiverged, report, train
+    from fastcyclic.training import CHECKPOINT, TrainConfig, TrainingDiverged, report, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
@@ -197,7 +197,7 @@ def _train_and_report(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main runs this under sweep.interruptible)
         if values["out_dir"] is None or not values["checkpoint_every"]:
             hint = "nothing was checkpointed (no --out-dir, or --checkpoint-every 0): a rerun starts from step 0"
-        elif not os.path.exists(os.path.join(values["out_dir"], "checkpoint.pt")):
+        elif not os.path.exists(os.path.join(values["out_dir"], CHECKPOINT)):
             hint = "stopped before its first checkpoint: a rerun starts from step 0"
         else:
             hint = "rerun the same command with --resume to continue from the last checkpoint"
