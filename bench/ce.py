@@ -72,12 +72,6 @@ def target(n: int, d: int, k: int, dtype: torch.dtype, device: torch.device) -> 
     return None
 
 
-def meets(record: dict, bounds: dict) -> bool:
-    """Whether a record's figures meet target bounds (speedups at least, the rest at most)."""
-    return all(record[key] >= bound if key.startswith("speedup") else record[key] <= bound
-               for key, bound in bounds.items())
-
-
 def tf32(dtype: torch.dtype, device: torch.device) -> bool:
     if dtype != torch.float32 or device.type != "cuda":
         return False
@@ -411,8 +405,9 @@ def _speedups(records: list[dict]) -> None:
                             r[f"memory_vs_{other}"] = r["peak_extra_gib"] / o["peak_extra_gib"]
                 # judged once every figure it bounds is known (eager may not have run yet, or at all)
                 r.pop("meets_target", None)
-                if r.get("target") and all(r.get(key) is not None for key in r["target"]):
-                    r["meets_target"] = meets(r, r["target"])
+                verdict = measure.meets(r, r["target"]) if r.get("target") else None
+                if verdict is not None:
+                    r["meets_target"] = verdict
 
 
 # --------------------------------------------------------------------------------------------

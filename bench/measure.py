@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -666,6 +667,15 @@ def wrote(out: Path, files) -> str:
 
 
 INCOMPLETE = 3  # the exit code of a suite that found nothing wrong but left some of our cases unrun (time budget)
+
+
+def meets(record: dict, bounds: dict) -> Optional[bool]:
+    """Whether a record's figures meet target bounds (speedups at least, the rest at most); None while one of
+    them is unknown (not measured, or not yet: a verdict on part of a target would be no verdict)."""
+    if any(record.get(key) is None for key in bounds):
+        return None
+    return all(record[key] >= bound if key.startswith("speedup") else record[key] <= bound
+               for key, bound in bounds.items())
 
 
 def exit_status(wrong: list, failed: list, message: str, skipped: list = ()) -> int:

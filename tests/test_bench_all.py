@@ -117,17 +117,31 @@ def test_a_suite_folder_that_is_a_file_is_refused_before_anything_is_written(tmp
 def test_budget_spent_records_every_case_as_skipped(tiny, tmp_path):
     """Nothing of ours was run, so nothing was checked: exit 3 (incomplete), where it was 0 and every suite "ok"."""
     out = tmp_path / "res"
-    assert main(["bench", "all", "--device", "cpu", "--quick", "--budget-s", "1e-9", "--suites", "ce", "train",
-                 "geometry", "--out", str(out)]) == measure.INCOMPLETE == 3
+    assert main(["bench", "all", "--device", "cpu", "--quick", "--budget-s", "1e-9", "--out", str(out)]) == \
+        measure.INCOMPLETE == 3
     assert not measure.out_of_time()  # the budget ends with the command
     suites = json.loads((out / "all.json").read_text())["suites"]
     assert [(e["suite"], e["status"], e["rc"]) for e in suites] == [
-        (name, "incomplete (time budget)", 3) for name in ("ce", "train", "geometry")]
-    for name in ("ce", "train", "geometry"):
+        (name, "incomplete (time budget)", 3) for name in all_suites.SUITES]
+    for name in all_suites.SUITES:  # optim's steps and its CE + update cases too
         records = json.loads((out / name / f"{name}.json").read_text())["records"]
-        assert records and {r["status"] for r in records if r["status"] != "unavailable"} == {"skipped"}
+        cases = [r for r in records if r["method"] != "copy"]  # (optim's record of its ceiling, measured first)
+        assert cases and {r["status"] for r in cases if r["status"] != "unavailable"} == {"skipped"}
         # a baseline that cannot run here says so still (liger and cce need CUDA)
         assert {r["method"] for r in records if r["status"] == "unavailable"} <= {"liger", "cce", "torch_lce"}
+
+
+@pytest.mark.parametrize("figures, met", [
+    (dict(median_ms=2.0, peak_extra_gib=0.5), True), (dict(median_ms=2.0, peak_extra_gib=0.6), True),
+    (dict(median_ms=2.01, peak_extra_gib=0.5), False), (dict(median_ms=2.0, peak_extra_gib=None), None),
+    (dict(median_ms=2.0), None), (dict(median_ms=2.0, peak_extra_gib=0.5, speedup_vs_eager=0.99), False)])
+def test_a_target_is_met_at_its_bounds_and_not_judged_without_a_figure(figures, met):
+    """Speedups at least, the rest at most; a figure not measured gives no verdict (bench train read it as met
+    when its check was written inline)."""
+    bounds = dict(median_ms=2.0, peak_extra_gib=0.6)
+    if "speedup_vs_eager" in figures:
+        bounds["speedup_vs_eager"] = 1.0
+    assert measure.meets(figures, bounds) is met
 
 
 @pytest.mark.parametrize("suite", ["ce", "optim", "train", "geometry"])
@@ -277,6 +291,9 @@ REFUSED = [("train", ["--device", "cpu", "--batch-size", "0"], "--batch-size"),
            ("geometry", ["--device", "cpu", "--train-step-ms", "inf"], "--train-step-ms"),
            ("geometry", ["--device", "cpu", "--train-step-ms", "0"], "--train-step-ms"),
            ("all", ["--device", "cpu", "--budget-s", "0"], "--budget-s"),
+           ("all", ["--device", "cpu", "--budget-s", "nan"], "--budget-s must be > 0, got nan"),
+           ("all", ["--device", "cpu", "--budget-s", "-1"], "--budget-s must be > 0, got -1"),
+           ("geometry", ["--device", "cpu", "--train-step-ms", "nan"], "--train-step-ms"),
            ("ce", ["--device", "cpu", "--tune", "--shapes", "48x16x301", "--methods", "eager", "--quick"],
             "--tune needs CUDA"),
            ("ce", ["--device", "cpu", "--interpret", "--shapes", "64x64x1024", "4096x64x65536"],

@@ -164,6 +164,16 @@ def test_the_reference_summarizes_the_float64_planted_layout(monkeypatch):
         assert given.dtype == torch.float64 and torch.equal(given, planted)
 
 
+def test_the_target_is_a_share_strictly_below_two_percent(tmp_path, monkeypatch):
+    """A summary taking exactly 2 % of 100 trainer steps does not meet "< 2 %"."""
+    monkeypatch.setattr(geometry, "TRAIN_CASE", (257, 16))
+    monkeypatch.setattr(measure, "time_ms", lambda *args, **kwargs: dict(median_ms=2.0, q25_ms=2.0, q75_ms=2.0))
+    assert run(["--device", "cpu", "--quick", "--shapes", "257x16", "--train-step-ms", "1",
+                "--out", str(tmp_path)]) == 0
+    r = load(tmp_path)["records"][0]
+    assert r["frac_of_100_train_steps"] == geometry.TARGET_FRAC == 0.02 and r["meets_target"] is False
+
+
 def test_the_target_is_judged_at_the_train_case(tmp_path, monkeypatch):
     """At TRAIN_CASE the record carries the 2 % target and whether 100 trainer steps' share stays under it."""
     monkeypatch.setattr(geometry, "TRAIN_CASE", (257, 16))
