@@ -102,20 +102,23 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()  # a refused group must not stay (its params would be stepped)
             raise
 
-    def _check_group(self, group: dict, *, at_step: bool = False) -> None:
+    def _check_group(self, group: dict, *, scheduled: bool = False) -> None:
         _check_unsupported(group)
         _check_common(group["lr"], group["weight_decay"], group["weight_decay_mode"], group["backend"])
 
     def check_values(self, index: int) -> None:
         """Check group ``index`` again before an update uses it: a scheduler, or a user, may have written any
-        value into it since.  Only float values are read (a tensor would sync the device), and only when they
-        changed; a group holding a tensor hyperparameter is left as its construction checked it."""
+        value into it since.  Only the float values are read, and only when they changed: a tensor value (a
+        device scalar, e.g. the trainer's weight decay) would sync the device, so a valid stand-in takes its
+        place in the check."""
         group = self.param_groups[index]
         values = _hyper_snapshot(group)
-        if len(values) < len(group) - 1 or self._checked.get(index) == values:  # a tensor among them, or checked
+        if self._checked.get(index) == values:
             return
+        on_device = {k: _STAND_IN[k] for k in group if k != "params" and k not in values and k in _STAND_IN}
         try:
-            self._check_group(group, at_step=True)
+            # (the group itself when it can be: AdamW's check takes a torch-style decoupled_weight_decay flag out)
+            self._check_group({**group, **on_device} if on_device else group, scheduled=True)
         except (TypeError, ValueError) as e:
             raise type(e)(f"param_groups[{index}], as the update found it: {e}") from None
         self._checked[index] = values
@@ -160,7 +163,8 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         try:
             for group in self.param_groups:
-                self._check_group(group)  # what the constructor refuses (lr < 0, an unknown mode, ...)
+                # what the constructor refuses (lr < 0, an unknown mode, ...), less what a scheduler may set
+                self._check_group(group, scheduled=True)
             for position, (saved_id, p) in enumerate(zip(saved_ids, params)):
                 # a moment of another shape would fail the step halfway, after earlier tensors had moved
                 for key in self._STATE_KEYS:
@@ -438,7 +442,7 @@ class AdamW(_WeightDecayOptimizer):
             _take_decoupled_flag(param_group, "a param group")
         super().add_param_group(param_group)
 
-    def _check_group(self, group: dict, *, at_step: bool = False) -> None:
+    def _check_group(self, group: dict, *, scheduled: bool = False) -> None:
         if "decoupled_weight_decay" in group:
             _take_decoupled_flag(group, "the state dict")
         super()._check_group(group)
@@ -556,10 +560,10 @@ class SGDW(_WeightDecayOptimizer):
                         weight_decay=weight_decay, weight_decay_mode=weight_decay_mode, backend=backend)
         super().__init__(params, defaults, skip_nonfinite)
 
-    def _check_group(self, group: dict, *, at_step: bool = False) -> None:
+    def _check_group(self, group: dict, *, scheduled: bool = False) -> None:
         super()._check_group(group)
         # a scheduler may cycle momentum down to 0 under nesterov (OneCycleLR, CyclicLR): plain SGD, as in torch
-        _check_momentum(group["momentum"], group["dampening"], group["nesterov"] and not at_step)
+        _check_momentum(group["momentum"], group["dampening"], group["nesterov"], zero_momentum_ok=scheduled)
 
     def _torch_weight_decay_mode(self, group: dict) -> str:
         return "l2"  # torch.optim.SGD's weight decay joins the gradient
@@ -596,7 +600,7 @@ class SGDW(_WeightDecayOptimizer):
         kernels.sgdw_step(self._table(index, key[:-1]), rows, lr, weight_decay, *args, first_step, skip)
 
 
-def _check_momentum(momentum, dampening, nesterov) -> None:
+def _check_momentum(momentum, dampening, nesterov, *, zero_momentum_ok: bool = False) -> None:
     if not isinstance(nesterov, (bool, np.bool_)):
         # torch.optim.SGD(params, lr, momentum, dampening, weight_decay) put positionally into SGDW lands the
         # weight decay here: it turned Nesterov on and left the decay at 0, silently
@@ -608,7 +612,8 @@ def _check_momentum(momentum, dampening, nesterov) -> None:
         raise ValueError(f"momentum must be finite and >= 0, got {momentum}")
     if not 0.0 <= float(dampening) <= 1.0:
         raise ValueError(f"dampening must be in [0, 1], got {dampening}")
-    if nesterov and (float(momentum) <= 0.0 or float(dampening) != 0.0):
+    if nesterov and ((float(momentum) <= 0.0 and not (zero_momentum_ok and float(momentum) == 0.0))
+                     or float(dampening) != 0.0):
         raise ValueError(f"nesterov needs momentum > 0 and dampening 0, got momentum={momentum}, "
                          f"dampening={dampening}")
 
@@ -736,6 +741,7 @@ class FusedUpdate:
         def run():  # at the end of the backward: nodes that still read weight (e.g. through a detached
             # copy) see it as it was, and a backward that fails later updates nothing
             self._check_can_update()
+            self.optimizer.check_values(self.group_index)  # (a value written after the forward)
             self._hyper = _hyper_snapshot(self.optimizer.param_groups[self.group_index])
             with torch.no_grad():
                 self._apply(**pending)
@@ -824,11 +830,18 @@ def _capturing() -> bool:
 
 
 def _hyper_snapshot(group: dict) -> dict:
-    # float hyper-parameters only (and tuples of them, betas): a tensor lr changed in place is read on the
-    # device (no host sync here)
+    """The group's host hyperparameters, frozen (betas as a tuple: a list changed in place must compare unequal).
+    Tensor values are left out: a tensor lr changed in place is read on the device (no host sync here)."""
+    def frozen(v):
+        return tuple(v.tolist()) if isinstance(v, np.ndarray) else tuple(v) if isinstance(v, (list, tuple)) else v
+
     def holds_tensor(v):
         return isinstance(v, Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(x, Tensor) for x in v))
-    return {k: v for k, v in group.items() if k != "params" and not holds_tensor(v)}
+    return {k: frozen(v) for k, v in group.items() if k != "params" and not holds_tensor(v)}
+
+
+# valid values that stand in for tensor hyperparameters when a group is checked again (check_values)
+_STAND_IN = dict(lr=0.0, weight_decay=0.0, eps=1.0, betas=(0.0, 0.0), momentum=1.0, dampening=0.0)
 
 
 def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accumulation_steps: int = 1,

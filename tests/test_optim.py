@@ -1736,6 +1736,47 @@ def test_a_value_written_into_the_classifiers_group_is_checked_before_the_fused_
     with pytest.raises(ValueError, match=r"param_groups\[0\], as the update found it: lr must be finite, got inf"):
         linear_cross_entropy(E[tokens], W, target, backend=backend, fused_update=handle).backward()
     assert torch.equal(W.detach(), before[0]) and torch.equal(E.detach(), before[1])
+    # written between the forward and the backward: the update reads the values in the backward
+    opt.param_groups[0]["lr"] = 1e-2
+    opt.zero_grad()
+    loss = linear_cross_entropy(E[tokens], W, target, backend=backend, fused_update=handle)
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match=r"param_groups\[0\], as the update found it: betas must be two numbers"):
+        loss.backward()
+    assert torch.equal(W.detach(), before[0])
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda g: g.update(lr=float("inf")), "lr must be finite, got inf"),      # beside a tensor weight decay
+    (lambda g: g["betas"].__setitem__(0, 1.5), r"betas must be two numbers in \[0, 1\), got \(1.5, 0.999\)"),
+], ids=["tensor-decay-beside", "list-betas-in-place"])
+def test_the_check_at_the_step_reads_every_float_value(change, match):
+    """A group holding a tensor (the trainer's weight decay) was not checked at all, and a list betas changed in
+    place compared equal to the snapshot of it that had been checked."""
+    p = torch.ones(3, device=DEVICE, requires_grad=True)
+    opt = AdamW([{"params": [p], "betas": [0.9, 0.999], "weight_decay": torch.tensor(0.1, device=DEVICE)}], lr=0.1)
+    p.grad = torch.ones(3, device=DEVICE)
+    opt.step()
+    change(opt.param_groups[0])
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+
+
+def test_only_a_zero_momentum_is_let_through_under_nesterov_after_construction():
+    """A scheduler may bring momentum to 0 (and a state dict saved then resumes); dampening stays refused."""
+    p = torch.ones(3, device=DEVICE, requires_grad=True)
+    opt = SGDW([p], lr=0.1, momentum=0.9, nesterov=True)
+    p.grad = torch.ones(3, device=DEVICE)
+    opt.param_groups[0]["momentum"] = 0.0
+    opt.step()
+    SGDW([torch.ones(3, device=DEVICE, requires_grad=True)], lr=0.1, momentum=0.9,
+         nesterov=True).load_state_dict(opt.state_dict())
+    opt.param_groups[0].update(momentum=0.9, dampening=0.5)
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0 and dampening 0"):
+        opt.step()
+    opt.param_groups[0].update(dampening=0.0, nesterov="yes")
+    with pytest.raises(TypeError, match="nesterov must be True or False, got 'yes'"):
+        opt.step()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
