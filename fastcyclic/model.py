@@ -132,6 +132,7 @@ class CyclicModel(nn.Module):
         """h_out (N x out_dim): the vector that meets W, after the readout V when factorised.  a, b: integer
         tensors whose shapes broadcast, values in [0, p) (not checked: that would sync the device)."""
         check_pair_tokens(a, b)  # float tokens, or shapes that do not broadcast, fail deep inside torch
+        a, b = torch.broadcast_tensors(a, b)  # (views) embed-mlp concatenates the two embeddings
         ea, eb = self._rows(a), self._rows(b)
         if self.model == "embed-sum":
             h = self._act(ea + eb)

@@ -439,6 +439,10 @@ def test_token_tensors_that_broadcast_give_the_table_of_pairs():
     assert torch.equal(data.label(a[:, None], a[None, :]), (a[:, None] + a[None, :]) % p)
     assert data.is_train(a[:, None], a[None, :]).shape == (p, p)
     assert torch.equal(model.features(a, torch.tensor(3)), model.features(a, torch.full((p,), 3)))
+    mlp = CyclicModel(p, 4, model="embed-mlp")
+    table = mlp.features(a[:, None], a[None, :])
+    assert table.shape == (p, p, mlp.features(a, a).shape[1])
+    torch.testing.assert_close(table[2, 5], mlp.features(a[2:3], a[5:6])[0])  # (another matmul shape: rounding)
 
 
 @pytest.mark.parametrize("model", ["embed-sum", "embed-mlp"])
