@@ -260,14 +260,20 @@ def _check_holds_a_run_or_nothing(path: str) -> None:
     others = sorted(name for name in os.listdir(path) if not name.startswith("."))
     if not others or _is_run_config(os.path.join(path, "config.json")):
         return
+    why = ""
     if os.path.exists(os.path.join(path, CHECKPOINT)):  # a Trainer's own save_checkpoint, without train()
-        with contextlib.suppress(ValueError):
-            load_checkpoint(os.path.join(path, CHECKPOINT))
-            return
+        try:
+            # memory-mapped, and without the CRC pass: what it holds is not read (a resume reads it in full)
+            state = torch.load(os.path.join(path, CHECKPOINT), map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(state, dict) and state.get("format") == 1 and "model" in state:
+                return
+            why = f"; its {CHECKPOINT} is not a fastcyclic training checkpoint"
+        except Exception as e:  # not a torch file, or damaged: torch raises many kinds
+            why = f"; its {CHECKPOINT} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
     raise ValueError(f"out_dir {path!r} is not empty ({shown}) and holds no fastcyclic run (neither a run's "
-                     f"config.json nor a training {CHECKPOINT}); refusing to write into it: give a new or empty "
-                     "directory")
+                     f"config.json nor a training {CHECKPOINT}{why}); refusing to write into it: give a new or "
+                     "empty directory")
 
 
 def _is_run_config(path: str) -> bool:
