@@ -671,7 +671,8 @@ INCOMPLETE = 3  # the exit code of a suite that found nothing wrong but left som
 
 def meets(record: dict, bounds: dict) -> Optional[bool]:
     """Whether a record's figures meet target bounds (speedups at least, the rest at most); None while one of
-    them is unknown (not measured, or not yet: a verdict on part of a target would be no verdict)."""
+    them is unknown (not measured, or not yet: a verdict on part of a target would be no verdict).  A NaN
+    figure is known and meets nothing."""
     if any(record.get(key) is None for key in bounds):
         return None
     return all(record[key] >= bound if key.startswith("speedup") else record[key] <= bound

@@ -453,8 +453,9 @@ def format_row(r: dict) -> str:
     frac = measure.or_na(r.get("frac_ceiling"), ".1%")
     line = (f"{head} {r['median_ms']:10.3f} {r['steps_per_s']:9.1f} {r['rate']:7.3f} {frac:>7} {mem:>9}  "
             f"{r['err']:.1e} {'ok' if r['correct'] else 'WRONG'}")
-    if "meets_target" in r:  # (not judged when a figure it bounds was not measured)
-        line += f"  target {r['target']}: {'met' if r['meets_target'] else 'not met'}"
+    if r.get("target"):
+        verdict = {None: "not judged (a figure was not measured)", True: "met", False: "not met"}[r.get("meets_target")]
+        line += f"  target {r['target']}: {verdict}"
     return line
 
 

@@ -249,7 +249,8 @@ def _check_omega(omega, n: int) -> int:
     """A frequency the caller chose (an int, a NumPy integer, a 0-dim integer tensor): 1 … n−1 (ω and n−ω are
     one circle, run the other way)."""
     try:
-        if isinstance(omega, bool):
+        if isinstance(omega, (bool, np.bool_)) or (isinstance(omega, torch.Tensor) and (
+                omega.dim() != 0 or omega.dtype == torch.bool)):
             raise TypeError
         omega = operator.index(omega)
     except TypeError:

@@ -323,6 +323,8 @@ def test_bad_input():
     (lambda X: g.circle_fit(X, omega=0), ValueError, r"omega must be in \[1, 6\] for 7 rows, got 0"),
     (lambda X: g.circle_fit(X, omega=7), ValueError, "omega must be in"),
     (lambda X: g.circle_fit(X, omega=1.5), TypeError, "omega must be an integer frequency, got 1.5"),
+    (lambda X: g.circle_fit(X, omega=torch.tensor(True)), TypeError, "omega must be an integer frequency"),
+    (lambda X: g.circle_fit(X, omega=torch.tensor([3])), TypeError, "omega must be an integer frequency"),
     (lambda X: g.nc_distances(X, omega=-1), ValueError, "omega must be in .* got -1"),
     (lambda X: g.summarize(X, X, cyclic_rho2=float("nan")), ValueError, r"cyclic_rho2 must be a number in \[0, 1\]"),
     (lambda X: g.summarize(X, X, etf_max_distance=-0.1), ValueError,
@@ -335,8 +337,9 @@ def test_bad_input():
     (lambda X: g.class_means(X, torch.tensor([0, 1, 2, 0, 1, 2, 0]), num_classes=-1), ValueError,
      "num_classes must be an integer >= 1, got -1"),
     (lambda X: g.nc1(X, torch.tensor([0, 1, 2, 0, 1, 2, 0]), num_classes=1.5), ValueError, "num_classes must be"),
-], ids=["omega-0", "omega-n", "omega-float", "nc-omega", "rho2-nan", "etf-negative", "classify-ratio",
-        "same-space", "max-listed", "layer-order-entry", "num-classes", "nc1-num-classes"])
+], ids=["omega-0", "omega-n", "omega-float", "omega-bool-tensor", "omega-1-d-tensor", "nc-omega", "rho2-nan",
+        "etf-negative", "classify-ratio", "same-space", "max-listed", "layer-order-entry", "num-classes",
+        "nc1-num-classes"])
 def test_bad_options_are_named(call, error, match):
     """Each of these returned a meaningless fit or verdict, or failed inside with another error."""
     with pytest.raises(error, match=match):
