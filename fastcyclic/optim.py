@@ -60,18 +60,14 @@ def _check_common(lr, weight_decay, weight_decay_mode, backend) -> None:
     for name, value in (("lr", lr), ("weight_decay", weight_decay)):
         if isinstance(value, (bool, str)) or not isinstance(value, (Tensor, numbers.Real)):
             raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"a tensor lr must hold one value, got shape {tuple(lr.shape)}")
-    if not _number(lr) >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {_number(lr)}")
-    if not math.isfinite(_number(lr)):
-        raise ValueError(f"lr must be finite, got {_number(lr)}")
-    if isinstance(weight_decay, Tensor) and weight_decay.numel() != 1:
-        raise ValueError(f"a tensor weight_decay must hold one value, got shape {tuple(weight_decay.shape)}")
-    if not _number(weight_decay) >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {_number(weight_decay)}")
-    if not math.isfinite(_number(weight_decay)):
-        raise ValueError(f"weight_decay must be finite, got {_number(weight_decay)}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(value, Tensor) and value.numel() != 1:
+            raise ValueError(f"a tensor {name} must hold one value, got shape {tuple(value.shape)}")
+        number = _number(value)  # (one read: a CUDA tensor's syncs)
+        if not number >= 0.0:
+            raise ValueError(f"{name} must be >= 0, got {number}")
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must be finite, got {number}")
     if weight_decay_mode not in WEIGHT_DECAY_MODES:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
     if backend not in BACKENDS:

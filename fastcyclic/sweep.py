@@ -1687,12 +1687,12 @@ def main(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     """main, less the handling of an interrupt."""
     try:
+        if args.bootstrap < 0:  # (both branches analyse)
+            raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
         if args.analyze_only:
             state = load_sweep(args.out)
             if state is None:
                 raise ValueError(f"{args.out!r} holds no sweep")
-            if args.bootstrap < 0:
-                raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
             if _grid_given(args):
                 print("fastcyclic sweep: --analyze-only analyses the sweep in --out as it is; the grid options are "
                       "ignored", file=sys.stderr)
@@ -1706,8 +1706,6 @@ def _main(args: argparse.Namespace) -> int:
             check_pool_args(args)
             if args.run_minutes is not None and not args.run_minutes > 0:
                 raise ValueError(f"--run-minutes must be > 0, got {args.run_minutes}")
-            if args.bootstrap < 0:
-                raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
             outcome = run_sweep(args.out, blocks_from_args(args), workers=args.workers, threads=args.threads,
                                 device=args.device, retry_failed=args.retry_failed,
                                 deadline_s=args.max_minutes * 60 if args.max_minutes is not None else None,

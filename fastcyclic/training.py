@@ -265,7 +265,7 @@ def _check_holds_a_run_or_nothing(path: str) -> None:
         try:
             # memory-mapped, and without the CRC pass: what it holds is not read (a resume reads it in full)
             state = torch.load(os.path.join(path, CHECKPOINT), map_location="cpu", weights_only=True, mmap=True)
-            if isinstance(state, dict) and state.get("format") == 1 and "model" in state:
+            if _is_training_state(state):
                 return
             why = f"; its {CHECKPOINT} is not a fastcyclic training checkpoint"
         except Exception as e:  # not a torch file, or damaged: torch raises many kinds
@@ -670,9 +670,14 @@ def load_checkpoint(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, damaged or foreign file: torch raises many kinds
         raise ValueError(f"checkpoint {path!r} is corrupt or unreadable ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or state.get("format") != 1 or "model" not in state:
+    if not _is_training_state(state):
         raise ValueError(f"checkpoint {path!r} is not a fastcyclic training checkpoint")
     return state
+
+
+def _is_training_state(state) -> bool:
+    """What Trainer.state_dict writes (format 1), by its markers."""
+    return isinstance(state, dict) and state.get("format") == 1 and "model" in state
 
 
 def _figures(trainer: Trainer, folder: str) -> dict:
