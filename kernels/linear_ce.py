@@ -218,9 +218,11 @@ def _forward_kernel(
 # Backward.  Per-row data, built once per backward by ``_row_data``: a (5, R) fp32 tensor of terms -- the
 # shift and log_sum of _logit_grad, p_coef, t_coef * eps / K, and g on the target column -- and an int32
 # vector of target classes (-1 for an ignored or out-of-range target, so no class matches it).  R is N rounded
-# up to a whole number of row blocks, and the padding rows hold shift = +inf, zeros and class -1, so their g
-# is 0 exactly: the kernels read these vectors without masks or int64 comparisons (the dW kernel reads them
-# for every logits tile).
+# up to a whole number of row blocks, and the padding rows hold shift = +inf, zeros and class -1, so the
+# kernels read these vectors without masks or int64 comparisons (the dW kernel reads them for every logits
+# tile).  Their g is 0 for finite logits, but a padding row reads h as 0 and 0 * inf is NaN: an infinite
+# weight entry would put NaN into dW and dbias where eager's are finite, so the dW kernel (EVEN_N) and the
+# dbias sums of _logit_grad_kernel zero g past N.
 # Columns past K: their dW / dbias rows are not stored, and their w rows read as 0, but the dh kernel
 # still zeroes their g (EVEN_K): z = 0 there, and exp(0 - lse) overflows to inf when every logit of a
 # row is below -88 (a large negative bias), so inf * 0 would make dh NaN.
@@ -254,10 +256,10 @@ def _backward_dw_kernel(
     stride_dw_split, stride_dwk, stride_dwd, stride_db_split,
     rows_per_split,
     HAS_BIAS: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, EXACT_SHIFT: tl.constexpr,
-    RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
-    UPDATE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
-    NESTEROV: tl.constexpr,
+    RESIDENT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DS: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DS: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, UPDATE: tl.constexpr, DECOUPLED: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
 ):
     """One program owns dW[cols, dcols] (and dbias[cols]); logits are held transposed (classes on
     axis 0, rows on axis 1).
@@ -297,6 +299,8 @@ def _backward_dw_kernel(
                                                                          EXACT_SHIFT)
         g_t = _logit_grad(z_t, shift[None, :], log_sum[None, :], p_coef[None, :], t_uniform[None, :],
                           g_target[None, :], cols[:, None] == target[None, :], EXACT_SHIFT)
+        if not EVEN_N:
+            g_t = tl.where((rows < N)[None, :], g_t, 0.0)
         # bf16/fp16 operands for the tensor cores, fp32 accumulation
         if WANT_DW:
             dw = tl.dot(g_t.to(h_slice.dtype), h_slice, dw, input_precision=PRECISION)
@@ -413,7 +417,8 @@ def _logit_grad_kernel(
     out = g_ptr + rows.to(tl.int64)[:, None] * stride_gn + (cols - k_start).to(tl.int64)[None, :]
     tl.store(out, round_for_store(g, g_ptr.dtype.element_ty, INTERPRET),
              mask=(rows < N)[:, None] & (cols < k_end)[None, :])
-    if WANT_DB:  # rows past N have g = 0 exactly (see _row_terms)
+    if WANT_DB:  # rows past N are zeroed: see the note above _row_terms
+        g = tl.where((rows < N)[:, None], g, 0.0)
         tl.store(db_ptr + pid_n.to(tl.int64) * stride_db + (cols - k_start), tl.sum(g, axis=0), mask=cols < k_end)
 
 
@@ -470,9 +475,10 @@ class LCEConfig:
 
     fp32 inputs: the backward forms z - max with the forward's max (see _logit_grad), so its logits must
     reproduce the forward's bit for bit.  On a GPU a dot accumulates over D in the same order however D is
-    chunked; under the interpreter (numpy matmuls) the chunks must match: D resident in every kernel or
-    the same block_d, as default_config's CPU tiles are (else fp32 gradients at |z| ~ 1e3 lose eager's
-    accuracy there)."""
+    chunked; under the interpreter (numpy matmuls, whose summation order depends on the width) every kernel's
+    dot must take D in chunks of one width: the forward's block_d, and each backward kernel's block_ds where it
+    covers D (a resident operand), else its block_d.  default_config's CPU tiles do; with other widths fp32
+    gradients at |z| ~ 1e3 lose eager's accuracy there, even when every kernel holds all of D."""
 
     forward: TileConfig
     backward_dw: TileConfig
@@ -759,7 +765,9 @@ def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoo
     k = w.shape[0]
     config = config or default_config(n, d, k, h.dtype, h.device)
     exact = exact_shift(h.dtype)
-    classes, terms = _row_data(target, lse_parts, p_coef, t_coef * (label_smoothing / k), g_target, k, config, exact)
+    # without smoothing the uniform term is 0 even where t_coef is infinite (an inf upstream gradient)
+    t_uniform = t_coef * (label_smoothing / k) if label_smoothing else torch.zeros_like(t_coef)
+    classes, terms = _row_data(target, lse_parts, p_coef, t_uniform, g_target, k, config, exact)
     if config.backward == "gemm" and update is None:
         return _backward_gemm(h, w, bias, classes, terms, config, need_dh, need_dw, need_db)
     b = bias if bias is not None else h
@@ -823,7 +831,7 @@ def backward(h, w, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoo
                 db_out.stride(0) if (db_out is not None and splits > 1) else 0,
                 rows_per_split,
                 HAS_BIAS=bias is not None, WANT_DW=form_dw, WANT_DB=need_db, EXACT_SHIFT=exact,
-                EVEN_DS=d % tc.block_ds == 0,
+                EVEN_DS=d % tc.block_ds == 0, EVEN_N=n % tc.block_loop == 0,
                 BLOCK_K=tc.block_owner, BLOCK_N=tc.block_loop, BLOCK_D=tc.block_d, BLOCK_DS=tc.block_ds,
                 **_common(h, d, tc, tc.block_ds), **update_flags,
             )

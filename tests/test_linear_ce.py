@@ -603,6 +603,65 @@ def test_all_logits_below_minus_88(backend, gen):
     assert all(math.isfinite(e) for e in errors.values())
 
 
+def _grads_with_eager(backend, h, w, y, b, grad_out, **opts):
+    """(ours, eager float64): each a list [loss, dh, dW, dbias] of a reduction="none" loss weighted by grad_out."""
+    results = []
+    for fn, dtype in ((lambda *a: linear_cross_entropy(*a[:3], bias=a[3], backend=backend, reduction="none",
+                                                       **opts), None),
+                      (lambda *a: torch.nn.functional.cross_entropy(a[0] @ a[1].T + a[3], a[2], reduction="none",
+                                                                    **opts), torch.float64)):
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (h, w, b)]
+        loss = fn(leaves[0], leaves[1], y, leaves[2])
+        (loss * grad_out.to(loss.dtype)).sum().backward()
+        results.append([loss.detach().cpu()] + [t.grad.cpu() for t in leaves])
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton-gemm"])
+def test_an_infinite_weight_whose_logits_are_all_minus_inf(backend, gen):
+    """A class whose logit is -inf in every row (an infinite weight entry, here w[5, 0] = -inf with h[:, 0] > 0)
+    gets zero dW and dbias, and every other dW and dbias entry is finite, as in eager (dh[:, 0] takes
+    0 * -inf: NaN in eager, NaN or -inf here).  The triton kernels' padding rows past N read h as 0, and 0 * -inf = NaN
+    reached dW[5] and dbias[5] until g was zeroed there (N = 12 is not a multiple of the row tiles)."""
+    h, w, y, b = make_problem(gen, 12, 8, 40)
+    h[:, 0] = h[:, 0].abs() + 0.1
+    w[5] = 0.0
+    w[5, 0] = float("-inf")
+    y[y == 5] = 6
+    context = tuning(config=SMALL_TILES) if backend == "triton" else contextlib.nullcontext()
+    backend, hard = hard_case_backend(backend, h, w)
+    with context, hard:
+        ours, eager = _grads_with_eager(backend, h, w, y, b, torch.ones(12))
+    for name, mine, theirs in zip(("loss", "dh", "dW", "dbias"), ours, eager):
+        finite = theirs.isfinite()
+        assert name == "dh" or finite.all()
+        assert torch.equal(mine.isfinite(), finite), name
+        torch.testing.assert_close(mine.double()[finite], theirs[finite], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton-gemm"])
+def test_an_infinite_upstream_gradient_gives_eagers_infinities(backend, gen):
+    """An inf upstream gradient on one row (reduction="none", no label smoothing) makes dW and dbias +-inf, as in
+    eager, not NaN: the label-smoothing term t_coef * eps / K was inf * 0 = NaN in the triton kernels.  (In the
+    row's target class eager's log-softmax backward forms -inf + inf = NaN; that class is left out.)  The other
+    rows' dh stays finite."""
+    h, w, y, b = make_problem(gen, 9, 8, 37)
+    grad_out = torch.ones(9)
+    grad_out[4] = float("inf")
+    context = tuning(config=SMALL_TILES) if backend == "triton" else contextlib.nullcontext()
+    backend, hard = hard_case_backend(backend, h, w)
+    with context, hard:
+        ours, eager = _grads_with_eager(backend, h, w, y, b, grad_out)
+    _, dh, dw, db = ours
+    _, dh64, dw64, db64 = eager
+    others = torch.arange(37) != y[4].item()
+    assert dw64[others].isinf().all() and db64[others].isinf().all()  # the case is what it says
+    assert torch.equal(dw[others].double(), dw64[others]) and torch.equal(db[others].double(), db64[others])
+    rest = torch.arange(9) != 4
+    assert torch.isfinite(dh[rest]).all()
+    torch.testing.assert_close(dh[rest].double(), dh64[rest], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_casts_the_matmul_operands_like_linear(backend, gen):
     """Under torch.autocast an fp32 classifier meets the autocast dtype's h (as from an autocast layer): both are
