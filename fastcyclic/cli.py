@@ -182,7 +182,6 @@ def _train_and_report(args: argparse.Namespace) -> int:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
-    values["betas"] = tuple(values["betas"])
     try:
         if values["out_dir"] is not None:
             values["out_dir"] = _run_directory(values["out_dir"], values)

@@ -716,6 +716,8 @@ def summarize(W, E, *, h=None, labels=None, mass: float = FREQ_MASS, cyclic_rho2
         raise TypeError(f"same_space must be True or False, got {same_space!r}")
     if isinstance(max_listed, bool) or not isinstance(max_listed, numbers.Integral) or max_listed < 0:
         raise ValueError(f"max_listed must be an integer >= 0, got {max_listed!r}")
+    if (h is None) != (labels is None):
+        raise ValueError("give both h and labels, or neither")
     W, E = _as_matrix(W, "W"), _as_matrix(E, "E")
     if same_space:
         _check_same_d(W, E, "E", hint="; for W and E in different spaces (embed-mlp) pass same_space=False")
@@ -741,8 +743,6 @@ def summarize(W, E, *, h=None, labels=None, mass: float = FREQ_MASS, cyclic_rho2
     fw, fe = freqs["W"], freqs["E"]
     fields["verdict"] = fields.pop("verdict_W")
     extra = {}
-    if (h is None) != (labels is None):
-        raise ValueError("give both h and labels, or neither")
     if h is not None:
         h = _as_features(h)
         _check_same_d(W, h, "h")

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastcyclic.kernels import TRITON_INSTALLED, auto_backend, require_triton
+from fastcyclic.kernels import BACKENDS, TRITON_INSTALLED, auto_backend, require_triton
 from fastcyclic.kernels import linear_ce_chunked as torch_impl
 from fastcyclic.optim import FusedUpdate
 
@@ -32,7 +32,6 @@ else:
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels take (float64: torch backend)
 
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch")
 
 # Overrides for tests and benchmarks: a kernels.linear_ce.LCEConfig for "triton", chunk sizes for
 # "torch".  Set through ``tuning()``; never needed for normal use.

@@ -39,10 +39,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastcyclic.kernels import TRITON_INSTALLED, auto_backend, require_triton
+from fastcyclic.kernels import BACKENDS, TRITON_INSTALLED, auto_backend, require_triton
 
 WEIGHT_DECAY_MODES = ("decoupled", "l2")
-BACKENDS = ("auto", "triton", "torch")
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    """The dtype of optimizer state and of the update's arithmetic: float64 for float64 parameters, else fp32."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _number(value) -> float:
@@ -58,9 +62,8 @@ def _check_real(name: str, value) -> None:
 
 def _check_common(lr, weight_decay, weight_decay_mode, backend) -> None:
     for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-        if isinstance(value, (bool, str)) or not isinstance(value, (Tensor, numbers.Real)):
+        if isinstance(value, bool) or not isinstance(value, (Tensor, numbers.Real)):
             raise TypeError(f"{name} must be a number or a one-element tensor, got {value!r}")
-    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
         if isinstance(value, Tensor) and value.numel() != 1:
             raise ValueError(f"a tensor {name} must hold one value, got shape {tuple(value.shape)}")
         number = _number(value)  # (one read: a CUDA tensor's syncs)
@@ -176,7 +179,7 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             if saved is None:
                 continue
             state = self.state[p]
-            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32  # as _init_state makes it
+            dtype = _state_dtype(p)
             for key in self._STATE_KEYS:
                 if saved.get(key) is not None:
                     state[key] = saved[key].detach().to(device=p.device, dtype=dtype).clone()
@@ -372,7 +375,7 @@ def _take_decoupled_flag(group: dict, where: str) -> None:
 
 def _compute_view(t: Tensor) -> tuple[Tensor, torch.dtype]:
     """t itself when it already has the compute dtype (updated in place), else an fp32 copy."""
-    compute = torch.float64 if t.dtype == torch.float64 else torch.float32
+    compute = _state_dtype(t)
     return (t if t.dtype == compute else t.to(compute)), compute
 
 
@@ -461,7 +464,7 @@ class AdamW(_WeightDecayOptimizer):
         if not state:
             _check_floating(p)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            state_dtype = _state_dtype(p)
             state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
         return state
@@ -579,8 +582,7 @@ class SGDW(_WeightDecayOptimizer):
             for i, (p, _) in enumerate(pairs):
                 state = self.state[p]
                 if first_step:
-                    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p))
                 buffers[i] = state["momentum_buffer"]
         decoupled = group["weight_decay_mode"] == "decoupled"
         args = (momentum, group["dampening"], group["nesterov"], decoupled)

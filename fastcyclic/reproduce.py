@@ -533,7 +533,6 @@ def run_showcase(row: dict, records: dict, out: str, device: str) -> Optional[di
     if all(os.path.exists(p) for p in figures.values()):
         return figures
     values = dict(records[row["id"]]["config"], device=device, progress=False, out_dir=folder, checkpoint_every=0)
-    values["betas"] = tuple(values["betas"])
     train(TrainConfig(**values), figures=True)
     return {k: p for k, p in figures.items() if os.path.exists(p)}
 
@@ -679,6 +678,9 @@ def write_report(out: str, preset: Preset, claims: list, rows: list, analysis: d
               "- λ_crit (λ₀): the first λ, going up, where the share of cyclic (collapsed) runs crosses 1/2, "
               "interpolated in log λ; intervals are 2.5-97.5 % bootstrap percentiles over seeds. \"no crossing\" and "
               "\"< λ_min\" are not numbers and are left out of the fits.",
+              "- λ_crit (fitting), the edge claim 4 is judged on: the same crossing for the share of runs that are "
+              f"cyclic and fit (train accuracy ≥ {FIT_ACC}), among the runs that left chance (unlearned runs are "
+              "left out: whether they would have ended cyclic is unknown).",
               "- Verdict rules: see `fastcyclic/reproduce.py`'s docstring. A verdict is never forced: too few data "
               "give \"inconclusive\"."]
     path = os.path.join(out, "report.md")

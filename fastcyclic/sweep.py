@@ -59,6 +59,7 @@ greatest slope with every crossing anywhere in its bracket).  λ_crit = Θ(1/K) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import concurrent.futures as cf
 import csv
 import dataclasses
@@ -694,10 +695,7 @@ def execute(spec: dict, out: str, device: str, run_seconds: Optional[float] = No
     record = dict(id=spec["id"], block=spec["block"], series=spec["series"], config=spec["config"],
                   started=_now(), host=socket.gethostname(), pid=os.getpid(), torch=torch.__version__)
     try:
-        values = dict(spec["config"], device=device, progress=False, out_dir=None, checkpoint_every=0)
-        if values.get("betas") is not None:
-            values["betas"] = tuple(values["betas"])
-        config = TrainConfig(**values)
+        config = TrainConfig(**dict(spec["config"], device=device, progress=False, out_dir=None, checkpoint_every=0))
 
         def add_norms(trainer, rec):  # every evaluation, so the history shows the norm decaying
             rec.update(_norms(trainer.model))
@@ -1132,18 +1130,12 @@ def estimate_edge(indicator: dict, *, n_boot: int = 1000, rng: Optional[np.rando
     return est
 
 
-class _quiet_nanmean:
+@contextlib.contextmanager
+def _quiet_nanmean():
     """nanmean of an all-NaN column is NaN (a λ without runs in a resample); numpy warns about it."""
-
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
+        yield
 
 
 def loglog_fit(K, values) -> dict:
@@ -1171,10 +1163,10 @@ def loglog_fit(K, values) -> dict:
     return fit
 
 
-def fit_edges(ps: list, estimates: list, *, min_boot_points: Optional[int] = None) -> dict:
+def fit_edges(ps: list, estimates: list) -> dict:
     """The log-log fit of the estimates with a crossing against K = P, plus a bootstrap interval for the slope:
-    the fit redone on every bootstrap replicate that has a crossing at ≥ min_boot_points P values (default: all
-    of them, so every replicate is the same estimator)."""
+    the fit redone on every bootstrap replicate that has a crossing at every one of those P (so every replicate
+    is the same estimator)."""
     chosen = [(p, e) for p, e in zip(ps, estimates) if e.crossing.status == "crossing"]
     fit = loglog_fit([p for p, _ in chosen], [e.crossing.value for _, e in chosen])
     fit["ps"] = [p for p, _ in chosen]
@@ -1193,12 +1185,7 @@ def fit_edges(ps: list, estimates: list, *, min_boot_points: Optional[int] = Non
     B = np.stack(boots)  # (P, replicate)
     K = np.array([p for p, _ in chosen], dtype=float)
     # a replicate is the same estimator on resampled seeds: a crossing at every P of the fit, not a fit over a subset
-    min_boot_points = len(chosen) if min_boot_points is None else min_boot_points
-    slopes = []
-    for b in range(B.shape[1]):
-        ok = np.isfinite(B[:, b])
-        if ok.sum() >= min_boot_points and np.ptp(np.log(K[ok])) > 0:
-            slopes.append(loglog_fit(K[ok], B[ok, b])["slope"])
+    slopes = [loglog_fit(K, B[:, b])["slope"] for b in range(B.shape[1]) if np.isfinite(B[:, b]).all()]
     fit["boot_share"] = len(slopes) / B.shape[1]
     fit["slope_ci"] = [float(v) for v in np.percentile(slopes, [2.5, 97.5])] if slopes else None
     return fit

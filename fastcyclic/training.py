@@ -35,7 +35,7 @@ import torch
 from fastcyclic import geometry
 from fastcyclic.data import MAX_P, ModularAddition, is_integer
 from fastcyclic.files import exclusive_lock, remove_temporaries, write_atomic, write_json
-from fastcyclic.kernels import auto_backend, require_triton
+from fastcyclic.kernels import BACKENDS, auto_backend, require_triton
 from fastcyclic.model import ACTIVATIONS, MODELS, CyclicModel
 from fastcyclic.optim import SGDW, WEIGHT_DECAY_MODES, AdamW, fused_update, fused_update_fits
 from fastcyclic.sweep import chance_threshold
@@ -107,9 +107,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, np.generic):
                 setattr(self, f.name, value.item())
-        if isinstance(self.betas, np.ndarray):  # e.g. np.array([0.9, 0.98]): checkpoints hold Python numbers only
-            self.betas = tuple(self.betas.tolist())
-        if isinstance(self.betas, (tuple, list)) and any(isinstance(b, np.generic) for b in self.betas):
+        # a list (JSON, the CLI) or an ndarray becomes a tuple of Python numbers: checkpoints hold Python numbers only
+        if isinstance(self.betas, (tuple, list, np.ndarray)):
             self.betas = tuple(b.item() if isinstance(b, np.generic) else b for b in self.betas)
 
     def to_dict(self) -> dict:
@@ -121,6 +120,9 @@ class TrainConfig:
 def _is_number(x) -> bool:
     """A finite int or float (not a bool, not a string)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_FLAGS = ("factorised", "bias", "deterministic", "fused_update", "cuda_graph", "progress")
 
 
 def validate(config: TrainConfig) -> None:
@@ -156,7 +158,7 @@ def validate(config: TrainConfig) -> None:
         (lambda: is_integer(c.seed) and -2**63 <= c.seed < 2**63 - 1,  # torch.manual_seed(seed + 1) takes int64
          f"seed must be an integer in [-2^63, 2^63 - 2], got {c.seed!r}"),
         (lambda: c.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {c.dtype!r}"),
-        (lambda: c.backend in ("auto", "triton", "torch"),
+        (lambda: c.backend in BACKENDS,
          f"backend must be 'auto', 'triton' or 'torch', got {c.backend!r}"),
         (lambda: all(is_integer(v) and v >= 1 for v in (c.eval_every, c.geometry_every)),
          f"eval_every and geometry_every must be integers >= 1, got {c.eval_every!r}, {c.geometry_every!r}"),
@@ -187,9 +189,6 @@ def validate(config: TrainConfig) -> None:
     if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' on CPU needs the Triton interpreter: set TRITON_INTERPRET=1 before "
                          "starting Python (or use backend='torch')")
-
-
-_FLAGS = ("factorised", "bias", "deterministic", "fused_update", "cuda_graph", "progress")
 
 
 def check_device(name: str) -> torch.device:
@@ -811,7 +810,11 @@ def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
     return result
 
 
-def settling_step(history: list, key: str, tolerance: float = 0.05) -> Optional[int]:
+SETTLE_TOLERANCE = 0.05
+"""A layer has settled from the first step where its rho2 stays within this of its end value."""
+
+
+def settling_step(history: list, key: str, tolerance: float = SETTLE_TOLERANCE) -> Optional[int]:
     """The first evaluated step from which ``key`` (e.g. rho2_W) stays within ``tolerance`` of its
     final value; None when only the last record is within it (still moving when the run ended) or
     there is none.  Where rho2 never reaches the 0.9 of t_W / t_E (several frequencies), this still
@@ -875,7 +878,7 @@ def _settling_text(settle_w, settle_e) -> str:
     def at(step):
         return f"at step {step}" if step is not None else "not yet (still moving at the end)"
 
-    text = f"rho2 settles (within 0.05 of its end value) for W {at(settle_w)}, for E {at(settle_e)}"
+    text = f"rho2 settles (within {SETTLE_TOLERANCE:g} of its end value) for W {at(settle_w)}, for E {at(settle_e)}"
     first = first_layer(settle_w, settle_e)
     return text + ("" if first is None else " (together)" if first == "same" else f" ({first} first)")
 

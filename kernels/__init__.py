@@ -6,6 +6,8 @@ and the kernel modules (``linear_ce``, ``optim``) are never imported."""
 import importlib.util
 
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# what every backend= option takes: "auto" is auto_backend's choice
+BACKENDS = ("auto", "triton", "torch")
 
 
 def auto_backend(device) -> str:
