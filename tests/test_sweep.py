@@ -81,6 +81,8 @@ def test_grid_values_parse():
     (sweep.parse_ps, "primes:-5:100:3", "LO must be >= 2 with a count N"),
     (sweep.parse_ps, "log:1:2:5", "more than once"),
     (sweep.parse_ps, "primes:3:100:0", "N must be >= 1"),
+    (sweep.parse_ps, "primes:100:10", "has LO > HI"),
+    (sweep.parse_ps, "primes:3:10:2:5", "should look like primes:LO:HI"),
     (sweep.parse_ps, "primes:3:4000000000:5", "HI above 10,000,000"),
     (sweep.parse_weight_decays, "0,0.1", "must be > 0"),
     (sweep.parse_weight_decays, "-1e-3", "must be > 0"),
@@ -89,6 +91,8 @@ def test_grid_values_parse():
     (sweep.parse_weight_decays, "log:1e-1:1e-3:3", "LO < HI"),
     (sweep.parse_seeds, "0", "no seed"),
     (sweep.parse_seeds, "1,1", "more than once"),
+    (sweep.parse_seeds, "1:2:3", "should look like START:STOP"),
+    (sweep.parse_weight_decays, ",", "gives no value"),
     # a typo must not fill the memory before anything is said
     (sweep.parse_seeds, "1000000000000", "asks for 1,000,000,000,000 values; at most 1,000"),
     (sweep.parse_seeds, "0:30000000", "asks for 30,000,000 values"),
@@ -110,7 +114,8 @@ def test_set_and_vary_parse_to_config_types():
     assert vary == dict(weight_decay_mode=("l2", "decoupled"), betas=((0.9, 0.98), (0.9, 0.999)))
     for items, match in ((["d=abc"], "not an integer"), (["nope=1"], "unknown TrainConfig field"),
                          (["d=8", "d=16"], "twice"), (["p=97"], "use --p"), (["seed=1"], "use --seeds"),
-                         (["device=cpu"], "--device"), (["d"], "KEY=VALUE"), (["factorised=maybe"], "true or false")):
+                         (["device=cpu"], "--device"), (["d"], "KEY=VALUE"), (["factorised=maybe"], "true or false"),
+                         (["betas=0.9"], "betas needs two numbers")):
         with pytest.raises(ValueError, match=match):
             sweep.parse_assignments(items, vary=False)
 
@@ -139,6 +144,7 @@ def test_expand_is_the_cartesian_product_with_stable_ids():
 
 @pytest.mark.parametrize("block,match", [
     (dict(ps=()), "no P values"),
+    (dict(weight_decays=()), "no weight decay values"),
     (dict(seeds=()), "no seeds"),
     (dict(fixed=dict(TINY, steps=-1)), "steps must be"),
     (dict(fixed=dict(TINY, model="transformer")), "model must be one of"),
@@ -155,6 +161,22 @@ def test_expand_is_the_cartesian_product_with_stable_ids():
 def test_inconsistent_grids_are_refused(block, match):
     with pytest.raises(ValueError, match=match):
         sweep.expand([tiny_block(**block)])
+
+
+def test_no_blocks_is_an_empty_grid():
+    with pytest.raises(ValueError, match="the grid is empty"):
+        sweep.expand([])
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"{not json", "is unreadable"),
+    (b'{"kind": "other", "runs": []}', "is not a fastcyclic sweep file"),
+])
+def test_a_damaged_sweep_file_is_refused_and_left_alone(tmp_path, content, match):
+    (tmp_path / "sweep.json").write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        sweep.run_sweep(str(tmp_path), [tiny_block()], workers=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.json"] and (tmp_path / "sweep.json").read_bytes() == content
 
 
 def test_a_warm_up_longer_than_the_run_is_warned_about():
@@ -208,6 +230,7 @@ def test_bad_input_writes_nothing(tmp_path, capsys):
                           (grid + ["--set", "betas=2,3"], "betas must be two numbers in [0, 1)"),
                           (grid + ["--set", "optimizer=sgdw", "--set", "momentum=-1"], "momentum must be"),
                           (grid + ["--steps", "0"], "needs steps >= 1"),
+                          (grid + ["--steps", "10", "--set", "steps=20"], "steps given by both --steps and --set"),
                           (grid + ["--vary", "steps=100,0"], "needs steps >= 1")):
         assert sweep.main(sweep_args(*argv, "--out", str(out))) == 2, argv
         assert not out.exists(), argv

@@ -377,6 +377,12 @@ def test_resume_accepts_choices_that_change_nothing(tmp_path):
         train(TrainConfig(**dict(TINY, backend=other, out_dir=str(tmp_path / "run0"))), resume=True)
 
 
+def test_resume_without_an_out_dir_is_refused():
+    """There is nothing to resume from: resume=True without out_dir must not quietly start a fresh run."""
+    with pytest.raises(ValueError, match="resume=True needs out_dir"):
+        train(TrainConfig(**dict(TINY, out_dir=None)), resume=True, figures=False)
+
+
 def test_resume_of_a_finished_run_without_a_checkpoint_is_refused(tmp_path):
     """With checkpoint_every=0 there is nothing to continue from: resume=True started again from step 0 and
     replaced the finished run's results."""
