@@ -165,7 +165,7 @@ def _tiny() -> Preset:
                         layer_ps=(13,), layer_lambdas=(0.1,), layer_every=10)
     return Preset("tiny", f"a self-check: P = 11, 13, 60 steps; {_count(blocks)} runs (numbers mean nothing)", blocks,
                   _notes(base, 8, 120, 10), minutes=2, reserve_minutes=0.5, workers=0, device="cpu",
-                  duration="about 10 s on one core", threads=1)  # tiny runs: more threads only add waiting
+                  duration="about 20 s on one core", threads=1)  # tiny runs: more threads only add waiting
 
 
 PRESETS: dict[str, Callable[[], Preset]] = {"cpu": _cpu, "gpu": _gpu, "tiny": _tiny}
