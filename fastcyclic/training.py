@@ -708,34 +708,48 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
 
 
 def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
-    config = trainer.config
-    out = config.out_dir
-    paths = {}
+    """train()'s body, under out_dir's lock: pick up the checkpoint, set out_dir up, run the loop, finish."""
+    out = trainer.config.out_dir
     checkpoint = os.path.join(out, CHECKPOINT) if out else None
     if out:
         _check_holds_a_run_or_nothing(out)  # under the lock, before anything in out_dir is removed or written
     if resume:
-        if not out:
-            raise ValueError("resume=True needs out_dir")
-        if os.path.exists(checkpoint):
-            state = load_checkpoint(checkpoint)
-            try:
-                trainer.load_state_dict(state)
-            except (RuntimeError, KeyError, TypeError) as e:  # e.g. written on another device, or other shapes
-                raise ValueError(f"checkpoint {checkpoint!r} does not fit this run ({type(e).__name__}: {e})") from e
-            if trainer.step_count > config.steps:
-                raise ValueError(f"the checkpoint in {out!r} is at step {trainer.step_count}, past steps="
-                                 f"{config.steps}: resume with steps >= {trainer.step_count}")
-        elif os.path.exists(os.path.join(out, "summary.json")):
-            # a finished run without a checkpoint (checkpoint_every=0): starting again would replace it
-            raise ValueError(f"resume=True: {out!r} holds a finished run but no {CHECKPOINT} to continue from "
-                             "(checkpoint_every=0?); run without resume to replace it, or use another out_dir")
+        _resume_from(trainer, out, checkpoint)
+    paths = _prepare_out_dir(trainer, figures) if out else {}
+    _run_loop(trainer, paths, checkpoint)
+    return _finish(trainer, paths, checkpoint, figures)
+
+
+def _resume_from(trainer: Trainer, out: Optional[str], checkpoint: Optional[str]) -> None:
+    """Load out_dir's checkpoint into the trainer; a directory without one starts from step 0, unless it holds a
+    finished run (which a fresh start would replace)."""
+    if not out:
+        raise ValueError("resume=True needs out_dir")
+    if os.path.exists(checkpoint):
+        state = load_checkpoint(checkpoint)
+        try:
+            trainer.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError) as e:  # e.g. written on another device, or other shapes
+            raise ValueError(f"checkpoint {checkpoint!r} does not fit this run ({type(e).__name__}: {e})") from e
+        if trainer.step_count > trainer.config.steps:
+            raise ValueError(f"the checkpoint in {out!r} is at step {trainer.step_count}, past steps="
+                             f"{trainer.config.steps}: resume with steps >= {trainer.step_count}")
+    elif os.path.exists(os.path.join(out, "summary.json")):
+        # a finished run without a checkpoint (checkpoint_every=0): starting again would replace it
+        raise ValueError(f"resume=True: {out!r} holds a finished run but no {CHECKPOINT} to continue from "
+                         "(checkpoint_every=0?); run without resume to replace it, or use another out_dir")
+
+
+def _prepare_out_dir(trainer: Trainer, figures: bool) -> dict:
+    """Remove what an earlier run left that this one would not overwrite, write config.json and the history so
+    far; the paths of the config and metrics files."""
+    config, out = trainer.config, trainer.config.out_dir
     stale = []
-    if out and trainer.step_count == 0:
+    if trainer.step_count == 0:
         # a fresh run replaces whatever run out_dir held: its checkpoint and results would otherwise sit beside
         # this run's config until this run overwrote them, and a resume after a kill would find them
         stale = [os.path.join(out, name) for name in (CHECKPOINT, "summary.json")]
-    if out and (trainer.step_count == 0 or (not figures and trainer.step_count < config.steps)):
+    if trainer.step_count == 0 or (not figures and trainer.step_count < config.steps):
         # figures of an earlier step would sit beside the new summary (a finished run resumed keeps its own)
         stale += [os.path.join(out, "figures", name) for name in FIGURES]
     for path in stale:
@@ -744,14 +758,18 @@ def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
     for path in stale:
         if os.path.exists(path):
             os.remove(path)
-    if out:
-        for folder in (out, os.path.join(out, "figures")):  # what a kill left mid-write (checkpoint, figures)
-            if os.path.isdir(folder):
-                remove_temporaries(folder)
-        paths.update(config=os.path.join(out, "config.json"), metrics=os.path.join(out, "metrics.jsonl"))
-        write_json(paths["config"], config.to_dict())
-        _write_metrics(paths["metrics"], trainer.history)  # from the checkpoint's history: no duplicate lines
+    for folder in (out, os.path.join(out, "figures")):  # what a kill left mid-write (checkpoint, figures)
+        if os.path.isdir(folder):
+            remove_temporaries(folder)
+    paths = dict(config=os.path.join(out, "config.json"), metrics=os.path.join(out, "metrics.jsonl"))
+    write_json(paths["config"], config.to_dict())
+    _write_metrics(paths["metrics"], trainer.history)  # from the checkpoint's history: no duplicate lines
+    return paths
 
+
+def _run_loop(trainer: Trainer, paths: dict, checkpoint: Optional[str]) -> None:
+    """Step to config.steps (or until a callback stops the run), evaluating and checkpointing on schedule."""
+    config = trainer.config
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -781,6 +799,10 @@ def _train(trainer: Trainer, *, resume: bool, figures: bool) -> TrainResult:
         if bar is not None:
             bar.close()
 
+
+def _finish(trainer: Trainer, paths: dict, checkpoint: Optional[str], figures: bool) -> TrainResult:
+    """The final record with its geometry, the summary (and summary.json, figures) of the run."""
+    config, out = trainer.config, trainer.config.out_dir
     # a resume with steps = the checkpoint's step ends where the last record may be older, or lack the
     # geometry that a run's final record has: evaluate, or measure the geometry, where the model is
     if not trainer.history or trainer.history[-1]["step"] != trainer.step_count:
