@@ -140,7 +140,8 @@ def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None,
     fused-update dW kernel.  Row and class counts only change unspecialised integers, so small ones do,
     except for what they switch: ``ragged`` takes K = 4097 (a class count no tile divides, as P is) with
     a bias, label smoothing and every loop split in two (the partial-sum variants a large GPU gets), and
-    the dW kernel forming dbias alone (a frozen weight)."""
+    the dW kernel forming dbias alone (a frozen weight), and a row count no row tile divides (the dW kernel's
+    row mask, EVEN_N); otherwise N is a whole number of every row tile, as at the benchmark shapes."""
     import torch
 
     from fastcyclic.kernels import linear_ce
@@ -148,8 +149,10 @@ def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None,
     config = config or linear_ce.default_config(8192, d, 65536, dtype, torch.device("cuda"))
     if ragged:
         config = linear_ce.with_splits(config, 2)
-    # (the dW kernel loops over rows: two of its row blocks, so that it does split in two)
-    n, k = (2 * config.backward_dw.block_loop, 4097) if ragged else (64, 4096)
+    # (ragged: the dW kernel loops over rows, two row blocks, the second one short, so that it does split in two)
+    row_tile = max(config.forward.block_owner, config.backward_dw.block_loop, config.backward_dh.block_owner,
+                   config.backward_grad.block_owner)
+    n, k = (2 * config.backward_dw.block_loop - 1, 4097) if ragged else (row_tile, 4096)
     h, w = torch.zeros(n, d, dtype=dtype), torch.zeros(k, d, dtype=dtype)
     bias = torch.zeros(k, dtype=dtype) if ragged else None
     target, terms, lse_parts = torch.zeros(n, dtype=torch.int64), torch.zeros(n), torch.zeros(2, n)
