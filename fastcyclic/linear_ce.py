@@ -136,6 +136,11 @@ def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, b
         # a torch.library custom op without a jvp formula would silently drop the tangent (a zero jvp)
         raise NotImplementedError("linear_cross_entropy has no forward-mode AD (jvp) formula; "
                                   "use reverse mode (backward, torch.autograd.grad)")
+    if not torch.compiler.is_compiling() and any(
+            _grad_tracked_by_torch_func(t) for t in (h, weight) + ((bias,) if bias is not None else ())):
+        # torch's own message speaks of an autograd.Function's setup_context, which no user wrote
+        raise NotImplementedError("linear_cross_entropy does not run under torch.func's grad, vjp, jacrev or "
+                                  "hessian; use torch.autograd (backward(), torch.autograd.grad)")
     devices = {t.device for t in (h, weight, target) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
@@ -277,6 +282,16 @@ def _backward(ctx, grad_loss, grad_lse, _grad_argmax, _grad_saved):
 torch.library.register_autograd("fastcyclic::linear_ce", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("linear_cross_entropy has no second derivative (double backward, create_graph=True "
+                              "through its gradients): its backward is a fused kernel without a formula of its own")
+
+
+# without this, torch's own message: "no autograd formula was registered" for fastcyclic.linear_ce_backward
+torch.library.register_autograd("fastcyclic::linear_ce_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 class _FusedUpdateLinearCE(torch.autograd.Function):
     """The per-row loss whose backward hands the classifier's step to a ``fastcyclic.optim.FusedUpdate``:
     it returns dh (and no dW); the weight's gradient hook then runs the dW kernel with the optimizer
@@ -368,6 +383,13 @@ def _autocast(h, weight, bias):
     def cast(t):
         return t.to(dtype) if isinstance(t, Tensor) and t.dtype in FLOAT_DTYPES else t
     return cast(h), cast(weight), cast(bias)
+
+
+def _grad_tracked_by_torch_func(t: Tensor) -> bool:
+    """Whether t is wrapped by a torch.func reverse-mode transform (grad, vjp, jacrev).  (A private torch
+    function: where it is missing, torch raises its own error a step later.)"""
+    is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_gradtrackingtensor", None)
+    return is_wrapped is not None and is_wrapped(t)
 
 
 def _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, backend, deterministic,

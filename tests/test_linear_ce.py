@@ -689,6 +689,34 @@ def test_forward_mode_ad_is_refused_not_zero(gen):
         torch.func.jvp(lambda x: linear_cross_entropy(x, w, y, backend="torch"), (h,), (torch.ones_like(h),))
 
 
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev"])
+def test_torch_func_reverse_mode_is_refused_in_our_words(transform, gen):
+    """torch's own error spoke of an autograd.Function's setup_context, which the caller never wrote."""
+    h, w, y, _ = make_problem(gen, 5, 8, 11)
+    loss = lambda x: linear_cross_entropy(x, w, y, backend="torch")  # noqa: E731
+    run = dict(grad=lambda: torch.func.grad(loss)(h), vjp=lambda: torch.func.vjp(loss, h),
+               jacrev=lambda: torch.func.jacrev(loss)(h))[transform]
+    with pytest.raises(NotImplementedError, match="does not run under torch.func's grad, vjp, jacrev"):
+        run()
+
+
+def test_double_backward_is_refused_in_our_words(gen):
+    h, w, y, _ = make_problem(gen, 5, 8, 11)
+    h.requires_grad_()
+    (dh,) = torch.autograd.grad(linear_cross_entropy(h, w, y, backend="torch"), h, create_graph=True)
+    with pytest.raises(NotImplementedError, match="no second derivative"):
+        torch.autograd.grad(dh.sum(), h)
+
+
+def test_vmap_gives_the_per_batch_losses(gen):
+    """vmap works (through torch's batching fallback, one call per batch entry), and gives each entry's loss."""
+    h, w = torch.randn(3, 5, 8, generator=gen).to(DEVICE), torch.randn(11, 8, generator=gen).to(DEVICE)
+    y = torch.randint(0, 11, (3, 5), generator=gen).to(DEVICE)
+    ours = torch.func.vmap(lambda a, b: linear_cross_entropy(a, w, b, backend="torch"))(h, y)
+    eager = torch.stack([torch.nn.functional.cross_entropy(h[i].double() @ w.double().T, y[i]) for i in range(3)])
+    torch.testing.assert_close(ours.double(), eager, rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # stats, determinism, module, compile
 # --------------------------------------------------------------------------------------------
