@@ -330,6 +330,11 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
     def _update(self, index, key, group, pairs, lr, weight_decay, backend, skip) -> None:
         raise NotImplementedError
 
+    def _classifier_update(self, weight: Tensor, group: dict, lr: Tensor, weight_decay: Tensor):
+        """The ``kernels.linear_ce.ClassifierUpdate`` that applies this optimizer's step to ``weight`` inside the
+        Triton dW kernel (fused_update), its state made and the step counted as ``_update`` would."""
+        raise NotImplementedError
+
     def _table(self, index: int, key: tuple):
         from fastcyclic.kernels import optim as kernels
         return self._tables.setdefault((index,) + key, kernels.TensorTable())
@@ -486,6 +491,16 @@ class AdamW(_WeightDecayOptimizer):
         kernels.adamw_step(self._table(index, key), rows, lr, weight_decay, beta1, beta2, group["eps"],
                            decoupled, skip)
 
+    def _classifier_update(self, weight, group, lr, weight_decay):
+        from fastcyclic.kernels import linear_ce as kernels
+        if _capturing() and weight not in self.state:  # zeros made in a capture: reset at every replay
+            raise RuntimeError(_FIRST_STEP_IN_CAPTURE)
+        state = self._init_state(weight)
+        self._advance([state["step"]], None)
+        return kernels.ClassifierUpdate("adamw", lr, weight_decay, state["step"], state["exp_avg"],
+                                        state["exp_avg_sq"], (*group["betas"], group["eps"]),
+                                        group["weight_decay_mode"] == "decoupled")
+
 
 def _check_betas(betas) -> None:
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__iter__"):
@@ -596,6 +611,19 @@ class SGDW(_WeightDecayOptimizer):
         # after the first step finds it; the first step's kernel is a variant of its own, so warm up with two
         # steps before capturing
         kernels.sgdw_step(self._table(index, key[:-1]), rows, lr, weight_decay, *args, first_step, skip)
+
+    def _classifier_update(self, weight, group, lr, weight_decay):
+        from fastcyclic.kernels import linear_ce as kernels
+        state = self.state[weight]
+        first_step = group["momentum"] != 0 and state.get("momentum_buffer") is None
+        if first_step and _capturing():  # buf = g and the zeros would be replayed as a first step every time
+            raise RuntimeError(_FIRST_STEP_IN_CAPTURE)
+        if first_step:
+            state["momentum_buffer"] = torch.zeros_like(weight, dtype=_state_dtype(weight))
+        return kernels.ClassifierUpdate("sgdw", lr, weight_decay, None, state.get("momentum_buffer"), None,
+                                        (group["momentum"], group["dampening"]),
+                                        group["weight_decay_mode"] == "decoupled", first_step=first_step,
+                                        nesterov=group["nesterov"])
 
 
 def _check_momentum(momentum, dampening, nesterov, *, zero_momentum_ok: bool = False) -> None:
@@ -768,7 +796,6 @@ class FusedUpdate:
     def _apply(self, h, weight, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing, backend,
                torch_grads, config) -> None:
         optimizer, group = self.optimizer, self.optimizer.param_groups[self.group_index]
-        decoupled = group["weight_decay_mode"] == "decoupled"
         if backend == "torch":
             # the chunked PyTorch backend already computed dW (O(K x D) on the CPU path): step on it
             dw, db = torch_grads
@@ -779,24 +806,7 @@ class FusedUpdate:
             from fastcyclic.kernels import linear_ce as kernels
             optimizer._contiguous_state(weight)
             lr, weight_decay = optimizer._device_scalars(self.group_index, group, weight.device)
-            if isinstance(optimizer, AdamW):
-                if _capturing() and weight not in optimizer.state:  # zeros made in a capture: reset at every replay
-                    raise RuntimeError(_FIRST_STEP_IN_CAPTURE)
-                state = optimizer._init_state(weight)
-                optimizer._advance([state["step"]], None)
-                beta1, beta2 = group["betas"]
-                update = kernels.ClassifierUpdate("adamw", lr, weight_decay, state["step"], state["exp_avg"],
-                                                  state["exp_avg_sq"], (beta1, beta2, group["eps"]), decoupled)
-            else:
-                state = optimizer.state[weight]
-                first_step = group["momentum"] != 0 and state.get("momentum_buffer") is None
-                if first_step and _capturing():  # buf = g and the zeros would be replayed as a first step every time
-                    raise RuntimeError(_FIRST_STEP_IN_CAPTURE)
-                if first_step:
-                    state["momentum_buffer"] = torch.zeros_like(weight, dtype=torch.float32)
-                update = kernels.ClassifierUpdate("sgdw", lr, weight_decay, None, state.get("momentum_buffer"),
-                                                  None, (group["momentum"], group["dampening"]), decoupled,
-                                                  first_step=first_step, nesterov=group["nesterov"])
+            update = optimizer._classifier_update(weight, group, lr, weight_decay)
             _, _, db = kernels.backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target, label_smoothing,
                                         need_dh=False, need_dw=False, need_db=bias is not None and bias.requires_grad,
                                         update=update, config=config)
