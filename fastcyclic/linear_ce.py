@@ -199,6 +199,9 @@ def _linear_ce(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     nll = (row_max - target_logit) + torch.log1p(rest + torch.expm1(shift))
     log_sum = torch.log(rest + torch.exp(shift))
     lse = row_max + log_sum
+    # a +inf logit: lse is +inf, as in torch.logsumexp (exp(z - max) took inf - inf = NaN; the loss stays NaN, as
+    # F.cross_entropy's does)
+    lse = torch.where(row_max == float("inf"), row_max, lse)
     loss = nll
     if label_smoothing > 0:  # (1 - eps) nll + eps (lse - mean z): a masked (-inf) target gives inf, as in F.ce
         loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - logit_sum / num_classes)

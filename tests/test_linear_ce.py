@@ -1096,6 +1096,21 @@ def test_every_class_masked_gives_lse_minus_inf(backend, gen):
     assert torch.all(rows[:2] == 0) and torch.all(rows[2:].isnan())  # eager's loss is NaN there too
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["triton-split"])
+def test_a_plus_inf_logit_gives_lse_plus_inf(backend, gen):
+    """A +inf logit (here a +inf bias entry) makes lse +inf, as torch.logsumexp does, not NaN; the loss is NaN
+    there, as F.cross_entropy's is."""
+    h, w, y, b = make_problem(gen, 5, 8, 40)
+    b[17] = float("inf")
+    context = tuning(config=with_splits(SMALL_TILES, 2)) if backend == "triton-split" else contextlib.nullcontext()
+    with context:
+        rows, lse, _ = linear_cross_entropy_stats(h, w, y, bias=b, backend=backend.removesuffix("-split"))
+    logits = h.double() @ w.double().T + b.double()
+    assert torch.equal(lse.double().cpu(), torch.logsumexp(logits, dim=1).cpu())  # all +inf
+    eager = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert torch.equal(rows.isnan().cpu(), eager.isnan().cpu())
+
+
 def test_dh_split_past_the_last_class_with_all_logits_below_minus_88(gen):
     """A dh split running past K (K a multiple of the tile, lse < -88.7) stops at K: no inf g times zero w rows."""
     h, w, y, _ = make_problem(gen, 9, 16, 96, bias=False)
