@@ -134,14 +134,16 @@ def _tile_text(kwargs: dict) -> str:
     return f"{blocks} w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}"
 
 
-def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None, ragged: bool = False):
+def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None, ragged: bool = False,
+                       short_rows: bool | None = None):
     """(label, fn, args, kwargs) of every kernel one forward + backward launches with the GPU's default
     tiles at width d (or ``config``; both backward strategies), or with ``update`` ("adamw"/"sgdw") the
     fused-update dW kernel.  Row and class counts only change unspecialised integers, so small ones do,
     except for what they switch: ``ragged`` takes K = 4097 (a class count no tile divides, as P is) with
     a bias, label smoothing and every loop split in two (the partial-sum variants a large GPU gets), and
-    the dW kernel forming dbias alone (a frozen weight), and a row count no row tile divides (the dW kernel's
-    row mask, EVEN_N); otherwise N is a whole number of every row tile, as at the benchmark shapes."""
+    the dW kernel forming dbias alone (a frozen weight).  ``short_rows`` (default: ``ragged``) takes a row
+    count no row tile divides (the dW kernel's row mask, EVEN_N, as a full batch of 0.4 P^2 pairs gets);
+    otherwise N is a whole number of every row tile, as at the benchmark shapes."""
     import torch
 
     from fastcyclic.kernels import linear_ce
@@ -149,10 +151,14 @@ def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None,
     config = config or linear_ce.default_config(8192, d, 65536, dtype, torch.device("cuda"))
     if ragged:
         config = linear_ce.with_splits(config, 2)
-    # (ragged: the dW kernel loops over rows, two row blocks, the second one short, so that it does split in two)
+    short_rows = ragged if short_rows is None else short_rows
     row_tile = max(config.forward.block_owner, config.backward_dw.block_loop, config.backward_dh.block_owner,
                    config.backward_grad.block_owner)
-    n, k = (2 * config.backward_dw.block_loop - 1, 4097) if ragged else (row_tile, 4096)
+    # ragged: the dW kernel loops over rows, two row blocks (the second one short with short_rows), so that it
+    # does split in two
+    n = 2 * config.backward_dw.block_loop if ragged else row_tile
+    n -= 1 if short_rows else 0
+    k = 4097 if ragged else 4096
     h, w = torch.zeros(n, d, dtype=dtype), torch.zeros(k, d, dtype=dtype)
     bias = torch.zeros(k, dtype=dtype) if ragged else None
     target, terms, lse_parts = torch.zeros(n, dtype=torch.int64), torch.zeros(n), torch.zeros(2, n)
@@ -177,7 +183,7 @@ def linear_ce_launches(d: int, dtype, *, update: str | None = None, config=None,
         label = f"fused {update} dW" if update else fn.__name__.strip("_").replace("_kernel", "")
         if kwargs.get("WANT_DW") is False:
             label += " (dbias alone)"
-        shape = f"D={d} K=4097 bias splits=2" if ragged else f"D={d}"
+        shape = f"D={d}" + (" K=4097 bias splits=2" if ragged else "") + (" N ragged" if short_rows else "")
         yield f"{label} {str(dtype)[6:]} {shape} tile {_tile_text(kwargs)}", fn, args, kwargs
 
 
@@ -208,14 +214,20 @@ def cases(full: bool = True):
     for dtype, ds in widths if full else ((torch.bfloat16, (256,)), (torch.float32, (128,))):
         for d in ds:
             for ragged in (False, True) if full or dtype == torch.bfloat16 else (False,):
-                for name, fn, args, kwargs in linear_ce_launches(d, dtype, ragged=ragged):
-                    yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
+                # the full check also takes ragged K with whole row blocks (other dW code: 41 loop spills at
+                # bf16 D = 256 with a bias, 2026-11-30)
+                for short_rows in ((True, False) if ragged and full else (ragged,)):
+                    for name, fn, args, kwargs in linear_ce_launches(d, dtype, ragged=ragged, short_rows=short_rows):
+                        yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
     # the fused update's dW tile, sized from D
     for dtype, ds in ((torch.float32, (128, 300, 512, 1024)), (torch.bfloat16, (256, 512, 1024, 2048))):
         for d in ds if full else (ds[0], ds[-2], ds[-1]):
             for update in ("adamw", "sgdw") if full else ("adamw",):
-                for name, fn, args, kwargs in linear_ce_launches(d, dtype, update=update):
-                    yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
+                # the trainer's full batch (0.4 P^2 pairs) is no whole number of row blocks: the full check
+                # takes that too
+                for short_rows in (False, True) if full else (False,):
+                    for name, fn, args, kwargs in linear_ce_launches(d, dtype, update=update, short_rows=short_rows):
+                        yield name, lambda fn=fn, args=args, kwargs=kwargs: compile_launch(fn, args, kwargs)
     # float32 with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): tensor-core dots, whose tiles
     # keep a transposed copy of an operand in shared memory; the fused tile at its widest D (512)
     with allow_tf32():

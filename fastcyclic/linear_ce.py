@@ -389,10 +389,18 @@ def _autocast(h, weight, bias):
 
 
 def _grad_tracked_by_torch_func(t: Tensor) -> bool:
-    """Whether t is wrapped by a torch.func reverse-mode transform (grad, vjp, jacrev).  (A private torch
-    function: where it is missing, torch raises its own error a step later.)"""
-    is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_gradtrackingtensor", None)
-    return is_wrapped is not None and is_wrapped(t)
+    """Whether t is wrapped by a torch.func reverse-mode transform (grad, vjp, jacrev), at any level (vmap nested
+    inside one wraps it again).  (Private torch functions: where they are missing, torch raises its own error a
+    step later.)"""
+    functorch = getattr(torch._C, "_functorch", None)
+    needed = ("is_functorch_wrapped_tensor", "is_gradtrackingtensor", "get_unwrapped")
+    if functorch is None or not all(hasattr(functorch, name) for name in needed):
+        return False
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_gradtrackingtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 def _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, backend, deterministic,

@@ -736,7 +736,8 @@ def exact_shift(dtype: torch.dtype) -> bool:
 
 def _row_data(target, lse_parts, p_coef, t_uniform, g_target, k: int, config: LCEConfig, exact: bool):
     """The backward kernels' per-row data (see _row_terms): int32 classes (R,) and fp32 terms (5, R), R = N
-    rounded up to the largest row block any backward kernel takes, the padding rows inert."""
+    rounded up to the largest row block any backward kernel takes; the padding rows give g = 0 for finite logits
+    (the kernels mask them where N is ragged: see the note above _row_terms)."""
     n = target.shape[0]
     block = max(config.backward_dw.block_loop, config.backward_dh.block_owner, config.backward_grad.block_owner)
     r = triton.cdiv(max(n, 1), block) * block

@@ -689,13 +689,14 @@ def test_forward_mode_ad_is_refused_not_zero(gen):
         torch.func.jvp(lambda x: linear_cross_entropy(x, w, y, backend="torch"), (h,), (torch.ones_like(h),))
 
 
-@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev"])
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev", "grad_of_vmap"])
 def test_torch_func_reverse_mode_is_refused_in_our_words(transform, gen):
     """torch's own error spoke of an autograd.Function's setup_context, which the caller never wrote."""
     h, w, y, _ = make_problem(gen, 5, 8, 11)
     loss = lambda x: linear_cross_entropy(x, w, y, backend="torch")  # noqa: E731
+    batched = lambda x: torch.func.vmap(loss)(x[None]).sum()  # noqa: E731  (grad of a vmap wraps h twice)
     run = dict(grad=lambda: torch.func.grad(loss)(h), vjp=lambda: torch.func.vjp(loss, h),
-               jacrev=lambda: torch.func.jacrev(loss)(h))[transform]
+               jacrev=lambda: torch.func.jacrev(loss)(h), grad_of_vmap=lambda: torch.func.grad(batched)(h))[transform]
     with pytest.raises(NotImplementedError, match="does not run under torch.func's grad, vjp, jacrev"):
         run()
 
