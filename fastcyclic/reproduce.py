@@ -28,7 +28,7 @@ measured) evaluated often (for the layer order).  Verdict rules (thresholds in t
              fewer frequencies at the largest λ that did not collapse than at the smallest.
     claim 3a per run that fits and did not collapse: t_W vs t_E (first evaluation with ρ₂ ≥ 0.9; a layer that never
              gets there comes last), or where neither gets there, the settling steps (first evaluation from which
-             ρ₂ stays within 0.05 of its end value).
+             ρ₂ stays within training.SETTLE_TOLERANCE = 0.05 of its end value).
              Supported: W first in ≥ 2/3 of the runs with an order (≥ MIN_ORDERED of them).  Not supported: E first
              at least as often as W.  Otherwise inconclusive.
     claim 3b runs with W and E in one space (locking defined) whose W ended cyclic and did not collapse: locking =
@@ -355,6 +355,8 @@ def _order(row: dict) -> Optional[tuple]:
 
 
 def claim_3(rows: list, layer: str) -> Claim:
+    from fastcyclic.training import SETTLE_TOLERANCE
+
     runs = [r for r in rows if _fits(r) and _alive(r)]
     counts = {(w, s): 0 for w in ("W", "same", "E") for s in ("t", "settling")}
     for r in runs:
@@ -418,7 +420,8 @@ def claim_3(rows: list, layer: str) -> Claim:
     return Claim("3", "W reaches rank 2 before E (3a), and E's energy moves into W's plane (3b).",
                  "3a: in every run that fits the train set and did not collapse, which of W and E reaches ρ₂ ≥ 0.9 "
                  "first (t_W vs t_E; a layer that never does comes last) or, where neither does, which settles "
-                 "first (ρ₂ within 0.05 of its end value; a layer still moving at the end settles last; resolution: "
+                 f"first (ρ₂ within {SETTLE_TOLERANCE:g} of its end value; a layer still moving at the end settles "
+                 "last; resolution: "
                  "the evaluation interval). "
                  "3b: in runs with W and E in one space (factorised head) whose W ends cyclic, the share of E's "
                  "centred energy in W's top-2 plane, at the end vs at step 0.",
