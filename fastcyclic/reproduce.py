@@ -354,55 +354,61 @@ def _order(row: dict) -> Optional[tuple]:
     return None if first is None else (first, "settling")
 
 
-def claim_3(rows: list, layer: str) -> Claim:
-    from fastcyclic.training import SETTLE_TOLERANCE
-
-    runs = [r for r in rows if _fits(r) and _alive(r)]
-    counts = {(w, s): 0 for w in ("W", "same", "E") for s in ("t", "settling")}
-    for r in runs:
-        o = _order(r)
-        if o:
-            counts[o] += 1
+def _judge_order(counts: dict) -> tuple[str, str]:
+    """Claim 3a's (verdict, reason) from the counts of (which layer first, by "t" or "settling")."""
     w_first = counts["W", "t"] + counts["W", "settling"]
     e_first = counts["E", "t"] + counts["E", "settling"]
     same = counts["same", "t"] + counts["same", "settling"]
     ordered = w_first + e_first
     if ordered < MIN_ORDERED:
-        v_a, r_a = "inconclusive", f"only {ordered} runs have an order (ties: {same})"
-    elif w_first >= ORDER_SHARE * ordered:
-        v_a, r_a = "supported", f"W first in {w_first} of {ordered} ordered runs"
-    elif e_first >= w_first:
-        v_a, r_a = "not supported", f"E first in {e_first}, W first in {w_first} of {ordered} ordered runs"
-    else:
-        v_a, r_a = "inconclusive", f"W first in {w_first} of {ordered} ordered runs (below {ORDER_SHARE:.0%})"
+        return "inconclusive", f"only {ordered} runs have an order (ties: {same})"
+    if w_first >= ORDER_SHARE * ordered:
+        return "supported", f"W first in {w_first} of {ordered} ordered runs"
+    if e_first >= w_first:
+        return "not supported", f"E first in {e_first}, W first in {w_first} of {ordered} ordered runs"
+    return "inconclusive", f"W first in {w_first} of {ordered} ordered runs (below {ORDER_SHARE:.0%})"
+
+
+def _judge_locking(same_space: list, locked: list, random_share: str) -> tuple[str, str]:
+    """Claim 3b's (verdict, reason) from the runs with W and E in one space, and those of them whose W is cyclic."""
+    end = _median(r["locking"] for r in locked)
+    rose = sum(r["locking_init"] is not None and r["locking"] > r["locking_init"] for r in locked)
+    if len(locked) >= 3 and end >= LOCK_HIGH and rose >= ORDER_SHARE * len(locked):
+        return "supported", f"median locking {end:.2f} in {len(locked)} runs with a cyclic W, up in {rose}"
+    if len(locked) >= 3 and end < LOCK_LOW:
+        return "not supported", f"median locking {end:.2f} in {len(locked)} runs with a cyclic W"
+    if len(locked) >= 3:
+        return "inconclusive", f"median locking {end:.2f}, up in {rose} of {len(locked)} runs with a cyclic W"
+    if same_space:
+        return "inconclusive", (
+            f"W ended cyclic in only {len(locked)} of {len(same_space)} runs with W and E in one space; their "
+            f"locking is {_f(_median(r['locking'] for r in same_space), '.2f')} (median; a random plane holds "
+            f"{random_share}), which says nothing about rank-2 W")
+    return "inconclusive", "no run had W and E in one space (locking undefined)"
+
+
+def claim_3(rows: list, layer: str) -> Claim:
+    from fastcyclic.training import SETTLE_TOLERANCE
+
+    orders = [(r, _order(r)) for r in rows if _fits(r) and _alive(r)]
+    orders = [(r, o) for r, o in orders if o]
+    counts = {(w, s): 0 for w in ("W", "same", "E") for s in ("t", "settling")}
+    for _, o in orders:
+        counts[o] += 1
+    v_a, r_a = _judge_order(counts)
 
     same_space = [r for r in rows if _alive(r) and r["locking"] is not None]
     locked = [r for r in same_space if r["verdict_W"] == "cyclic"]
     end = _median(r["locking"] for r in locked)
-    rose = sum(r["locking_init"] is not None and r["locking"] > r["locking_init"] for r in locked)
     d = _median(r.get("d") for r in same_space)
     random_share = f"{2 / d:.3f}" if d else "2/d"
-    if len(locked) >= 3 and end >= LOCK_HIGH and rose >= ORDER_SHARE * len(locked):
-        v_b, r_b = "supported", f"median locking {end:.2f} in {len(locked)} runs with a cyclic W, up in {rose}"
-    elif len(locked) >= 3 and end < LOCK_LOW:
-        v_b, r_b = "not supported", f"median locking {end:.2f} in {len(locked)} runs with a cyclic W"
-    elif len(locked) >= 3:
-        v_b, r_b = "inconclusive", f"median locking {end:.2f}, up in {rose} of {len(locked)} runs with a cyclic W"
-    elif same_space:
-        v_b = "inconclusive"
-        r_b = (f"W ended cyclic in only {len(locked)} of {len(same_space)} runs with W and E in one space; their "
-               f"locking is {_f(_median(r['locking'] for r in same_space), '.2f')} (median; a random plane holds "
-               f"{random_share}), which says nothing about rank-2 W")
-    else:
-        v_b, r_b = "inconclusive", "no run had W and E in one space (locking undefined)"
+    v_b, r_b = _judge_locking(same_space, locked, random_share)
     verdict = ("not supported" if "not supported" in (v_a, v_b) else "supported" if v_a == v_b == "supported"
                else "inconclusive")
     by_series = {}
-    for r in runs:
-        o = _order(r)
-        if o:
-            s = by_series.setdefault(r["series"], [0, 0, 0])
-            s[("W", "same", "E").index(o[0])] += 1
+    for r, o in orders:
+        s = by_series.setdefault(r["series"], [0, 0, 0])
+        s[("W", "same", "E").index(o[0])] += 1
     lines = ["| block | W first | same evaluation | E first |", "|---|---|---|---|"]
     lines += [f"| {k} | {v[0]} | {v[1]} | {v[2]} |" for k, v in by_series.items()]
     lines.append("")
