@@ -420,46 +420,16 @@ def run_id(config: dict) -> str:
 def expand(blocks: list[Block], device: str = "cpu") -> list[RunSpec]:
     """Every run of the blocks, each config validated to run on `device`; ValueError for an empty or inconsistent
     grid."""
-    from fastcyclic.data import ENUMERATE_LIMIT as limit  # full batch needs the enumerated split
     from fastcyclic.training import TrainConfig, validate
 
     if not blocks:
         raise ValueError("the grid is empty: give --p and --weight-decay")
-    names = [b.name for b in blocks]
-    _no_duplicates(names, "the sweep's block names")
+    _no_duplicates([b.name for b in blocks], "the sweep's block names")
+    types = _config_types()
     specs, seen, short_ramps, train_counts = [], {}, {}, {}
     for block in blocks:
-        for axis, values in (("P", block.ps), ("weight decay", block.weight_decays), ("seeds", block.seeds)):
-            if not values:
-                raise ValueError(f"block {block.name!r}: no {axis} values: the grid is empty")
-        if min(block.ps) < 3:
-            raise ValueError(f"block {block.name!r}: every P must be >= 3, got {min(block.ps)}")
-        if min(block.weight_decays) <= 0:
-            raise ValueError(f"block {block.name!r}: every λ must be > 0 (the analysis is in log λ)")
-        if min(block.seeds) < 0:
-            raise ValueError(f"block {block.name!r}: seeds must be >= 0")
-        types = _config_types()
-        for key in list(block.fixed) + list(block.vary):
-            if key not in types:
-                raise ValueError(f"block {block.name!r}: unknown TrainConfig field {key!r}")
-            _check_key(key, "--set/--vary")
-        both = set(block.fixed) & set(block.vary)
-        if both:
-            raise ValueError(f"block {block.name!r}: {sorted(both)[0]} is both fixed (--set) and varied (--vary)")
-        for key, values in block.vary.items():
-            if not values:
-                raise ValueError(f"block {block.name!r}: --vary {key} has no values")
-            _no_duplicates(list(values), f"--vary {key}")
-        keys = sorted(block.vary)
-        series_names = set()
-        for combo in itertools.product(*(block.vary[k] for k in keys)):
-            assigned = dict(zip(keys, combo))
-            series = block.name + (" [" + ", ".join(f"{k}={_fmt(v)}" for k, v in assigned.items()) + "]"
-                                   if assigned else "")
-            if series in series_names:  # the analysis groups runs by series: two would merge into one
-                raise ValueError(f"block {block.name!r}: two --vary combinations print alike as {series!r} (6 "
-                                 "significant digits); make the values differ more")
-            series_names.add(series)
+        _check_block(block, types)
+        for series, assigned in _series(block):
             for p, wd, seed in itertools.product(block.ps, block.weight_decays, block.seeds):
                 values = {**block.fixed, **assigned, "p": p, "weight_decay": float(wd), "seed": seed,
                           "device": "auto", "progress": False, "out_dir": None, "checkpoint_every": 0}
@@ -468,21 +438,7 @@ def expand(blocks: list[Block], device: str = "cpu") -> list[RunSpec]:
                     validate(dataclasses.replace(config, device=device))
                 except ValueError as e:
                     raise ValueError(f"block {block.name!r}, P={p}, λ={wd:g}, seed {seed}: {e}") from None
-                if config.batch_size is None and p * p > limit:
-                    raise ValueError(f"P={p}: full-batch training (batch_size=none) needs P² ≤ {limit}; "
-                                     f"give --set batch_size=N")
-                if config.batch_size is not None and config.batch_size > p * p:
-                    raise ValueError(f"P={p}: batch_size={config.batch_size} exceeds the {p * p} pairs")
-                if config.batch_size is not None and p * p <= limit and \
-                        config.batch_size > 0.9 * config.train_fraction * p * p:  # near the split's exact size
-                    key = (p, config.train_fraction, seed)  # which depends on the seed: count it
-                    if key not in train_counts:
-                        from fastcyclic.data import ModularAddition
-
-                        train_counts[key] = ModularAddition(p, config.train_fraction, seed, "cpu").n_train
-                    if config.batch_size > train_counts[key]:
-                        raise ValueError(f"P={p}, seed {seed}: batch_size={config.batch_size} exceeds the "
-                                         f"{train_counts[key]} train pairs (train_fraction={config.train_fraction:g})")
+                _check_batch(config, train_counts)
                 if 0 < config.steps < config.weight_decay_warmup:
                     short_ramps.setdefault(block.name, (config.steps, config.weight_decay_warmup))
                 d = config.to_dict()
@@ -497,6 +453,67 @@ def expand(blocks: list[Block], device: str = "cpu") -> list[RunSpec]:
                       f"only {steps / warmup:.0%} of its value and the λ axis (λ_crit, λ₀) is nominal; set "
                       f"weight_decay_warmup (--set weight_decay_warmup=N)", stacklevel=2)
     return specs
+
+
+def _check_block(block: Block, types: dict) -> None:
+    """ValueError for a block with an empty or invalid axis, or --set / --vary fields that cannot be."""
+    for axis, values in (("P", block.ps), ("weight decay", block.weight_decays), ("seeds", block.seeds)):
+        if not values:
+            raise ValueError(f"block {block.name!r}: no {axis} values: the grid is empty")
+    if min(block.ps) < 3:
+        raise ValueError(f"block {block.name!r}: every P must be >= 3, got {min(block.ps)}")
+    if min(block.weight_decays) <= 0:
+        raise ValueError(f"block {block.name!r}: every λ must be > 0 (the analysis is in log λ)")
+    if min(block.seeds) < 0:
+        raise ValueError(f"block {block.name!r}: seeds must be >= 0")
+    for key in list(block.fixed) + list(block.vary):
+        if key not in types:
+            raise ValueError(f"block {block.name!r}: unknown TrainConfig field {key!r}")
+        _check_key(key, "--set/--vary")
+    both = set(block.fixed) & set(block.vary)
+    if both:
+        raise ValueError(f"block {block.name!r}: {sorted(both)[0]} is both fixed (--set) and varied (--vary)")
+    for key, values in block.vary.items():
+        if not values:
+            raise ValueError(f"block {block.name!r}: --vary {key} has no values")
+        _no_duplicates(list(values), f"--vary {key}")
+
+
+def _series(block: Block):
+    """(series name, {field: value}) for every combination of the block's --vary values."""
+    keys = sorted(block.vary)
+    names = set()
+    for combo in itertools.product(*(block.vary[k] for k in keys)):
+        assigned = dict(zip(keys, combo))
+        series = block.name + (" [" + ", ".join(f"{k}={_fmt(v)}" for k, v in assigned.items()) + "]"
+                               if assigned else "")
+        if series in names:  # the analysis groups runs by series: two would merge into one
+            raise ValueError(f"block {block.name!r}: two --vary combinations print alike as {series!r} (6 "
+                             "significant digits); make the values differ more")
+        names.add(series)
+        yield series, assigned
+
+
+def _check_batch(config, train_counts: dict) -> None:
+    """ValueError for a batch size the run could not draw: full batch beyond the enumerated split, more than the
+    P² pairs, or (near the split's size, which depends on the seed: counted once per key in train_counts) more
+    than the train pairs."""
+    from fastcyclic.data import ENUMERATE_LIMIT as limit  # full batch needs the enumerated split
+
+    p, seed = config.p, config.seed
+    if config.batch_size is None and p * p > limit:
+        raise ValueError(f"P={p}: full-batch training (batch_size=none) needs P² ≤ {limit}; give --set batch_size=N")
+    if config.batch_size is not None and config.batch_size > p * p:
+        raise ValueError(f"P={p}: batch_size={config.batch_size} exceeds the {p * p} pairs")
+    if config.batch_size is not None and p * p <= limit and config.batch_size > 0.9 * config.train_fraction * p * p:
+        key = (p, config.train_fraction, seed)
+        if key not in train_counts:
+            from fastcyclic.data import ModularAddition
+
+            train_counts[key] = ModularAddition(p, config.train_fraction, seed, "cpu").n_train
+        if config.batch_size > train_counts[key]:
+            raise ValueError(f"P={p}, seed {seed}: batch_size={config.batch_size} exceeds the "
+                             f"{train_counts[key]} train pairs (train_fraction={config.train_fraction:g})")
 
 
 # --------------------------------------------------------------------------------------------
