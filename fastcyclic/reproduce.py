@@ -369,9 +369,9 @@ def _judge_order(counts: dict) -> tuple[str, str]:
     return "inconclusive", f"W first in {w_first} of {ordered} ordered runs (below {ORDER_SHARE:.0%})"
 
 
-def _judge_locking(same_space: list, locked: list, random_share: str) -> tuple[str, str]:
-    """Claim 3b's (verdict, reason) from the runs with W and E in one space, and those of them whose W is cyclic."""
-    end = _median(r["locking"] for r in locked)
+def _judge_locking(same_space: list, locked: list, end: Optional[float], random_share: str) -> tuple[str, str]:
+    """Claim 3b's (verdict, reason) from the runs with W and E in one space, those of them whose W is cyclic, and
+    their median locking at the end."""
     rose = sum(r["locking_init"] is not None and r["locking"] > r["locking_init"] for r in locked)
     if len(locked) >= 3 and end >= LOCK_HIGH and rose >= ORDER_SHARE * len(locked):
         return "supported", f"median locking {end:.2f} in {len(locked)} runs with a cyclic W, up in {rose}"
@@ -402,7 +402,7 @@ def claim_3(rows: list, layer: str) -> Claim:
     end = _median(r["locking"] for r in locked)
     d = _median(r.get("d") for r in same_space)
     random_share = f"{2 / d:.3f}" if d else "2/d"
-    v_b, r_b = _judge_locking(same_space, locked, random_share)
+    v_b, r_b = _judge_locking(same_space, locked, end, random_share)
     verdict = ("not supported" if "not supported" in (v_a, v_b) else "supported" if v_a == v_b == "supported"
                else "inconclusive")
     by_series = {}
@@ -427,8 +427,7 @@ def claim_3(rows: list, layer: str) -> Claim:
                  "3a: in every run that fits the train set and did not collapse, which of W and E reaches ρ₂ ≥ 0.9 "
                  "first (t_W vs t_E; a layer that never does comes last) or, where neither does, which settles "
                  f"first (ρ₂ within {SETTLE_TOLERANCE:g} of its end value; a layer still moving at the end settles "
-                 "last; resolution: "
-                 "the evaluation interval). "
+                 "last; resolution: the evaluation interval). "
                  "3b: in runs with W and E in one space (factorised head) whose W ends cyclic, the share of E's "
                  "centred energy in W's top-2 plane, at the end vs at step 0.",
                  "\n".join(lines), verdict, f"3a {v_a}: {r_a}. 3b {v_b}: {r_b}.")
