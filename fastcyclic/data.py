@@ -33,8 +33,14 @@ _GOLDEN = 0x9E3779B9
 # sample_train draws enough candidates that a batch falls short with probability <= 2^-64; see
 # ModularAddition.num_candidates
 _TAIL_BITS = 64
-# rejection sampling of the evaluation sets on the CPU: candidates per round and in total
+# rejection sampling of the evaluation sets on the CPU (~0.4 us per candidate on one core): candidates per round,
+# and in total. A side holding a small fraction of the pairs gets fewer than test_sample pairs, as many as
+# _EVAL_DRAWS candidates are expected to hold but at least _EVAL_MIN_PAIRS, so that finding them takes seconds
+# (65536 train pairs at train_fraction 1e-4 would take 6.5e8 draws, minutes); a side too rare to give
+# _EVAL_MIN_PAIRS in half of _EVAL_BUDGET draws is refused up front.
 _EVAL_CHUNK = 1 << 22
+_EVAL_DRAWS = 1 << 24
+_EVAL_MIN_PAIRS = 1024
 _EVAL_BUDGET = 1 << 28
 # streams of the seeded CPU generators (distinct so the two evaluation sets are independent draws)
 _STREAM_TEST, _STREAM_TRAIN = 1, 2
@@ -131,7 +137,9 @@ class ModularAddition:
         enumerate_limit: enumerate all pairs when P^2 <= this.
         test_sample: size of the fixed evaluation samples (``test_pairs``, ``train_eval_pairs``): an
             enumerated side with more pairs than this is sampled; a hashed side always is, with
-            min(test_sample, half its expected size) pairs.
+            min(test_sample, half its expected size, max(1024, its fraction of the pairs * 2^24)) pairs
+            (the last bound bites only for a train_fraction within ~0.004 of 0 or 1: it keeps the
+            search to ~2^24 random draws).
 
     Attributes: ``p``, ``train_fraction``, ``seed``, ``device``, ``enumerated``, ``threshold`` (the
     hash cut-off), ``hash_fraction`` (= threshold / 2^32, the exact membership probability),
@@ -150,6 +158,8 @@ class ModularAddition:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if not is_integer(test_sample) or test_sample < 1:
             raise ValueError(f"test_sample must be a positive integer, got {test_sample!r}")
+        if not is_integer(enumerate_limit) or enumerate_limit < 0:
+            raise ValueError(f"enumerate_limit must be an integer >= 0, got {enumerate_limit!r}")
         p, test_sample = int(p), int(test_sample)
         self.p = p
         self.train_fraction = float(train_fraction)
@@ -303,21 +313,28 @@ class ModularAddition:
 
         Size: test_sample, capped at half the expected number of pairs on that side so that duplicate
         draws cannot stall the loop (the cap only bites when P^2 barely exceeds enumerate_limit and
-        train_fraction is near 0 or 1)."""
+        train_fraction is near 0 or 1), and at what _EVAL_DRAWS draws are expected to find (at least
+        _EVAL_MIN_PAIRS) so that a rare side takes seconds, not minutes."""
         fraction = self.hash_fraction if want_train else 1.0 - self.hash_fraction
         side_name = "train" if want_train else "test"
         if fraction * self.n_pairs < 1:  # drawing would spend the whole budget (minutes) to find nothing
             raise ValueError(f"train_fraction={self.train_fraction} leaves {fraction * self.n_pairs:.2g} expected "
                              f"{side_name} pairs of p^2 = {self.n_pairs}: choose a less extreme train_fraction")
-        want = max(1, min(self.test_sample, int(fraction * self.n_pairs) // 2))
+        want = max(1, min(self.test_sample, int(fraction * self.n_pairs) // 2,
+                          max(_EVAL_MIN_PAIRS, int(fraction * _EVAL_DRAWS))))
+        if want / fraction > _EVAL_BUDGET / 2:  # refused now, not after minutes of drawing and likely failing
+            rarest = 2 * _EVAL_MIN_PAIRS / _EVAL_BUDGET
+            raise ValueError(f"train_fraction={self.train_fraction} at p={self.p}: {side_name} pairs are a "
+                             f"{fraction:.2g} share of the pairs, too rare to sample {want} of them for the "
+                             f"{side_name} accuracy (about {want / fraction:.2g} random draws); choose a "
+                             f"train_fraction between {rarest:.2g} and 1 - {rarest:.2g}")
         gen = torch.Generator().manual_seed(seed_key(self.seed, stream))
         kept = torch.empty(0, dtype=torch.int64)
         drawn = 0
         while kept.numel() < want:
             if drawn >= _EVAL_BUDGET:
                 raise ValueError(f"found only {kept.numel()} of {want} {side_name} pairs in {drawn} draws: "
-                                 f"train_fraction={self.train_fraction} is too extreme for p={self.p}; "
-                                 "raise enumerate_limit or lower test_sample")
+                                 f"train_fraction={self.train_fraction} is too extreme for p={self.p}")
             chunk = min(_EVAL_CHUNK, math.ceil(1.5 * (want - kept.numel()) / fraction) + 1024)
             drawn += chunk
             a = torch.randint(0, self.p, (chunk,), generator=gen)

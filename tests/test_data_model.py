@@ -211,6 +211,31 @@ def test_hashed_eval_sample_is_capped_when_a_side_is_tiny():
     assert not bool(ds.is_train(a, b).any())
 
 
+def test_a_rare_side_gets_what_its_draws_are_expected_to_find(monkeypatch):
+    """At train_fraction 1e-4 and P = 65521, 65536 train pairs took 2^28 draws (166 s) and then failed: a rare
+    side gets max(_EVAL_MIN_PAIRS, fraction * _EVAL_DRAWS) pairs (both made small here for speed)."""
+    import fastcyclic.data as data
+
+    monkeypatch.setattr(data, "_EVAL_DRAWS", 1 << 16)
+    monkeypatch.setattr(data, "_EVAL_MIN_PAIRS", 16)
+    ds = ModularAddition(4099, 0.01, seed=0, test_sample=1000)  # 168k train pairs; 2^16 draws find ~655
+    a, b, _ = ds.train_eval_pairs()
+    assert len(a) == int(ds.hash_fraction * (1 << 16)) and len(_keys(a, b, 4099)) == len(a)
+    assert bool(ds.is_train(a, b).all())
+    assert len(ds.test_pairs()[0]) == 1000  # the common side keeps test_sample
+    ds = ModularAddition(4099, 1e-4, seed=0, test_sample=1000)  # 2^16 draws expect 6.5: the floor of 16 holds
+    assert len(ds.train_eval_pairs()[0]) == 16
+
+
+@pytest.mark.parametrize("fraction, side", [(5e-6, "train"), (1 - 1e-6, "test")])
+def test_a_side_too_rare_to_sample_is_refused_up_front(fraction, side):
+    """Refused before drawing (the message comes from that check), with the usable range: the draws took minutes
+    and then failed."""
+    with pytest.raises(ValueError, match=f"{side} pairs are a .* share of the pairs, too rare to sample 1024 .* "
+                                         "choose a train_fraction between 7.6e-06 and 1 - 7.6e-06"):
+        ModularAddition(65521, fraction, seed=0)
+
+
 def test_first_distinct_keeps_draw_order():
     assert _first_distinct(torch.tensor([5, 3, 5, 1, 3, 9])).tolist() == [5, 3, 1, 9]
 
@@ -227,6 +252,8 @@ def test_first_distinct_keeps_draw_order():
     # hashed (P^2 > enumerate_limit) with no test pair expected: refused at once (it drew 2^28 pairs first, 74 s)
     (dict(p=3000, train_fraction=1 - 1e-9), "leaves 0.0084 expected test pairs"),
     (dict(p=7, train_fraction=0.5, test_sample=0), "test_sample"),
+    (dict(p=7, train_fraction=0.5, enumerate_limit=-1), "enumerate_limit must be an integer >= 0, got -1"),
+    (dict(p=7, train_fraction=0.5, enumerate_limit="x"), "enumerate_limit must be an integer >= 0, got 'x'"),
     (dict(p=True, train_fraction=0.5), "p must"),
     (dict(p=np.bool_(True), train_fraction=0.5), "p must"),
     (dict(p=7, train_fraction="0.5"), "train_fraction must be a number"),  # float("0.5") took it
