@@ -31,7 +31,8 @@ and reads as "multi-frequency" or "unstructured", not "cyclic".
 
 Circle fit in the top-2 plane. u_k ∈ R² are the coordinates of X̄'s row k on its top-2 right singular vectors,
 r_k = |u_k|, θ_k = angle(u_k). (At rank 1 the plane has one direction: the second is a zero vector, not an arbitrary
-one, so that locking and phase alignment do not depend on it.)
+one, so that locking and phase alignment do not depend on it. When σ₂ = σ₃, e.g. a simplex ETF, the plane is not
+unique and the circle fit describes whichever one the eigensolver returns: it reads a circle only where σ₂ > σ₃.)
     radius CV = std(r) / mean(r)                                                 0 on a circle
     phase R²  = max_{s = ±1} |mean_k exp(i(θ_k − s·2πωk/n))|²                   1 when θ_k = s·2πωk/n + φ
         (the squared mean resultant length of the residual angles: φ is fitted as their circular mean, s covers
@@ -122,7 +123,9 @@ LAYER_ORDER_THRESHOLD = 0.9
 VERDICTS = ("cyclic", "multi-frequency", "etf-like", "unstructured")
 
 # Centred energy below this fraction of the raw energy is rounding left by subtracting the mean: rows are equal.
-_DEGENERATE = 1e-20
+# Centring in float64 leaves ~1e-32 of it (amplitudes ~1e-16 of the rows'); 1e-20 called a circle of amplitude
+# 1e-10 on an offset of 1 "equal rows", where the measures still resolve it (ρ₂ = 1 − 1e-11).
+_DEGENERATE = 1e-24
 # Below this max |x| (≈ 1e-146) squares fall under float64's normal range (times 2⁵²): the Gram loses precision and,
 # further down, all of it (a circle at 1e-200 read as ρ₂ = 0). float32 never gets there.
 _SQUARE_FLOOR = 2.0 ** -485
@@ -170,7 +173,7 @@ def _check_finite(X: torch.Tensor, name: str, col_sums: torch.Tensor) -> None:
 @dataclass
 class _Centred:
     """X̄ (float64) with its singular spectrum and top-2 plane, computed once and shared by all measures."""
-    raw: torch.Tensor      # X as given (float32 or float64): the FFT reads it
+    dtype: torch.dtype     # X's (float32 or float64): the FFT runs in it
     x: torch.Tensor        # n×d, float64, rows centred
     mean: torch.Tensor     # d, float64
     evals: torch.Tensor    # d, σᵢ², descending, ≥ 0
@@ -227,7 +230,7 @@ def _centre(X: torch.Tensor, name: str) -> _Centred:
     energy = float(evals.sum())
     raw = energy + n * float(mean @ mean)
     degenerate = energy <= _DEGENERATE * raw or raw == 0.0
-    return _Centred(X, x, mean, evals, plane, energy, degenerate)
+    return _Centred(X.dtype, x, mean, evals, plane, energy, degenerate)
 
 
 def _count_for_mass(values_desc: torch.Tensor, mass: float) -> int:
@@ -241,6 +244,8 @@ def _count_for_mass(values_desc: torch.Tensor, mass: float) -> int:
 
 
 def _check_mass(mass: float) -> None:
+    if isinstance(mass, (bool, np.bool_)) or not isinstance(mass, numbers.Real):
+        raise TypeError(f"mass must be a number in (0, 1], got {mass!r}")
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
 
@@ -258,6 +263,17 @@ def _check_omega(omega, n: int) -> int:
     if not 1 <= omega < n:
         raise ValueError(f"omega must be in [1, {n - 1}] for {n} rows, got {omega}")
     return omega
+
+
+def _check_measures(rho2, freq_count, n, etf_distance, axis_ratio) -> None:
+    """classify's measured inputs, in their ranges (a NaN ρ₂ read as "etf-like"); a hair of rounding is let by."""
+    for name, value, top in (("rho2", rho2, 1.0), ("etf_distance", etf_distance, 2.0), ("axis_ratio", axis_ratio, 1.0)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
+                or not 0.0 <= value <= top * (1 + 1e-9):
+            raise ValueError(f"{name} must be a measured value in [0, {top:g}], got {value!r}")
+    for name, value, low in (("freq_count", freq_count, 0), ("n", n, 3)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _check_rule(cyclic_rho2, cyclic_min_axis_ratio, etf_max_distance, multi_max_freq_fraction) -> None:
@@ -339,19 +355,25 @@ def _weights(n: int, device) -> torch.Tensor:
     return w
 
 
-def _power(X: torch.Tensor) -> torch.Tensor:
-    """Σ_j |rfft(X[:, j])_f|² · w_f / n for each f, in float64.
+def _power(c: _Centred) -> torch.Tensor:
+    """Σ_j |rfft(X̄[:, j])_f|² · w_f / n for each f, in float64.
 
-    The FFT reads X as given, not centred: centring changes only the DC bin, which the caller replaces. It runs
-    along contiguous memory (a transposed copy: 1.4× faster than a strided FFT over dim 0 on CPU) and in X's dtype:
-    a float32 FFT's error is ~1e-7 of the amplitudes, far below anything a verdict depends on. X is scaled to
-    max |x| = 1 first, so that the norm's sum of squares in X's dtype neither underflows (weights decayed to 1e-30)
-    nor overflows (1e30); the scale goes back in float64."""
-    n, d = X.shape
-    scale = float(X.abs().amax()) or 1.0
-    F = torch.view_as_real(torch.fft.rfft(X.T.contiguous() / scale, dim=1))  # d × (n//2 + 1) × (re, im)
+    The FFT reads the centred rows (centring changes only the DC bin, which the caller replaces; the raw rows' mean
+    spread its rounding over every bin: a float32 circle on an offset of 1e4 read 40× the energy off ω) in X's
+    dtype: a float32 FFT's error is ~1e-7 of the amplitudes, far below anything a verdict depends on. It runs along
+    contiguous memory (a transposed copy: 1.4× faster than a strided FFT over dim 0 on CPU), scaled to max |x| = 1
+    first, so that the norm's sum of squares in X's dtype neither underflows (weights decayed to 1e-30) nor
+    overflows (1e30); the scale goes back in float64."""
+    n, d = c.x.shape
+    scale = float(c.x.abs().amax()) or 1.0
+    rows = torch.empty((d, n), dtype=c.dtype, device=c.x.device)
+    if scale <= torch.finfo(c.dtype).max:
+        rows.copy_(c.x.T).div_(scale)
+    else:  # float32 entries near its largest value, whose centred values can exceed it: scaled in float64 first
+        rows.copy_(c.x.T / scale)
+    F = torch.view_as_real(torch.fft.rfft(rows, dim=1))  # d × (n//2 + 1) × (re, im)
     power = torch.linalg.vector_norm(F, dim=(0, 2)).double().square()  # no d × n/2 temporary
-    return power * (scale * scale) * _weights(n, X.device) / n
+    return power * (scale * scale) * _weights(n, c.x.device) / n
 
 
 def _fourier(c: _Centred, mass: float) -> FourierSpectrum:
@@ -360,7 +382,7 @@ def _fourier(c: _Centred, mass: float) -> FourierSpectrum:
         power = torch.zeros(n // 2 + 1, dtype=torch.float64)
         power[0] = n * float(c.mean @ c.mean)
         return FourierSpectrum(power, 0, 0.0, 0, torch.zeros(0, dtype=torch.int64))
-    power = _power(c.raw).cpu()
+    power = _power(c).cpu()
     power[0] = n * float(c.mean @ c.mean)  # exact, and the same as X's DC bin
     ac = power[1:]
     ordered, order = ac.sort(descending=True, stable=True)
@@ -530,7 +552,9 @@ def phase_alignment(W, h, labels) -> PhaseAlignment:
 
 @dataclass
 class NCDistances:
-    """Distances in [0, 2] of the unit-row Gram matrix to the ideal simplex ETF and to the ideal cyclic Gram."""
+    """Distances in [0, 2] of the unit-row Gram matrix to the ideal simplex ETF and to the ideal cyclic Gram.
+    When all rows are equal (X̄ = 0) there are no unit rows: both distances are √2 (like nothing), and ω is 0
+    unless the caller chose one."""
     etf: float     # dist(G, T_etf): 0 for a simplex ETF
     cyclic: float  # dist(G, T_cyc(ω)): 0 for a circle at frequency ω
     omega: int     # the frequency of T_cyc
@@ -545,6 +569,8 @@ def _unit_rows(c: _Centred) -> torch.Tensor:
 
 def _nc_distances(c: _Centred, omega: int) -> NCDistances:
     K, d = c.x.shape
+    if c.degenerate:  # unit rows of rounding noise would measure something
+        return NCDistances(math.sqrt(2), math.sqrt(2), omega)
     m = _unit_rows(c)
     S = m @ m.T if d > K else m.T @ m  # the smaller Gram: ‖M̃M̃ᵀ‖_F = ‖M̃ᵀM̃‖_F, and the traces agree
     g_norm = float(torch.linalg.matrix_norm(S))  # ‖G‖_F
@@ -568,16 +594,14 @@ def nc_distances(M, omega: int | None = None) -> NCDistances:
     frequency omega, without forming K×K (module docstring). omega defaults to the nearest circle: the f ≥ 1 that
     maximises ⟨G, T_cyc(f)⟩/‖T_cyc(f)‖_F = p_f/√2 (p_f/1 at the Nyquist bin), p_f the energy of the unit rows."""
     c = _centre(_as_matrix(M, "M"), "M")
-    if omega is None:
-        unit = _centre(_unit_rows(c), "M")
-        if unit.degenerate:
-            omega = 1
-        else:
-            score = _power(unit.raw).cpu()[1:] / _weights(c.x.shape[0], "cpu")[1:].sqrt()
-            omega = int(score.argmax()) + 1
-    else:
+    if omega is not None:
         omega = _check_omega(omega, c.x.shape[0])
-    return _nc_distances(c, int(omega))
+    elif c.degenerate:  # all rows equal: no dominant frequency (as fourier_spectrum says), nothing to measure
+        omega = 0
+    else:
+        score = _power(_centre(_unit_rows(c), "M")).cpu()[1:] / _weights(c.x.shape[0], "cpu")[1:].sqrt()
+        omega = int(score.argmax()) + 1
+    return _nc_distances(c, omega)
 
 
 def class_means(h, labels, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -595,12 +619,16 @@ def class_means(h, labels, num_classes: int | None = None) -> tuple[torch.Tensor
 
 def nc1(h, labels, num_classes: int | None = None) -> float:
     """NC1 = tr(Σ_W Σ_B⁺)/K: within-class spread measured in units of the between-class spread (0 = collapse).
-    Σ_W = mean over samples of (h − μ_y)(h − μ_y)ᵀ; Σ_B = mean over the K classes present of (μ_c − μ)(μ_c − μ)ᵀ."""
+    Σ_W = mean over samples of (h − μ_y)(h − μ_y)ᵀ; Σ_B = mean over the K classes present of (μ_c − μ)(μ_c − μ)ᵀ.
+    Needs samples of at least 2 classes (ValueError); NaN when their means coincide (no unit to measure in: Σ_B⁺ = 0
+    read as 0, perfect collapse, for any spread)."""
     h = _as_features(h)
     means, counts = class_means(h, labels, num_classes)
     labels = torch.as_tensor(labels, device=h.device).long()
     present = counts > 0
     K = int(present.sum())
+    if K < 2:
+        raise ValueError(f"nc1 needs samples of at least 2 classes, got {K}")
     resid = h - means[labels]
     sigma_w = resid.T @ resid / h.shape[0]
     mu = means[present]
@@ -609,6 +637,8 @@ def nc1(h, labels, num_classes: int | None = None) -> float:
     # drop directions with no between-class spread beyond rounding (float32 features leave ~1e-14 relative)
     with _lapack_on_one_thread(sigma_b.device):
         pinv = torch.linalg.pinv(sigma_b, hermitian=True, rtol=1e-10)
+    if not bool(pinv.any()):
+        return math.nan
     return float(torch.trace(sigma_w @ pinv)) / K
 
 
@@ -623,6 +653,7 @@ def classify(rho2: float, freq_count: int, n: int, etf_distance: float, *, axis_
              multi_max_freq_fraction: float = MULTI_MAX_FREQ_FRACTION) -> str:
     """The verdict rule of the module docstring, for one matrix with n rows."""
     _check_rule(cyclic_rho2, cyclic_min_axis_ratio, etf_max_distance, multi_max_freq_fraction)
+    _check_measures(rho2, freq_count, n, etf_distance, axis_ratio)
     if degenerate or freq_count == 0:
         return "unstructured"
     # ρ₂ ≥ share holds exactly, but share comes from an FFT and ρ₂ from a Gram: at share = ρ₂ = 0.9 the two
@@ -762,9 +793,11 @@ def summarize(W, E, *, h=None, labels=None, mass: float = FREQ_MASS, cyclic_rho2
 
 def _rho2_pair(item) -> tuple[int, float | None, float | None]:
     """(step, ρ₂(W), ρ₂(E)) from one entry of a training series (see layer_order)."""
-    if isinstance(item, Mapping):
-        return int(item["step"]), item.get("rho2_W"), item.get("rho2_E")
     expected = "a series entry must be (step, summary), (step, W, E) or a dict with 'step'"
+    if isinstance(item, Mapping):
+        if "step" not in item:
+            raise ValueError(f"{expected}, got a dict with keys {sorted(item)}")
+        return int(item["step"]), item.get("rho2_W"), item.get("rho2_E")
     try:
         item = tuple(item)
     except TypeError:
@@ -787,6 +820,8 @@ def layer_order(series: Iterable, threshold: float = LAYER_ORDER_THRESHOLD) -> t
 
     series: entries (step, GeometrySummary), (step, dict with rho2_W / rho2_E), (step, W, E) tensors, or dicts with
     'step', 'rho2_W', 'rho2_E', in any order. The claim to test is t_W < t_E (the classifier first)."""
+    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real) or not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be a ρ₂ in (0, 1], got {threshold!r}")  # NaN: never reached, silently
     t_w = t_e = None
     for step, rw, re in sorted((_rho2_pair(item) for item in series), key=lambda r: r[0]):
         if t_w is None and rw is not None and rw >= threshold:

@@ -290,6 +290,38 @@ def test_all_zero_and_constant_rows():
     json.dumps(g.summarize(torch.zeros(10, 4), torch.zeros(10, 4)).to_dict())
 
 
+def test_a_small_circle_on_a_large_offset_is_measured_not_called_equal_rows(gen):
+    """Rows that differ by 1e-10 of their size (float64 resolves it) read "unstructured", ρ₂ 0: the equal-rows cut-off
+    was 1e-20 of the energy, 1e12 times what centring in float64 leaves."""
+    X, _ = ideal_cyclic(97, 5, 8, gen, r=1e-10)
+    s = g.summarize(X + 1.0, X + 1.0)
+    assert s.verdict == "cyclic" and s.omega_W == 5
+    assert s.rho2_W == pytest.approx(1.0, abs=1e-9) and s.cyclic_distance_W == pytest.approx(0.0, abs=1e-4)
+
+
+def test_equal_rows_have_no_distances_to_measure(gen):
+    """Rows equal up to rounding: the distances were measured on unit rows of rounding noise (ETF 1.3, and the
+    cyclic one against ω = 0, an all-ones Gram), and nc_distances gave other numbers on the same matrix."""
+    X = torch.ones(10, 4, dtype=F64) + 1e-14 * torch.randn(10, 4, generator=gen, dtype=F64)
+    s = g.summarize(X, X)
+    assert (s.etf_distance_W, s.cyclic_distance_W) == (math.sqrt(2), math.sqrt(2)) and s.verdict == "unstructured"
+    assert g.nc_distances(X) == g.NCDistances(math.sqrt(2), math.sqrt(2), 0)
+    assert g.nc_distances(X, omega=3) == g.NCDistances(math.sqrt(2), math.sqrt(2), 3)
+
+
+def test_float32_frequency_share_does_not_depend_on_the_mean(gen):
+    """The FFT read the raw rows: the float32 rounding of a mean of 1e4 spread over every bin (energy off ω 1.9e-4,
+    where a float64 DFT of the same float32 numbers gives 4.9e-6)."""
+    circle = sinusoids(97, [5]) @ rotation(64, gen)[:2]
+    X = (circle + 1e4).float()
+    exact = g.fourier_spectrum(X.double())  # the same numbers, transformed in float64
+    assert exact.omega == 5 and 1 - exact.share > 1e-6  # the float32 rounding of the data itself
+    assert g.fourier_spectrum(X).share == pytest.approx(exact.share, abs=1e-7)
+    # float32 entries near its largest value: centred, they can exceed it (inf before scaling)
+    big = (circle * 1e37 + 3e38).float()
+    assert g.fourier_spectrum(big).share == pytest.approx(g.fourier_spectrum(big.double()).share, abs=1e-6)
+
+
 def test_bad_input():
     ok = torch.randn(8, 4)
     cases = [
@@ -337,9 +369,21 @@ def test_bad_input():
     (lambda X: g.class_means(X, torch.tensor([0, 1, 2, 0, 1, 2, 0]), num_classes=-1), ValueError,
      "num_classes must be an integer >= 1, got -1"),
     (lambda X: g.nc1(X, torch.tensor([0, 1, 2, 0, 1, 2, 0]), num_classes=1.5), ValueError, "num_classes must be"),
+    # these gave 0.0 (perfect collapse), TypeError without the name, "etf-like", (None, None), KeyError
+    (lambda X: g.nc1(X, torch.zeros(7, dtype=torch.long)), ValueError, "at least 2 classes, got 1"),
+    (lambda X: g.spectrum(X, "0.9"), TypeError, "mass must be a number in \\(0, 1\\], got '0.9'"),
+    (lambda X: g.spectrum(X, True), TypeError, "mass must be a number"),
+    (lambda X: g.classify(float("nan"), 1, 97, 0.1, axis_ratio=1.0), ValueError,
+     "rho2 must be a measured value in \\[0, 1\\], got nan"),
+    (lambda X: g.classify(0.5, -1, 97, 0.5, axis_ratio=1.0), ValueError, "freq_count must be an integer >= 0"),
+    (lambda X: g.classify(0.5, 2, 97, 2.5, axis_ratio=1.0), ValueError, "etf_distance must be a measured value"),
+    (lambda X: g.layer_order([{"step": 1, "rho2_W": 1.0}], threshold=float("nan")), ValueError,
+     "threshold must be a ρ₂ in \\(0, 1\\], got nan"),
+    (lambda X: g.layer_order([{"rho2_W": 1.0}]), ValueError, "a dict with 'step', got a dict with keys \\['rho2_W'\\]"),
 ], ids=["omega-0", "omega-n", "omega-float", "omega-bool-tensor", "omega-1-d-tensor", "nc-omega", "rho2-nan",
         "etf-negative", "classify-ratio", "same-space", "max-listed", "layer-order-entry", "num-classes",
-        "nc1-num-classes"])
+        "nc1-num-classes", "nc1-one-class", "mass-string", "mass-bool", "classify-nan-rho2", "classify-count",
+        "classify-distance", "layer-order-nan", "layer-order-no-step"])
 def test_bad_options_are_named(call, error, match):
     """Each of these returned a meaningless fit or verdict, or failed inside with another error."""
     with pytest.raises(error, match=match):
@@ -569,6 +613,9 @@ def test_nc1(gen):
     present = labels < K - 2
     assert g.nc1(h[present], labels[present], num_classes=K) == pytest.approx(g.nc1(h[present], labels[present]),
                                                                               rel=1e-12)
+    # classes with the same mean (exactly: integers): no between-class spread to measure in (it read 0.0, collapse)
+    spread = torch.randint(-5, 6, (K, d), generator=gen).double()
+    assert math.isnan(g.nc1(torch.cat([3.0 + spread, 3.0 - spread]), torch.arange(K).repeat(2)))
 
 
 # --------------------------------------------------------------------------------------------
