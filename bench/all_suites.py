@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                         help="input dtype of ce, optim and train (each suite's default otherwise; geometry measures "
                              "in fp32). Shapes differ per suite (NxDxK, sizes, PxD, KxD): give them to one suite")
-    measure.add_out_argument(parser, ("all.json", "one subdirectory per suite"))
+    measure.add_out_argument(parser, ("all.json",), also=("one subdirectory per suite",))
 
 
 DTYPE_SUITES = ("ce", "optim", "train")  # the suites --dtype reaches
@@ -88,7 +88,7 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
             raise measure.BenchInputError(f"--budget-s must be > 0, got {args.budget_s}")
         names = list(dict.fromkeys(args.suites or SUITES))  # in the order given
         for name in names if args.out else ():  # each suite's folder, before all.json or any suite is written
-            measure.check_out_dir(args.out / name)
+            measure.check_out_dir(args.out / name, importlib.import_module(MODULES[name]).FILES)
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
     measure.set_budget(args.budget_s)

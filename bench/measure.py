@@ -526,10 +526,18 @@ def add_quick_argument(parser, what: str) -> None:
     parser.add_argument("--quick", action="store_true", help=f"small {what} and short timing: a self-check")
 
 
-def add_out_argument(parser, files) -> None:
-    """--out DIR, its help naming the files written there."""
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"directory for {_and_list(files)} (without it, nothing is written)")
+def _out_dir(text: str) -> Path:
+    from fastcyclic.sweep import directory_name  # (Path("") is the current directory)
+
+    return Path(directory_name(text))
+
+
+def add_out_argument(parser, files, *, also: tuple = ()) -> None:
+    """--out DIR, its help naming the files written there (and `also`, other things written there); setup_device
+    checks that none of the files is a directory."""
+    parser.add_argument("--out", type=_out_dir, default=None,
+                        help=f"directory for {_and_list(tuple(files) + tuple(also))} (without it, nothing is written)")
+    parser.set_defaults(out_files=tuple(files))
 
 
 def setup_device(args) -> torch.device:
@@ -542,18 +550,22 @@ def setup_device(args) -> torch.device:
     if getattr(args, "interpret", False) and not TRITON_INSTALLED:
         raise BenchInputError("--interpret runs the Triton kernels, but the triton package is not installed "
                               "(pip installs it with fastcyclic on Linux only)")
-    check_out_dir(getattr(args, "out", None))
+    check_out_dir(getattr(args, "out", None), getattr(args, "out_files", ()))
     return device
 
 
-def check_out_dir(out) -> None:
-    """--out must be a directory, or creatable as one where it does not exist: refused before anything runs
-    (the results are written only at the end of each case)."""
+def check_out_dir(out, files=()) -> None:
+    """--out must be a directory, or creatable as one where it does not exist, and `files` (written there) must not
+    be directories: refused before anything runs (the results are written only at the end of each case)."""
     if out is None:
         return
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BenchInputError(f"--out {str(out)!r} is a file, not a directory")
+    for name in files:
+        if (out / name).is_dir():
+            raise BenchInputError(f"--out {str(out)!r} holds a directory {name!r}, where the results file of that name "
+                                  "goes")
     existing = next(p for p in (out, *out.parents) if os.path.lexists(p))  # a broken link exists too
     if not existing.is_dir():
         raise BenchInputError(f"--out {str(out)!r} cannot be created: {str(existing)!r} is not a directory (a broken "

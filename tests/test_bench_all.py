@@ -330,6 +330,33 @@ def test_an_out_that_cannot_be_a_directory_is_refused_before_anything_runs(suite
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file"] and blocker.read_text() == "mine"
 
 
+@pytest.mark.parametrize("suite", all_suites.SUITES + ("all",))
+def test_a_results_file_name_taken_by_a_directory_is_refused_before_anything_runs(suite, tmp_path, capsys):
+    """It failed with IsADirectoryError after every case had run."""
+    out = tmp_path / "res"
+    taken = out / ("all.json" if suite == "all" else f"{suite}.csv")
+    taken.mkdir(parents=True)
+    assert main(["bench", suite, "--device", "cpu", "--quick", "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert f"holds a directory {taken.name!r}" in printed.err and "ceilings" not in printed.out
+    if suite == "all":  # and a suite's own folder
+        taken.rmdir()
+        (out / "geometry" / "geometry.png").mkdir(parents=True)
+        assert main(["bench", "all", "--device", "cpu", "--quick", "--out", str(out)]) == 2
+        assert "holds a directory 'geometry.png'" in capsys.readouterr().err
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("suite", all_suites.SUITES + ("all",))
+def test_an_empty_out_is_refused(suite, tmp_path, monkeypatch, capsys):
+    """Path("") is the current directory: the results were written there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", suite, "--device", "cpu", "--quick", "--out", ""])
+    assert exc.value.code == 2 and "must name a directory (use . for this one), got ''" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("suite", ["ce", "optim", "train", "geometry", "all"])
 def test_every_subcommand_has_help(suite, capsys):
     with pytest.raises(SystemExit) as exc:
