@@ -458,6 +458,8 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value!r}")
         if not _positive_int(self.num_warps) or self.num_warps & (self.num_warps - 1):
             raise ValueError(f"TileConfig.num_warps must be a power of two, got {self.num_warps!r}")
+        if not _positive_int(self.num_stages):
+            raise ValueError(f"TileConfig.num_stages must be an integer >= 1, got {self.num_stages!r}")
         if self.splits is not None and not _positive_int(self.splits):
             raise ValueError(f"TileConfig.splits must be None or an integer >= 1, got {self.splits!r}")
 
@@ -488,10 +490,13 @@ class LCEConfig:
     grad_chunk: int | None = None
 
     def __post_init__(self):
+        for name in ("forward", "backward_dw", "backward_dh", "backward_grad"):
+            if not isinstance(getattr(self, name), TileConfig):
+                raise TypeError(f"LCEConfig.{name} must be a TileConfig, got {getattr(self, name)!r}")
         if self.backward not in ("recompute", "gemm"):
             raise ValueError(f"backward must be 'recompute' or 'gemm', got {self.backward!r}")
-        if self.grad_chunk is not None and self.grad_chunk < 1:
-            raise ValueError(f"grad_chunk must be a positive number of classes, got {self.grad_chunk}")
+        if self.grad_chunk is not None and not _positive_int(self.grad_chunk):
+            raise ValueError(f"grad_chunk must be None or a positive number of classes, got {self.grad_chunk!r}")
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -505,6 +510,12 @@ def default_config(n: int, d: int, k: int, dtype: torch.dtype, device: torch.dev
     ce --tune`` on an H200 (bench/results/2026-11-28-h200/run3), chosen by the bytes of one row of h
     (fp32 with TF32 at D = 128 takes the tiles of bf16 at D = 256, and so on).
     Exact fp32 ("ieee": CUDA-core FMA dots) has tiles of its own, chosen by compiling for sm_90."""
+    for name, value, low in (("n", n, 0), ("d", d, 0), ("k", k, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"default_config: {name} must be an integer >= {low}, got {value!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"default_config: dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    device = torch.device(device)
     dp = _pow2(d)
     if device.type != "cuda":
         bd = min(dp, 128)

@@ -290,10 +290,26 @@ def test_cuda_fp32_far_logits_with_the_default_tiles(d, backward, gen):
     (dict(splits=0), "splits must be None or an integer >= 1, got 0"),
     (dict(num_warps=0), "num_warps must be a power of two, got 0"),
     (dict(splits=True), "splits must be None or an integer >= 1, got True"),
+    (dict(num_stages=0), "num_stages must be an integer >= 1, got 0"),  # these were taken and failed in the compiler
 ])
 def test_tile_configs_are_checked(fields, match):
     with pytest.raises(ValueError, match=match):
         TileConfig(**{**dict(block_owner=16, block_loop=16, block_d=16, block_ds=16), **fields})
+
+
+def test_lce_configs_and_default_config_check_their_arguments():
+    """A dict for a tile, a fractional grad_chunk, a negative n or a device name were taken, and failed at the
+    first call with an AttributeError (or ran: grad_chunk=2.5)."""
+    with pytest.raises(TypeError, match="LCEConfig.forward must be a TileConfig, got {}"):
+        dataclasses.replace(SMALL_TILES, forward={})
+    with pytest.raises(ValueError, match="grad_chunk must be None or a positive number of classes, got 2.5"):
+        dataclasses.replace(SMALL_TILES, grad_chunk=2.5)
+    with pytest.raises(ValueError, match="n must be an integer >= 0, got -1"):
+        triton_impl.default_config(-1, 8, 97, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="dtype must be float32, float16 or bfloat16, got torch.int64"):
+        triton_impl.default_config(4, 8, 97, torch.int64, DEVICE)
+    assert triton_impl.default_config(4, 8, 97, torch.float32, "cpu") == \
+        triton_impl.default_config(4, 8, 97, torch.float32, torch.device("cpu"))
 
 
 def test_gemm_backward_block_size():
