@@ -915,8 +915,11 @@ def test_cli_version_names_what_it_runs_on(capsys):
     (["sweep", "--p", "31", "--weight-decay", "-1e-3,1e-2"], "every λ must be > 0 (λ_crit is interpolated in "
                                                              "log λ), got -0.001"),
     (["sweep", "--p", "31", "--weight-decay", "1e-3", "--seeds", "-1:3"], "seeds must be >= 0, got -1"),
-    (["bench", "ce", "--shapes", "-4x4x4"], "every size in NxDxK must be in [0, 2^31), got '-4x4x4'"),
-    (["bench", "geometry", "--shapes", "-16x4"], "every size in KxD must be in [0, 2^31), got '-16x4'"),
+    # (a negative size was told "in [0, 2^31)", a zero one "positive")
+    (["bench", "ce", "--shapes", "-4x4x4"], "shape sizes must be positive, got '-4x4x4'"),
+    (["bench", "geometry", "--shapes", "-16x4"], "shape needs K >= 15 and d >= 2, got '-16x4'"),
+    (["bench", "train", "--shapes", "-31x8"], "shape needs P >= 3 and d >= 1, got '-31x8'"),
+    (["bench", "ce", "--shapes", "4x4x2147483648"], "every size in NxDxK must be below 2^31, got '4x4x2147483648'"),
 ])
 def test_cli_negative_numbers_reach_the_check_that_names_them(argv, message, tmp_path, capsys):
     """argparse took "-1e-3" for an option and said only "expected one argument"."""
