@@ -10,8 +10,9 @@ suite compares the summary's cost with the trainer step the train suite measured
 fails, or crashes, is recorded in all.json and the run goes on with the next one; each suite's files
 (json and csv) are rewritten atomically as its cases finish.  With --budget-s, cases that would start after the
 budget is spent are recorded as "skipped" (so a run under an outer time limit ends with complete
-files).  Exit code: 0 when every suite passed, 1 when one found fastcyclic wrong or failed, 2 for
-bad input (nothing written), 3 when nothing was wrong but the budget skipped cases of ours (incomplete).
+files: "complete" says the run ended, not that every case ran).  Exit code: 0 when every suite passed, 1
+when one found fastcyclic wrong or failed, 2 for bad input (nothing written), 3 when nothing was wrong but the
+budget skipped cases of ours (incomplete).
 """
 from __future__ import annotations
 

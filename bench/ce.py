@@ -20,7 +20,7 @@ Methods:
               gradient filtering off (filter_eps=None, filter_e_grad/filter_c_grad=False) and fp32
               accumulation (accum_e_fp32/accum_c_fp32) where offered
 A baseline that is not installed gets a record "unavailable: not installed"; every record's
-``notes`` says how its method was configured.
+``notes`` says how its method was configured (or why it did not run).
 
 TFLOP/s counts 6*N*D*K (forward and the two backward GEMMs; recomputation is not credited); the
 fraction of the ceiling is against the GEMM rate measured in the same run in the input dtype (on
@@ -332,7 +332,12 @@ def run(shapes, dtype, device, methods, *, quick=False, interpret=False, tune=Fa
                 before = measure.telemetry(device)
                 try:  # first, so that a baseline not installed says so even when the time budget is spent
                     fn, record["notes"] = make_method(method, device, interpret)
+                    if cfg is not None:  # (the variants' notes were the plain method's)
+                        record["notes"] += (" with LCEConfig(backward='gemm'): g in blocks of classes, dW and dh by "
+                                            "torch matmuls (cuBLAS on CUDA)" if cfg.backward == "gemm" else
+                                            " with the tiles --tune chose") + " (the tiles are in config)"
                 except Exception as exc:  # not installed, or a baseline that cannot be set up: the run goes on
+                    record["notes"] = f"not run: {exc}"
                     record.update(dict(status="unavailable", error=str(exc)) if isinstance(exc, Unavailable) else
                                   measure.error_fields(exc))
                     measure.attach_telemetry(record, device, before)
@@ -382,7 +387,7 @@ def _not_run(method: str, device: torch.device, interpret: bool) -> dict:
     try:
         make_method(method, device, interpret)
     except Unavailable as exc:
-        return dict(status="unavailable", error=str(exc))
+        return dict(status="unavailable", error=str(exc), notes=f"not run: {exc}")
     except Exception:  # a setup failure shows when the method runs
         pass
     return dict(status="skipped", error=measure.SKIPPED)

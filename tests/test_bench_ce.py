@@ -154,6 +154,7 @@ def test_a_baseline_not_installed_says_so_when_the_budget_is_spent(tmp_path, mon
     monkeypatch.setattr(ce.measure, "out_of_time", lambda: True)
     records, _ = ce.run([(48, 16, 301)], torch.float32, torch.device("cpu"), ["liger"], quick=True, log=lambda *a: 0)
     assert [(r["method"], r["status"]) for r in records] == [("liger", "unavailable")]
+    assert records[0]["notes"] == "not run: liger-kernel is not installed"  # (it was None)
 
 
 def test_relative_error_against_an_exactly_zero_reference_is_absolute():
@@ -236,6 +237,7 @@ def test_interpret_times_both_backward_strategies(tmp_path):
     assert records["fastcyclic[gemm-backward]"]["config"]["backward"] == "gemm"
     for r in records.values():
         assert r["status"] == "ok" and r["correct"] is True and "backend='triton'" in r["notes"]
+    assert "LCEConfig(backward='gemm')" in records["fastcyclic[gemm-backward]"]["notes"]  # (it was fastcyclic's)
 
 
 def test_interpret_sets_triton_interpret_before_the_suite_runs(monkeypatch):

@@ -58,6 +58,8 @@ def test_quick_cpu_run_writes_complete_records(tmp_path, capsys):
     assert plain["status"] == fused["status"] == "ok"
     assert (fused["N"], fused["D"], fused["K"]) == (64, 16, 301)
     assert fused["correct"] is True and fused["rel_diff"] <= 1e-4
+    # ce+step is the reference: it printed the fused update's difference and "ok"
+    assert plain["correct"] is None and plain["rel_diff"] == 0 and plain["notes"] == optim.REFERENCE_NOTE
     assert fused["saving_pct"] == pytest.approx(100 * (1 - fused["median_ms"] / plain["median_ms"]))
 
     rows = list(csv.DictReader((out / "optim.csv").open()))
@@ -66,7 +68,8 @@ def test_quick_cpu_run_writes_complete_records(tmp_path, capsys):
     assert not list(out.glob("*.tmp"))
     table = capsys.readouterr().out
     assert "fastcyclic_adamw" in table and "ce+fused_update" in table
-    assert [line.endswith("(the reference)") for line in table.splitlines() if "torch_adamw_foreach" in line] == [True]
+    for name in ("torch_adamw_foreach", "ce+step"):
+        assert [line.endswith("(the reference)") for line in table.splitlines() if f" {name} " in line] == [True], name
 
 
 def test_bf16_counts_the_state_each_optimizer_keeps(tmp_path):
