@@ -54,7 +54,8 @@ LOSS_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4
 METHODS = ("fastcyclic", "eager", "compile", "torch_lce", "liger", "cce")
 CUDA_SHAPES = ((8192, 256, 65536), (8192, 512, 131072), (16384, 128, 262144))
 CPU_SHAPES = ((4096, 64, 65536),)
-INTERPRET_MAX_WORK = 1 << 28  # N*D*K under --interpret: 256x64x2048 (2^25, the default there) takes 9 s on 2 cores
+INTERPRET_MAX_WORK = 1 << 28  # N*D*K under --interpret: INTERPRET_SHAPE (2^25) takes 9 s on 2 cores
+INTERPRET_SHAPE = (256, 64, 2048)  # --interpret's default (with or without --quick)
 QUICK_SHAPES = {"cuda": ((4096, 128, 16384), (8192, 256, 65536)), "cpu": ((1024, 64, 16384),)}
 # the issue's targets on the H200, bf16 (ms), where the extra memory must also stay under 1 % of eager's
 TARGET_MS = {(8192, 256, 65536): 2.2, (8192, 512, 131072): 7.0, (16384, 128, 262144): 9.0}
@@ -85,6 +86,11 @@ def grad_tolerance(dtype: torch.dtype, device: torch.device) -> float:
 
 
 Unavailable = measure.Unavailable
+
+
+def shape_text(*shapes) -> str:
+    """(8192, 256, 65536), ... as "8192x256x65536 and ..."."""
+    return " and ".join("x".join(map(str, shape)) for shape in shapes)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -462,7 +468,10 @@ def write_results(out: Path, machine: dict, records: list[dict], tuning: list[di
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", type=parse_shape, nargs="+", metavar="NxDxK",
-                        help="problem sizes (default: the issue's targets on CUDA, 4096x64x65536 on CPU)")
+                        help=f"problem sizes (default: the issue's targets on CUDA, {shape_text(*CPU_SHAPES)} on CPU; "
+                             f"with --quick {shape_text(*QUICK_SHAPES['cuda'])} on CUDA, "
+                             f"{shape_text(*QUICK_SHAPES['cpu'])} on CPU; with --interpret "
+                             f"{shape_text(INTERPRET_SHAPE)})")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="input dtype (default bf16 on CUDA, fp32 on CPU)")
     measure.add_device_arguments(parser)
@@ -495,7 +504,7 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     shapes = args.shapes or (QUICK_SHAPES[device.type] if args.quick else
                              CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.interpret and not args.shapes:
-        shapes = ((256, 64, 2048),)
+        shapes = (INTERPRET_SHAPE,)
     methods = args.methods or [m for m in METHODS if not (m == "compile" and args.quick and device.type == "cpu")]
     # a shape or method given twice is measured once (speedups pair each case's records by method)
     shapes, methods = list(dict.fromkeys(shapes)), list(dict.fromkeys(methods))

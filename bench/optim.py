@@ -490,7 +490,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     measure.add_device_arguments(parser)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="methods to run (default: all)")
     parser.add_argument("--ce-shape", type=ce_bench.parse_shape, default=None, metavar="NxDxK",
-                        help="ce_update problem (default 8192x256x65536 on CUDA, 1024x64x8192 on CPU)")
+                        help=f"ce_update problem (default: {ce_bench.shape_text(CE_SHAPE['cuda'])} on CUDA, "
+                             f"{ce_bench.shape_text(CE_SHAPE['cpu'])} on CPU, {ce_bench.shape_text(CE_SHAPE['quick'])} "
+                             f"with --quick on CPU, {ce_bench.shape_text(CE_SHAPE['interpret'])} with --interpret)")
     measure.add_quick_argument(parser, "sizes")
     parser.add_argument("--interpret", action="store_true",
                         help="CPU: run fastcyclic's Triton kernels under TRITON_INTERPRET=1 (small sizes only)")
