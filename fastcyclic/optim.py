@@ -30,9 +30,11 @@ With momentum 0 this is torch.optim.SGD(weight_decay=wd) up to rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import weakref
+from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
@@ -94,7 +96,15 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
 
     # -- param groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)  # (a generator can be read once)
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]  # (name, tensor) pairs too
+        if len({id(p) for p in tensors}) != len(tensors):  # torch.optim warns, and steps it twice
+            raise ValueError("a parameter group holds the same parameter twice")
+        for p in tensors:
+            if isinstance(p, Tensor):
+                _check_floating(p)  # (complex ones failed at the first step)
+        super().add_param_group({**param_group, "params": params})
         try:
             self._check_group(self.param_groups[-1])
         except Exception:
@@ -123,14 +133,17 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         self._checked[index] = values
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite}
+        return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite,
+                "nonfinite_steps": self.nonfinite_steps}  # (reading it syncs)
 
     def __setstate__(self, state: dict) -> None:
+        nonfinite_steps = state.pop("nonfinite_steps", 0)
         super().__setstate__(state)
         # caches of device scalars and launch tables are rebuilt (a copy or an unpickled optimizer)
         self.__dict__.setdefault("skip_nonfinite", False)
         for name in ("_scalars", "_tables", "_nonfinite_steps", "_fused_weights", "_checked"):
             self.__dict__.setdefault(name, {})
+        self._set_nonfinite_steps(nonfinite_steps)
         for group in self.param_groups:
             if "weight_decay_mode" not in group:  # a torch.optim state dict: which rule did it use?
                 group["weight_decay_mode"] = self._torch_weight_decay_mode(group)
@@ -140,16 +153,46 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
     def _torch_weight_decay_mode(self, group: dict) -> str:
         return self.defaults["weight_decay_mode"]
 
+    @contextlib.contextmanager
+    def _hooks_held(self, *tables: str):
+        """The named hook tables emptied for the call inside, and handed to the caller to run: torch.optim runs
+        them inside its state_dict and load_state_dict, before the part this class adds, which a hook must see
+        (a post-hook's new state would be overwritten, a pre-hook's returned dict not read)."""
+        held = {name: getattr(self, name) for name in tables}
+        try:
+            for name in tables:
+                setattr(self, name, OrderedDict())
+            yield held
+        finally:
+            for name, table in held.items():
+                setattr(self, name, table)
+
     def state_dict(self) -> dict:
         """torch.optim's state dict, plus ``nonfinite_steps`` (reading it syncs) so that a resumed run
         keeps counting skipped steps; torch.optim's load_state_dict ignores the extra key."""
-        return {**super().state_dict(), "nonfinite_steps": self.nonfinite_steps}
+        with self._hooks_held("_optimizer_state_dict_post_hooks") as held:
+            state_dict = self._extend_state_dict({**super().state_dict(), "nonfinite_steps": self.nonfinite_steps})
+        for hook in held["_optimizer_state_dict_post_hooks"].values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _extend_state_dict(self, state_dict: dict) -> dict:
+        """What a subclass adds to the state dict, before the post-hooks see it."""
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this class or of the matching torch.optim class.  torch casts state
         to the parameter's dtype; here state stays fp32 (bf16 moments lose the update), and the step
         count moves to the parameter's device (graph-capturable).  The skipped-step count is the
-        dict's (0 for a torch.optim dict)."""
+        dict's (0 for a torch.optim dict).  The load hooks run as on torch.optim: the pre-hooks first
+        (a dict one returns is the one loaded), the post-hooks once everything is loaded and checked."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         nonfinite_steps = state_dict.get("nonfinite_steps", 0)
         if isinstance(nonfinite_steps, bool) or not isinstance(nonfinite_steps, numbers.Integral) \
                 or nonfinite_steps < 0:
@@ -157,7 +200,8 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         for group in state_dict["param_groups"]:
             _check_unsupported(group)
         before = self.param_groups, self.state  # load_state_dict builds new ones: these stay as they were
-        super().load_state_dict(state_dict)
+        with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks") as held:
+            super().load_state_dict(state_dict)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         try:
@@ -186,9 +230,15 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             if "step" in saved:
                 state["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to(p.device).clone()
         self._tables.clear()
+        self._set_nonfinite_steps(nonfinite_steps)
+        for hook in held["_optimizer_load_state_dict_post_hooks"].values():
+            hook(self)
+
+    def _set_nonfinite_steps(self, count: int) -> None:
         self._nonfinite_steps.clear()
-        if nonfinite_steps and params:  # counted on one device: the property sums over devices
-            self._nonfinite_steps[params[0].device] = torch.tensor(float(nonfinite_steps), device=params[0].device)
+        params = [p for group in self.param_groups for p in group["params"]]
+        if count and params:  # counted on one device: the property sums over devices
+            self._nonfinite_steps[params[0].device] = torch.tensor(float(count), device=params[0].device)
 
     # -- per-step helpers -----------------------------------------------------------------------
     def _backend(self, group: dict, device: torch.device) -> str:
@@ -458,11 +508,10 @@ class AdamW(_WeightDecayOptimizer):
             return _mode_of_flag(group["decoupled_weight_decay"])
         return super()._torch_weight_decay_mode(group)
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        for group in state["param_groups"]:
+    def _extend_state_dict(self, state_dict: dict) -> dict:
+        for group in state_dict["param_groups"]:  # torch.optim.AdamW's flag, for a dict loaded there
             group["decoupled_weight_decay"] = group["weight_decay_mode"] == "decoupled"
-        return state
+        return state_dict
 
     def _init_state(self, p: Tensor) -> dict:
         state = self.state[p]

@@ -81,6 +81,82 @@ def assert_params_close(a, b, *, outliers_per_tensor=0, **tol):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("make, torch_make", [
+    (lambda ps: AdamW(ps, lr=0.1, backend="torch"), lambda ps: torch.optim.AdamW(ps, lr=0.1)),
+    (lambda ps: SGDW(ps, lr=0.1, momentum=0.9, weight_decay_mode="l2", backend="torch"),
+     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+], ids=["adamw", "sgdw"])
+def test_state_dict_hooks_see_and_change_what_torch_optims_do(make, torch_make):
+    """torch runs the hooks inside its state_dict / load_state_dict, before this class's part: a load pre-hook's
+    returned dict was not the one loaded, state a load post-hook replaced was overwritten, and a state_dict
+    post-hook did not see (or could not drop) nonfinite_steps and decoupled_weight_decay."""
+    def loaded(make_opt):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 3))
+        opt = make_opt([p])
+        p.grad = torch.ones(3)
+        opt.step()
+        saved = copy.deepcopy(opt.state_dict())
+        fresh = make_opt([p])
+        key = next(k for k in saved["state"][0] if k != "step")  # exp_avg, momentum_buffer
+
+        def pre(optimizer, state_dict):
+            state_dict = copy.deepcopy(state_dict)
+            state_dict["state"][0][key].fill_(2.0)
+            return state_dict
+
+        def post(optimizer):
+            optimizer.state[p][key] = optimizer.state[p][key] * 3  # replaced, not changed in place
+
+        fresh.register_load_state_dict_pre_hook(pre)
+        fresh.register_load_state_dict_post_hook(post)
+        fresh.load_state_dict(saved)
+        seen = []
+        fresh.register_state_dict_post_hook(lambda optimizer, state_dict: seen.append(sorted(state_dict)))
+        fresh.state_dict()
+        return fresh.state[p][key], seen[0]
+
+    ours, ours_keys = loaded(make)
+    theirs, _ = loaded(torch_make)
+    assert torch.equal(ours, theirs) and torch.equal(ours, torch.full((3,), 6.0))
+    assert "nonfinite_steps" in ours_keys
+
+
+def test_a_refused_load_runs_no_post_hook():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = AdamW([p], lr=0.1)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["lr"] = -1.0
+    calls = []
+    opt.register_load_state_dict_post_hook(lambda optimizer: calls.append(1))
+    with pytest.raises(ValueError, match="lr"):
+        opt.load_state_dict(saved)
+    assert not calls
+
+
+def test_duplicate_and_complex_parameters_are_refused_at_construction():
+    """torch.optim warns about a parameter listed twice and steps it twice (its step count too: the numbers
+    differed from torch's); a complex one failed at the first step."""
+    p = torch.nn.Parameter(torch.ones(3))
+    for make in (lambda ps: AdamW(ps, lr=0.1), lambda ps: SGDW(ps, lr=0.1)):
+        with pytest.raises(ValueError, match="holds the same parameter twice"):
+            make([p, p])
+        opt = make([p])
+        with pytest.raises(ValueError, match="holds the same parameter twice"):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))] * 2})
+        with pytest.raises(TypeError, match="floating point, got torch.complex64"):
+            make([torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))])
+        assert len(opt.param_groups) == 1
+
+
+def test_a_copy_or_pickle_keeps_the_skipped_step_count():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdamW([p], lr=0.1, skip_nonfinite=True)
+    p.grad = torch.full((3,), float("nan"))
+    opt.step()
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert copied.nonfinite_steps == 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_optimizer_contract_closure_hooks_and_a_scheduler(backend, gen):
     """torch.optim's contract: step(closure) re-evaluates the loss with gradients on and returns it, step hooks
@@ -889,14 +965,14 @@ def test_a_state_dict_with_bad_betas_or_momentum_is_refused(make, change, match)
 def test_a_refusal_in_a_later_group_leaves_every_group_unstepped(make, bad):
     """Every check runs before anything moves: a retry must not step the first group twice."""
     good = torch.ones(3, device=DEVICE, requires_grad=True)
-    if bad == "complex":
-        other = torch.ones(3, dtype=torch.complex64, device=DEVICE, requires_grad=True)
+    other = torch.ones(4, 3, device=DEVICE, requires_grad=True)
+    opt = make([{"params": [good]}, {"params": [other]}])
+    if bad == "complex":  # (made so after construction, which refuses it)
+        other.data = other.data.to(torch.complex64)
         other.grad = torch.ones_like(other)
     else:
-        other = torch.ones(4, 3, requires_grad=True)
-        other.grad = torch.eye(4, 3).to_sparse()
+        other.grad = torch.eye(4, 3, device=DEVICE).to_sparse()
     good.grad = torch.ones_like(good)
-    opt = make([{"params": [good]}, {"params": [other]}])
     with pytest.raises((TypeError, RuntimeError), match="floating point|sparse"):
         opt.step()
     assert torch.equal(good.detach(), torch.ones(3, device=DEVICE)) and not opt.state
