@@ -55,9 +55,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT_DIR/checkpoint.pt. The config may differ only in steps, logging "
-                             "intervals, 'auto' against what it resolves to, fields the run ignores (--hidden of "
-                             "embed-sum, --momentum of adamw, --betas of sgdw) and, on CPU, --fused-update, "
-                             "--cuda-graph and --deterministic")
+                             "intervals, --out-dir (a moved folder), the progress bar, 'auto' against what it "
+                             "resolves to, fields the run ignores (--hidden of embed-sum, --momentum of adamw, "
+                             "--betas of sgdw) and, on CPU, --fused-update, --cuda-graph and --deterministic")
     # SUPPRESS: the defaults formatter would print "(default: True)" beside a flag that turns figures off
     parser.add_argument("--no-figures", dest="figures", action="store_false", default=argparse.SUPPRESS,
                         help="skip the PNG figures")

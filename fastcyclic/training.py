@@ -147,8 +147,8 @@ def validate(config: TrainConfig) -> None:
         (lambda: _is_number(c.lr) and c.lr >= 0, f"lr must be a finite number >= 0, got {c.lr!r}"),
         (lambda: len(c.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in c.betas),
          f"betas must be two numbers in [0, 1), got {c.betas!r}"),
-        (lambda: _is_number(c.momentum) and c.momentum >= 0,
-         f"momentum must be a finite number >= 0, got {c.momentum!r}"),
+        (lambda: _is_number(c.momentum) and 0 <= c.momentum < 1,  # (torch's SGD takes >= 1, and diverges)
+         f"momentum must be a number in [0, 1), got {c.momentum!r}"),
         (lambda: _is_number(c.weight_decay) and c.weight_decay >= 0,
          f"weight_decay must be a finite number >= 0, got {c.weight_decay!r}"),
         (lambda: is_integer(c.weight_decay_warmup) and c.weight_decay_warmup >= 0,
@@ -292,11 +292,12 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """What ``fastcyclic.train`` returns: the run's final metrics and geometry, its history, what it wrote."""
     config: TrainConfig
     final: dict                                   # the last evaluation: step, losses, accuracies, ...
     geometry: Optional[geometry.GeometrySummary]  # of the final W and E
     history: list = field(default_factory=list)   # every evaluation record (dicts)
-    t_W: Optional[int] = None                     # first evaluated step with rho2(W) >= 0.9
+    t_W: Optional[int] = None                     # first step whose geometry (every geometry_every) has rho2(W) >= 0.9
     t_E: Optional[int] = None
     settle_W: Optional[int] = None                # first step from which rho2(W) stays near its end value (None:
     settle_E: Optional[int] = None                # still moving at the end)
@@ -306,8 +307,21 @@ class TrainResult:
     trainer: Optional["Trainer"] = field(default=None, repr=False)  # to keep stepping or to analyse the model
 
 
+def _plain(value) -> bool:
+    """Whether value is JSON's kind of data (what an evaluation record may hold)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
+
+
 class Trainer:
-    """The training loop, usable step by step: ``step()``, ``evaluate()``, ``state_dict()``.
+    """The training loop, usable step by step: ``step()`` (one optimizer step; it returns nothing, the loss is
+    read by ``evaluate()``: ``batch_loss`` is the mean since the last evaluation), ``evaluate()`` (a record,
+    also appended to ``history``, the list of every evaluation so far), ``state_dict()`` and
+    ``load_state_dict()`` (continue elsewhere, bit for bit), ``save_checkpoint(path)`` (what ``resume`` reads;
+    ``fastcyclic.training.load_checkpoint`` reads one back as a state dict).
 
     ``fastcyclic.train`` runs it to the end; research code can drive it directly, e.g. to look at
     ``trainer.model.W`` between steps.  It keeps its own copy of ``config``.  A callback may set
@@ -551,6 +565,11 @@ class Trainer:
             if (isinstance(value, (np.generic, np.ndarray)) and value.size == 1) or \
                     (isinstance(value, torch.Tensor) and value.numel() == 1):  # an ndarray: what tensor.numpy() gives
                 record[key] = value.item()
+            elif not _plain(value):  # (it failed later: in metrics.jsonl, or loading the checkpoint)
+                self.history.pop()
+                raise TypeError(f"a callback stored {key!r} = {type(value).__name__} in the evaluation record at step "
+                                f"{self.step_count}: records hold numbers, strings, None and lists or dicts of them "
+                                "(metrics.jsonl and the checkpoint store them); store e.g. value.tolist()")
         self._timer = (time.perf_counter(), self.step_count)
         return record
 
@@ -699,7 +718,8 @@ def train(config: TrainConfig, *, callbacks: Optional[list] = None, resume: bool
           figures: bool = True) -> TrainResult:
     """Run ``config`` to the end (see the module docstring).  ``resume=True`` continues from
     ``out_dir/checkpoint.pt`` when it exists.  ``callbacks``: functions ``f(trainer, record)`` called
-    after every evaluation; one may set ``trainer.should_stop = True`` to end the run there (see Trainer)."""
+    after every evaluation; one may set ``trainer.should_stop = True`` to end the run there (see Trainer), and
+    add entries to the record (numbers, strings, None, lists or dicts of them).  ``figures=False`` draws none."""
     trainer = Trainer(config, callbacks=callbacks)
     out = trainer.config.out_dir
     # two runs must not write one out_dir at once: the lock is on the directory itself

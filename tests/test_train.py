@@ -277,7 +277,8 @@ def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path):
     (dict(betas=(0.9, 1.5)), "betas must be two numbers"),
     (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
     (dict(lr="0.01"), "lr must be a finite number >= 0, got '0.01'"),  # wrong types are named, not a TypeError
-    (dict(optimizer="sgdw", momentum=-1.0), "momentum must be a finite number >= 0"),
+    (dict(optimizer="sgdw", momentum=-1.0), r"momentum must be a number in \[0, 1\), got -1.0"),
+    (dict(optimizer="sgdw", momentum=1.0), r"momentum must be a number in \[0, 1\), got 1.0"),  # (it diverged)
     (dict(init_scale=float("nan")), "init_scale"),
     (dict(device=None), "device must be"),
     (dict(seed=2**64), r"seed must be an integer in \[-2\^63, 2\^63 - 2\]"),
@@ -421,6 +422,20 @@ def test_numpy_values_in_the_config_or_a_record_still_checkpoint_and_resume(tmp_
     assert (first["w_norm"], first["count"], first["mean"], first["norm"]) == (1.5, 3, 0.25, 2.0)
     resumed = train(TrainConfig(**dict(config, steps=40)), resume=True, figures=False)
     assert resumed.history[0]["w_norm"] == 1.5 and resumed.config.betas == (0.9, 0.98)
+
+
+@pytest.mark.parametrize("value", [np.zeros(2), torch.ones(2), object()], ids=["ndarray", "tensor", "object"])
+def test_a_callback_storing_what_a_record_cannot_hold_is_refused_naming_it(value, tmp_path):
+    """It failed writing metrics.jsonl without naming the key, or, step by step, left a checkpoint that would not
+    load ("corrupt or unreadable")."""
+    trainer = Trainer(TrainConfig(**TINY), callbacks=[lambda t, record: record.update(weights=value)])
+    with pytest.raises(TypeError, match="a callback stored 'weights' = .* at step 0: records hold numbers"):
+        trainer.evaluate()
+    assert trainer.history == []  # the refused record is not kept
+    trainer.callbacks.clear()
+    trainer.evaluate()
+    trainer.save_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert training.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 0
 
 
 def test_a_run_owns_its_config(tmp_path):
