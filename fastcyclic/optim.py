@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Optional
@@ -96,16 +97,15 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
 
     # -- param groups ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)  # (a generator can be read once)
-        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]  # (name, tensor) pairs too
-        if len({id(p) for p in tensors}) != len(tensors):  # torch.optim warns, and steps it twice
-            raise ValueError("a parameter group holds the same parameter twice")
-        for p in tensors:
-            if isinstance(p, Tensor):
-                _check_floating(p)  # (complex ones failed at the first step)
-        super().add_param_group({**param_group, "params": params})
+        with warnings.catch_warnings():  # refused below
+            warnings.filterwarnings("ignore", message=".*duplicate parameters")
+            super().add_param_group(param_group)
         try:
+            params = self.param_groups[-1]["params"]
+            if len({id(p) for p in params}) != len(params):  # torch.optim warns, and steps it twice
+                raise ValueError("a parameter group holds the same parameter twice")
+            for p in params:
+                _check_floating(p)  # (complex ones failed at the first step)
             self._check_group(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()  # a refused group must not stay (its params would be stepped)
@@ -137,13 +137,15 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
                 "nonfinite_steps": self.nonfinite_steps}  # (reading it syncs)
 
     def __setstate__(self, state: dict) -> None:
-        nonfinite_steps = state.pop("nonfinite_steps", 0)
+        # (torch's load_state_dict calls this too, without the count: that one is load_state_dict's to set)
+        nonfinite_steps = state.pop("nonfinite_steps", None)
         super().__setstate__(state)
         # caches of device scalars and launch tables are rebuilt (a copy or an unpickled optimizer)
         self.__dict__.setdefault("skip_nonfinite", False)
         for name in ("_scalars", "_tables", "_nonfinite_steps", "_fused_weights", "_checked"):
             self.__dict__.setdefault(name, {})
-        self._set_nonfinite_steps(nonfinite_steps)
+        if nonfinite_steps is not None:
+            self._set_nonfinite_steps(nonfinite_steps)
         for group in self.param_groups:
             if "weight_decay_mode" not in group:  # a torch.optim state dict: which rule did it use?
                 group["weight_decay_mode"] = self._torch_weight_decay_mode(group)

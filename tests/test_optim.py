@@ -111,7 +111,8 @@ def test_state_dict_hooks_see_and_change_what_torch_optims_do(make, torch_make):
         fresh.register_load_state_dict_post_hook(post)
         fresh.load_state_dict(saved)
         seen = []
-        fresh.register_state_dict_post_hook(lambda optimizer, state_dict: seen.append(sorted(state_dict)))
+        fresh.register_state_dict_post_hook(
+            lambda optimizer, state_dict: seen.append(set(state_dict) | set(state_dict["param_groups"][0])))
         fresh.state_dict()
         return fresh.state[p][key], seen[0]
 
@@ -119,18 +120,21 @@ def test_state_dict_hooks_see_and_change_what_torch_optims_do(make, torch_make):
     theirs, _ = loaded(torch_make)
     assert torch.equal(ours, theirs) and torch.equal(ours, torch.full((3,), 6.0))
     assert "nonfinite_steps" in ours_keys
+    assert ("decoupled_weight_decay" in ours_keys) == isinstance(make([torch.nn.Parameter(torch.ones(1))]), AdamW)
 
 
-def test_a_refused_load_runs_no_post_hook():
+def test_a_refused_load_runs_no_post_hook_and_keeps_the_skipped_step_count():
+    """(torch's load_state_dict calls __setstate__, which reset the count to 0 before the refusal)"""
     p = torch.nn.Parameter(torch.zeros(3))
-    opt = AdamW([p], lr=0.1)
+    opt = AdamW([p], lr=0.1, skip_nonfinite=True)
+    opt.load_state_dict({**opt.state_dict(), "nonfinite_steps": 5})
     saved = copy.deepcopy(opt.state_dict())
     saved["param_groups"][0]["lr"] = -1.0
     calls = []
     opt.register_load_state_dict_post_hook(lambda optimizer: calls.append(1))
     with pytest.raises(ValueError, match="lr"):
         opt.load_state_dict(saved)
-    assert not calls
+    assert not calls and opt.nonfinite_steps == 5
 
 
 def test_duplicate_and_complex_parameters_are_refused_at_construction():
@@ -145,6 +149,8 @@ def test_duplicate_and_complex_parameters_are_refused_at_construction():
             opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))] * 2})
         with pytest.raises(TypeError, match="floating point, got torch.complex64"):
             make([torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))])
+        with pytest.raises(TypeError, match="sets will change between runs"):  # torch's own checks still run
+            opt.add_param_group({"params": {torch.nn.Parameter(torch.ones(2))}})
         assert len(opt.param_groups) == 1
 
 
