@@ -36,8 +36,9 @@ _TAIL_BITS = 64
 # rejection sampling of the evaluation sets on the CPU (~0.4 us per candidate on one core): candidates per round,
 # and in total. A side holding a small fraction of the pairs gets fewer than test_sample pairs, as many as
 # _EVAL_DRAWS candidates are expected to hold but at least _EVAL_MIN_PAIRS, so that finding them takes seconds
-# (65536 train pairs at train_fraction 1e-4 would take 6.5e8 draws, minutes); a side too rare to give
-# _EVAL_MIN_PAIRS in half of _EVAL_BUDGET draws is refused up front.
+# (65536 train pairs at train_fraction 1e-4 would take 6.5e8 draws, minutes), under a minute where the floor
+# applies (train_fraction below 6.1e-5: up to 2^27 draws); a side too rare to give _EVAL_MIN_PAIRS in half of
+# _EVAL_BUDGET draws is refused up front.
 _EVAL_CHUNK = 1 << 22
 _EVAL_DRAWS = 1 << 24
 _EVAL_MIN_PAIRS = 1024
@@ -314,7 +315,7 @@ class ModularAddition:
         Size: test_sample, capped at half the expected number of pairs on that side so that duplicate
         draws cannot stall the loop (the cap only bites when P^2 barely exceeds enumerate_limit and
         train_fraction is near 0 or 1), and at what _EVAL_DRAWS draws are expected to find (at least
-        _EVAL_MIN_PAIRS) so that a rare side takes seconds, not minutes."""
+        _EVAL_MIN_PAIRS) so that a rare side takes seconds (under a minute at the floor), not minutes."""
         fraction = self.hash_fraction if want_train else 1.0 - self.hash_fraction
         side_name = "train" if want_train else "test"
         if fraction * self.n_pairs < 1:  # drawing would spend the whole budget (minutes) to find nothing

@@ -268,6 +268,8 @@ def _check_omega(omega, n: int) -> int:
 def _check_measures(rho2, freq_count, n, etf_distance, axis_ratio) -> None:
     """classify's measured inputs, in their ranges (a NaN ρ₂ read as "etf-like"); a hair of rounding is let by."""
     for name, value, top in (("rho2", rho2, 1.0), ("etf_distance", etf_distance, 2.0), ("axis_ratio", axis_ratio, 1.0)):
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+            value = value.item()
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
                 or not 0.0 <= value <= top * (1 + 1e-9):
             raise ValueError(f"{name} must be a measured value in [0, {top:g}], got {value!r}")
@@ -620,8 +622,8 @@ def class_means(h, labels, num_classes: int | None = None) -> tuple[torch.Tensor
 def nc1(h, labels, num_classes: int | None = None) -> float:
     """NC1 = tr(Σ_W Σ_B⁺)/K: within-class spread measured in units of the between-class spread (0 = collapse).
     Σ_W = mean over samples of (h − μ_y)(h − μ_y)ᵀ; Σ_B = mean over the K classes present of (μ_c − μ)(μ_c − μ)ᵀ.
-    Needs samples of at least 2 classes (ValueError); NaN when their means coincide (no unit to measure in: Σ_B⁺ = 0
-    read as 0, perfect collapse, for any spread)."""
+    Needs samples of at least 2 classes (ValueError); NaN when their means coincide exactly (no unit to measure in:
+    Σ_B⁺ = 0 read as 0, perfect collapse, for any spread); means equal up to rounding give a huge value."""
     h = _as_features(h)
     means, counts = class_means(h, labels, num_classes)
     labels = torch.as_tensor(labels, device=h.device).long()

@@ -318,7 +318,10 @@ def test_float32_frequency_share_does_not_depend_on_the_mean(gen):
     assert exact.omega == 5 and 1 - exact.share > 1e-6  # the float32 rounding of the data itself
     assert g.fourier_spectrum(X).share == pytest.approx(exact.share, abs=1e-7)
     # float32 entries near its largest value: centred, they can exceed it (inf before scaling)
-    big = (circle * 1e37 + 3e38).float()
+    big = (circle * 1e37).float()
+    big[:, 0] = -3e38
+    big[0, 0] = 3e38
+    assert float((big.double() - big.double().mean(0)).abs().max()) > torch.finfo(torch.float32).max
     assert g.fourier_spectrum(big).share == pytest.approx(g.fourier_spectrum(big.double()).share, abs=1e-6)
 
 
@@ -388,6 +391,10 @@ def test_bad_options_are_named(call, error, match):
     """Each of these returned a meaningless fit or verdict, or failed inside with another error."""
     with pytest.raises(error, match=match):
         call(torch.randn(7, 4, dtype=torch.float64))
+
+
+def test_classify_takes_measures_as_0_dim_tensors_and_numpy_numbers():
+    assert g.classify(torch.tensor(0.95), 1, 97, torch.tensor(0.5), axis_ratio=np.float32(1.0)) == "cyclic"
 
 
 def test_integer_omegas_of_numpy_and_torch_and_a_numpy_bool_are_taken():
