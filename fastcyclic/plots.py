@@ -167,12 +167,22 @@ def plot_geometry_history(history: Iterable, path, *, threshold: float = geometr
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     if has_counts:
+        from matplotlib.ticker import FixedLocator, NullLocator
+
         ax = axes[1, 0]
+        top = 1
         for key, name in (("freq_count_W", "W"), ("freq_count_E", "E")):
             steps, values = _series(records, key)
             if steps:
                 ax.plot(steps, values, "-o", ms=3, color=_COLOR[name], label=f"frequencies in {name}")
-        ax.set_yscale("symlog", linthresh=10)
+                top = max([top, *values])
+        # linear below 1 (a count of 0: nothing to measure), logarithmic above, with plain labels down to 1 (the
+        # circle); a symlog axis labels only its decades (10, 100)
+        ax.set_yscale("symlog", linthresh=1)
+        ticks = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+        ax.yaxis.set_major_locator(FixedLocator([t for t in ticks if t <= 2 * top]))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(lambda value, position: f"{value:g}")
         ax.set_xlabel("training step")
         ax.set_ylabel("frequency count")
         ax.set_title("Frequencies holding most of the energy (1 = one circle)", fontsize=10)
@@ -203,8 +213,8 @@ def plot_training_curves(history: Iterable[Mapping], path, *, title: str | None 
             ax.set_yscale("log")
         if kind == "acc":
             ax.set_ylim(-0.02, 1.02)
-        if drawn:
-            ax.legend(loc="best")
+        if drawn:  # accuracy ends near 1 (learnt) or near 0 (not): "best" put the legend over the curves at 1
+            ax.legend(loc="best" if kind == "loss" else "center right")
         else:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
         ax.set_xlabel("training step")
