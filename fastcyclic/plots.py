@@ -70,8 +70,9 @@ def plot_circles(W, E, path, *, max_points: int = 20000, title: str | None = Non
         ax.set_xlabel("top singular direction 1")
         ax.set_ylabel("top singular direction 2")
         what = "classifier" if name == "W" else "embedding"
-        ax.set_title(f"{name} ({what}, {n}×{len(sp.singular_values)}): ρ₂ = {sp.rho2:.3f}, ω = {fs.omega}, "
-                     f"{_frequencies(fs.count)}", fontsize=10)
+        by_construction = " (≡ 1 at ≤ 2 columns)" if len(sp.singular_values) <= 2 else ""
+        ax.set_title(f"{name} ({what}, {n}×{len(sp.singular_values)}): ρ₂ = {sp.rho2:.3f}{by_construction}, "
+                     f"ω = {fs.omega}, {_frequencies(fs.count)}", fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(title or "Rows in their top-2 plane (a circle = rank-2 cyclic)")
     return save_png(fig, path)
@@ -139,9 +140,10 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
 
 
 def plot_geometry_history(history: Iterable, path, *, threshold: float = geometry.LAYER_ORDER_THRESHOLD,
-                          title: str | None = None) -> str:
+                          title: str | None = None, e_columns: int | None = None) -> str:
     """ρ₂(W), ρ₂(E) and subspace locking against the training step, with t_W and t_E (first step each ρ₂ reaches
-    threshold) marked; a second panel shows the frequency counts when the history has them.
+    threshold) marked; a second panel shows the frequency counts when the history has them.  e_columns: E's width;
+    at most 2, ρ₂(E) is 1 by construction, so it is drawn grey and t_E is not marked (it would read "E first").
 
     history: (step, GeometrySummary), (step, dict) or dicts with 'step' and any of rho2_W, rho2_E, locking,
     freq_count_W, freq_count_E."""
@@ -149,20 +151,28 @@ def plot_geometry_history(history: Iterable, path, *, threshold: float = geometr
     has_counts = any(r.get("freq_count_W") is not None or r.get("freq_count_E") is not None for r in records)
     fig, axes = new_figure(1, nrows=2 if has_counts else 1, size=(8.0, 4.0))
     ax = axes[0, 0]
-    for key, label, color in (("rho2_W", "ρ₂(W) classifier", _COLOR["W"]), ("rho2_E", "ρ₂(E) embedding", _COLOR["E"]),
+    e_trivial = e_columns is not None and e_columns <= 2
+    e_label, e_color = ((f"ρ₂(E) ≡ 1: E has {e_columns} columns (says nothing)", "lightgrey") if e_trivial else
+                        ("ρ₂(E) embedding", _COLOR["E"]))
+    for key, label, color in (("rho2_W", "ρ₂(W) classifier", _COLOR["W"]), ("rho2_E", e_label, e_color),
                               ("locking", "locking (E's energy in W's plane)", _COLOR["locking"])):
         steps, values = _series(records, key)
         if steps:
             ax.plot(steps, values, "-o", ms=3, color=color, label=label)
     ax.axhline(threshold, color="grey", ls=":", lw=1, label=f"threshold {threshold:g}")
     t_w, t_e = geometry.layer_order([r for r in records if "step" in r], threshold)
+    if e_trivial:
+        t_e = None
     for t, name in ((t_w, "W"), (t_e, "E")):
         if t is not None:
             ax.axvline(t, color=_COLOR[name], ls="--", lw=1.2, label=f"t_{name} = {t}")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("training step")
     ax.set_ylabel("share of energy")
-    order = "t_W < t_E (classifier first)" if t_w is not None and t_e is not None and t_w < t_e else ""
+    order = ""
+    if t_w is not None and t_e is not None:
+        order = ("t_W < t_E (classifier first)" if t_w < t_e else "t_E < t_W (embedding first)" if t_e < t_w else
+                 "t_W = t_E (within one evaluation)")
     ax.set_title(f"Rank-2 energy share over training {order}".strip(), fontsize=10)
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
@@ -170,18 +180,21 @@ def plot_geometry_history(history: Iterable, path, *, threshold: float = geometr
         from matplotlib.ticker import FixedLocator, NullLocator
 
         ax = axes[1, 0]
-        top = 1
+        counts = [1]
         for key, name in (("freq_count_W", "W"), ("freq_count_E", "E")):
             steps, values = _series(records, key)
             if steps:
                 ax.plot(steps, values, "-o", ms=3, color=_COLOR[name], label=f"frequencies in {name}")
-                top = max([top, *values])
+                counts += values
+        top = max(counts)
         # linear below 1 (a count of 0: nothing to measure), logarithmic above, with plain labels down to 1 (the
         # circle); a symlog axis labels only its decades (10, 100)
         ax.set_yscale("symlog", linthresh=1)
         ticks = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
         ax.yaxis.set_major_locator(FixedLocator([t for t in ticks if t <= 2 * top]))
         ax.yaxis.set_minor_locator(NullLocator())
+        # 1 in view (0 too where a count is 0), so the ticks are (counts of 30-48 showed none)
+        ax.set_ylim(0 if min(counts) == 0 else 0.8, 1.3 * top)
         ax.yaxis.set_major_formatter(lambda value, position: f"{value:g}")
         ax.set_xlabel("training step")
         ax.set_ylabel("frequency count")
@@ -209,8 +222,9 @@ def plot_training_curves(history: Iterable[Mapping], path, *, title: str | None 
             if steps:
                 ax.plot(steps, values, style, lw=1.5, label=split)
                 drawn.extend(values)
-        if kind == "loss" and drawn and min(drawn) > 0:
-            ax.set_yscale("log")
+        finite = [v for v in drawn if math.isfinite(v)]
+        if kind == "loss" and finite and min(finite) > 0 and max(finite) > 3 * min(finite):
+            ax.set_yscale("log")  # (a loss flat at chance, ln K, drawn on a log axis looked like a plunge)
         if kind == "acc":
             ax.set_ylim(-0.02, 1.02)
         if drawn:  # accuracy ends near 1 (learnt) or near 0 (not): "best" put the legend over the curves at 1

@@ -589,11 +589,13 @@ def plot_layer_history(records: dict, rows: list, layer: str, path: str) -> Opti
     if not candidates:
         return None
     best = max(candidates, key=lambda r: (r["p"], r["verdict_W"] == "cyclic", r["rho2_W"] or 0))
-    history = [h for h in records[best["id"]].get("history") or [] if "rho2_W" in h]
+    record = records[best["id"]]
+    history = [h for h in record.get("history") or [] if "rho2_W" in h]
     if not history:
         return None
     return plots.plot_geometry_history(history, path, title=f"Layer order: {best['id']} ({layer}, "
-                                                            f"λ = {best['weight_decay']:g}, P = {best['p']})")
+                                                            f"λ = {best['weight_decay']:g}, P = {best['p']})",
+                                       e_columns=(record.get("config") or {}).get("d"))
 
 
 # --------------------------------------------------------------------------------------------

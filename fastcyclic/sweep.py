@@ -1399,7 +1399,12 @@ def plot_phase_diagram(rows: list, analysis: dict, path: str) -> str:
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     if mappable is not None:
-        fig.colorbar(mappable, ax=axes, label="frequencies holding 90 % of W's power (median)", shrink=0.8)
+        bar = fig.colorbar(mappable, ax=axes, label="frequencies holding 90 % of W's power (median)", shrink=0.8)
+        # plain labels at 1, 2, 5, 10, ... (a log colorbar labels only its decades: a cell's 3 could not be read)
+        ticks = [t for t in (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= top]
+        bar.set_ticks(ticks)
+        bar.set_ticklabels([str(t) for t in ticks])
+        bar.minorticks_off()
     fig.suptitle("Phase diagram. Grey ×: collapsed; grey o: at chance, weights intact;\n"
                  "red ×: every run failed; red ring: most runs cyclic; ▲ λ_crit, | λ₀", fontsize=10)
     return save_png(fig, path)

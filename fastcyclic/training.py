@@ -710,7 +710,8 @@ def _figures(trainer: Trainer, folder: str) -> dict:
     )
     geometry_records = [r for r in trainer.history if "rho2_W" in r]
     if geometry_records:
-        paths["geometry"] = plots.plot_geometry_history(geometry_records, os.path.join(folder, FIGURES[3]))
+        paths["geometry"] = plots.plot_geometry_history(geometry_records, os.path.join(folder, FIGURES[3]),
+                                                        e_columns=E.shape[1])
     return paths
 
 

@@ -776,6 +776,7 @@ def test_loss_axis_is_logarithmic_only_when_every_loss_is_positive(monkeypatch):
         return drawn(monkeypatch, lambda plots, path: plots.plot_training_curves(history, path)).axes[0].get_yscale()
 
     assert (scale([2.0, 0.5]), scale([2.0, 0.0])) == ("log", "linear")
+    assert scale([4.5765, 4.5747]) == "linear"  # flat at chance (ln 97): a log axis drew it as a plunge
 
 
 def test_geometry_history_is_drawn_in_step_order_without_non_finite_values(monkeypatch):
@@ -787,7 +788,31 @@ def test_geometry_history_is_drawn_in_step_order_without_non_finite_values(monke
     assert list(lines["ρ₂(W) classifier"].get_xdata()) == [0, 10, 20]
     assert list(lines["ρ₂(E) embedding"].get_xdata()) == [10, 20]
     assert "t_W = 20" in lines and "t_E = 20" in lines
+    assert ax.get_title() == "Rank-2 energy share over training t_W = t_E (within one evaluation)"
+
+
+def test_geometry_history_says_which_layer_came_first_and_not_for_an_e_of_two_columns(monkeypatch):
+    """E first was not said at all; with E of <= 2 columns (the default d = 2) rho2(E) is 1 by construction, and
+    its flat line and "t_E = 0" read as "the embedding first"."""
+    history = [{"step": 0, "rho2_W": 0.2, "rho2_E": 1.0}, {"step": 10, "rho2_W": 0.95, "rho2_E": 1.0}]
+    ax = drawn(monkeypatch, lambda plots, path: plots.plot_geometry_history(history, path)).axes[0]
+    assert ax.get_title().endswith("t_E < t_W (embedding first)")
+    ax = drawn(monkeypatch, lambda plots, path: plots.plot_geometry_history(history, path, e_columns=2)).axes[0]
+    lines = lines_by_label(ax)
+    assert "ρ₂(E) ≡ 1: E has 2 columns (says nothing)" in lines and "t_E = 0" not in lines and "t_W = 10" in lines
     assert ax.get_title() == "Rank-2 energy share over training"
+
+
+@pytest.mark.parametrize("counts", [[48, 30, 31], [6, 6, 6], [40, 3, 1], [12, 0, 0]])
+def test_frequency_counts_are_read_off_labelled_ticks(counts, monkeypatch):
+    """The symlog axis labelled only 10 (1 and 4 could not be told apart), then, with fixed ticks, none at all for
+    counts of 30-48."""
+    history = [{"step": s, "rho2_W": 0.5, "freq_count_W": c} for s, c in enumerate(counts)]
+    ax = drawn(monkeypatch, lambda plots, path: plots.plot_geometry_history(history, path)).axes[1]
+    low, high = ax.get_ylim()
+    shown = [t for t in ax.get_yticks() if low <= t <= high]
+    assert 1 in shown and max(counts) <= high and any(t >= max(counts) / 2.5 for t in shown)
+    assert (0 in shown) == (0 in counts)
 
 
 def test_circles_draw_every_ceil_n_over_max_points_th_row(gen, monkeypatch):

@@ -783,6 +783,21 @@ def test_figures_and_tables_render(tmp_path):
     assert "P=211" in sweep.summary_text(analysis) and "no crossing" in sweep.summary_text(analysis)
 
 
+def test_the_phase_diagram_colorbar_labels_small_counts(tmp_path, monkeypatch):
+    """A log colorbar labelled only its decades (1, 10): a cell's 3 frequencies could not be read off it."""
+    from fastcyclic import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: figures.append(fig) or path)
+    records = synthetic((101, 211))
+    rows = sweep.rows_of(records)
+    sweep.plot_phase_diagram(rows, sweep.analyse(records, n_boot=10), str(tmp_path / "unused.png"))
+    bar = figures[0].axes[-1]  # the colorbar's axes, added last
+    labels = [t.get_text() for t in bar.get_yticklabels()]
+    top = max(r["freq_count_W"] for r in rows if r.get("freq_count_W"))
+    assert labels == [str(t) for t in (1, 2, 3, 5, 10, 20, 50) if t <= top]
+
+
 def test_phase_cells_say_what_failed_collapsed_or_finished():
     def rows(*phases):
         return sweep.rows_of([dict(fake(31, 0.1, s, ph), id=f"r{s}") if ph != "failed" else
