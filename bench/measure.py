@@ -605,6 +605,7 @@ def plot_vs(records: list[dict], x: str, xlabel: str, time_label: str, title: st
     where the records hold several), from the records that ran ok (Agg, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, LogLocator, NullLocator
 
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)
@@ -623,17 +624,30 @@ def plot_vs(records: list[dict], x: str, xlabel: str, time_label: str, title: st
         mem = [(r[x], r["peak_extra_gib"]) for r in rows if r.get("peak_extra_gib") is not None]
         if mem:
             ax_m.plot([m[0] for m in mem], [m[1] for m in mem], **style)
+    xs = sorted({r[x] for rows in lines.values() for r in rows})
     for ax, label in ((ax_t, time_label), (ax_m, "peak extra memory (GiB)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         if lines:
             ax.set_xscale("log", base=2)
+            if len(xs) <= 8:  # the measured sizes themselves, not powers of two near them (P = 113 read as 2^7)
+                ax.set_xticks(xs, [str(v) for v in xs])
+                ax.xaxis.set_minor_locator(NullLocator())
             if ax is ax_t:
                 ax.set_yscale("log")
             else:  # linear near 0, where a method that allocates nothing extra sits
                 ax.set_yscale("symlog", linthresh=1e-3)
+                top = max([line.get_ydata().max() for line in ax.get_lines()] + [1e-3])
+                ax.set_ylim(0, 1.6 * top)  # from 0 (it showed -10^-2 GiB), with room above the highest point
+            # plain numbers at 1, 2, 5 x 10^k: a log axis labelled only its decades hid most values
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)) if ax is ax_t else
+                                       FixedLocator([0.0] + [m * 10.0 ** e for e in range(-3, 4) for m in (1, 2, 5)]))
+            ax.yaxis.set_major_formatter(lambda value, position: f"{value:g}")
+            ax.yaxis.set_minor_locator(NullLocator())
+            if ax is ax_t:
+                ax.margins(y=0.12)  # headroom: a point on the top edge was cut in half
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=8, loc="best")
         else:
             ax.text(0.5, 0.5, "no successful case", ha="center", va="center", transform=ax.transAxes)
         ax.grid(True, which="both", alpha=0.3)

@@ -713,3 +713,25 @@ def test_a_shape_of_the_wrong_length_is_refused_naming_its_form():
         with pytest.raises(argparse.ArgumentTypeError, match="shape must look like NxDxK"):
             measure.parse_dims(text, "NxDxK", "8192x256x65536")
     assert measure.parse_dims("8,16X10", "NxDxK", "") == (8, 16, 10)
+
+
+def test_bench_figures_label_the_measured_sizes_and_values(monkeypatch):
+    """The x axis showed powers of two near the sizes (P = 113 read as 2^7), the log and symlog y axes only their
+    decades, the memory axis went below 0, and a point at the top edge was cut in half."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or real_savefig(fig, *a, **k))
+    records = [dict(status="ok", method=m, K=k, median_ms=t, peak_extra_gib=g)
+               for m, k, t, g in (("fastcyclic", 113, 7.7, 0.004), ("fastcyclic", 257, 12.0, 0.006),
+                                  ("eager", 113, 3.2, 0.011), ("eager", 257, 10.2, 0.187))]
+    assert measure.plot_vs(records, "K", "K", "ms")[:4] == b"\x89PNG"
+    ax_t, ax_m = figures[0].axes
+    for ax in (ax_t, ax_m):
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["113", "257"]
+    low, high = ax_t.get_ylim()
+    assert [t for t in ax_t.get_yticks() if low <= t <= high] == [5.0, 10.0]
+    low, high = ax_m.get_ylim()
+    assert low == 0 and high > 0.187 * 1.5
+    assert [t for t in ax_m.get_yticks() if low <= t <= high][:3] == [0.0, 0.001, 0.002]
