@@ -20,6 +20,7 @@ import argparse
 import collections
 import importlib
 import json
+import math
 import sys
 import time
 import traceback
@@ -85,8 +86,8 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
         device = measure.setup_device(args)
         if device.type == "cuda" or args.dtype:  # bf16: the CUDA defaults of ce and train
             measure.check_dtype(device, measure.DTYPE_NAMES[args.dtype or "bf16"])
-        if args.budget_s is not None and not args.budget_s > 0:
-            raise measure.BenchInputError(f"--budget-s must be > 0, got {args.budget_s}")
+        if args.budget_s is not None and not 0 < args.budget_s < math.inf:  # (inf: all.json would not be JSON)
+            raise measure.BenchInputError(f"--budget-s must be a finite number of seconds > 0, got {args.budget_s}")
         names = list(dict.fromkeys(args.suites or SUITES))  # in the order given
         for name in names if args.out else ():  # each suite's folder, before all.json or any suite is written
             measure.check_out_dir(args.out / name, importlib.import_module(MODULES[name]).FILES)
