@@ -132,6 +132,9 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             raise type(e)(f"param_groups[{index}], as the update found it: {e}") from None
         self._checked[index] = values
 
+    def __repr__(self) -> str:  # torch's lists the groups; skip_nonfinite is the optimizer's own
+        return super().__repr__()[:-1] + f"skip_nonfinite: {self.skip_nonfinite}\n)"
+
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite,
                 "nonfinite_steps": self.nonfinite_steps}  # (reading it syncs)

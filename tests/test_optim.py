@@ -161,6 +161,7 @@ def test_a_copy_or_pickle_keeps_the_skipped_step_count():
     opt.step()
     for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert copied.nonfinite_steps == 1
+        assert repr(copied).endswith("weight_decay_mode: decoupled\nskip_nonfinite: True\n)")  # (not a group key)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
