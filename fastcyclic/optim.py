@@ -78,6 +78,8 @@ def _check_common(lr, weight_decay, weight_decay_mode, backend) -> None:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        require_triton()  # at construction, as linear_cross_entropy does at its call, not at the first step
 
 
 class _WeightDecayOptimizer(torch.optim.Optimizer):

@@ -34,7 +34,8 @@ torch.testing.assert_close(loss, F.cross_entropy(h @ w.T, y))
 loss.backward()
 w.grad = torch.ones_like(w)
 for call in (lambda: fastcyclic.linear_cross_entropy(h, w, y, backend="triton"),
-             lambda: optim.AdamW([w], backend="triton").step()):
+             lambda: optim.AdamW([w], backend="triton"), lambda: optim.SGDW([w], lr=0.1, backend="triton"),
+             lambda: optim.AdamW([w]).add_param_group({"params": [h], "backend": "triton"})):
     try:
         call()
     except ValueError as error:
