@@ -10,8 +10,10 @@
 # brings back at most 8 files from $OUT, none deeper than $OUT/a/b/, so a run stopped at its time limit
 # still returns the stages it finished.
 #
-# Sized to end within 6 minutes on an H200, so a 15-minute GPU session can run it and rerun it:
-# each stage has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT seconds; the bench's default is what
+# Sized to end within 6 minutes on an H200.  A 15-minute GPU session has room for one full run and one
+# cut-down call, not two full runs: the machine goes back 30 s after a call, and each fresh start costs
+# a minute or more of the session's time (e.g. a second call STAGES=bench BENCH_SUITES=ce TOTAL_BUDGET=200).
+# Each stage has its own time limit (TEST_TIMEOUT, BENCH_TIMEOUT seconds; the bench's default is what
 # TOTAL_BUDGET leaves after the tests, at most 170), so one stage hanging leaves the others' results,
 # and the benchmark stops starting new cases after BENCH_BUDGET seconds (default: its limit less 35)
 # (they are recorded as "skipped"), so it normally ends on its own with complete files; every
@@ -23,7 +25,7 @@
 #
 # The tests come in two runs.  "tests", first: every test that runs GPU code (kernels, optimizers,
 # trainer, data, geometry, and every `cuda`-marked test; those GPU-only ones start first, then the trainer's,
-# the optimizers' and the kernels', see tests/conftest.py, so a run stopped by its time limit (845 tests,
+# the optimizers' and the kernels', see tests/conftest.py, so a run stopped by its time limit (969 tests,
 # likely more than 170 s) has them).  "portable-tests", last, in what is left of
 # TOTAL_BUDGET seconds (default 360): the tests marked `portable` (CLIs, harness and sweep bookkeeping,
 # sm_90 compiles), whose code runs alike on any machine and which CPU CI runs in full.
