@@ -1022,13 +1022,13 @@ def _classifier_problem(gen, dtype=torch.float32, n=37, d=20, k=53):
     return (w, b, u), batches
 
 
-def _train(start, batches, make_opt, backend, fused, bias=True, reduction="mean"):
+def _train(start, batches, make_opt, backend, fused, bias=True, reduction="mean", **loss_options):
     w, b, u = (t.clone().requires_grad_() for t in start)
     opt = make_opt([w, b, u] if bias else [w, u])
     handle = fused_update(opt, w) if fused else None
     for x, y in batches:
         loss = linear_cross_entropy(torch.tanh(x @ u), w, y, bias=b if bias else None, backend=backend,
-                                    reduction=reduction, fused_update=handle)
+                                    reduction=reduction, fused_update=handle, **loss_options)
         loss.backward()
         assert w.grad is None if fused else w.grad is not None
         opt.step()
@@ -1076,6 +1076,22 @@ def test_fused_update_equals_backward_then_step(backend, optimizer, gen):
     assert w_state.keys() == w_state_ref.keys()
     for key in w_state:
         torch.testing.assert_close(w_state[key].float(), w_state_ref[key].float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgdw-momentum"])
+def test_fused_update_takes_the_loss_options(backend, optimizer, gen):
+    """Label smoothing, z-loss and ignore_index change dW: the fused update must form the same dW as the
+    backward (h = tanh(x @ u) has a nonzero mean, so the smoothing term, which scales with the sum of h, shows)."""
+    start, batches = _classifier_problem(gen)
+    batches = [(x, torch.where(torch.arange(len(y), device=y.device) % 4 == 0, 5, y)) for x, y in batches]
+    options = dict(label_smoothing=0.2, z_loss=1e-3, ignore_index=5)
+    two_step = _train(start, batches, OPTIMIZERS[optimizer], backend, fused=False, **options)
+    fused = _train(start, batches, OPTIMIZERS[optimizer], backend, fused=True, **options)
+    plain = _train(start, batches, OPTIMIZERS[optimizer], backend, fused=False)
+    assert (two_step[0] - plain[0]).abs().max() > 1e-3  # the options do change the classifier
+    for a, b in zip(fused[:3], two_step[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_update_takes_the_tuned_tiles(gen, monkeypatch):
