@@ -27,9 +27,14 @@ def write_atomic(path: str, write: Callable[[BinaryIO], object]) -> str:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are for reading
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _write_error_in(exc)
+        if cause is not None and not cause.filename:
+            # f.write's own error names no file, and torch.save's zip writer wraps it in a RuntimeError
+            # ("unexpected pos"): the caller is told which file could not be written, and why
+            raise OSError(cause.errno, cause.strerror, path) from exc
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
@@ -66,8 +71,20 @@ def exclusive_lock(path: str, busy: str):
         os.close(fd)  # which releases the lock
 
 
-# what a full disk, a quota, a read-only or unwritable folder raise: the command says so in one line
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+# what a full disk, a quota, a file-size limit (ulimit -f), a read-only or unwritable folder raise: the command
+# says so in one line
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _write_error_in(exc: BaseException) -> OSError | None:
+    """The OSError of WRITE_ERRNOS that exc is, or that it was raised from or while handling."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def write_error_text(e: BaseException) -> str | None:

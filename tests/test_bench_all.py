@@ -512,7 +512,7 @@ def test_remove_temporaries_removes_only_write_atomics_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
 
 
-@pytest.mark.parametrize("errno_", ["ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO"])
+@pytest.mark.parametrize("errno_", ["ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EIO"])
 def test_write_errors_are_named_in_one_line(errno_):
     import errno
 
@@ -524,6 +524,28 @@ def test_write_errors_are_named_in_one_line(errno_):
     assert write_error_text(OSError(code, text)) == f"cannot write: {text}"
     assert write_error_text(OSError(errno.ENOENT, "No such file or directory", "/x")) is None  # a bug: traceback
     assert write_error_text(ValueError("not an OSError")) is None
+
+
+def test_a_write_error_a_writer_wraps_is_raised_naming_the_file(tmp_path):
+    """torch.save's zip writer turns a full disk into RuntimeError("... unexpected pos ..."), and f.write's own
+    OSError names no file: write_atomic raises the OSError with the path, and leaves no temporary file."""
+    import errno
+
+    from fastcyclic.files import write_atomic, write_error_text
+
+    def like_torch_save(f):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64384 vs 64276")
+
+    path = str(tmp_path / "checkpoint.pt")
+    with pytest.raises(OSError) as caught:
+        write_atomic(path, like_torch_save)
+    assert write_error_text(caught.value) == f"cannot write {path!r}: {os.strerror(errno.ENOSPC)}"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its own type and traceback
+        write_atomic(path, lambda f: (_ for _ in ()).throw(RuntimeError("a bug")))
 
 
 def test_write_json_ends_with_a_newline(tmp_path):

@@ -911,6 +911,31 @@ def test_a_full_disk_is_one_line_and_no_partial_metrics_line(errno_, monkeypatch
     assert len(lines) == 2 and all(json.loads(line)["step"] in (0, 2) for line in lines)
 
 
+def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_last_checkpoint(monkeypatch, tmp_path, capsys):
+    """torch.save's zip writer wraps the full disk's OSError in a RuntimeError ("unexpected pos"), which was
+    printed as a 46-line traceback: it is the same one line as any full disk, and the last checkpoint loads."""
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64384 vs 64276")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(training.torch, "save", save)
+    code = cli_main(["train", "--p", "7", "--d", "4", "--steps", "8", "--eval-every", "2", "--checkpoint-every",
+                     "2", "--no-progress", "--no-figures", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"cannot write '{out / 'checkpoint.pt'}': {os.strerror(errno.ENOSPC)}" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
 def test_cli_version_names_what_it_runs_on(capsys):
     import triton
 
