@@ -806,8 +806,9 @@ def test_argmax_ties_pick_first_index():
         assert argmax.tolist() == [5, 5, 5], backend
 
 
-@pytest.mark.parametrize("backend, splits, dtype", [("triton", None, torch.bfloat16), ("triton", 3, torch.bfloat16),
-                                                     ("triton", 3, torch.float32), ("torch", None, torch.bfloat16)])
+@pytest.mark.parametrize("backend, splits, dtype", [
+    ("triton", None, torch.bfloat16), ("triton", 3, torch.bfloat16), ("triton", 3, torch.float32),
+    ("torch", None, torch.bfloat16)])
 def test_deterministic_mode_is_bitwise_repeatable(backend, splits, dtype, gen):
     """Three runs, bitwise alike; in float32 too, where no final bf16 rounding hides the order of a sum."""
     h, w, y, b = make_problem(gen, 70, 32, 400, dtype, ignore_frac=0.1)
