@@ -724,7 +724,8 @@ def fused_update_tile(tc: TileConfig, d: int, dtype: torch.dtype, *, on_gpu: boo
     # rows, 0.6 KiB at D = 256 x 32; bench/sm90.py prints them)
     block_k = min(tc.block_owner, max(16, 4096 // dp))
     # exact fp32 (CUDA-core dots) at D > 256: with 64 h rows per step the N loop itself spills registers
-    # (sm_90: 158-541 local loads/stores per iteration at D = 300-512), with 32 rows little or none
+    # (sm_90: 158-541 local loads/stores per iteration at D = 300-512), with 32 rows none at D = 288-512 a
+    # multiple of 16, but 95 at D = 300 (16 rows: 9; kept at 32 until a GPU can time the two)
     block_n = min(tc.block_loop, 32 if dtype == torch.float32 and h_copies == 1 and dp >= 512 else 64)
 
     def shared_bytes(block_n):
