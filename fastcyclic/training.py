@@ -835,6 +835,11 @@ def _finish(trainer: Trainer, paths: dict, checkpoint: Optional[str], figures: b
     if checkpoint and config.checkpoint_every and trainer.step_count == 0:  # steps=0: the loop saved nothing
         trainer.save_checkpoint(checkpoint)
         paths["checkpoint"] = checkpoint
+    elif checkpoint and not config.checkpoint_every and os.path.exists(checkpoint):
+        # resumed with checkpoint_every=0: the checkpoint it resumed from would sit beside this summary, and a
+        # second --resume would silently train again from its step; it is brought to the end instead
+        trainer.save_checkpoint(checkpoint)
+        paths["checkpoint"] = checkpoint
     final = trainer.history[-1]
     summary = trainer.summarize_geometry()
     t_w, t_e = geometry.layer_order([r for r in trainer.history if "rho2_W" in r])

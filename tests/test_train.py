@@ -397,6 +397,20 @@ def test_resume_of_a_finished_run_without_a_checkpoint_is_refused(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_a_resume_with_checkpoint_every_0_ends_with_a_checkpoint_at_its_last_step(tmp_path):
+    """Resumed with checkpoint_every=0, the run left the checkpoint it started from beside its finished summary:
+    a second --resume (a requeued job) trained again from that step, and rewrote metrics.jsonl back to it."""
+    out = tmp_path / "run"
+    config = dict(TINY, steps=20, checkpoint_every=20, out_dir=str(out))
+    train(TrainConfig(**config), figures=False)
+    later = dict(config, steps=40, checkpoint_every=0)
+    first = train(TrainConfig(**later), resume=True, figures=False)
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 40
+    metrics = (out / "metrics.jsonl").read_text()
+    again = train(TrainConfig(**later), resume=True, figures=False)  # nothing left to train
+    assert again.final == first.final and (out / "metrics.jsonl").read_text() == metrics
+
+
 def test_resume_without_figures_removes_the_earlier_figures(tmp_path):
     out = tmp_path / "run"
     config = dict(TINY, steps=20, out_dir=str(out))
