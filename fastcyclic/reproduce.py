@@ -17,20 +17,26 @@ over P × λ × seeds, and variants of what small experiments showed to matter: 
 no λ warm-up, a narrower embedding, longer training, and a factorised head (W in E's space, so that 3b can be
 measured) evaluated often (for the layer order).  Verdict rules (thresholds in the constants below):
 
-    claim 1  a P "shows" the claim if at some λ most runs are cyclic (fastcyclic.sweep.phase_of: W and E one
-             frequency on a circle, ρ₂ ≥ 0.9 and σ₂/σ₁ ≥ 0.5, the same ω; collapsed runs never count) and fit the
-             train set (train accuracy ≥ FIT_ACC).  P values where no λ has most runs fitting are untestable.
-             Supported: at least half of the testable P show it.  Not supported: none does.  Otherwise, or nothing
+    claim 1  "most runs" at a λ end cyclic (fastcyclic.sweep.phase_of: W and E one frequency on a circle, ρ₂ ≥ 0.9
+             and σ₂/σ₁ ≥ 0.5, the same ω; collapsed runs never count) and fit the train set (train accuracy ≥
+             FIT_ACC).  A P "shows" the claim when, among every run of adjacent λ of its grid, the one whose pooled
+             runs are most lopsidedly such runs (least binomial tail against a share of 1/2) is more lopsided than
+             a fair coin per run gives anywhere in that grid with probability ALPHA (majority_window: the choice of
+             λ is paid for; the best of six cells of 3 runs is 3 of 3 more often than not).  P values where no λ
+             has most runs fitting are untestable.  Supported: at least half of the testable P show it.  Not
+             supported: no λ at any P has most runs cyclic and fitting, and at every testable P the grid reached λ
+             where most runs stop learning (else the cyclic regime may lie above the grid).  Otherwise, or nothing
              testable: inconclusive.
     claim 2  at the smallest λ of each testable P (most runs fit, 2+ λ), the share of cyclic runs.  Supported: below 1/2
-             at every such P, and at one of them at least a larger λ shows claim 1 (a contrast).  Not supported:
-             at least 1/2 at every such P.  Otherwise inconclusive.  Stated beside it, not judged: at which P W has
-             fewer frequencies at the largest λ that did not collapse than at the smallest.
+             at every such P, and at one of them at least the larger λ show claim 1 (its test, a contrast).  Not
+             supported: at least 1/2 at every such P.  Otherwise inconclusive.  Stated beside it, not judged: at
+             which P W has fewer frequencies at the largest λ that did not collapse than at the smallest.
     claim 3a per run that fits and did not collapse: t_W vs t_E (first evaluation with ρ₂ ≥ 0.9; a layer that never
-             gets there comes last), or where neither gets there, the settling steps (first evaluation from which
-             ρ₂ stays within training.SETTLE_TOLERANCE = 0.05 of its end value).
-             Supported: W first in ≥ 2/3 of the runs with an order (≥ MIN_ORDERED of them).  Not supported: E first
-             at least as often as W.  Otherwise inconclusive.
+             gets there comes last).  Supported: W first in ≥ 2/3 of the runs with an order (≥ MIN_ORDERED of
+             them) and a one-sided sign test p < ALPHA.  Not supported: E first at least as often as W.  Otherwise
+             inconclusive.  Stated beside it, not judged: where neither layer reached ρ₂ ≥ 0.9, which settled
+             first (first evaluation from which ρ₂ stays within training.SETTLE_TOLERANCE = 0.05 of its end
+             value; a layer settled from step 0 never moved and gives no order): settling is not rank 2.
     claim 3b runs with W and E in one space (locking defined) whose W ended cyclic and did not collapse: locking =
              share of E's energy in W's top-2 plane.  Supported: median end locking ≥ 0.5 and higher than at step 0
              in ≥ 2/3 of them (≥ 3 runs).  Not supported: median end locking < 0.2.  Otherwise, or fewer than 3 such
@@ -38,11 +44,13 @@ measured) evaluated often (for the layer order).  Verdict rules (thresholds in t
     claim 4  the slope of log λ_crit vs log K (main block, P values with a crossing, at least 3) and its interval;
              λ_crit here is fastcyclic.sweep's λ_crit_fit, the edge of runs that end cyclic and fit, as claim 1
              counts them (the sweep's λ_crit, any cyclic run, is shown beside it):
-             the bootstrap 95 % interval over seeds widened to the t interval (3+ points) and to the grid range
-             (fastcyclic.sweep.fit_edges).
-             Supported: the interval contains −1 and lies within [−1.5, −0.5].  Not supported: it excludes −1.
-             Otherwise (too wide, or fewer than 3 P with a λ_crit) inconclusive.  The collapse edge λ₀ is judged
-             alike and stated beside it, with "a fall like P^−0.5" where its interval lies in (−1, 0) and holds −0.5.
+             the 2.5–97.5 % bootstrap interval over seeds widened to the t interval (3+ points) and to the grid
+             range (fastcyclic.sweep.fit_edges).
+             Supported: the interval contains −1 and lies within [−1.5, −0.5], and no P left out of the fit (no
+             crossing) contradicts the line (_censored).  Not supported: it excludes −1.  Otherwise (too wide,
+             fewer than 3 P with a λ_crit, or a contradicting P) inconclusive; every P left out is named.  The
+             collapse edge λ₀ is judged alike and stated beside it, with "a fall like P^−0.5" where its interval
+             lies in (−1, 0) and holds −0.5.
 """
 from __future__ import annotations
 
@@ -64,6 +72,8 @@ from fastcyclic.sweep import Block
 FIT_ACC = sweep.FIT_ACC  # train accuracy from which a run "fits the train set"
 ORDER_SHARE = 2 / 3    # claim 3a: W first in at least this share of the ordered runs
 MIN_ORDERED = 5
+ALPHA = 0.05           # claims 1, 2 and 3a: what chance alone (a fair coin per run) would show at most this often
+NULL_DRAWS = 20000     # draws of the fair-coin grid behind majority_window's p-value
 LOCK_HIGH, LOCK_LOW = 0.5, 0.2
 SLOPE_BAND = (-1.5, -0.5)
 VERDICTS = ("supported", "not supported", "inconclusive")
@@ -215,6 +225,7 @@ def _cells(rows: list, p: int) -> list:
                         cyclic_fit=sum(r["phase"] == "cyclic" and _fits(r) for r in cell),
                         fit=sum(_fits(r) for r in cell),
                         collapsed=sum(r["phase"] == "collapsed" for r in cell),
+                        at_chance=sum(r["phase"] in ("collapsed", "unlearned") for r in cell),
                         freq_W=_median(r["freq_count_W"] for r in cell if _alive(r)),
                         freq_E=_median(r["freq_count_E"] for r in cell if _alive(r)),
                         rho2_W=_median(r["rho2_W"] for r in cell if _alive(r)),
@@ -232,21 +243,67 @@ def _none_finished(rows: list, block: str) -> str:
     return f"no run of the {block} block finished" + (f" ({failed} failed)" if failed else "")
 
 
+def binomial_tail(k: int, n: int) -> float:
+    """P(X ≥ k) for X ~ Binomial(n, 1/2): how often a fair coin per run puts k or more of n runs in a phase."""
+    return sum(math.comb(n, i) for i in range(max(k, 0), n + 1)) / 2 ** n
+
+
+def majority_window(cells: list, key: str = "cyclic_fit", *, draws: int = NULL_DRAWS) -> Optional[dict]:
+    """The run of adjacent λ whose pooled runs are most lopsidedly in the phase (counted by ``key``; the least
+    binomial tail against a share of 1/2), and ``p``: how often a fair coin per run gives a window that lopsided
+    somewhere in this grid.  A fair coin everywhere is the least favourable case of "no λ has most runs in the
+    phase", so p < ALPHA says that some λ has, allowing for the choice among every λ and window (the best of
+    six cells of three runs is 3 of 3 more often than not).  None without runs."""
+    counts = np.array([c[key] for c in cells if c["n"]], dtype=np.int64)
+    sizes = np.array([c["n"] for c in cells if c["n"]], dtype=np.int64)
+    lams = [c["lam"] for c in cells if c["n"]]
+    if not len(sizes):
+        return None
+    windows = [(i, j) for i in range(len(sizes)) for j in range(i, len(sizes))]
+    tails = {n: np.array([binomial_tail(k, n) for k in range(n + 1)]) for n in
+             {int(sizes[i:j + 1].sum()) for i, j in windows}}
+
+    def least_tail(k):  # k: (draws, cells) -> per draw, the least tail over the windows
+        cum = np.concatenate([np.zeros((len(k), 1), np.int64), np.cumsum(k, axis=1)], axis=1)
+        return np.min([tails[int(sizes[i:j + 1].sum())][cum[:, j + 1] - cum[:, i]] for i, j in windows], axis=0)
+
+    observed = float(least_tail(counts[None])[0])
+    i, j = min(windows, key=lambda w: (tails[int(sizes[w[0]:w[1] + 1].sum())][counts[w[0]:w[1] + 1].sum()],
+                                       -(w[1] - w[0])))
+    rng = np.random.default_rng(0)  # the same answer on every call
+    null = least_tail(rng.binomial(sizes, 0.5, size=(draws, len(sizes))))
+    p = (1 + int((null <= observed * (1 + 1e-9)).sum())) / (1 + draws)
+    k, n = int(counts[i:j + 1].sum()), int(sizes[i:j + 1].sum())
+    return dict(lo=lams[i], hi=lams[j], k=k, n=n, p=p, majority=2 * k > n, windows=len(windows))
+
+
+def _window_text(p: int, w: dict) -> str:
+    """P = 31 at λ = 0.02–0.06 (9 of 9 runs; chance p = 0.004)"""
+    where = f"λ = {w['lo']:g}" + (f"–{w['hi']:g}" if w["hi"] != w["lo"] else "")
+    return f"P = {p} at {where} ({w['k']} of {w['n']} runs; chance p = {w['p']:.2g})"
+
+
 def claim_1(rows: list, main: str) -> Claim:
     mine = [r for r in rows if r["series"] == main]
     ps = sorted({r["p"] for r in mine if r["status"] == "ok"})
     lines = [f"| P | λ with the most cyclic runs | cyclic / runs there | of those, fitting (train ≥ {FIT_ACC}) | "
-             "fewest frequencies of W (median over a λ's runs that fit) | λ where most runs fit |",
-             "|---|---|---|---|---|---|"]
-    shows, testable, unfit = [], [], []
+             "fewest frequencies of W (median over a λ's runs that fit) | λ where most runs fit | adjacent λ most "
+             "lopsidedly cyclic and fitting (chance p) |",
+             "|---|---|---|---|---|---|---|"]
+    shows, leans, testable, unfit, short = {}, {}, [], [], []
     for p in ps:
         cells = _cells(mine, p)
         fitting = [c["lam"] for c in cells if 2 * c["fit"] > c["n"]]
+        window = majority_window(cells)
         if fitting:
             testable.append(p)
-        if any(2 * c["cyclic_fit"] > c["n"] for c in cells):  # most: more than half
-            shows.append(p)
-        else:
+            if 2 * cells[-1]["at_chance"] <= cells[-1]["n"]:  # the largest λ did not stop learning
+                short.append(f"P = {p} (λ up to {cells[-1]['lam']:g})")
+        if window["majority"] and window["p"] < ALPHA:
+            shows[p] = window
+        elif window["majority"]:
+            leans[p] = window
+        if not window["majority"]:
             unfit += [f"P = {p} at λ = {c['lam']:g} (median train accuracy {c['train']:.2f})" for c in cells
                       if 2 * c["cyclic"] > c["n"]]
         best = max(cells, key=lambda c: (c["cyclic"], c["lam"]))
@@ -254,9 +311,11 @@ def claim_1(rows: list, main: str) -> Claim:
         counts = [(n, lam) for n, lam in counts if n is not None]
         fewest = min(counts) if counts else None
         where = f"{best['lam']:g}" if best["cyclic"] else "none cyclic"
+        lopsided = (f"{window['lo']:g}" + (f"–{window['hi']:g}" if window["hi"] != window["lo"] else "")
+                    + f": {window['k']} / {window['n']} ({window['p']:.2g})" if window["majority"] else "none")
         lines.append(f"| {p} | {where} | {best['cyclic']} / {best['n']} | {best['cyclic_fit']} | "
                      + (f"{fewest[0]:g} (λ = {fewest[1]:g})" if fewest else "–")
-                     + f" | {', '.join(f'{v:g}' for v in fitting) or 'none'} |")
+                     + f" | {', '.join(f'{v:g}' for v in fitting) or 'none'} | {lopsided} |")
     everywhere = [r for r in rows if r["phase"] == "cyclic"]
     acc = [r["train_acc"] for r in everywhere]
     extra = (f"\n\nAll blocks: {len(everywhere)} of {sum(r['status'] == 'ok' for r in rows)} finished runs end cyclic"
@@ -267,27 +326,45 @@ def claim_1(rows: list, main: str) -> Claim:
         by_series[r["series"]] = by_series.get(r["series"], 0) + 1
     if by_series:
         extra += " By block: " + ", ".join(f"{k} {v}" for k, v in by_series.items()) + "."
+    shown = [p for p in testable if p in shows]
     if not ps:
         verdict, reason = "inconclusive", _none_finished(mine, main)
     elif not testable:
         verdict, reason = "inconclusive", "at no P do most runs at any λ fit the train set; train longer"
-    elif shows and 2 * len([p for p in shows if p in testable]) >= len(testable):
+    elif shown and 2 * len(shown) >= len(testable):
         verdict = "supported"
-        reason = f"at P = {_join(shows)} most runs at some λ end cyclic (one shared frequency) and fit"
-    elif not shows:
-        verdict = "not supported"
+        reason = ("most runs end cyclic (one shared frequency) and fit at "
+                  + "; ".join(_window_text(p, shows[p]) for p in shown))
+        if len(shown) < len(testable):
+            reason += f"; not at P = {_join(p for p in testable if p not in shows)}"
+    elif not shows and not leans:
         reason = "no λ at any P made most runs end cyclic while fitting the train set"
         if unfit:
             reason += f"; most runs end cyclic only where they do not fit: {'; '.join(unfit)}"
+        if short:
+            verdict = "inconclusive"
+            reason += (f"; but the grid stops while most runs still learn at {'; '.join(short)}: the cyclic "
+                       "regime may lie at larger λ")
+        else:
+            verdict = "not supported"
     else:
         verdict = "inconclusive"
-        reason = (f"only at P = {_join(shows)} of the testable {_join(testable)} do "
-                  "most runs end cyclic and fit")
+        parts = []
+        if shows:
+            parts.append("most runs end cyclic and fit at " + "; ".join(_window_text(p, w) for p, w in shows.items())
+                         + f", but not at the other testable P ({_join(p for p in testable if p not in shows)})")
+        if leans:
+            parts.append("most runs end cyclic and fit at " + "; ".join(_window_text(p, w) for p, w in leans.items())
+                         + f", no more lopsided than chance gives (p ≥ {ALPHA:g}; more seeds would tell)")
+        reason = "; ".join(parts)
     return Claim("1", "At high λ (below collapse), W and E end rank-2 cyclic with one shared frequency.",
                  f"Main block, per P and λ: the share of runs whose W and E both end with one frequency holding 90 % "
                  f"of the power, ρ₂ ≥ 0.9 with σ₂/σ₁ ≥ {geometry.CYCLIC_MIN_AXIS_RATIO:g} (a circle, not a line) "
                  f"and the same ω (collapsed runs never count), and whether those runs fit the train set (train "
-                 f"accuracy ≥ {FIT_ACC}).", "\n".join(lines) + extra, verdict, reason)
+                 f"accuracy ≥ {FIT_ACC}). A P shows the claim when some run of adjacent λ holds such a majority of "
+                 "these runs that a fair coin per run would give one as lopsided anywhere in its grid less than "
+                 f"{ALPHA:.0%} of the time (chance p < {ALPHA:g}: picking the best λ is paid for).",
+                 "\n".join(lines) + extra, verdict, reason)
 
 
 def claim_2(rows: list, main: str) -> Claim:
@@ -313,8 +390,10 @@ def claim_2(rows: list, main: str) -> Claim:
         trend = [f"{word} at P = {_join(ps_)}" for word, ps_ in (("fewer", fewer), ("not fewer", not_fewer)) if ps_]
         lines += ["", "Frequencies of W as λ grows (median at the smallest λ against the largest that did not "
                   f"collapse): {'; '.join(trend)}."]
-    # a contrast: at some P where low λ is not cyclic, a larger λ makes most runs cyclic and fit (claim 1's test)
-    contrast = [p for p in below if any(2 * c["cyclic_fit"] > c["n"] for c in _cells(mine, p)[1:])]
+    # a contrast: at some P where low λ is not cyclic, larger λ make most runs cyclic and fit (claim 1's test)
+    windows = {p: majority_window(_cells(mine, p)[1:]) for p in below}
+    contrast = [p for p, w in windows.items() if w["majority"] and w["p"] < ALPHA]
+    leaning = [p for p, w in windows.items() if w["majority"] and w["p"] >= ALPHA]
     if not ps:
         verdict, reason = "inconclusive", _none_finished(mine, main)
     elif not below and not above:
@@ -322,12 +401,14 @@ def claim_2(rows: list, main: str) -> Claim:
     elif below and not above and not contrast:
         verdict = "inconclusive"
         reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {_join(below)}, "
-                  "but no larger λ made most runs cyclic and fit either (claim 1): low λ is not told apart from "
-                  "high λ")
+                  "but no larger λ made most runs cyclic and fit either (claim 1's test"
+                  + (f"; at {'; '.join(_window_text(p, windows[p]) for p in leaning)} no more than chance gives"
+                     if leaning else "") + "): low λ is not told apart from high λ")
     elif below and not above:
         verdict = "supported"
         reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {_join(below)}, "
-                  f"while a larger λ made most runs cyclic and fit at P = {_join(contrast)}")
+                  f"while larger λ made most runs cyclic and fit at "
+                  + "; ".join(_window_text(p, windows[p]) for p in contrast))
     elif above and not below:
         verdict = "not supported"
         reason = f"at least half of the runs end cyclic already at the smallest λ (P = {_join(above)})"
@@ -338,35 +419,42 @@ def claim_2(rows: list, main: str) -> Claim:
     return Claim("2", "At low λ, W and E do not end rank-2 cyclic.",
                  "Main block, at the smallest λ of each P where most runs fit the train set: the share of cyclic "
                  "runs among all its finished runs, with the number of Fourier frequencies holding 90 % of the power "
-                 "(1 for a circle).",
+                 "(1 for a circle); and the contrast: claim 1's test on the larger λ of those P.",
                  "\n".join(lines), verdict, reason)
 
 
 def _order(row: dict) -> Optional[tuple]:
     """(which, source): which of W and E got there first by t (ρ₂ ≥ 0.9; a layer that never got there comes
     last) or, where neither got there, by settling (a layer still moving at the end, settle None, settles after
-    one that did settle)."""
+    one that did settle; a layer settled from step 0 never moved, and gives no order)."""
     from fastcyclic.training import first_layer
 
     if row["t_W"] is not None or row["t_E"] is not None:
         return first_layer(row["t_W"], row["t_E"]), "t"
+    if 0 in (row["settle_W"], row["settle_E"]):
+        return None
     first = first_layer(row["settle_W"], row["settle_E"])
     return None if first is None else (first, "settling")
 
 
 def _judge_order(counts: dict) -> tuple[str, str]:
-    """Claim 3a's (verdict, reason) from the counts of (which layer first, by "t" or "settling")."""
-    w_first = counts["W", "t"] + counts["W", "settling"]
-    e_first = counts["E", "t"] + counts["E", "settling"]
-    same = counts["same", "t"] + counts["same", "settling"]
+    """Claim 3a's (verdict, reason) from the counts of (which layer first, by "t" or "settling"): judged on t
+    alone (which layer reached rank 2 first); the settling order is stated beside it, not judged (a layer that
+    settles without reaching ρ₂ ≥ 0.9 has not reached rank 2)."""
+    w_first, e_first, same = counts["W", "t"], counts["E", "t"], counts["same", "t"]
     ordered = w_first + e_first
+    settled = counts["W", "settling"] + counts["E", "settling"]
+    aside = (f" (by settling, not judged: W first in {counts['W', 'settling']} of {settled})" if settled else "")
     if ordered < MIN_ORDERED:
-        return "inconclusive", f"only {ordered} runs have an order (ties: {same})"
-    if w_first >= ORDER_SHARE * ordered:
-        return "supported", f"W first in {w_first} of {ordered} ordered runs"
+        return "inconclusive", (f"only {ordered} runs have an order by t_W/t_E, i.e. a layer reaching ρ₂ ≥ 0.9 "
+                                f"(ties: {same}; {MIN_ORDERED} needed){aside}")
+    p = binomial_tail(w_first, ordered)
+    if w_first >= ORDER_SHARE * ordered and p < ALPHA:
+        return "supported", f"W first in {w_first} of {ordered} ordered runs (sign test p = {p:.2g}){aside}"
     if e_first >= w_first:
-        return "not supported", f"E first in {e_first}, W first in {w_first} of {ordered} ordered runs"
-    return "inconclusive", f"W first in {w_first} of {ordered} ordered runs (below {ORDER_SHARE:.0%})"
+        return "not supported", f"E first in {e_first}, W first in {w_first} of {ordered} ordered runs{aside}"
+    return "inconclusive", (f"W first in {w_first} of {ordered} ordered runs (sign test p = {p:.2g}; "
+                            f"{ORDER_SHARE:.0%} and p < {ALPHA:g} needed){aside}")
 
 
 def _judge_locking(same_space: list, locked: list, end: Optional[float], random_share: str) -> tuple[str, str]:
@@ -409,12 +497,13 @@ def claim_3(rows: list, layer: str) -> Claim:
     for r, o in orders:
         s = by_series.setdefault(r["series"], [0, 0, 0])
         s[("W", "same", "E").index(o[0])] += 1
-    lines = ["| block | W first | same evaluation | E first |", "|---|---|---|---|"]
+    lines = ["Which layer first, by t (or by settling where neither layer reached ρ₂ ≥ 0.9):", "",
+             "| block | W first | same evaluation | E first |", "|---|---|---|---|"]
     lines += [f"| {k} | {v[0]} | {v[1]} | {v[2]} |" for k, v in by_series.items()]
     lines.append("")
     lines.append(f"By t_W/t_E (one or both reached ρ₂ ≥ 0.9): W first {counts['W', 't']}, same {counts['same', 't']}, "
-                 f"E first {counts['E', 't']}; by settling steps (the rest): W first {counts['W', 'settling']}, same "
-                 f"{counts['same', 'settling']}, E first {counts['E', 'settling']}.")
+                 f"E first {counts['E', 't']} (judged); by settling steps (the rest; not judged): W first "
+                 f"{counts['W', 'settling']}, same {counts['same', 'settling']}, E first {counts['E', 'settling']}.")
     layer_rows = [r for r in same_space if r["series"] == layer]
     if same_space:
         lines.append("")
@@ -425,9 +514,10 @@ def claim_3(rows: list, layer: str) -> Claim:
                      + (f", median at the end {end:.3f}" if locked else "") + ".")
     return Claim("3", "W reaches rank 2 before E (3a), and E's energy moves into W's plane (3b).",
                  "3a: in every run that fits the train set and did not collapse, which of W and E reaches ρ₂ ≥ 0.9 "
-                 "first (t_W vs t_E; a layer that never does comes last) or, where neither does, which settles "
-                 f"first (ρ₂ within {SETTLE_TOLERANCE:g} of its end value; a layer still moving at the end settles "
-                 "last; resolution: the evaluation interval). "
+                 "first (t_W vs t_E; a layer that never does comes last; resolution: the evaluation interval), "
+                 "judged with a sign test; where neither does, which settles first is stated, not judged (ρ₂ within "
+                 f"{SETTLE_TOLERANCE:g} of its end value; a layer still moving at the end settles last; one settled "
+                 "from step 0 never moved and gives no order). "
                  "3b: in runs with W and E in one space (factorised head) whose W ends cyclic, the share of E's "
                  "centred energy in W's top-2 plane, at the end vs at step 0.",
                  "\n".join(lines), verdict, f"3a {v_a}: {r_a}. 3b {v_b}: {r_b}.")
@@ -442,7 +532,7 @@ def _slope_text(fit: dict) -> str:
         return f"no fit ({_pvalues(fit.get('n', 0))} with a crossing)"
     # every interval that slope_interval (the verdict's) takes in
     parts = [f"{name} {v[0]:.2f} to {v[1]:.2f}" for name, v in (
-        ("95 % bootstrap interval", fit.get("slope_ci")), ("95 % t interval", fit.get("slope_ci_ols")),
+        ("2.5–97.5 % bootstrap interval", fit.get("slope_ci")), ("95 % t interval", fit.get("slope_ci_ols")),
         ("grid range", fit.get("slope_range_grid"))) if v]
     return (f"slope {fit['slope']:.2f}" + (f" ({'; '.join(parts)})" if parts else "")
             + f" over {_pvalues(fit['n'])}, R² " + ("n/a (no spread)" if fit["r2"] is None else f"{fit['r2']:.2f}"))
@@ -470,12 +560,37 @@ def _judge_slope(fit: dict) -> tuple[str, str]:
     return "inconclusive", f"slope {fit['slope']:.2f}, interval {lo:.2f} to {hi:.2f}: too wide to tell"
 
 
+def _censored(per_p: list, fit: dict) -> tuple[list, list]:
+    """The main block's P values without a λ_crit (left out of the fit), as (those that contradict the fitted
+    line, the others), in words.  The line predicts λ̂ = e^intercept · K^slope: "below-grid" (most runs already
+    cyclic at the smallest λ) contradicts it where λ̂ lies above the grid's second point, and "none" (never most
+    runs) where λ̂ lies below its second-largest point: the law says that a grid step past λ̂ most runs end
+    cyclic, and they did not."""
+    against, aside = [], []
+    for e in per_p:
+        d = e["lambda_crit_fit"]
+        if d["status"] == "crossing":
+            continue
+        grid, text = d["lambdas"], f"P = {e['p']}: {d['text']}"
+        if fit.get("status") != "ok" or len(grid) < 2 or d["status"] == "no-data":
+            aside.append(text)
+            continue
+        predicted = math.exp(fit["intercept"]) * e["p"] ** fit["slope"]
+        if (d["status"] == "below-grid" and predicted > grid[1]) or (d["status"] == "none" and predicted < grid[-2]):
+            against.append(f"{text} where the line puts λ_crit at {predicted:.3g}, inside its grid "
+                           f"({grid[0]:g}–{grid[-1]:g})")
+        else:
+            aside.append(f"{text}, as the line predicts ({predicted:.3g})")
+    return against, aside
+
+
 def claim_4(analysis: dict, main: str) -> Claim:
     entry = analysis["series"].get(main)
     if entry is None:
         return Claim("4", "λ_crit·K is roughly constant across K.", "–", "no runs", "inconclusive", "no runs")
-    lines = ["| P = K | λ_crit: cyclic and fitting (95 % bootstrap; grid points around it) | λ_crit·K | "
-             "cyclic, fitting or not (same) | λ₀ (same) | λ₀·K |", "|---|---|---|---|---|---|"]
+    seeds = min((e["lambda_crit_fit"]["n_seeds"] for e in entry["per_p"]), default=0)
+    lines = [f"| P = K | λ_crit: cyclic and fitting ({sweep.bootstrap_label(seeds)}; grid points around it) | "
+             "λ_crit·K | cyclic, fitting or not (same) | λ₀ (same) | λ₀·K |", "|---|---|---|---|---|---|"]
     for e in entry["per_p"]:
         cells = []
         for key in ("lambda_crit_fit", "lambda_crit", "lambda_0"):
@@ -495,6 +610,12 @@ def claim_4(analysis: dict, main: str) -> Claim:
     v0, r0 = _judge_slope(f0)
     if fc.get("status") != "ok" or fc["n"] < 3:
         reason = f"λ_crit exists at {fc.get('n', 0)} of {len(entry['per_p'])} P values; a slope needs 3"
+    against, aside = _censored(entry["per_p"], fc)
+    if against and verdict == "supported":
+        verdict = "inconclusive"
+        reason += f", but the P values without a crossing do not follow the line: {'; '.join(against)}"
+    elif against or aside:
+        reason += f" (P values without a crossing: {'; '.join(against + aside)})"
     edge = {"supported": "falls like 1/K", "not supported": "does not fall like 1/K",
             "inconclusive": "cannot be told from 1/K"}[v0]
     if f0.get("status") == "ok":
@@ -504,7 +625,7 @@ def claim_4(analysis: dict, main: str) -> Claim:
             reason += "; its slope interval holds −0.5, a fall like P^−0.5"
     return Claim("4", "λ_crit·K is roughly constant across K (the slope of log λ_crit vs log K is near −1).",
                  "Main block: λ_crit per P where the share of runs that end cyclic and fit the train set (as claim 1 "
-                 "counts them; runs still at chance are left out) crosses 1/2 (interpolated in log λ; "
+                 "counts them; runs still at chance are left out) rises above 1/2 (interpolated in log λ; "
                  "bootstrap over seeds), the least-squares slope of log λ_crit against log K; its interval spans the "
                  "bootstrap interval, the t interval and the grid range (each crossing anywhere between its two grid "
                  "points). The same for the collapse edge λ₀.", "\n".join(lines), verdict, reason)
@@ -685,9 +806,12 @@ def write_report(out: str, preset: Preset, claims: list, rows: list, analysis: d
               f"σ₂/σ₁ ≥ {geometry.CYCLIC_MIN_AXIS_RATIO:g}, the same ω; otherwise W's geometry verdict "
               "(`fastcyclic.geometry`).",
               f"- A run fits when its train accuracy is ≥ {FIT_ACC}.",
-              "- λ_crit (λ₀): the first λ, going up, where the share of cyclic (collapsed) runs crosses 1/2, "
-              "interpolated in log λ; intervals are 2.5-97.5 % bootstrap percentiles over seeds. \"no crossing\" and "
-              "\"< λ_min\" are not numbers and are left out of the fits.",
+              "- λ_crit (λ₀): the first λ, going up, where the share of cyclic (collapsed) runs rises from at most "
+              "1/2 to a majority, interpolated in log λ; intervals are 2.5-97.5 % bootstrap percentiles over seeds "
+              f"(with fewer than {sweep.FEW_SEEDS} seeds they cover the edge well under 95 % of the time). \"no "
+              "crossing\" and \"< λ_min\" are not numbers and are left out of the fits (claim 4 names them).",
+              "- Chance p: how often a fair coin per run would give a window of adjacent λ (claims 1, 2) or a "
+              "layer order (claim 3a) at least as lopsided; the choice among windows is included.",
               "- λ_crit (fitting), the edge claim 4 is judged on: the same crossing for the share of runs that are "
               f"cyclic and fit (train accuracy ≥ {FIT_ACC}), among the runs that left chance (unlearned runs are "
               "left out: whether they would have ended cyclic is unknown).",
