@@ -215,6 +215,14 @@ def _train_and_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a command set up its own handling: importing torch takes seconds
+        print("fastcyclic: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         from fastcyclic.sweep import interruptible

@@ -950,6 +950,18 @@ def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_last_checkpoint
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
+def test_ctrl_c_while_the_cli_starts_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C in the first seconds (building the parser imports torch) gave a traceback and died by SIGINT."""
+    from fastcyclic import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli_main(["train"]) == 130
+    assert capsys.readouterr().err == "fastcyclic: interrupted\n"
+
+
 def test_cli_version_names_what_it_runs_on(capsys):
     import triton
 
