@@ -30,7 +30,7 @@ def write_atomic(path: str, write: Callable[[BinaryIO], object]) -> str:
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        cause = _write_error_in(exc)
+        cause = _write_error_in(exc) if isinstance(exc, Exception) else None  # (Ctrl-C stays Ctrl-C)
         if cause is not None and not cause.filename:
             # f.write's own error names no file, and torch.save's zip writer wraps it in a RuntimeError
             # ("unexpected pos"): the caller is told which file could not be written, and why

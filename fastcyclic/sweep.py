@@ -1491,7 +1491,7 @@ def plot_lambda_k(analysis: dict, path: str) -> str:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper right")
     seeds = [e[key]["n_seeds"] for entry in analysis["series"].values() for e in entry["per_p"]
-             for key in ("lambda_crit", "lambda_0") if e[key]["ci"]]
+             for key in ("lambda_crit", "lambda_crit_fit", "lambda_0") if e[key]["ci"]]
     fig.suptitle("λ_crit·K and λ₀·K against K (flat: λ ∝ 1/K)\nbars: "
                  + bootstrap_label(min(seeds, default=FEW_SEEDS)) + " (dark), grid bracket (light)", fontsize=10)
     return save_png(fig, path)
@@ -1512,7 +1512,7 @@ def _plain_ticks(ax) -> None:
 
 def plot_fractions(analysis: dict, path: str) -> str:
     """Per series and P: the share of cyclic runs (solid) and of collapsed runs (dashed) against λ, the 1/2 line
-    the estimators cross."""
+    the estimators rise through."""
     from fastcyclic.plots import save_png
 
     series = list(analysis["series"])
@@ -1537,7 +1537,8 @@ def plot_fractions(analysis: dict, path: str) -> str:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a series whose runs all failed draws nothing to label
             ax.legend(fontsize=7, loc="center left")
-    fig.suptitle("Share of runs per phase against λ;\nλ_crit and λ₀ are where they cross 1/2", fontsize=10)
+    fig.suptitle("Share of runs per phase against λ;\nλ_crit and λ₀ are where they first rise above 1/2",
+                 fontsize=10)
     return save_png(fig, path)
 
 

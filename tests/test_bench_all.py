@@ -547,6 +547,15 @@ def test_a_write_error_a_writer_wraps_is_raised_naming_the_file(tmp_path):
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its own type and traceback
         write_atomic(path, lambda f: (_ for _ in ()).throw(RuntimeError("a bug")))
 
+    def interrupted_while_full(f):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C stays Ctrl-C (exit 130, not "cannot write")
+        write_atomic(path, interrupted_while_full)
+
 
 def test_write_json_ends_with_a_newline(tmp_path):
     from fastcyclic.files import write_json
