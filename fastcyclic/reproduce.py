@@ -418,12 +418,15 @@ def claim_2(rows: list, main: str) -> Claim:
         verdict, reason = "inconclusive", "at no P do most runs at the smallest λ fit the train set"
     elif below and not above and len(contrast) < MIN_P_SHOWN:
         verdict = "inconclusive"
-        reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {_join(below)}, "
-                  + (f"but larger λ made most runs cyclic and fit beyond chance only at "
-                     f"{_window_text(contrast[0], windows[contrast[0]])} (claim 1's test; it takes {MIN_P_SHOWN} P)"
-                     if contrast else "but no larger λ made most runs cyclic and fit either (claim 1's test"
-                     + (f"; at {'; '.join(_window_text(p, windows[p]) for p in leaning)} no more than chance gives"
-                        if leaning else "") + ")") + ": low λ is not told apart from high λ")
+        if contrast:
+            high = (f"larger λ made most runs cyclic and fit beyond chance only at "
+                    f"{_window_text(contrast[0], windows[contrast[0]])} (claim 1's test; it takes {MIN_P_SHOWN} P)")
+        else:
+            high = "no larger λ made most runs cyclic and fit either (claim 1's test"
+            high += f"; at {'; '.join(_window_text(p, windows[p]) for p in leaning)} no more than chance gives)" \
+                if leaning else ")"
+        reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {_join(below)}, but {high}: "
+                  "low λ is not told apart from high λ")
     elif below and not above:
         verdict = "supported"
         reason = (f"at the smallest λ fewer than half of the runs end cyclic at P = {_join(below)}, "
@@ -439,7 +442,8 @@ def claim_2(rows: list, main: str) -> Claim:
     return Claim("2", "At low λ, W and E do not end rank-2 cyclic.",
                  "Main block, at the smallest λ of each P where most runs fit the train set: the share of cyclic "
                  "runs among all its finished runs, with the number of Fourier frequencies holding 90 % of the power "
-                 "(1 for a circle); and the contrast: claim 1's test on the larger λ of those P.",
+                 f"(1 for a circle); and the contrast: at {MIN_P_SHOWN} of those P, claim 1's window (its test, on "
+                 "the same grid) lies above the smallest λ.",
                  "\n".join(lines), verdict, reason)
 
 
