@@ -299,7 +299,7 @@ def claim_1(rows: list, main: str) -> Claim:
     ps = sorted({r["p"] for r in mine if r["status"] == "ok"})
     lines = [f"| P | λ with the most cyclic runs | cyclic / runs there | of those, fitting (train ≥ {FIT_ACC}) | "
              "fewest frequencies of W (median over a λ's runs that fit) | λ where most runs fit | adjacent λ most "
-             "lopsidedly cyclic and fitting (chance p) |",
+             "lopsidedly cyclic and fitting: such runs / runs that left chance (chance p) |",
              "|---|---|---|---|---|---|---|"]
     shows, leans, testable, unfit, short = {}, {}, [], [], []
     for p in ps:
