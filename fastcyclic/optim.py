@@ -369,6 +369,11 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
             else:  # PyTorch ops take floats or tensors as they are, like torch.optim
                 lr, weight_decay = _scalar(group["lr"]), _scalar(group["weight_decay"])
             self._update(index, key, group, pairs, lr, weight_decay, backend, skips.get(key[0]))
+            if backend == "triton":
+                # Triton's stores bump no version counter: a graph that saved a parameter before the step would
+                # backpropagate through its new values silently (torch.optim's in-place ops make it an error)
+                for p, _ in pairs:
+                    torch.autograd.graph.increment_version(p)
         for handle in self._fused_weights.values():
             handle._after_step()
         return loss

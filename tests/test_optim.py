@@ -5,6 +5,7 @@ results must agree with torch.optim to fp32 rounding over many steps; bf16 param
 to one bf16 ulp.
 """
 import copy
+import functools
 import gc
 import pickle
 import re
@@ -152,6 +153,24 @@ def test_duplicate_and_complex_parameters_are_refused_at_construction():
         with pytest.raises(TypeError, match="sets will change between runs"):  # torch's own checks still run
             opt.add_param_group({"params": {torch.nn.Parameter(torch.ones(2))}})
         assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [lambda ps, backend: AdamW(ps, lr=0.1, backend=backend),
+                                  lambda ps, backend: SGDW(ps, lr=0.1, momentum=0.9, backend=backend)],
+                         ids=["adamw", "sgdw"])
+def test_a_graph_that_saved_a_parameter_before_the_step_refuses_to_backpropagate(backend, make):
+    """torch.optim's in-place update bumps each parameter's version, so a backward through a graph that saved
+    the old values is an error; Triton's stores bump nothing, and that backward ran on the new values."""
+    p = torch.nn.Parameter(torch.ones(5, device=DEVICE))
+    opt = make([p], backend)
+    p.grad = torch.ones_like(p)
+    loss = (p * p).sum()  # saves p
+    version = p._version
+    opt.step()
+    assert p._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_a_copy_or_pickle_keeps_the_skipped_step_count():
@@ -966,7 +985,8 @@ def test_a_state_dict_with_bad_betas_or_momentum_is_refused(make, change, match)
     assert all(opt.param_groups[0][k] == v for k, v in make([p]).param_groups[0].items() if k != "params")
 
 
-@pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1), lambda ps: SGDW(ps, lr=0.1, momentum=0.9)],
+@pytest.mark.parametrize("make", [lambda ps, backend: AdamW(ps, lr=0.1, backend=backend),
+                                  lambda ps, backend: SGDW(ps, lr=0.1, momentum=0.9, backend=backend)],
                          ids=["adamw", "sgdw"])
 @pytest.mark.parametrize("bad", ["complex", "sparse"])
 def test_a_refusal_in_a_later_group_leaves_every_group_unstepped(make, bad):
@@ -1252,24 +1272,27 @@ def test_a_weight_hook_that_never_runs_fails_the_backward(backend, gen):
     assert torch.equal(w.detach(), before) and not opt.state
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["penalty", "tied", "accumulation", "two_forwards_then_two_backwards",
                                   "grad_present"])
-def test_fused_update_refuses_what_it_cannot_honour(case, gen):
+def test_fused_update_refuses_what_it_cannot_honour(case, backend, gen):
+    """Each refusal on both backends: the Triton one runs the dW kernel from W's gradient hook, other code."""
     w, opt, handle, x, y = _fused_setup(gen)
+    loss_of = functools.partial(linear_cross_entropy, backend=backend, fused_update=handle)
     before = w.detach().clone()
     if case == "penalty":  # another use of W: refused in W's gradient hook, before any update
         with pytest.raises(RuntimeError, match="also used elsewhere in the graph.*nothing was updated"):
-            (linear_cross_entropy(x, w, y, fused_update=handle) + (w ** 2).sum()).backward()
+            (loss_of(x, w, y) + (w ** 2).sum()).backward()
     elif case == "tied":
         with pytest.raises(RuntimeError, match="also used elsewhere"):
-            linear_cross_entropy(torch.tanh(x + w[0]), w, y, fused_update=handle).backward()
+            loss_of(torch.tanh(x + w[0]), w, y).backward()
     elif case == "accumulation":  # the first micro-batch steps; the second is refused before any kernel
-        linear_cross_entropy(x, w, y, fused_update=handle).backward()
+        loss_of(x, w, y).backward()
         before = w.detach().clone()
         with pytest.raises(RuntimeError, match="gradient accumulation across micro-batches cannot be fused"):
-            linear_cross_entropy(x, w, y, fused_update=handle)
+            loss_of(x, w, y)
     elif case == "two_forwards_then_two_backwards":  # our message, not torch's in-place version error
-        first, second = (linear_cross_entropy(x, w, y, fused_update=handle) for _ in range(2))
+        first, second = (loss_of(x, w, y) for _ in range(2))
         first.backward()
         before = w.detach().clone()
         with pytest.raises(RuntimeError, match="gradient accumulation across micro-batches cannot be fused"):
@@ -1277,7 +1300,7 @@ def test_fused_update_refuses_what_it_cannot_honour(case, gen):
     else:
         w.grad = torch.zeros_like(w)
         with pytest.raises(RuntimeError, match="already holds a gradient"):
-            linear_cross_entropy(x, w, y, fused_update=handle)
+            loss_of(x, w, y)
     assert torch.equal(w.detach(), before)
 
 
@@ -1894,7 +1917,8 @@ def test_nesterov_with_momentum_cycled_to_zero_steps_like_torch(backend):
         SGDW([ours], lr=0.1, momentum=0.0, nesterov=True)  # at construction it is still a contradiction
 
 
-@pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1), lambda ps: SGDW(ps, lr=0.1, momentum=0.9)],
+@pytest.mark.parametrize("make", [lambda ps, backend: AdamW(ps, lr=0.1, backend=backend),
+                                  lambda ps, backend: SGDW(ps, lr=0.1, momentum=0.9, backend=backend)],
                          ids=["adamw", "sgdw"])
 def test_a_state_dict_whose_moments_do_not_fit_the_parameters_is_refused(make):
     """A moment of another shape failed the step halfway: the first tensors had moved, the rest had not."""
