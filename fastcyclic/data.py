@@ -33,6 +33,9 @@ _GOLDEN = 0x9E3779B9
 # sample_train draws enough candidates that a batch falls short with probability <= 2^-64; see
 # ModularAddition.num_candidates
 _TAIL_BITS = 64
+# the candidates one hashed batch may draw: two int64 tokens, a hash and a running count each, ~3.5 GiB at 2^27
+# (batch 8192 at train_fraction 1e-5 would draw 9e8 every step)
+MAX_BATCH_DRAW = 1 << 27
 # rejection sampling of the evaluation sets on the CPU (~0.4 us per candidate on one core): candidates per round,
 # and in total. A side holding a small fraction of the pairs gets fewer than test_sample pairs, as many as
 # _EVAL_DRAWS candidates are expected to hold but at least _EVAL_MIN_PAIRS, so that finding them takes seconds
@@ -201,15 +204,20 @@ class ModularAddition:
     # ---- training batches ----
 
     def num_candidates(self, batch_size: int) -> int:
-        """Candidates ``sample_train`` draws in the hashed case to fill ``batch_size`` train pairs.
+        """Candidates ``sample_train`` draws in the hashed case to fill ``batch_size`` train pairs
+        (``candidates_for``)."""
+        return candidates_for(batch_size, self.hash_fraction)
 
-        The number of train pairs X among M candidates is Binomial(M, alpha).  Chernoff's lower tail
-        P(X <= (1 - delta) mu) <= exp(-delta^2 mu / 2), with mu = M alpha and (1 - delta) mu = B, is
-        <= 2^-64 once (mu - B)^2 >= 128 ln 2 * mu, i.e. sqrt(mu) >= (s + sqrt(s^2 + 4B)) / 2 with
-        s^2 = 128 ln 2.  For B = 8192 that is ~11 % more than B / alpha; for B = 1, ~91 / alpha."""
-        s2 = 2 * _TAIL_BITS * math.log(2)
-        root = (math.sqrt(s2) + math.sqrt(s2 + 4 * batch_size)) / 2
-        return math.ceil(root * root / self.hash_fraction)
+    def check_batch_size(self, batch_size: int) -> None:
+        """ValueError for a batch ``sample_train`` cannot give: more pairs than the train set (in the hashed
+        case, than its expected size), or more than MAX_BATCH_DRAW candidates to draw for it."""
+        about = "" if self.enumerated else "about "
+        if batch_size > self.n_train:
+            raise ValueError(f"batch_size={batch_size} is larger than the train set ({about}{self.n_train} pairs)")
+        if not self.enumerated and self.num_candidates(batch_size) > MAX_BATCH_DRAW:
+            raise ValueError(f"batch_size={batch_size} at train_fraction={self.train_fraction:g} draws "
+                             f"{self.num_candidates(batch_size):.3g} candidate pairs per batch (more than "
+                             f"{MAX_BATCH_DRAW:.3g}, ~3.5 GiB); use a smaller batch or a larger train_fraction")
 
     def sample_train(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Pairs:
         """``batch_size`` train pairs (a, b, c), drawn uniformly with replacement, on ``self.device``.
@@ -348,6 +356,19 @@ class ModularAddition:
         """(a, b, c) on the device from pair indices a * p + b."""
         a, b = index // self.p, index % self.p
         return a.to(self.device), b.to(self.device), self.label(a, b).to(self.device)
+
+
+def candidates_for(batch_size: int, fraction: float) -> int:
+    """Uniform pairs to draw so that at least ``batch_size`` of them fall in a side holding ``fraction`` of all
+    pairs, but with probability <= 2^-64.
+
+    The number X of such pairs among M candidates is Binomial(M, alpha).  Chernoff's lower tail
+    P(X <= (1 - delta) mu) <= exp(-delta^2 mu / 2), with mu = M alpha and (1 - delta) mu = B, is
+    <= 2^-64 once (mu - B)^2 >= 128 ln 2 * mu, i.e. sqrt(mu) >= (s + sqrt(s^2 + 4B)) / 2 with
+    s^2 = 128 ln 2.  For B = 8192 that is ~11 % more than B / alpha; for B = 1, ~91 / alpha."""
+    s2 = 2 * _TAIL_BITS * math.log(2)
+    root = (math.sqrt(s2) + math.sqrt(s2 + 4 * batch_size)) / 2
+    return math.ceil(root * root / fraction)
 
 
 def _first_distinct(values: Tensor) -> Tensor:

@@ -537,6 +537,16 @@ def _check_batch(config, train_counts: dict) -> None:
         raise ValueError(f"P={p}: full-batch training (batch_size=none) needs P² ≤ {limit}; give --set batch_size=N")
     if config.batch_size is not None and config.batch_size > p * p:
         raise ValueError(f"P={p}: batch_size={config.batch_size} exceeds the {p * p} pairs")
+    if config.batch_size is not None and p * p > limit:  # the hashed split: what the trainer would refuse
+        from fastcyclic.data import MAX_BATCH_DRAW, candidates_for
+
+        if config.batch_size > config.train_fraction * p * p:
+            raise ValueError(f"P={p}: batch_size={config.batch_size} exceeds the about "
+                             f"{round(config.train_fraction * p * p)} train pairs (train_fraction="
+                             f"{config.train_fraction:g})")
+        if candidates_for(config.batch_size, config.train_fraction) > MAX_BATCH_DRAW:
+            raise ValueError(f"P={p}: batch_size={config.batch_size} at train_fraction={config.train_fraction:g} "
+                             f"draws more than {MAX_BATCH_DRAW:.3g} candidate pairs per batch")
     if config.batch_size is not None and p * p <= limit and config.batch_size > 0.9 * config.train_fraction * p * p:
         key = (p, config.train_fraction, seed)
         if key not in train_counts:

@@ -365,9 +365,8 @@ class Trainer:
         if config.batch_size is None and not self.data.enumerated:
             raise ValueError(f"batch_size=None (full batch) needs the enumerated split, but P={config.p} has "
                              f"{self.data.n_pairs} pairs; set batch_size")
-        if config.batch_size is not None and self.data.enumerated and config.batch_size > self.data.n_train:
-            raise ValueError(f"batch_size={config.batch_size} is larger than the train set "
-                             f"({self.data.n_train} pairs)")
+        if config.batch_size is not None:
+            self.data.check_batch_size(config.batch_size)
         init = torch.Generator().manual_seed(config.seed)
         self.model = CyclicModel(config.p, config.d, model=config.model,
                                  hidden=config.hidden if config.model == "embed-mlp" else None,

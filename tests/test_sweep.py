@@ -157,6 +157,12 @@ def test_expand_is_the_cartesian_product_with_stable_ids():
     # and a small P runs last
     (dict(fixed=dict(TINY, batch_size=100)), r"P=11, seed 0: batch_size=100 exceeds the \d+ train pairs"),
     (dict(fixed=dict(TINY, checkpoint_every=10)), "checkpoint_every: the sweep sets it"),  # was silently 0
+    # the hashed split (P = 4099): more than its ~1680 train pairs, or a draw of 9e8 candidates per batch
+    (dict(ps=(4099,), fixed=dict(TINY, batch_size=8192, train_fraction=1e-4)),
+     r"P=4099: batch_size=8192 exceeds the about 1680 train pairs"),
+    (dict(ps=(4099,), fixed=dict(TINY, batch_size=8192, train_fraction=1e-5)), "exceeds the about 168 train"),
+    (dict(ps=(65521,), fixed=dict(TINY, batch_size=8192, train_fraction=1e-5)),
+     r"P=65521: batch_size=8192 at train_fraction=1e-05 draws more than 1.34e\+08 candidate pairs"),
 ])
 def test_inconsistent_grids_are_refused(block, match):
     with pytest.raises(ValueError, match=match):

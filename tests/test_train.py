@@ -83,6 +83,22 @@ def test_a_large_p_trains_on_the_hashed_split(monkeypatch):
     assert result.final["train_acc"] > 0.5  # it learns from the sampled batches
 
 
+def test_the_hashed_split_refuses_a_batch_it_cannot_draw(monkeypatch, tmp_path):
+    """Above ENUMERATE_LIMIT the batch was checked against nothing: a batch larger than the train set ran (each
+    step drawing 9e7 candidates at P = 4099, train_fraction 1e-4, batch 8192), and one needing 9e8 candidates
+    per step would run out of memory at its first step.  Both are refused before anything is written."""
+    monkeypatch.setattr(training, "ModularAddition", functools.partial(data.ModularAddition, enumerate_limit=0))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"batch_size=300 is larger than the train set \(about 264 pairs\)"):
+        Trainer(TrainConfig(**dict(TINY, batch_size=300, out_dir=str(out))))  # 529 pairs at 0.5
+    monkeypatch.setattr(data, "MAX_BATCH_DRAW", 500)  # batch 64 at 0.5 draws 392 candidates, at 0.3 653
+    Trainer(TrainConfig(**dict(TINY, batch_size=64)))
+    with pytest.raises(ValueError, match=r"batch_size=64 at train_fraction=0.3 draws 653 candidate pairs per "
+                                         r"batch \(more than 500"):
+        Trainer(TrainConfig(**dict(TINY, batch_size=64, train_fraction=0.3, out_dir=str(out))))
+    assert not out.exists()
+
+
 # bit-for-bit resumption is promised in deterministic mode (the CPU is always deterministic)
 EXACT = dict(TINY, deterministic=DEVICE == "cuda")
 
