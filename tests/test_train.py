@@ -83,6 +83,25 @@ def test_a_large_p_trains_on_the_hashed_split(monkeypatch):
     assert result.final["train_acc"] > 0.5  # it learns from the sampled batches
 
 
+def test_the_progress_bar_shows_the_step_loss_accuracies_rho2_and_speed(capsys):
+    """Every other test trains with progress=False: the bar's code ran in none of them."""
+    train(TrainConfig(**dict(TINY, steps=20, eval_every=10, geometry_every=10, progress=True)), figures=False)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "P=23" in last and "20/20" in last, last
+    for field in ("loss=", "train=", "test=", "rho2_W=", "rho2_E=", "it/s="):
+        assert field in last, (field, last)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="flushing denormals is set for CPU runs")
+def test_a_cpu_trainer_flushes_denormals():
+    """Denormal floats are ~10x slower on x86 (DESIGN.md): building a CPU trainer turns flushing on."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals (no SSE3)")
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+    Trainer(TrainConfig(**TINY))
+    assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
+
+
 def test_the_hashed_split_refuses_a_batch_it_cannot_draw(monkeypatch, tmp_path):
     """Above ENUMERATE_LIMIT the batch was checked against nothing: a batch larger than the train set ran (each
     step drawing 9e7 candidates at P = 4099, train_fraction 1e-4, batch 8192), and one needing 9e8 candidates
