@@ -44,14 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                         help="input dtype of ce, optim and train (each suite's default otherwise; geometry measures "
                              "in fp32). Shapes differ per suite (NxDxK, sizes, PxD, KxD): give them to one suite")
+    parser.add_argument("--interpret", action="store_true",
+                        help="CPU: ce, optim and train run the Triton kernels under TRITON_INTERPRET=1, each at its "
+                             "own small --interpret default")
     measure.add_out_argument(parser, ("all.json",), also=("one subdirectory per suite",))
 
 
 DTYPE_SUITES = ("ce", "optim", "train")  # the suites --dtype reaches
+INTERPRET_SUITES = ("ce", "optim", "train")  # the suites with Triton kernels (geometry times torch ops)
 
 
 def suite_args(name: str, device: str, quick: bool, out: Path | None, threads: int | None = None,
-               dtype: str | None = None) -> tuple[object, argparse.Namespace]:
+               dtype: str | None = None, interpret: bool = False) -> tuple[object, argparse.Namespace]:
     """The suite's module and its own defaults for this device, as its CLI would parse them."""
     module = importlib.import_module(MODULES[name])
     parser = argparse.ArgumentParser(prog=f"fastcyclic bench {name}")
@@ -59,6 +63,7 @@ def suite_args(name: str, device: str, quick: bool, out: Path | None, threads: i
     argv = ["--device", device] + (["--quick"] if quick else []) + (["--out", str(out / name)] if out else [])
     argv += ["--threads", str(threads)] if threads else []
     argv += ["--dtype", dtype] if dtype and name in DTYPE_SUITES else []
+    argv += ["--interpret"] if interpret and name in INTERPRET_SUITES else []
     return module, parser.parse_args(argv)
 
 
@@ -119,7 +124,8 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
             summary.append(entry)
             save()  # a run killed from here on says which suite it was in
             try:
-                module, ns = suite_args(name, args.device, args.quick, args.out, args.threads, args.dtype)
+                module, ns = suite_args(name, args.device, args.quick, args.out, args.threads, args.dtype,
+                                        args.interpret)
                 kwargs = {}
                 if name == "geometry" and device.type == "cuda":
                     step_ms, source = _train_step(train_records)

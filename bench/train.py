@@ -49,6 +49,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CUDA_SHAPES = ((113, 128), (8191, 128), (65521, 256))
 CPU_SHAPES = ((113, 64), (1031, 64))
 QUICK_SHAPES = {"cuda": ((113, 128), (8191, 128)), "cpu": ((113, 32), (257, 32))}
+INTERPRET_SHAPE = (31, 16)  # --interpret's default: 384 train pairs, full batch (a step takes ~0.3 s there)
+INTERPRET_MAX_WORK = 1 << 24  # rows * d * P per step under --interpret
 BATCH_SIZE = 8192
 TRAIN_FRACTION = 0.4
 SEED = 0
@@ -109,6 +111,7 @@ class Spec:
     E0: torch.Tensor          # the trainer's initial parameters for SEED
     W0: torch.Tensor
     seed: int = SEED
+    backend: str = "auto"     # the trainer's: "triton" under --interpret
 
 
 def make_problem(p: int, d: int, device: torch.device, batch_size: int = BATCH_SIZE):
@@ -148,7 +151,7 @@ class FastcyclicRunner:
             train_fraction=TRAIN_FRACTION, batch_size=spec.batch_size, optimizer="adamw", lr=LR, betas=BETAS,
             weight_decay=WEIGHT_DECAY, weight_decay_mode="decoupled", weight_decay_warmup=0, init_scale=INIT_SCALE,
             dtype="bfloat16" if spec.dtype == torch.bfloat16 else "float32", seed=spec.seed, device=spec.device.type,
-            progress=False, out_dir=None, checkpoint_every=0)
+            backend=spec.backend, progress=False, out_dir=None, checkpoint_every=0)
         self.trainer = Trainer(self.config)
         t = self.trainer
         if not (torch.equal(t.model.E, spec.E0) and torch.equal(t.model.W, spec.W0)):
@@ -351,9 +354,10 @@ def run_method(name: str, spec: Spec, ref: tuple, *, quick: bool) -> dict:
 
 
 def run(shapes, dtypes, device, methods, *, quick=False, batch_size=BATCH_SIZE, ceil=None, log=print,
-        after_case=None) -> list[dict]:
+        after_case=None, interpret=False) -> list[dict]:
     """Every method at every (P, d), dtype by dtype (the first dtype's cases come first, so a time budget
-    cuts the later ones); a failure is recorded and the run goes on."""
+    cuts the later ones); a failure is recorded and the run goes on.  interpret: the trainer on its Triton
+    backend (TRITON_INTERPRET=1, set by the caller)."""
     records = []
     # (p, d) -> (data, batch_size or None, rows, E0, W0, reference), or {"status": ..., "error": ...}
     problems: dict = {}
@@ -392,7 +396,8 @@ def run(shapes, dtypes, device, methods, *, quick=False, batch_size=BATCH_SIZE, 
                     record.update(problem)
                 else:
                     data, bs, rows, E0, W0, ref = problem
-                    spec = Spec(p, d, dtype, device, bs, rows, data, E0, W0)
+                    spec = Spec(p, d, dtype, device, bs, rows, data, E0, W0,
+                                backend="triton" if interpret else "auto")
                     try:
                         record.update(run_method(name, spec, ref, quick=quick))
                         record["status"] = "ok"
@@ -479,6 +484,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help="pairs per step (the full train set where it is smaller)")
     measure.add_quick_argument(parser, "cases")
+    parser.add_argument("--interpret", action="store_true",
+                        help=f"CPU: the trainer on its Triton backend under TRITON_INTERPRET=1, small cases only "
+                             f"(default {INTERPRET_SHAPE[0]}x{INTERPRET_SHAPE[1]})")
     measure.add_out_argument(parser, FILES)
 
 
@@ -492,9 +500,16 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
             measure.check_dtype(device, dtype)
         if args.batch_size < 1:
             raise measure.BenchInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        too_big = [f"{p}x{d}" for p, d in args.shapes or ()
+                   if min(args.batch_size, p * p) * d * p > INTERPRET_MAX_WORK]
+        if args.interpret and too_big:
+            raise measure.BenchInputError(
+                f"--interpret runs the kernels in the Triton interpreter (milliseconds per program and loop step): "
+                f"batch*d*P must be <= 2^{INTERPRET_MAX_WORK.bit_length() - 1}, got {', '.join(too_big)} at batch "
+                f"{args.batch_size}")
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
-    shapes = args.shapes or (QUICK_SHAPES[device.type] if args.quick else
+    shapes = args.shapes or ((INTERPRET_SHAPE,) if args.interpret else QUICK_SHAPES[device.type] if args.quick else
                              CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
     methods = args.methods or [m for m in METHOD_NAMES if not (m == "compile" and args.quick and device.type == "cpu")]
     shapes, methods = list(dict.fromkeys(shapes)), list(dict.fromkeys(methods))  # given twice: measured once
@@ -508,7 +523,7 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     print(header())
     save = (lambda records: write_results(args.out, machine, records, ceil, complete=False)) if args.out else None
     records = run(shapes, dtypes, device, methods, quick=args.quick, batch_size=args.batch_size, ceil=ceil,
-                  after_case=save)
+                  after_case=save, interpret=args.interpret)
     if args.out:
         write_results(args.out, machine, records, ceil)
         print(measure.wrote(args.out, FILES))

@@ -557,6 +557,12 @@ def test_a_write_error_a_writer_wraps_is_raised_naming_the_file(tmp_path):
         write_atomic(path, interrupted_while_full)
 
 
+def test_all_passes_interpret_to_the_suites_with_triton_kernels():
+    for name in all_suites.SUITES:
+        _, ns = all_suites.suite_args(name, "cpu", True, None, interpret=True)
+        assert getattr(ns, "interpret", False) == (name in ("ce", "optim", "train")), name
+
+
 def test_write_json_ends_with_a_newline(tmp_path):
     from fastcyclic.files import write_json
 

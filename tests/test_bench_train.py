@@ -87,6 +87,19 @@ class NoDecay(train.FastcyclicRunner):  # forgets the weight decay: off by CHECK
         self.trainer.config.weight_decay = 0.0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--interpret is the CPU path")
+def test_interpret_runs_the_trainer_on_its_triton_backend(tmp_path):
+    """On CPU the suite timed the trainer on its torch backend only: --interpret checks the Triton one (fused
+    cross-entropy and AdamW kernels) against the float64 loop, as ce and optim do theirs."""
+    out = tmp_path / "res"
+    assert run(["--device", "cpu", "--interpret", "--quick", "--shapes", "13x8", "--methods", "fastcyclic", "eager",
+                "--out", str(out)]) == 0
+    r = {r["method"]: r for r in load(out)["records"]}
+    assert r["fastcyclic"]["correct"] and r["fastcyclic"]["notes"].startswith(
+        "fastcyclic.training.Trainer: backend triton (loss and AdamW)"), r["fastcyclic"]
+    assert run(["--device", "cpu", "--interpret", "--shapes", "1031x64"]) == 2  # 8192 x 64 x 1031 > 2^24
+
+
 def test_a_wrong_trainer_is_reported_as_failing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(train.METHODS, "fastcyclic", NoDecay)
     out = tmp_path / "res"
