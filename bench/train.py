@@ -9,7 +9,7 @@ Methods:
               out_dir=None)); its ``step()`` is timed: fused cross-entropy, fused AdamW, on CUDA the step
               captured in a CUDA graph and (fp32) the classifier's update inside the CE backward
   eager       the loop a researcher writes: nn.Embedding + nn.Linear(bias=False) + F.cross_entropy +
-              torch.optim.AdamW(fused=True) on CUDA (foreach=True on CPU), zero_grad(set_to_none=True);
+              torch.optim.AdamW(fused=True), zero_grad(set_to_none=True);
               bf16 = torch.autocast(bfloat16) around the forward with fp32 parameters (what the trainer's
               "bfloat16" means too: bf16 compute, fp32 master weights)
   compile     the same loop with torch.compile (default mode, static shapes) of the forward + loss; the
@@ -213,7 +213,7 @@ class PlainRunner:
         with torch.no_grad():
             self.model.embed.weight.copy_(spec.E0)
             self.model.classifier.weight.copy_(spec.W0)
-        flags = {"fused": True} if device.type == "cuda" and not reference else {"foreach": True}
+        flags = {"foreach": True} if reference else {"fused": True}  # (fused AdamW runs on CPU too, torch >= 2.4)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                            weight_decay=WEIGHT_DECAY, **flags)
         model = self.model
