@@ -985,8 +985,7 @@ def test_a_state_dict_with_bad_betas_or_momentum_is_refused(make, change, match)
     assert all(opt.param_groups[0][k] == v for k, v in make([p]).param_groups[0].items() if k != "params")
 
 
-@pytest.mark.parametrize("make", [lambda ps, backend: AdamW(ps, lr=0.1, backend=backend),
-                                  lambda ps, backend: SGDW(ps, lr=0.1, momentum=0.9, backend=backend)],
+@pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1), lambda ps: SGDW(ps, lr=0.1, momentum=0.9)],
                          ids=["adamw", "sgdw"])
 @pytest.mark.parametrize("bad", ["complex", "sparse"])
 def test_a_refusal_in_a_later_group_leaves_every_group_unstepped(make, bad):
@@ -1917,8 +1916,7 @@ def test_nesterov_with_momentum_cycled_to_zero_steps_like_torch(backend):
         SGDW([ours], lr=0.1, momentum=0.0, nesterov=True)  # at construction it is still a contradiction
 
 
-@pytest.mark.parametrize("make", [lambda ps, backend: AdamW(ps, lr=0.1, backend=backend),
-                                  lambda ps, backend: SGDW(ps, lr=0.1, momentum=0.9, backend=backend)],
+@pytest.mark.parametrize("make", [lambda ps: AdamW(ps, lr=0.1), lambda ps: SGDW(ps, lr=0.1, momentum=0.9)],
                          ids=["adamw", "sgdw"])
 def test_a_state_dict_whose_moments_do_not_fit_the_parameters_is_refused(make):
     """A moment of another shape failed the step halfway: the first tensors had moved, the rest had not."""
