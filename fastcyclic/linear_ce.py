@@ -128,8 +128,8 @@ def _check_inputs(h, weight, target, bias, reduction, label_smoothing, z_loss, b
         raise TypeError(f"dtype mismatch: h is {h.dtype} but weight is {weight.dtype}")
     if bias is not None and bias.dtype != h.dtype:
         raise TypeError(f"dtype mismatch: h is {h.dtype} but bias is {bias.dtype}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must hold class indices (int64 or int32), got {target.dtype}")
+    if target.dtype not in (torch.int64, torch.int32, torch.uint8):  # (F.cross_entropy takes uint8 too)
+        raise TypeError(f"target must hold class indices (int64, int32 or uint8), got {target.dtype}")
     if not torch.compiler.is_compiling() and any(
             torch.autograd.forward_ad.unpack_dual(t).tangent is not None
             for t in (h, weight) + ((bias,) if bias is not None else ())):

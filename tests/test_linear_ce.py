@@ -964,6 +964,17 @@ def test_bad_input(backend, mutate, error, match, no_launch):
         linear_cross_entropy(h, w, y, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_and_uint8_targets_give_the_int64_result(backend, gen):
+    """uint8 labels (K <= 256, often with ignore_index=255) are what F.cross_entropy also takes."""
+    h, w, y, b = make_problem(gen, 13, 8, 37)
+    y[::4] = 255
+    expected = linear_cross_entropy(h, w, y, bias=b, ignore_index=255, backend=backend)
+    for dtype in (torch.int32, torch.uint8):
+        got = linear_cross_entropy(h, w, y.to(dtype), bias=b, ignore_index=255, backend=backend)
+        assert torch.equal(got, expected), dtype
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
