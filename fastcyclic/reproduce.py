@@ -906,6 +906,10 @@ def _main(args: argparse.Namespace) -> int:
         print(f"fastcyclic reproduce: error: {e}", file=sys.stderr)
         return 2
     records = outcome.records
+    problem = sweep.lost_runs(sweep_dir, records)
+    if problem:
+        print(f"fastcyclic reproduce: {problem}; nothing else was written (rerun to finish the runs)", file=sys.stderr)
+        return 1
     rows = sweep.rows_of(records)
     analysis = sweep.analyse(records, n_boot=args.bootstrap)
     paths = sweep.write_outputs(sweep_dir, records, analysis)

@@ -508,6 +508,9 @@ def _check_block(block: Block, types: dict) -> None:
     for key, values in block.vary.items():
         if not values:
             raise ValueError(f"block {block.name!r}: --vary {key} has no values")
+        if key in EXECUTION_FIELDS:  # (it was refused as "the same run twice", naming neither)
+            raise ValueError(f"block {block.name!r}: --vary {key}: how a run executes, not what it computes (runs "
+                             f"differing only in {key} are the same run); give one value with --set {key}=VALUE")
         _no_duplicates(list(values), f"--vary {key}")
 
 
@@ -773,7 +776,8 @@ def execute(spec: dict, out: str, device: str, run_seconds: Optional[float] = No
             norms=dict(_norms(result.trainer.model), norm_params_init=init,
                        norm_ratio=final / init if init and final is not None else None),
             history=history)
-    except Exception as e:  # a crashed run is data: recorded, and the sweep goes on
+    except (Exception, SystemExit) as e:  # a crashed run is data: recorded, and the sweep goes on
+        # (SystemExit from a run's code passed through the worker and ended the sweep, at every rerun)
         record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
     record["seconds"] = time.perf_counter() - started
     record["finished"] = _now()
@@ -1620,7 +1624,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the sweep directory (created; a rerun resumes it)")
     parser.add_argument("--workers", type=int, default=None,
                         help="runs at once, each in its own process (default: CPU cores on CPU, 1 on CUDA; "
-                             "0 = one after another in this process)")
+                             "0 = one after another in this process, where a run that crashes the process, e.g. a "
+                             "segfault, ends the sweep instead of being recorded as failed)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: cores/workers on CPU, 2 on CUDA)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:n]")
@@ -1731,19 +1736,26 @@ def interruptible(command: str, body: Callable[[argparse.Namespace], int], args:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _check_nothing_lost(out: str, records: dict) -> None:
-    """Re-analysing must not drop runs that runs.csv lists but whose records are gone (a copy of a results
-    directory without runs/, as git keeps them): the rewritten runs.csv and fits.json would silently lose them."""
+def lost_runs(out: str, records: dict) -> Optional[str]:
+    """Why rewriting out's runs.csv and fits.json from ``records`` would drop runs that runs.csv lists but whose
+    records are gone (a copy of a results directory without runs/, as git keeps them), or None."""
     path = os.path.join(out, "runs.csv")
     if not os.path.exists(path):
-        return
+        return None
     with open(path, newline="") as f:
         listed = {row["id"] for row in csv.DictReader(f) if row.get("id")}
     missing = listed - set(records)
-    if missing:
-        raise ValueError(f"runs.csv lists {len(listed)} runs but {len(missing)} of them have no record in "
-                         f"{os.path.join(out, 'runs')!r} (e.g. {sorted(missing)[0]}): re-analysing would drop them "
-                         "from runs.csv and fits.json; nothing was written")
+    if not missing:
+        return None
+    return (f"runs.csv lists {len(listed)} runs but {len(missing)} of them have no record in "
+            f"{os.path.join(out, 'runs')!r} (e.g. {sorted(missing)[0]}): rewriting it would drop them from runs.csv "
+            "and fits.json")
+
+
+def _check_nothing_lost(out: str, records: dict) -> None:
+    problem = lost_runs(out, records)
+    if problem:
+        raise ValueError(problem + "; nothing was written")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -1782,6 +1794,11 @@ def _main(args: argparse.Namespace) -> int:
         print(f"fastcyclic sweep: error: {e}", file=sys.stderr)
         return 2
     failed = sum(r["status"] == "failed" for r in records.values())
+    problem = lost_runs(args.out, records)
+    if problem:  # (after a run that stopped before redoing them: a budget, --max-minutes)
+        print(f"fastcyclic sweep: {problem}; runs.csv, fits.json and the figures were left as they were (the "
+              "runs' own records are in runs/: rerun to finish the others)", file=sys.stderr)
+        return 1
     analysis = analyse(records, n_boot=args.bootstrap)
     paths = write_outputs(args.out, records, analysis, figures=args.figures)
     print(summary_text(analysis))

@@ -357,6 +357,13 @@ def test_analyze_only_never_drops_runs_whose_records_are_missing(tmp_path, capsy
     assert "runs.csv lists 2 runs but 2 of them have no record" in capsys.readouterr().err
     assert {name: (out / name).read_bytes() for name in before} == before
     assert sweep.main(sweep_args("--analyze-only", "--bootstrap", "-3", "--out", str(out))) == 2
+    # the sweep itself, stopped by its budget before redoing them, rewrote both files without them
+    capsys.readouterr()
+    assert sweep.main(sweep_args("--max-minutes", "0", "--out", str(out))) == 1
+    assert "runs.csv lists 2 runs but 2 of them have no record" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sweep.main(sweep_args("--out", str(out), "--workers", "0", "--no-figures")) == 0  # redone: both back
+    assert (out / "runs.csv").read_bytes().count(b"\n") == 3
 
 
 def test_analyze_only_says_how_many_runs_have_not_finished(tmp_path, capsys):
@@ -397,6 +404,25 @@ def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys, monke
     assert sweep.run_sweep(str(out), None, workers=0, log=lambda *a: 0).ran == []  # failed counts as finished
     again = sweep.run_sweep(str(out), None, workers=0, retry_failed=True, log=lambda *a: 0)
     assert again.ran == [by_p[7]["id"]]
+
+
+def test_a_run_that_raises_systemexit_is_recorded_as_failed(tmp_path, monkeypatch):
+    """SystemExit from a run's code ended the whole sweep (and every rerun, at the same run)."""
+    from fastcyclic import training
+
+    def exits(config, **kwargs):
+        raise SystemExit(4)
+
+    monkeypatch.setattr(training, "train", exits)
+    block = tiny_block(ps=(7,), weight_decays=(0.1,), seeds=(0,))
+    outcome = sweep.run_sweep(str(tmp_path / "exit"), [block], workers=0, log=lambda *a: 0)
+    (record,) = outcome.records.values()
+    assert record["status"] == "failed" and record["error"] == "SystemExit: 4"
+
+
+def test_varying_how_a_run_executes_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="--vary deterministic: how a run executes, not what it computes"):
+        sweep.expand([tiny_block(vary=dict(deterministic=(True, False)))])
 
 
 def test_a_run_over_the_time_limit_is_stopped_and_recorded(tmp_path, capsys):
