@@ -33,8 +33,8 @@ _GOLDEN = 0x9E3779B9
 # sample_train draws enough candidates that a batch falls short with probability <= 2^-64; see
 # ModularAddition.num_candidates
 _TAIL_BITS = 64
-# the candidates one hashed batch may draw: two int64 tokens, a hash and a running count each, ~3.5 GiB at 2^27
-# (batch 8192 at train_fraction 1e-5 would draw 9e8 every step)
+# the candidates one hashed batch may draw, on any device: two int64 tokens, a hash and a running count each, 4 GiB
+# at 2^27 before the hash's temporaries (batch 8192 at train_fraction 1e-5 would draw 9e8 every step)
 MAX_BATCH_DRAW = 1 << 27
 # rejection sampling of the evaluation sets on the CPU (~0.4 us per candidate on one core): candidates per round,
 # and in total. A side holding a small fraction of the pairs gets fewer than test_sample pairs, as many as
@@ -217,7 +217,7 @@ class ModularAddition:
         if not self.enumerated and self.num_candidates(batch_size) > MAX_BATCH_DRAW:
             raise ValueError(f"batch_size={batch_size} at train_fraction={self.train_fraction:g} draws "
                              f"{self.num_candidates(batch_size):.3g} candidate pairs per batch (more than "
-                             f"{MAX_BATCH_DRAW:.3g}, ~3.5 GiB); use a smaller batch or a larger train_fraction")
+                             f"{MAX_BATCH_DRAW:.3g}, over 4 GiB); use a smaller batch or a larger train_fraction")
 
     def sample_train(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Pairs:
         """``batch_size`` train pairs (a, b, c), drawn uniformly with replacement, on ``self.device``.

@@ -418,7 +418,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
 
     Args:
         h: (N, D) features; float32, float16, bfloat16 (float64 with backend="torch").
-        weight: (K, D) classifier, same dtype as h.  target: (N,) int64 (or int32) class indices.
+        weight: (K, D) classifier, same dtype as h.  target: (N,) int64 (or int32, uint8) class indices.
         bias: optional (K,) bias, same dtype.
         reduction: "mean" (over non-ignored rows; NaN when there are none, like PyTorch), "sum", "none".
         ignore_index: rows with this target contribute neither loss nor gradient.

@@ -19,7 +19,7 @@ measured) evaluated often (for the layer order).  Verdict rules (thresholds in t
 
     claim 1  "most runs" at a λ end cyclic (fastcyclic.sweep.phase_of: W and E one frequency on a circle, ρ₂ ≥ 0.9
              and σ₂/σ₁ ≥ 0.5, the same ω; collapsed runs never count) and fit the train set (train accuracy ≥
-             FIT_ACC), among the runs that left chance (as sweep's λ_crit_fit, claim 4's edge).  A P "shows" the
+             FIT_ACC), leaving out unlearned runs (as sweep's λ_crit_fit, claim 4's edge).  A P "shows" the
              claim when, among every run of adjacent λ of its grid, the one whose pooled runs are most lopsidedly
              such runs (least binomial tail against a share of 1/2) is more lopsided than a fair coin per run gives
              anywhere in that grid with probability ALPHA (majority_window: the choice of λ is paid for; the best of
@@ -299,13 +299,13 @@ def claim_1(rows: list, main: str) -> Claim:
     ps = sorted({r["p"] for r in mine if r["status"] == "ok"})
     lines = [f"| P | λ with the most cyclic runs | cyclic / runs there | of those, fitting (train ≥ {FIT_ACC}) | "
              "fewest frequencies of W (median over a λ's runs that fit) | λ where most runs fit | adjacent λ most "
-             "lopsidedly cyclic and fitting: such runs / runs that left chance (chance p) |",
+             "lopsidedly cyclic and fitting: such runs / runs, unlearned ones left out (chance p) |",
              "|---|---|---|---|---|---|---|"]
     shows, leans, testable, unfit, short = {}, {}, [], [], []
     for p in ps:
         cells = _cells(mine, p)
         fitting = [c["lam"] for c in cells if 2 * c["fit"] > c["n"]]
-        window = majority_window(cells) or dict(majority=False)  # (None: no run left chance)
+        window = majority_window(cells) or dict(majority=False)  # (None: every run unlearned)
         if fitting:
             testable.append(p)
             if 2 * cells[-1]["at_chance"] <= cells[-1]["n"]:  # the largest λ did not stop learning
@@ -375,7 +375,8 @@ def claim_1(rows: list, main: str) -> Claim:
                  f"Main block, per P and λ: the share of runs whose W and E both end with one frequency holding 90 % "
                  f"of the power, ρ₂ ≥ 0.9 with σ₂/σ₁ ≥ {geometry.CYCLIC_MIN_AXIS_RATIO:g} (a circle, not a line) "
                  f"and the same ω (collapsed runs never count), and whether those runs fit the train set (train "
-                 f"accuracy ≥ {FIT_ACC}), among the runs that left chance (as λ_crit of claim 4). A P shows the "
+                 f"accuracy ≥ {FIT_ACC}), leaving out the unlearned runs (at chance with their weights intact), as "
+                 "λ_crit of claim 4 does. A P shows the "
                  "claim when some run of adjacent λ holds such a majority of these runs that a fair coin per run "
                  f"would give one as lopsided anywhere in its grid less than {ALPHA:.0%} of the time (chance p < "
                  f"{ALPHA:g}: picking the best λ is paid for). That p treats runs as independent, but a seed fixes "
@@ -841,8 +842,8 @@ def write_report(out: str, preset: Preset, claims: list, rows: list, analysis: d
               "as independent, while a seed fixes a run's initialisation, split and batches at every λ: claims 1 "
               f"and 2 therefore need {MIN_P_SHOWN} P values.",
               "- λ_crit (fitting), the edge claim 4 is judged on: the same crossing for the share of runs that are "
-              f"cyclic and fit (train accuracy ≥ {FIT_ACC}), among the runs that left chance (unlearned runs are "
-              "left out: whether they would have ended cyclic is unknown).",
+              f"cyclic and fit (train accuracy ≥ {FIT_ACC}), with the unlearned runs (at chance, weights intact) "
+              "left out: whether they would have ended cyclic is unknown.",
               "- Verdict rules: see `fastcyclic/reproduce.py`'s docstring. A verdict is never forced: too few data "
               "give \"inconclusive\"."]
     path = os.path.join(out, "report.md")

@@ -508,7 +508,7 @@ def _check_block(block: Block, types: dict) -> None:
     for key, values in block.vary.items():
         if not values:
             raise ValueError(f"block {block.name!r}: --vary {key} has no values")
-        if key in EXECUTION_FIELDS:  # (it was refused as "the same run twice", naming neither)
+        if key in EXECUTION_FIELDS and len(values) > 1:  # (it was refused as "the same run twice", naming neither)
             raise ValueError(f"block {block.name!r}: --vary {key}: how a run executes, not what it computes (runs "
                              f"differing only in {key} are the same run); give one value with --set {key}=VALUE")
         _no_duplicates(list(values), f"--vary {key}")
@@ -531,8 +531,8 @@ def _series(block: Block):
 
 def _check_batch(config, train_counts: dict) -> None:
     """ValueError for a batch size the run could not draw: full batch beyond the enumerated split, more than the
-    P² pairs, or (near the split's size, which depends on the seed: counted once per key in train_counts) more
-    than the train pairs."""
+    P² pairs, (near the split's size, which depends on the seed: counted once per key in train_counts) more
+    than the train pairs, or in the hashed split what ModularAddition.check_batch_size refuses."""
     from fastcyclic.data import ENUMERATE_LIMIT as limit  # full batch needs the enumerated split
 
     p, seed = config.p, config.seed
@@ -543,11 +543,11 @@ def _check_batch(config, train_counts: dict) -> None:
     if config.batch_size is not None and p * p > limit:  # the hashed split: what the trainer would refuse
         from fastcyclic.data import MAX_BATCH_DRAW, candidates_for
 
-        if config.batch_size > config.train_fraction * p * p:
-            raise ValueError(f"P={p}: batch_size={config.batch_size} exceeds the about "
-                             f"{round(config.train_fraction * p * p)} train pairs (train_fraction="
-                             f"{config.train_fraction:g})")
-        if candidates_for(config.batch_size, config.train_fraction) > MAX_BATCH_DRAW:
+        fraction = round(config.train_fraction * 2**32) / 2**32  # ModularAddition's hash_fraction, and n_train
+        if config.batch_size > round(fraction * p * p):
+            raise ValueError(f"P={p}: batch_size={config.batch_size} exceeds the about {round(fraction * p * p)} "
+                             f"train pairs (train_fraction={config.train_fraction:g})")
+        if candidates_for(config.batch_size, fraction) > MAX_BATCH_DRAW:
             raise ValueError(f"P={p}: batch_size={config.batch_size} at train_fraction={config.train_fraction:g} "
                              f"draws more than {MAX_BATCH_DRAW:.3g} candidate pairs per batch")
     if config.batch_size is not None and p * p <= limit and config.batch_size > 0.9 * config.train_fraction * p * p:

@@ -169,6 +169,24 @@ def test_inconsistent_grids_are_refused(block, match):
         sweep.expand([tiny_block(**block)])
 
 
+def test_the_sweeps_hashed_batch_check_is_the_trainers():
+    """At P = 2053 (hashed), train_fraction 0.1: the train set holds 421481 pairs, 0.1 P² being 421480.9; the
+    sweep refused a batch of all of them ("exceeds the about 421481 train pairs") that the trainer takes."""
+    from fastcyclic.data import ModularAddition
+
+    n_train = ModularAddition(2053, 0.1, 0, "cpu").n_train
+    assert n_train == 421481
+    sweep.expand([tiny_block(ps=(2053,), fixed=dict(TINY, batch_size=n_train, train_fraction=0.1))])
+    with pytest.raises(ValueError, match=f"batch_size={n_train + 1} exceeds the about {n_train} train pairs"):
+        sweep.expand([tiny_block(ps=(2053,), fixed=dict(TINY, batch_size=n_train + 1, train_fraction=0.1))])
+
+
+def test_a_single_value_of_an_execution_field_may_be_given_with_vary():
+    """One value is a setting, not an axis: refusing it broke resuming sweeps made so."""
+    specs = sweep.expand([tiny_block(vary=dict(fused_update=(False,)))])
+    assert len(specs) == len(sweep.expand([tiny_block()]))
+
+
 def test_no_blocks_is_an_empty_grid():
     with pytest.raises(ValueError, match="the grid is empty"):
         sweep.expand([])
