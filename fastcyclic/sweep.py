@@ -763,8 +763,8 @@ def execute(spec: dict, out: str, device: str, run_seconds: Optional[float] = No
             rec.update(_norms(trainer.model))
             seconds = time.perf_counter() - started
             if run_seconds is not None and seconds > run_seconds and rec["step"] < trainer.config.steps:
-                raise RunTimeLimit(f"still training at step {rec['step']} after {seconds:.0f} s, over the per-run "
-                                   f"limit of {run_seconds:.0f} s (--run-minutes)")
+                raise RunTimeLimit(f"still training at step {rec['step']} after {seconds:.3g} s, over the per-run "
+                                   f"limit of {run_seconds:.3g} s (--run-minutes)")  # (a 0.3 s limit read "0 s")
 
         result = train(config, callbacks=[add_norms], figures=False)
         history = result.history

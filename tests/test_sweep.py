@@ -451,6 +451,7 @@ def test_a_run_over_the_time_limit_is_stopped_and_recorded(tmp_path, capsys):
     records = sweep.load_records(str(out))
     assert [r["status"] for r in records.values()] == ["failed", "failed"]
     assert all("RunTimeLimit" in r["error"] and "at step 0" in r["error"] for r in records.values())
+    assert all("over the per-run limit of 6e-08 s" in r["error"] for r in records.values())  # not "0 s"
     again = sweep.run_sweep(str(out), None, workers=0, retry_failed=True, log=lambda *a: 0)
     assert sorted(again.ran) == sorted(records) and all(r["status"] == "ok" for r in again.records.values())
     assert sweep.main(sweep_args(*grid, "--run-minutes", "0", "--out", str(tmp_path / "bad"))) == 2
