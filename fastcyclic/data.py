@@ -175,7 +175,7 @@ class ModularAddition:
         if not 1 <= self.threshold < 2**32:
             raise ValueError(f"train_fraction={train_fraction!r} is within 2^-33 of 0 or 1, which a 32-bit "
                              "hash cannot resolve")
-        self.hash_fraction = self.threshold / 2**32
+        self.hash_fraction = hashed_split(p, self.train_fraction)[0]
         self.n_pairs = p * p
         self.enumerated = self.n_pairs <= enumerate_limit
         if self.enumerated:
@@ -307,7 +307,7 @@ class ModularAddition:
 
     def _sample_eval_sets(self) -> None:
         """Hashed case: fixed evaluation samples drawn on the CPU, and the fallback train pair."""
-        self.n_train = round(self.hash_fraction * self.n_pairs)
+        self.n_train = hashed_split(self.p, self.train_fraction)[1]
         self.n_test = self.n_pairs - self.n_train
         train = self._sample_distinct(True, _STREAM_TRAIN)
         test = self._sample_distinct(False, _STREAM_TEST)
@@ -356,6 +356,13 @@ class ModularAddition:
         """(a, b, c) on the device from pair indices a * p + b."""
         a, b = index // self.p, index % self.p
         return a.to(self.device), b.to(self.device), self.label(a, b).to(self.device)
+
+
+def hashed_split(p: int, train_fraction: float) -> tuple[float, int]:
+    """The hashed split's exact membership probability (its 32-bit threshold / 2^32) and expected train pairs
+    (what ModularAddition takes as n_train there; checks made without building one use it too)."""
+    fraction = round(train_fraction * 2**32) / 2**32
+    return fraction, round(fraction * p * p)
 
 
 def candidates_for(batch_size: int, fraction: float) -> int:

@@ -271,20 +271,20 @@ def majority_window(cells: list, key: str = "cyclic_fit", of: str = "learned", *
     if not len(sizes):
         return None
     windows = [(i, j) for i in range(len(sizes)) for j in range(i, len(sizes))]
-    tails = {n: np.array([binomial_tail(k, n) for k in range(n + 1)]) for n in
-             {int(sizes[i:j + 1].sum()) for i, j in windows}}
+    size = {(i, j): int(sizes[i:j + 1].sum()) for i, j in windows}
+    tails = {n: np.array([binomial_tail(k, n) for k in range(n + 1)]) for n in set(size.values())}
 
-    def least_tail(k):  # k: (draws, cells) -> per draw, the least tail over the windows
+    def window_tails(k):  # k: (draws, cells) -> (windows, draws): each window's binomial tail
         cum = np.concatenate([np.zeros((len(k), 1), np.int64), np.cumsum(k, axis=1)], axis=1)
-        return np.min([tails[int(sizes[i:j + 1].sum())][cum[:, j + 1] - cum[:, i]] for i, j in windows], axis=0)
+        return np.array([tails[size[i, j]][cum[:, j + 1] - cum[:, i]] for i, j in windows])
 
-    observed = float(least_tail(counts[None])[0])
-    i, j = min(windows, key=lambda w: (tails[int(sizes[w[0]:w[1] + 1].sum())][counts[w[0]:w[1] + 1].sum()],
-                                       -(w[1] - w[0])))
+    observed = window_tails(counts[None])[:, 0]
+    best = min(range(len(windows)), key=lambda w: (observed[w], windows[w][0] - windows[w][1]))  # ties: widest
+    i, j = windows[best]
     rng = np.random.default_rng(0)  # the same answer on every call
-    null = least_tail(rng.binomial(sizes, 0.5, size=(draws, len(sizes))))
-    p = (1 + int((null <= observed * (1 + 1e-9)).sum())) / (1 + draws)
-    k, n = int(counts[i:j + 1].sum()), int(sizes[i:j + 1].sum())
+    null = window_tails(rng.binomial(sizes, 0.5, size=(draws, len(sizes)))).min(axis=0)
+    p = (1 + int((null <= observed[best] * (1 + 1e-9)).sum())) / (1 + draws)
+    k, n = int(counts[i:j + 1].sum()), size[i, j]
     return dict(lo=lams[i], hi=lams[j], k=k, n=n, p=p, majority=2 * k > n, windows=len(windows))
 
 
@@ -392,8 +392,8 @@ def claim_2(rows: list, main: str) -> Claim:
              "the largest λ that did not collapse |", "|---|---|---|---|---|---|---|"]
     below, above = [], []
     fewer, not_fewer = [], []  # W's frequency count at the largest λ that did not collapse, against the smallest λ
-    for p in ps:
-        cells = _cells(mine, p)
+    cells_at = {p: _cells(mine, p) for p in ps}
+    for p, cells in cells_at.items():
         low = cells[0]
         alive = [c for c in cells if 2 * c["collapsed"] < c["n"] and c["freq_W"] is not None]
         high = alive[-1] if alive else None
@@ -409,8 +409,8 @@ def claim_2(rows: list, main: str) -> Claim:
         lines += ["", "Frequencies of W as λ grows (median at the smallest λ against the largest that did not "
                   f"collapse): {'; '.join(trend)}."]
     # a contrast: at P where low λ is not cyclic, claim 1's window (same test, same grid) lies above the smallest λ
-    windows = {p: majority_window(_cells(mine, p)) for p in below}
-    higher = {p: w for p, w in windows.items() if w and w["majority"] and w["lo"] > _cells(mine, p)[0]["lam"]}
+    windows = {p: majority_window(cells_at[p]) for p in below}
+    higher = {p: w for p, w in windows.items() if w and w["majority"] and w["lo"] > cells_at[p][0]["lam"]}
     contrast = [p for p, w in higher.items() if w["p"] < ALPHA]
     leaning = [p for p, w in higher.items() if w["p"] >= ALPHA]
     if not ps:

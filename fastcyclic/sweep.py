@@ -541,11 +541,11 @@ def _check_batch(config, train_counts: dict) -> None:
     if config.batch_size is not None and config.batch_size > p * p:
         raise ValueError(f"P={p}: batch_size={config.batch_size} exceeds the {p * p} pairs")
     if config.batch_size is not None and p * p > limit:  # the hashed split: what the trainer would refuse
-        from fastcyclic.data import MAX_BATCH_DRAW, candidates_for
+        from fastcyclic.data import MAX_BATCH_DRAW, candidates_for, hashed_split
 
-        fraction = round(config.train_fraction * 2**32) / 2**32  # ModularAddition's hash_fraction, and n_train
-        if config.batch_size > round(fraction * p * p):
-            raise ValueError(f"P={p}: batch_size={config.batch_size} exceeds the about {round(fraction * p * p)} "
+        fraction, n_train = hashed_split(p, config.train_fraction)
+        if config.batch_size > n_train:
+            raise ValueError(f"P={p}: batch_size={config.batch_size} exceeds the about {n_train} "
                              f"train pairs (train_fraction={config.train_fraction:g})")
         if candidates_for(config.batch_size, fraction) > MAX_BATCH_DRAW:
             raise ValueError(f"P={p}: batch_size={config.batch_size} at train_fraction={config.train_fraction:g} "
