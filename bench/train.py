@@ -4,10 +4,11 @@ The task is (a + b) mod P with h = ReLU(E[a] + E[b]), logits h W^T (no bias), Ad
 decay, a batch of 8192 pairs (the full train set where it has fewer: at P = 113, 5161 of the 12769 pairs).
 
 Methods:
-  fastcyclic  fastcyclic.training.Trainer(TrainConfig(model="embed-sum", activation="relu", d, batch_size,
-              optimizer="adamw", weight_decay_mode="decoupled", weight_decay_warmup=0, init_scale=1.0, progress=False,
-              out_dir=None)); its ``step()`` is timed: fused cross-entropy, fused AdamW, on CUDA the step
-              captured in a CUDA graph and (fp32) the classifier's update inside the CE backward
+  fastcyclic  fastcyclic.training.Trainer(TrainConfig(model="embed-sum", hidden=None, activation="relu", d,
+              batch_size, train_fraction=0.4, optimizer="adamw", lr=1e-3, betas=(0.9, 0.98), weight_decay=1.0,
+              weight_decay_mode="decoupled", weight_decay_warmup=0, init_scale=1.0, progress=False, out_dir=None));
+              its ``step()`` is timed: fused cross-entropy, fused AdamW, on CUDA the step captured in a
+              CUDA graph and (fp32) the classifier's update inside the CE backward
   eager       the loop a researcher writes: nn.Embedding + nn.Linear(bias=False) + F.cross_entropy +
               torch.optim.AdamW(fused=True), zero_grad(set_to_none=True);
               bf16 = torch.autocast(bfloat16) around the forward with fp32 parameters (what the trainer's

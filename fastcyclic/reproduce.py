@@ -860,7 +860,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True,
                         help="cpu: 2 CPU cores, < 30 min; gpu: one GPU, P up to 65521, < 1 hour; tiny: a self-check")
     parser.add_argument("--out", required=True, type=sweep.directory_name,
-                        help="output directory (report.md, sweep/, figures/, showcase/); a rerun resumes its sweep")
+                        help="output directory (report.md, verdicts.json, sweep/, figures/, showcase/); a rerun "
+                             "resumes its sweep")
     parser.add_argument("--workers", type=int, default=None, help="runs at once (default: the preset's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: the preset's, else cores / workers)")
