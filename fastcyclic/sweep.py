@@ -52,6 +52,9 @@ times_K, and the lambdas, fractions and counts it was computed from, with n_seed
 ps, slope, intercept, r2, slope_ci_ols (t), slope_ci (bootstrap) with boot_share, slope_range_grid, and
 "excluded": the P values without a crossing and why.
 
+Exit status: 0 when every run of the grid finished and none failed; 1 when a run failed or was not started
+(--max-minutes) or the outputs were not written; 2 for bad input; 130 when interrupted (fastcyclic reproduce alike).
+
 A killed sweep loses only the runs in flight: a run counts as finished once its JSON exists, so a rerun skips
 finished runs (failed ones too, unless --retry-failed) and redoes the rest.  A run still training after
 --run-minutes is stopped at its next evaluation and recorded as failed.
@@ -293,12 +296,16 @@ def parse_weight_decays(text: str) -> tuple[float, ...]:
         values = [float(f"{v:.4g}") for v in np.geomspace(lo, hi, n)]
         _no_duplicates(values, f"--weight-decay {text!r} (after rounding to 4 significant digits)")
     else:
-        values = [_number(t, float, what) for t in text.split(",") if t.strip()]
+        texts = [t.strip() for t in text.split(",") if t.strip()]
+        values = [_number(t, float, what) for t in texts]
+        bad = [t for t, v in zip(texts, values) if v <= 0]
+        if bad:  # the text as typed: 1e-400 is 0 in floating point, and "got 0" would puzzle
+            mantissa = bad[0].lower().split("e")[0]
+            underflow = float(bad[0]) == 0 and any(c in "123456789" for c in mantissa)
+            raise ValueError(f"--weight-decay: every λ must be > 0 (λ_crit is interpolated in log λ), got "
+                             f"{bad[0]}" + (" (0 in floating point)" if underflow else ""))
     if not values:
         raise ValueError(f"--weight-decay: {text!r} gives no value")
-    bad = [v for v in values if v <= 0]
-    if bad:
-        raise ValueError(f"--weight-decay: every λ must be > 0 (λ_crit is interpolated in log λ), got {bad[0]:g}")
     return tuple(_no_duplicates(values, "--weight-decay"))
 
 
@@ -628,9 +635,10 @@ def _describe_difference(old: list[RunSpec], new: list[RunSpec]) -> str:
         parts.append(f"only there: {', '.join(only_old[:3])}" + (" …" if len(only_old) > 3 else ""))
     if only_new:
         parts.append(f"only here: {', '.join(only_new[:3])}" + (" …" if len(only_new) > 3 else ""))
-    moved = [i for i in set(a) & set(b) if a[i].series != b[i].series]
-    if moved:
-        parts.append(f"{len(moved)} runs in another series (e.g. {moved[0]})")
+    moved = sorted(i for i in set(a) & set(b) if a[i].series != b[i].series)
+    if moved:  # the same runs grouped otherwise: a --vary of one value, or another block name
+        parts.append(f"{len(moved)} runs in another series (e.g. {moved[0]}: {a[moved[0]].series!r} there, "
+                     f"{b[moved[0]].series!r} here)")
     return "; ".join(parts)
 
 
@@ -1507,7 +1515,8 @@ def plot_lambda_k(analysis: dict, path: str) -> str:
     seeds = [e[key]["n_seeds"] for entry in analysis["series"].values() for e in entry["per_p"]
              for key in ("lambda_crit", "lambda_crit_fit", "lambda_0") if e[key]["ci"]]
     fig.suptitle("λ_crit·K and λ₀·K against K (flat: λ ∝ 1/K)\nbars: "
-                 + bootstrap_label(min(seeds, default=FEW_SEEDS)) + " (dark), grid bracket (light)", fontsize=10)
+                 + bootstrap_label(min(seeds, default=FEW_SEEDS), max(seeds, default=None)) + " (dark), grid "
+                 "bracket (light)", fontsize=10)
     return save_png(fig, path)
 
 
@@ -1559,11 +1568,13 @@ def plot_fractions(analysis: dict, path: str) -> str:
 FEW_SEEDS = 10  # below this many seeds a percentile bootstrap interval covers the edge well under 95 % of the time
 
 
-def bootstrap_label(n_seeds: int) -> str:
-    """What an edge's interval is.  With few seeds it is narrower than a 95 % interval: simulated logistic edges
-    with 3 seeds were inside it 45-93 % of the time, and 2 seeds have only 3 distinct resamples."""
+def bootstrap_label(n_seeds: int, most: Optional[int] = None) -> str:
+    """What an edge's interval is, from n_seeds (to `most`, where panels differ) seeds.  With few seeds it is
+    narrower than a 95 % interval: simulated logistic edges with 3 seeds were inside it 45-93 % of the time, and
+    2 seeds have only 3 distinct resamples."""
     label = "2.5–97.5 % bootstrap over seeds"
-    return label if n_seeds >= FEW_SEEDS else label + f" (from {n_seeds} seeds: covers less than 95 %)"
+    counts = f"{n_seeds}-{most}" if most is not None and most != n_seeds else f"{n_seeds}"
+    return label if n_seeds >= FEW_SEEDS else label + f" (from {counts} seeds: covers less than 95 %)"
 
 
 def interval_text(edge: dict) -> str:

@@ -109,7 +109,11 @@ class TrainConfig:
                 setattr(self, f.name, value.item())
         # a list (JSON, the CLI) or an ndarray becomes a tuple of Python numbers: checkpoints hold Python numbers only
         if isinstance(self.betas, (tuple, list, np.ndarray)):
-            self.betas = tuple(b.item() if isinstance(b, np.generic) else b for b in self.betas)
+            self.betas = tuple(_as_float(b.item() if isinstance(b, np.generic) else b) for b in self.betas)
+        # lr=1 and lr=1.0 are one run: a sweep's run id hashes the config, and the CLI always gives floats
+        for f in dataclasses.fields(self):
+            if f.type == "float":
+                setattr(self, f.name, _as_float(getattr(self, f.name)))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -117,9 +121,22 @@ class TrainConfig:
         return d
 
 
+def _as_float(x):
+    """An int (not a bool) as a float; anything else, or an int beyond float's range, as it is for validate()."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        with contextlib.suppress(OverflowError):
+            return float(x)
+    return x
+
+
 def _is_number(x) -> bool:
-    """A finite int or float (not a bool, not a string)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite int or float (not a bool, not a string, not an int beyond float's range)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 _FLAGS = ("factorised", "bias", "deterministic", "fused_update", "cuda_graph", "progress")
@@ -403,7 +420,12 @@ class Trainer:
         self._loss_steps = 0
         self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._graph = None
-        self._keep_grads = False  # from the warm-up before a capture on: the graph reuses their memory
+        self._graph_hyper = None  # the optimizer's host hyper-parameters the graph was captured with
+        self._capture_failed = False
+        # on CUDA the gradients stay allocated (zeroed, not freed): the optimizer's launch tables keep their
+        # addresses, so eager steps do not rebuild them (4 synchronous host-to-device copies), and a capture can
+        # reuse them
+        self._keep_grads = self.device.type == "cuda"
         self.history: list[dict] = []
         self._timer = (time.perf_counter(), 0)
         self._seconds_before, self._built = 0.0, time.perf_counter()  # earlier segments (resumed), this one's start
@@ -446,19 +468,46 @@ class Trainer:
         self._step.add_(1)
 
     def _capture(self) -> None:
-        """Warm up on a side stream (state, tables and gradients get allocated), then capture one step."""
+        """Warm up on a side stream (state, tables and gradients get allocated), then capture one step.  A capture
+        that fails leaves the trainer stepping eagerly (with a warning naming the error), its warm-up step counted."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         self._keep_grads = True
         with torch.cuda.stream(stream):
             self._train_step()
         torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        if hasattr(self._graph, "register_generator_state"):  # replays must advance the batch sampler's RNG
-            self._graph.register_generator_state(self.batch_generator)
-        with torch.cuda.graph(self._graph):
-            self._train_step()
-        self.step_count += 1  # the warm-up step was a real step; the capture itself ran nothing
+        self.step_count += 1  # the warm-up step was a real step; the capture itself runs nothing
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.batch_generator)  # replays must advance the batch sampler's RNG
+        try:
+            with torch.cuda.graph(graph):
+                self._train_step()
+        except Exception as e:  # nothing captured ran; only the host-side bookkeeping of the step is undone
+            self._capture_failed = True
+            if self.fused is not None:
+                self.fused._pending, self.fused._stepped = None, True
+            warnings.warn(f"capturing the training step in a CUDA graph failed ({type(e).__name__}: {e}); the run "
+                          "continues without it (cuda_graph=False does so from the start)", stacklevel=3)
+            return
+        self._graph = graph
+        self._graph_hyper = self._host_hyper()
+
+    def _host_hyper(self) -> list:
+        """What a captured step bakes in, cheaply (it is compared at every replay): the groups' host
+        hyper-parameters but float lr and weight decay (refresh_scalars writes those), and which tensor a tensor
+        value is (the graph reads that one)."""
+        baked = []
+        for group in self.optimizer.param_groups:
+            for key, value in group.items():
+                if key == "params":
+                    continue
+                if isinstance(value, torch.Tensor):
+                    baked.append(id(value))
+                elif key in ("lr", "weight_decay"):
+                    baked.append(key)
+                else:
+                    baked.append(tuple(value) if isinstance(value, list) else value)
+        return baked
 
     def _can_capture(self) -> bool:
         """The step is captured on CUDA with the Triton kernels (the torch backend syncs with the host), and
@@ -466,7 +515,8 @@ class Trainer:
         which must be compiled before a capture)."""
         c = self.config
         first_step_variant = c.optimizer == "sgdw" and c.momentum != 0 and self.step_count == 0
-        return c.cuda_graph and self.device.type == "cuda" and self.backend == "triton" and not first_step_variant
+        return c.cuda_graph and self.device.type == "cuda" and self.backend == "triton" and not first_step_variant \
+            and not self._capture_failed
 
     @property
     def graph_captured(self) -> bool:
@@ -475,6 +525,8 @@ class Trainer:
 
     def step(self) -> None:
         """One optimizer step (replays the captured graph on CUDA)."""
+        if self._graph is not None and self._host_hyper() != self._graph_hyper:
+            self._graph = None  # betas, eps, momentum, ... changed since the capture: capture again with them
         if self._graph is None and self._can_capture():
             self._capture()
             self._loss_steps += 1

@@ -549,3 +549,11 @@ def test_initialisation_draw_order_is_e_u_v_w():
     m = CyclicModel(13, 4, model="embed-mlp", hidden=16, factorised=True, generator=torch.Generator().manual_seed(7))
     for got, want in ((m.embedding, E), (m.U, U), (m.readout, V), (m.weight, W)):
         assert torch.equal(got.detach(), want)
+
+
+def test_a_batch_of_exactly_the_train_set_is_allowed():
+    """check_batch_size refuses more pairs than the train set, not as many (the sweep's own check had that bug)."""
+    for ds in (ModularAddition(31, 0.5, 0), ModularAddition(2053, 0.1, 0, test_sample=1024)):
+        ds.check_batch_size(ds.n_train)
+        with pytest.raises(ValueError, match="larger than the train set"):
+            ds.check_batch_size(ds.n_train + 1)

@@ -93,6 +93,8 @@ def test_grid_values_parse():
     (sweep.parse_seeds, "1,1", "more than once"),
     (sweep.parse_seeds, "1:2:3", "should look like START:STOP"),
     (sweep.parse_weight_decays, ",", "gives no value"),
+    (sweep.parse_weight_decays, "1e-3,1e-400", r"got 1e-400 \(0 in floating point\)"),  # was "got 0"
+    (sweep.parse_weight_decays, "1e-3,-2e-3", r"got -2e-3$"),
     # a typo must not fill the memory before anything is said
     (sweep.parse_seeds, "1000000000000", "asks for 1,000,000,000,000 values; at most 1,000"),
     (sweep.parse_seeds, "0:30000000", "asks for 30,000,000 values"),
@@ -140,6 +142,9 @@ def test_expand_is_the_cartesian_product_with_stable_ids():
     # the execution settings are not part of a run's identity
     moved = sweep.expand([tiny_block(fixed=dict(TINY, backend="torch"))])
     assert [s.id for s in moved] == [s.id for s in sweep.expand([tiny_block()])]
+    # an int where the CLI gives a float (init_scale=1 from the Python API, 1.0 from --set) is the same run
+    as_int, as_float = (sweep.expand([tiny_block(fixed=dict(TINY, init_scale=v))]) for v in (1, 1.0))
+    assert [s.id for s in as_int] == [s.id for s in as_float]
 
 
 @pytest.mark.parametrize("block,match", [
@@ -268,6 +273,9 @@ def test_bad_input_writes_nothing(tmp_path, capsys):
     assert "different grid" in err and "weight_decay: 0.1 there, 0.2 here" in err, err  # what differs, by name
     with pytest.raises(ValueError, match="different grid.*seed: 0 there, 0, 1 here"):
         sweep.run_sweep(str(done), [tiny_block(ps=(7,), weight_decays=(0.1,), seeds=(0, 1))], workers=0)
+    # the same runs in another series (a --vary of one value): the message named neither series
+    with pytest.raises(ValueError, match=r"1 runs in another series \(e.g. p7-.*: 'sweep' there, 'mine' here\)"):
+        sweep.run_sweep(str(done), [tiny_block(ps=(7,), weight_decays=(0.1,), seeds=(0,), name="mine")], workers=0)
     assert files(done) == before
     # a non-empty directory that is not a sweep
     other = tmp_path / "other"
@@ -919,6 +927,14 @@ def test_claim_4_names_the_p_values_without_a_crossing_and_doubts_a_law_they_con
                    config=dict(p=4093, weight_decay=0.01, seed=s)) for s in range(3)]
     claim = reproduce.claim_4(sweep.analyse(law(ps) + failed, n_boot=100), "main")
     assert "(from 3 seeds: covers less than 95 %)" in claim.numbers and "P = 4093: no data" in claim.reason
+
+
+def test_bootstrap_label_names_the_seed_counts_behind_the_intervals():
+    """The λ·K figure's panels can differ in seeds (the cpu preset: 3 in main, 2 in the variants): "from 2
+    seeds" read as if every bar came from 2."""
+    assert sweep.bootstrap_label(2, 3).endswith("(from 2-3 seeds: covers less than 95 %)")
+    assert sweep.bootstrap_label(3, 3).endswith("(from 3 seeds: covers less than 95 %)")
+    assert sweep.bootstrap_label(sweep.FEW_SEEDS, 40) == "2.5–97.5 % bootstrap over seeds"
 
 
 def test_claim_3a_settling_from_step_0_gives_no_order():
@@ -1724,3 +1740,91 @@ def test_edge_interval_is_taken_in_log_lambda(rng_seed):
     expected = np.exp(np.percentile(np.log(finite), [2.5, 97.5]))
     assert not np.allclose(expected, np.percentile(finite, [2.5, 97.5]), rtol=1e-6)  # the check can tell them apart
     assert est.ci == pytest.approx(tuple(expected), rel=1e-12)
+
+
+def test_an_interrupted_run_is_not_recorded_and_stops_the_sweep(tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT reaches every process of the foreground group) or SIGTERM lands inside a run: the run must
+    leave no record, so that a rerun redoes it, and the sweep must stop (a record of status "failed" would be
+    skipped on resume, and the sweep would go on to the next run)."""
+    from fastcyclic import training
+
+    def interrupted(config, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    out = tmp_path / "int"
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(str(out), [tiny_block(ps=(7,), weight_decays=(0.1, 1.0), seeds=(0,))], workers=0,
+                        log=lambda *a: 0)
+    assert list((out / sweep.RUNS_DIR).glob("*.json")) == []
+    assert json.loads((out / "sessions.jsonl").read_text())["remaining"] == 2
+
+
+def test_on_cpu_the_default_is_one_worker_process_per_core(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(sweep, "cpu_count", lambda: 3)
+    monkeypatch.setattr(sweep, "_run_pool", lambda pending, out, device, workers, threads, *rest: seen.update(
+        workers=workers, threads=threads))
+    sweep.run_sweep(str(tmp_path / "w"), [tiny_block()], device="cpu", log=lambda *a: 0)
+    assert seen == dict(workers=3, threads=1)
+
+
+def test_majority_window_ties_go_to_the_widest_window():
+    """1 of 1 and 2 of 3 have the same binomial tail (1/2): the window reported (and claim 2's contrast, which reads
+    its lower end) is the widest, as the docstring says."""
+    cells = [dict(lam=0.01, cyclic_fit=1, learned=1), dict(lam=0.02, cyclic_fit=1, learned=2)]
+    w = reproduce.majority_window(cells, draws=200)
+    assert (w["lo"], w["hi"], w["k"], w["n"]) == (0.01, 0.02, 2, 3)
+
+
+def test_claim_1_needs_half_of_the_testable_p_values():
+    """Two P values show the claim beyond chance, but at three more most runs fit and none is cyclic: two of five
+    is not "at least half of those where most runs fit"."""
+    lams = (0.01, 0.03, 0.1)
+    records = [fake(p, lam, s, "cyclic" if p in (31, 61) and lam >= 0.03 else "multi-frequency")
+               for p in (31, 61, 97, 127, 251) for lam in lams for s in range(6)]
+    claim = verdicts(records + collapsed_above(records))["1"]
+    assert claim.verdict == "inconclusive", claim.reason
+    assert "but not at the other testable P (97, 127, 251)" in claim.reason
+
+
+def test_claim_1_counts_collapsed_runs_as_not_cyclic():
+    """Claim 1 leaves out the unlearned runs only: a λ where 2 of 4 runs are cyclic and 2 collapsed has no
+    majority (2 of 4), not 2 of 2."""
+    rows = sweep.rows_of([fake(31, 0.1, s, "cyclic" if s < 2 else "collapsed") for s in range(4)])
+    cells = reproduce._cells(rows, 31)
+    assert (cells[0]["learned"], cells[0]["cyclic_fit"]) == (4, 2)
+    assert reproduce.majority_window(cells, draws=200)["majority"] is False
+
+
+def test_claim_4_a_p_below_the_grid_agrees_with_a_line_between_its_first_two_points():
+    """Below the grid (most runs cyclic at the smallest λ) contradicts the line only where it puts λ_crit above the
+    grid's second point: λ̂ between the first two points is what the grid can resolve, "as the line predicts"."""
+    grid = [float(f"{v:.4g}") for v in np.geomspace(1e-4, 1.0, 17)]
+    law = [fake(p, lam, s, "cyclic" if lam >= 1 / p else "multi-frequency")
+           for p in (31, 61, 127, 251, 509) for lam in grid for s in range(3)]
+    below = [fake(2039, lam, s, "cyclic") for lam in (4e-4, 8e-4, 1.6e-3, 3.2e-3) for s in range(3)]  # λ̂ = 5.39e-4
+    claim = reproduce.claim_4(sweep.analyse(law + below, n_boot=100), "main")
+    assert claim.verdict == "supported", claim.reason
+    assert "P = 2039: < 0.0004, as the line predicts (0.000539)" in claim.reason
+
+
+def test_claim_2_contrast_needs_a_window_above_the_smallest_lambda():
+    """At the smallest λ most runs fit but fewer than half end cyclic (9 of 20): 9 cyclic, 2 fitting otherwise,
+    9 unlearned.  Among the learned runs, which claim 1's window counts, 9 of 11 are cyclic, so the most lopsided
+    window starts at the smallest λ: it is no contrast between low and high λ."""
+    records = []
+    for p in (31, 61):
+        for s in range(20):
+            kind = "cyclic" if s < 9 else "multi-frequency"
+            r = fake(p, 0.01, s, kind)
+            if s >= 11:  # at chance with the weights intact: unlearned
+                r = dict(r, norms=dict(norm_ratio=0.5), final=dict(r["final"], train_acc=1e-3))
+            records.append(r)
+        records += [fake(p, 0.03, s, "cyclic") for s in range(6)]
+        records += [fake(p, 0.1, s, "multi-frequency") for s in range(6)]
+    rows = sweep.rows_of(records)
+    w = reproduce.majority_window(reproduce._cells(rows, 31))
+    assert (w["lo"], w["hi"], w["k"], w["n"]) == (0.01, 0.03, 15, 17) and w["p"] < reproduce.ALPHA
+    claim = verdicts(records)["2"]
+    assert claim.verdict == "inconclusive", claim.reason

@@ -1,5 +1,6 @@
 """fastcyclic.training (fastcyclic.train and friends): the loop learns, checkpoints resume bit for bit (also
 after SIGKILL), bad configs are refused before anything runs, and the CLI works end to end."""
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -354,6 +355,20 @@ def test_numpy_scalars_in_a_config_become_python_numbers(tmp_path):
         int, float, float, bool)
     train(config, figures=False)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["p"] == 23
+
+
+def test_an_int_in_a_float_field_is_the_same_config_as_the_float():
+    """lr=1 and lr=1.0 are one run (a sweep's run id hashes the config; the CLI gives floats); an int too large
+    for a float is refused by name, not an OverflowError."""
+    config = TrainConfig(**dict(TINY, lr=1, weight_decay=0, init_scale=2, train_fraction=np.float64(0.5),
+                                betas=[0, 0.5], momentum=0))
+    assert config == TrainConfig(**dict(TINY, lr=1.0, weight_decay=0.0, init_scale=2.0, train_fraction=0.5,
+                                        betas=(0.0, 0.5), momentum=0.0))
+    assert all(type(v) is float for v in (config.lr, config.weight_decay, config.init_scale, *config.betas))
+    assert type(TrainConfig(**dict(TINY, steps=3)).steps) is int  # int fields stay ints
+    for name, huge in (("lr", 10 ** 400), ("betas", (10 ** 400, 0.9))):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            validate(TrainConfig(**dict(TINY, **{name: huge})))
 
 
 def test_a_fresh_run_replaces_the_run_its_directory_held(tmp_path):
@@ -1014,7 +1029,7 @@ def test_cli_version_names_what_it_runs_on(capsys):
     (["train", "--lr", "-1e-3"], "lr must be a finite number >= 0, got -0.001"),
     (["train", "--weight-decay", "-.5"], "weight_decay must be a finite number >= 0, got -0.5"),
     (["sweep", "--p", "31", "--weight-decay", "-1e-3,1e-2"], "every λ must be > 0 (λ_crit is interpolated in "
-                                                             "log λ), got -0.001"),
+                                                             "log λ), got -1e-3"),
     (["sweep", "--p", "31", "--weight-decay", "1e-3", "--seeds", "-1:3"], "seeds must be >= 0, got -1"),
     # (a negative size was told "in [0, 2^31)", a zero one "positive")
     (["bench", "ce", "--shapes", "-4x4x4"], "shape sizes must be positive, got '-4x4x4'"),
@@ -1045,6 +1060,114 @@ def test_cuda_graph_and_fused_update_match_the_plain_loop(dtype):
     # Adam can amplify for near-zero gradient entries, so compare whole tensors
     for k, v in params(plain).items():
         assert (params(fast)[k] - v).norm() <= 1e-2 * v.norm(), k
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("optimizer, p", [("adamw", 23), ("sgdw", 23), ("adamw", 2053)])  # 2053: hashed split
+def test_cuda_graph_replays_the_schedule_the_sampler_and_the_step_count(optimizer, p):
+    """What the captured step must read from the device at every replay, made visible: sampled batches (the
+    batch generator, registered with the graph), lambda's warm-up ramp (large lambda, ramp ending mid-run), the
+    optimizer's step counts.  The same fused setting on both sides, so the runs differ by the graph alone; the
+    replays make no host sync."""
+    config = dict(TINY, device="cuda", steps=40, optimizer=optimizer, p=p, batch_size=64, bias=True,
+                  weight_decay=0.5, weight_decay_warmup=15, lr=1e-2, eval_every=40, geometry_every=40)
+    plain = Trainer(TrainConfig(**dict(config, cuda_graph=False)))
+    fast = Trainer(TrainConfig(**config))
+    for _ in range(3):  # past the capture
+        plain.step(), fast.step()
+    assert fast.graph_captured
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(config["steps"] - 3):
+            plain.step(), fast.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(plain.batch_generator.get_state(), fast.batch_generator.get_state())
+    assert float(plain._weight_decay) == float(fast._weight_decay) == 0.5
+    for (name, a), b in zip(plain.model.named_parameters(), fast.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeGraph:
+    """torch.cuda.CUDAGraph on the CPU: its "capture" runs the step and a replay runs it again (a captured run is
+    a step ahead of a plain one), or, with trainer None, its capture raises: enough to see when step() captures."""
+
+    def __init__(self, trainer=None):
+        self.trainer = trainer
+
+    def register_generator_state(self, generator):
+        pass
+
+    def replay(self):
+        self.trainer._train_step()
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    """Trainer's CUDA-graph path on the CPU, torch.cuda's stream and graph API faked; yields the list of graphs
+    captured.  (What a replay computes is checked on a GPU: test_cuda_graph_replays_the_schedule_...)"""
+    graphs = []
+
+    @contextlib.contextmanager
+    def graph(g):
+        if g.trainer is None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+        graphs.append(g)
+
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(Trainer, "_can_capture", lambda self: not self._capture_failed)  # as on CUDA + triton
+    return graphs
+
+
+@pytest.mark.portable  # host-side logic, on the CPU everywhere
+def test_a_failed_capture_leaves_the_trainer_stepping_eagerly(fake_cuda_graphs, monkeypatch):
+    """A capture that raises (an op torch cannot capture) left step_count one behind the device's step count
+    and every later step() replaying the graph whose capture had failed; now the run goes on without a graph,
+    with a warning that names the error, and computes what a run without one computes."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _FakeGraph(None))  # its capture raises
+    config = dict(TINY, steps=6, batch_size=64, weight_decay=0.1, weight_decay_warmup=3, device="cpu")  # bitwise
+    trainer = Trainer(TrainConfig(**config))
+    with pytest.warns(UserWarning, match="capturing the training step in a CUDA graph failed .RuntimeError: "
+                                         "operation not permitted.*cuda_graph=False"):
+        trainer.step()
+    for _ in range(5):
+        trainer.step()
+    assert not trainer.graph_captured and trainer.step_count == int(trainer._step) == 6
+    monkeypatch.setattr(Trainer, "_can_capture", lambda self: False)
+    plain = Trainer(TrainConfig(**config))
+    for _ in range(6):
+        plain.step()
+    for (name, a), b in zip(plain.model.named_parameters(), trainer.model.parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.portable  # host-side logic, on the CPU everywhere
+def test_a_changed_host_hyperparameter_is_captured_again(fake_cuda_graphs, monkeypatch):
+    """A graph bakes the optimizer's host values (betas, eps, momentum) into its launches; a float lr or
+    weight decay is written to the device before each replay.  Changing a baked one must capture again (it
+    was replayed with the old value: CPU and CUDA runs differed silently); a float lr must not."""
+    trainer = Trainer(TrainConfig(**dict(TINY, steps=20, batch_size=64, bias=True, device="cpu")))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _FakeGraph(trainer))
+    decayed, bias = trainer.optimizer.param_groups
+    trainer.step(), trainer.step()
+    assert trainer.graph_captured and len(fake_cuda_graphs) == 1
+    decayed["lr"] = 0.5 * decayed["lr"]  # refresh_scalars writes these
+    bias["weight_decay"] = 0.01
+    trainer.step()
+    assert len(fake_cuda_graphs) == 1
+    for captures, change in enumerate((dict(betas=(0.8, 0.98)), dict(eps=1e-6), dict(lr=torch.tensor(1e-3))), 2):
+        decayed.update(change)
+        trainer.step(), trainer.step()
+        assert len(fake_cuda_graphs) == captures, change
 
 
 def test_fastcyclic_train_is_the_function_whatever_was_imported_first():
@@ -1351,3 +1474,23 @@ def test_the_weight_decay_ramp_reaches_lambda_and_stays_there():
         trainer.step()
         seen.append(trainer.evaluate()["weight_decay"])
     assert seen == pytest.approx([0.5 * min(step / 4, 1.0) for step in range(1, 9)])
+
+
+def test_load_state_dict_refuses_a_change_to_any_field_that_is_not_resumable():
+    """Every TrainConfig field outside RESUMABLE_CHANGES (and, on CPU, the CUDA-only flags) is compared on resume:
+    the parametrized test above samples seven fields; this one covers all, and fails when a new field is added
+    without saying here whether a resume may change it."""
+    from fastcyclic.training import CPU_FREE, RESUMABLE_CHANGES
+
+    base = dict(TINY, optimizer="adamw")
+    other = dict(p=29, model="embed-sum", d=16, hidden=32, factorised=True, activation="relu", bias=True,
+                 train_fraction=0.4, batch_size=64, optimizer="sgdw", lr=0.01, betas=(0.8, 0.98),
+                 weight_decay=0.5, weight_decay_mode="decoupled", weight_decay_warmup=7, init_scale=0.25,
+                 dtype="bfloat16", seed=1)
+    exempt = set(RESUMABLE_CHANGES) | set(CPU_FREE) | {"device", "backend", "momentum"}  # momentum: adamw ignores it
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(other) == fields - exempt, "say whether a resume may change the new field"
+    state = Trainer(TrainConfig(**base)).state_dict()
+    for field, value in other.items():
+        with pytest.raises(ValueError, match=f"cannot resume with a different config.*{field}"):
+            Trainer(TrainConfig(**dict(base, **{field: value}))).load_state_dict(state)
