@@ -23,7 +23,8 @@ The sweep directory:
                       against K
     figures/          phase_diagram.png, lambda_k.png, fractions.png
 
-runs.csv columns (one row per finished run; a failed run fills only the first eight, seconds, error and its config):
+runs.csv columns (one row per finished run; a failed run fills only the first eight, seconds, error, device and its
+config):
     id, block, series   the run's id, its block, and its series (the block and its --vary values)
     status, phase       "ok" or "failed"; the phase below
     p, weight_decay, seed
@@ -42,7 +43,8 @@ runs.csv columns (one row per finished run; a failed run fills only the first ei
     norm_W, norm_E, norm_params, norm_params_init, norm_ratio   Frobenius norms at the end, of all parameters
                                 at step 0, and norm_params / norm_params_init (collapse: ≤ 0.1)
     steps_done, seconds, error  steps trained, wall time, the error of a failed run
-    device, then every other TrainConfig field of the run
+    device                      what it ran on ("auto" resolved; a failed run: the device it was given)
+    then every other TrainConfig field of the run
 fits.json: {"level", "thresholds", "series": {name: {"runs", "failed", "phases", "per_p", "fit_lambda_crit",
 "fit_lambda_crit_fit", "fit_lambda_0"}}, "throughput", "written"}.  Each per_p entry holds p, K, runs, a
 "table" per λ (phase counts, median frequency counts, ρ₂ and accuracies) and, for each of lambda_crit,
@@ -763,7 +765,8 @@ def execute(spec: dict, out: str, device: str, run_seconds: Optional[float] = No
 
     started = time.perf_counter()
     record = dict(id=spec["id"], block=spec["block"], series=spec["series"], config=spec["config"],
-                  started=_now(), host=socket.gethostname(), pid=os.getpid(), torch=torch.__version__)
+                  started=_now(), host=socket.gethostname(), pid=os.getpid(), torch=torch.__version__,
+                  device=device)  # what it was asked to run on: a failed run's row said "auto"
     try:
         config = TrainConfig(**dict(spec["config"], device=device, progress=False, out_dir=None, checkpoint_every=0))
 
@@ -995,7 +998,7 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
                         if deaths[spec.id] < 2:
                             queue.insert(0, spec)
                             continue
-                        brief = _record_death(spec, out)
+                        brief = _record_death(spec, out, device)
                         recorded += 1
                         if recorded == 3 and returned == 0:  # the sweep goes on, but say what it may mean
                             progress.log("3 runs have killed their worker process and none has come back yet; if every "
@@ -1018,10 +1021,10 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
             break
 
 
-def _record_death(spec: RunSpec, out: str) -> dict:
+def _record_death(spec: RunSpec, out: str, device: str) -> dict:
     record = dict(id=spec.id, block=spec.block, series=spec.series, config=spec.config, status="failed",
                   error="the worker process died twice while running this run (out of memory? a crash in native "
-                        "code?)", seconds=0.0, finished=_now())
+                        "code?)", seconds=0.0, finished=_now(), device=device)
     write_json(_run_path(out, spec.id), record)
     return _brief(record)
 

@@ -426,6 +426,7 @@ def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys, monke
     assert by_p[13]["status"] == "ok"
     rows = list(csv.DictReader(open(out / "runs.csv")))
     assert {r["p"]: r["phase"] for r in rows} == {"7": "failed", "13": sweep.flatten(by_p[13])["phase"]}
+    assert {r["p"]: r["device"] for r in rows} == {"7": "cpu", "13": "cpu"}  # the failed run's said "auto"
     capsys.readouterr()
     assert sweep.run_sweep(str(out), None, workers=0, log=lambda *a: 0).ran == []  # failed counts as finished
     again = sweep.run_sweep(str(out), None, workers=0, retry_failed=True, log=lambda *a: 0)
@@ -538,7 +539,8 @@ def test_a_dying_worker_fails_its_own_run_only(tmp_path, monkeypatch):
     status = {(r["config"]["p"], r["config"]["seed"]): r["status"] for r in outcome.records.values()}
     assert status == {(11, 0): "ok", (11, 1): "ok", (11, 2): "ok",
                       (13, 0): "failed", (13, 1): "failed", (13, 2): "failed"}
-    assert all("died twice" in r["error"] for r in outcome.records.values() if r["status"] == "failed")
+    assert all("died twice" in r["error"] and r["device"] == "cpu" for r in outcome.records.values()
+               if r["status"] == "failed")
     assert sweep.run_sweep(str(out), None, workers=2, log=lambda *a: 0).ran == []  # nothing repeated
 
 
