@@ -614,9 +614,9 @@ def claim_4(analysis: dict, main: str) -> Claim:
     entry = analysis["series"].get(main)
     if entry is None:
         return Claim("4", "λ_crit·K is roughly constant across K.", "–", "no runs", "inconclusive", "no runs")
-    seeds = min((e["lambda_crit_fit"]["n_seeds"] for e in entry["per_p"] if e["lambda_crit_fit"]["n_seeds"]),
-                default=0)
-    lines = [f"| P = K | λ_crit: cyclic and fitting ({sweep.bootstrap_label(seeds)}; grid points around it) | "
+    seeds = [e["lambda_crit_fit"]["n_seeds"] for e in entry["per_p"] if e["lambda_crit_fit"]["n_seeds"]]
+    label = sweep.bootstrap_label(min(seeds, default=0), max(seeds, default=None))
+    lines = [f"| P = K | λ_crit: cyclic and fitting ({label}; grid points around it) | "
              "λ_crit·K | cyclic, fitting or not (same) | λ₀ (same) | λ₀·K |", "|---|---|---|---|---|---|"]
     for e in entry["per_p"]:
         cells = []

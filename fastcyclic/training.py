@@ -469,7 +469,7 @@ class Trainer:
 
     def _capture(self) -> None:
         """Warm up on a side stream (state, tables and gradients get allocated), then capture one step.  A capture
-        that fails leaves the trainer stepping eagerly (with a warning naming the error), its warm-up step counted."""
+        that fails is a RuntimeError naming the error and cuda_graph=False, the warm-up step counted."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         self._keep_grads = True
@@ -477,18 +477,25 @@ class Trainer:
             self._train_step()
         torch.cuda.current_stream().wait_stream(stream)
         self.step_count += 1  # the warm-up step was a real step; the capture itself runs nothing
+        self._loss_steps += 1
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.batch_generator)  # replays must advance the batch sampler's RNG
+        current = torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
                 self._train_step()
-        except Exception as e:  # nothing captured ran; only the host-side bookkeeping of the step is undone
+        except Exception as e:
+            # Nothing captured ran; the step's host-side bookkeeping is undone, so the trainer's counts stay
+            # right.  It does not go on: a capture the driver invalidated (a sync, an uncapturable call) leaves
+            # torch.cuda.graph's side stream current (restored here) and, in torch <= 2.11, the CUDA generators
+            # in capture mode for the rest of the process, which no trainer can undo.
             self._capture_failed = True
             if self.fused is not None:
                 self.fused._pending, self.fused._stepped = None, True
-            warnings.warn(f"capturing the training step in a CUDA graph failed ({type(e).__name__}: {e}); the run "
-                          "continues without it (cuda_graph=False does so from the start)", stacklevel=3)
-            return
+            torch.cuda.set_stream(current)
+            raise RuntimeError(f"capturing the training step in a CUDA graph failed ({type(e).__name__}: {e}); "
+                               "run without it: cuda_graph=False (fastcyclic train --no-cuda-graph, fastcyclic "
+                               "sweep --set cuda_graph=false)") from e
         self._graph = graph
         self._graph_hyper = self._host_hyper()
 
@@ -528,8 +535,7 @@ class Trainer:
         if self._graph is not None and self._host_hyper() != self._graph_hyper:
             self._graph = None  # betas, eps, momentum, ... changed since the capture: capture again with them
         if self._graph is None and self._can_capture():
-            self._capture()
-            self._loss_steps += 1
+            self._capture()  # a warm-up step, then the capture
             return
         if self._graph is not None:
             self.optimizer.refresh_scalars()  # a float lr or weight decay changed since the capture
