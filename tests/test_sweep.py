@@ -1830,3 +1830,24 @@ def test_claim_2_contrast_needs_a_window_above_the_smallest_lambda():
     assert (w["lo"], w["hi"], w["k"], w["n"]) == (0.01, 0.03, 15, 17) and w["p"] < reproduce.ALPHA
     claim = verdicts(records)["2"]
     assert claim.verdict == "inconclusive", claim.reason
+
+
+def test_majority_window_p_is_never_0():
+    """No fair-coin draw is as lopsided as 20 of 20 runs: p is 1 / (1 + draws), the least a Monte Carlo p-value
+    can be (the report would read "chance p = 0" without the +1)."""
+    w = reproduce.majority_window([dict(lam=0.1, cyclic_fit=20, learned=20)], draws=200)
+    assert (w["k"], w["n"]) == (20, 20) and w["p"] == 1 / 201
+
+
+def test_claim_3b_needs_three_runs_with_a_cyclic_w():
+    """Two runs with a cyclic W, locked high and rising (or low), are too few for 3b either way."""
+    def reason_3b(lockings):
+        runs = [fake(97, 0.01, s, "cyclic", series="layer-order", locking=v) for s, v in enumerate(lockings)]
+        for r in runs:
+            r["history"] = [dict(step=0, locking=0.05)]
+        return reproduce.claim_3(sweep.rows_of(runs), "layer-order").reason.split("3b ")[1]
+
+    assert reason_3b([0.8] * 3).startswith("supported")
+    assert reason_3b([0.1] * 3).startswith("not supported")
+    for lockings in ([0.8] * 2, [0.1] * 2):
+        assert reason_3b(lockings).startswith("inconclusive: W ended cyclic in only 2 of 2 runs"), lockings

@@ -1539,3 +1539,30 @@ def test_load_state_dict_refuses_a_change_to_any_field_that_is_not_resumable():
     for field, value in other.items():
         with pytest.raises(ValueError, match=f"cannot resume with a different config.*{field}"):
             Trainer(TrainConfig(**dict(base, **{field: value}))).load_state_dict(state)
+
+
+def test_the_last_steps_evaluation_has_the_geometry_off_the_geometry_schedule(tmp_path):
+    """The run's last step is always a geometry step ("the geometry when due"), not only after _finish: the callbacks
+    see it there, the last checkpoint's history holds it, and Trainer.evaluate() at config.steps measures it."""
+    seen = {}
+    config = TrainConfig(**dict(TINY, steps=30, eval_every=10, geometry_every=20, checkpoint_every=10,
+                                out_dir=str(tmp_path / "run")))
+    train(config, callbacks=[lambda trainer, record: seen.update({record["step"]: "rho2_W" in record})],
+          figures=False)
+    assert seen == {0: True, 10: False, 20: True, 30: True}
+    history = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["history"]
+    assert [r["step"] for r in history if "rho2_W" in r] == [0, 20, 30]
+    trainer = Trainer(TrainConfig(**dict(TINY, steps=3, geometry_every=100)))
+    for _ in range(3):
+        trainer.step()
+    assert "rho2_W" in trainer.evaluate()
+
+
+@pytest.mark.parametrize("betas", [(0.9, 1.0), (1.0, 0.999)])
+def test_validate_refuses_a_beta_of_1(betas):
+    """β = 1 is outside [0, 1) (Adam's bias correction 1 - β^t is 0): validate() says so itself, as the sweep's
+    up-front check of a grid relies on, not only the optimizer once a run starts (sgdw's run never builds one)."""
+    with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
+        validate(TrainConfig(**dict(TINY, betas=betas)))
+    with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
+        validate(TrainConfig(**dict(TINY, optimizer="sgdw", betas=betas)))
