@@ -25,7 +25,7 @@
 #
 # The tests come in two runs.  "tests", first: every test that runs GPU code (kernels, optimizers,
 # trainer, data, geometry, and every `cuda`-marked test; those GPU-only ones start first, then the trainer's,
-# the optimizers' and the kernels', see tests/conftest.py, so a run stopped by its time limit (1005 tests,
+# the optimizers' and the kernels', see tests/conftest.py, so a run stopped by its time limit (about 1000 tests,
 # likely more than 170 s) has them).  "portable-tests", last, in what is left of
 # TOTAL_BUDGET seconds (default 360): the tests marked `portable` (CLIs, harness and sweep bookkeeping,
 # sm_90 compiles), whose code runs alike on any machine and which CPU CI runs in full.
