@@ -50,6 +50,9 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "geometry_every", "checkpoint_every"
 # no effect on CPU (CPU runs are deterministic anyway, for a given number of threads), so free to differ
 # when resuming there
 CPU_FREE = ("fused_update", "cuda_graph", "deterministic")
+# a captured step whose baked hyper-parameters (betas, eps, momentum) changed after fewer replays than this,
+# twice in a row, is not captured again: a capture costs a warm-up step, a synchronize and a compilation
+MIN_REPLAYS = 10
 
 
 def _option(default, help: str):
@@ -421,7 +424,9 @@ class Trainer:
         self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
         self._graph = None
         self._graph_hyper = None  # the optimizer's host hyper-parameters the graph was captured with
-        self._capture_failed = False
+        self._no_capture = False  # a capture failed, or baked hyper-parameters change every few steps
+        self._replays = 0  # of the current graph
+        self._short_graphs = 0  # graphs in a row dropped after fewer than MIN_REPLAYS replays
         # on CUDA the gradients stay allocated (zeroed, not freed): the optimizer's launch tables keep their
         # addresses, so eager steps do not rebuild them (4 synchronous host-to-device copies), and a capture can
         # reuse them
@@ -489,15 +494,18 @@ class Trainer:
             # right.  It does not go on: a capture the driver invalidated (a sync, an uncapturable call) leaves
             # torch.cuda.graph's side stream current (restored here) and, in torch <= 2.11, the CUDA generators
             # in capture mode for the rest of the process, which no trainer can undo.
-            self._capture_failed = True
+            self._no_capture = True
             if self.fused is not None:
                 self.fused._pending, self.fused._stepped = None, True
             torch.cuda.set_stream(current)
             raise RuntimeError(f"capturing the training step in a CUDA graph failed ({type(e).__name__}: {e}); "
                                "run without it: cuda_graph=False (fastcyclic train --no-cuda-graph, fastcyclic "
                                "sweep --set cuda_graph=false)") from e
-        self._graph = graph
+        self._graph, self._replays = graph, 0
         self._graph_hyper = self._host_hyper()
+        # the tensors whose ids _graph_hyper holds, kept alive (a freed one's id may name the next tensor made)
+        self._graph_tensors = [v for group in self.optimizer.param_groups for v in group.values()
+                               if isinstance(v, torch.Tensor)]
 
     def _host_hyper(self) -> list:
         """What a captured step bakes in, cheaply (it is compared at every replay): the groups' host
@@ -509,11 +517,15 @@ class Trainer:
                 if key == "params":
                     continue
                 if isinstance(value, torch.Tensor):
-                    baked.append(id(value))
+                    baked.append(id(value))  # _capture holds the tensor: its id cannot go to a new one
                 elif key in ("lr", "weight_decay"):
                     baked.append(key)
+                elif isinstance(value, list):
+                    baked.append(tuple(value))
+                elif isinstance(value, np.ndarray):  # (betas may be one: == on two arrays has no truth value)
+                    baked.append(tuple(value.tolist()))
                 else:
-                    baked.append(tuple(value) if isinstance(value, list) else value)
+                    baked.append(value)
         return baked
 
     def _can_capture(self) -> bool:
@@ -523,7 +535,7 @@ class Trainer:
         c = self.config
         first_step_variant = c.optimizer == "sgdw" and c.momentum != 0 and self.step_count == 0
         return c.cuda_graph and self.device.type == "cuda" and self.backend == "triton" and not first_step_variant \
-            and not self._capture_failed
+            and not self._no_capture
 
     @property
     def graph_captured(self) -> bool:
@@ -534,12 +546,19 @@ class Trainer:
         """One optimizer step (replays the captured graph on CUDA)."""
         if self._graph is not None and self._host_hyper() != self._graph_hyper:
             self._graph = None  # betas, eps, momentum, ... changed since the capture: capture again with them
+            self._short_graphs = self._short_graphs + 1 if self._replays < MIN_REPLAYS else 0
+            if self._short_graphs >= 2:  # a schedule of them (OneCycleLR's momentum): a capture every step
+                self._no_capture = True
+                warnings.warn(f"the optimizer's betas, eps or momentum changed within {MIN_REPLAYS} steps of each "
+                              "of the last two CUDA-graph captures of the training step (a graph bakes them in): the "
+                              "run goes on without a graph (cuda_graph=False does so from the start)", stacklevel=2)
         if self._graph is None and self._can_capture():
             self._capture()  # a warm-up step, then the capture
             return
         if self._graph is not None:
             self.optimizer.refresh_scalars()  # a float lr or weight decay changed since the capture
             self._graph.replay()
+            self._replays += 1
         else:
             self._train_step()
         self.step_count += 1

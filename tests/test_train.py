@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 import zipfile
 
@@ -1124,7 +1125,13 @@ def fake_cuda_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "graph", graph)
-    monkeypatch.setattr(Trainer, "_can_capture", lambda self: not self._capture_failed)  # as on CUDA + triton
+    real = Trainer._can_capture
+
+    def can_capture(self):  # Trainer's own rule, as on CUDA with the triton backend
+        return real(types.SimpleNamespace(config=self.config, device=torch.device("cuda"), backend="triton",
+                                          step_count=self.step_count, _no_capture=self._no_capture))
+
+    monkeypatch.setattr(Trainer, "_can_capture", can_capture)
     return graphs
 
 
@@ -1195,24 +1202,46 @@ def test_a_changed_host_hyperparameter_is_captured_again(fake_cuda_graphs, monke
     """A graph bakes the optimizer's host values (betas, eps, momentum) into its launches; a float lr or
     weight decay is written to the device before each replay.  Changing a baked one must capture again (it
     was replayed with the old value: CPU and CUDA runs differed silently); a float lr must not."""
-    trainer = Trainer(TrainConfig(**dict(TINY, steps=20, batch_size=64, bias=True, device="cpu")))
+    trainer = Trainer(TrainConfig(**dict(TINY, steps=200, batch_size=64, bias=True, device="cpu")))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _FakeGraph(trainer))
     decayed, bias = trainer.optimizer.param_groups
-    trainer.step(), trainer.step()
-    assert trainer.graph_captured and len(fake_cuda_graphs) == 1
+
+    def steps(n=training.MIN_REPLAYS + 1):  # past MIN_REPLAYS: changes this rare keep the graph on
+        for _ in range(n):
+            trainer.step()
+        return len(fake_cuda_graphs)
+
+    assert steps() == 1 and trainer.graph_captured
     decayed["lr"] = 0.5 * decayed["lr"]  # refresh_scalars writes these
     bias["weight_decay"] = 0.01
-    trainer.step()
-    assert len(fake_cuda_graphs) == 1
+    assert steps() == 1
     changes = (dict(betas=(0.8, 0.98)), dict(eps=1e-6), dict(lr=torch.tensor(1e-3)),
-               dict(lr=torch.tensor(1e-3)))  # another tensor: the graph read the old one
+               dict(lr=torch.tensor(1e-3)),  # another tensor: the graph read the old one
+               dict(betas=np.array([0.85, 0.98])))  # an array, as the optimizer takes (== has no truth value)
     for captures, change in enumerate(changes, 2):
         decayed.update(change)
-        trainer.step(), trainer.step()
-        assert len(fake_cuda_graphs) == captures, change
+        assert steps() == captures, change
     decayed["lr"].fill_(2e-3)  # the same tensor, changed in place: the graph copies from it at every replay
-    trainer.step()
-    assert len(fake_cuda_graphs) == 5
+    decayed["betas"] = (0.85, 0.98)  # equal values
+    assert steps() == 6
+
+
+@pytest.mark.portable  # host-side logic, on the CPU everywhere
+def test_hyperparameters_changed_at_every_step_turn_the_graph_off(fake_cuda_graphs, monkeypatch):
+    """OneCycleLR's cycle_momentum writes betas at every step: a capture every step (a warm-up step, a
+    synchronize, a compilation) is slower than no graph.  After two graphs that lived a step each, the run goes
+    on without one, with one warning."""
+    trainer = Trainer(TrainConfig(**dict(TINY, steps=40, batch_size=64, device="cpu")))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _FakeGraph(trainer))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(trainer.optimizer, max_lr=1e-2, total_steps=40)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(30):
+            trainer.step()
+            scheduler.step()
+    said = [str(w.message) for w in seen if "CUDA-graph" in str(w.message)]
+    assert len(fake_cuda_graphs) == 2 and not trainer.graph_captured and len(said) == 1, said
+    assert trainer.step_count == 30  # (each fake capture also ran the step: _step is 32)
 
 
 def test_fastcyclic_train_is_the_function_whatever_was_imported_first():
