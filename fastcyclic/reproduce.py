@@ -288,10 +288,14 @@ def majority_window(cells: list, key: str = "cyclic_fit", of: str = "learned", *
     return dict(lo=lams[i], hi=lams[j], k=k, n=n, p=p, majority=2 * k > n, windows=len(windows))
 
 
+def _span(w: dict) -> str:
+    """A window's λ: 0.02–0.06, or 0.02 for one λ."""
+    return f"{w['lo']:g}" + (f"–{w['hi']:g}" if w["hi"] != w["lo"] else "")
+
+
 def _window_text(p: int, w: dict) -> str:
     """P = 31 at λ = 0.02–0.06 (9 of 9 runs; chance p = 0.004)"""
-    where = f"λ = {w['lo']:g}" + (f"–{w['hi']:g}" if w["hi"] != w["lo"] else "")
-    return f"P = {p} at {where} ({w['k']} of {w['n']} runs; chance p = {w['p']:.2g})"
+    return f"P = {p} at λ = {_span(w)} ({w['k']} of {w['n']} runs; chance p = {w['p']:.2g})"
 
 
 def claim_1(rows: list, main: str) -> Claim:
@@ -322,8 +326,8 @@ def claim_1(rows: list, main: str) -> Claim:
         counts = [(n, lam) for n, lam in counts if n is not None]
         fewest = min(counts) if counts else None
         where = f"{best['lam']:g}" if best["cyclic"] else "none cyclic"
-        lopsided = (f"{window['lo']:g}" + (f"–{window['hi']:g}" if window["hi"] != window["lo"] else "")
-                    + f": {window['k']} / {window['n']} ({window['p']:.2g})" if window["majority"] else "none")
+        lopsided = (f"{_span(window)}: {window['k']} / {window['n']} ({window['p']:.2g})" if window["majority"]
+                    else "none")
         lines.append(f"| {p} | {where} | {best['cyclic']} / {best['n']} | {best['cyclic_fit']} | "
                      + (f"{fewest[0]:g} (λ = {fewest[1]:g})" if fewest else "–")
                      + f" | {', '.join(f'{v:g}' for v in fitting) or 'none'} | {lopsided} |")
