@@ -972,6 +972,7 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
         pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                                       initargs=(threads, formatwarning))
         in_flight: dict = {}
+        submitted: dict = {}  # future -> when it was handed to the pool (runs start at once: at most `workers`)
         broken = False
         try:
             while True:
@@ -980,7 +981,8 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
                         break  # a suspect runs alone
                     spec = queue.pop(0)
                     try:
-                        in_flight[pool.submit(execute, spec.to_dict(), out, device, run_seconds)] = spec
+                        future = pool.submit(execute, spec.to_dict(), out, device, run_seconds)
+                        in_flight[future], submitted[future] = spec, time.perf_counter()
                     except cf.process.BrokenProcessPool:
                         queue.insert(0, spec)
                         broken = True
@@ -998,7 +1000,7 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
                         if deaths[spec.id] < 2:
                             queue.insert(0, spec)
                             continue
-                        brief = _record_death(spec, out, device)
+                        brief = _record_death(spec, out, device, time.perf_counter() - submitted[future])
                         recorded += 1
                         if recorded == 3 and returned == 0:  # the sweep goes on, but say what it may mean
                             progress.log("3 runs have killed their worker process and none has come back yet; if every "
@@ -1021,10 +1023,12 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
             break
 
 
-def _record_death(spec: RunSpec, out: str, device: str) -> dict:
+def _record_death(spec: RunSpec, out: str, device: str, seconds: float) -> dict:
+    """seconds: how long the run's second (lone) attempt lasted before its worker died (a fresh worker's start
+    included)."""
     record = dict(id=spec.id, block=spec.block, series=spec.series, config=spec.config, status="failed",
                   error="the worker process died twice while running this run (out of memory? a crash in native "
-                        "code?)", seconds=0.0, finished=_now(), device=device)
+                        "code?)", seconds=seconds, finished=_now(), device=device)
     write_json(_run_path(out, spec.id), record)
     return _brief(record)
 

@@ -539,8 +539,8 @@ def test_a_dying_worker_fails_its_own_run_only(tmp_path, monkeypatch):
     status = {(r["config"]["p"], r["config"]["seed"]): r["status"] for r in outcome.records.values()}
     assert status == {(11, 0): "ok", (11, 1): "ok", (11, 2): "ok",
                       (13, 0): "failed", (13, 1): "failed", (13, 2): "failed"}
-    assert all("died twice" in r["error"] and r["device"] == "cpu" for r in outcome.records.values()
-               if r["status"] == "failed")
+    assert all("died twice" in r["error"] and r["device"] == "cpu" and r["seconds"] >= 0.5  # it died 0.5 s in
+               for r in outcome.records.values() if r["status"] == "failed")
     assert sweep.run_sweep(str(out), None, workers=2, log=lambda *a: 0).ran == []  # nothing repeated
 
 
