@@ -96,63 +96,65 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
         names = list(dict.fromkeys(args.suites or SUITES))  # in the order given
         for name in names if args.out else ():  # each suite's folder, before all.json or any suite is written
             measure.check_out_dir(args.out / name, importlib.import_module(MODULES[name]).FILES)
+        held = measure.take_out_dir(args.out)  # (last: a refusal above leaves no folder behind)
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
-    measure.set_budget(args.budget_s)
-    start = time.monotonic()
-    machine = measure.machine_facts(device)
-    print(f"fastcyclic bench all: {', '.join(names)} on {measure.machine_title(machine)}"
-          + (" (quick)" if args.quick else ""))
-    ceil = measure.print_ceilings(device, quick=args.quick)  # once: every suite reuses this measurement
-    summary: list[dict] = []
+    with held:  # --out is this run's until its results are written
+        measure.set_budget(args.budget_s)
+        start = time.monotonic()
+        machine = measure.machine_facts(device)
+        print(f"fastcyclic bench all: {', '.join(names)} on {measure.machine_title(machine)}"
+              + (" (quick)" if args.quick else ""))
+        ceil = measure.print_ceilings(device, quick=args.quick)  # once: every suite reuses this measurement
+        summary: list[dict] = []
 
-    def save(complete=False):
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            results = {"suite": "all", "complete": complete, "requested": names, "machine": machine,
-                       "ceilings": ceil, "quick": args.quick, "budget_s": args.budget_s,
-                       "seconds": time.monotonic() - start, "suites": summary}
-            measure.write_atomic(args.out / "all.json", json.dumps(measure._json_safe(results), indent=1))
+        def save(complete=False):
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+                results = {"suite": "all", "complete": complete, "requested": names, "machine": machine,
+                           "ceilings": ceil, "quick": args.quick, "budget_s": args.budget_s,
+                           "seconds": time.monotonic() - start, "suites": summary}
+                measure.write_atomic(args.out / "all.json", json.dumps(measure._json_safe(results), indent=1))
 
-    save()
-    train_records: list[dict] = []
-    try:
-        for name in names:
-            print(f"\n==== fastcyclic bench {name} ====", flush=True)
-            t0 = time.monotonic()
-            entry = {"suite": name, "out": str(args.out / name) if args.out else None, "status": "running"}
-            summary.append(entry)
-            save()  # a run killed from here on says which suite it was in
-            try:
-                module, ns = suite_args(name, args.device, args.quick, args.out, args.threads, args.dtype,
-                                        args.interpret)
-                kwargs = {}
-                if name == "geometry" and device.type == "cuda":
-                    step_ms, source = _train_step(train_records)
-                    if step_ms:
-                        ns.train_step_ms, kwargs["step_source"] = step_ms, source
-                rc, records = module.run_suite(ns, machine=machine, **kwargs)
-                if name == "train":
-                    train_records = records
-                entry.update(rc=rc, status={0: "ok", 1: "fastcyclic wrong or failed",
-                                            measure.INCOMPLETE: "incomplete (time budget)"}.get(rc, "refused"),
-                             records=_count(records))
-            except Exception as exc:  # a crashing suite is recorded; the next one runs
-                entry.update(rc=None, status="crashed", error=measure.error_text(exc),
-                             traceback=traceback.format_exc()[-3000:])
-                print(f"fastcyclic bench {name} crashed:\n{traceback.format_exc()}", file=sys.stderr)
-            entry["seconds"] = time.monotonic() - t0
-            measure.release(device)
-            save()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (an outer time limit): all.json says where it stopped
-        for entry in summary:
-            if entry["status"] == "running":
-                entry.update(status="interrupted", rc=None)
         save()
-        raise
-    finally:
-        measure.set_budget(None)
-    save(complete=True)
+        train_records: list[dict] = []
+        try:
+            for name in names:
+                print(f"\n==== fastcyclic bench {name} ====", flush=True)
+                t0 = time.monotonic()
+                entry = {"suite": name, "out": str(args.out / name) if args.out else None, "status": "running"}
+                summary.append(entry)
+                save()  # a run killed from here on says which suite it was in
+                try:
+                    module, ns = suite_args(name, args.device, args.quick, args.out, args.threads, args.dtype,
+                                            args.interpret)
+                    kwargs = {}
+                    if name == "geometry" and device.type == "cuda":
+                        step_ms, source = _train_step(train_records)
+                        if step_ms:
+                            ns.train_step_ms, kwargs["step_source"] = step_ms, source
+                    rc, records = module.run_suite(ns, machine=machine, **kwargs)
+                    if name == "train":
+                        train_records = records
+                    entry.update(rc=rc, status={0: "ok", 1: "fastcyclic wrong or failed",
+                                                measure.INCOMPLETE: "incomplete (time budget)"}.get(rc, "refused"),
+                                 records=_count(records))
+                except Exception as exc:  # a crashing suite is recorded; the next one runs
+                    entry.update(rc=None, status="crashed", error=measure.error_text(exc),
+                                 traceback=traceback.format_exc()[-3000:])
+                    print(f"fastcyclic bench {name} crashed:\n{traceback.format_exc()}", file=sys.stderr)
+                entry["seconds"] = time.monotonic() - t0
+                measure.release(device)
+                save()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (an outer time limit): all.json says where it stopped
+            for entry in summary:
+                if entry["status"] == "running":
+                    entry.update(status="interrupted", rc=None)
+            save()
+            raise
+        finally:
+            measure.set_budget(None)
+        save(complete=True)
     print("\n==== fastcyclic bench all: summary ====")
     print(f"{'suite':<10} {'status':<28} {'seconds':>8}  records")
     for e in summary:

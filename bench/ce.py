@@ -499,6 +499,7 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
                 f"--interpret runs the kernels in the Triton interpreter (milliseconds per program and loop step): "
                 f"N*D*K must be <= 2^{INTERPRET_MAX_WORK.bit_length() - 1} (e.g. 512x64x8192), got "
                 f"{', '.join(too_big)}")
+        held = measure.take_out_dir(args.out)  # (last: a refusal above leaves no folder behind)
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
     shapes = args.shapes or (QUICK_SHAPES[device.type] if args.quick else
@@ -509,21 +510,22 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     # a shape or method given twice is measured once (speedups pair each case's records by method)
     shapes, methods = list(dict.fromkeys(shapes)), list(dict.fromkeys(methods))
 
-    machine = machine or measure.machine_facts(device)
-    print(f"fastcyclic bench ce: {measure.machine_title(machine)}, {measure.dtype_name(dtype)}")
-    if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
-        write_results(args.out, machine, [], complete=False)
-    ceil = measure.print_ceilings(device, quick=args.quick or args.interpret)
-    print(header())
-    # results are rewritten (whole files, atomically) after every case, so a run stopped by a time
-    # limit keeps what it measured
-    save = ((lambda records, tuning: write_results(args.out, machine, records, tuning, ceil, complete=False))
-            if args.out else None)
-    records, tunings = run(shapes, dtype, device, methods, quick=args.quick, interpret=args.interpret,
-                           tune=args.tune, after_case=save, ceil=ceil)
-    if args.out:  # once more, complete
-        write_results(args.out, machine, records, tunings, ceil)
-        print(measure.wrote(args.out, FILES))
+    with held:  # --out is this run's until its results are written
+        machine = machine or measure.machine_facts(device)
+        print(f"fastcyclic bench ce: {measure.machine_title(machine)}, {measure.dtype_name(dtype)}")
+        if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
+            write_results(args.out, machine, [], complete=False)
+        ceil = measure.print_ceilings(device, quick=args.quick or args.interpret)
+        print(header())
+        # results are rewritten (whole files, atomically) after every case, so a run stopped by a time
+        # limit keeps what it measured
+        save = ((lambda records, tuning: write_results(args.out, machine, records, tuning, ceil, complete=False))
+                if args.out else None)
+        records, tunings = run(shapes, dtype, device, methods, quick=args.quick, interpret=args.interpret,
+                               tune=args.tune, after_case=save, ceil=ceil)
+        if args.out:  # once more, complete
+            write_results(args.out, machine, records, tunings, ceil)
+            print(measure.wrote(args.out, FILES))
     wrong = [r for r in records if r["status"] == "ok" and r["method"].startswith("fastcyclic") and not r["correct"]]
     failed = [r for r in records if r["status"] in measure.FAILED and r["method"].startswith("fastcyclic")]
     skipped = [r for r in records if r["status"] == "skipped" and r["method"].startswith("fastcyclic")]

@@ -224,27 +224,29 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None, step_sou
         measure.check_dtype(device, dtype)
         if args.train_step_ms is not None and not (math.isfinite(args.train_step_ms) and args.train_step_ms > 0):
             raise measure.BenchInputError(f"--train-step-ms must be > 0, got {args.train_step_ms}")
+        held = measure.take_out_dir(args.out)  # (last: a refusal above leaves no folder behind)
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
     shapes = list(dict.fromkeys(args.shapes or (QUICK_SHAPES[device.type] if args.quick else
                                                 CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)))
-    machine = machine or measure.machine_facts(device)
-    print(f"fastcyclic bench geometry: {measure.machine_title(machine, triton=False)}, "
-          f"{measure.dtype_name(dtype)}, planted circle at omega {OMEGA}")
-    if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
-        write_results(args.out, machine, [], complete=False)
-    ceil = measure.print_ceilings(device, quick=args.quick)
-    step_ms = args.train_step_ms
-    if device.type == "cuda" and step_ms is None and not measure.out_of_time():
-        step_ms, step_source = train_step_ms(device, quick=args.quick)
-        print(f"trainer step: {step_ms:.3f} ms ({step_source})" if step_ms else step_source)
-    print(header())
-    save = (lambda records: write_results(args.out, machine, records, ceil, complete=False)) if args.out else None
-    records = run(shapes, dtype, device, quick=args.quick, ceil=ceil, step_ms=step_ms, step_source=step_source,
-                  after_case=save)
-    if args.out:
-        write_results(args.out, machine, records, ceil)
-        print(measure.wrote(args.out, FILES))
+    with held:  # --out is this run's until its results are written
+        machine = machine or measure.machine_facts(device)
+        print(f"fastcyclic bench geometry: {measure.machine_title(machine, triton=False)}, "
+              f"{measure.dtype_name(dtype)}, planted circle at omega {OMEGA}")
+        if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
+            write_results(args.out, machine, [], complete=False)
+        ceil = measure.print_ceilings(device, quick=args.quick)
+        step_ms = args.train_step_ms
+        if device.type == "cuda" and step_ms is None and not measure.out_of_time():
+            step_ms, step_source = train_step_ms(device, quick=args.quick)
+            print(f"trainer step: {step_ms:.3f} ms ({step_source})" if step_ms else step_source)
+        print(header())
+        save = (lambda records: write_results(args.out, machine, records, ceil, complete=False)) if args.out else None
+        records = run(shapes, dtype, device, quick=args.quick, ceil=ceil, step_ms=step_ms, step_source=step_source,
+                      after_case=save)
+        if args.out:
+            write_results(args.out, machine, records, ceil)
+            print(measure.wrote(args.out, FILES))
     wrong = [r for r in records if r["status"] == "ok" and not r["correct"]]
     failed = [r for r in records if r["status"] in measure.FAILED]
     skipped = [r for r in records if r["status"] == "skipped"]

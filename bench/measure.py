@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import csv
 import ctypes
 import gc
@@ -465,6 +466,23 @@ def _json_safe(value):
     return value
 
 
+def take_out_dir(out) -> contextlib.ExitStack:
+    """Lock --out (a directory, made here) for this run; the caller releases it with ``with``.  Without it, two
+    benches writing to one --out at once left each other's JSON, CSV and figure mixed, or the later one's results
+    replaced by the other's partial ones.  The last check of a command line: a refusal leaves nothing behind."""
+    from fastcyclic.files import exclusive_lock
+
+    held = contextlib.ExitStack()
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        try:
+            held.enter_context(exclusive_lock(os.fspath(out), f"another fastcyclic bench is writing to --out "
+                                                              f"{os.fspath(out)!r}"))
+        except ValueError as e:
+            raise BenchInputError(str(e)) from None
+    return held
+
+
 def write_atomic(path: Path, data: bytes | str) -> Path:
     """Write data so that a reader never sees half a file (``fastcyclic.files.write_bytes``)."""
     from fastcyclic.files import write_bytes
@@ -536,7 +554,8 @@ def add_out_argument(parser, files, *, also: tuple = ()) -> None:
     """--out DIR, its help naming the files written there (and `also`, other things written there); setup_device
     checks that none of the files is a directory."""
     parser.add_argument("--out", type=_out_dir, default=None,
-                        help=f"directory for {_and_list(tuple(files) + tuple(also))} (without it, nothing is written)")
+                        help=f"directory for {_and_list(tuple(files) + tuple(also))} (without it, nothing is written; "
+                             "one bench at a time)")
     parser.set_defaults(out_files=tuple(files))
 
 

@@ -516,6 +516,7 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
                 raise measure.BenchInputError(
                     f"--interpret: --ce-shape N*D*K must be <= 2^{ce_bench.INTERPRET_MAX_WORK.bit_length() - 1}, got "
                     + "x".join(map(str, args.ce_shape)))
+        held = measure.take_out_dir(args.out)  # (last: a refusal above leaves no folder behind)
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
     if args.interpret:
@@ -528,33 +529,34 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     methods = list(dict.fromkeys(args.methods or METHODS))  # given twice: measured once
     sizes = list(dict.fromkeys(sizes))
 
-    machine = machine or measure.machine_facts(device)
-    print(f"fastcyclic bench optim: {measure.machine_title(machine)}, lr {LR}, weight decay {WEIGHT_DECAY}, "
-          f"SGD momentum {MOMENTUM}")
-    if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
-        write_results(args.out, machine, [], complete=False)
-    ceil = measure.print_ceilings(device, quick=args.quick or args.interpret)
-    print(header())
-    # results are rewritten (whole files, atomically) after every part, so a run stopped by a time
-    # limit keeps what it measured
-    records = []
-    save = ((lambda complete=False: write_results(args.out, machine, records, ceil, complete=complete)) if args.out
-            else (lambda complete=False: None))
-    copy = copy_record(ceil["copy"], device)
-    records.append(copy)
-    print(format_row(copy))
-    copy_gbps = copy.get("gbps") if copy["status"] == "ok" else None
-    save()
-    if any(m in STEP_METHODS for m in methods):
-        records += run_steps(sizes, dtype, device, methods, copy_gbps=copy_gbps, quick=args.quick,
-                             interpret=args.interpret)
+    with held:  # --out is this run's until its results are written
+        machine = machine or measure.machine_facts(device)
+        print(f"fastcyclic bench optim: {measure.machine_title(machine)}, lr {LR}, weight decay {WEIGHT_DECAY}, "
+              f"SGD momentum {MOMENTUM}")
+        if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
+            write_results(args.out, machine, [], complete=False)
+        ceil = measure.print_ceilings(device, quick=args.quick or args.interpret)
+        print(header())
+        # results are rewritten (whole files, atomically) after every part, so a run stopped by a time
+        # limit keeps what it measured
+        records = []
+        save = ((lambda complete=False: write_results(args.out, machine, records, ceil, complete=complete)) if args.out
+                else (lambda complete=False: None))
+        copy = copy_record(ceil["copy"], device)
+        records.append(copy)
+        print(format_row(copy))
+        copy_gbps = copy.get("gbps") if copy["status"] == "ok" else None
         save()
-    if "ce_update" in methods:
-        records += run_ce_update(ce_shape, ce_dtype, device, quick=args.quick, interpret=args.interpret, ceil=ceil)
-        save()
-    save(complete=True)
-    if args.out:
-        print(measure.wrote(args.out, FILES))
+        if any(m in STEP_METHODS for m in methods):
+            records += run_steps(sizes, dtype, device, methods, copy_gbps=copy_gbps, quick=args.quick,
+                                 interpret=args.interpret)
+            save()
+        if "ce_update" in methods:
+            records += run_ce_update(ce_shape, ce_dtype, device, quick=args.quick, interpret=args.interpret, ceil=ceil)
+            save()
+        save(complete=True)
+        if args.out:
+            print(measure.wrote(args.out, FILES))
     ours = [r for r in records if r["method"].startswith(("fastcyclic", "ce+"))]
     wrong = [r for r in ours if r["status"] == "ok" and r.get("correct") is False]  # (ce+step is the reference)
     # a fastcyclic optimizer whose reference failed was not checked (correct None, only then): that is no pass

@@ -508,6 +508,7 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
                 f"--interpret runs the kernels in the Triton interpreter (milliseconds per program and loop step): "
                 f"batch*d*P must be <= 2^{INTERPRET_MAX_WORK.bit_length() - 1}, got {', '.join(too_big)} at batch "
                 f"{args.batch_size}")
+        held = measure.take_out_dir(args.out)  # (last: a refusal above leaves no folder behind)
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []
     shapes = args.shapes or ((INTERPRET_SHAPE,) if args.interpret else QUICK_SHAPES[device.type] if args.quick else
@@ -515,19 +516,20 @@ def run_suite(args: argparse.Namespace, *, machine: dict | None = None) -> tuple
     methods = args.methods or [m for m in METHOD_NAMES if not (m == "compile" and args.quick and device.type == "cpu")]
     shapes, methods = list(dict.fromkeys(shapes)), list(dict.fromkeys(methods))  # given twice: measured once
 
-    machine = machine or measure.machine_facts(device)
-    print(f"fastcyclic bench train: {measure.machine_title(machine)}, batch {args.batch_size}, AdamW lr {LR} "
-          f"betas {BETAS} decoupled weight decay {WEIGHT_DECAY}")
-    if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
-        write_results(args.out, machine, [], complete=False)
-    ceil = measure.print_ceilings(device, quick=args.quick)
-    print(header())
-    save = (lambda records: write_results(args.out, machine, records, ceil, complete=False)) if args.out else None
-    records = run(shapes, dtypes, device, methods, quick=args.quick, batch_size=args.batch_size, ceil=ceil,
-                  after_case=save, interpret=args.interpret)
-    if args.out:
-        write_results(args.out, machine, records, ceil)
-        print(measure.wrote(args.out, FILES))
+    with held:  # --out is this run's until its results are written
+        machine = machine or measure.machine_facts(device)
+        print(f"fastcyclic bench train: {measure.machine_title(machine)}, batch {args.batch_size}, AdamW lr {LR} "
+              f"betas {BETAS} decoupled weight decay {WEIGHT_DECAY}")
+        if args.out:  # now: an earlier run's files must not pass for this one's if it stops before its first case
+            write_results(args.out, machine, [], complete=False)
+        ceil = measure.print_ceilings(device, quick=args.quick)
+        print(header())
+        save = (lambda records: write_results(args.out, machine, records, ceil, complete=False)) if args.out else None
+        records = run(shapes, dtypes, device, methods, quick=args.quick, batch_size=args.batch_size, ceil=ceil,
+                      after_case=save, interpret=args.interpret)
+        if args.out:
+            write_results(args.out, machine, records, ceil)
+            print(measure.wrote(args.out, FILES))
     ours = [r for r in records if r["method"] == "fastcyclic"]
     wrong = [r for r in ours if r["status"] == "ok" and not r["correct"]]
     failed = [r for r in ours if r["status"] in measure.FAILED]

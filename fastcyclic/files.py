@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import tempfile
+import warnings
 from typing import BinaryIO, Callable
 
 
@@ -53,19 +54,21 @@ def remove_temporaries(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str, busy: str):
+def exclusive_lock(path: str, busy: str, *, wait: bool = False):
     """An exclusive flock on path (a directory, or a file made if missing) for the block: ValueError(busy) when
-    another process holds it.  Where flock itself fails (some network filesystems) the block runs unlocked."""
+    another process holds it (wait=True: wait for it instead).  Where flock itself fails (some network
+    filesystems) the block runs unlocked, with a warning: two processes in one directory go unnoticed there."""
     import fcntl
 
     fd = os.open(path, os.O_RDONLY) if os.path.isdir(path) else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise ValueError(busy) from None
-        except OSError:
-            pass
+        except OSError as e:
+            warnings.warn(f"cannot lock {path!r} ({e.strerror or e}: this filesystem has no flock); nothing stops "
+                          "another process from writing there at the same time", stacklevel=3)
         yield
     finally:
         os.close(fd)  # which releases the lock

@@ -911,14 +911,16 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fastcyclic reproduce: error: {e}", file=sys.stderr)
         return 2
-    records = outcome.records
-    problem = sweep.lost_runs(sweep_dir, records)
-    if problem:
-        print(f"fastcyclic reproduce: {problem}; nothing else was written (rerun to finish the runs)", file=sys.stderr)
-        return 1
-    rows = sweep.rows_of(records)
-    analysis = sweep.analyse(records, n_boot=args.bootstrap)
-    paths = sweep.write_outputs(sweep_dir, records, analysis)
+    with sweep.analysis_lock(sweep_dir):  # (a --analyze-only of sweep/ at the same time: see sweep.analysis_lock)
+        records = outcome.records
+        problem = sweep.lost_runs(sweep_dir, records)
+        if problem:
+            print(f"fastcyclic reproduce: {problem}; nothing else was written (rerun to finish the runs)",
+                  file=sys.stderr)
+            return 1
+        rows = sweep.rows_of(records)
+        analysis = sweep.analyse(records, n_boot=args.bootstrap)
+        paths = sweep.write_outputs(sweep_dir, records, analysis)
     figures = {k: paths.get(k) for k in ("phase_diagram", "fractions", "lambda_k")}
     figures["layer_order"] = plot_layer_order(rows, os.path.join(out, "figures", "layer_order.png"))
     figures["layer_history"] = plot_layer_history(records, rows, preset.layer,

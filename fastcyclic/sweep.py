@@ -880,6 +880,22 @@ def _lock(out: str):
     return files.exclusive_lock(os.path.join(out, LOCK_FILE), f"another sweep is running in {out!r}")
 
 
+def sweep_running(out: str) -> bool:
+    """Another process holds DIR's sweep lock (a sweep is running there now)."""
+    try:
+        with _lock(out):
+            return False
+    except ValueError:
+        return True
+
+
+def analysis_lock(out: str):
+    """Waits for, then holds, a lock on DIR itself (sweep.lock is the runs'): of two processes rewriting runs.csv,
+    fits.json and the figures (a sweep that ended, --analyze-only, fastcyclic reproduce), the later one reads the
+    records after the earlier one has written, so a table of fewer runs never replaces one of more."""
+    return files.exclusive_lock(out, "", wait=True)
+
+
 def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Optional[int] = None,
               threads: Optional[int] = None, device: str = "auto", deadline_s: Optional[float] = None,
               run_seconds: Optional[float] = None, retry_failed: bool = False, log: Callable = say) -> SweepOutcome:
@@ -897,7 +913,7 @@ def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Option
     with _lock(out):
         specs = prepare(out, blocks, device)  # again under the lock: another sweep may have started here since
         # records a kill left mid-write: only a sweep holding the lock writes runs/ (the analysis files and
-        # figures are written unlocked, also by --analyze-only, so their temporaries are left alone)
+        # figures are written under analysis_lock, also by --analyze-only, so their temporaries are left alone)
         runs = os.path.join(out, RUNS_DIR)
         if os.path.isdir(runs):
             files.remove_temporaries(runs)
@@ -1790,13 +1806,17 @@ def _main(args: argparse.Namespace) -> int:
             state = load_sweep(args.out)
             if state is None:
                 raise ValueError(f"{args.out!r} holds no sweep")
+            running = sweep_running(args.out)
             if _grid_given(args):
                 print("fastcyclic sweep: --analyze-only analyses the sweep in --out as it is; the grid options are "
                       "ignored", file=sys.stderr)
             records = load_records(args.out)
             _check_nothing_lost(args.out, records)
             remaining = [s.id for s in stored_specs(state) if s.id not in records]
-            if remaining:
+            if remaining and running:
+                print(f"a sweep is running in {args.out!r}: {len(remaining)} of {len(records) + len(remaining)} runs "
+                      "have not finished yet; this analysis covers the others, and the sweep rewrites it when it ends")
+            elif remaining:
                 print(f"{len(remaining)} of {len(records) + len(remaining)} runs have not finished (interrupted or "
                       "out of time); rerun the sweep to finish them")
         else:
@@ -1811,14 +1831,17 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fastcyclic sweep: error: {e}", file=sys.stderr)
         return 2
-    failed = sum(r["status"] == "failed" for r in records.values())
-    problem = lost_runs(args.out, records)
-    if problem:  # (after a run that stopped before redoing them: a budget, --max-minutes)
-        print(f"fastcyclic sweep: {problem}; runs.csv, fits.json and the figures were left as they were (the "
-              "runs' own records are in runs/: rerun to finish the others)", file=sys.stderr)
-        return 1
-    analysis = analyse(records, n_boot=args.bootstrap)
-    paths = write_outputs(args.out, records, analysis, figures=args.figures)
+    with analysis_lock(args.out):
+        records = load_records(args.out, warn=lambda *_: None)  # again: another process may have added runs since
+        remaining = [run_id for run_id in remaining if run_id not in records]
+        failed = sum(r["status"] == "failed" for r in records.values())
+        problem = lost_runs(args.out, records)
+        if problem:  # (after a run that stopped before redoing them: a budget, --max-minutes)
+            print(f"fastcyclic sweep: {problem}; runs.csv, fits.json and the figures were left as they were (the "
+                  "runs' own records are in runs/: rerun to finish the others)", file=sys.stderr)
+            return 1
+        analysis = analyse(records, n_boot=args.bootstrap)
+        paths = write_outputs(args.out, records, analysis, figures=args.figures)
     print(summary_text(analysis))
     print("wrote " + ", ".join(os.path.relpath(p, args.out) for p in paths.values()) + f" in {args.out}")
     if failed:

@@ -759,6 +759,9 @@ def _check_crc32s(path: str) -> None:
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint's contents, or a ValueError saying why it cannot be used (nothing is written)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist" if not os.path.exists(path) else
+                         f"checkpoint {path!r} is not a file")
     try:
         _check_crc32s(path)
         state = torch.load(path, map_location="cpu", weights_only=True)

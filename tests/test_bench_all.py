@@ -350,6 +350,23 @@ def test_a_results_file_name_taken_by_a_directory_is_refused_before_anything_run
 
 
 @pytest.mark.parametrize("suite", all_suites.SUITES + ("all",))
+def test_an_out_another_bench_is_writing_to_is_refused(suite, tmp_path, capsys):
+    """Two benches on one --out rewrote each other's JSON and CSV after every case (and removed the figure): the
+    later one's results were lost, or its JSON and CSV came from different runs.  The second is refused now."""
+    from fastcyclic.files import exclusive_lock
+
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "ce.json").write_text("the other run's")
+    with exclusive_lock(str(out), "held by the test"):  # as the other process's take_out_dir holds it
+        assert main(["bench", suite, "--device", "cpu", "--quick", "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert f"another fastcyclic bench is writing to --out {str(out)!r}" in printed.err
+    assert "ceilings" not in printed.out  # nothing was measured
+    assert [p.name for p in out.iterdir()] == ["ce.json"] and (out / "ce.json").read_text() == "the other run's"
+
+
+@pytest.mark.parametrize("suite", all_suites.SUITES + ("all",))
 def test_an_empty_out_is_refused(suite, tmp_path, monkeypatch, capsys):
     """Path("") is the current directory: the results were written there."""
     monkeypatch.chdir(tmp_path)

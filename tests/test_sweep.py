@@ -3,6 +3,7 @@ killed sweep resumes without repeating or losing a run, a crashed run is recorde
 λ_crit / λ₀ estimators and the slope fit recover known answers from synthetic run tables (a P without a crossing is
 reported as such), the report is written from a tiny real sweep, and the figures render."""
 import argparse
+import concurrent.futures as cf
 import contextlib
 import csv
 import datetime
@@ -403,6 +404,29 @@ def test_analyze_only_says_how_many_runs_have_not_finished(tmp_path, capsys):
     capsys.readouterr()
     assert sweep.main(sweep_args("--analyze-only", "--no-figures", "--out", str(out))) == 1
     assert "1 of 2 runs have not finished" in capsys.readouterr().out
+
+
+def test_an_analysis_never_replaces_a_fuller_table_written_while_it_ran(tmp_path, capsys):
+    """--analyze-only started while a sweep runs, and the sweep ending: the later of the two to write runs.csv
+    reads the records again under the analysis lock, so a table of fewer runs never replaces one of more (it did:
+    a slow --analyze-only wrote its 11 runs over the sweep's 12).  It also says that a sweep is running."""
+    out = tmp_path / "race"
+    argv = ["--p", "5,7", "--weight-decay", "0.1", "--steps", "20", "--workers", "0", "--set", "d=8",
+            "--set", "hidden=16", "--no-figures", "--out", str(out)]
+    assert sweep.main(sweep_args(*argv)) == 0
+    record = next((out / "runs").glob("*.json"))
+    record.rename(tmp_path / record.name)  # the sweep's last run is still training: no record, no runs.csv
+    (out / "runs.csv").unlink()
+    capsys.readouterr()
+    with cf.ThreadPoolExecutor(1) as pool:
+        with sweep._lock(str(out)), sweep.analysis_lock(str(out)):  # the sweep, about to write its analysis
+            analysis = pool.submit(sweep.main, sweep_args("--analyze-only", "--no-figures", "--out", str(out)))
+            time.sleep(3)
+            assert not analysis.done(), "--analyze-only wrote while the sweep held the analysis lock"
+            (tmp_path / record.name).rename(record)  # the last run ends; the sweep writes runs.csv of both
+        assert analysis.result(timeout=120) == 0  # its analysis covers both runs
+    assert "a sweep is running in" in capsys.readouterr().out
+    assert (out / "runs.csv").read_bytes().count(b"\n") == 3  # header and two runs
 
 
 def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
@@ -1556,8 +1580,8 @@ def test_the_showcase_is_seed_0_at_the_largest_p_and_its_most_cyclic_lambda():
 
 def test_a_rerun_removes_what_a_kill_left_mid_write(tmp_path):
     """A sweep killed while writing a record leaves temporary files; the rerun (holding the lock) removes them.
-    (Those of the analysis files and figures stay: they are written unlocked, also by --analyze-only, and a
-    rerun removing them could break a write under way.)"""
+    (Those of the analysis files and figures stay: they are written under another lock, also by --analyze-only,
+    and a rerun removing them could break a write under way.)"""
     out = tmp_path / "s"
     sweep.run_sweep(str(out), [tiny_block()], workers=0, deadline_s=0.0, log=lambda *a: 0)
     leftovers = [out / sweep.RUNS_DIR / ".tmp-a.tmp", out / sweep.RUNS_DIR / ".tmp-b.tmp"]

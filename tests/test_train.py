@@ -942,14 +942,17 @@ def test_two_runs_in_one_out_dir_are_refused(tmp_path):
 
 def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch):
     """Only "held by another process" refuses a run: a filesystem where flock fails otherwise (EBADF, ENOLCK on
-    some network filesystems) would have refused every run as 'another run is writing'."""
+    some network filesystems) would have refused every run as 'another run is writing'.  It warns: two runs in
+    one out_dir there interleave their metrics unnoticed."""
     import fcntl
 
     def no_flock(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
-    train(TrainConfig(p=7, d=4, steps=2, eval_every=2, progress=False, out_dir=str(tmp_path / "run")), figures=False)
+    with pytest.warns(UserWarning, match="No locks available: this filesystem has no flock"):
+        train(TrainConfig(p=7, d=4, steps=2, eval_every=2, progress=False, out_dir=str(tmp_path / "run")),
+              figures=False)
     assert (tmp_path / "run" / "summary.json").exists()
 
 
@@ -1314,6 +1317,11 @@ def test_load_checkpoint_refuses_a_torch_file_that_is_not_a_training_checkpoint(
     torch.save(dict(model={}, step=3), path)
     with pytest.raises(ValueError, match="not a fastcyclic training checkpoint"):
         load_checkpoint(str(path))
+    # a missing path, or a folder, is said as such (it read "corrupt or unreadable (FileNotFoundError ...)")
+    with pytest.raises(ValueError, match=r"other2.pt' does not exist$"):
+        load_checkpoint(str(tmp_path / "other2.pt"))
+    with pytest.raises(ValueError, match="is not a file$"):
+        load_checkpoint(str(tmp_path))
 
 
 def test_summary_json_holds_what_the_result_says(tmp_path, monkeypatch):
