@@ -314,47 +314,51 @@ class _FusedUpdateLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        ignore_index, label_smoothing, z_loss, backend, handle = ctx.options
-        handle.check_backward()
-        h, bias, target, saved = ctx.saved_tensors
-        # the parameters themselves, not the unpacked saved tensors: saved-tensor hooks (checkpoint, save_on_cpu,
-        # offloading) hand back another tensor object, or a copy, and the update, the optimizer's state (keyed by
-        # the parameter) and bias.grad must land on the parameters (the unpacking above checks bias's version)
-        weight, bias = handle.weight, ctx.bias_param
-        if weight._version != ctx.weight_version:  # what torch's check of a saved weight would say
-            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
-                               f"inplace operation: the classifier weight {tuple(weight.shape)} is at version "
-                               f"{weight._version}; the fused cross-entropy's forward used version "
-                               f"{ctx.weight_version}")
-        p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, None, target, saved, ignore_index,
-                                                     label_smoothing, z_loss, weight.shape[0])
-        lse_parts = saved[1:]
-        need_dh = ctx.needs_input_grad[0]
-        try:  # False: this backward does not reach weight (backward(inputs=...), autograd.grad w.r.t. h)
-            reaches_weight = torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(weight).node)
-        except RuntimeError:  # torch: "... we are currently running autograd.grad()", with weight among its inputs
-            raise RuntimeError("torch.autograd.grad w.r.t. the classifier weight of a fused_update loss: its gradient "
-                               "is never formed (the update is fused into .backward()); call the loss without "
-                               "fused_update for this") from None
-        if not reaches_weight:  # the ordinary gradients of h and bias; no update (weight gets no gradient)
-            dh, _, db = _linear_ce_backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
-                                            label_smoothing, backend, need_dh, False, ctx.needs_input_grad[2])
-            return (dh if need_dh else None, None, db if ctx.needs_input_grad[2] else None) + (None,) * 7
-        if backend == "triton":  # dh now, from the weight as it is; dW and the update in the hook
-            dh, _, _ = triton_impl.backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
-                                            label_smoothing, need_dh=need_dh, need_dw=False, need_db=False,
-                                            **_backend_kwargs(backend))
-            torch_grads = None
-        else:  # the chunked backend makes dh, dW and dbias in one pass; the hook steps on dW
-            with torch.autocast(h.device.type, enabled=False):  # as in _linear_ce_backward
-                dh, dw, db = torch_impl.backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
-                                                 label_smoothing, need_dh=need_dh, need_dw=True,
-                                                 **_backend_kwargs(backend))
-            torch_grads = (dw, db)
-        handle.defer(dict(h=h, weight=weight, bias=bias, target=target, lse_parts=lse_parts, p_coef=p_coef,
-                          t_coef=t_coef, g_target=g_target, label_smoothing=label_smoothing, backend=backend,
-                          torch_grads=torch_grads, config=_backend_kwargs("triton")["config"]))
-        return (dh if need_dh else None,) + (None,) * 9
+        return _fused_update_backward(ctx, grad_loss)
+
+
+def _fused_update_backward(ctx, grad_loss):
+    ignore_index, label_smoothing, z_loss, backend, handle = ctx.options
+    handle.check_backward()
+    h, bias, target, saved = ctx.saved_tensors
+    # the parameters themselves, not the unpacked saved tensors: saved-tensor hooks (checkpoint, save_on_cpu,
+    # offloading) hand back another tensor object, or a copy, and the update, the optimizer's state (keyed by
+    # the parameter) and bias.grad must land on the parameters (the unpacking above checks bias's version)
+    weight, bias = handle.weight, ctx.bias_param
+    if weight._version != ctx.weight_version:  # what torch's check of a saved weight would say
+        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                           f"inplace operation: the classifier weight {tuple(weight.shape)} is at version "
+                           f"{weight._version}; the fused cross-entropy's forward used version "
+                           f"{ctx.weight_version}")
+    p_coef, t_coef, g_target = _logit_grad_terms(grad_loss, None, target, saved, ignore_index,
+                                                 label_smoothing, z_loss, weight.shape[0])
+    lse_parts = saved[1:]
+    need_dh = ctx.needs_input_grad[0]
+    try:  # False: this backward does not reach weight (backward(inputs=...), autograd.grad w.r.t. h)
+        reaches_weight = torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(weight).node)
+    except RuntimeError:  # torch: "... we are currently running autograd.grad()", with weight among its inputs
+        raise RuntimeError("torch.autograd.grad w.r.t. the classifier weight of a fused_update loss: its gradient "
+                           "is never formed (the update is fused into .backward()); call the loss without "
+                           "fused_update for this") from None
+    if not reaches_weight:  # the ordinary gradients of h and bias; no update (weight gets no gradient)
+        dh, _, db = _linear_ce_backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
+                                        label_smoothing, backend, need_dh, False, ctx.needs_input_grad[2])
+        return (dh if need_dh else None, None, db if ctx.needs_input_grad[2] else None) + (None,) * 7
+    if backend == "triton":  # dh now, from the weight as it is; dW and the update in the hook
+        dh, _, _ = triton_impl.backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
+                                        label_smoothing, need_dh=need_dh, need_dw=False, need_db=False,
+                                        **_backend_kwargs(backend))
+        torch_grads = None
+    else:  # the chunked backend makes dh, dW and dbias in one pass; the hook steps on dW
+        with torch.autocast(h.device.type, enabled=False):  # as in _linear_ce_backward
+            dh, dw, db = torch_impl.backward(h, weight, bias, target, lse_parts, p_coef, t_coef, g_target,
+                                             label_smoothing, need_dh=need_dh, need_dw=True,
+                                             **_backend_kwargs(backend))
+        torch_grads = (dw, db)
+    handle.defer(dict(h=h, weight=weight, bias=bias, target=target, lse_parts=lse_parts, p_coef=p_coef,
+                      t_coef=t_coef, g_target=g_target, label_smoothing=label_smoothing, backend=backend,
+                      torch_grads=torch_grads, config=_backend_kwargs("triton")["config"]))
+    return (dh if need_dh else None,) + (None,) * 9
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,6 +414,28 @@ def _prepare(h, weight, target, bias, reduction, ignore_index, label_smoothing, 
     return backend, target.long(), _check_ignore_index(ignore_index)
 
 
+def _fused_forward(h, weight, bias, target, options, validate, handle):
+    handle.check_forward(weight)
+    return _FusedUpdateLinearCE.apply(h, weight, bias, target, *options, validate, handle)
+
+
+def keep_fused_update_out_of_compile() -> None:
+    """Make torch.compile run the fused update eagerly, a graph break (``fullgraph=True`` refuses it, saying why).
+    The update reads and bumps the weight's version counter and steps the optimizer from a hook: traced by dynamo,
+    weight._version is an unbacked symbol, and the version check misfired in a compiled training step's second
+    backward ("at version 2 ... used version 2"), or fullgraph=True failed on a data-dependent guard.  Called by
+    fused_update(), which every fused loss needs: torch.compiler.disable imports dynamo (~1.5 s), which a plain
+    ``import fastcyclic`` should not pay."""
+    global _fused_forward, _fused_update_backward
+    if getattr(_fused_forward, "_fastcyclic_eager", False):
+        return
+    reason = ("fastcyclic's fused_update runs outside torch.compile (a graph break); call the loss without "
+              "fused_update for fullgraph=True")
+    _fused_forward = torch.compiler.disable(_fused_forward, reason=reason)
+    _fused_update_backward = torch.compiler.disable(_fused_update_backward, reason=reason)
+    _fused_forward._fastcyclic_eager = True
+
+
 def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,
                          reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
                          z_loss: float = 0.0, backend: str = "auto", deterministic: bool = False,
@@ -460,8 +486,7 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, *, bias: Opt
                              f"by {type(bias.grad_fn).__name__}: the fused backward writes bias.grad directly, so "
                              "its gradient would not reach the parameter. Pass the parameter, or do not use "
                              "fused_update")
-        fused_update.check_forward(weight)
-        loss_rows = _FusedUpdateLinearCE.apply(h, weight, bias, target, *options, validate, fused_update)
+        loss_rows = _fused_forward(h, weight, bias, target, options, validate, fused_update)
     else:
         loss_rows, _, _, _ = _linear_ce(h, weight, bias, target, *options, False, validate)
     if reduction == "none":

@@ -738,8 +738,10 @@ class FusedUpdate:
     clearly, as a configuration error, and ``skip_nonfinite`` optimizers are refused likewise.
     What it cannot see, and the caller must not do: ``clip_grad_norm_`` over the model (weight has
     no .grad, so it is neither in the norm nor clipped), loss scaling with unscaled gradients
-    (GradScaler), gradient all-reduce hooks (DDP), and the same weight in a second optimizer.
-    Create it with :func:`fused_update`."""
+    (GradScaler), data parallelism (DDP, FSDP: each process would update weight with its own gradient; it warns
+    under torch.distributed with more than one process, and ``optimizer.step()`` refuses a .grad that DDP wrote
+    after the update), and the same weight in a second optimizer.  Under torch.compile the fused loss and its
+    update run eagerly, a graph break.  Create it with :func:`fused_update`."""
 
     def __init__(self, optimizer: _WeightDecayOptimizer, weight: Tensor):
         self.optimizer = optimizer
@@ -750,10 +752,14 @@ class FusedUpdate:
         self._pending_task = None  # the autograd graph task that deferred it
         self._hyper: dict = {}  # the group's float hyper-parameters the last update used
         self._stepped = True  # False between a fused update and the next optimizer.step()
+        self._warned_distributed = False
         # the hook holds the handle weakly: the weight outlives an optimizer dropped for a new one (a new phase),
         # and a strong reference would keep that optimizer, and all its state, alive with it
         self._hook = weight.register_hook(_call_if_alive(weakref.ref(self)))
         optimizer._fused_weights[id(weight)] = self
+        from fastcyclic.linear_ce import keep_fused_update_out_of_compile  # (linear_ce imports this module)
+
+        keep_fused_update_out_of_compile()
 
     def remove(self) -> None:
         """Stop fusing: weight gets ordinary gradients again."""
@@ -771,6 +777,12 @@ class FusedUpdate:
                              "(optimizer.skip_nonfinite was set to True)")
         self.optimizer.check_values(self.group_index)  # the backward updates the weight with these values
         self._check_can_update()
+        if not self._warned_distributed and _multi_process():
+            self._warned_distributed = True
+            warnings.warn("fused_update under torch.distributed (world size > 1): the classifier is updated with "
+                          "this process's own gradient, which no all-reduce (DDP, FSDP) sees. In data-parallel "
+                          "training the processes' classifiers would drift apart: do not use fused_update there "
+                          "(processes that each train their own model are fine)", RuntimeWarning, stacklevel=5)
 
     def _check_can_update(self) -> None:
         if not self._stepped:
@@ -839,6 +851,14 @@ class FusedUpdate:
         # a loss whose backward did not reach the weight (backward(inputs=...), autograd.grad w.r.t. other
         # tensors, an aborted backward): no gradient, so no update, as in the unfused path
         self._pending = None
+        if not self._stepped and self.weight.grad is not None:
+            # written past the gradient hook, after the fused update: DDP's reducer (it copies the all-reduced
+            # bucket, zeros for a weight that sent none, into .grad), FSDP, a hand-written all-reduce
+            raise RuntimeError(
+                "the classifier weight holds a .grad written after its fused update (by DDP's or FSDP's gradient "
+                "all-reduce, or by hand): step() would update it a second time, and each process has already "
+                "updated it with its local gradient only. fused_update cannot be combined with data-parallel "
+                "gradient synchronisation; do not use fused_update here")
         if not self._stepped:
             group = self.optimizer.param_groups[self.group_index]
             now = _hyper_snapshot(group)
@@ -891,6 +911,12 @@ def _call_if_alive(handle_ref):
 _FIRST_STEP_IN_CAPTURE = ("a CUDA graph capture of an optimizer step needs a warm-up step first, outside the capture "
                           "(e.g. on a side stream), in which every parameter gets a gradient: a first step creates "
                           "the optimizer state")
+
+
+def _multi_process() -> bool:
+    """Whether torch.distributed runs a process group of more than one process."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _capturing() -> bool:

@@ -9,6 +9,9 @@ import functools
 import gc
 import pickle
 import re
+import subprocess
+import sys
+import warnings
 import weakref
 
 import numpy as np
@@ -2076,3 +2079,78 @@ def test_fused_update_refuses_a_weight_that_is_not_2d():
     w = torch.zeros(7, requires_grad=True)
     with pytest.raises(ValueError, match="2-D leaf tensor"):
         fused_update(AdamW([w]), w)
+
+
+def _compile_problem(backend):
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 8), torch.randint(0, 5, (6,))
+    weight, hidden = torch.nn.Parameter(torch.randn(5, 8)), torch.nn.Parameter(torch.randn(8, 8) * 0.3)
+    opt = AdamW([weight, hidden], lr=0.1, weight_decay=0.1, backend=backend)
+    return x, y, weight, hidden, opt
+
+
+# (torch only: under TRITON_INTERPRET dynamo traces the interpreter's Python and fails on its uint64 pointers)
+@pytest.mark.parametrize("backend", ["torch"])
+def test_fused_update_inside_a_compiled_training_step(backend):
+    """A torch.compile'd step (forward, backward, step) with fused_update: dynamo traced the fused backward, where
+    its check of weight._version misfired on the second step ("at version 2 ... used version 2")."""
+    params = []
+    for fused in (False, True):
+        torch._dynamo.reset()
+        x, y, weight, hidden, opt = _compile_problem(backend)
+        handle = fused_update(opt, weight) if fused else None
+
+        @torch.compile(backend="aot_eager")
+        def step():
+            linear_cross_entropy(torch.tanh(x @ hidden), weight, y, fused_update=handle, backend=backend).backward()
+            opt.step()
+            opt.zero_grad()
+        for _ in range(3):
+            step()
+        params.append((weight.detach().clone(), hidden.detach().clone()))
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_update_under_fullgraph_compile_names_the_reason():
+    torch._dynamo.reset()
+    x, y, weight, _, opt = _compile_problem("torch")
+    handle = fused_update(opt, weight)
+    loss = torch.compile(lambda x, y: linear_cross_entropy(x, weight, y, fused_update=handle), backend="eager",
+                         fullgraph=True)
+    with pytest.raises(Exception, match="fused_update runs outside torch.compile"):
+        loss(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_update_refuses_a_gradient_written_after_the_update(backend):
+    """DDP's reducer writes the all-reduced bucket (zeros for a weight that sent no gradient) into weight.grad past
+    its hook: step() stepped the classifier a second time (AdamW's step count went 1, 3, 5), silently."""
+    x, y, weight, hidden, opt = _compile_problem(backend)
+    handle = fused_update(opt, weight)
+    linear_cross_entropy(x @ hidden, weight, y, fused_update=handle, backend=backend).backward()
+    weight.grad = torch.zeros_like(weight)  # as DDP's reducer does
+    with pytest.raises(RuntimeError, match="written after its fused update"):
+        opt.step()
+    assert int(opt.state[weight]["step"]) == 1
+
+
+def test_fused_update_warns_under_torch_distributed(monkeypatch):
+    from fastcyclic import optim
+    x, y, weight, hidden, opt = _compile_problem("torch")
+    handle = fused_update(opt, weight)
+    monkeypatch.setattr(optim, "_multi_process", lambda: True)
+    with pytest.warns(RuntimeWarning, match="own gradient, which no all-reduce"):
+        linear_cross_entropy(x @ hidden, weight, y, fused_update=handle).backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per handle
+        linear_cross_entropy(x @ hidden, weight, y, fused_update=handle).backward()
+
+
+def test_import_fastcyclic_does_not_import_dynamo():
+    """torch.compiler.disable imports dynamo (~1.5 s): the fused update's entry points are wrapped when a handle
+    is made, not when fastcyclic is imported (every CLI command and sweep worker would pay it)."""
+    code = ("import sys, fastcyclic, fastcyclic.cli, fastcyclic.training, fastcyclic.linear_ce; "
+            "assert 'torch._dynamo' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
