@@ -96,6 +96,10 @@ def run_suite(args: argparse.Namespace) -> tuple[int, list[dict]]:
         names = list(dict.fromkeys(args.suites or SUITES))  # in the order given
         for name in names if args.out else ():  # each suite's folder, before all.json or any suite is written
             measure.check_out_dir(args.out / name, importlib.import_module(MODULES[name]).FILES)
+        for name in names if args.out else ():  # in another bench's use: refused now, not after the ceilings and
+            if (args.out / name).is_dir():  # the suites before it (each suite locks it again)
+                with measure.take_out_dir(args.out / name):
+                    pass
         held = measure.take_out_dir(args.out)  # (last: a refusal above leaves no folder behind)
     except measure.BenchInputError as exc:
         return measure.fail(str(exc)), []

@@ -54,21 +54,26 @@ def remove_temporaries(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str, busy: str, *, wait: bool = False):
+def exclusive_lock(path: str, busy: str, *, wait: bool = False, on_wait: Callable[[], None] | None = None):
     """An exclusive flock on path (a directory, or a file made if missing) for the block: ValueError(busy) when
-    another process holds it (wait=True: wait for it instead).  Where flock itself fails (some network
+    another process holds it (wait=True: call on_wait, then wait for it).  Where flock itself fails (some network
     filesystems) the block runs unlocked, with a warning: two processes in one directory go unnoticed there."""
     import fcntl
 
     fd = os.open(path, os.O_RDONLY) if os.path.isdir(path) else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(busy) from None
+            if not wait:
+                raise ValueError(busy) from None
+            if on_wait is not None:  # say why this process stops here (the holder may be a stopped job)
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:
-            warnings.warn(f"cannot lock {path!r} ({e.strerror or e}: this filesystem has no flock); nothing stops "
-                          "another process from writing there at the same time", stacklevel=3)
+            warnings.warn(f"cannot lock {path!r} ({e.strerror or e}; a filesystem without flock, or NFS, which "
+                          "locks only files open for writing); nothing stops another process from writing there at "
+                          "the same time", stacklevel=3)
         yield
     finally:
         os.close(fd)  # which releases the lock

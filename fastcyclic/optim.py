@@ -740,10 +740,14 @@ class FusedUpdate:
     no .grad, so it is neither in the norm nor clipped), loss scaling with unscaled gradients
     (GradScaler), data parallelism (DDP, FSDP: each process would update weight with its own gradient; it warns
     under torch.distributed with more than one process, and ``optimizer.step()`` refuses a .grad that DDP wrote
-    after the update), and the same weight in a second optimizer.  Under torch.compile the fused loss and its
+    after the update, as DDP does by default, not with find_unused_parameters or static_graph), and the same
+    weight in a second optimizer.  Under torch.compile the fused loss and its
     update run eagerly, a graph break.  Create it with :func:`fused_update`."""
 
     def __init__(self, optimizer: _WeightDecayOptimizer, weight: Tensor):
+        from fastcyclic.linear_ce import keep_fused_update_out_of_compile  # (linear_ce imports this module)
+
+        keep_fused_update_out_of_compile()  # first: a failure here must not leave the hook and registration behind
         self.optimizer = optimizer
         self.weight = weight
         self.group_index = next(i for i, g in enumerate(optimizer.param_groups)
@@ -757,9 +761,6 @@ class FusedUpdate:
         # and a strong reference would keep that optimizer, and all its state, alive with it
         self._hook = weight.register_hook(_call_if_alive(weakref.ref(self)))
         optimizer._fused_weights[id(weight)] = self
-        from fastcyclic.linear_ce import keep_fused_update_out_of_compile  # (linear_ce imports this module)
-
-        keep_fused_update_out_of_compile()
 
     def remove(self) -> None:
         """Stop fusing: weight gets ordinary gradients again."""

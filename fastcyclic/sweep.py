@@ -131,6 +131,7 @@ FORMAT = 1
 SWEEP_FILE = "sweep.json"
 RUNS_DIR = "runs"
 LOCK_FILE = "sweep.lock"
+ANALYSIS_LOCK_FILE = "analysis.lock"  # held while runs.csv, fits.json and the figures are rewritten
 SESSIONS_FILE = "sessions.jsonl"
 
 # set per run by the sweep itself, or by their own flags
@@ -890,10 +891,13 @@ def sweep_running(out: str) -> bool:
 
 
 def analysis_lock(out: str):
-    """Waits for, then holds, a lock on DIR itself (sweep.lock is the runs'): of two processes rewriting runs.csv,
-    fits.json and the figures (a sweep that ended, --analyze-only, fastcyclic reproduce), the later one reads the
-    records after the earlier one has written, so a table of fewer runs never replaces one of more."""
-    return files.exclusive_lock(out, "", wait=True)
+    """Waits for, then holds, DIR/analysis.lock: of two processes rewriting runs.csv, fits.json and the figures (a
+    sweep that ended, --analyze-only, fastcyclic reproduce), the later one reads the records after the earlier one
+    has written, so a table of fewer runs never replaces one of more.  (A file, as sweep.lock: NFS's flock takes an
+    exclusive lock only on a file open for writing, which a directory cannot be.)"""
+    return files.exclusive_lock(os.path.join(out, ANALYSIS_LOCK_FILE), "", wait=True, on_wait=lambda: say(
+        f"waiting for another process writing the analysis of {out!r} (a sweep that ended, --analyze-only, "
+        "fastcyclic reproduce) to finish; Ctrl-C stops waiting (rerun this command later to write it)"))
 
 
 def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Optional[int] = None,

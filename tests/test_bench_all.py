@@ -791,3 +791,16 @@ def test_bench_figures_label_the_measured_sizes_and_values(monkeypatch):
     low, high = ax_m.get_ylim()
     assert low == 0 and high > 0.187 * 1.5
     assert [t for t in ax_m.get_yticks() if low <= t <= high][:3] == [0.0, 0.001, 0.002]
+
+
+def test_bench_all_refuses_a_suite_folder_another_bench_is_writing_to_before_measuring(tmp_path, capsys):
+    """`bench ce --out X/ce` running: `bench all --out X` measured the ceilings, then refused its ce suite."""
+    from fastcyclic.files import exclusive_lock
+
+    out = tmp_path / "res"
+    (out / "ce").mkdir(parents=True)
+    with exclusive_lock(str(out / "ce"), "held by the test"):
+        assert main(["bench", "all", "--suites", "ce", "--device", "cpu", "--quick", "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    assert "another fastcyclic bench is writing to --out" in printed.err and "ceilings" not in printed.out
+    assert not (out / "all.json").exists()

@@ -1875,3 +1875,18 @@ def test_claim_3b_needs_three_runs_with_a_cyclic_w():
     assert reason_3b([0.1] * 3).startswith("not supported")
     for lockings in ([0.8] * 2, [0.1] * 2):
         assert reason_3b(lockings).startswith("inconclusive: W ended cyclic in only 2 of 2 runs"), lockings
+
+
+def test_waiting_for_the_analysis_lock_is_said(tmp_path, capsys):
+    """A process holding DIR's analysis lock (a stopped --analyze-only) made a finished sweep hang in silence."""
+    out = tmp_path / "wait"
+    argv = ["--p", "5", "--weight-decay", "0.1", "--steps", "20", "--workers", "0", "--set", "d=8",
+            "--set", "hidden=16", "--no-figures", "--out", str(out)]
+    assert sweep.main(sweep_args(*argv)) == 0
+    capsys.readouterr()
+    with cf.ThreadPoolExecutor(1) as pool:
+        with sweep.analysis_lock(str(out)):
+            analysis = pool.submit(sweep.main, sweep_args("--analyze-only", "--no-figures", "--out", str(out)))
+            time.sleep(2)
+        assert analysis.result(timeout=120) == 0
+    assert "waiting for another process writing the analysis" in capsys.readouterr().out

@@ -950,7 +950,7 @@ def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
-    with pytest.warns(UserWarning, match="No locks available: this filesystem has no flock"):
+    with pytest.warns(UserWarning, match="No locks available; a filesystem without flock"):
         train(TrainConfig(p=7, d=4, steps=2, eval_every=2, progress=False, out_dir=str(tmp_path / "run")),
               figures=False)
     assert (tmp_path / "run" / "summary.json").exists()
