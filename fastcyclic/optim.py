@@ -93,7 +93,10 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         self._scalars: dict = {}  # (group index, device) -> fp32 device tensor [lr, weight_decay]
         self._tables: dict = {}  # bucket -> kernels.optim.TensorTable
         self._nonfinite_steps: dict = {}  # device -> 0-dim count
-        self._fused_weights: dict = {}  # id(weight) -> FusedUpdate handle, see fused_update()
+        # id(weight) -> weakref to its FusedUpdate handle, see fused_update().  Weak: the handle holds this optimizer,
+        # and a strong reference back would make a cycle that only the cyclic GC frees (every parameter and all
+        # optimizer state with it: GPU memory that a sweep worker's or a notebook's next runs do not get back)
+        self._fused_weights: dict = {}
         self._checked: dict = {}  # group index -> the float hyperparameters last checked (check_values)
         super().__init__(params, defaults)
 
@@ -337,7 +340,7 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for handle in self._fused_weights.values():
+        for handle in self._fused_handles():
             handle._before_step()
         # every refusal (sparse or complex gradients, non-contiguous tensors for backend="triton") comes
         # from this first pass, before any parameter, moment or step count moves
@@ -374,12 +377,16 @@ class _WeightDecayOptimizer(torch.optim.Optimizer):
                 # backpropagate through its new values silently (torch.optim's in-place ops make it an error)
                 for p, _ in pairs:
                     torch.autograd.graph.increment_version(p)
-        for handle in self._fused_weights.values():
+        for handle in self._fused_handles():
             handle._after_step()
         return loss
 
     def _bucket_extra(self, p: Tensor) -> tuple:
         return ()
+
+    def _fused_handles(self) -> list:
+        """The live fused_update handles (see _fused_weights)."""
+        return [h for h in (ref() for ref in self._fused_weights.values()) if h is not None]
 
     def _contiguous_state(self, p: Tensor) -> None:
         """The kernels index the state as they index p (contiguous).  State laid out otherwise (made by the torch
@@ -741,8 +748,8 @@ class FusedUpdate:
     (GradScaler), data parallelism (DDP, FSDP: each process would update weight with its own gradient; it warns
     under torch.distributed with more than one process, and ``optimizer.step()`` refuses a .grad that DDP wrote
     after the update, as DDP does by default, not with find_unused_parameters or static_graph), and the same
-    weight in a second optimizer.  Under torch.compile the fused loss and its
-    update run eagerly, a graph break.  Create it with :func:`fused_update`."""
+    weight in a second optimizer.  Under torch.compile the fused loss and its update run eagerly, a graph break.
+    Create it with :func:`fused_update`; the optimizer holds it weakly (keep the handle while you use it)."""
 
     def __init__(self, optimizer: _WeightDecayOptimizer, weight: Tensor):
         from fastcyclic.linear_ce import keep_fused_update_out_of_compile  # (linear_ce imports this module)
@@ -760,7 +767,13 @@ class FusedUpdate:
         # the hook holds the handle weakly: the weight outlives an optimizer dropped for a new one (a new phase),
         # and a strong reference would keep that optimizer, and all its state, alive with it
         self._hook = weight.register_hook(_call_if_alive(weakref.ref(self)))
-        optimizer._fused_weights[id(weight)] = self
+        registry, key, hook = optimizer._fused_weights, id(weight), self._hook
+
+        def forget(ref):  # a dropped handle: unregistered, and no dead hook is left on the weight
+            if registry.get(key) is ref:
+                del registry[key]
+            hook.remove()
+        optimizer._fused_weights[key] = weakref.ref(self, forget)
 
     def remove(self) -> None:
         """Stop fusing: weight gets ordinary gradients again."""
@@ -771,7 +784,8 @@ class FusedUpdate:
     def check_forward(self, weight: Tensor) -> None:
         if weight is not self.weight:
             raise ValueError("fused_update was created for another weight tensor")
-        if self.optimizer._fused_weights.get(id(weight)) is not self:
+        ref = self.optimizer._fused_weights.get(id(weight))
+        if ref is None or ref() is not self:
             raise ValueError("this fused_update handle was removed")
         if self.optimizer.skip_nonfinite:
             raise ValueError("the fused update cannot skip a step for non-finite gradients it has not seen yet "
@@ -967,7 +981,8 @@ def fused_update(optimizer: _WeightDecayOptimizer, weight: Tensor, *, grad_accum
         raise ValueError(f"the fused update needs a contiguous weight, got strides {weight.stride()}")
     if not any(p is weight for g in optimizer.param_groups for p in g["params"]):
         raise ValueError(f"the weight of shape {tuple(weight.shape)} is not a parameter of this optimizer")
-    if id(weight) in optimizer._fused_weights:
+    ref = optimizer._fused_weights.get(id(weight))
+    if ref is not None and ref() is not None:
         raise ValueError("this weight already has a fused_update handle")
     if weight.is_cuda and TRITON_INSTALLED:  # the Triton path: the dW tile over all of D must fit in shared memory
         _fused_update_tile(weight.shape[1], weight.dtype, weight.device)

@@ -1010,7 +1010,7 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
                     break
                 done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                 for future in done:
-                    spec = in_flight.pop(future)
+                    spec, handed = in_flight.pop(future), submitted.pop(future)  # (a Future keeps its result)
                     try:
                         brief = future.result()
                         returned += 1
@@ -1020,7 +1020,7 @@ def _run_pool(pending, out, device, workers, threads, deadline_s, run_seconds, s
                         if deaths[spec.id] < 2:
                             queue.insert(0, spec)
                             continue
-                        brief = _record_death(spec, out, device, time.perf_counter() - submitted[future])
+                        brief = _record_death(spec, out, device, time.perf_counter() - handed)
                         recorded += 1
                         if recorded == 3 and returned == 0:  # the sweep goes on, but say what it may mean
                             progress.log("3 runs have killed their worker process and none has come back yet; if every "

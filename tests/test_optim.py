@@ -2003,9 +2003,35 @@ def test_fused_update_adds_dbias_to_a_bias_gradient_from_elsewhere(backend, gen)
 def test_a_second_fused_update_handle_for_one_weight_is_refused(gen):
     w = torch.randn(7, 4, generator=gen).to(DEVICE).requires_grad_()
     opt = AdamW([w])
-    fused_update(opt, w)
+    first = fused_update(opt, w)
     with pytest.raises(ValueError, match="already has a fused_update handle"):
         fused_update(opt, w)
+    del first  # a handle dropped is gone (the optimizer holds it weakly): a new one may take its place
+    fused_update(opt, w)
+
+
+def test_a_dropped_optimizer_with_a_fused_update_handle_is_freed_without_the_cyclic_gc(gen):
+    """The handle holds its optimizer; the optimizer must not hold the handle strongly back: such a cycle keeps
+    every parameter and all optimizer state (GPU memory) alive until a full gc, many finished runs later."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        w = torch.randn(7, 4, generator=gen).to(DEVICE).requires_grad_()
+        for _ in range(3):  # one weight through several optimizers (phases): no dead hooks pile up on it
+            opt = AdamW([w], weight_decay=0.1)
+            handle = fused_update(opt, w)
+            linear_cross_entropy(torch.randn(5, 4, device=DEVICE), w,
+                                 torch.arange(5, device=DEVICE), fused_update=handle).backward()
+            opt.step()
+            refs = weakref.ref(opt), weakref.ref(handle)
+            del opt, handle
+            assert all(r() is None for r in refs)
+        assert not w._backward_hooks
+    finally:
+        gc.enable()
 
 
 # "auto" must pick the kernels for CUDA parameters
