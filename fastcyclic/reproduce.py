@@ -915,6 +915,7 @@ def _main(args: argparse.Namespace) -> int:
         # again, as sweep's: another process may have added runs since run_sweep returned (with outcome.records
         # alone, lost_runs would call them lost, or the table written would hold fewer runs than the one it replaces)
         records = {**outcome.records, **sweep.load_records(sweep_dir, warn=lambda *_: None)}
+        remaining = [run_id for run_id in outcome.remaining if run_id not in records]  # (finished by the other)
         problem = sweep.lost_runs(sweep_dir, records)
         if problem:
             print(f"fastcyclic reproduce: {problem}; nothing else was written (rerun to finish the runs)",
@@ -928,8 +929,8 @@ def _main(args: argparse.Namespace) -> int:
     figures["layer_history"] = plot_layer_history(records, rows, preset.layer,
                                                   os.path.join(out, "figures", "layer_history.png"))
     notes = []
-    if outcome.remaining:
-        notes.append(f"{len(outcome.remaining)} runs were not started within the time budget; the verdicts use the "
+    if remaining:
+        notes.append(f"{len(remaining)} runs were not started within the time budget; the verdicts use the "
                      "runs that finished (rerun the same command to complete the sweep)")
     choice = pick_showcase(rows, preset.main) if args.showcase else None
     if choice is not None:
@@ -954,7 +955,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"claim {c.number}: {c.verdict} — {c.reason}")
     print(f"wrote {path} ({seconds / 60:.1f} min)")
     failed = sum(r["status"] == "failed" for r in rows)
-    return 1 if failed or outcome.remaining else 0
+    return 1 if failed or remaining else 0
 
 
 __all__ = ["PRESETS", "Preset", "Claim", "assess", "claim_1", "claim_2", "claim_3", "claim_4", "write_report",

@@ -1890,3 +1890,23 @@ def test_waiting_for_the_analysis_lock_is_said(tmp_path, capsys):
             time.sleep(2)
         assert analysis.result(timeout=120) == 0
     assert "waiting for another process writing the analysis" in capsys.readouterr().out
+
+
+def test_reproduce_counts_runs_another_process_finished_before_its_analysis(tmp_path, monkeypatch, capsys):
+    """Runs finished by another process between run_sweep's return and the analysis lock are in the analysis
+    (reproduce reads the records again under the lock), so they are neither "not started" nor a failing exit."""
+    real = sweep.run_sweep
+
+    def and_another_finishes_them(out, blocks, **kwargs):
+        outcome = real(out, blocks, **kwargs)  # --max-minutes 0: this process starts none
+        real(out, None, workers=0, log=lambda *a: 0)  # another process resumes the sweep and finishes it
+        return outcome
+
+    monkeypatch.setattr(sweep, "run_sweep", and_another_finishes_them)
+    parser = argparse.ArgumentParser()
+    reproduce.add_arguments(parser)
+    out = tmp_path / "rep"
+    assert reproduce.main(parser.parse_args(["--preset", "tiny", "--out", str(out), "--max-minutes", "0",
+                                             "--no-showcase"])) == 0
+    report = (out / "report.md").read_text()
+    assert "0 not run" in report and "were not started" not in report
