@@ -186,35 +186,6 @@ def test_a_cuda_graphs_memory_is_the_captures_peak_less_the_optimizer_state(monk
     assert r["peak_extra_gib"] * 2**30 == 5000 and r["correct"] is True
 
 
-def test_update_err_is_over_the_larger_distance_either_layer_moved(monkeypatch):
-    """The denominator of update_err is max(|E_ref - E0|, |W_ref - W0|): here E moved the more."""
-    from fastcyclic.bench import train
-
-    class Fixed:
-        notes, cuda_graph, fused_update = "fixed", False, False
-
-        def __init__(self, E, W):
-            self.E, self.W = E, W
-
-        def step(self):
-            pass
-
-        def timing_mode(self):
-            pass
-
-        def params(self):
-            return self.E, self.W
-
-        def state_bytes(self):
-            return 0
-
-    zeros, ones = torch.zeros(4, 2), torch.ones(4, 2, dtype=torch.float64)
-    monkeypatch.setitem(train.METHODS, "fixed", lambda spec: Fixed(2 * ones.float(), 1.5 * ones.float()))
-    spec = train.Spec(5, 2, torch.float32, torch.device("cpu"), None, 4, None, zeros, zeros)
-    r = train.run_method("fixed", spec, (2 * ones, ones), quick=True)  # E moved by 2 * sqrt(8), W by sqrt(8)
-    assert r["update_err"] == pytest.approx(0.5 * 8 ** 0.5 / (2 * 8 ** 0.5))
-
-
 def test_trains_interpreter_limit_counts_the_rows_a_step_can_have(monkeypatch):
     """A step has at most P^2 rows whatever --batch-size says: 61x64 (P^2 d P = 1.45e7 <= 2^24) is run under
     --interpret at the default batch of 8192."""

@@ -261,6 +261,16 @@ def test_update_err_is_the_worse_layer_over_the_distance_the_reference_moved(mon
     assert (r["err_E"], r["err_W"]) == (0.0, pytest.approx(0.25)) and r["correct"] is False
 
 
+def test_update_err_is_over_the_larger_distance_either_layer_moved(monkeypatch):
+    """The denominator takes the larger of the two layers' distances: here E moved the more (the test above has W
+    moving more, so a denominator of W's distance alone passed it)."""
+    zeros, ones = torch.zeros(4, 2), torch.ones(4, 2, dtype=torch.float64)
+    monkeypatch.setitem(train.METHODS, "fixed", lambda spec: _Fixed(2 * ones.float(), 1.5 * ones.float()))
+    spec = train.Spec(5, 2, torch.float32, torch.device("cpu"), None, 4, None, zeros, zeros)
+    r = train.run_method("fixed", spec, (2 * ones, ones), quick=True)  # E moved by 2 * sqrt(8), W by sqrt(8)
+    assert r["update_err"] == pytest.approx(0.5 * 8 ** 0.5 / (2 * 8 ** 0.5))
+
+
 def test_a_nan_in_w_is_an_infinite_update_err(monkeypatch):
     """max() keeps E's finite distance over W's NaN: update_err read finite while W was NaN."""
     zeros, ones = torch.zeros(4, 2), torch.ones(4, 2, dtype=torch.float64)
