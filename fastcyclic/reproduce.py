@@ -912,10 +912,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"fastcyclic reproduce: error: {e}", file=sys.stderr)
         return 2
     with sweep.analysis_lock(sweep_dir):  # (a --analyze-only of sweep/ at the same time: see sweep.analysis_lock)
-        # again, as sweep's: another process may have added runs since run_sweep returned (with outcome.records
-        # alone, lost_runs would call them lost, or the table written would hold fewer runs than the one it replaces)
-        records = {**outcome.records, **sweep.load_records(sweep_dir, warn=lambda *_: None)}
-        remaining = [run_id for run_id in outcome.remaining if run_id not in records]  # (finished by the other)
+        records, remaining = sweep.reread_records(sweep_dir, outcome.records, outcome.remaining)
         problem = sweep.lost_runs(sweep_dir, records)
         if problem:
             print(f"fastcyclic reproduce: {problem}; nothing else was written (rerun to finish the runs)",

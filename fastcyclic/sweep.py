@@ -900,6 +900,14 @@ def analysis_lock(out: str):
         "fastcyclic reproduce) to finish; Ctrl-C stops waiting (rerun this command later to write it)"))
 
 
+def reread_records(out: str, records: dict, remaining: list) -> tuple[dict, list]:
+    """records with those read again from DIR, and the runs of `remaining` still not finished: under analysis_lock,
+    another process may have finished runs since records were read (without this its runs would be called lost,
+    or the table written would hold fewer runs than the one it replaces)."""
+    records = {**records, **load_records(out, warn=lambda *_: None)}
+    return records, [run_id for run_id in remaining if run_id not in records]
+
+
 def run_sweep(out: str, blocks: Optional[list[Block]] = None, *, workers: Optional[int] = None,
               threads: Optional[int] = None, device: str = "auto", deadline_s: Optional[float] = None,
               run_seconds: Optional[float] = None, retry_failed: bool = False, log: Callable = say) -> SweepOutcome:
@@ -1836,8 +1844,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"fastcyclic sweep: error: {e}", file=sys.stderr)
         return 2
     with analysis_lock(args.out):
-        records = load_records(args.out, warn=lambda *_: None)  # again: another process may have added runs since
-        remaining = [run_id for run_id in remaining if run_id not in records]
+        records, remaining = reread_records(args.out, records, remaining)
         failed = sum(r["status"] == "failed" for r in records.values())
         problem = lost_runs(args.out, records)
         if problem:  # (after a run that stopped before redoing them: a budget, --max-minutes)
